@@ -1,0 +1,75 @@
+"""What every command shares: one-line errors, device choice, progress on stderr, JSON output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import click
+
+from deltakit.errors import DeltakitError
+
+T = TypeVar("T")
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn DeltakitError (and a few OS errors) into ``Error: ...`` on stderr and exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DeltakitError as exc:
+            _fail(str(exc))
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
+            _fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+        except OSError as exc:  # disk full, read-only file system...
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", code=130)
+
+    return wrapper
+
+
+def _fail(message: str, code: int = 1) -> None:
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    click.echo(f"Error: {first}", err=True)
+    sys.exit(code)
+
+
+def progress(items: Iterable[T], length: int, label: str) -> Iterator[T]:
+    """A progress bar on stderr (hidden when stderr is not a terminal)."""
+    with click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True,
+                           item_show_func=None) as bar:
+        yield from bar
+
+
+def write_json(path: str, payload: Any, force: bool = True) -> None:
+    """Write ``payload`` as JSON to ``path`` ("-" for stdout), atomically."""
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    if path == "-":
+        click.echo(text, nl=False)
+        return
+    from deltakit.io import atomic_file
+
+    with atomic_file(path, force=force) as tmp:
+        Path(tmp).write_text(text)
+
+
+device_option = click.option(
+    "--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+    help="Where the linear algebra runs; auto picks CUDA when there is a GPU.",
+)
+force_option = click.option("--force", is_flag=True, help="Overwrite outputs that already exist.")
+include_option = click.option(
+    "--include", multiple=True, metavar="GLOB",
+    help="Only tensors whose name matches this glob (repeatable), e.g. '*self_attn*'.",
+)
+exclude_option = click.option("--exclude", multiple=True, metavar="GLOB", help="Skip tensors matching this glob (repeatable).")
+allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True,
+    help="Also read PyTorch pickles (.bin/.pt), with torch.load(weights_only=True). Off by default: pickles can run code.",
+)

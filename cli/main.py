@@ -1,0 +1,49 @@
+"""The `deltakit` command group."""
+
+from __future__ import annotations
+
+import click
+
+from deltakit import __version__
+from deltakit_cli.rank import demo_command, rank_command
+
+COMMANDS = [rank_command, demo_command]
+
+
+def _optional_commands() -> list[click.Command]:
+    """Commands whose modules may be absent in a partial checkout are added when present."""
+    found = []
+    for module_name, attribute in (("deltakit_cli.surgery", "COMMANDS"), ("deltakit_cli.plot", "COMMANDS"),
+                                   ("deltakit_cli.intruders", "COMMANDS")):
+        try:
+            module = __import__(module_name, fromlist=[attribute])
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        found.extend(getattr(module, attribute))
+    return found
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="deltakit")
+def cli() -> None:
+    """deltakit: what did fine-tuning change, and can it be a LoRA?
+
+    \b
+    Start here:
+      deltakit demo                       # a built-in pair with known answers
+      deltakit rank BASE FT               # rank of every ΔW = W_ft − W_base
+    """
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+def main() -> None:
+    cli(prog_name="deltakit")
+
+
+if __name__ == "__main__":
+    main()

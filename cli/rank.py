@@ -1,0 +1,110 @@
+"""`deltakit rank` and `deltakit demo`."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from deltakit.analysis import RankReport, SpectralOptions, rank
+from deltakit.io.spectra import save_spectra
+from deltakit_cli.common import (
+    allow_pickle_option, device_option, exclude_option, force_option, include_option, progress, user_errors, write_json,
+)
+
+RANK_EXAMPLES = """
+\b
+Examples:
+  deltakit rank meta-llama/Llama-2-7b-hf ./my-full-finetune
+  deltakit rank ./base ./ft --energy 0.5 --energy 0.9 --energy 0.99 --json report.json
+  deltakit rank ./base ./my-lora-adapter            # a PEFT adapter: ΔW = (α/r)·B·A
+  deltakit rank ./base ./ft --include '*self_attn*' --save-spectra spectra.safetensors
+"""
+
+
+def spectral_options(f):
+    """--device, --exact, --fp64: how spectra are computed (shared with extract and intruders)."""
+    f = click.option("--fp64", is_flag=True, help="Compute ΔW and its spectrum in float64 instead of float32.")(f)
+    f = click.option("--exact", is_flag=True,
+                     help="Full SVD instead of the Gram/eigh fast path (slower, resolves smaller singular values).")(f)
+    return device_option(f)
+
+
+def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str | None, spectra_path: str | None,
+                      quiet: bool, force: bool) -> None:
+    from deltakit.report import render_report, report_csv
+
+    if json_path:
+        write_json(json_path, report.to_dict(), force=force)
+    if csv_path:
+        from deltakit.io import atomic_file
+
+        with atomic_file(csv_path, force=force) as tmp:
+            Path(tmp).write_text(report_csv(report))
+    if spectra_path:
+        save_spectra(spectra_path, report.spectra, report.spectra_info(), force=force)
+    if not quiet and json_path != "-":
+        click.echo(render_report(report))
+
+
+@click.command("rank", epilog=RANK_EXAMPLES)
+@click.argument("base")
+@click.argument("ft")
+@click.option("--energy", "-e", type=float, multiple=True, default=(0.9,), show_default=True,
+              help="Energy fraction of ||ΔW||_F² to explain; rank@energy per matrix (repeatable).")
+@include_option
+@exclude_option
+@spectral_options
+@click.option("--json", "json_path", metavar="PATH", help="Write the full report as JSON ('-' for stdout).")
+@click.option("--csv", "csv_path", metavar="PATH", help="Write one CSV row per matrix.")
+@click.option("--save-spectra", "spectra_path", metavar="PATH",
+              help="Save every singular value of every ΔW (safetensors) for `deltakit plot`.")
+@click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
+@allow_pickle_option
+@force_option
+@user_errors
+def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_path, csv_path, spectra_path, quiet,
+                 allow_pickle, force):
+    """How large and how low-rank is each change ΔW = W_ft − W_base?
+
+    BASE and FT are Hugging Face model folders (sharded or not), single .safetensors files,
+    or hub ids already in the local cache; FT may also be a PEFT LoRA adapter folder.
+    For every weight matrix: relative size of the change, spectral norm, numerical rank
+    (above the rounding-noise floor), stable and effective rank, the rank that explains
+    each --energy fraction, and that rank for a random matrix of the same shape.
+    """
+    from deltakit.io import check_output_path
+
+    for path in (json_path, csv_path, spectra_path):
+        if path and path != "-":
+            check_output_path(path, force)
+    options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
+    report = rank(base, ft, energy, options, include, exclude, allow_pickle, keep_spectra=bool(spectra_path),
+                  progress=progress)
+    emit_rank_outputs(report, json_path, csv_path, spectra_path, quiet, force)
+
+
+@click.command("demo")
+@click.option("--keep", metavar="DIR", help="Write the demo pair into DIR and keep it (default: a temporary folder).")
+@device_option
+@user_errors
+def demo_command(keep, device):
+    """Write a small Llama-shaped base / fine-tune pair with known-rank deltas and run `rank` on it.
+
+    q_proj and v_proj carry a merged rank-8 LoRA (rank must read 8), the MLP a dense
+    update with a decaying spectrum, everything else is unchanged (rank 0). Nothing is
+    downloaded.
+    """
+    from deltakit.demo import DEMO_LORA_RANK, write_demo_pair
+    from deltakit.report import render_report
+
+    with tempfile.TemporaryDirectory(prefix="deltakit-demo-") as tmp:
+        folder = Path(keep) if keep else Path(tmp)
+        base, ft = write_demo_pair(folder)
+        click.echo(f"demo pair written to {folder} (q_proj, v_proj: merged rank-{DEMO_LORA_RANK} LoRA; "
+                   "MLP: dense update; rest unchanged)", err=True)
+        report = rank(base, ft, (0.5, 0.9, 0.99), SpectralOptions(device=device), progress=progress)
+        click.echo(render_report(report))
+        if keep:
+            click.echo(f"\nnext: deltakit rank {base} {ft} --json report.json", err=True)

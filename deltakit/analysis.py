@@ -1,0 +1,311 @@
+"""`deltakit rank`: per-matrix spectra of ΔW = W_ft − W_base and their rank metrics.
+
+Example::
+
+    report = rank("base-model", "fine-tuned-model", energy=(0.5, 0.9))
+    for m in report.matrices:
+        print(m.name, m.rank_at[0.9], m.random_rank_at[0.9])
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from deltakit.delta import DeltaItem, adapter_pairs, resolve_device, stream_adapter_deltas, stream_deltas
+from deltakit.errors import DeltakitError
+from deltakit.io.checkpoint import open_checkpoint
+from deltakit.io.peft import is_peft_adapter, open_adapter
+from deltakit.pairing import TensorPair, pair_tensors, selected
+from deltakit.spectral import metrics
+from deltakit.spectral.svd import method_noise_floor, singular_values
+
+ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
+PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+@dataclass(frozen=True)
+class SpectralOptions:
+    """How spectra are computed; shared by rank, extract and intruders."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | fp64: the dtype of ΔW and of the decomposition
+    exact: bool = False  # full SVD instead of the Gram/eigh fast path
+    prefetch: int = 2  # tensor pairs read ahead on a background thread
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self.precision not in PRECISIONS:
+            raise DeltakitError(f"unknown precision {self.precision!r}; use fp32 or fp64")
+        return PRECISIONS[self.precision]
+
+    @property
+    def method(self) -> str:
+        return "exact" if self.exact else "gram"
+
+
+def energy_key(fraction: float) -> str:
+    """JSON key of an energy fraction: 0.9 -> "0.9"."""
+    return f"{fraction:g}"
+
+
+def check_energies(energy: Sequence[float]) -> tuple[float, ...]:
+    """Validate energy fractions: each in (0, 1]; at least one."""
+    values = tuple(float(e) for e in energy)
+    if not values:
+        raise DeltakitError("give at least one energy fraction")
+    for value in values:
+        if not (0.0 < value <= 1.0) or math.isnan(value):
+            raise DeltakitError(f"energy fraction {value:g} is outside (0, 1]; use e.g. --energy 0.9")
+    return tuple(dict.fromkeys(values))
+
+
+@dataclass
+class MatrixResult:
+    """Metrics of one 2-D ΔW; see docs/metrics.md for each formula."""
+
+    name: str
+    shape: tuple[int, int]
+    dtype: str
+    module_type: str
+    layer: int | None
+    layout: str
+    fused: bool
+    added_rows: int
+    delta_fro: float
+    rel_delta: float
+    spectral_norm: float
+    rank: int
+    noise_floor: float
+    stable_rank: float
+    effective_rank: float
+    rank_at: dict[float, int]
+    random_rank_at: dict[float, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        out["rank_at"] = {energy_key(k): v for k, v in self.rank_at.items()}
+        out["random_rank_at"] = {energy_key(k): v for k, v in self.random_rank_at.items()}
+        return out
+
+
+@dataclass
+class VectorResult:
+    """A 1-D tensor (norm weight, bias): changed or not, and by how much."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    module_type: str
+    layer: int | None
+    changed: bool
+    delta_norm: float
+    rel_delta: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+
+@dataclass
+class RankReport:
+    """Everything `deltakit rank` found; ``to_dict()`` is the documented JSON contract."""
+
+    base: str
+    ft: str
+    energy: tuple[float, ...]
+    matrices: list[MatrixResult] = field(default_factory=list)
+    vectors: list[VectorResult] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    only_base: list[str] = field(default_factory=list)
+    only_ft: list[str] = field(default_factory=list)
+    spectra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    device: str = "cpu"
+    method: str = "gram"
+    precision: str = "fp32"
+    elapsed_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Aggregates by module type and by depth: count, mean / median rank@energy, mean relative change."""
+        return {
+            "matrices": len(self.matrices),
+            "changed_matrices": sum(1 for m in self.matrices if m.delta_fro > 0),
+            "vectors": len(self.vectors),
+            "changed_vectors": sum(1 for v in self.vectors if v.changed),
+            "by_module_type": self._group(lambda m: m.module_type),
+            "by_layer": self._group(lambda m: "none" if m.layer is None else str(m.layer)),
+        }
+
+    def _group(self, key: Callable[[MatrixResult], str]) -> dict[str, Any]:
+        groups: dict[str, list[MatrixResult]] = {}
+        for m in self.matrices:
+            groups.setdefault(key(m), []).append(m)
+        out: dict[str, Any] = {}
+        for name in sorted(groups, key=_group_order):
+            items = groups[name]
+            out[name] = {
+                "count": len(items),
+                "mean_rank": float(np.mean([m.rank for m in items])),
+                "mean_rel_delta": float(np.mean([m.rel_delta for m in items])),
+                "mean_rank_at": {energy_key(e): float(np.mean([m.rank_at[e] for m in items])) for e in self.energy},
+                "median_rank_at": {energy_key(e): float(np.median([m.rank_at[e] for m in items])) for e in self.energy},
+                "mean_random_rank_at": {
+                    energy_key(e): float(np.mean([m.random_rank_at[e] for m in items])) for e in self.energy
+                },
+            }
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "ft": self.ft,
+            "energy": list(self.energy),
+            "device": self.device,
+            "method": self.method,
+            "precision": self.precision,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "matrices": [m.to_dict() for m in self.matrices],
+            "vectors": [v.to_dict() for v in self.vectors],
+            "skipped": list(self.skipped),
+            "only_base": list(self.only_base),
+            "only_ft": list(self.only_ft),
+            "summary": self.summary(),
+        }
+
+    def spectra_info(self) -> dict[str, Any]:
+        """The ``info`` block of a spectra file (see deltakit.io.spectra)."""
+        return {
+            "base": self.base, "ft": self.ft, "energy": list(self.energy),
+            "matrices": {
+                m.name: {"shape": list(m.shape), "module_type": m.module_type, "layer": m.layer,
+                         "rank_at": {energy_key(k): v for k, v in m.rank_at.items()}}
+                for m in self.matrices
+            },
+        }
+
+
+MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "lm_head")
+
+
+def _group_order(group: str) -> tuple[int, int, str]:
+    """Layers numerically, module types in transformer order, anything else last."""
+    if group.isdigit():
+        return (0, int(group), "")
+    return (1, MODULE_ORDER.index(group) if group in MODULE_ORDER else len(MODULE_ORDER), group)
+
+
+@lru_cache(maxsize=256)
+def _random_rank(shape: tuple[int, int], fraction: float) -> int:
+    return metrics.random_rank_at_energy(shape, fraction)
+
+
+def _fro(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+
+
+def analyse_matrix(
+    item: DeltaItem, energy: Sequence[float], options: SpectralOptions, rounding: bool = True
+) -> tuple[MatrixResult, np.ndarray]:
+    """Metrics and the full spectrum of one ΔW (``rounding``: subtract the storage-rounding floor)."""
+    pair, delta = item.pair, item.delta
+    shape = (int(pair.shape[0]), int(pair.shape[1]))
+    delta_fro, base_fro = _fro(delta), _fro(item.base)
+    if delta_fro == 0.0:
+        spectrum = np.zeros(min(shape))
+        floor = 0.0
+    else:
+        spectrum = metrics.as_sorted_spectrum(singular_values(delta, options.method, options.dtype))
+        floor = method_noise_floor(float(spectrum[0]), shape, options.method, options.dtype)
+        if rounding:
+            numel = shape[0] * shape[1]
+            floor = max(floor, metrics.rounding_noise_floor(
+                shape, base_fro / math.sqrt(numel), _fro(item.ft) / math.sqrt(numel), pair.base_dtype, pair.ft_dtype))
+    result = MatrixResult(
+        name=pair.name, shape=shape, dtype=str(pair.ft_dtype).removeprefix("torch."),
+        module_type=pair.module_type, layer=pair.layer, layout=pair.layout, fused=pair.fused,
+        added_rows=pair.added_rows, delta_fro=delta_fro, rel_delta=delta_fro / base_fro if base_fro else math.inf,
+        spectral_norm=float(spectrum[0]) if spectrum.size else 0.0,
+        rank=metrics.numerical_rank(spectrum, floor) if delta_fro else 0, noise_floor=floor,
+        stable_rank=metrics.stable_rank(spectrum), effective_rank=metrics.effective_rank(spectrum),
+        rank_at={e: metrics.rank_at_energy(spectrum, e) for e in energy},
+        random_rank_at={e: _random_rank(shape, e) for e in energy},
+    )
+    return result, spectrum
+
+
+def analyse_vector(item: DeltaItem) -> VectorResult:
+    pair = item.pair
+    delta_norm, base_norm = _fro(item.delta), _fro(item.base)
+    return VectorResult(
+        name=pair.name, shape=tuple(pair.shape), dtype=str(pair.ft_dtype).removeprefix("torch."),
+        module_type=pair.module_type, layer=pair.layer, changed=delta_norm > 0, delta_norm=delta_norm,
+        rel_delta=delta_norm / base_norm if base_norm else (math.inf if delta_norm else 0.0),
+    )
+
+
+def rank(
+    base: str | os.PathLike,
+    ft: str | os.PathLike,
+    energy: Sequence[float] = (0.9,),
+    options: SpectralOptions = SpectralOptions(),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    allow_pickle: bool = False,
+    keep_spectra: bool = False,
+    progress: ProgressFn | None = None,
+) -> RankReport:
+    """Spectra and rank metrics of every ΔW between ``base`` and ``ft`` (a model or a PEFT adapter).
+
+    ``energy`` fractions give rank@energy (default 0.9, as in Biderman et al. 2024).
+    Example: ``rank("base", "ft").matrices[0].rank_at[0.9]``.
+    """
+    energy = check_energies(energy)
+    device = resolve_device(options.device)
+    _ = options.dtype  # validate precision early
+    started = time.perf_counter()
+    base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
+    report = RankReport(base=str(base), ft=str(ft), energy=energy, device=str(device), method=options.method,
+                        precision=options.precision)
+    if is_peft_adapter(ft):
+        adapter = open_adapter(ft, allow_pickle=allow_pickle)
+        pairs = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) if _selected(p, include, exclude)]
+        items = stream_adapter_deltas(pairs, adapter, base_ckpt, device, options.dtype, options.prefetch)
+        plan_pairs, rounding = [p for p, _ in pairs], False
+    else:
+        ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
+        plan = pair_tensors(_metas(base_ckpt), _metas(ft_ckpt), ft_ckpt.config or base_ckpt.config, include, exclude)
+        report.skipped = [{"name": s.name, "reason": s.reason} for s in plan.skipped]
+        report.only_base, report.only_ft = plan.only_base, plan.only_ft
+        plan_pairs, rounding = plan.pairs, True
+        items = stream_deltas(plan_pairs, base_ckpt, ft_ckpt, device, options.dtype, options.prefetch)
+    if not plan_pairs:
+        raise DeltakitError("no tensor pairs left to compare (check --include / --exclude)")
+    if progress is not None:
+        items = progress(items, len(plan_pairs), "ΔW spectra")
+    for item in items:
+        if item.pair.is_matrix and item.pair.layout != "vector":
+            result, spectrum = analyse_matrix(item, energy, options, rounding)
+            report.matrices.append(result)
+            if keep_spectra:
+                report.spectra[result.name] = spectrum
+        else:
+            report.vectors.append(analyse_vector(item))
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+def _metas(ckpt: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {name: (ckpt.shape(name), ckpt.dtype(name)) for name in ckpt.keys()}
+
+
+def _selected(pair: TensorPair, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    return selected(pair.name, include, exclude)

@@ -1,0 +1,184 @@
+"""ΔW = W_ft − W_base, one pair at a time, streamed onto the compute device.
+
+A background thread reads the next tensors from disk while the device works on the
+current ones, so reading and linear algebra overlap; at most ``prefetch`` pairs wait in
+memory, which bounds host RAM whatever the model size. The delta is formed in fp32 (or
+fp64): the difference of two bf16/fp16 values is exact there, so ΔW carries no rounding
+of its own.
+
+Example::
+
+    for item in stream_deltas(plan.pairs, base_ckpt, ft_ckpt, device="cuda"):
+        item.delta            # fp32 on the device, item.pair.shape
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from deltakit.errors import DeltakitError
+from deltakit.io.checkpoint import Checkpoint
+from deltakit.io.peft import LoraAdapter, LoraModule
+from deltakit.pairing import TensorPair, pair_tensors
+
+
+@dataclass
+class DeltaItem:
+    """One compared pair on the compute device: base and fine-tune weights and their delta."""
+
+    pair: TensorPair
+    base: torch.Tensor  # analysed shape, compute dtype
+    delta: torch.Tensor  # ft - base, analysed shape, compute dtype
+
+    @property
+    def ft(self) -> torch.Tensor:
+        return self.base + self.delta
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> the first CUDA GPU when there is one, else the CPU; refuse a CUDA device that is absent."""
+    text = str(device)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(text)
+    except RuntimeError:
+        raise DeltakitError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeltakitError(f"device {text} asked for, but no CUDA GPU is available; use --device cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DeltakitError(f"device {text} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
+    elif resolved.type != "cpu":
+        raise DeltakitError(f"unsupported device {text!r}; use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """ΔW = scaling · B @ A (Hu et al. 2021), transposed for Conv1D weights stored [in, out].
+
+    A: r × in, B: out × r. For a LoRA on an embedding PEFT stores A as r × vocab and B as
+    dim × r, and the weight is vocab × dim: pass ``fan_in_fan_out=True`` there too.
+    """
+    delta = (lora_b @ lora_a) * scaling
+    return delta.T if fan_in_fan_out else delta
+
+
+def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2) -> Iterator[object]:
+    """Yield ``producer()`` for each producer in order, running up to ``depth`` ahead on a thread.
+
+    An exception in a producer is re-raised in the consumer at its position.
+    """
+    if depth <= 0:
+        for produce in producers:
+            yield produce()
+        return
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        for produce in producers:
+            if stop.is_set():
+                return
+            try:
+                item: tuple[bool, object] = (True, produce())
+            except BaseException as exc:  # handed to the consumer
+                item = (False, exc)
+            while not stop.is_set():
+                try:
+                    slots.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if not item[0]:
+                return
+
+    thread = threading.Thread(target=work, name="deltakit-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in producers:
+            ok, value = slots.get()
+            if not ok:
+                raise value  # type: ignore[misc]
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _pin(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
+def _shared_rows(tensor: torch.Tensor, pair: TensorPair) -> torch.Tensor:
+    return tensor[: pair.shape[0]] if pair.added_rows else tensor
+
+
+def stream_deltas(
+    pairs: Iterable[TensorPair],
+    base: Checkpoint,
+    ft: Checkpoint,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prefetch: int = 2,
+) -> Iterator[DeltaItem]:
+    """ΔW for each pair, in order, computed on ``device`` in ``dtype`` (reads overlap compute)."""
+    device = torch.device(device)
+    pairs = list(pairs)
+
+    def reader(pair: TensorPair) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        return lambda: (_pin(base.get(pair.base_name), device), _pin(ft.get(pair.name), device))
+
+    for pair, loaded in zip(pairs, prefetched([reader(p) for p in pairs], prefetch)):
+        base_cpu, ft_cpu = loaded  # type: ignore[misc]
+        base_w = base_cpu.to(device, non_blocking=True).to(dtype)
+        ft_w = _shared_rows(ft_cpu.to(device, non_blocking=True), pair).to(dtype)
+        yield DeltaItem(pair=pair, base=base_w, delta=ft_w - base_w)
+
+
+def adapter_pairs(adapter: LoraAdapter, base: Checkpoint) -> list[tuple[TensorPair, LoraModule]]:
+    """Pair each adapter module with its base weight; refuse an adapter that does not fit the base."""
+    ft_like = {name: (adapter.delta_shape(module), torch.float32) for name, module in adapter.modules.items()}
+    base_infos = {name: (base.shape(name), base.dtype(name)) for name in base.keys()}
+    try:
+        plan = pair_tensors(base_infos, ft_like, base.config)
+    except DeltakitError:
+        first = next(iter(ft_like), "(none)")
+        raise DeltakitError(
+            f"adapter {adapter.path} does not fit base {base.path}: none of its modules exist there (first: {first})"
+        ) from None
+    problems = [f"{s.name}: {s.reason}" for s in plan.skipped]
+    problems += [f"{name}: no such weight in the base" for name in plan.only_ft]
+    problems += [f"{p.name}: the base has {p.shape[0]} rows, the adapter {p.shape[0] + p.added_rows}"
+                 for p in plan.pairs if p.added_rows]
+    if problems:
+        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {problems[0]}")
+    return [(pair, adapter.modules[pair.name]) for pair in plan.pairs]
+
+
+def stream_adapter_deltas(
+    pairs: Sequence[tuple[TensorPair, LoraModule]],
+    adapter: LoraAdapter,
+    base: Checkpoint,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prefetch: int = 2,
+) -> Iterator[DeltaItem]:
+    """ΔW = scaling · B @ A of each adapted module, with its base weight, on ``device``."""
+    device = torch.device(device)
+
+    def reader(pair: TensorPair, module: LoraModule) -> Callable[[], tuple]:
+        return lambda: (base.get(pair.base_name), *adapter.factors(module))
+
+    loaders = [reader(pair, module) for pair, module in pairs]
+    for (pair, module), loaded in zip(pairs, prefetched(loaders, prefetch)):
+        base_cpu, lora_a, lora_b = loaded  # type: ignore[misc]
+        base_w = base_cpu.to(device).to(dtype)
+        delta = lora_delta(lora_a.to(device, dtype), lora_b.to(device, dtype), module.scaling,
+                           module.fan_in_fan_out or module.embedding)
+        yield DeltaItem(pair=pair, base=base_w, delta=delta)

@@ -1,0 +1,10 @@
+"""Checkpoint I/O: lazy reads, streaming sharded writes, atomic outputs, PEFT adapter files."""
+
+from deltakit.io.atomic import atomic_directory, atomic_file, check_output_path
+from deltakit.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_path
+from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+
+__all__ = [
+    "Checkpoint", "TensorInfo", "open_checkpoint", "resolve_path",
+    "ShardedWriter", "DEFAULT_SHARD_BYTES", "atomic_directory", "atomic_file", "check_output_path",
+]

@@ -1,0 +1,137 @@
+"""A sharded safetensors writer that streams: one tensor in memory at a time.
+
+The layout (names, shapes, dtypes) is planned up front, so every shard's header and
+every tensor's byte offset are known before any data arrives; tensors may then be
+written in any order, each straight to its place in a pre-sized file. Shards are
+named as Hugging Face names them and the index is written last, by :meth:`finish`.
+Use inside :func:`deltakit.io.atomic.atomic_directory` so a failure leaves nothing.
+
+Example::
+
+    with atomic_directory("merged") as tmp:
+        writer = ShardedWriter(tmp, [("w", (4, 4), torch.float32)])
+        writer.write("w", torch.zeros(4, 4))
+        writer.finish()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltakit.errors import DeltakitError
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+for _name, _st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _DTYPE_NAMES[getattr(torch, _name)] = _st
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Group tensors, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def shard_file_names(count: int, prefix: str = "model") -> list[str]:
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+class ShardedWriter:
+    """Write planned tensors into safetensors shards under ``folder``; see the module docstring."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        tensors: list[tuple[str, tuple[int, ...], torch.dtype]] | list[PlannedTensor],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        prefix: str = "model",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        planned = [t if isinstance(t, PlannedTensor) else PlannedTensor(t[0], tuple(t[1]), t[2]) for t in tensors]
+        if len({t.name for t in planned}) != len(planned):
+            raise ValueError("duplicate tensor names in the write plan")
+        self.shards = plan_shards(planned, max_shard_bytes)
+        self.file_names = shard_file_names(len(self.shards), prefix)
+        self.prefix = prefix
+        self._where: dict[str, tuple[Path, int, PlannedTensor]] = {}
+        self._written: set[str] = set()
+        meta = {"format": "pt", **(metadata or {})}
+        for shard, file_name in zip(self.shards, self.file_names):
+            path = self.folder / file_name
+            header: dict[str, object] = {"__metadata__": meta}
+            offset = 0
+            for t in shard:
+                header[t.name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                                  "data_offsets": [offset, offset + t.nbytes]}
+                offset += t.nbytes
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            start = 8 + len(blob)
+            with open(path, "wb") as fh:
+                fh.write(len(blob).to_bytes(8, "little"))
+                fh.write(blob)
+                fh.truncate(start + offset)
+            for t in shard:
+                begin = header[t.name]["data_offsets"][0]  # type: ignore[index]
+                self._where[t.name] = (path, start + begin, t)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor's bytes at its place (any order, each exactly once)."""
+        path, offset, planned = self._where[name]
+        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        with open(path, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(memoryview(data))
+        self._written.add(name)
+
+    def finish(self, extra_index_metadata: dict[str, object] | None = None) -> list[Path]:
+        """Check every tensor was written, write the index when there are several shards."""
+        missing = [name for name in self._where if name not in self._written]
+        if missing:
+            raise DeltakitError(f"internal: {len(missing)} planned tensors were never written, first {missing[0]}")
+        paths = [self.folder / n for n in self.file_names]
+        if len(paths) > 1:
+            total = sum(t.nbytes for shard in self.shards for t in shard)
+            index = {
+                "metadata": {"total_size": total, **(extra_index_metadata or {})},
+                "weight_map": {t.name: file_name for shard, file_name in zip(self.shards, self.file_names) for t in shard},
+            }
+            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return paths

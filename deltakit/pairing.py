@@ -1,0 +1,241 @@
+"""Match base and fine-tune tensors by name, and say what is skipped and why.
+
+Pure functions of tensor names, shapes and dtypes (plus the model's ``config.json``):
+no tensor data is read here. Handles wrapper-prefix differences (``model.`` vs none,
+PEFT's ``base_model.model.``), vocabulary growth in embeddings / lm_head (the shared rows
+are analysed, the added rows reported), GPT-2 Conv1D weights stored [in, out], fused
+projections, and tied embeddings (analysed once).
+
+Example::
+
+    plan = pair_tensors(base_infos, ft_infos)
+    for pair in plan.pairs:
+        print(pair.name, pair.shape, pair.module_type, pair.layer)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from deltakit.errors import DeltakitError
+
+# Wrapper prefixes that differ between saves of the same weights (outermost first).
+WRAPPER_PREFIXES = ("base_model.model.", "module.", "model.", "transformer.", "bert.", "roberta.", "gpt_neox.")
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+CONV1D_LEAF = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
+FUSED_LEAF = re.compile(r"\.(c_attn|qkv_proj|query_key_value|Wqkv|qkv|gate_up_proj|w13)\.weight$")
+EMBEDDING_LEAF = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out|output)\.weight$")
+LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
+
+# (module type, pattern on the tensor name); first match wins, order matters.
+_MODULE_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (kind, re.compile(pattern))
+    for kind, pattern in (
+        ("embed", r"(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embed_in)\.weight$"),
+        ("lm_head", r"(lm_head|embed_out)\.weight$"),
+        ("qkv", r"(c_attn|qkv_proj|query_key_value|Wqkv|qkv)\.weight$"),
+        ("gate_up", r"(gate_up_proj|w13)\.weight$"),
+        ("q", r"(q_proj|query|q_attn|wq)\.weight$"),
+        ("k", r"(k_proj|key|wk)\.weight$"),
+        ("v", r"(v_proj|value|wv)\.weight$"),
+        ("o", r"(o_proj|out_proj|attn\.c_proj|attention\.output\.dense|dense_attn|wo)\.weight$"),
+        ("gate", r"(gate_proj|w1)\.weight$"),
+        ("up", r"(up_proj|w3)\.weight$"),
+        ("down", r"(down_proj|w2)\.weight$"),
+        ("mlp_in", r"(mlp\.c_fc|intermediate\.dense|fc1|dense_h_to_4h|fc_in)\.weight$"),
+        ("mlp_out", r"(mlp\.c_proj|output\.dense|fc2|dense_4h_to_h|fc_out)\.weight$"),
+        ("norm", r"(norm|ln_\w+|LayerNorm|layernorm)\.(weight|bias)$"),
+        ("bias", r"\.bias$"),
+    )
+)
+
+TensorMeta = tuple[tuple[int, ...], torch.dtype]
+
+
+@dataclass(frozen=True)
+class TensorPair:
+    """One base / fine-tune tensor pair to compare.
+
+    ``shape`` is the analysed shape: for an embedding that gained vocabulary rows it is the
+    base's (the shared rows), and ``added_rows`` counts the new ones.
+    """
+
+    name: str  # as stored in the fine-tune
+    base_name: str
+    shape: tuple[int, ...]
+    base_dtype: torch.dtype
+    ft_dtype: torch.dtype
+    module_type: str
+    layer: int | None
+    layout: str = "linear"  # "linear" [out, in], "conv1d" [in, out], "embedding" [vocab, dim], "vector"
+    fused: bool = False
+    added_rows: int = 0
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) == 2
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str
+
+
+@dataclass
+class PairPlan:
+    """What will be compared, what will not, and the tensors found on one side only."""
+
+    pairs: list[TensorPair] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    only_base: list[str] = field(default_factory=list)
+    only_ft: list[str] = field(default_factory=list)
+
+    @property
+    def matrices(self) -> list[TensorPair]:
+        return [p for p in self.pairs if p.is_matrix]
+
+    @property
+    def vectors(self) -> list[TensorPair]:
+        return [p for p in self.pairs if not p.is_matrix]
+
+
+def module_type(name: str) -> str:
+    """The role of a tensor from its name: q, k, v, o, qkv, gate, up, down, embed, lm_head, norm, ..."""
+    for kind, pattern in _MODULE_TYPES:
+        if pattern.search(name):
+            return kind
+    return "other"
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block a tensor belongs to (``model.layers.7.`` -> 7), or None."""
+    match = LAYER_INDEX.search(f".{name}")
+    return int(match.group(1)) if match else None
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without the wrapper prefixes of WRAPPER_PREFIXES (applied repeatedly)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix) and len(name) > len(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def _canonical_map(names: Iterable[str]) -> dict[str, str] | None:
+    """canonical -> stored name, or None when two stored names collide."""
+    mapping: dict[str, str] = {}
+    for name in names:
+        key = canonical_name(name)
+        if key in mapping:
+            return None
+        mapping[key] = name
+    return mapping
+
+
+def match_names(base_names: Iterable[str], ft_names: Iterable[str]) -> dict[str, str]:
+    """Fine-tune name -> base name, exactly when possible, else after dropping wrapper prefixes."""
+    base_names, ft_names = list(base_names), list(ft_names)
+    exact = {name: name for name in ft_names if name in set(base_names)}
+    base_canon, ft_canon = _canonical_map(base_names), _canonical_map(ft_names)
+    if base_canon is None or ft_canon is None:
+        return exact
+    canonical = {ft_canon[key]: base_canon[key] for key in ft_canon if key in base_canon}
+    return canonical if len(canonical) > len(exact) else exact
+
+
+def selected(name: str, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:
+    """Glob filter on a tensor name: any ``include`` must match (when given), no ``exclude`` may."""
+    include, exclude = tuple(include), tuple(exclude)
+    if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+
+def _is_conv1d(name: str, config: Mapping[str, Any] | None) -> bool:
+    if config and config.get("model_type") in CONV1D_MODEL_TYPES:
+        return bool(CONV1D_LEAF.search(name))
+    return config is None and bool(CONV1D_LEAF.search(name)) and bool(re.search(r"(^|\.)h\.\d+\.", name))
+
+
+def _tied_names(names: Iterable[str], config: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(lm_head name, embedding name) when the config ties them and both are stored."""
+    if not config or not config.get("tie_word_embeddings", False):
+        return None
+    names = list(names)
+    heads = [n for n in names if module_type(n) == "lm_head"]
+    embeds = [n for n in names if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n)]
+    return (heads[0], embeds[0]) if heads and embeds else None
+
+
+def pair_tensors(
+    base: Mapping[str, TensorMeta],
+    ft: Mapping[str, TensorMeta],
+    ft_config: Mapping[str, Any] | None = None,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+) -> PairPlan:
+    """Plan the comparison of two checkpoints from their (shape, dtype) headers.
+
+    Raises :class:`DeltakitError` when the two share no tensor at all.
+    """
+    mapping = match_names(base.keys(), ft.keys())
+    if not mapping:
+        raise DeltakitError(
+            "base and fine-tune share no tensor names; first base key: "
+            f"{next(iter(base), '(none)')}, first fine-tune key: {next(iter(ft), '(none)')}"
+        )
+    plan = PairPlan()
+    matched_base = set(mapping.values())
+    plan.only_base = [n for n in base if n not in matched_base and selected(n, include, exclude)]
+    plan.only_ft = [n for n in ft if n not in mapping and selected(n, include, exclude)]
+    tied = _tied_names(ft.keys(), ft_config)
+    for ft_name, base_name in mapping.items():
+        if not selected(ft_name, include, exclude):
+            continue
+        pair_or_skip = _pair_one(ft_name, base_name, base[base_name], ft[ft_name], ft_config, tied)
+        (plan.pairs if isinstance(pair_or_skip, TensorPair) else plan.skipped).append(pair_or_skip)
+    return plan
+
+
+def _pair_one(
+    ft_name: str, base_name: str, base_meta: TensorMeta, ft_meta: TensorMeta,
+    config: Mapping[str, Any] | None, tied: tuple[str, str] | None,
+) -> TensorPair | Skipped:
+    (base_shape, base_dtype), (ft_shape, ft_dtype) = base_meta, ft_meta
+    if not (base_dtype.is_floating_point and ft_dtype.is_floating_point):
+        return Skipped(ft_name, f"not a floating-point tensor ({ft_dtype})")
+    if tied and ft_name == tied[0]:
+        return Skipped(ft_name, f"tied to {tied[1]}; analysed once, there")
+    kind = module_type(ft_name)
+    added_rows = 0
+    shape = tuple(ft_shape)
+    if tuple(base_shape) != tuple(ft_shape):
+        grows_vocab = (
+            len(base_shape) == 2 and len(ft_shape) == 2 and base_shape[1] == ft_shape[1]
+            and ft_shape[0] > base_shape[0] and EMBEDDING_LEAF.search(ft_name)
+        )
+        if not grows_vocab:
+            return Skipped(ft_name, f"shape mismatch: base {tuple(base_shape)} vs fine-tune {tuple(ft_shape)}")
+        added_rows, shape = ft_shape[0] - base_shape[0], tuple(base_shape)
+    if len(shape) == 1 or (len(shape) == 2 and min(shape) == 1):
+        layout = "vector"
+    elif len(shape) != 2:
+        return Skipped(ft_name, f"{len(shape)}-D tensor {shape}; only matrices and vectors are analysed")
+    elif kind in ("embed", "lm_head"):
+        layout = "embedding"
+    else:
+        layout = "conv1d" if _is_conv1d(ft_name, config) else "linear"
+    return TensorPair(
+        name=ft_name, base_name=base_name, shape=shape, base_dtype=base_dtype, ft_dtype=ft_dtype,
+        module_type=kind, layer=layer_index(ft_name), layout=layout,
+        fused=bool(FUSED_LEAF.search(ft_name)), added_rows=added_rows,
+    )
