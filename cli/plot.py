@@ -1,0 +1,97 @@
+"""`deltakit plot`: figures from a spectra file written by `deltakit rank --save-spectra`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from deltakit.errors import DeltakitError
+
+from deltakit_cli.common import device_option, force_option, user_errors
+
+KINDS = ("overview", "energy", "heatmap", "error", "spectrum")
+
+PLOT_EXAMPLES = """
+\b
+Examples:
+  deltakit rank BASE FT --save-spectra spectra.safetensors
+  deltakit plot spectra.safetensors -o overview.png
+  deltakit plot spectra.safetensors -o heatmap.pdf --kind heatmap --energy 0.99
+  deltakit plot spectra.safetensors -o error.svg --kind error --matrix model.layers.0.mlp.down_proj.weight
+  deltakit plot spectra.safetensors -o q0.png --kind spectrum --base BASE --ft FT \\
+      --matrix model.layers.0.self_attn.q_proj.weight
+"""
+
+
+@click.command("plot", epilog=PLOT_EXAMPLES)
+@click.argument("spectra", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FIG.png",
+              help="Figure to write; its suffix picks the format (.png, .pdf, .svg).")
+@click.option("--kind", type=click.Choice(KINDS), default="overview", show_default=True,
+              help="overview: the three panels below in one figure; energy: energy captured vs rank k; "
+                   "heatmap: rank at --energy by layer and module type; error: best rank-k (LoRA) error vs k; "
+                   "spectrum: singular values of W_base, W_ft and ΔW for one --matrix.")
+@click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.9, show_default=True,
+              help="Energy fraction for the heatmap and the reference lines.")
+@click.option("--matrix", "matrices", multiple=True, metavar="NAME",
+              help="Tensor name. --kind spectrum: the one matrix to show; --kind error: draw these matrices "
+                   "(repeatable) instead of one curve per module type.")
+@click.option("--base", type=click.Path(path_type=Path), metavar="BASE",
+              help="Base checkpoint for --kind spectrum (default: the one recorded in SPECTRA, if it exists here).")
+@click.option("--ft", type=click.Path(path_type=Path), metavar="FT",
+              help="Fine-tuned checkpoint for --kind spectrum (default: the one recorded in SPECTRA, if it exists here).")
+@device_option
+@force_option
+@user_errors
+def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices: tuple[str, ...],
+                 base: Path | None, ft: Path | None, device: str, force: bool) -> None:
+    """Draw figures of the ΔW spectra saved by `deltakit rank --save-spectra`.
+
+    SPECTRA is that file; the figure goes to --output. --kind spectrum also reads the two
+    checkpoints (--base, --ft) to show W_base and W_ft next to ΔW.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import matplotlib.pyplot as plt
+
+    from deltakit import plot
+    from deltakit.io.spectra import load_spectra
+
+    values, info = load_spectra(spectra)
+    if matrices and kind not in ("spectrum", "error"):
+        raise DeltakitError("--matrix is used only with --kind spectrum or --kind error")
+    if kind == "overview":
+        figure = plot.plot_overview(values, info, energy=energy)
+    elif kind == "energy":
+        figure = plot.plot_energy_curves(values, info, energy=energy).figure
+    elif kind == "heatmap":
+        figure = plot.plot_rank_heatmap(info, values, energy=energy).figure
+    elif kind == "error":
+        figure = plot.plot_error_vs_rank(values, names=matrices or None, info=info, energy=energy).figure
+    else:
+        if len(matrices) != 1:
+            raise DeltakitError("--kind spectrum needs exactly one --matrix NAME")
+        name = plot.check_names(values, matrices)[0]
+        base_path = _checkpoint_path(base, info.get("base"), "--base")
+        ft_path = _checkpoint_path(ft, info.get("ft"), "--ft")
+        by_label = plot.weight_spectra(base_path, ft_path, name, device=device)
+        figure = plot.plot_spectra(by_label, title=f"Singular values of {name}").figure
+    try:
+        plot.save_figure(figure, output, force=force)
+    finally:
+        plt.close(figure)
+
+
+def _checkpoint_path(given: Path | None, recorded: str | None, option: str) -> Path:
+    """The checkpoint the user named, else the one the spectra file records when it exists here."""
+    if given is not None:
+        return given
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
+    where = f"; the spectra file records {recorded}, which is not found here" if recorded else ""
+    raise DeltakitError(f"--kind spectrum needs {option} (a checkpoint path){where}")
+
+
+COMMANDS = [plot_command]

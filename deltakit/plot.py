@@ -1,0 +1,382 @@
+"""Figures of ΔW spectra: energy curves, rank heatmap over depth, LoRA error vs rank, raw spectra.
+
+Each function takes plain data (the ``spectra, info`` pair of
+:func:`deltakit.io.spectra.load_spectra`) and an optional matplotlib ``ax``; it draws there
+(or on a new figure) and returns the Axes, or the Figure for :func:`plot_overview`. Nothing
+here calls ``plt.show()`` or picks a backend, so it behaves the same in a notebook and in the CLI.
+
+Example::
+
+    spectra, info = load_spectra("spectra.safetensors")
+    fig = plot_overview(spectra, info)
+    save_figure(fig, "overview.png")
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import colors as mcolors
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
+
+from deltakit.errors import DeltakitError
+from deltakit.io import atomic_file, open_checkpoint
+from deltakit.pairing import layer_index, match_names, module_type
+from deltakit.spectral.metrics import as_sorted_spectrum, energy_curve, marchenko_pastur_spectrum, rank_at_energy
+
+Spectra = Mapping[str, np.ndarray]
+
+# Display order, and one colour per role, shared by every panel. Fused / GPT-style names take
+# the colour of the role they play, so "attention in" is blue in Llama and in GPT-2 alike.
+MODULE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "embed",
+                "lm_head", "other")
+MODULE_COLOURS = {
+    "q": "tab:blue", "qkv": "tab:blue", "k": "tab:orange", "v": "tab:green", "o": "tab:red",
+    "gate": "tab:purple", "gate_up": "tab:purple", "mlp_in": "tab:purple", "up": "tab:brown",
+    "down": "tab:cyan", "mlp_out": "tab:cyan", "embed": "tab:olive", "lm_head": "tab:pink", "other": "tab:gray",
+}
+ENERGY_LABEL = r"fraction of $\|\Delta W\|_F^2$ explained"
+ERROR_LABEL = r"relative error $\|\Delta W - \Delta W_k\|_F \,/\, \|\Delta W\|_F$"
+
+
+@dataclass(frozen=True)
+class MatrixMeta:
+    """What a plot needs to know about one ΔW besides its spectrum."""
+
+    name: str
+    module_type: str
+    layer: int | None
+    shape: tuple[int, int] | None  # None when the spectra file does not record it
+
+
+def matrix_meta(spectra: Spectra | None, info: Mapping[str, Any] | None) -> list[MatrixMeta]:
+    """One entry per matrix (those in ``spectra``, else those in ``info``), role and layer from the name if unrecorded."""
+    recorded = (info or {}).get("matrices", {})
+    names = list(spectra) if spectra is not None else list(recorded)
+    if not names:
+        raise DeltakitError("the spectra file holds no matrices to plot")
+    metas = []
+    for name in names:
+        entry = recorded.get(name, {})
+        shape = entry.get("shape")
+        metas.append(MatrixMeta(
+            name=name,
+            module_type=entry.get("module_type", module_type(name)),
+            layer=entry["layer"] if "layer" in entry else layer_index(name),
+            shape=(int(shape[0]), int(shape[1])) if shape else None,
+        ))
+    return metas
+
+
+def check_names(known: Iterable[str], names: Iterable[str], where: str = "the spectra file") -> list[str]:
+    """``names`` as a list, or a DeltakitError naming the closest match for one not in ``known``."""
+    known, names = list(known), list(names)
+    present = set(known)
+    for name in names:
+        if name not in present:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f"; it has e.g. {known[0] if known else '(none)'}"
+            raise DeltakitError(f"no matrix named {name} in {where}{hint}")
+    return names
+
+
+def lowrank_error_curve(s: np.ndarray) -> np.ndarray:
+    """Entry k-1: ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F for the best rank-k ΔW_k, i.e. sqrt(1 − energy_curve[k-1]) (Eckart–Young)."""
+    return np.sqrt(np.clip(1.0 - energy_curve(s), 0.0, None))
+
+
+def _short(name: str) -> str:
+    return name.removeprefix("model.").removesuffix(".weight")
+
+
+def _groups(metas: list[MatrixMeta], by: str) -> dict[str, list[MatrixMeta]]:
+    """Curves to draw: one per module type (in MODULE_ORDER) or one per matrix."""
+    if by == "matrix":
+        return {_short(m.name): [m] for m in metas}
+    if by != "module_type":
+        raise ValueError(f"group_by must be 'module_type' or 'matrix', got {by!r}")
+    rank = {kind: i for i, kind in enumerate(MODULE_ORDER)}
+    groups: dict[str, list[MatrixMeta]] = {}
+    for meta in sorted(metas, key=lambda m: (rank.get(m.module_type, len(rank)), m.module_type)):
+        groups.setdefault(meta.module_type, []).append(meta)
+    return groups
+
+
+def _shape_text(shape: tuple[int, int] | None) -> str:
+    return f"{shape[0]}×{shape[1]}" if shape else "shape ?"
+
+
+def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
+    if ax is not None:
+        return ax
+    _, ax = plt.subplots(figsize=figsize, layout="constrained")
+    return ax
+
+
+def _draw_curves(ax: Axes, spectra: Spectra, groups: dict[str, list[MatrixMeta]],
+                 transform: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Median curve and min–max band per group, and a dashed random-matrix twin per shape.
+
+    The twin takes the colour of the first group of its shape (groups of one shape share it).
+    Matrices whose ΔW is exactly zero have no curve; the x label counts them.
+    """
+    unchanged, k_max = 0, 1
+    shape_colours: dict[tuple[int, int], str] = {}
+    matrix_colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    for label, metas in groups.items():
+        live = [m for m in metas if np.any(spectra[m.name] > 0)]
+        unchanged += len(metas) - len(live)
+        if not live:
+            continue
+        curves = [transform(spectra[m.name]) for m in live]
+        length = max(len(c) for c in curves)
+        # Past its own rank a curve stays at its last value (all energy explained, zero error).
+        stack = np.stack([np.pad(c, (0, length - len(c)), mode="edge") for c in curves])
+        k = np.arange(1, length + 1)
+        colour = MODULE_COLOURS.get(label) or next(matrix_colours)
+        shapes = {m.shape for m in live}
+        detail = _shape_text(next(iter(shapes))) if len(shapes) == 1 else "mixed shapes"
+        if len(live) > 1:
+            ax.fill_between(k, stack.min(axis=0), stack.max(axis=0), color=colour, alpha=0.15, linewidth=0)
+            detail += f", median of {len(live)}"
+        ax.plot(k, np.median(stack, axis=0), color=colour, linewidth=1.8, label=f"{label}  ({detail})", gid=label)
+        k_max = max(k_max, length)
+        for shape in sorted(s for s in shapes if s):
+            shape_colours.setdefault(shape, colour)
+    for shape, colour in shape_colours.items():
+        random_curve = transform(np.sqrt(marchenko_pastur_spectrum(shape)))
+        ax.plot(np.arange(1, len(random_curve) + 1), random_curve, color=colour, linestyle="--", linewidth=1.0,
+                alpha=0.8, gid=f"random {_shape_text(shape)}")
+        k_max = max(k_max, len(random_curve))
+    if shape_colours:
+        ax.plot([], [], color="0.4", linestyle="--", linewidth=1.0, label="random matrix of the same shape")
+    ax.set_xscale("log")
+    ax.set_xlim(1, max(k_max, 2))
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.set_xlabel("rank k" + (f"\n({unchanged} unchanged matrices, ΔW = 0, not shown)" if unchanged else ""))
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def plot_energy_curves(spectra: Spectra, info: Mapping[str, Any] | None, ax: Axes | None = None,
+                       group_by: str = "module_type", energy: float = 0.9) -> Axes:
+    """Cumulative energy of ΔW vs rank k, per module type (median over layers, min–max band).
+
+    Dashed: the same curve for a Gaussian random matrix of the same shape, i.e. a ΔW with no
+    low-rank structure. A curve far left of its dashed twin means a low-rank update.
+    """
+    ax = _new_axes(ax, (8, 5))
+    _draw_curves(ax, spectra, _groups(matrix_meta(spectra, info), group_by), energy_curve)
+    ax.axhline(energy, color="0.5", linewidth=0.8, linestyle=(0, (1, 2)), label=f"{energy:.0%} of the energy")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(ENERGY_LABEL)
+    ax.set_title("Energy of ΔW captured by its top-k singular values")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    return ax
+
+
+def plot_error_vs_rank(spectra: Spectra, names: Iterable[str] | None = None, ax: Axes | None = None,
+                       info: Mapping[str, Any] | None = None, energy: float = 0.9) -> Axes:
+    """Relative error of the best rank-k approximation of ΔW: what an extracted rank-k LoRA would miss.
+
+    One curve per module type (median over layers), or per matrix when ``names`` are given;
+    ``info`` adds the random-matrix baselines (dashed) and the module types recorded there.
+    """
+    ax = _new_axes(ax, (8, 5))
+    metas = matrix_meta(spectra, info)
+    if names is not None:
+        wanted = set(check_names(spectra, names))
+        metas = [m for m in metas if m.name in wanted]
+    _draw_curves(ax, spectra, _groups(metas, "matrix" if names is not None else "module_type"), lowrank_error_curve)
+    ax.axhline(np.sqrt(1 - energy), color="0.5", linewidth=0.8, linestyle=(0, (1, 2)),
+               label=f"{energy:.0%} of the energy")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(ERROR_LABEL)
+    ax.set_title("Error of the best rank-k approximation of ΔW (an extracted LoRA of rank k)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    return ax
+
+
+@dataclass
+class RankGrid:
+    """rank@energy over depth: ``ranks[i, j]`` is module type ``module_types[i]`` at layer ``layers[j]``.
+
+    NaN where no such matrix exists; the median when a cell holds several (e.g. MoE experts).
+    ``unlayered`` holds the matrices outside any block (embeddings, lm_head): name -> rank.
+    """
+
+    ranks: np.ndarray
+    module_types: list[str]
+    layers: list[int]
+    unlayered: dict[str, int]
+    max_per_cell: int
+
+
+def _recorded_rank(entry: Mapping[str, Any], energy: float) -> int | None:
+    for key, value in entry.get("rank_at", {}).items():
+        if abs(float(key) - energy) < 1e-9:
+            return int(value)
+    return None
+
+
+def rank_grid(info: Mapping[str, Any] | None, spectra: Spectra | None = None, energy: float = 0.9) -> RankGrid:
+    """Arrange rank@energy by (module type, layer): recorded in ``info`` when present, else from ``spectra``."""
+    recorded = (info or {}).get("matrices", {})
+    cells: dict[tuple[str, int], list[int]] = {}
+    unlayered: dict[str, int] = {}
+    for meta in matrix_meta(spectra, info):
+        rank = _recorded_rank(recorded.get(meta.name, {}), energy)
+        if rank is None:
+            if spectra is None:
+                known = sorted({k for e in recorded.values() for k in e.get("rank_at", {})})
+                raise DeltakitError(f"the spectra file records no rank at energy {energy:g} (it has {', '.join(known) or 'none'}),"
+                                    " and no spectra were given to compute it")
+            rank = rank_at_energy(spectra[meta.name], energy)
+        if meta.layer is None:
+            unlayered[meta.name] = rank
+        else:
+            cells.setdefault((meta.module_type, int(meta.layer)), []).append(rank)
+    order = {kind: i for i, kind in enumerate(MODULE_ORDER)}
+    kinds = sorted({kind for kind, _ in cells}, key=lambda k: (order.get(k, len(order)), k))
+    layers = list(range(min(l for _, l in cells), max(l for _, l in cells) + 1)) if cells else []
+    ranks = np.full((len(kinds), len(layers)), np.nan)
+    for (kind, layer), values in cells.items():
+        ranks[kinds.index(kind), layer - layers[0]] = float(np.median(values))
+    return RankGrid(ranks, kinds, layers, unlayered, max((len(v) for v in cells.values()), default=0))
+
+
+def plot_rank_heatmap(info: Mapping[str, Any] | None, spectra: Spectra | None = None, energy: float = 0.9,
+                      ax: Axes | None = None) -> Axes:
+    """Heatmap of rank@energy: module types (rows) × layer index (columns), values written in small grids.
+
+    Matrices outside any layer (embeddings, lm_head) are listed under the axis instead, so
+    their larger ranks do not flatten the colour scale of the blocks.
+    """
+    grid = rank_grid(info, spectra, energy)
+    ax = _new_axes(ax, (max(6.0, 0.4 * len(grid.layers) + 2.5), 1.0 + 0.45 * max(len(grid.module_types), 2)))
+    note = ", ".join(f"{_short(n).rsplit('.', 1)[-1]} {r}" for n, r in list(grid.unlayered.items())[:4])
+    note += f" and {len(grid.unlayered) - 4} more" if len(grid.unlayered) > 4 else ""
+    ax.set_xlabel("layer index" + (f"\nnot in a layer (not shown): {note}" if note else ""))
+    ax.set_title(f"Rank needed for {energy:.0%} of $\\|\\Delta W\\|_F^2$, by depth")
+    if not grid.layers:
+        ax.text(0.5, 0.5, "no matrix has a layer index", ha="center", va="center", transform=ax.transAxes)
+        return ax
+    positive = grid.ranks[grid.ranks > 0]
+    low, high = (positive.min(), positive.max()) if positive.size else (1.0, 1.0)
+    # Ranks of different module types can differ by 100×; a log scale keeps both ends readable.
+    norm = mcolors.LogNorm(low, high) if high / low >= 30 else mcolors.Normalize(0, max(high, 1.0))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.9")
+    image = ax.imshow(np.ma.masked_invalid(grid.ranks), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    label = f"rank at {energy:.0%} energy"
+    if grid.max_per_cell > 1:
+        label += f" (median of up to {grid.max_per_cell} per cell)"
+    ax.figure.colorbar(image, ax=ax, label=label, pad=0.01)
+    ax.set_yticks(range(len(grid.module_types)), grid.module_types)
+    if len(grid.layers) <= 40:
+        ax.set_xticks(range(len(grid.layers)), [str(layer) for layer in grid.layers])
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{int(x) + grid.layers[0]}"))
+    if grid.ranks.size <= 400 and len(grid.layers) <= 40:
+        fontsize = 8 if len(grid.layers) <= 16 else 6
+        for (i, j), value in np.ndenumerate(grid.ranks):
+            if np.isnan(value):
+                continue
+            rgb = cmap(norm(value)) if value > 0 else (0.9, 0.9, 0.9, 1.0)
+            dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=fontsize,
+                    color="white" if dark else "black")
+    return ax
+
+
+def plot_spectra(spectra_by_label: Mapping[str, np.ndarray], title: str = "Singular values",
+                 ax: Axes | None = None) -> Axes:
+    """Singular values σ_k vs k (log–log) of a few related matrices, e.g. W_base, W_ft and ΔW."""
+    ax = _new_axes(ax, (7, 4.5))
+    for label, s in spectra_by_label.items():
+        s = as_sorted_spectrum(s)
+        ax.plot(np.arange(1, len(s) + 1), np.where(s > 0, s, np.nan), linewidth=1.6, label=label)  # log-y hides zeros
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.set_xlabel("index k (descending)")
+    ax.set_ylabel("singular value $\\sigma_k$")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def weight_spectra(base_ckpt_path: str | os.PathLike, ft_ckpt_path: str | os.PathLike, name: str,
+                   device: str = "cpu") -> dict[str, np.ndarray]:
+    """Singular values of W_base, W_ft and ΔW for one tensor ``name`` (as stored in the fine-tune).
+
+    Exact SVD, in float64 up to 1M entries and float32 above. For an embedding that gained
+    vocabulary rows, ΔW covers the shared rows only. Returns {"W_base", "W_ft", "ΔW"} -> float64.
+    """
+    import torch
+
+    from deltakit.delta import resolve_device
+    from deltakit.spectral.svd import singular_values
+
+    compute_device = resolve_device(device)
+    with open_checkpoint(ft_ckpt_path) as ft, open_checkpoint(base_ckpt_path) as base:
+        check_names(ft.keys(), [name], where=f"the fine-tune {ft_ckpt_path}")
+        base_name = match_names(base.keys(), [name]).get(name)
+        if base_name is None:
+            raise DeltakitError(f"{name} has no counterpart in the base checkpoint {base_ckpt_path}")
+        w_ft, w_base = ft.get(name, compute_device), base.get(base_name, compute_device)
+    if w_ft.ndim != 2 or w_base.ndim != 2:
+        raise DeltakitError(f"{name} has shape {tuple(w_ft.shape)}; only 2-D matrices have a spectrum")
+    rows = w_base.shape[0]
+    if w_ft.shape[1] != w_base.shape[1] or w_ft.shape[0] < rows:
+        raise DeltakitError(f"{name}: base shape {tuple(w_base.shape)} and fine-tune shape {tuple(w_ft.shape)} differ")
+    dtype = torch.float64 if w_ft.numel() <= 1 << 20 else torch.float32
+    w_base, w_ft = w_base.to(dtype), w_ft.to(dtype)
+    matrices = {"W_base": w_base, "W_ft": w_ft, "ΔW": w_ft[:rows] - w_base}
+    return {label: singular_values(m, method="exact", dtype=dtype).cpu().double().numpy()
+            for label, m in matrices.items()}
+
+
+def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None, energy: float = 0.9) -> Figure:
+    """The default figure: energy curves and LoRA error vs rank side by side, rank heatmap below."""
+    fig = plt.figure(figsize=(15, 9.5), layout="constrained")
+    axes = fig.subplot_mosaic([["energy", "error"], ["heatmap", "heatmap"]], height_ratios=[1.2, 1])
+    plot_energy_curves(spectra, info, ax=axes["energy"], energy=energy)
+    plot_error_vs_rank(spectra, ax=axes["error"], info=info, energy=energy)
+    plot_rank_heatmap(info, spectra, energy=energy, ax=axes["heatmap"])
+    axes["energy"].set_title("Energy captured by the top-k singular values")
+    axes["error"].set_title("Error of the best rank-k approximation (= extracted LoRA)")
+    # Both curve panels share colours and baselines: one legend for the two, outside the data.
+    handles: dict[str, Any] = {}
+    for key in ("energy", "error"):
+        for handle, label in zip(*axes[key].get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+        axes[key].get_legend().remove()
+    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small", frameon=False)
+    if info and info.get("base") and info.get("ft"):
+        fig.suptitle(f"ΔW = W_ft − W_base    base: {Path(str(info['base'])).name}    fine-tune: {Path(str(info['ft'])).name}")
+    return fig
+
+
+def save_figure(fig: Figure | Axes, path: str | os.PathLike, force: bool = False, dpi: int = 150) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names; refuse to overwrite unless ``force``."""
+    figure = fig.figure if isinstance(fig, Axes) else fig
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    supported = figure.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise DeltakitError(f"cannot tell the figure format from {path.name!r}; "
+                            f"use a suffix among {', '.join('.' + s for s in sorted(supported))}")
+    with atomic_file(path, force=force) as tmp:
+        figure.savefig(tmp, format=fmt, dpi=dpi)
+    return path

@@ -1,0 +1,118 @@
+"""Checkpoint reading (single file, shards + index, folder, pickle opt-in) and refusal of bad files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from deltakit.errors import DeltakitError
+from deltakit.io import ShardedWriter, atomic_directory, open_checkpoint
+
+
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"a.weight": torch.randn(8, 6, generator=g).bfloat16(), "b.weight": torch.randn(5, generator=g),
+            "c.weight": torch.randn(3, 4, generator=g).half()}
+
+
+def test_single_file_lazy_read_keeps_dtype(tmp_path):
+    save_file(tensors(), tmp_path / "model.safetensors")
+    for path in (tmp_path / "model.safetensors", tmp_path):
+        ckpt = open_checkpoint(path)
+        assert sorted(ckpt.keys()) == ["a.weight", "b.weight", "c.weight"]
+        assert ckpt.dtype("a.weight") == torch.bfloat16 and ckpt.shape("a.weight") == (8, 6)
+        assert torch.equal(ckpt.get("c.weight"), tensors()["c.weight"])
+
+
+def test_sharded_writer_round_trip_with_index(tmp_path):
+    ts = tensors()
+    out = tmp_path / "model"
+    with atomic_directory(out) as tmp:
+        writer = ShardedWriter(tmp, [(n, tuple(t.shape), t.dtype) for n, t in ts.items()], max_shard_bytes=32)
+        for name in reversed(list(ts)):  # any order
+            writer.write(name, ts[name])
+        writer.finish()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3
+    ckpt = open_checkpoint(out)
+    assert ckpt.format == "safetensors" and len(ckpt.files) == 3
+    for name, t in ts.items():
+        assert torch.equal(ckpt.get(name), t)
+    assert ckpt.total_bytes == sum(t.numel() * t.element_size() for t in ts.values())
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "partial").write_text("x")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_refuses_existing_without_force(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("precious")
+    with pytest.raises(DeltakitError, match="--force"):
+        with atomic_directory(tmp_path / "out"):
+            pass
+    with atomic_directory(tmp_path / "out", force=True) as tmp:
+        (tmp / "new").write_text("x")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["new"]
+
+
+def test_missing_shard_named_by_index(tmp_path):
+    save_file(tensors(), tmp_path / "model-00001-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a.weight": "model-00001-of-00002.safetensors", "x": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(DeltakitError, match="missing"):
+        open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [4, 50, -10])
+def test_truncated_file_refused(tmp_path, cut):
+    save_file(tensors(), tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:cut])
+    with pytest.raises(DeltakitError, match="truncated|not a safetensors|corrupt"):
+        open_checkpoint(tmp_path / "model.safetensors")
+
+
+def test_corrupt_header_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes((20).to_bytes(8, "little") + b"{not json at all!!!}" + b"\0" * 16)
+    with pytest.raises(DeltakitError, match="corrupt"):
+        open_checkpoint(path)
+
+
+def test_pickle_refused_by_default_and_loaded_with_flag(tmp_path):
+    torch.save(tensors(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(DeltakitError, match="--allow-pickle"):
+        open_checkpoint(tmp_path)
+    ckpt = open_checkpoint(tmp_path, allow_pickle=True)
+    assert ckpt.format == "pickle" and torch.equal(ckpt.get("a.weight"), tensors()["a.weight"])
+
+
+def test_pickle_with_code_refused_even_with_flag(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("owned",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(DeltakitError, match="weights_only"):
+        open_checkpoint(tmp_path / "evil.pt", allow_pickle=True)
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(DeltakitError, match="no such file"):
+        open_checkpoint(tmp_path / "nope")
+    with pytest.raises(DeltakitError, match="no weights found"):
+        open_checkpoint(tmp_path)
+    with pytest.raises(DeltakitError, match="not in the local Hugging Face cache|no such file"):
+        open_checkpoint("some-org/not-a-cached-model")
+
+
+def test_unknown_file_type_refused(tmp_path):
+    (tmp_path / "weights.npz").write_bytes(b"123")
+    with pytest.raises(DeltakitError, match="not a checkpoint file"):
+        open_checkpoint(tmp_path / "weights.npz")
