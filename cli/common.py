@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import click
 
 from deltakit.errors import DeltakitError
+
+if TYPE_CHECKING:
+    from deltakit.distributed import Parallel
 
 T = TypeVar("T")
 
@@ -34,6 +38,18 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+@contextlib.contextmanager
+def parallel_workers(device: str) -> Iterator["Parallel"]:
+    """Join torchrun's process group when launched by it (else a single worker); leave it after."""
+    from deltakit.distributed import Parallel, finish, init_parallel, launched_by_torchrun
+
+    parallel = init_parallel(device) if launched_by_torchrun() else Parallel()
+    try:
+        yield parallel
+    finally:
+        finish(parallel)
+
+
 def _fail(message: str, code: int = 1) -> None:
     first = message.strip().splitlines()[0] if message.strip() else "unknown error"
     click.echo(f"Error: {first}", err=True)
@@ -41,7 +57,10 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def progress(items: Iterable[T], length: int, label: str) -> Iterator[T]:
-    """A progress bar on stderr (hidden when stderr is not a terminal)."""
+    """A progress bar on stderr; silent when stderr is not a terminal (logs, pipes, CI)."""
+    if not sys.stderr.isatty():
+        yield from items
+        return
     with click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True,
                            item_show_func=None) as bar:
         yield from bar

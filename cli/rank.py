@@ -10,7 +10,7 @@ import click
 from deltakit.analysis import RankReport, SpectralOptions, rank
 from deltakit.io.spectra import save_spectra
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, include_option, progress, user_errors, write_json,
+    allow_pickle_option, device_option, parallel_workers, exclude_option, force_option, include_option, progress, user_errors, write_json,
 )
 
 RANK_EXAMPLES = """
@@ -80,9 +80,11 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
         if path and path != "-":
             check_output_path(path, force)
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
-    report = rank(base, ft, energy, options, include, exclude, allow_pickle, keep_spectra=bool(spectra_path),
-                  progress=progress)
-    emit_rank_outputs(report, json_path, csv_path, spectra_path, quiet, force)
+    with parallel_workers(device) as parallel:
+        report = rank(base, ft, energy, options, include, exclude, allow_pickle, keep_spectra=bool(spectra_path),
+                      progress=progress if parallel.is_main else None, parallel=parallel)
+        if parallel.is_main:
+            emit_rank_outputs(report, json_path, csv_path, spectra_path, quiet, force)
 
 
 @click.command("demo")

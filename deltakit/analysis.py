@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from deltakit.distributed import Parallel, gather_in_order, matrix_cost, partition
 from deltakit.delta import DeltaItem, adapter_pairs, resolve_device, stream_adapter_deltas, stream_deltas
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import open_checkpoint
 from deltakit.io.peft import is_peft_adapter, open_adapter
-from deltakit.pairing import TensorPair, pair_tensors, selected
+from deltakit.pairing import pair_tensors, selected
 from deltakit.spectral import metrics
 from deltakit.spectral.svd import method_noise_floor, singular_values
 
@@ -262,14 +263,17 @@ def rank(
     allow_pickle: bool = False,
     keep_spectra: bool = False,
     progress: ProgressFn | None = None,
+    parallel: Parallel = Parallel(),
 ) -> RankReport:
     """Spectra and rank metrics of every ΔW between ``base`` and ``ft`` (a model or a PEFT adapter).
 
-    ``energy`` fractions give rank@energy (default 0.9, as in Biderman et al. 2024).
+    ``energy`` fractions give rank@energy (default 0.9, as in Biderman et al. 2024). With
+    ``parallel`` (under torchrun) each process analyses its share and every process returns
+    the whole report, identical to a single-process run.
     Example: ``rank("base", "ft").matrices[0].rank_at[0.9]``.
     """
     energy = check_energies(energy)
-    device = resolve_device(options.device)
+    device = resolve_device(parallel.device if parallel.active else options.device)
     _ = options.dtype  # validate precision early
     started = time.perf_counter()
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
@@ -277,35 +281,42 @@ def rank(
                         precision=options.precision)
     if is_peft_adapter(ft):
         adapter = open_adapter(ft, allow_pickle=allow_pickle)
-        pairs = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) if _selected(p, include, exclude)]
-        items = stream_adapter_deltas(pairs, adapter, base_ckpt, device, options.dtype, options.prefetch)
-        plan_pairs, rounding = [p for p, _ in pairs], False
+        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) if selected(p.name, include, exclude)]
+        plan_pairs, rounding = [p for p, _ in adapted], False
     else:
         ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
         plan = pair_tensors(_metas(base_ckpt), _metas(ft_ckpt), ft_ckpt.config or base_ckpt.config, include, exclude)
         report.skipped = [{"name": s.name, "reason": s.reason} for s in plan.skipped]
         report.only_base, report.only_ft = plan.only_base, plan.only_ft
         plan_pairs, rounding = plan.pairs, True
-        items = stream_deltas(plan_pairs, base_ckpt, ft_ckpt, device, options.dtype, options.prefetch)
     if not plan_pairs:
         raise DeltakitError("no tensor pairs left to compare (check --include / --exclude)")
+    mine = partition([matrix_cost(p.shape) for p in plan_pairs], parallel.world_size)[parallel.rank]
+    if rounding:
+        items = stream_deltas([plan_pairs[i] for i in mine], base_ckpt, ft_ckpt, device, options.dtype,
+                              options.prefetch)
+    else:
+        items = stream_adapter_deltas([adapted[i] for i in mine], adapter, base_ckpt, device, options.dtype,
+                                      options.prefetch)
     if progress is not None:
-        items = progress(items, len(plan_pairs), "ΔW spectra")
-    for item in items:
+        items = progress(items, len(mine), "ΔW spectra")
+    local: list[tuple[int, Any]] = []
+    for index, item in zip(mine, items):
         if item.pair.is_matrix and item.pair.layout != "vector":
             result, spectrum = analyse_matrix(item, energy, options, rounding)
+            local.append((index, (result, spectrum if keep_spectra else None)))
+        else:
+            local.append((index, (analyse_vector(item), None)))
+    for result, spectrum in gather_in_order(local, parallel):
+        if isinstance(result, MatrixResult):
             report.matrices.append(result)
-            if keep_spectra:
+            if spectrum is not None:
                 report.spectra[result.name] = spectrum
         else:
-            report.vectors.append(analyse_vector(item))
+            report.vectors.append(result)
     report.elapsed_s = time.perf_counter() - started
     return report
 
 
 def _metas(ckpt: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {name: (ckpt.shape(name), ckpt.dtype(name)) for name in ckpt.keys()}
-
-
-def _selected(pair: TensorPair, include: Sequence[str], exclude: Sequence[str]) -> bool:
-    return selected(pair.name, include, exclude)

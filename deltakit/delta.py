@@ -111,10 +111,6 @@ def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2) -> Ite
         thread.join(timeout=5)
 
 
-def _pin(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tensor.pin_memory() if device.type == "cuda" else tensor
-
-
 def _shared_rows(tensor: torch.Tensor, pair: TensorPair) -> torch.Tensor:
     return tensor[: pair.shape[0]] if pair.added_rows else tensor
 
@@ -132,12 +128,12 @@ def stream_deltas(
     pairs = list(pairs)
 
     def reader(pair: TensorPair) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        return lambda: (_pin(base.get(pair.base_name), device), _pin(ft.get(pair.name), device))
+        return lambda: (base.get(pair.base_name), ft.get(pair.name))
 
     for pair, loaded in zip(pairs, prefetched([reader(p) for p in pairs], prefetch)):
         base_cpu, ft_cpu = loaded  # type: ignore[misc]
-        base_w = base_cpu.to(device, non_blocking=True).to(dtype)
-        ft_w = _shared_rows(ft_cpu.to(device, non_blocking=True), pair).to(dtype)
+        base_w = base_cpu.to(device).to(dtype)
+        ft_w = _shared_rows(ft_cpu.to(device), pair).to(dtype)
         yield DeltaItem(pair=pair, base=base_w, delta=ft_w - base_w)
 
 

@@ -129,7 +129,7 @@ def _draw_curves(ax: Axes, spectra: Spectra, groups: dict[str, list[MatrixMeta]]
     The twin takes the colour of the first group of its shape (groups of one shape share it).
     Matrices whose ΔW is exactly zero have no curve; the x label counts them.
     """
-    unchanged, k_max = 0, 1
+    unchanged, k_max, banded = 0, 1, False
     shape_colours: dict[tuple[int, int], str] = {}
     matrix_colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for label, metas in groups.items():
@@ -148,15 +148,18 @@ def _draw_curves(ax: Axes, spectra: Spectra, groups: dict[str, list[MatrixMeta]]
         if len(live) > 1:
             ax.fill_between(k, stack.min(axis=0), stack.max(axis=0), color=colour, alpha=0.15, linewidth=0)
             detail += f", median of {len(live)}"
+            banded = True
         ax.plot(k, np.median(stack, axis=0), color=colour, linewidth=1.8, label=f"{label}  ({detail})", gid=label)
         k_max = max(k_max, length)
-        for shape in sorted(s for s in shapes if s):
+        for shape in sorted(tuple(sorted(s)) for s in shapes if s):  # m×n and n×m: same spectrum
             shape_colours.setdefault(shape, colour)
     for shape, colour in shape_colours.items():
         random_curve = transform(np.sqrt(marchenko_pastur_spectrum(shape)))
         ax.plot(np.arange(1, len(random_curve) + 1), random_curve, color=colour, linestyle="--", linewidth=1.0,
                 alpha=0.8, gid=f"random {_shape_text(shape)}")
         k_max = max(k_max, len(random_curve))
+    if banded:
+        ax.fill_between([], [], color="0.6", alpha=0.3, linewidth=0, label="shaded: min–max of a group")
     if shape_colours:
         ax.plot([], [], color="0.4", linestyle="--", linewidth=1.0, label="random matrix of the same shape")
     ax.set_xscale("log")
@@ -250,7 +253,7 @@ def rank_grid(info: Mapping[str, Any] | None, spectra: Spectra | None = None, en
     layers = list(range(min(l for _, l in cells), max(l for _, l in cells) + 1)) if cells else []
     ranks = np.full((len(kinds), len(layers)), np.nan)
     for (kind, layer), values in cells.items():
-        ranks[kinds.index(kind), layer - layers[0]] = float(np.median(values))
+        ranks[kinds.index(kind), layer - layers[0]] = float(np.mean(values))
     return RankGrid(ranks, kinds, layers, unlayered, max((len(v) for v in cells.values()), default=0))
 
 
@@ -350,19 +353,17 @@ def weight_spectra(base_ckpt_path: str | os.PathLike, ft_ckpt_path: str | os.Pat
 def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None, energy: float = 0.9) -> Figure:
     """The default figure: energy curves and LoRA error vs rank side by side, rank heatmap below."""
     fig = plt.figure(figsize=(15, 9.5), layout="constrained")
-    axes = fig.subplot_mosaic([["energy", "error"], ["heatmap", "heatmap"]], height_ratios=[1.2, 1])
+    # Two sub-figures, so the legend beside the curves and the heatmap's colour bar don't share a margin.
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1])
+    axes = dict(zip(("energy", "error"), top.subplots(1, 2)))
+    axes["heatmap"] = bottom.subplots()
     plot_energy_curves(spectra, info, ax=axes["energy"], energy=energy)
     plot_error_vs_rank(spectra, ax=axes["error"], info=info, energy=energy)
     plot_rank_heatmap(info, spectra, energy=energy, ax=axes["heatmap"])
     axes["energy"].set_title("Energy captured by the top-k singular values")
     axes["error"].set_title("Error of the best rank-k approximation (= extracted LoRA)")
-    # Both curve panels share colours and baselines: one legend for the two, outside the data.
-    handles: dict[str, Any] = {}
-    for key in ("energy", "error"):
-        for handle, label in zip(*axes[key].get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-        axes[key].get_legend().remove()
-    fig.legend(handles.values(), handles.keys(), loc="outside right upper", fontsize="small", frameon=False)
+    # Both curve panels share colours and baselines: one legend, right of the pair, off the data.
+    axes["energy"].get_legend().remove()
     if info and info.get("base") and info.get("ft"):
         fig.suptitle(f"ΔW = W_ft − W_base    base: {Path(str(info['base'])).name}    fine-tune: {Path(str(info['ft'])).name}")
     return fig
@@ -370,7 +371,9 @@ def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None, energy: floa
 
 def save_figure(fig: Figure | Axes, path: str | os.PathLike, force: bool = False, dpi: int = 150) -> Path:
     """Write ``fig`` to ``path`` atomically, in the format its suffix names; refuse to overwrite unless ``force``."""
-    figure = fig.figure if isinstance(fig, Axes) else fig
+    figure = fig
+    while not isinstance(figure, Figure):  # Axes -> (SubFigure ->) Figure
+        figure = figure.figure
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     supported = figure.canvas.get_supported_filetypes()

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from deltakit.errors import DeltakitError
 
@@ -50,6 +49,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = -1  # byte offset of the data in a safetensors file; -1 for pickles
 
     @property
     def numel(self) -> int:
@@ -112,15 +112,32 @@ class Checkpoint:
             if self.format == "pickle":
                 tensor = self._pickle_dict(info.file)[name]
             else:
-                handle = self._handles.get(info.file)
-                if handle is None:
-                    handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-                tensor = handle.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
+                tensor = self._read(info)
+        except (OSError, RuntimeError) as exc:
             raise DeltakitError(f"cannot read tensor {name} from {info.file}: {_first_line(exc)}") from None
         if tuple(tensor.shape) != info.shape:
             raise DeltakitError(f"tensor {name} in {info.file} has shape {tuple(tensor.shape)}, header says {info.shape}")
         return tensor.to(device) if str(device) != "cpu" else tensor
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        """Read one tensor's bytes with pread into fresh memory.
+
+        Plain reads rather than a memory map: mapped pages of a 100 GB checkpoint would stay
+        resident in this process, while read buffers are freed tensor by tensor.
+        """
+        fd = self._handles.get(info.file)
+        if fd is None:
+            fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        while done < info.nbytes:
+            count = os.preadv(fd, [view[done:]], info.offset + done)
+            if count <= 0:
+                raise OSError(f"unexpected end of file at byte {info.offset + done}")
+            done += count
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return buffer.view(info.dtype).reshape(info.shape)
 
     def _pickle_dict(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._pickles:
@@ -128,8 +145,16 @@ class Checkpoint:
         return self._pickles[file]
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
         self._pickles.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -256,18 +281,18 @@ def _read_json_if_any(path: Path) -> Any:
 def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
     infos: dict[str, TensorInfo] = {}
     for file in files:
-        for name, (shape, dtype_str) in read_safetensors_header(file).items():
+        for name, (shape, dtype_str, offset) in read_safetensors_header(file).items():
             dtype = _SAFETENSORS_DTYPES.get(dtype_str)
             if dtype is None:
                 raise DeltakitError(f"{file}: tensor {name} has unsupported dtype {dtype_str}")
             if name in infos:
                 raise DeltakitError(f"tensor {name} appears in both {infos[name].file.name} and {file.name}")
-            infos[name] = TensorInfo(name, shape, dtype, file)
+            infos[name] = TensorInfo(name, shape, dtype, file, offset)
     return infos
 
 
-def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, dtype string) from a safetensors header, validating the file's size.
+def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """Name -> (shape, dtype string, absolute data offset) from a safetensors header, validating sizes.
 
     A truncated or corrupt file is refused here, before any tensor is read.
     """
@@ -287,7 +312,7 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]
         raise DeltakitError(f"cannot read {file}: {_first_line(exc)}") from None
     if not isinstance(header, dict):
         raise DeltakitError(f"{file} is corrupt: its safetensors header is not a JSON object")
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    out: dict[str, tuple[tuple[int, ...], str, int]] = {}
     data_len = size - 8 - header_len
     for name, entry in header.items():
         if name == "__metadata__":
@@ -302,7 +327,13 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str]
             raise DeltakitError(
                 f"{file} is truncated: tensor {name} ends at byte {end} of the data, which holds {data_len}"
             )
-        out[name] = (shape, dtype)
+        numel = 1
+        for d in shape:
+            numel *= d
+        element = _SAFETENSORS_DTYPES.get(dtype)
+        if element is not None and numel * torch.empty((), dtype=element).element_size() != end - begin:
+            raise DeltakitError(f"{file} is corrupt: tensor {name} has {end - begin} bytes for shape {shape} {dtype}")
+        out[name] = (shape, dtype, 8 + header_len + begin)
     return out
 
 
