@@ -37,6 +37,8 @@ def cli() -> None:
     """
 
 
+COMMANDS += _optional_commands()
+
 for _command in COMMANDS:
     cli.add_command(_command)
 

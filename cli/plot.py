@@ -38,9 +38,9 @@ Examples:
               help="Tensor name. --kind spectrum: the one matrix to show; --kind error: draw these matrices "
                    "(repeatable) instead of one curve per module type.")
 @click.option("--base", type=click.Path(path_type=Path), metavar="BASE",
-              help="Base checkpoint for --kind spectrum (default: the one recorded in SPECTRA, if it exists here).")
+              help="Base checkpoint for --kind spectrum (default: the one recorded in SPECTRA, if it exists).")
 @click.option("--ft", type=click.Path(path_type=Path), metavar="FT",
-              help="Fine-tuned checkpoint for --kind spectrum (default: the one recorded in SPECTRA, if it exists here).")
+              help="Fine-tuned checkpoint for --kind spectrum (default: the one recorded in SPECTRA, if it exists).")
 @device_option
 @force_option
 @user_errors

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import colors as mcolors
@@ -31,7 +32,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 from deltakit.errors import DeltakitError
 from deltakit.io import atomic_file, open_checkpoint
 from deltakit.pairing import layer_index, match_names, module_type
-from deltakit.spectral.metrics import as_sorted_spectrum, energy_curve, marchenko_pastur_spectrum, rank_at_energy
+from deltakit.spectral.metrics import (
+    as_sorted_spectrum, energy_curve, lowrank_error_curve, marchenko_pastur_spectrum, rank_at_energy,
+)
 
 Spectra = Mapping[str, np.ndarray]
 
@@ -59,7 +62,7 @@ class MatrixMeta:
 
 
 def matrix_meta(spectra: Spectra | None, info: Mapping[str, Any] | None) -> list[MatrixMeta]:
-    """One entry per matrix (those in ``spectra``, else those in ``info``), role and layer from the name if unrecorded."""
+    """One entry per matrix (those in ``spectra``, else in ``info``); type and layer from the name if unrecorded."""
     recorded = (info or {}).get("matrices", {})
     names = list(spectra) if spectra is not None else list(recorded)
     if not names:
@@ -84,14 +87,14 @@ def check_names(known: Iterable[str], names: Iterable[str], where: str = "the sp
     for name in names:
         if name not in present:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else f"; it has e.g. {known[0] if known else '(none)'}"
+            example = known[0] if known else "(none)"
+            hint = f"; did you mean {close[0]}?" if close else f"; it has e.g. {example}"
             raise DeltakitError(f"no matrix named {name} in {where}{hint}")
     return names
 
 
-def lowrank_error_curve(s: np.ndarray) -> np.ndarray:
-    """Entry k-1: ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F for the best rank-k ΔW_k, i.e. sqrt(1 − energy_curve[k-1]) (Eckart–Young)."""
-    return np.sqrt(np.clip(1.0 - energy_curve(s), 0.0, None))
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.4g}%"  # 0.9 -> 90%, 0.995 -> 99.5%
 
 
 def _short(name: str) -> str:
@@ -111,8 +114,8 @@ def _groups(metas: list[MatrixMeta], by: str) -> dict[str, list[MatrixMeta]]:
     return groups
 
 
-def _shape_text(shape: tuple[int, int] | None) -> str:
-    return f"{shape[0]}×{shape[1]}" if shape else "shape ?"
+def _shape_text(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}×{shape[1]}"
 
 
 def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
@@ -144,12 +147,13 @@ def _draw_curves(ax: Axes, spectra: Spectra, groups: dict[str, list[MatrixMeta]]
         k = np.arange(1, length + 1)
         colour = MODULE_COLOURS.get(label) or next(matrix_colours)
         shapes = {m.shape for m in live}
-        detail = _shape_text(next(iter(shapes))) if len(shapes) == 1 else "mixed shapes"
+        details = [_shape_text(next(iter(shapes))) if len(shapes) == 1 else "mixed shapes"] if any(shapes) else []
         if len(live) > 1:
             ax.fill_between(k, stack.min(axis=0), stack.max(axis=0), color=colour, alpha=0.15, linewidth=0)
-            detail += f", median of {len(live)}"
+            details.append(f"median of {len(live)}")
             banded = True
-        ax.plot(k, np.median(stack, axis=0), color=colour, linewidth=1.8, label=f"{label}  ({detail})", gid=label)
+        legend_label = f"{label}  ({', '.join(details)})" if details else label
+        ax.plot(k, np.median(stack, axis=0), color=colour, linewidth=1.8, label=legend_label, gid=label)
         k_max = max(k_max, length)
         for shape in sorted(tuple(sorted(s)) for s in shapes if s):  # m×n and n×m: same spectrum
             shape_colours.setdefault(shape, colour)
@@ -179,10 +183,10 @@ def plot_energy_curves(spectra: Spectra, info: Mapping[str, Any] | None, ax: Axe
     """
     ax = _new_axes(ax, (8, 5))
     _draw_curves(ax, spectra, _groups(matrix_meta(spectra, info), group_by), energy_curve)
-    ax.axhline(energy, color="0.5", linewidth=0.8, linestyle=(0, (1, 2)), label=f"{energy:.0%} of the energy")
+    ax.axhline(energy, color="0.5", linewidth=0.8, linestyle=(0, (1, 2)), label=f"{_percent(energy)} of the energy")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel(ENERGY_LABEL)
-    ax.set_title("Energy of ΔW captured by its top-k singular values")
+    ax.set_title("Energy of ΔW in its top-k singular values")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     return ax
 
@@ -201,10 +205,10 @@ def plot_error_vs_rank(spectra: Spectra, names: Iterable[str] | None = None, ax:
         metas = [m for m in metas if m.name in wanted]
     _draw_curves(ax, spectra, _groups(metas, "matrix" if names is not None else "module_type"), lowrank_error_curve)
     ax.axhline(np.sqrt(1 - energy), color="0.5", linewidth=0.8, linestyle=(0, (1, 2)),
-               label=f"{energy:.0%} of the energy")
+               label=f"{_percent(energy)} of the energy")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel(ERROR_LABEL)
-    ax.set_title("Error of the best rank-k approximation of ΔW (an extracted LoRA of rank k)")
+    ax.set_title("Error of a rank-k LoRA extracted from ΔW (best rank-k fit)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     return ax
 
@@ -240,9 +244,9 @@ def rank_grid(info: Mapping[str, Any] | None, spectra: Spectra | None = None, en
         rank = _recorded_rank(recorded.get(meta.name, {}), energy)
         if rank is None:
             if spectra is None:
-                known = sorted({k for e in recorded.values() for k in e.get("rank_at", {})})
-                raise DeltakitError(f"the spectra file records no rank at energy {energy:g} (it has {', '.join(known) or 'none'}),"
-                                    " and no spectra were given to compute it")
+                known = ", ".join(sorted({k for e in recorded.values() for k in e.get("rank_at", {})})) or "none"
+                raise DeltakitError(f"the spectra file records no rank at energy {energy:g} (it has {known}), "
+                                    "and no spectra were given to compute it")
             rank = rank_at_energy(spectra[meta.name], energy)
         if meta.layer is None:
             unlayered[meta.name] = rank
@@ -253,7 +257,7 @@ def rank_grid(info: Mapping[str, Any] | None, spectra: Spectra | None = None, en
     layers = list(range(min(l for _, l in cells), max(l for _, l in cells) + 1)) if cells else []
     ranks = np.full((len(kinds), len(layers)), np.nan)
     for (kind, layer), values in cells.items():
-        ranks[kinds.index(kind), layer - layers[0]] = float(np.mean(values))
+        ranks[kinds.index(kind), layer - layers[0]] = float(np.median(values))
     return RankGrid(ranks, kinds, layers, unlayered, max((len(v) for v in cells.values()), default=0))
 
 
@@ -269,7 +273,7 @@ def plot_rank_heatmap(info: Mapping[str, Any] | None, spectra: Spectra | None = 
     note = ", ".join(f"{_short(n).rsplit('.', 1)[-1]} {r}" for n, r in list(grid.unlayered.items())[:4])
     note += f" and {len(grid.unlayered) - 4} more" if len(grid.unlayered) > 4 else ""
     ax.set_xlabel("layer index" + (f"\nnot in a layer (not shown): {note}" if note else ""))
-    ax.set_title(f"Rank needed for {energy:.0%} of $\\|\\Delta W\\|_F^2$, by depth")
+    ax.set_title(f"Rank needed for {_percent(energy)} of $\\|\\Delta W\\|_F^2$, by depth")
     if not grid.layers:
         ax.text(0.5, 0.5, "no matrix has a layer index", ha="center", va="center", transform=ax.transAxes)
         return ax
@@ -277,9 +281,9 @@ def plot_rank_heatmap(info: Mapping[str, Any] | None, spectra: Spectra | None = 
     low, high = (positive.min(), positive.max()) if positive.size else (1.0, 1.0)
     # Ranks of different module types can differ by 100×; a log scale keeps both ends readable.
     norm = mcolors.LogNorm(low, high) if high / low >= 30 else mcolors.Normalize(0, max(high, 1.0))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="0.9")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.9")
     image = ax.imshow(np.ma.masked_invalid(grid.ranks), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
-    label = f"rank at {energy:.0%} energy"
+    label = f"rank at {_percent(energy)} energy"
     if grid.max_per_cell > 1:
         label += f" (median of up to {grid.max_per_cell} per cell)"
     ax.figure.colorbar(image, ax=ax, label=label, pad=0.01)
@@ -307,7 +311,8 @@ def plot_spectra(spectra_by_label: Mapping[str, np.ndarray], title: str = "Singu
     ax = _new_axes(ax, (7, 4.5))
     for label, s in spectra_by_label.items():
         s = as_sorted_spectrum(s)
-        ax.plot(np.arange(1, len(s) + 1), np.where(s > 0, s, np.nan), linewidth=1.6, label=label)  # log-y hides zeros
+        # NaN instead of 0: a log axis cannot show a zero singular value
+        ax.plot(np.arange(1, len(s) + 1), np.where(s > 0, s, np.nan), linewidth=1.6, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
@@ -360,12 +365,11 @@ def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None, energy: floa
     plot_energy_curves(spectra, info, ax=axes["energy"], energy=energy)
     plot_error_vs_rank(spectra, ax=axes["error"], info=info, energy=energy)
     plot_rank_heatmap(info, spectra, energy=energy, ax=axes["heatmap"])
-    axes["energy"].set_title("Energy captured by the top-k singular values")
-    axes["error"].set_title("Error of the best rank-k approximation (= extracted LoRA)")
     # Both curve panels share colours and baselines: one legend, right of the pair, off the data.
     axes["energy"].get_legend().remove()
     if info and info.get("base") and info.get("ft"):
-        fig.suptitle(f"ΔW = W_ft − W_base    base: {Path(str(info['base'])).name}    fine-tune: {Path(str(info['ft'])).name}")
+        base, ft = Path(str(info["base"])).name, Path(str(info["ft"])).name
+        fig.suptitle(f"ΔW = W_ft − W_base    base: {base}    fine-tune: {ft}")
     return fig
 
 

@@ -116,3 +116,21 @@ def test_unknown_file_type_refused(tmp_path):
     (tmp_path / "weights.npz").write_bytes(b"123")
     with pytest.raises(DeltakitError, match="not a checkpoint file"):
         open_checkpoint(tmp_path / "weights.npz")
+
+
+def test_atomic_outputs_get_umask_modes_not_owner_only(tmp_path):
+    import os
+    import stat
+
+    from deltakit.io import atomic_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_file(tmp_path / "f.json") as tmp:
+            tmp.write_text("{}")
+        with atomic_directory(tmp_path / "d"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

@@ -1,4 +1,4 @@
-"""Figures: numbers drawn match spectra built by construction; every kind renders a real image; CLI errors are one line."""
+"""Figures: drawn numbers match spectra built by construction; every kind renders a real image; errors are one line."""
 
 from __future__ import annotations
 
@@ -177,14 +177,14 @@ def test_rank_grid_computes_missing_energies(built):
 
 
 def test_rank_grid_gaps_and_medians():
-    info = {"matrices": {
-        "model.layers.0.mlp.experts.0.gate_proj.weight": {"shape": [8, 4], "module_type": "gate", "layer": 0, "rank_at": {"0.9": 2}},
-        "model.layers.0.mlp.experts.1.gate_proj.weight": {"shape": [8, 4], "module_type": "gate", "layer": 0, "rank_at": {"0.9": 4}},
-        "model.layers.2.mlp.experts.0.gate_proj.weight": {"shape": [8, 4], "module_type": "gate", "layer": 2, "rank_at": {"0.9": 1}},
-    }}
-    grid = plot.rank_grid(info)
-    assert grid.layers == [0, 1, 2] and grid.max_per_cell == 2
-    np.testing.assert_array_equal(grid.ranks, [[3.0, np.nan, 1.0]])
+    def gate(layer: int, expert: int, rank: int) -> tuple[str, dict]:
+        name = f"model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight"
+        return name, {"shape": [8, 4], "module_type": "gate", "layer": layer, "rank_at": {"0.9": rank}}
+
+    info = {"matrices": dict([gate(0, 0, 2), gate(0, 1, 4), gate(0, 2, 9), gate(2, 0, 1)])}
+    grid = plot.rank_grid(info)  # layer 1 has no matrix: a gap, not a zero; layer 0 holds 3 experts: their median
+    assert grid.layers == [0, 1, 2] and grid.max_per_cell == 3
+    np.testing.assert_array_equal(grid.ranks, [[4.0, np.nan, 1.0]])
 
 
 def test_heatmap_shows_the_grid(built):

@@ -23,8 +23,18 @@ def check_output_path(target: str | os.PathLike, force: bool) -> Path:
     return target
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` onto ``target``, removing an old target only once tmp is complete."""
+    """Move ``tmp`` onto ``target``, removing an old target only once tmp is complete.
+
+    mkstemp / mkdtemp create owner-only entries; the output gets the usual umask modes.
+    """
+    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
     if target.exists() or target.is_symlink():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)

@@ -37,6 +37,11 @@ def energy_curve(s: ArrayLike) -> np.ndarray:
     return sq / total if total > 0 else np.zeros_like(sq)
 
 
+def lowrank_error_curve(s: ArrayLike) -> np.ndarray:
+    """Entry k-1: ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F for the best rank-k ΔW_k, = sqrt(1 − energy_curve[k-1]) (Eckart–Young)."""
+    return np.sqrt(np.clip(1.0 - energy_curve(s), 0.0, None))
+
+
 def rank_at_energy(s: ArrayLike, fraction: float) -> int:
     """Smallest k whose top-k singular values hold ``fraction`` of ||Δ||_F^2 (0 for a zero matrix).
 

@@ -1,0 +1,92 @@
+"""`deltakit intruders`: find intruder dimensions, and optionally scale them down into a new model."""
+
+from __future__ import annotations
+
+import re
+
+import click
+
+from deltakit.analysis import SpectralOptions
+from deltakit.errors import DeltakitError
+from deltakit.io.writer import DEFAULT_SHARD_BYTES
+from deltakit_cli.common import (
+    allow_pickle_option, exclude_option, force_option, include_option, progress, user_errors, write_json,
+)
+from deltakit_cli.rank import spectral_options
+
+EXAMPLES = """
+\b
+Examples:
+  deltakit intruders ./base ./lora-merged                      # top-10 vectors, ε = 0.5
+  deltakit intruders ./base ./ft -e 0.5 -e 0.3 -e 0.1 --json r.json   # an ε sweep
+  deltakit intruders ./base ./my-lora-adapter                  # a PEFT adapter: W_ft = W + (α/r)·B·A
+  deltakit intruders ./base ./lora-merged --scale 0.75 -o ./lora-scaled   # λ·σ for each intruder
+"""
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5·10⁹ bytes, '500MiB' -> 500·2²⁰, '4096' -> 4096."""
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise DeltakitError(f"cannot read shard size {text!r}; use e.g. 5GB, 500MB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@click.command("intruders", epilog=EXAMPLES)
+@click.argument("base")
+@click.argument("ft")
+@click.option("--top-k", "-k", "k", type=int, default=10, show_default=True,
+              help="How many of W_ft's top left singular vectors to examine per matrix.")
+@click.option("--epsilon", "-e", type=float, multiple=True, default=(0.5,), show_default=True,
+              help="Cosine threshold in (0, 1]: a vector is an intruder when its max |cos| with every base "
+                   "singular vector is below it (repeatable for a sweep; --scale uses the first).")
+@click.option("--scale", type=float, metavar="λ",
+              help="Write a model in which each intruder's singular value is multiplied by λ ≥ 0 "
+                   "(0 removes them, 1 changes nothing) to --output.")
+@click.option("--output", "-o", metavar="DIR", help="Model folder written by --scale.")
+@click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
+              help="Largest safetensors shard written by --scale (e.g. 5GB, 500MB).")
+@include_option
+@exclude_option
+@spectral_options
+@click.option("--json", "json_path", metavar="PATH", help="Write the full report as JSON ('-' for stdout).")
+@click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
+@allow_pickle_option
+@force_option
+@user_errors
+def intruders_command(base, ft, k, epsilon, scale, output, max_shard_size, include, exclude, device, exact, fp64,
+                      json_path, quiet, allow_pickle, force):
+    """Intruder dimensions: new top singular vectors of W_ft that no singular vector of W_base resembles.
+
+    For every weight matrix, the top-k left singular vectors of the fine-tune are compared with
+    all left singular vectors of the base (Shuttleworth et al., "LoRA vs Full Fine-tuning: An
+    Illusion of Equivalence", NeurIPS 2025); one whose largest |cosine| is below ε is an
+    intruder. LoRA fine-tunes grow them, full fine-tunes do not. With --scale λ -o DIR, a
+    complete model is written in which each intruder's singular value is multiplied by λ.
+    """
+    from deltakit.intruders import intruders, render_report, scale_intruders
+    from deltakit.io import check_output_path
+
+    if (scale is None) != (output is None):
+        raise DeltakitError("--scale and --output go together: --scale λ -o DIR writes the scaled model")
+    if json_path and json_path != "-":
+        check_output_path(json_path, force)
+    options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
+    if scale is None:
+        report = intruders(base, ft, k, epsilon, options, include, exclude, allow_pickle, progress=progress)
+    else:
+        shard_bytes = parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_BYTES
+        report = scale_intruders(base, ft, output, scale, k, epsilon, options, include, exclude, allow_pickle,
+                                 force, shard_bytes, progress=progress)
+    if json_path:
+        write_json(json_path, report.to_dict(), force=force)
+    if not quiet and json_path != "-":
+        click.echo(render_report(report))
+
+
+COMMANDS = [intruders_command]
