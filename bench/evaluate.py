@@ -37,7 +37,7 @@ def adapter_errors(base_dir: Path, ft_dir: Path, adapter_dir: Path, device: torc
     base, ft = Reader(base_dir), Reader(ft_dir)
     config, factors, other = read_adapter(adapter_dir)
     records = []
-    for module, lora in factors.items():
+    for lora in factors.values():
         name = lora.weight_name
         if name not in base.map or name not in ft.map:
             records.append({"name": name, "error": "not in the checkpoints"})
@@ -55,7 +55,8 @@ def adapter_errors(base_dir: Path, ft_dir: Path, adapter_dir: Path, device: torc
             "matrices": records, "stored_whole": other}
 
 
-def merge_check(base_dir: Path, adapter_dir: Path, merged_dir: Path, sample: int, device: torch.device) -> dict[str, object]:
+def merge_check(base_dir: Path, adapter_dir: Path, merged_dir: Path, sample: int,
+                device: torch.device) -> dict[str, object]:
     base, merged = Reader(base_dir), Reader(merged_dir)
     _, factors, _ = read_adapter(adapter_dir)
     missing = [n for n in base.map if n not in merged.map]

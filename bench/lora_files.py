@@ -21,7 +21,7 @@ from safetensors import safe_open
 ADAPTER_CONFIG = "adapter_config.json"
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-    r"(?:\.default)?(?:\.weight)?$"
+    r"(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$"  # an optional adapter name, e.g. ".default"
 )
 
 

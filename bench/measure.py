@@ -110,7 +110,8 @@ def check_available(argv: list[str]) -> None:
         ctx = click.Context(command)
         sub = command.get_command(ctx, words[0])
         if sub is None:
-            raise NotAvailable(f"{argv[0]} has no command {words[0]!r} (it has: {', '.join(command.list_commands(ctx))})")
+            have = ", ".join(command.list_commands(ctx))
+            raise NotAvailable(f"{argv[0]} has no command {words[0]!r} (it has: {have})")
         command, words = sub, words[1:]
     known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
     missing = [w for w in words if w.startswith("-") and w.split("=")[0] not in known]

@@ -54,8 +54,9 @@ def _speedup(row: dict[str, Any], rows: list[dict[str, Any]], tool: str) -> str:
     return f"{other['wall_s'] / row['wall_s']:.1f}×"
 
 
-def _num(value: Any, fmt: str = "{:.2f}") -> str:
-    return fmt.format(value) if isinstance(value, (int, float)) else "—"
+def fmt(value: Any, pattern: str = "{:.2f}") -> str:
+    """A number through ``pattern``, or "—" for anything else."""
+    return pattern.format(value) if isinstance(value, (int, float)) else "—"
 
 
 def _size(n_bytes: float) -> str:
@@ -66,7 +67,7 @@ def _size(n_bytes: float) -> str:
 
 
 def _gb(mb: Any) -> str:
-    return f"{mb / 1024:.2f}" if isinstance(mb, (int, float)) else "—"
+    return f"{mb / 1024:.2f}" if isinstance(mb, (int, float)) and mb > 0 else "—"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -81,8 +82,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             rss += f" ({_gb(row['peak_anon_mb'])})"
         ratio = (row["wall_s"] / row["floor_s"]) if row.get("wall_s") and row.get("floor_s") else None
         lines.append("| " + " | ".join([
-            row["label"], row["status"], _num(row.get("wall_s")), _num(row.get("floor_s"), "{:.3f}"),
-            _num(ratio, "{:.1f}"), _gb(row.get("gpu_peak_mb")), rss, error_text,
+            row["label"], row["status"], fmt(row.get("wall_s")), fmt(row.get("floor_s"), "{:.3f}"),
+            fmt(ratio, "{:.1f}"), _gb(row.get("gpu_peak_mb")), rss, error_text,
             _speedup(row, rows, "plain"), _speedup(row, rows, "mergekit"),
         ]) + " |")
     return "\n".join(lines)
@@ -100,11 +101,12 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"GPU: {gpus}; torch {machine.get('torch')} (CUDA {machine.get('cuda')}), mergekit {machine.get('mergekit')}",
         f"- pair: hidden {shape['hidden']}, intermediate {shape['intermediate']}, layers {shape['layers']}, "
         f"vocab {shape['vocab']}; bf16; {_size(pair['base_bytes'])} per checkpoint in {pair['base_files']} shard(s); "
-        + (f"generated on {pair.get('generate_device')} in {_num(pair.get('generate_s'), '{:.1f}')} s"
+        + (f"generated on {pair.get('generate_device')} in {fmt(pair.get('generate_s'), '{:.1f}')} s"
            if not pair.get("reused") else "reused from an earlier run"),
         f"- read bandwidth: {read['bytes_per_s'] / 1e9:.2f} GB/s over {_size(read['bytes'])}, page cache "
-        f"{result['cache']} (resident before: {_num(read.get('resident_before'), '{:.0%}')}); write bandwidth "
-        f"{write['bytes_per_s'] / 1e9:.2f} GB/s buffered ({_num((write.get('bytes_per_s_with_fsync') or 0) / 1e9)} GB/s "
+        f"{result['cache']} (resident before: {fmt(read.get('resident_before'), '{:.0%}')}); write bandwidth "
+        f"{write['bytes_per_s'] / 1e9:.2f} GB/s buffered "
+        f"({fmt((write.get('bytes_per_s_with_fsync') or 0) / 1e9)} GB/s "
         f"with fsync) over {_size(write['bytes'])}",
         f"- device: {result['device']}; rank {result['rank']}; {result['timestamp']}",
         "",
@@ -113,7 +115,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         "floor = bytes read ÷ read bandwidth + bytes written ÷ write bandwidth (no command can be faster "
         "without reading less). rel. error = ‖ΔW − scaling·BA‖_F / ‖ΔW‖_F measured by the harness from each "
         "adapter file against ft − base, mean (max) over the attention/MLP projections; the plain loop's "
-        "is the truncated-SVD optimum. Peak RSS counts mapped file pages; (anon) is the allocated part.",
+        "adapter is the truncated SVD, the optimum (its fp32 value is in the notes). Wall time is end to end, "
+        "interpreter start and imports included. Peak RSS counts mapped file pages; (anon) is the allocated part.",
         "",
     ]
     notes = [f"- {row['label']}: {note}" for row in result["rows"] for note in row.get("notes", [])]

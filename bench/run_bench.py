@@ -32,7 +32,12 @@ if __package__ in (None, ""):
 
 from bench import machine, report, runner  # noqa: E402
 from bench.synth import (  # noqa: E402
-    SPEC_FILE, add_pair_arguments, default_shard_bytes, delta_from_args, pair_spec, shape_from_args,
+    SPEC_FILE,
+    add_pair_arguments,
+    default_shard_bytes,
+    delta_from_args,
+    pair_spec,
+    shape_from_args,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +135,8 @@ def generate(work: Path, args: argparse.Namespace) -> dict[str, object]:
     forwarded = [f"--preset={args.preset}", f"--seed={args.seed}", f"--delta-scale={args.delta_scale}",
                  f"--delta-decay={args.delta_decay}", f"--delta-width={args.delta_width}",
                  f"--delta-noise={args.delta_noise}", f"--shard-bytes={args.shard_bytes}"]
-    forwarded += [f"--{k}={getattr(args, k)}" for k in ("hidden", "intermediate", "layers", "vocab") if getattr(args, k)]
+    forwarded += [f"--{k}={getattr(args, k)}" for k in ("hidden", "intermediate", "layers", "vocab")
+                  if getattr(args, k)]
     summary_path = work / "generate.json"
     command = [args.python, "-m", "bench.synth", "--workdir", str(work), "--device", args.device,
                "--summary-json", str(summary_path), *forwarded]
@@ -162,6 +168,12 @@ def floor_seconds(read_bytes: int, write_bytes: int, bandwidth: dict[str, object
 def run_job(job: Job, work: Path, args: argparse.Namespace, bandwidth: dict[str, object]) -> dict[str, object]:
     row: dict[str, object] = {"key": job.key, "label": job.label, "tool": job.tool, "op": job.op,
                               "argv": shlex.join(job.argv), "notes": list(job.notes)}
+    available, reason = runner.check_available(job.argv, args.python)
+    if not available:
+        row["status"] = "not available"
+        row["notes"].append(f"not available: {reason}")
+        log(f"[{job.key}] not available: {reason}")
+        return row
     if job.merge_adapter is not None and not (job.merge_adapter / "adapter_config.json").is_file():
         fallback = work / "runs" / "plain-adapter"
         if job.tool == "deltakit" and (fallback / "adapter_config.json").is_file():
@@ -175,12 +187,6 @@ def run_job(job: Job, work: Path, args: argparse.Namespace, bandwidth: dict[str,
             return row
     if job.merge_adapter is not None:
         job.reads = job.reads + sorted(job.merge_adapter.glob("*.safetensors"))
-    available, reason = runner.check_available(job.argv, args.python)
-    if not available:
-        row["status"] = "not available"
-        row["notes"].append(f"not available: {reason}")
-        log(f"[{job.key}] not available: {reason}")
-        return row
     for path in job.outputs:
         remove(path)
     if args.cache == "cold":
@@ -197,6 +203,7 @@ def run_job(job: Job, work: Path, args: argparse.Namespace, bandwidth: dict[str,
         "gpu_peak_allocated_mb": result.measure.get("gpu_peak_allocated_mb"),
         "read_bytes": read_bytes, "write_bytes": write_bytes,
         "floor_s": floor_seconds(read_bytes, write_bytes, bandwidth), "stderr_tail": result.stderr_tail,
+        "read_bytes_per_s": bandwidth["read"]["bytes_per_s"], "write_bytes_per_s": bandwidth["write"]["bytes_per_s"],
     })
     if result.timed_out:
         row["status"] = f"timeout > {args.timeout:g} s"
@@ -248,12 +255,20 @@ def score(job: Job, row: dict[str, object], work: Path, args: argparse.Namespace
         else:
             check = json.loads(out.read_text())
             row["merge_check"] = check
+            rounding = check["sampled"][0]["rounding"] if check["sampled"] else None
             row["notes"].append(
                 f"merge check: {check['missing_count']} base tensors missing, max ‖W_merged − round(W + ΔW_lora)‖"
-                f"/‖ΔW_lora‖ = {report._num(check['max_rel_deviation'], '{:.2e}')} on {len(check['sampled'])} "
-                f"sampled matrices (rounding alone: {report._num(check['sampled'][0]['rounding'] if check['sampled'] else None, '{:.2e}')})")
+                f"/‖ΔW_lora‖ = {report.fmt(check['max_rel_deviation'], '{:.2e}')} on {len(check['sampled'])} "
+                f"sampled matrices (rounding alone: {report.fmt(rounding, '{:.2e}')})")
         if not args.keep_outputs:
             remove(job.merged)
+    if job.key == "plain-extract":
+        records = json.loads((work / "runs" / "plain-extract.json").read_text())["matrices"]
+        optimum = report.summarize_errors(records)
+        if optimum:
+            row["optimum_rel_error"] = optimum
+            row["notes"].append(f"truncated-SVD optimum in fp32 (before storing the factors in bf16): mean "
+                                f"{optimum['mean']:.4f}, max {optimum['max']:.4f}")
     if job.key == "plain-rank":
         records = json.loads((work / "runs" / "plain-rank.json").read_text())["matrices"]
         ranks = sorted(r["rank_90"] for r in records if report.PROJECTION.search(r["name"]))
@@ -261,6 +276,30 @@ def score(job: Job, row: dict[str, object], work: Path, args: argparse.Namespace
             row["rank_90"] = {"median": ranks[len(ranks) // 2], "min": ranks[0], "max": ranks[-1]}
             row["notes"].append(f"rank@90% of the projections' ΔW: median {ranks[len(ranks) // 2]} "
                                 f"(min {ranks[0]}, max {ranks[-1]}, {len(ranks)} matrices)")
+
+
+def cross_check_rank(work: Path, rows: list[dict[str, object]]) -> None:
+    """deltakit rank's rank_at["0.9"] (docs/json.md) against the plain loop's exact svdvals, per matrix."""
+    by_key = {row["key"]: row for row in rows}
+    if any(by_key.get(k, {}).get("status") != "ok" for k in ("deltakit-rank", "plain-rank")):
+        return
+    try:
+        ours = json.loads((work / "runs" / "deltakit-rank.json").read_text())["matrices"]
+        ours = {m["name"]: m["rank_at"]["0.9"] for m in ours if "0.9" in m.get("rank_at", {})}
+        exact = json.loads((work / "runs" / "plain-rank.json").read_text())["matrices"]
+        exact = {m["name"]: m["rank_90"] for m in exact}
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        by_key["deltakit-rank"]["notes"].append(f"rank@90% not compared (unexpected JSON: {exc!r})")
+        return
+    common = sorted(set(ours) & set(exact))
+    if not common:
+        return
+    diffs = [abs(ours[n] - exact[n]) for n in common]
+    by_key["deltakit-rank"]["rank_check"] = {"matrices": len(common), "equal": diffs.count(0),
+                                             "max_abs_diff": max(diffs)}
+    by_key["deltakit-rank"]["notes"].append(
+        f"rank@90% equals the plain loop's (exact svdvals) on {diffs.count(0)} of {len(common)} matrices, "
+        f"max |difference| {max(diffs)}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -300,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log(f"pair: {dataclasses.asdict(shape)} in {work}")
         generated = generate(work, args)
+        if not generated.get("reused"):  # outputs of an earlier pair would be stale
+            shutil.rmtree(work / "runs", ignore_errors=True)
+            (work / "runs").mkdir()
         files = weight_files(work / "base") + weight_files(work / "ft")
         log("measuring bandwidth ...")
         bandwidth = measure_bandwidth(work, files, args.cache)
@@ -310,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             row = run_job(job, work, args, bandwidth)
             score(job, row, work, args)
             rows.append(row)
+        cross_check_rank(work, rows)
         spec = pair_spec(shape, delta_from_args(args), args.shard_bytes)
         result = {
             "preset": args.preset, "device": args.device, "rank": args.rank, "cache": args.cache,
@@ -332,8 +375,19 @@ def main(argv: list[str] | None = None) -> int:
                 remove(merged)
 
 
+ROW_ORDER = ["deltakit-rank", "plain-rank", "deltakit-extract", "plain-extract", "mergekit-extract",
+             "deltakit-merge", "plain-merge"]
+
+
+def combine_rows(earlier: list[dict], later: list[dict]) -> list[dict]:
+    """Rows of both, a later row replacing an earlier one with the same key, in the table's order."""
+    by_key = {row["key"]: row for row in earlier}
+    by_key.update({row["key"]: row for row in later})
+    return sorted(by_key.values(), key=lambda r: ROW_ORDER.index(r["key"]) if r["key"] in ROW_ORDER else len(ROW_ORDER))
+
+
 def merge_earlier(args: argparse.Namespace, spec: dict[str, object], rows: list[dict]) -> list[dict]:
-    """With --append, earlier rows for the same pair stay unless this run redid them (row order kept)."""
+    """With --append, earlier rows for the same pair stay unless this run redid them."""
     earlier_path = args.out / "results.json"
     if not args.append or not earlier_path.is_file():
         return rows
@@ -341,9 +395,7 @@ def merge_earlier(args: argparse.Namespace, spec: dict[str, object], rows: list[
     if earlier.get("spec") != spec:
         log("--append: results.json in --out is for another pair; starting afresh")
         return rows
-    fresh = {row["key"]: row for row in rows}
-    merged = [fresh.pop(row["key"], row) for row in earlier["rows"]]
-    return merged + list(fresh.values())
+    return combine_rows(earlier["rows"], rows)
 
 
 def write_outputs(out: Path, result: dict[str, object]) -> None:

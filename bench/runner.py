@@ -131,7 +131,9 @@ def _tail(path: Path, lines: int) -> str:
     except OSError:
         return ""
     # progress bars redraw with \r: keep the last state of each line
-    cleaned = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    cleaned = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    while cleaned and not cleaned[-1].strip():
+        cleaned.pop()
     return "\n".join(cleaned[-lines:])
 
 
