@@ -541,7 +541,8 @@ def render_report(report: IntruderReport) -> str:
     if group_rows:
         parts += ["by module type", format_table(group_headers, group_rows), ""]
     for e in eps:
-        parts.append(f"ε={energy_key(e)}: {summary['intruders'][energy_key(e)]} intruder dimensions in "
+        total = summary["intruders"][energy_key(e)]
+        parts.append(f"ε={energy_key(e)}: {total} intruder dimension{'' if total == 1 else 's'} in "
                      f"{summary['matrices_with_intruders'][energy_key(e)]} of {summary['matrices']} matrices "
                      f"(top k={report.k} left singular vectors of W_ft vs all of W_base)")
     if report.skipped:
