@@ -148,7 +148,9 @@ def _parse_keys(checkpoint: Checkpoint, config: dict[str, Any], folder: Path) ->
             factor_keys.setdefault(match["module"], {})[match["kind"]] = key
         else:
             name = _strip_prefix(key).replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
-            whole[name] = key
+            # PEFT keys a LoRA layer's bias (bias="lora_only" / "all") and a saved embedding
+            # base layer under the wrapped ``base_layer``: they replace the model's own tensor.
+            whole[name.replace(".base_layer.", ".")] = key
     r_default = int(config.get("r", 8))
     alpha_default = float(config.get("lora_alpha", r_default))
     use_rslora = bool(config.get("use_rslora", False))
@@ -217,6 +219,17 @@ def adapter_config(
     }
 
 
-def adapter_keys(module: str) -> tuple[str, str]:
-    """The PEFT file keys of a module's A and B factors."""
+def adapter_keys(module: str, embedding: bool = False) -> tuple[str, str]:
+    """The PEFT file keys of a module's A and B factors (PEFT's embedding LoRA keys have no ``.weight``)."""
+    if embedding:
+        return f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B"
     return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+
+
+def whole_tensor_key(name: str, lora_bias: bool = False) -> str:
+    """The PEFT file key of a tensor carried whole: a ``modules_to_save`` parameter, or with
+    ``lora_bias`` the bias of a LoRA layer as PEFT's ``bias="lora_only"`` saves it."""
+    if lora_bias:
+        module, _, leaf = name.rpartition(".")
+        return f"{PEFT_PREFIX}{module}.base_layer.{leaf}"
+    return f"{PEFT_PREFIX}{name}"

@@ -1,0 +1,20 @@
+"""LoRA surgery: extract an adapter from a fine-tune, merge one into a model, unmerge it again.
+
+Example::
+
+    from deltakit.lora import extract_lora, merge, unmerge
+    extract_lora("base", "ft", "adapter", rank=16)
+    merge("base", "adapter", "merged")
+    unmerge("merged", "adapter", "base-again", check="base")
+"""
+
+from deltakit.lora.extract import ExtractedMatrix, ExtractReport, extract_lora
+from deltakit.lora.factors import LoraFactors, split_singular_values, svd_factors
+from deltakit.lora.merge import MergeReport, merge, unmerge
+from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank, kept_energy, total_squared_error
+
+__all__ = [
+    "extract_lora", "ExtractReport", "ExtractedMatrix", "merge", "unmerge", "MergeReport",
+    "RankChoice", "allocate_budget", "energy_rank", "kept_energy", "total_squared_error",
+    "LoraFactors", "svd_factors", "split_singular_values",
+]

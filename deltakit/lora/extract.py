@@ -1,0 +1,429 @@
+"""`deltakit extract`: a PEFT LoRA adapter from a fine-tune, by truncated SVD of every ΔW.
+
+Each changed matrix ΔW = W_ft − W_base gets factors B = U_r √S_r, A = √S_r V_rᵀ (lora_alpha = r,
+so PEFT's scaling α/r is 1 and B @ A is the rank-r truncated SVD of ΔW). The rank comes from
+a :class:`~deltakit.lora.ranks.RankChoice`: fixed, per-matrix energy, or a global budget.
+
+Passes and memory. Host and device memory hold one ΔW (plus ``prefetch`` pairs being read)
+at any time, whatever the model size:
+
+* ``rank=R``: one pass over the model. Each ΔW is factored as it streams by and its factors
+  are parked on disk inside the output's temporary folder; the adapter file is assembled
+  from them at the end (its layout must be known before it is written).
+* ``energy`` / ``budget``: two passes. Pass 1 keeps only the singular values of each ΔW
+  (min(m, n) numbers per matrix) and ‖ΔW‖; the ranks are chosen from all of them; pass 2
+  re-reads the model and factors each ΔW at its rank. Reading twice was preferred to keeping
+  factors up to --max-rank from one pass, which can hold min(m, n) × (m + n) numbers per
+  matrix when no --max-rank is given.
+
+Example::
+
+    report = extract_lora("base", "ft", "my-adapter", rank=16)
+    report.matrices[0].rel_error        # ‖ΔW − BA‖_F / ‖ΔW‖_F
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from deltakit.analysis import SpectralOptions
+from deltakit.delta import resolve_device, stream_deltas
+from deltakit.errors import DeltakitError
+from deltakit.io.atomic import atomic_directory, check_output_path
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.peft import adapter_config, adapter_keys, is_peft_adapter, whole_tensor_key
+from deltakit.lora.adapter_files import AdapterTensor, FactorStage, write_adapter
+from deltakit.lora.factors import peft_orientation, reconstruction_error, svd_factors
+from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank
+from deltakit.lora.targets import WORD_EMBEDDING, ExtractionTargets, LoraTarget, module_of, plan_extraction
+from deltakit.pairing import TensorPair, pair_tensors
+from deltakit.spectral.metrics import as_sorted_spectrum
+from deltakit.spectral.svd import method_noise_floor, singular_values
+
+ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExtractedMatrix:
+    """One changed matrix: the rank it got and what that rank keeps."""
+
+    name: str  # fine-tune tensor name
+    module: str  # PEFT module path (base naming)
+    shape: tuple[int, int]  # as stored
+    kind: str  # linear | conv1d | embedding
+    rank: int
+    delta_fro: float  # ‖ΔW‖_F
+    kept_energy: float  # Σ_{i≤r} σ_i² / ‖ΔW‖_F²
+    rel_error: float  # ‖ΔW − BA‖_F / ‖ΔW‖_F, with B and A as stored
+    parameters: int  # r · (m + n)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+
+@dataclass
+class ExtractReport:
+    """What `extract` wrote and what it could not; ``to_dict()`` is the JSON report."""
+
+    base: str
+    ft: str
+    adapter: str
+    selection: dict[str, Any]
+    method: str  # randomized | exact: how factors were computed
+    spectrum_method: str | None  # gram | exact for energy / budget (pass 1), else None
+    device: str
+    precision: str
+    passes: int
+    matrices: list[ExtractedMatrix] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    carried_whole: list[dict[str, str]] = field(default_factory=list)
+    not_carried: list[dict[str, str]] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    lora_bias: bool = False
+    whole_parameters: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def parameters(self) -> int:
+        """LoRA parameters in the adapter, Σ r·(m + n) (whole tensors not included)."""
+        return sum(m.parameters for m in self.matrices)
+
+    @property
+    def total_squared_error(self) -> float:
+        """Σ ‖ΔW − BA‖_F² over the changed matrices."""
+        return sum((m.rel_error * m.delta_fro) ** 2 for m in self.matrices)
+
+    @property
+    def relative_error(self) -> float:
+        """sqrt(Σ ‖ΔW − BA‖_F² / Σ ‖ΔW‖_F²) over the changed matrices (0 when none changed)."""
+        total = sum(m.delta_fro ** 2 for m in self.matrices)
+        return math.sqrt(self.total_squared_error / total) if total > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base, "ft": self.ft, "adapter": self.adapter, "selection": self.selection,
+            "method": self.method, "spectrum_method": self.spectrum_method, "device": self.device,
+            "precision": self.precision, "passes": self.passes, "elapsed_s": round(self.elapsed_s, 3),
+            "parameters": self.parameters, "whole_parameters": self.whole_parameters,
+            "total_squared_error": self.total_squared_error, "relative_error": self.relative_error,
+            "matrices": [m.to_dict() for m in self.matrices], "unchanged": list(self.unchanged),
+            "carried_whole": list(self.carried_whole), "not_carried": list(self.not_carried),
+            "modules_to_save": list(self.modules_to_save), "lora_bias": self.lora_bias,
+        }
+
+
+def output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None`` (follow the fine-tune), or float32 | bfloat16 | float16."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in OUTPUT_DTYPES.values():
+        return dtype  # type: ignore[return-value]
+    if str(dtype) in OUTPUT_DTYPES:
+        return OUTPUT_DTYPES[str(dtype)]
+    raise DeltakitError(f"unknown output dtype {dtype!r}; use one of {', '.join(OUTPUT_DTYPES)}")
+
+
+@dataclass
+class _Survey:
+    """Pass 1: per target, ‖ΔW‖ and its spectrum (energy / budget); whole candidates that changed."""
+
+    delta_fro: dict[str, float] = field(default_factory=dict)
+    spectra: dict[str, np.ndarray] = field(default_factory=dict)
+    changed_whole: list[TensorPair] = field(default_factory=list)
+
+
+def extract_lora(
+    base: str | os.PathLike,
+    ft: str | os.PathLike,
+    out: str | os.PathLike,
+    rank: int | None = None,
+    energy: float | None = None,
+    budget: int | None = None,
+    max_rank: int | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    save_modules: bool = False,
+    embeddings: bool = False,
+    dtype: str | torch.dtype | None = None,
+    options: SpectralOptions = SpectralOptions(),
+    seed: int = 0,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: ProgressFn | None = None,
+) -> ExtractReport:
+    """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
+
+    Give one of ``rank`` (every changed matrix), ``energy`` (per matrix, the smallest rank
+    keeping that fraction of ‖ΔW‖_F²) or ``budget`` (total LoRA parameters, allocated to
+    minimise the total squared error); ``max_rank`` clamps them. ``save_modules`` carries
+    changed tensors that are not LoRA material whole (PEFT ``modules_to_save``; biases of LoRA
+    layers as ``bias="lora_only"``). ``embeddings`` adds PEFT embedding LoRA for embedding
+    tables. ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype.
+
+    Example: ``extract_lora("base", "ft", "adapter", rank=16).relative_error``.
+    """
+    started = time.perf_counter()
+    choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank)
+    out_dtype = output_dtype(dtype)
+    device = resolve_device(options.device)
+    compute_dtype = options.dtype
+    check_output_path(out, force)
+    for role, path in (("BASE", base), ("FT", ft)):
+        if is_peft_adapter(path):
+            raise DeltakitError(f"{role} {path} is a PEFT adapter; extract compares two full models "
+                                f"(merge the adapter first: deltakit merge BASE {path} -o merged)")
+    base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
+    ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
+    config = ft_ckpt.config or base_ckpt.config
+    plan = pair_tensors(_metas(base_ckpt), _metas(ft_ckpt), config, include, exclude)
+    targets = plan_extraction(plan, config, embeddings)
+    if not targets.lora and not targets.whole:
+        raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")
+    if choice.mode == "budget":
+        _check_budget(choice.budget, targets.lora, "")  # fail before reading anything
+    report = ExtractReport(
+        base=str(base), ft=str(ft), adapter=str(out), selection=choice.to_dict(),
+        method="exact" if options.exact else "randomized",
+        spectrum_method=options.method if choice.needs_spectra else None, device=str(device),
+        precision=options.precision, passes=2 if choice.needs_spectra else 1,
+    )
+    run = _Extraction(choice, targets, plan.pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,
+                      seed, progress)
+    with atomic_directory(out, force) as tmp:
+        stage = FactorStage(Path(tmp) / ".staging")
+        survey = run.first_pass(stage, report)
+        if choice.needs_spectra:
+            ranks = run.choose_ranks(survey)
+            run.second_pass(stage, survey, ranks, report)
+        report.matrices.sort(key=lambda m: run.order[m.name])
+        tensors, lora_config = run.assemble(stage, survey, report, save_modules, base_name=str(base))
+        if not tensors:
+            raise DeltakitError(_nothing_to_write(report))
+        write_adapter(Path(tmp), lora_config, tensors, progress)
+        stage.remove()
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+class _Extraction:
+    """The passes of one extraction; holds what they share."""
+
+    def __init__(self, choice: RankChoice, targets: ExtractionTargets, pairs: list[TensorPair], base: Checkpoint,
+                 ft: Checkpoint, device: torch.device, compute_dtype: torch.dtype, out_dtype: torch.dtype | None,
+                 options: SpectralOptions, seed: int, progress: ProgressFn | None) -> None:
+        self.choice, self.targets, self.base, self.ft = choice, targets, base, ft
+        self.device, self.compute_dtype, self.out_dtype = device, compute_dtype, out_dtype
+        self.options, self.seed, self.progress = options, seed, progress
+        self.by_name = {t.pair.name: t for t in targets.lora}
+        wanted = set(self.by_name) | {p.name for p in targets.whole}
+        self.pairs = [p for p in pairs if p.name in wanted]  # checkpoint order: reads stay sequential
+        self.order = {p.name: i for i, p in enumerate(self.pairs)}
+
+    def dtype_of(self, pair: TensorPair) -> torch.dtype:
+        return self.out_dtype or pair.ft_dtype
+
+    def _stream(self, pairs: list[TensorPair], label: str):
+        items = stream_deltas(pairs, self.base, self.ft, self.device, self.compute_dtype, self.options.prefetch)
+        return self.progress(items, len(pairs), label) if self.progress else items
+
+    def _factor(self, stage: FactorStage, target: LoraTarget, matrix: torch.Tensor, rank: int,
+                delta_fro: float, spectrum: np.ndarray | None) -> ExtractedMatrix:
+        """Factor one oriented ΔW at ``rank``, park the factors, measure what they keep."""
+        factors = svd_factors(matrix, rank, exact=self.options.exact, seed=self.seed, dtype=self.compute_dtype)
+        dtype = self.dtype_of(target.pair)
+        stage.put(target.module, factors.a.to(dtype), factors.b.to(dtype))
+        error = reconstruction_error(matrix.to(self.compute_dtype), factors, dtype)
+        # Σ_{i≤r} σ_i² over the exact ‖ΔW‖_F², so that kept ≈ 1 − rel_error² also when the
+        # spectrum could not resolve the smallest values (see _spectrum).
+        if spectrum is None:  # fixed rank: the factorisation's own singular values
+            top = factors.singular_values.to("cpu", torch.float64).numpy()
+        else:
+            top = spectrum[: factors.rank]
+        kept = float(np.sum(top * top)) / delta_fro ** 2
+        return ExtractedMatrix(
+            name=target.pair.name, module=target.module, shape=tuple(target.pair.shape), kind=target.kind,
+            rank=factors.rank, delta_fro=delta_fro, kept_energy=min(kept, 1.0), rel_error=error / delta_fro,
+            parameters=factors.rank * target.cost,
+        )
+
+    def first_pass(self, stage: FactorStage, report: ExtractReport) -> _Survey:
+        """Fixed rank: factor every changed target. Energy / budget: keep every spectrum."""
+        survey = _Survey()
+        label = "factors" if not self.choice.needs_spectra else "pass 1/2: spectra"
+        for item in self._stream(self.pairs, label):
+            pair = item.pair
+            delta_fro = float(torch.linalg.vector_norm(item.delta, dtype=torch.float64))
+            target = self.by_name.get(pair.name)
+            if target is None:
+                if delta_fro > 0 or pair.added_rows:
+                    survey.changed_whole.append(pair)
+                continue
+            if delta_fro == 0.0:
+                report.unchanged.append(pair.name)
+                continue
+            survey.delta_fro[pair.name] = delta_fro
+            matrix = peft_orientation(item.delta, target.kind)
+            if self.choice.needs_spectra:
+                survey.spectra[pair.name] = self._spectrum(matrix)
+            else:
+                rank = min(self.choice.rank, self.choice.cap(target.out_in))  # type: ignore[type-var]
+                report.matrices.append(self._factor(stage, target, matrix, rank, delta_fro, None))
+        return survey
+
+    def _spectrum(self, matrix: torch.Tensor) -> np.ndarray:
+        """All singular values, with those below the method's own rounding floor set to 0.
+
+        Below that floor (16·sqrt(eps)·σ_max for Gram/eigh, max(m, n)·eps·σ_max for --exact) a
+        value is noise of the computation, not of ΔW: without this, energy 1.0 of an exactly
+        rank-8 ΔW would ask for full rank. Energy fractions are of the energy resolved above
+        the floor; --exact resolves much smaller values (bf16 storage rounding, for one).
+        """
+        spectrum = as_sorted_spectrum(singular_values(matrix, self.options.method, self.compute_dtype))
+        if spectrum.size and spectrum[0] > 0:
+            floor = method_noise_floor(float(spectrum[0]), tuple(matrix.shape), self.options.method, self.compute_dtype)
+            spectrum[spectrum <= floor] = 0.0
+        return spectrum
+
+    def choose_ranks(self, survey: _Survey) -> dict[str, int]:
+        """Energy: per matrix. Budget: all spectra at once (see :func:`allocate_budget`)."""
+        names = list(survey.spectra)
+        caps = [self.choice.cap(self.by_name[n].out_in) for n in names]
+        if self.choice.mode == "energy":
+            return {n: energy_rank(survey.spectra[n], self.choice.energy, cap)  # type: ignore[arg-type]
+                    for n, cap in zip(names, caps)}
+        changed = [self.by_name[n] for n in names]
+        _check_budget(self.choice.budget, changed, "changed ")  # type: ignore[arg-type]
+        ranks = allocate_budget([survey.spectra[n] for n in names], [t.cost for t in changed],
+                                self.choice.budget, caps)  # type: ignore[arg-type]
+        return dict(zip(names, ranks))
+
+    def second_pass(self, stage: FactorStage, survey: _Survey, ranks: dict[str, int], report: ExtractReport) -> None:
+        """Re-read the matrices that got a rank and factor them; the others are reported at rank 0."""
+        for name, r in ranks.items():
+            if r == 0:
+                target = self.by_name[name]
+                report.matrices.append(ExtractedMatrix(
+                    name=name, module=target.module, shape=tuple(target.pair.shape), kind=target.kind, rank=0,
+                    delta_fro=survey.delta_fro[name], kept_energy=0.0, rel_error=1.0, parameters=0))
+        pairs = [self.by_name[n].pair for n, r in ranks.items() if r > 0]
+        for item in self._stream(pairs, "pass 2/2: factors"):
+            target = self.by_name[item.pair.name]
+            matrix = peft_orientation(item.delta, target.kind)
+            report.matrices.append(self._factor(stage, target, matrix, ranks[target.pair.name],
+                                                survey.delta_fro[target.pair.name], survey.spectra[target.pair.name]))
+
+    def assemble(self, stage: FactorStage, survey: _Survey, report: ExtractReport, save_modules: bool,
+                 base_name: str) -> tuple[list[AdapterTensor], dict[str, Any]]:
+        """The adapter's tensors (LoRA factors, then whole tensors) and its PEFT config."""
+        lora = [self.by_name[m.name] for m in report.matrices if m.rank > 0]
+        tensors: list[AdapterTensor] = []
+        for target in lora:
+            a_shape, b_shape, dtype = stage.shapes(target.module)
+            a_key, b_key = adapter_keys(target.module, embedding=target.kind == "embedding")
+            tensors.append(AdapterTensor(a_key, a_shape, dtype, lambda m=target.module: stage.get(m, "A")))
+            tensors.append(AdapterTensor(b_key, b_shape, dtype, lambda m=target.module: stage.get(m, "B")))
+        whole = self._whole_tensors(survey, report, {t.module for t in lora}, save_modules)
+        tensors += whole
+        report.whole_parameters = sum(math.prod(t.shape) for t in whole)
+        config = adapter_config(
+            {t.module: stage.shapes(t.module)[0][0] for t in lora},
+            fan_in_fan_out=any(t.kind == "conv1d" for t in lora),
+            base_model_name_or_path=base_name,
+            modules_to_save=report.modules_to_save,
+            task_type=_task_type(self.ft.config or self.base.config),
+        )
+        if report.lora_bias:
+            config["bias"] = "lora_only"
+        if any(entry.get("tied_to") for entry in report.carried_whole):
+            config["ensure_weight_tying"] = True
+        return tensors, config
+
+    def _whole_tensors(self, survey: _Survey, report: ExtractReport, lora_modules: set[str],
+                       save_modules: bool) -> list[AdapterTensor]:
+        """Changed tensors that are not LoRA material: carried whole, or reported as not carried."""
+        if not save_modules:
+            report.not_carried += [
+                {"name": p.name, "reason": f"{self.targets.whole_reasons[p.name]} (--save-modules carries it whole)"}
+                for p in survey.changed_whole]
+            report.not_carried += self.targets.not_carried
+            return []
+        # Biases of LoRA layers travel as PEFT bias="lora_only"; any other changed tensor takes
+        # its whole module into modules_to_save (PEFT replaces modules, not single tensors).
+        lora_bias = any(p.name.endswith(".bias") and module_of(p.base_name) in lora_modules
+                        for p in survey.changed_whole)
+        saved_modules: dict[str, str] = {}  # base module path -> fine-tune module path
+        for pair in survey.changed_whole:
+            module = module_of(pair.base_name)
+            if module in lora_modules:
+                if not pair.name.endswith(".bias"):
+                    report.not_carried.append({"name": pair.name, "reason": "belongs to a LoRA layer; PEFT carries "
+                                               "only the bias of a LoRA layer whole"})
+                continue
+            saved_modules[module] = module_of(pair.name)
+        tensors: list[AdapterTensor] = []
+        why = {p.name: self.targets.whole_reasons[p.name] for p in survey.changed_whole}
+        if lora_bias:
+            report.lora_bias = True
+            for target in (self.by_name[m.name] for m in report.matrices if m.rank > 0):
+                ft_bias = f"{module_of(target.pair.name)}.bias"
+                if ft_bias in self.ft:  # PEFT saves the bias of every LoRA layer that has one
+                    key = whole_tensor_key(f"{target.module}.bias", lora_bias=True)
+                    tensors.append(self._whole(ft_bias, key))
+                    report.carried_whole.append({"name": ft_bias, "key": key,
+                                                 "reason": why.get(ft_bias, "bias of a LoRA layer (bias=lora_only)")})
+        report.modules_to_save = sorted(saved_modules)
+        for module, ft_module in saved_modules.items():
+            for ft_name in (n for n in self.ft.keys() if module_of(n) == ft_module):
+                key = whole_tensor_key(f"{module}.{ft_name.rsplit('.', 1)[1]}")
+                tensors.append(self._whole(ft_name, key))
+                report.carried_whole.append({"name": ft_name, "key": key,
+                                             "reason": why.get(ft_name, f"part of module {module}")})
+                if self.targets.tied_output and WORD_EMBEDDING.search(ft_name):
+                    # PEFT (ensure_weight_tying) keeps the tied output layer's copy under its own key.
+                    tied_key = whole_tensor_key(f"{self.targets.tied_output}.weight")
+                    tensors.append(self._whole(ft_name, tied_key))
+                    report.carried_whole.append({"name": ft_name, "key": tied_key, "tied_to": module,
+                                                 "reason": "output layer tied to the embedding"})
+        report.not_carried += self.targets.not_carried
+        return tensors
+
+    def _whole(self, ft_name: str, key: str) -> AdapterTensor:
+        dtype = self.out_dtype if self.out_dtype and self.ft.dtype(ft_name).is_floating_point else self.ft.dtype(ft_name)
+        return AdapterTensor(key, self.ft.shape(ft_name), dtype, lambda: self.ft.get(ft_name))
+
+
+def _check_budget(budget: int | None, targets: Sequence[LoraTarget], which: str) -> None:
+    """Refuse a budget that cannot pay for rank 1 of any matrix."""
+    if budget is None or not targets:
+        return
+    cheapest = min(targets, key=lambda t: t.cost)
+    if budget < cheapest.cost:
+        rows, cols = cheapest.pair.shape
+        raise DeltakitError(
+            f"budget {budget} is too small for rank 1 anywhere: the cheapest {which}matrix, {cheapest.pair.name} "
+            f"({rows}×{cols}), needs {cheapest.cost} parameters per rank")
+
+
+def _nothing_to_write(report: ExtractReport) -> str:
+    if report.not_carried:
+        first = report.not_carried[0]
+        return f"nothing to extract: no matrix changed, and what did cannot be a LoRA (first: {first['name']}: {first['reason']})"
+    return "nothing to extract: the fine-tune does not differ from the base in any selected tensor"
+
+
+def _task_type(config: dict[str, Any] | None) -> str | None:
+    architectures = [str(a) for a in (config or {}).get("architectures") or []]
+    return "CAUSAL_LM" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else None
+
+
+def _metas(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {name: (ckpt.shape(name), ckpt.dtype(name)) for name in ckpt.keys()}

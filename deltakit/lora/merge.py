@@ -1,0 +1,352 @@
+"""`deltakit merge` and `deltakit unmerge`: W ± scale · ΔW_LoRA, streamed tensor by tensor.
+
+For every module of a PEFT LoRA adapter, ΔW = scaling · B @ A (transposed for Conv1D weights
+stored [in, out] and for embeddings), scaling = lora_alpha / r, or lora_alpha / √r with
+``use_rslora`` (Kalajdzievski 2023), r and alpha per module from ``rank_pattern`` /
+``alpha_pattern``; see :mod:`deltakit.io.peft`. The sum is formed in fp32 and cast back to
+the model's dtype, and checked to be finite before it is written (PEFT's ``safe_merge``).
+
+Tensors the adapter carries whole (``modules_to_save``, LoRA-layer biases) replace the model's
+on merge. Unmerge cannot restore them: the base values are not in the adapter; it refuses
+unless told to leave them as they are in the merged model.
+
+The output is a complete model folder written through :func:`atomic_directory`: safetensors
+shards at the input's shard size plus an index, and the input's config, generation config and
+tokenizer files. One tensor (plus ``prefetch`` read ahead) is in memory at a time.
+
+Example::
+
+    merge("base", "my-lora", "merged")
+    unmerge("merged", "my-lora", "base-again", check="base").check_max_abs
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+from deltakit.delta import adapter_pairs, lora_delta, prefetched, resolve_device
+from deltakit.errors import DeltakitError
+from deltakit.io.atomic import atomic_directory, check_output_path
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.peft import LoraAdapter, LoraModule, open_adapter
+from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
+from deltakit.lora.targets import ties_embeddings
+
+ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
+# Files of a model folder that are weights (never copied: the output has its own).
+_WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.msgpack|\.h5|\.onnx|\.gguf|\.index\.json)$")
+# Beside a single weight file only these are copied (its folder may hold anything).
+_MODEL_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|"
+    r"merges\.txt|chat_template\..*|preprocessor_config\.json|processor_config\.json|.*\.tiktoken|spiece\.model|"
+    r"sentencepiece.*\.model)$"
+)
+
+
+@dataclass
+class MergeReport:
+    """What merge / unmerge did; ``to_dict()`` is the JSON report."""
+
+    operation: str  # merge | unmerge
+    model: str
+    adapter: str
+    out: str
+    scale: float
+    device: str
+    lora_modules: int = 0
+    replaced: list[str] = field(default_factory=list)  # tensors replaced whole by the adapter
+    left_as_merged: list[str] = field(default_factory=list)  # unmerge: replaced tensors it could not restore
+    skipped_tied: list[str] = field(default_factory=list)  # adapter copies of a tied output layer
+    tensors: int = 0
+    shards: int = 0
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+    vocab_size: int | None = None  # set when a carried embedding grew the vocabulary
+    check: str | None = None
+    check_max_abs: float | None = None  # unmerge --check: max |W_out − W_base|
+    check_rel_fro: float | None = None  # sqrt(Σ‖W_out − W_base‖²) / sqrt(Σ‖W_base‖²)
+    check_worst: str | None = None  # the tensor with the largest max |Δ|
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["elapsed_s"] = round(self.elapsed_s, 3)
+        return out
+
+
+def merge(
+    base: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    scale: float = 1.0,
+    device: str = "auto",
+    force: bool = False,
+    allow_pickle: bool = False,
+    prefetch: int = 2,
+    progress: ProgressFn | None = None,
+) -> MergeReport:
+    """Write ``base`` + scale · ΔW_adapter as a complete model folder at ``out``.
+
+    Example: ``merge("base", "my-lora", "merged", scale=0.5)``.
+    """
+    return _apply("merge", base, adapter, out, +1.0, scale, device, force, allow_pickle, prefetch, progress)
+
+
+def unmerge(
+    merged: str | os.PathLike,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    scale: float = 1.0,
+    check: str | os.PathLike | None = None,
+    keep_replaced: bool = False,
+    device: str = "auto",
+    force: bool = False,
+    allow_pickle: bool = False,
+    prefetch: int = 2,
+    progress: ProgressFn | None = None,
+) -> MergeReport:
+    """Write ``merged`` − scale · ΔW_adapter at ``out``; with ``check``, measure its distance from that base.
+
+    An adapter that replaced tensors whole (modules_to_save, biases) is refused, since their
+    base values are lost; ``keep_replaced`` writes them as they are in ``merged`` instead.
+    Example: ``unmerge("merged", "my-lora", "base-again", check="base").check_rel_fro``.
+    """
+    return _apply("unmerge", merged, adapter, out, -1.0, scale, device, force, allow_pickle, prefetch, progress,
+                  check=check, keep_replaced=keep_replaced)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """What happens to one tensor of the model."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    lora: tuple[TensorPair, LoraModule] | None = None
+    whole_key: str | None = None  # adapter key of a whole replacement
+    check_name: str | None = None  # tensor of the --check base to compare with
+
+
+def _apply(
+    operation: str, model: str | os.PathLike, adapter_path: str | os.PathLike, out: str | os.PathLike, sign: float,
+    scale: float, device: str, force: bool, allow_pickle: bool, prefetch: int, progress: ProgressFn | None,
+    check: str | os.PathLike | None = None, keep_replaced: bool = False,
+) -> MergeReport:
+    started = time.perf_counter()
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise DeltakitError(f"scale must be a finite number, got {scale}")
+    compute_device = resolve_device(device)
+    check_output_path(out, force)
+    ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
+    adapter = open_adapter(adapter_path, allow_pickle=allow_pickle)
+    report = MergeReport(operation=operation, model=str(model), adapter=str(adapter_path), out=str(out), scale=scale,
+                         device=str(compute_device), check=str(check) if check is not None else None)
+    lora = _lora_steps(adapter, ckpt)
+    whole, new_shapes = _whole_steps(adapter, ckpt, operation, report)
+    if operation == "unmerge":
+        # A LoRA layer's own base weight stored in the adapter (PEFT saves embedding base layers)
+        # is what merge starts from, so subtracting ΔW restores it; anything else replaced is lost.
+        lost = [name for name in report.replaced if name not in lora]
+        if lost and not keep_replaced:
+            raise DeltakitError(
+                f"adapter {adapter.path} replaced {len(lost)} tensor(s) whole on merge (modules_to_save or biases), "
+                f"first {lost[0]}; their base values are not in the adapter, so unmerge cannot restore them. "
+                "Pass --keep-replaced to leave them as they are in the merged model")
+        report.left_as_merged, report.replaced, whole = lost, [], {}
+    check_ckpt = open_checkpoint(check, allow_pickle=allow_pickle) if check is not None else None
+    check_names = _check_names(ckpt, check_ckpt, new_shapes) if check_ckpt is not None else {}
+    steps = [
+        _Step(name=name, shape=new_shapes.get(name, ckpt.shape(name)), dtype=ckpt.dtype(name), lora=lora.get(name),
+              whole_key=whole.get(name), check_name=check_names.get(name))
+        for name in ckpt.keys()
+    ]
+    report.lora_modules, report.tensors = len(lora), len(steps)
+    report.shard_bytes = shard_size_of(ckpt)
+    stats = _CheckStats()
+    with atomic_directory(out, force) as tmp:
+        writer = ShardedWriter(tmp, [(s.name, s.shape, s.dtype) for s in steps], max_shard_bytes=report.shard_bytes)
+        loaded = prefetched([_loader(step, ckpt, adapter, check_ckpt) for step in steps], prefetch)
+        items = zip(steps, loaded)
+        if progress is not None:
+            items = progress(items, len(steps), operation)
+        for step, (weight, factors, replacement, reference) in items:  # type: ignore[misc]
+            result = _one_tensor(step, weight, factors, replacement, sign * scale, compute_device)
+            if reference is not None:
+                stats.add(step.name, result, reference, compute_device)
+            writer.write(step.name, result)
+        report.shards = len(writer.finish())
+        copy_model_files(ckpt, Path(tmp))
+        if new_shapes:
+            report.vocab_size = _update_vocab_size(Path(tmp), ckpt, new_shapes)
+    if check_ckpt is not None:
+        report.check_max_abs, report.check_rel_fro, report.check_worst = stats.result()
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+def _lora_steps(adapter: LoraAdapter, ckpt: Checkpoint) -> dict[str, tuple[TensorPair, LoraModule]]:
+    """Model tensor name -> (pair, module); refuse factors whose shapes do not fit the weight."""
+    steps: dict[str, tuple[TensorPair, LoraModule]] = {}
+    for pair, module in adapter_pairs(adapter, ckpt):
+        a_shape, b_shape = adapter.checkpoint.shape(module.a_key), adapter.checkpoint.shape(module.b_key)
+        # PEFT orients by the layer it wraps: Conv1D (stored [in, out]) and embeddings add (B @ A)ᵀ.
+        transposed = module.embedding or pair.layout == "conv1d"
+        expected = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], a_shape[1])
+        if tuple(pair.shape) != expected:
+            raise DeltakitError(
+                f"adapter {adapter.path} does not fit {ckpt.path}: {module.module} has B {b_shape} and A {a_shape}, "
+                f"which make a {expected[0]}×{expected[1]} update, but {pair.base_name} is {tuple(pair.shape)}")
+        steps[pair.base_name] = (pair, module)
+    return steps
+
+
+def _whole_steps(adapter: LoraAdapter, ckpt: Checkpoint, operation: str,
+                 report: MergeReport) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Model tensor name -> adapter key of its whole replacement, and the shapes that grew."""
+    if not adapter.whole_tensors:
+        return {}, {}
+    mapping = match_names(ckpt.keys(), adapter.whole_tensors.keys())  # adapter name -> model name
+    whole: dict[str, str] = {}
+    grown: dict[str, tuple[int, ...]] = {}
+    for name, key in adapter.whole_tensors.items():
+        target = mapping.get(name)
+        if target is None:
+            if module_type(name) == "lm_head" and ties_embeddings(ckpt.config):
+                report.skipped_tied.append(name)  # PEFT's copy of a tied head: the embedding carries it
+                continue
+            raise DeltakitError(f"adapter {adapter.path} does not fit {ckpt.path}: it carries {name} whole, "
+                                "which the model does not have")
+        have, got = ckpt.shape(target), adapter.checkpoint.shape(key)
+        if have != got:
+            grows_vocab = (operation == "merge" and len(have) == 2 and len(got) == 2 and got[1] == have[1]
+                           and got[0] > have[0] and EMBEDDING_LEAF.search(target))
+            if not grows_vocab:
+                raise DeltakitError(f"adapter {adapter.path} does not fit {ckpt.path}: {name} is {tuple(got)} in the "
+                                    f"adapter but {tuple(have)} in the model")
+            grown[target] = tuple(got)
+        whole[target] = key
+        report.replaced.append(target)
+    return whole, grown
+
+
+def _check_names(ckpt: Checkpoint, check: Checkpoint, new_shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """Output tensor name -> --check tensor name; the two must hold the same tensors."""
+    mapping = match_names(check.keys(), ckpt.keys())
+    for name in ckpt.keys():
+        other = mapping.get(name)
+        if other is None:
+            raise DeltakitError(f"--check {check.path} has no tensor {name}")
+        shape = new_shapes.get(name, ckpt.shape(name))
+        if check.shape(other) != shape:
+            raise DeltakitError(f"--check {check.path}: {other} is {check.shape(other)}, the output's is {shape}")
+    return mapping
+
+
+def _loader(step: _Step, ckpt: Checkpoint, adapter: LoraAdapter, check: Checkpoint | None) -> Callable[[], tuple]:
+    def load() -> tuple:
+        weight = None if step.whole_key else ckpt.get(step.name)
+        factors = adapter.factors(step.lora[1]) if step.lora else None
+        replacement = adapter.checkpoint.get(step.whole_key) if step.whole_key else None
+        reference = check.get(step.check_name) if check is not None and step.check_name else None
+        return weight, factors, replacement, reference
+
+    return load
+
+
+def _one_tensor(step: _Step, weight: torch.Tensor | None, factors: tuple[torch.Tensor, torch.Tensor] | None,
+                replacement: torch.Tensor | None, signed_scale: float, device: torch.device) -> torch.Tensor:
+    """The output value of one tensor: copied, replaced whole, or W ± scale·ΔW in fp32 cast back."""
+    if replacement is not None:  # merge starts from the adapter's copy (PEFT loads it before the LoRA)
+        weight = replacement.to(step.dtype)
+        _require_finite(step.name, weight, "replaced by the adapter, has")
+    assert weight is not None
+    if factors is None:
+        return weight
+    pair, module = step.lora  # type: ignore[misc]
+    lora_a, lora_b = (f.to(device, torch.float32) for f in factors)
+    delta = lora_delta(lora_a, lora_b, module.scaling, module.embedding or pair.layout == "conv1d")
+    result = (weight.to(device, torch.float32) + signed_scale * delta).to(step.dtype)
+    _require_finite(step.name, result, "gives")
+    return result.to("cpu")
+
+
+def _require_finite(name: str, tensor: torch.Tensor, verb: str) -> None:
+    """PEFT's safe_merge: never write inf / nan (e.g. a half-precision overflow)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise DeltakitError(f"{name} {verb} non-finite values (inf or nan) after applying the adapter; nothing was "
+                            "written")
+
+
+class _CheckStats:
+    """Running distance of the output from a reference model: max |Δ| and relative Frobenius."""
+
+    def __init__(self) -> None:
+        self.max_abs, self.diff_sq, self.ref_sq, self.worst = 0.0, 0.0, 0.0, None
+
+    def add(self, name: str, result: torch.Tensor, reference: torch.Tensor, device: torch.device) -> None:
+        if not (result.is_floating_point() and reference.is_floating_point()):
+            return
+        ref = reference.to(device, torch.float64)
+        diff = result.to(device, torch.float64) - ref
+        max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+        if self.worst is None or max_abs > self.max_abs:
+            self.max_abs, self.worst = max_abs, name
+        self.diff_sq += float(torch.sum(diff * diff))
+        self.ref_sq += float(torch.sum(ref * ref))
+
+    def result(self) -> tuple[float, float, str | None]:
+        rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else (0.0 if self.diff_sq == 0 else math.inf)
+        return self.max_abs, rel, self.worst
+
+
+def shard_size_of(ckpt: Checkpoint) -> int:
+    """The model's shard size: its largest shard's tensor bytes when sharded, else DEFAULT_SHARD_BYTES."""
+    files = ckpt.files
+    if len(files) <= 1:
+        return DEFAULT_SHARD_BYTES
+    sizes = {file: 0 for file in files}
+    for info in ckpt.infos.values():
+        sizes[info.file] += info.nbytes
+    return max(sizes.values())
+
+
+def copy_model_files(ckpt: Checkpoint, folder: Path) -> list[str]:
+    """Copy config, generation config, tokenizer and other non-weight files of the model into ``folder``.
+
+    From a model folder every regular, non-hidden, non-weight file is copied (custom code and
+    README included); beside a single weight file only the files transformers reads.
+    """
+    from_folder = ckpt.path.is_dir()
+    copied = []
+    for source in sorted(ckpt.root.iterdir()):
+        if not source.is_file() or source.name.startswith(".") or _WEIGHT_FILE.search(source.name):
+            continue
+        if source.name == "adapter_config.json" or (not from_folder and not _MODEL_FILES.match(source.name)):
+            continue
+        shutil.copy2(source, folder / source.name)
+        copied.append(source.name)
+    return copied
+
+
+def _update_vocab_size(folder: Path, ckpt: Checkpoint, grown: dict[str, tuple[int, ...]]) -> int | None:
+    """A carried embedding grew the vocabulary: make config.json's vocab_size say so."""
+    config_path = folder / "config.json"
+    rows = max(shape[0] for shape in grown.values())
+    if not config_path.is_file():
+        return rows
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("vocab_size"), int) and config["vocab_size"] < rows:
+        config["vocab_size"] = rows
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return rows

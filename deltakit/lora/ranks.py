@@ -1,0 +1,180 @@
+"""How many LoRA ranks each ΔW gets: a fixed rank, an energy fraction per matrix, or a global parameter budget.
+
+Everything here is a pure function of spectra (1-D arrays of singular values) and matrix
+costs; nothing reads files or touches a device.
+
+Example::
+
+    choice = RankChoice(budget=10_000, max_rank=64)
+    ranks = allocate_budget([s_q, s_v], costs=[64 + 64, 64 + 32], budget=10_000, caps=[64, 32])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from deltakit.errors import DeltakitError
+from deltakit.spectral.metrics import as_sorted_spectrum, rank_at_energy
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """Exactly one of ``rank``, ``energy`` or ``budget``; ``max_rank`` clamps all three.
+
+    rank: the same rank for every changed matrix (≥ 1).
+    energy: per matrix, the smallest rank keeping this fraction of ‖ΔW‖_F² (in (0, 1]).
+    budget: a total number of LoRA parameters, Σ r_i·(m_i + n_i), spent where it removes the
+        most squared error (see :func:`allocate_budget`).
+    max_rank: no matrix gets more than this (≥ 1), whatever the mode.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    budget: int | None = None
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("rank", "energy", "budget") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise DeltakitError("give exactly one of --rank, --energy or --budget"
+                                + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
+        if self.rank is not None:
+            _check_positive_int("rank", self.rank)
+        if self.budget is not None:
+            _check_positive_int("budget", self.budget)
+        if self.max_rank is not None:
+            _check_positive_int("max-rank", self.max_rank)
+        if self.energy is not None:
+            energy = float(self.energy)
+            if math.isnan(energy) or not 0.0 < energy <= 1.0:
+                raise DeltakitError(f"energy {self.energy:g} is outside (0, 1]; use e.g. --energy 0.9")
+
+    @property
+    def mode(self) -> str:
+        """"rank", "energy" or "budget"."""
+        return "rank" if self.rank is not None else "energy" if self.energy is not None else "budget"
+
+    @property
+    def needs_spectra(self) -> bool:
+        """Energy and budget choose ranks from every singular value, so they need a first pass."""
+        return self.mode != "rank"
+
+    def cap(self, shape: tuple[int, int]) -> int:
+        """The largest rank a matrix of ``shape`` may get: min(m, n), clamped by max_rank."""
+        cap = min(shape)
+        return cap if self.max_rank is None else min(cap, self.max_rank)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "rank": self.rank, "energy": self.energy, "budget": self.budget,
+                "max_rank": self.max_rank}
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise DeltakitError(f"{name} must be a whole number, got {value!r}")
+    if value <= 0:
+        raise DeltakitError(f"{name} must be at least 1, got {value}")
+
+
+def energy_rank(spectrum: Sequence[float] | np.ndarray, fraction: float, cap: int) -> int:
+    """Smallest r with Σ_{i≤r} σ_i² ≥ fraction·Σ σ_i², clamped to ``cap`` (0 for a zero matrix)."""
+    return min(rank_at_energy(spectrum, fraction), cap)
+
+
+def kept_energy(spectrum: Sequence[float] | np.ndarray, rank: int) -> float:
+    """Σ_{i≤rank} σ_i² / Σ σ_i²: the share of ‖ΔW‖_F² a rank-``rank`` truncated SVD keeps (1 for a zero matrix)."""
+    s = as_sorted_spectrum(spectrum)
+    total = float(np.sum(s * s))
+    return float(np.sum(s[:rank] ** 2) / total) if total > 0 else 1.0
+
+
+def allocate_budget(
+    spectra: Sequence[Sequence[float] | np.ndarray],
+    costs: Sequence[int],
+    budget: int,
+    caps: Sequence[int] | None = None,
+) -> list[int]:
+    """Ranks r_i that minimise the total squared error Σ_i Σ_{j>r_i} σ_ij² under Σ_i r_i·c_i ≤ budget.
+
+    ``spectra[i]`` are the singular values of matrix i, ``costs[i]`` = m_i + n_i is the number of
+    LoRA parameters one rank of it costs (B gains a column of m, A a row of n), ``caps[i]`` bounds r_i.
+
+    The algorithm is the greedy one: every (matrix i, rank j) is an item of value σ_ij² and
+    weight c_i; items are taken in decreasing order of σ_ij² / c_i while they fit, and an item
+    that does not fit blocks the rest of its matrix (they cost the same), smaller items of other
+    matrices may still be taken.
+
+    Why this is the right greedy. The truncated SVD makes the error of rank r_i exactly
+    Σ_{j>r_i} σ_ij² (Eckart–Young), so the problem is separable: maximise the kept energy
+    Σ_i F_i(r_i), F_i(r) = Σ_{j≤r} σ_ij², a knapsack over items (i, j) with the side condition
+    that rank j of a matrix is taken only after ranks 1..j-1. Because σ_ij is non-increasing
+    in j, the value per parameter σ_ij²/c_i is too, so sorting by it never puts rank j+1 of a
+    matrix before rank j: the side condition holds for free, and F_i is concave.
+
+    Optimality. (1) Let S be the items the greedy has taken before it meets the first item k
+    that does not fit, and C = cost(S). The linear relaxation (items may be taken fractionally)
+    at budget C is solved by taking items in decreasing value per cost: that is S, an integral
+    solution, so S is optimal among *all* allocations costing at most C. In particular the
+    greedy is exactly optimal whenever the budget lands on one of its breakpoints, and always
+    when every matrix has the same cost m + n (then the items all weigh the same and the best
+    ⌊budget/c⌋ of them are the largest σ²). (2) For a budget between breakpoints, the optimum
+    is at most the relaxation's value at the full budget, which is at most value(S) + σ_k²;
+    the greedy keeps at least value(S), so its total squared error exceeds the optimum by less
+    than σ_k², the σ² of the first singular value it could not afford. Exact optimality for
+    every budget cannot be had cheaply: with one non-zero singular value per matrix the problem
+    *is* 0/1 knapsack (NP-hard); tests/test_surgery_ranks.py checks (1) and (2) against brute
+    force and shows a case where the greedy is not optimal.
+    """
+    count = len(spectra)
+    caps = [min(len(s), c) for s, c in zip(spectra, caps)] if caps is not None else [len(s) for s in spectra]
+    if len(costs) != count or len(caps) != count:
+        raise ValueError("spectra, costs and caps must have the same length")
+    if any(c <= 0 for c in costs):
+        raise ValueError("costs must be positive")
+    values, owners, costs_of_items = [], [], []
+    for i, (spectrum, cost, cap) in enumerate(zip(spectra, costs, caps)):
+        s = as_sorted_spectrum(spectrum)[:cap]
+        s = s[s > 0]  # a zero singular value removes no error: never worth a parameter
+        values.append(s * s)
+        owners.append(np.full(s.size, i))
+        costs_of_items.append(np.full(s.size, cost, dtype=np.float64))
+    ranks = [0] * count
+    if not values or sum(v.size for v in values) == 0:
+        return ranks
+    value = np.concatenate(values)
+    owner = np.concatenate(owners)
+    weight = np.concatenate(costs_of_items)
+    # Stable sort keeps each matrix's items in rank order when value/cost ties.
+    order = np.argsort(-(value / weight), kind="stable")
+    spent = np.cumsum(weight[order])
+    prefix = int(np.searchsorted(spent, budget, side="right"))  # the strict-prefix greedy S
+    for i in owner[order[:prefix]]:
+        ranks[int(i)] += 1
+    left = budget - (float(spent[prefix - 1]) if prefix else 0.0)
+    blocked: set[int] = set()
+    cheapest = float(np.min(weight))
+    for item in order[prefix:]:  # fill: smaller items of other matrices may still fit
+        if left < cheapest:
+            break
+        i = int(owner[item])
+        if i in blocked:
+            continue
+        if weight[item] <= left:
+            ranks[i] += 1
+            left -= float(weight[item])
+        else:
+            blocked.add(i)
+    return ranks
+
+
+def total_squared_error(spectra: Sequence[Sequence[float] | np.ndarray], ranks: Sequence[int]) -> float:
+    """Σ_i Σ_{j>r_i} σ_ij²: the total squared Frobenius error of rank-r_i truncated SVDs."""
+    total = 0.0
+    for spectrum, r in zip(spectra, ranks):
+        s = as_sorted_spectrum(spectrum)
+        total += float(np.sum(s[r:] ** 2))
+    return total

@@ -1,0 +1,121 @@
+"""Which changed tensors become LoRA factors, which travel whole, and which cannot be carried.
+
+Pure functions of the pairing plan (names, shapes, layouts) and the model config; no tensor
+data. A matrix ΔW of a Linear or Conv1D layer is LoRA material. An embedding table is too
+when asked for (``embeddings=True``, PEFT's embedding LoRA), except a table tied to the
+output layer, where PEFT cannot add a LoRA consistently to both uses. Everything else that
+changed (norms, biases, 1-D tensors, embeddings that grew rows, embeddings not extracted) can
+only be carried whole, as PEFT ``modules_to_save`` (the whole module) or, for the bias of a
+LoRA layer, as PEFT's ``bias="lora_only"`` key ``<module>.base_layer.bias``.
+
+Example::
+
+    targets = plan_extraction(pair_plan, ft_config, embeddings=False)
+    [t.module for t in targets.lora]          # ['model.layers.0.self_attn.q_proj', ...]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from deltakit.pairing import PairPlan, TensorPair
+
+WORD_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+EMBEDDINGS_HINT = "pass --embeddings for a PEFT embedding LoRA, or --save-modules to carry it whole"
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """One matrix to factor: its pair, PEFT module path (base naming) and orientation kind."""
+
+    pair: TensorPair
+    module: str
+    kind: str  # "linear" (B @ A is the weight), "conv1d" or "embedding" (B @ A is its transpose)
+
+    @property
+    def out_in(self) -> tuple[int, int]:
+        """Shape of B @ A: (out, in) for linear, the stored shape transposed for conv1d / embedding."""
+        rows, cols = self.pair.shape
+        return (rows, cols) if self.kind == "linear" else (cols, rows)
+
+    @property
+    def cost(self) -> int:
+        """LoRA parameters per rank: a column of B plus a row of A, m + n."""
+        return sum(self.out_in)
+
+
+@dataclass
+class ExtractionTargets:
+    """The outcome of :func:`plan_extraction`."""
+
+    lora: list[LoraTarget] = field(default_factory=list)
+    whole: list[TensorPair] = field(default_factory=list)  # carried whole when changed and asked to
+    whole_reasons: dict[str, str] = field(default_factory=dict)  # pair name -> why not LoRA
+    not_carried: list[dict[str, str]] = field(default_factory=list)  # cannot be expressed at all
+    tied_output: str | None = None  # module path of an output layer tied to the input embedding
+
+
+def module_of(name: str) -> str:
+    """Module path of a parameter: ``model.norm.weight`` -> ``model.norm``."""
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def ties_embeddings(config: Mapping[str, Any] | None) -> bool:
+    """Whether the model ties its output layer to its input embedding (transformers' default is to tie)."""
+    return bool(config) and bool(config.get("tie_word_embeddings", True))
+
+
+def tied_output_module(config: Mapping[str, Any] | None, stored_names: set[str]) -> str | None:
+    """Module path of the output layer that shares the embedding table, when it is not stored.
+
+    transformers does not save a tied ``lm_head``; PEFT still names it when the embedding is
+    carried whole with ``ensure_weight_tying``. Causal-LM heads are ``lm_head`` (``embed_out``
+    for GPT-NeoX); other heads are not guessed.
+    """
+    if not ties_embeddings(config):
+        return None
+    architectures = [str(a) for a in (config or {}).get("architectures") or []]
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return None
+    head = "embed_out" if (config or {}).get("model_type") == "gpt_neox" else "lm_head"
+    return None if f"{head}.weight" in stored_names else head
+
+
+def plan_extraction(plan: PairPlan, config: Mapping[str, Any] | None, embeddings: bool = False) -> ExtractionTargets:
+    """Sort the paired tensors into LoRA targets and whole-tensor candidates; report the rest."""
+    targets = ExtractionTargets()
+    stored = {p.name for p in plan.pairs} | {s.name for s in plan.skipped}
+    targets.tied_output = tied_output_module(config, stored)
+    tied = targets.tied_output is not None
+    for pair in plan.pairs:
+        reason = _not_lora_reason(pair, embeddings, tied)
+        if reason is None:
+            kind = "embedding" if pair.layout == "embedding" and pair.module_type == "embed" else (
+                "conv1d" if pair.layout == "conv1d" else "linear")
+            targets.lora.append(LoraTarget(pair=pair, module=module_of(pair.base_name), kind=kind))
+        else:
+            targets.whole.append(pair)
+            targets.whole_reasons[pair.name] = reason
+    for skipped in plan.skipped:
+        if not skipped.reason.startswith("tied to"):
+            targets.not_carried.append({"name": skipped.name, "reason": skipped.reason})
+    targets.not_carried += [{"name": n, "reason": "only in the fine-tune: not in the base, no adapter can add it"}
+                            for n in plan.only_ft]
+    targets.not_carried += [{"name": n, "reason": "only in the base: removed by the fine-tune, no adapter can remove it"}
+                            for n in plan.only_base]
+    return targets
+
+
+def _not_lora_reason(pair: TensorPair, embeddings: bool, tied: bool) -> str | None:
+    if not pair.is_matrix or pair.layout == "vector":
+        return f"{len(pair.shape)}-D tensor {tuple(pair.shape)} ({pair.module_type}): not low-rank material"
+    if pair.added_rows:
+        return f"vocabulary grew by {pair.added_rows} rows: the new rows are not a delta of the base"
+    if pair.layout == "embedding":
+        if not embeddings:
+            return f"embedding table: not extracted by default; {EMBEDDINGS_HINT}"
+        if tied and WORD_EMBEDDING.search(pair.name):
+            return "embedding tied to the output layer: PEFT cannot apply one LoRA to both uses; use --save-modules"
+    return None
