@@ -347,23 +347,28 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = measure_bandwidth(work, files, args.cache)
         log(f"read {bandwidth['read']['bytes_per_s'] / 1e9:.2f} GB/s, "
             f"write {bandwidth['write']['bytes_per_s'] / 1e9:.2f} GB/s")
+        spec = pair_spec(shape, delta_from_args(args), args.shard_bytes)
+
+        def result_of(rows: list[dict]) -> dict[str, object]:
+            return {
+                "preset": args.preset, "device": args.device, "rank": args.rank, "cache": args.cache,
+                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "machine": machine.describe(), "bandwidth": bandwidth, "spec": spec,
+                "pair": {"shape": dataclasses.asdict(shape), "base_bytes": generated["base"]["bytes"],
+                         "base_files": generated["base"]["files"], "ft_bytes": generated["ft"]["bytes"],
+                         "generate_s": generated.get("seconds"), "reused": generated.get("reused"),
+                         "generate_device": generated.get("device")},
+                "rows": merge_earlier(args, spec, rows),
+            }
+
         rows = []
         for job in plan_jobs(work, args):
             row = run_job(job, work, args, bandwidth)
             score(job, row, work, args)
             rows.append(row)
+            write_outputs(args.out, result_of(rows))  # a run cut short still leaves what it measured
         cross_check_rank(work, rows)
-        spec = pair_spec(shape, delta_from_args(args), args.shard_bytes)
-        result = {
-            "preset": args.preset, "device": args.device, "rank": args.rank, "cache": args.cache,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine.describe(), "bandwidth": bandwidth, "spec": spec,
-            "pair": {"shape": dataclasses.asdict(shape), "base_bytes": generated["base"]["bytes"],
-                     "base_files": generated["base"]["files"], "ft_bytes": generated["ft"]["bytes"],
-                     "generate_s": generated.get("seconds"), "reused": generated.get("reused"),
-                     "generate_device": generated.get("device")},
-            "rows": merge_earlier(args, spec, rows),
-        }
+        result = result_of(rows)
         write_outputs(args.out, result)
         print(report.markdown_report(result))
         return 0

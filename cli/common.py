@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
@@ -30,6 +31,9 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(exc))
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
             _fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
+        except BrokenPipeError:  # `deltakit rank ... | head`: the reader left; nothing to say
+            sys.stderr.close()
+            sys.exit(0)
         except OSError as exc:  # disk full, read-only file system...
             _fail(str(exc))
         except KeyboardInterrupt:
@@ -92,3 +96,25 @@ allow_pickle_option = click.option(
     "--allow-pickle", is_flag=True,
     help="Also read PyTorch pickles (.bin/.pt), with torch.load(weights_only=True). Off by default: pickles can run code.",
 )
+
+
+def spectral_options(f):
+    """--device, --exact, --fp64: how spectra are computed (shared with extract and intruders)."""
+    f = click.option("--fp64", is_flag=True, help="Compute ΔW and its spectrum in float64 instead of float32.")(f)
+    f = click.option("--exact", is_flag=True,
+                     help="Full SVD instead of the fast paths (Gram/eigh spectra, randomized SVD factors): slower, exact.")(f)
+    return device_option(f)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5·10⁹ bytes, '500MiB' -> 500·2²⁰, '4096' -> 4096."""
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise DeltakitError(f"cannot read shard size {text!r}; use e.g. 5GB, 500MB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[unit])

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 import click
 
-from deltakit.analysis import SpectralOptions
+from deltakit.spectral.options import SpectralOptions
 from deltakit.errors import DeltakitError
 from deltakit.io.writer import DEFAULT_SHARD_BYTES
 from deltakit_cli.common import (
-    allow_pickle_option, exclude_option, force_option, include_option, progress, user_errors, write_json,
+    allow_pickle_option, exclude_option, force_option, include_option, parse_size, progress, spectral_options,
+    user_errors, write_json,
 )
-from deltakit_cli.rank import spectral_options
 
 EXAMPLES = """
 \b
@@ -22,20 +20,6 @@ Examples:
   deltakit intruders ./base ./my-lora-adapter                  # a PEFT adapter: W_ft = W + (α/r)·B·A
   deltakit intruders ./base ./lora-merged --scale 0.75 -o ./lora-scaled   # λ·σ for each intruder
 """
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5·10⁹ bytes, '500MiB' -> 500·2²⁰, '4096' -> 4096."""
-    match = _SIZE.match(str(text))
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise DeltakitError(f"cannot read shard size {text!r}; use e.g. 5GB, 500MB or a number of bytes")
-    return int(float(match.group(1)) * _UNITS[unit])
-
 
 @click.command("intruders", epilog=EXAMPLES)
 @click.argument("base")

@@ -34,6 +34,9 @@ def cli() -> None:
     Start here:
       deltakit demo                       # a built-in pair with known answers
       deltakit rank BASE FT               # rank of every ΔW = W_ft − W_base
+      deltakit extract BASE FT -o LORA -r 64   # the fine-tune as a PEFT LoRA adapter
+      deltakit merge BASE LORA -o MERGED  # and back: W = W0 + (α/r)·B·A
+      deltakit intruders BASE FT          # intruder dimensions (LoRA's spectral fingerprint)
     """
 
 

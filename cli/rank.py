@@ -7,10 +7,12 @@ from pathlib import Path
 
 import click
 
-from deltakit.analysis import RankReport, SpectralOptions, rank
+from deltakit.analysis import RankReport, rank
+from deltakit.spectral.options import SpectralOptions
 from deltakit.io.spectra import save_spectra
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, parallel_workers, exclude_option, force_option, include_option, progress, user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers, progress,
+    spectral_options, user_errors, write_json,
 )
 
 RANK_EXAMPLES = """
@@ -21,14 +23,6 @@ Examples:
   deltakit rank ./base ./my-lora-adapter            # a PEFT adapter: ΔW = (α/r)·B·A
   deltakit rank ./base ./ft --include '*self_attn*' --save-spectra spectra.safetensors
 """
-
-
-def spectral_options(f):
-    """--device, --exact, --fp64: how spectra are computed (shared with extract and intruders)."""
-    f = click.option("--fp64", is_flag=True, help="Compute ΔW and its spectrum in float64 instead of float32.")(f)
-    f = click.option("--exact", is_flag=True,
-                     help="Full SVD instead of the Gram/eigh fast path (slower, resolves smaller singular values).")(f)
-    return device_option(f)
 
 
 def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str | None, spectra_path: str | None,

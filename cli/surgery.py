@@ -7,11 +7,11 @@ from typing import Any, Iterable, Iterator, TypeVar
 
 import click
 
-from deltakit.analysis import SpectralOptions
+from deltakit.spectral.options import SpectralOptions
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, include_option, progress, user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, include_option, progress, spectral_options,
+    user_errors, write_json,
 )
-from deltakit_cli.rank import spectral_options
 
 T = TypeVar("T")
 NOT_CARRIED_SHOWN = 5

@@ -26,30 +26,10 @@ from deltakit.io.checkpoint import open_checkpoint
 from deltakit.io.peft import is_peft_adapter, open_adapter
 from deltakit.pairing import pair_tensors, selected
 from deltakit.spectral import metrics
+from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.svd import method_noise_floor, singular_values
 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
-PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
-
-
-@dataclass(frozen=True)
-class SpectralOptions:
-    """How spectra are computed; shared by rank, extract and intruders."""
-
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | fp64: the dtype of ΔW and of the decomposition
-    exact: bool = False  # full SVD instead of the Gram/eigh fast path
-    prefetch: int = 2  # tensor pairs read ahead on a background thread
-
-    @property
-    def dtype(self) -> torch.dtype:
-        if self.precision not in PRECISIONS:
-            raise DeltakitError(f"unknown precision {self.precision!r}; use fp32 or fp64")
-        return PRECISIONS[self.precision]
-
-    @property
-    def method(self) -> str:
-        return "exact" if self.exact else "gram"
 
 
 def energy_key(fraction: float) -> str:
@@ -151,7 +131,7 @@ class RankReport:
         for m in self.matrices:
             groups.setdefault(key(m), []).append(m)
         out: dict[str, Any] = {}
-        for name in sorted(groups, key=_group_order):
+        for name in sorted(groups, key=group_order):
             items = groups[name]
             out[name] = {
                 "count": len(items),
@@ -197,7 +177,7 @@ class RankReport:
 MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "lm_head")
 
 
-def _group_order(group: str) -> tuple[int, int, str]:
+def group_order(group: str) -> tuple[int, int, str]:
     """Layers numerically, module types in transformer order, anything else last."""
     if group.isdigit():
         return (0, int(group), "")

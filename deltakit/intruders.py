@@ -17,23 +17,22 @@ Example::
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from deltakit.analysis import MODULE_ORDER, SpectralOptions, energy_key
+from deltakit.analysis import energy_key, group_order
+from deltakit.spectral.options import SpectralOptions
 from deltakit.delta import DeltaItem, adapter_pairs, resolve_device, stream_adapter_deltas, stream_deltas
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.model_files import copy_model_files
 from deltakit.io.peft import is_peft_adapter, open_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from deltakit.pairing import TensorPair, pair_tensors, selected
@@ -43,9 +42,6 @@ from deltakit.spectral.svd import METHODS, method_noise_floor, singular_values, 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
 DEFAULT_K = 10  # the paper's k (find_intruder_dimensions.py, k=10)
 DEFAULT_EPSILON = 0.5  # the paper's default threshold (--intruder_dimension_threshold=0.5)
-# Files that make a weight folder a loadable model, copied from the fine-tune's folder.
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab*",
-               "merges.txt", "added_tokens.json", "chat_template*", "preprocessor_config.json")
 
 
 # ---------------------------------------------------------------- numerics of one matrix (no files)
@@ -257,7 +253,7 @@ class IntruderReport:
                 "mean_intruders": {energy_key(e): float(np.mean([m.count(e) for m in items])) for e in self.epsilon},
                 "mean_min_similarity": float(np.mean([min(m.similarities, default=1.0) for m in items])),
             }
-            for name, items in sorted(groups.items(), key=lambda kv: _group_order(kv[0]))
+            for name, items in sorted(groups.items(), key=lambda kv: group_order(kv[0]))
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,12 +266,6 @@ class IntruderReport:
             "summary": self.summary(),
             "scaling": self.scaling.to_dict() if self.scaling else None,
         }
-
-
-def _group_order(group: str) -> tuple[int, int, str]:
-    if group.isdigit():
-        return (0, int(group), "")
-    return (1, MODULE_ORDER.index(group) if group in MODULE_ORDER else len(MODULE_ORDER), group)
 
 
 # ---------------------------------------------------------------- validation
@@ -476,9 +466,9 @@ def scale_intruders(
             if name not in written:
                 writer.write(name, ft_ckpt.get(name))
         files = writer.finish()
-        copied = copy_model_files(ft_ckpt.root, tmp)
+        copied = copy_model_files(ft_ckpt, tmp)
         if "config.json" not in copied:  # a bare weights file: the base's config describes the same model
-            copied += copy_model_files(base_ckpt.root, tmp, only=("config.json",))
+            copied += copy_model_files(base_ckpt, tmp, only_config=True)
         scaling.tensors_written = len(plan)
         scaling.files = sorted(p.name for p in files) + sorted(copied) + (
             ["model.safetensors.index.json"] if len(files) > 1 else [])
@@ -498,18 +488,6 @@ def _scaled_tensor(ft_ckpt: Checkpoint, pair: TensorPair, directions: TopDirecti
         raise DeltakitError(f"{pair.name}: scaling produced non-finite values; nothing was written")
     change = float(torch.linalg.vector_norm(correction, dtype=torch.float64))
     return updated.to(stored.dtype).cpu(), change
-
-
-def copy_model_files(source: Path, target: Path, only: Sequence[str] = MODEL_FILES) -> list[str]:
-    """Copy config / tokenizer files (``only``, globs) from ``source`` to ``target``; the names copied."""
-    copied = []
-    if not source.is_dir():
-        return copied
-    for path in sorted(source.iterdir()):
-        if path.is_file() and any(fnmatch.fnmatchcase(path.name, pattern) for pattern in only):
-            shutil.copy2(path, target / path.name)
-            copied.append(path.name)
-    return copied
 
 
 # ---------------------------------------------------------------- tables

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from deltakit.analysis import SpectralOptions
+from deltakit.spectral.options import SpectralOptions
 from deltakit.delta import resolve_device, stream_deltas
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path

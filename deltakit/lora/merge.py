@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,20 +36,13 @@ from deltakit.delta import adapter_pairs, lora_delta, prefetched, resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.model_files import copy_model_files
 from deltakit.io.peft import LoraAdapter, LoraModule, open_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
-# Files of a model folder that are weights (never copied: the output has its own).
-_WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.msgpack|\.h5|\.onnx|\.gguf|\.index\.json)$")
-# Beside a single weight file only these are copied (its folder may hold anything).
-_MODEL_FILES = re.compile(
-    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|"
-    r"merges\.txt|chat_template\..*|preprocessor_config\.json|processor_config\.json|.*\.tiktoken|spiece\.model|"
-    r"sentencepiece.*\.model)$"
-)
 
 
 @dataclass
@@ -319,24 +310,6 @@ def shard_size_of(ckpt: Checkpoint) -> int:
     for info in ckpt.infos.values():
         sizes[info.file] += info.nbytes
     return max(sizes.values())
-
-
-def copy_model_files(ckpt: Checkpoint, folder: Path) -> list[str]:
-    """Copy config, generation config, tokenizer and other non-weight files of the model into ``folder``.
-
-    From a model folder every regular, non-hidden, non-weight file is copied (custom code and
-    README included); beside a single weight file only the files transformers reads.
-    """
-    from_folder = ckpt.path.is_dir()
-    copied = []
-    for source in sorted(ckpt.root.iterdir()):
-        if not source.is_file() or source.name.startswith(".") or _WEIGHT_FILE.search(source.name):
-            continue
-        if source.name == "adapter_config.json" or (not from_folder and not _MODEL_FILES.match(source.name)):
-            continue
-        shutil.copy2(source, folder / source.name)
-        copied.append(source.name)
-    return copied
 
 
 def _update_vocab_size(folder: Path, ckpt: Checkpoint, grown: dict[str, tuple[int, ...]]) -> int | None:

@@ -1,0 +1,39 @@
+"""The non-weight files that make a folder of weights a loadable model (config, tokenizer, ...)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from deltakit.io.checkpoint import ADAPTER_CONFIG, Checkpoint
+
+# Files of a model folder that are weights (never copied: the output has its own).
+WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.msgpack|\.h5|\.onnx|\.gguf|\.index\.json)$")
+# Beside a single weight file only these are copied (its folder may hold anything).
+MODEL_FILE = re.compile(
+    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|"
+    r"merges\.txt|chat_template\..*|preprocessor_config\.json|processor_config\.json|.*\.tiktoken|spiece\.model|"
+    r"sentencepiece.*\.model)$"
+)
+
+
+def copy_model_files(ckpt: Checkpoint, folder: Path, only_config: bool = False) -> list[str]:
+    """Copy config, generation config, tokenizer and other non-weight files of ``ckpt`` into ``folder``.
+
+    From a model folder every regular, non-hidden, non-weight file is copied (custom code and
+    README included); beside a single weight file only the files transformers reads.
+    ``only_config`` copies config.json alone. Returns the names copied.
+    """
+    from_folder = ckpt.path.is_dir()
+    copied = []
+    for source in sorted(ckpt.root.iterdir()):
+        if not source.is_file() or source.name.startswith(".") or WEIGHT_FILE.search(source.name):
+            continue
+        if source.name == ADAPTER_CONFIG or (not from_folder and not MODEL_FILE.match(source.name)):
+            continue
+        if only_config and source.name != "config.json":
+            continue
+        shutil.copy2(source, Path(folder) / source.name)
+        copied.append(source.name)
+    return copied
