@@ -95,11 +95,10 @@ def test_outputs_stay_out_of_the_repository(executed) -> None:
         assert not (REPO / name).exists()
 
 
-def test_deltakit_cross_check_when_available(executed) -> None:
+def test_deltakit_agrees_with_numpy_reference(executed) -> None:
     _, results = executed
     dk = results["spectral"]["deltakit"]
-    if not dk["available"]:
-        pytest.skip("deltakit.rank not in this checkout")
+    assert dk["available"], "deltakit.rank was not importable from the notebook"
     for label in ("full", "lora_merged", "lora_adapter"):
         assert "error" not in dk[label], dk[label].get("error")
         agreement = dk[label]["agreement"]
