@@ -111,6 +111,35 @@ def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2) -> Ite
         thread.join(timeout=5)
 
 
+_copy_streams = threading.local()
+
+
+def fetch(ckpt: Checkpoint, name: str, device: torch.device) -> torch.Tensor:
+    """Read one tensor onto ``device``; meant for the prefetch thread.
+
+    For a GPU the bytes go from disk into pinned host memory and on to the device on this
+    thread's own CUDA stream, so the copy overlaps the consumer's kernels; the stream is
+    synchronised before returning. The consumer must :func:`adopt` the tensor.
+    """
+    if device.type != "cuda":
+        return ckpt.get(name)
+    stream = getattr(_copy_streams, "stream", None)
+    if stream is None:
+        stream = _copy_streams.stream = torch.cuda.Stream(device)
+    host = ckpt.get(name, pin=True)
+    with torch.cuda.stream(stream):
+        on_device = host.to(device, non_blocking=True)
+    stream.synchronize()
+    return on_device
+
+
+def adopt(tensor: torch.Tensor) -> torch.Tensor:
+    """Tell the caching allocator a tensor fetched on another stream is now used on the current one."""
+    if tensor.is_cuda:
+        tensor.record_stream(torch.cuda.current_stream(tensor.device))
+    return tensor
+
+
 def _shared_rows(tensor: torch.Tensor, pair: TensorPair) -> torch.Tensor:
     return tensor[: pair.shape[0]] if pair.added_rows else tensor
 
@@ -128,12 +157,12 @@ def stream_deltas(
     pairs = list(pairs)
 
     def reader(pair: TensorPair) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        return lambda: (base.get(pair.base_name), ft.get(pair.name))
+        return lambda: (fetch(base, pair.base_name, device), fetch(ft, pair.name, device))
 
     for pair, loaded in zip(pairs, prefetched([reader(p) for p in pairs], prefetch)):
-        base_cpu, ft_cpu = loaded  # type: ignore[misc]
-        base_w = base_cpu.to(device).to(dtype)
-        ft_w = _shared_rows(ft_cpu.to(device), pair).to(dtype)
+        base_stored, ft_stored = (adopt(t) for t in loaded)  # type: ignore[union-attr]
+        base_w = base_stored.to(device).to(dtype)
+        ft_w = _shared_rows(ft_stored.to(device), pair).to(dtype)
         yield DeltaItem(pair=pair, base=base_w, delta=ft_w - base_w)
 
 
@@ -169,12 +198,12 @@ def stream_adapter_deltas(
     device = torch.device(device)
 
     def reader(pair: TensorPair, module: LoraModule) -> Callable[[], tuple]:
-        return lambda: (base.get(pair.base_name), *adapter.factors(module))
+        return lambda: (fetch(base, pair.base_name, device), *adapter.factors(module))
 
     loaders = [reader(pair, module) for pair, module in pairs]
     for (pair, module), loaded in zip(pairs, prefetched(loaders, prefetch)):
-        base_cpu, lora_a, lora_b = loaded  # type: ignore[misc]
-        base_w = base_cpu.to(device).to(dtype)
+        base_stored, lora_a, lora_b = loaded  # type: ignore[misc]
+        base_w = adopt(base_stored).to(device).to(dtype)
         delta = lora_delta(lora_a.to(device, dtype), lora_b.to(device, dtype), module.scaling,
                            module.fan_in_fan_out or module.embedding)
         yield DeltaItem(pair=pair, base=base_w, delta=delta)

@@ -134,3 +134,21 @@ def test_atomic_outputs_get_umask_modes_not_owner_only(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+def test_background_writer_writes_everything_and_reraises(tmp_path):
+    from deltakit.io.writer import BackgroundWriter
+
+    ts = tensors()
+    background = BackgroundWriter(ShardedWriter(tmp_path, [(n, tuple(t.shape), t.dtype) for n, t in ts.items()]))
+    for name, t in ts.items():
+        background.write(name, t)
+    background.finish()
+    ckpt = open_checkpoint(tmp_path)
+    assert all(torch.equal(ckpt.get(n), t) for n, t in ts.items())
+
+    (tmp_path / "b").mkdir()
+    failing = BackgroundWriter(ShardedWriter(tmp_path / "b", [("x", (2,), torch.float32)]))
+    failing.write("x", torch.zeros(3))  # wrong shape: the thread's error comes back to the caller
+    with pytest.raises(ValueError, match="planned"):
+        failing.finish()

@@ -105,21 +105,24 @@ class Checkpoint:
     def files(self) -> list[Path]:
         return sorted({info.file for info in self.infos.values()})
 
-    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Read one tensor, in its stored dtype, onto ``device``."""
+    def get(self, name: str, device: str | torch.device = "cpu", pin: bool = False) -> torch.Tensor:
+        """Read one tensor, in its stored dtype, onto ``device``.
+
+        ``pin`` reads into page-locked host memory, from which a GPU copies asynchronously.
+        """
         info = self.infos[name]
         try:
             if self.format == "pickle":
                 tensor = self._pickle_dict(info.file)[name]
             else:
-                tensor = self._read(info)
+                tensor = self._read(info, pin and torch.cuda.is_available())
         except (OSError, RuntimeError) as exc:
             raise DeltakitError(f"cannot read tensor {name} from {info.file}: {_first_line(exc)}") from None
         if tuple(tensor.shape) != info.shape:
             raise DeltakitError(f"tensor {name} in {info.file} has shape {tuple(tensor.shape)}, header says {info.shape}")
         return tensor.to(device) if str(device) != "cpu" else tensor
 
-    def _read(self, info: TensorInfo) -> torch.Tensor:
+    def _read(self, info: TensorInfo, pin: bool = False) -> torch.Tensor:
         """Read one tensor's bytes with pread into fresh memory.
 
         Plain reads rather than a memory map: mapped pages of a 100 GB checkpoint would stay
@@ -128,7 +131,7 @@ class Checkpoint:
         fd = self._handles.get(info.file)
         if fd is None:
             fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
         view, done = memoryview(buffer.numpy()), 0
         while done < info.nbytes:
             count = os.preadv(fd, [view[done:]], info.offset + done)

@@ -135,3 +135,55 @@ class ShardedWriter:
             }
             (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return paths
+
+
+class BackgroundWriter:
+    """Hand writes of a :class:`ShardedWriter` to a thread, so disk writes overlap reads and compute.
+
+    At most ``depth`` tensors wait in memory; an error in the thread is raised by the next
+    :meth:`write` or by :meth:`finish`. Example::
+
+        background = BackgroundWriter(ShardedWriter(tmp, plan))
+        background.write("w", tensor)
+        background.finish()
+    """
+
+    def __init__(self, writer: ShardedWriter, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.writer = writer
+        self._queue: "queue.Queue[tuple[str, torch.Tensor] | None]" = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="deltakit-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self.writer.write(*item)
+                except BaseException as exc:  # re-raised in the caller's thread
+                    self._error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise_if_failed()
+        self._queue.put((name, tensor.detach().to("cpu")))
+
+    def close(self) -> None:
+        """Stop the thread after the queued writes (safe to call twice)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def finish(self, extra_index_metadata: dict[str, object] | None = None) -> list[Path]:
+        self.close()
+        self._raise_if_failed()
+        return self.writer.finish(extra_index_metadata)

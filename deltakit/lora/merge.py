@@ -32,13 +32,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from deltakit.delta import adapter_pairs, lora_delta, prefetched, resolve_device
+from deltakit.delta import adapter_pairs, adopt, fetch, lora_delta, prefetched, resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.model_files import copy_model_files
 from deltakit.io.peft import LoraAdapter, LoraModule, open_adapter
-from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from deltakit.io.writer import DEFAULT_SHARD_BYTES, BackgroundWriter, ShardedWriter
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
 
@@ -166,17 +166,21 @@ def _apply(
     report.shard_bytes = shard_size_of(ckpt)
     stats = _CheckStats()
     with atomic_directory(out, force) as tmp:
-        writer = ShardedWriter(tmp, [(s.name, s.shape, s.dtype) for s in steps], max_shard_bytes=report.shard_bytes)
-        loaded = prefetched([_loader(step, ckpt, adapter, check_ckpt) for step in steps], prefetch)
+        writer = BackgroundWriter(
+            ShardedWriter(tmp, [(s.name, s.shape, s.dtype) for s in steps], max_shard_bytes=report.shard_bytes))
+        loaded = prefetched([_loader(step, ckpt, adapter, check_ckpt, compute_device) for step in steps], prefetch)
         items = zip(steps, loaded)
         if progress is not None:
             items = progress(items, len(steps), operation)
-        for step, (weight, factors, replacement, reference) in items:  # type: ignore[misc]
-            result = _one_tensor(step, weight, factors, replacement, sign * scale, compute_device)
-            if reference is not None:
-                stats.add(step.name, result, reference, compute_device)
-            writer.write(step.name, result)
-        report.shards = len(writer.finish())
+        try:
+            for step, (weight, factors, replacement, reference) in items:  # type: ignore[misc]
+                result = _one_tensor(step, weight, factors, replacement, sign * scale, compute_device)
+                if reference is not None:
+                    stats.add(step.name, result, reference, compute_device)
+                writer.write(step.name, result)
+            report.shards = len(writer.finish())
+        finally:
+            writer.close()  # never leave the thread writing into a folder being removed
         copy_model_files(ckpt, Path(tmp))
         if new_shapes:
             report.vocab_size = _update_vocab_size(Path(tmp), ckpt, new_shapes)
@@ -244,9 +248,11 @@ def _check_names(ckpt: Checkpoint, check: Checkpoint, new_shapes: dict[str, tupl
     return mapping
 
 
-def _loader(step: _Step, ckpt: Checkpoint, adapter: LoraAdapter, check: Checkpoint | None) -> Callable[[], tuple]:
+def _loader(step: _Step, ckpt: Checkpoint, adapter: LoraAdapter, check: Checkpoint | None,
+            device: torch.device) -> Callable[[], tuple]:
     def load() -> tuple:
-        weight = None if step.whole_key else ckpt.get(step.name)
+        # Only weights that change go to the compute device; the rest are copied as read.
+        weight = None if step.whole_key else (fetch(ckpt, step.name, device) if step.lora else ckpt.get(step.name))
         factors = adapter.factors(step.lora[1]) if step.lora else None
         replacement = adapter.checkpoint.get(step.whole_key) if step.whole_key else None
         reference = check.get(step.check_name) if check is not None and step.check_name else None
@@ -265,6 +271,7 @@ def _one_tensor(step: _Step, weight: torch.Tensor | None, factors: tuple[torch.T
     if factors is None:
         return weight
     pair, module = step.lora  # type: ignore[misc]
+    weight = adopt(weight)
     lora_a, lora_b = (f.to(device, torch.float32) for f in factors)
     delta = lora_delta(lora_a, lora_b, module.scaling, module.embedding or pair.layout == "conv1d")
     result = (weight.to(device, torch.float32) + signed_scale * delta).to(step.dtype)

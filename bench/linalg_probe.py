@@ -1,0 +1,55 @@
+"""Time the decompositions deltakit's GPU paths rest on, for one matrix of each 7B shape.
+
+Run: python -m bench.linalg_probe [--device cuda]. Prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from deltakit.spectral.svd import orthonormal_basis, randomized_svd, singular_values
+
+
+def timed(label: str, fn, device: torch.device, repeats: int = 3) -> float:
+    fn()  # warm-up: library handles, workspaces
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    print(json.dumps({"probe": label, "seconds": round(seconds, 5)}), flush=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(parser.parse_args().device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for m, n in [(4096, 4096), (11008, 4096)]:
+        matrix = torch.randn(m, n, device=device, generator=g)
+        tag = f"{m}x{n}"
+        timed(f"svdvals {tag}", lambda: torch.linalg.svdvals(matrix), device, 1)
+        timed(f"gram+eigvalsh {tag}", lambda: singular_values(matrix, "gram"), device)
+        if device.type == "cuda":
+            gram = matrix.T @ matrix
+            for library in ("cusolver", "magma"):
+                torch.backends.cuda.preferred_linalg_library(library)
+                timed(f"eigvalsh[{library}] {n}", lambda: torch.linalg.eigvalsh(gram), device)
+            torch.backends.cuda.preferred_linalg_library("default")
+        tall = torch.randn(max(m, n), 128, device=device, generator=g)
+        timed(f"householder qr {max(m, n)}x128", lambda: torch.linalg.qr(tall), device)
+        timed(f"cholesky qr2 {max(m, n)}x128", lambda: orthonormal_basis(tall), device)
+        timed(f"randomized svd r64 {tag}", lambda: randomized_svd(matrix, 64, oversample=64, power_iterations=4),
+              device)
+
+
+if __name__ == "__main__":
+    main()
