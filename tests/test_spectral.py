@@ -82,3 +82,15 @@ def test_singular_values_rejects_bad_input():
         svd.singular_values(torch.ones(3))
     with pytest.raises(ValueError):
         svd.singular_values(torch.ones(3, 3), method="magic")
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, 3.0])
+def test_cholesky_qr2_basis_is_orthonormal_and_spans_the_columns(decay):
+    """The GPU's CholeskyQR2 path, run on the CPU: orthonormal, same span as Householder QR."""
+    g = torch.Generator().manual_seed(0)
+    columns = torch.randn(500, 40, generator=g) * torch.arange(1, 41).float() ** -decay
+    q = svd.orthonormal_basis(columns, method="cholesky")
+    assert torch.allclose(q.T @ q, torch.eye(40), atol=1e-4)
+    q_ref = svd.orthonormal_basis(columns, method="householder")
+    projector_gap = q @ q.T - q_ref @ q_ref.T
+    assert torch.linalg.matrix_norm(projector_gap, ord=2) < 1e-3

@@ -88,7 +88,7 @@ def top_singular_triplets(
     return vecs, s, vh
 
 
-def orthonormal_basis(columns: torch.Tensor) -> torch.Tensor:
+def orthonormal_basis(columns: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """An orthonormal basis of the span of tall ``columns`` (m×k, m ≥ k), by CholeskyQR2.
 
     Two rounds of Q = Y·R⁻¹ with R from the Cholesky factor of the float64 Gram matrix YᵀY:
@@ -96,9 +96,10 @@ def orthonormal_basis(columns: torch.Tensor) -> torch.Tensor:
     Householder QR, and as orthogonal after the second round (Fukaya et al. 2014). The Gram
     matrix is formed in float64 so conditioning up to ~1e7 survives; beyond that, or when
     Cholesky fails, Householder QR is used. On the CPU, where LAPACK's Householder QR is the
-    faster of the two (bench/linalg_probe.py), it is used directly.
+    faster of the two (bench/linalg_probe.py), it is used directly. ``method``: "auto",
+    "cholesky" or "householder".
     """
-    if not columns.is_cuda:
+    if method == "householder" or (method == "auto" and not columns.is_cuda):
         return torch.linalg.qr(columns)[0]
     basis = columns
     for _ in range(2):
