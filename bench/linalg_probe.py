@@ -31,8 +31,16 @@ def timed(label: str, fn, device: torch.device, repeats: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(parser.parse_args().device)
+    parser.add_argument("--eig-sizes", default="", help="also time Gram+eigvalsh of n×n matrices, e.g. 2048,8192")
+    args = parser.parse_args()
+    device = torch.device(args.device)
     g = torch.Generator(device=device).manual_seed(0)
+    for size in [int(s) for s in args.eig_sizes.split(",") if s]:
+        square = torch.randn(size, size, device=device, generator=g)
+        timed(f"gram+eigvalsh {size}x{size}", lambda: singular_values(square, "gram"), device, 2)
+        del square
+    if args.eig_sizes:
+        return
     for m, n in [(4096, 4096), (11008, 4096)]:
         matrix = torch.randn(m, n, device=device, generator=g)
         tag = f"{m}x{n}"
