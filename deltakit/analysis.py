@@ -20,11 +20,8 @@ import numpy as np
 import torch
 
 from deltakit.distributed import Parallel, gather_in_order, matrix_cost, partition
-from deltakit.delta import DeltaItem, adapter_pairs, resolve_device, stream_adapter_deltas, stream_deltas
+from deltakit.delta import DeltaItem, open_delta_source, resolve_device
 from deltakit.errors import DeltakitError
-from deltakit.io.checkpoint import open_checkpoint
-from deltakit.io.peft import is_peft_adapter, open_adapter
-from deltakit.pairing import pair_tensors, selected
 from deltakit.spectral import metrics
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.svd import method_noise_floor, singular_values
@@ -256,28 +253,13 @@ def rank(
     device = resolve_device(parallel.device if parallel.active else options.device)
     _ = options.dtype  # validate precision early
     started = time.perf_counter()
-    base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
+    source = open_delta_source(base, ft, include, exclude, allow_pickle)
     report = RankReport(base=str(base), ft=str(ft), energy=energy, device=str(device), method=options.method,
-                        precision=options.precision)
-    if is_peft_adapter(ft):
-        adapter = open_adapter(ft, allow_pickle=allow_pickle)
-        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) if selected(p.name, include, exclude)]
-        plan_pairs, rounding = [p for p, _ in adapted], False
-    else:
-        ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
-        plan = pair_tensors(_metas(base_ckpt), _metas(ft_ckpt), ft_ckpt.config or base_ckpt.config, include, exclude)
-        report.skipped = [{"name": s.name, "reason": s.reason} for s in plan.skipped]
-        report.only_base, report.only_ft = plan.only_base, plan.only_ft
-        plan_pairs, rounding = plan.pairs, True
-    if not plan_pairs:
-        raise DeltakitError("no tensor pairs left to compare (check --include / --exclude)")
-    mine = partition([matrix_cost(p.shape) for p in plan_pairs], parallel.world_size)[parallel.rank]
-    if rounding:
-        items = stream_deltas([plan_pairs[i] for i in mine], base_ckpt, ft_ckpt, device, options.dtype,
-                              options.prefetch)
-    else:
-        items = stream_adapter_deltas([adapted[i] for i in mine], adapter, base_ckpt, device, options.dtype,
-                                      options.prefetch)
+                        precision=options.precision, skipped=source.skipped, only_base=source.only_base,
+                        only_ft=source.only_ft)
+    mine = partition([matrix_cost(p.shape) for p in source.pairs], parallel.world_size)[parallel.rank]
+    items = source.stream(mine, device, options.dtype, options.prefetch)
+    rounding = not source.is_adapter  # an adapter's ΔW is exact: no storage rounding in it
     if progress is not None:
         items = progress(items, len(mine), "ΔW spectra")
     local: list[tuple[int, Any]] = []
@@ -296,7 +278,3 @@ def rank(
             report.vectors.append(result)
     report.elapsed_s = time.perf_counter() - started
     return report
-
-
-def _metas(ckpt: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {name: (ckpt.shape(name), ckpt.dtype(name)) for name in ckpt.keys()}

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -22,9 +23,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from deltakit.errors import DeltakitError
-from deltakit.io.checkpoint import Checkpoint
-from deltakit.io.peft import LoraAdapter, LoraModule
-from deltakit.pairing import TensorPair, pair_tensors
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.peft import LoraAdapter, LoraModule, is_peft_adapter, open_adapter
+from deltakit.pairing import TensorPair, pair_tensors, selected
 
 
 @dataclass
@@ -169,9 +170,8 @@ def stream_deltas(
 def adapter_pairs(adapter: LoraAdapter, base: Checkpoint) -> list[tuple[TensorPair, LoraModule]]:
     """Pair each adapter module with its base weight; refuse an adapter that does not fit the base."""
     ft_like = {name: (adapter.delta_shape(module), torch.float32) for name, module in adapter.modules.items()}
-    base_infos = {name: (base.shape(name), base.dtype(name)) for name in base.keys()}
     try:
-        plan = pair_tensors(base_infos, ft_like, base.config)
+        plan = pair_tensors(tensor_metas(base), ft_like, base.config)
     except DeltakitError:
         first = next(iter(ft_like), "(none)")
         raise DeltakitError(
@@ -207,3 +207,70 @@ def stream_adapter_deltas(
         delta = lora_delta(lora_a.to(device, dtype), lora_b.to(device, dtype), module.scaling,
                            module.fan_in_fan_out or module.embedding)
         yield DeltaItem(pair=pair, base=base_w, delta=delta)
+
+
+def tensor_metas(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor of a checkpoint: what pairing needs, read from headers."""
+    return {name: (ckpt.shape(name), ckpt.dtype(name)) for name in ckpt.keys()}
+
+
+@dataclass
+class DeltaSource:
+    """The two sides of a comparison, paired: a base and a fine-tuned model, or a base and a PEFT adapter.
+
+    ``pairs`` are the tensors to compare; ``skipped`` (name, reason), ``only_base`` and
+    ``only_ft`` say what was left out. :meth:`stream` yields their deltas on a device.
+    """
+
+    base: Checkpoint
+    ft: Checkpoint | None
+    adapter: LoraAdapter | None
+    pairs: list[TensorPair]
+    modules: list[LoraModule]  # aligned with pairs when the fine-tune is an adapter
+    skipped: list[dict[str, str]]
+    only_base: list[str]
+    only_ft: list[str]
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.adapter is not None
+
+    def stream(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32, prefetch: int = 2) -> Iterator[DeltaItem]:
+        """ΔW of ``pairs[i]`` for each i in ``indices`` (default: all), in that order."""
+        chosen = range(len(self.pairs)) if indices is None else indices
+        if self.adapter is not None:
+            adapted = [(self.pairs[i], self.modules[i]) for i in chosen]
+            return stream_adapter_deltas(adapted, self.adapter, self.base, device, dtype, prefetch)
+        assert self.ft is not None
+        return stream_deltas([self.pairs[i] for i in chosen], self.base, self.ft, device, dtype, prefetch)
+
+
+def open_delta_source(
+    base: str | os.PathLike,
+    ft: str | os.PathLike,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    allow_pickle: bool = False,
+    matrices_only: bool = False,
+) -> DeltaSource:
+    """Open ``base`` and ``ft`` (a model or a PEFT adapter folder) and pair their tensors.
+
+    Raises :class:`DeltakitError` when nothing is left to compare.
+    """
+    base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
+    keep = (lambda p: p.is_matrix and p.layout != "vector") if matrices_only else (lambda p: True)
+    if is_peft_adapter(ft):
+        adapter = open_adapter(ft, allow_pickle=allow_pickle)
+        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) if selected(p.name, include, exclude) and keep(p)]
+        source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], [], [], [])
+    else:
+        ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
+        plan = pair_tensors(tensor_metas(base_ckpt), tensor_metas(ft_ckpt), ft_ckpt.config or base_ckpt.config,
+                            include, exclude)
+        source = DeltaSource(base_ckpt, ft_ckpt, None, [p for p in plan.pairs if keep(p)], [],
+                             [{"name": s.name, "reason": s.reason} for s in plan.skipped], plan.only_base, plan.only_ft)
+    if not source.pairs:
+        what = "weight matrices" if matrices_only else "tensor pairs"
+        raise DeltakitError(f"no {what} left to compare (check --include / --exclude)")
+    return source

@@ -28,14 +28,14 @@ import torch
 
 from deltakit.analysis import energy_key, group_order
 from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import DeltaItem, adapter_pairs, resolve_device, stream_adapter_deltas, stream_deltas
+from deltakit.delta import DeltaItem, DeltaSource, open_delta_source, resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.model_files import copy_model_files
-from deltakit.io.peft import is_peft_adapter, open_adapter
+from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
-from deltakit.pairing import TensorPair, pair_tensors, selected
+from deltakit.pairing import TensorPair
 from deltakit.report import format_table
 from deltakit.spectral.svd import METHODS, method_noise_floor, singular_values, top_singular_triplets
 
@@ -339,39 +339,12 @@ def analyse_matrix(
     return result, directions
 
 
-def _open_pair(base: str | os.PathLike, ft: str | os.PathLike, include: Sequence[str], exclude: Sequence[str],
-               allow_pickle: bool, report: IntruderReport, allow_adapter: bool, device: torch.device,
-               options: SpectralOptions) -> tuple[Checkpoint, Checkpoint | None, list[TensorPair], Iterator[DeltaItem]]:
-    """Open both sides, pair their matrices and start streaming their deltas."""
-    base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
-    if is_peft_adapter(ft):
-        if not allow_adapter:
-            raise DeltakitError(f"{ft} is a LoRA adapter; scaling intruders writes a full model, so give the "
-                                "merged fine-tune (W_base + B·A) as FT")
-        adapter = open_adapter(ft, allow_pickle=allow_pickle)
-        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt)
-                   if selected(p.name, include, exclude) and _is_matrix(p)]
-        pairs = [p for p, _ in adapted]
-        items = stream_adapter_deltas(adapted, adapter, base_ckpt, device, options.dtype, options.prefetch)
-        ft_ckpt = None
-    else:
-        ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
-        plan = pair_tensors(_metas(base_ckpt), _metas(ft_ckpt), ft_ckpt.config or base_ckpt.config, include, exclude)
-        report.skipped = [{"name": s.name, "reason": s.reason} for s in plan.skipped]
-        report.only_base, report.only_ft = plan.only_base, plan.only_ft
-        pairs = [p for p in plan.pairs if _is_matrix(p)]
-        items = stream_deltas(pairs, base_ckpt, ft_ckpt, device, options.dtype, options.prefetch)
-    if not pairs:
-        raise DeltakitError("no weight matrices to compare (check --include / --exclude)")
-    return base_ckpt, ft_ckpt, pairs, items
-
-
-def _metas(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {name: (ckpt.shape(name), ckpt.dtype(name)) for name in ckpt.keys()}
-
-
-def _is_matrix(pair: TensorPair) -> bool:
-    return pair.is_matrix and pair.layout != "vector"
+def _open_source(base: str | os.PathLike, ft: str | os.PathLike, include: Sequence[str], exclude: Sequence[str],
+                 allow_pickle: bool, report: IntruderReport) -> DeltaSource:
+    """Open and pair both sides (weight matrices only); record what was left out in ``report``."""
+    source = open_delta_source(base, ft, include, exclude, allow_pickle, matrices_only=True)
+    report.skipped, report.only_base, report.only_ft = source.skipped, source.only_base, source.only_ft
+    return source
 
 
 def _new_report(base: Any, ft: Any, k: int, epsilons: tuple[float, ...], device: torch.device,
@@ -400,9 +373,10 @@ def intruders(
     _ = options.dtype
     started = time.perf_counter()
     report = _new_report(base, ft, k, epsilons, device, options)
-    _, _, pairs, items = _open_pair(base, ft, include, exclude, allow_pickle, report, True, device, options)
+    source = _open_source(base, ft, include, exclude, allow_pickle, report)
+    items = source.stream(None, device, options.dtype, options.prefetch)
     if progress is not None:
-        items = progress(items, len(pairs), "intruders")
+        items = progress(items, len(source.pairs), "intruders")
     for item in items:
         report.matrices.append(analyse_matrix(item, k, epsilons, options)[0])
     report.elapsed_s = time.perf_counter() - started
@@ -440,9 +414,13 @@ def scale_intruders(
     _ = options.dtype
     started = time.perf_counter()
     report = _new_report(base, ft, k, epsilons, device, options)
-    base_ckpt, ft_ckpt, pairs, items = _open_pair(base, ft, include, exclude, allow_pickle, report, False,
-                                                  device, options)
+    if is_peft_adapter(ft):
+        raise DeltakitError(f"{ft} is a LoRA adapter; scaling intruders writes a full model, so give the "
+                            "merged fine-tune (W_base + B·A) as FT")
+    source = _open_source(base, ft, include, exclude, allow_pickle, report)
+    base_ckpt, ft_ckpt, pairs = source.base, source.ft, source.pairs
     assert ft_ckpt is not None
+    items = source.stream(None, device, options.dtype, options.prefetch)
     scaling = report.scaling = Scaling(scale=scale, epsilon=epsilons[0], output=str(output))
     if progress is not None:
         items = progress(items, len(pairs), "intruders")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import resolve_device, stream_deltas
+from deltakit.delta import resolve_device, stream_deltas, tensor_metas
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
@@ -184,7 +184,7 @@ def extract_lora(
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
     config = ft_ckpt.config or base_ckpt.config
-    plan = pair_tensors(_metas(base_ckpt), _metas(ft_ckpt), config, include, exclude)
+    plan = pair_tensors(tensor_metas(base_ckpt), tensor_metas(ft_ckpt), config, include, exclude)
     targets = plan_extraction(plan, config, embeddings)
     if not targets.lora and not targets.whole:
         raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")
@@ -423,7 +423,3 @@ def _nothing_to_write(report: ExtractReport) -> str:
 def _task_type(config: dict[str, Any] | None) -> str | None:
     architectures = [str(a) for a in (config or {}).get("architectures") or []]
     return "CAUSAL_LM" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) else None
-
-
-def _metas(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {name: (ckpt.shape(name), ckpt.dtype(name)) for name in ckpt.keys()}
