@@ -97,3 +97,29 @@ def merged_lora_copy(model, target_modules: list[str], rank: int, seed: int = 1,
 def save(model, folder: Path, **kwargs) -> Path:
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     return folder
+
+
+def run_notebook(path: Path, work: Path, env: dict[str, str]):
+    """Execute a notebook with nbclient in ``work`` with ``env`` set for its kernel; outputs stay in memory.
+
+    BLAS and OpenMP run single-threaded: their threads spin-waiting on a busy shared CPU are
+    many times slower than one thread.
+    """
+    import nbclient
+    import nbformat
+
+    env = {"MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", **env}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        notebook = nbformat.read(path, as_version=4)
+        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                                resources={"metadata": {"path": str(work)}}).execute()
+        return notebook
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

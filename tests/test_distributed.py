@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from deltakit.demo import write_demo_pair
 from deltakit.distributed import matrix_cost, partition

@@ -1,31 +1,14 @@
 """notebooks/01_quickstart.ipynb runs end to end on the CPU and shows the demo pair's known answers."""
 
-import os
 from pathlib import Path
 
-import nbclient
 import nbformat
 
 from deltakit.demo import DEMO_LORA_RANK
 
+from conftest import run_notebook
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_notebook(path: Path, work: Path, env: dict[str, str]) -> nbformat.NotebookNode:
-    """Execute a notebook in ``work`` with ``env`` set; outputs stay in memory, never in the repo."""
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        notebook = nbformat.read(path, as_version=4)
-        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": str(work)}}).execute()
-        return notebook
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def text_of(notebook: nbformat.NotebookNode) -> str:
@@ -34,7 +17,7 @@ def text_of(notebook: nbformat.NotebookNode) -> str:
 
 def test_quickstart_notebook(tmp_path):
     notebook = run_notebook(REPO / "notebooks" / "01_quickstart.ipynb", tmp_path,
-                            {"DELTAKIT_NB_OUT": str(tmp_path / "out"), "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})
+                            {"DELTAKIT_NB_OUT": str(tmp_path / "out")})
     text = text_of(notebook)
     q_lines = [line for line in text.splitlines() if "self_attn.q_proj.weight" in line and "rank=" in line]
     assert q_lines and all(f"rank={DEMO_LORA_RANK:3d}" in line for line in q_lines[:1]), q_lines

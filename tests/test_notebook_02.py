@@ -17,8 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "02_lora_learns_less.ipynb"
 
-import nbclient
-import nbformat
+from conftest import run_notebook
 
 # The prose set comes from the machine's manual pages; a machine without them cannot run this test.
 assert any(Path("/usr/share/man/man1").glob("*.gz")), "no man pages in /usr/share/man/man1 for the prose set"
@@ -29,34 +28,14 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict]:
     """The notebook executed in fast mode in a temp dir, and the results.json it wrote."""
     work = tmp_path_factory.mktemp("nb02")
     out = work / "out"
-    env_overrides = {
+    env = {
         "DELTAKIT_NOTEBOOK_FAST": "1",
         "DELTAKIT_NB_OUT": str(out),
         "DELTAKIT_NB_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "MPLBACKEND": "Agg",
-        # One thread: OpenMP/BLAS threads spin-waiting on a busy shared CPU are many times slower.
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
         "PYTHONPATH": os.pathsep.join([str(REPO / "notebooks"), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **{name: "" for name in ("DELTAKIT_NB_PRECOMPUTED", "DELTAKIT_NB_DATA", "DELTAKIT_NB_MODEL")},
     }
-    for name in ("DELTAKIT_NB_PRECOMPUTED", "DELTAKIT_NB_DATA", "DELTAKIT_NB_MODEL"):
-        env_overrides[name] = ""
-    saved = {k: os.environ.get(k) for k in env_overrides}
-    os.environ.update(env_overrides)
-    try:
-        notebook = nbformat.read(NOTEBOOK, as_version=4)
-        client = nbclient.NotebookClient(
-            notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}},
-        )
-        client.execute()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    notebook = run_notebook(NOTEBOOK, work, env)
     return notebook, json.loads((out / "results.json").read_text())
 
 

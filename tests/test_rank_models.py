@@ -1,6 +1,5 @@
 """`rank` on real architectures carrying a PEFT LoRA merged by PEFT itself: exactly r where targeted, 0 elsewhere."""
 
-import json
 
 import pytest
 import torch

