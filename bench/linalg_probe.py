@@ -38,7 +38,6 @@ def main() -> None:
     for size in [int(s) for s in args.eig_sizes.split(",") if s]:
         square = torch.randn(size, size, device=device, generator=g)
         timed(f"gram+eigvalsh {size}x{size}", lambda: singular_values(square, "gram"), device, 2)
-        del square
     if args.eig_sizes:
         return
     for m, n in [(4096, 4096), (11008, 4096)]:

@@ -114,13 +114,13 @@ class ExperimentConfig:
         )
 
     @classmethod
-    def from_env(cls) -> "ExperimentConfig":
-        """Fast mode when DELTAKIT_NOTEBOOK_FAST=1, else the full run.
+    def from_env(cls, full: "ExperimentConfig | None" = None) -> "ExperimentConfig":
+        """Fast mode when DELTAKIT_NOTEBOOK_FAST=1, else the full run (``full``, default: the field defaults).
 
         DELTAKIT_NB_DEVICE overrides the device; DELTAKIT_NB_CONFIG, a JSON object of field
         values (e.g. ``{"steps": 200}``), overrides any field.
         """
-        cfg = cls.fast_mode() if os.environ.get("DELTAKIT_NOTEBOOK_FAST") == "1" else cls()
+        cfg = cls.fast_mode() if os.environ.get("DELTAKIT_NOTEBOOK_FAST") == "1" else (full or cls())
         if os.environ.get("DELTAKIT_NB_DEVICE"):
             cfg = dataclasses.replace(cfg, device=os.environ["DELTAKIT_NB_DEVICE"])
         if os.environ.get("DELTAKIT_NB_CONFIG"):
@@ -146,10 +146,11 @@ class Paths:
     precomputed: Path | None  # DELTAKIT_NB_PRECOMPUTED: results.json of a script run to render
 
     @classmethod
-    def from_env(cls, fast: bool = False) -> "Paths":
-        """Defaults: the packaged model, a temp output folder (never the repository), this machine's man1 and stdlib."""
+    def from_env(cls, fast: bool = False, stem: str = "deltakit_nb02") -> "Paths":
+        """Defaults: the packaged model, a temp output folder ``$TMPDIR/<stem>[_fast]`` (never the
+        repository), this machine's man1 and stdlib."""
         env = os.environ.get
-        out_default = Path(tempfile.gettempdir()) / ("deltakit_nb02_fast" if fast else "deltakit_nb02")
+        out_default = Path(tempfile.gettempdir()) / (f"{stem}_fast" if fast else stem)
         return cls(
             model=Path(env("DELTAKIT_NB_MODEL") or default_model_dir()),
             out=Path(env("DELTAKIT_NB_OUT") or out_default),
