@@ -152,3 +152,22 @@ def test_background_writer_writes_everything_and_reraises(tmp_path):
     failing.write("x", torch.zeros(3))  # wrong shape: the thread's error comes back to the caller
     with pytest.raises(ValueError, match="planned"):
         failing.finish()
+
+
+def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
+    """A hub id already in the Hugging Face cache opens; deltakit never downloads."""
+    import huggingface_hub  # noqa: F401  (comes with transformers, a test dependency)
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--some-org--tiny-model"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    save_file(tensors(), snapshot / "model.safetensors")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ckpt = open_checkpoint("some-org/tiny-model")
+    assert ckpt.root == snapshot and torch.equal(ckpt.get("b.weight"), tensors()["b.weight"])
+    with pytest.raises(DeltakitError, match="not in the local Hugging Face cache"):
+        open_checkpoint("some-org/absent-model")

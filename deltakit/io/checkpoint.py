@@ -189,8 +189,11 @@ def resolve_path(path: str | os.PathLike) -> Path:
             from huggingface_hub import snapshot_download  # optional
         except ImportError:
             raise DeltakitError(f"{text}: no such file or folder") from None
+        # Read the cache location now, not when huggingface_hub was imported.
+        cache_dir = os.environ.get("HF_HUB_CACHE") or (
+            os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
         try:
-            return Path(snapshot_download(text, local_files_only=True))
+            return Path(snapshot_download(text, local_files_only=True, cache_dir=cache_dir))
         except Exception:
             raise DeltakitError(
                 f"{text}: no such file or folder, and not in the local Hugging Face cache (deltakit never downloads)"
