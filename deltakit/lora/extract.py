@@ -351,9 +351,8 @@ class _Extraction:
                        save_modules: bool) -> list[AdapterTensor]:
         """Changed tensors that are not LoRA material: carried whole, or reported as not carried."""
         if not save_modules:
-            report.not_carried += [
-                {"name": p.name, "reason": f"{self.targets.whole_reasons[p.name]} (--save-modules carries it whole)"}
-                for p in survey.changed_whole]
+            report.not_carried += [{"name": p.name, "reason": _with_hint(self.targets.whole_reasons[p.name])}
+                                   for p in survey.changed_whole]
             report.not_carried += self.targets.not_carried
             return []
         # Biases of LoRA layers travel as PEFT bias="lora_only"; any other changed tensor takes
@@ -418,6 +417,11 @@ def _nothing_to_write(report: ExtractReport) -> str:
         first = report.not_carried[0]
         return f"nothing to extract: no matrix changed, and what did cannot be a LoRA (first: {first['name']}: {first['reason']})"
     return "nothing to extract: the fine-tune does not differ from the base in any selected tensor"
+
+
+def _with_hint(reason: str) -> str:
+    """A not-carried reason that tells how to carry the tensor, once."""
+    return reason if "--save-modules" in reason else f"{reason} (--save-modules carries it whole)"
 
 
 def _task_type(config: dict[str, Any] | None) -> str | None:
