@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -119,28 +119,21 @@ class RankReport:
             "changed_matrices": sum(1 for m in self.matrices if m.delta_fro > 0),
             "vectors": len(self.vectors),
             "changed_vectors": sum(1 for v in self.vectors if v.changed),
-            "by_module_type": self._group(lambda m: m.module_type),
-            "by_layer": self._group(lambda m: "none" if m.layer is None else str(m.layer)),
+            "by_module_type": {name: self._aggregate(items) for name, items in by_module_type(self.matrices).items()},
+            "by_layer": {name: self._aggregate(items) for name, items in by_layer(self.matrices).items()},
         }
 
-    def _group(self, key: Callable[[MatrixResult], str]) -> dict[str, Any]:
-        groups: dict[str, list[MatrixResult]] = {}
-        for m in self.matrices:
-            groups.setdefault(key(m), []).append(m)
-        out: dict[str, Any] = {}
-        for name in sorted(groups, key=group_order):
-            items = groups[name]
-            out[name] = {
-                "count": len(items),
-                "mean_rank": float(np.mean([m.rank for m in items])),
-                "mean_rel_delta": float(np.mean([m.rel_delta for m in items])),
-                "mean_rank_at": {energy_key(e): float(np.mean([m.rank_at[e] for m in items])) for e in self.energy},
-                "median_rank_at": {energy_key(e): float(np.median([m.rank_at[e] for m in items])) for e in self.energy},
-                "mean_random_rank_at": {
-                    energy_key(e): float(np.mean([m.random_rank_at[e] for m in items])) for e in self.energy
-                },
-            }
-        return out
+    def _aggregate(self, items: list[MatrixResult]) -> dict[str, Any]:
+        return {
+            "count": len(items),
+            "mean_rank": float(np.mean([m.rank for m in items])),
+            "mean_rel_delta": float(np.mean([m.rel_delta for m in items])),
+            "mean_rank_at": {energy_key(e): float(np.mean([m.rank_at[e] for m in items])) for e in self.energy},
+            "median_rank_at": {energy_key(e): float(np.median([m.rank_at[e] for m in items])) for e in self.energy},
+            "mean_random_rank_at": {
+                energy_key(e): float(np.mean([m.random_rank_at[e] for m in items])) for e in self.energy
+            },
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -179,6 +172,26 @@ def group_order(group: str) -> tuple[int, int, str]:
     if group.isdigit():
         return (0, int(group), "")
     return (1, MODULE_ORDER.index(group) if group in MODULE_ORDER else len(MODULE_ORDER), group)
+
+
+T = TypeVar("T")
+
+
+def _grouped(items: Iterable[T], key: Callable[[T], str]) -> dict[str, list[T]]:
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return {name: groups[name] for name in sorted(groups, key=group_order)}
+
+
+def by_module_type(items: Iterable[T]) -> dict[str, list[T]]:
+    """Per-matrix results grouped by ``module_type``, in transformer order (q, k, v, o, gate, ...)."""
+    return _grouped(items, lambda m: m.module_type)  # type: ignore[attr-defined]
+
+
+def by_layer(items: Iterable[T]) -> dict[str, list[T]]:
+    """Per-matrix results grouped by layer index ("0", "1", ..., "none" for embeddings and heads)."""
+    return _grouped(items, lambda m: "none" if m.layer is None else str(m.layer))  # type: ignore[attr-defined]
 
 
 @lru_cache(maxsize=256)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from deltakit.analysis import energy_key, group_order
+from deltakit.analysis import by_layer, by_module_type, energy_key
 from deltakit.spectral.options import SpectralOptions
 from deltakit.delta import DeltaItem, DeltaSource, open_delta_source, resolve_device
 from deltakit.errors import DeltakitError
@@ -237,23 +237,17 @@ class IntruderReport:
             "changed_matrices": sum(1 for m in self.matrices if m.changed),
             "matrices_with_intruders": {energy_key(e): sum(1 for m in self.matrices if m.count(e)) for e in self.epsilon},
             "intruders": {energy_key(e): sum(m.count(e) for m in self.matrices) for e in self.epsilon},
-            "by_module_type": self._group(lambda m: m.module_type),
-            "by_layer": self._group(lambda m: "none" if m.layer is None else str(m.layer)),
+            "by_module_type": {name: self._aggregate(items) for name, items in by_module_type(self.matrices).items()},
+            "by_layer": {name: self._aggregate(items) for name, items in by_layer(self.matrices).items()},
         }
 
-    def _group(self, key: Callable[[MatrixIntruders], str]) -> dict[str, Any]:
-        groups: dict[str, list[MatrixIntruders]] = {}
-        for m in self.matrices:
-            groups.setdefault(key(m), []).append(m)
+    def _aggregate(self, items: list[MatrixIntruders]) -> dict[str, Any]:
         return {
-            name: {
-                "count": len(items),
-                "matrices_with_intruders": {energy_key(e): sum(1 for m in items if m.count(e)) for e in self.epsilon},
-                "intruders": {energy_key(e): sum(m.count(e) for m in items) for e in self.epsilon},
-                "mean_intruders": {energy_key(e): float(np.mean([m.count(e) for m in items])) for e in self.epsilon},
-                "mean_min_similarity": float(np.mean([min(m.similarities, default=1.0) for m in items])),
-            }
-            for name, items in sorted(groups.items(), key=lambda kv: group_order(kv[0]))
+            "count": len(items),
+            "matrices_with_intruders": {energy_key(e): sum(1 for m in items if m.count(e)) for e in self.epsilon},
+            "intruders": {energy_key(e): sum(m.count(e) for m in items) for e in self.epsilon},
+            "mean_intruders": {energy_key(e): float(np.mean([m.count(e) for m in items])) for e in self.epsilon},
+            "mean_min_similarity": float(np.mean([min(m.similarities, default=1.0) for m in items])),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "02_lora_learns_less.ipynb"
 
-from conftest import run_notebook
+from conftest import fast_notebook_env, run_notebook
 
 # The prose set comes from the machine's manual pages; a machine without them cannot run this test.
 assert any(Path("/usr/share/man/man1").glob("*.gz")), "no man pages in /usr/share/man/man1 for the prose set"
@@ -28,13 +27,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict]:
     """The notebook executed in fast mode in a temp dir, and the results.json it wrote."""
     work = tmp_path_factory.mktemp("nb02")
     out = work / "out"
-    env = {
-        "DELTAKIT_NOTEBOOK_FAST": "1",
-        "DELTAKIT_NB_OUT": str(out),
-        "DELTAKIT_NB_DEVICE": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "notebooks"), str(REPO), os.environ.get("PYTHONPATH", "")]),
-        **{name: "" for name in ("DELTAKIT_NB_PRECOMPUTED", "DELTAKIT_NB_DATA", "DELTAKIT_NB_MODEL")},
-    }
+    env = fast_notebook_env(out, blank=("DELTAKIT_NB_PRECOMPUTED", "DELTAKIT_NB_DATA", "DELTAKIT_NB_MODEL"))
     notebook = run_notebook(NOTEBOOK, work, env)
     return notebook, json.loads((out / "results.json").read_text())
 

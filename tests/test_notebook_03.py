@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from conftest import run_notebook
+from conftest import fast_notebook_env, run_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "03_surgery.ipynb"
@@ -30,13 +29,7 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[nbformat.Noteboo
     """The notebook executed in fast mode in a temp dir, the results.json it wrote, and its output folder."""
     work = tmp_path_factory.mktemp("nb03")
     out = work / "out"
-    env = {
-        "DELTAKIT_NOTEBOOK_FAST": "1",
-        "DELTAKIT_NB_OUT": str(out),
-        "DELTAKIT_NB_DEVICE": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "notebooks"), str(REPO), os.environ.get("PYTHONPATH", "")]),
-        **{name: "" for name in ("DELTAKIT_NB_DATA", "DELTAKIT_NB_MODEL", "DELTAKIT_NB_CONFIG")},
-    }
+    env = fast_notebook_env(out, blank=("DELTAKIT_NB_DATA", "DELTAKIT_NB_MODEL", "DELTAKIT_NB_CONFIG"))
     notebook = run_notebook(NOTEBOOK, work, env)  # single-threaded BLAS / OpenMP, Agg, offline
     return notebook, json.loads((out / "results.json").read_text()), out
 
