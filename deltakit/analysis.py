@@ -14,19 +14,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from deltakit.distributed import Parallel, gather_in_order, matrix_cost, partition
-from deltakit.delta import DeltaItem, open_delta_source, resolve_device
+from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.spectral import metrics
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.svd import method_noise_floor, singular_values
 
-ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
 
 
 def energy_key(fraction: float) -> str:
@@ -34,15 +33,20 @@ def energy_key(fraction: float) -> str:
     return f"{fraction:g}"
 
 
+def check_fractions(values: Sequence[float], label: str, hint: str, missing: str) -> tuple[float, ...]:
+    """Fractions each in (0, 1], at least one, duplicates dropped, order kept; else a DeltakitError."""
+    fractions = tuple(float(v) for v in values)
+    if not fractions:
+        raise DeltakitError(f"give at least one {missing}")
+    for value in fractions:
+        if math.isnan(value) or not 0.0 < value <= 1.0:
+            raise DeltakitError(f"{label} {value:g} is outside (0, 1]; {hint}")
+    return tuple(dict.fromkeys(fractions))
+
+
 def check_energies(energy: Sequence[float]) -> tuple[float, ...]:
     """Validate energy fractions: each in (0, 1]; at least one."""
-    values = tuple(float(e) for e in energy)
-    if not values:
-        raise DeltakitError("give at least one energy fraction")
-    for value in values:
-        if not (0.0 < value <= 1.0) or math.isnan(value):
-            raise DeltakitError(f"energy fraction {value:g} is outside (0, 1]; use e.g. --energy 0.9")
-    return tuple(dict.fromkeys(values))
+    return check_fractions(energy, "energy fraction", "use e.g. --energy 0.9", "energy fraction")
 
 
 @dataclass

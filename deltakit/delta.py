@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -26,6 +26,9 @@ from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.peft import LoraAdapter, LoraModule, is_peft_adapter, open_adapter
 from deltakit.pairing import TensorPair, pair_tensors, selected
+
+
+ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]  # wraps an iterator: (items, length, label)
 
 
 @dataclass

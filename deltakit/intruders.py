@@ -21,14 +21,14 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from deltakit.analysis import by_layer, by_module_type, energy_key
+from deltakit.analysis import by_layer, by_module_type, check_fractions, energy_key
 from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import DeltaItem, DeltaSource, open_delta_source, resolve_device
+from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path
 from deltakit.io.checkpoint import Checkpoint
@@ -39,7 +39,6 @@ from deltakit.pairing import TensorPair
 from deltakit.report import format_table
 from deltakit.spectral.svd import METHODS, method_noise_floor, singular_values, top_singular_triplets
 
-ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
 DEFAULT_K = 10  # the paper's k (find_intruder_dimensions.py, k=10)
 DEFAULT_EPSILON = 0.5  # the paper's default threshold (--intruder_dimension_threshold=0.5)
 
@@ -273,14 +272,9 @@ def check_k(k: int) -> int:
 
 def check_epsilons(epsilon: float | Sequence[float]) -> tuple[float, ...]:
     """Thresholds ε, each in (0, 1]; at least one; order kept (the first is the one --scale uses)."""
-    values = (float(epsilon),) if isinstance(epsilon, (int, float)) else tuple(float(e) for e in epsilon)
-    if not values:
-        raise DeltakitError("give at least one --epsilon")
-    for value in values:
-        if math.isnan(value) or not 0.0 < value <= 1.0:
-            raise DeltakitError(f"epsilon {value:g} is outside (0, 1]; it is a cosine-similarity threshold, "
-                                f"e.g. --epsilon {DEFAULT_EPSILON}")
-    return tuple(dict.fromkeys(values))
+    values = (epsilon,) if isinstance(epsilon, (int, float)) else epsilon
+    return check_fractions(values, "epsilon", f"it is a cosine-similarity threshold, e.g. --epsilon {DEFAULT_EPSILON}",
+                           "--epsilon")
 
 
 def check_scale(scale: float) -> float:

@@ -29,13 +29,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import resolve_device, stream_deltas, tensor_metas
+from deltakit.delta import ProgressFn, resolve_device, stream_deltas, tensor_metas
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
@@ -48,7 +48,6 @@ from deltakit.pairing import TensorPair, pair_tensors
 from deltakit.spectral.metrics import as_sorted_spectrum
 from deltakit.spectral.svd import method_noise_floor, singular_values
 
-ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

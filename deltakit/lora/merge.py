@@ -28,11 +28,11 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from deltakit.delta import adapter_pairs, adopt, fetch, lora_delta, prefetched, resolve_device
+from deltakit.delta import ProgressFn, adapter_pairs, adopt, fetch, lora_delta, prefetched, resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
@@ -42,7 +42,6 @@ from deltakit.io.writer import DEFAULT_SHARD_BYTES, BackgroundWriter, ShardedWri
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
 
-ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]
 
 
 @dataclass
