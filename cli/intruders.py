@@ -8,8 +8,8 @@ from deltakit.spectral.options import SpectralOptions
 from deltakit.errors import DeltakitError
 from deltakit.io.writer import DEFAULT_SHARD_BYTES
 from deltakit_cli.common import (
-    allow_pickle_option, exclude_option, force_option, include_option, parse_size, progress, spectral_options,
-    user_errors, write_json,
+    allow_pickle_option, exclude_option, force_option, include_option, parallel_workers, parse_size, progress,
+    spectral_options, user_errors, write_json,
 )
 
 EXAMPLES = """
@@ -61,12 +61,17 @@ def intruders_command(base, ft, k, epsilon, scale, output, max_shard_size, inclu
     if json_path and json_path != "-":
         check_output_path(json_path, force)
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
-    if scale is None:
-        report = intruders(base, ft, k, epsilon, options, include, exclude, allow_pickle, progress=progress)
-    else:
-        shard_bytes = parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_BYTES
-        report = scale_intruders(base, ft, output, scale, k, epsilon, options, include, exclude, allow_pickle,
-                                 force, shard_bytes, progress=progress)
+    shard_bytes = parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_BYTES
+    with parallel_workers(device) as parallel:
+        shown = progress if parallel.is_main else None
+        if scale is None:
+            report = intruders(base, ft, k, epsilon, options, include, exclude, allow_pickle, progress=shown,
+                               parallel=parallel)
+        else:
+            report = scale_intruders(base, ft, output, scale, k, epsilon, options, include, exclude, allow_pickle,
+                                     force, shard_bytes, progress=shown, parallel=parallel)
+    if not parallel.is_main:
+        return
     if json_path:
         write_json(json_path, report.to_dict(), force=force)
     if not quiet and json_path != "-":

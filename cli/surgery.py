@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any
 
 import click
 
 from deltakit.spectral.options import SpectralOptions
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, include_option, progress, spectral_options,
-    user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers, progress,
+    spectral_options, user_errors, write_json,
 )
 
-T = TypeVar("T")
 NOT_CARRIED_SHOWN = 5
 
 EXTRACT_EXAMPLES = """
@@ -36,14 +34,6 @@ UNMERGE_EXAMPLES = """
 Examples:
   deltakit unmerge ./merged ./my-lora -o ./base-again --check ./base
 """
-
-
-def _quiet_progress(items: Iterable[T], length: int, label: str) -> Iterator[T]:
-    """A progress bar on a terminal; nothing at all otherwise (logs and pipes stay clean)."""
-    if sys.stderr.isatty():
-        yield from progress(items, length, label)
-    else:
-        yield from items
 
 
 def _output_options(f: Any) -> Any:
@@ -93,10 +83,16 @@ def extract_command(base, ft, out, rank, energy, budget, max_rank, include, excl
 
     _check_outputs(json_path, force)
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
-    report = extract_lora(base, ft, out, rank=rank, energy=energy, budget=budget, max_rank=max_rank, include=include,
-                          exclude=exclude, save_modules=save_modules, embeddings=embeddings, dtype=dtype,
-                          options=options, seed=seed, force=force, allow_pickle=allow_pickle,
-                          progress=_quiet_progress)
+    with parallel_workers(device) as parallel:
+        report = extract_lora(base, ft, out, rank=rank, energy=energy, budget=budget, max_rank=max_rank,
+                              include=include, exclude=exclude, save_modules=save_modules, embeddings=embeddings,
+                              dtype=dtype, options=options, seed=seed, force=force, allow_pickle=allow_pickle,
+                              progress=progress if parallel.is_main else None, parallel=parallel)
+    if parallel.is_main:
+        _print_extract(report, out, json_path, quiet, force)
+
+
+def _print_extract(report: Any, out: str, json_path: str | None, quiet: bool, force: bool) -> None:
     if json_path:
         write_json(json_path, report.to_dict(), force=force)
     if quiet or json_path == "-":
@@ -145,8 +141,11 @@ def merge_command(base, adapter, out, scale, device, json_path, quiet, allow_pic
     from deltakit.lora import merge
 
     _check_outputs(json_path, force)
-    report = merge(base, adapter, out, scale=scale, device=device, force=force, allow_pickle=allow_pickle,
-                   progress=_quiet_progress)
+    with parallel_workers(device) as parallel:
+        report = merge(base, adapter, out, scale=scale, device=device, force=force, allow_pickle=allow_pickle,
+                       progress=progress if parallel.is_main else None, parallel=parallel)
+    if not parallel.is_main:
+        return
     if json_path:
         write_json(json_path, report.to_dict(), force=force)
     if not quiet and json_path != "-":
@@ -170,8 +169,12 @@ def unmerge_command(merged, adapter, out, check, scale, keep_replaced, device, j
     from deltakit.lora import unmerge
 
     _check_outputs(json_path, force)
-    report = unmerge(merged, adapter, out, scale=scale, check=check, keep_replaced=keep_replaced, device=device,
-                     force=force, allow_pickle=allow_pickle, progress=_quiet_progress)
+    with parallel_workers(device) as parallel:
+        report = unmerge(merged, adapter, out, scale=scale, check=check, keep_replaced=keep_replaced,
+                         device=device, force=force, allow_pickle=allow_pickle,
+                         progress=progress if parallel.is_main else None, parallel=parallel)
+    if not parallel.is_main:
+        return
     if json_path:
         write_json(json_path, report.to_dict(), force=force)
     if report.left_as_merged:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from deltakit.distributed import Parallel, gather_in_order, matrix_cost, partition
+from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, partition
 from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.spectral import metrics
@@ -280,13 +280,15 @@ def rank(
     if progress is not None:
         items = progress(items, len(mine), "ΔW spectra")
     local: list[tuple[int, Any]] = []
-    for index, item in zip(mine, items):
-        if item.pair.is_matrix and item.pair.layout != "vector":
-            result, spectrum = analyse_matrix(item, energy, options, rounding)
-            local.append((index, (result, spectrum if keep_spectra else None)))
-        else:
-            local.append((index, (analyse_vector(item), None)))
-    for result, spectrum in gather_in_order(local, parallel):
+    with fail_together(parallel):
+        for index, item in zip(mine, items):
+            if item.pair.is_matrix and item.pair.layout != "vector":
+                result, spectrum = analyse_matrix(item, energy, options, rounding)
+                local.append((index, (result, spectrum if keep_spectra else None)))
+            else:
+                local.append((index, (analyse_vector(item), None)))
+        everything = gather_in_order(local, parallel)
+    for result, spectrum in everything:
         if isinstance(result, MatrixResult):
             report.matrices.append(result)
             if spectrum is not None:

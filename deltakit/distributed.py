@@ -1,10 +1,20 @@
 """Spreading per-matrix work over processes with torch.distributed (launched by ``torchrun``).
 
 Every process plans the same list of tensor pairs, takes the share :func:`partition` gives
-it (balanced by the cost of a decomposition, longest first), and the results are gathered
-back into plan order, so a run on N processes reports exactly what one process would.
-NCCL is used between GPUs, gloo on the CPU. Without ``torchrun`` (no ``WORLD_SIZE`` in the
-environment) nothing here is used.
+it (balanced by cost, longest first), and the results are gathered back into plan order, so
+a run on N processes reports exactly what one process would. NCCL is used between GPUs,
+gloo on the CPU. Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) nothing here
+is used.
+
+Outputs: :func:`shared_directory` is :func:`~deltakit.io.atomic.atomic_directory` for a group
+of processes. Process 0 makes the temporary folder and the files' headers, every process
+writes its own tensors into them at planned offsets, process 0 writes the index and renames
+the folder into place once all are done. With several hosts the output must be on a file
+system they share.
+
+Failures. Every collective here is one :func:`exchange` of (error, payload): a process that
+fails reports its error at the next exchange, where every other process raises
+:class:`PeerFailed` too, instead of waiting forever for it.
 
 Example::
 
@@ -13,12 +23,18 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
+import shutil
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import torch
+
+from deltakit.errors import DeltakitError
+from deltakit.io.atomic import check_output_path, replace_with, temporary_directory
 
 
 @dataclass(frozen=True)
@@ -84,23 +100,94 @@ def partition(costs: Sequence[float], world_size: int) -> list[list[int]]:
     return [sorted(share) for share in shares]
 
 
-def gather_in_order(local: list[tuple[int, Any]], parallel: Parallel) -> list[Any]:
-    """All processes' (plan index, result) pairs, merged into plan order on every process."""
+class PeerFailed(DeltakitError):
+    """Another process of the group failed; every process stops at the same exchange."""
+
+
+def exchange(parallel: Parallel, payload: Any = None, error: str | None = None) -> list[Any]:
+    """Every process's ``payload``, in process order, on every process.
+
+    Raises :class:`PeerFailed` on every process when any of them passes an ``error``.
+    """
     if not parallel.active:
-        return [result for _, result in sorted(local, key=lambda item: item[0])]
+        if error is not None:
+            raise PeerFailed(error)
+        return [payload]
     import torch.distributed as dist
 
-    everything: list[list[tuple[int, Any]] | None] = [None] * parallel.world_size
-    dist.all_gather_object(everything, local)
-    merged = [item for part in everything if part for item in part]
+    everything: list[tuple[str | None, Any] | None] = [None] * parallel.world_size
+    dist.all_gather_object(everything, (error, payload))
+    for process, (message, _) in enumerate(everything):  # type: ignore[misc]
+        if message is not None:
+            raise PeerFailed(message if process == parallel.rank else f"process {process} failed: {message}")
+    return [item[1] for item in everything]  # type: ignore[index]
+
+
+def _tell_others(parallel: Parallel, exc: BaseException) -> None:
+    """Report this process's failure at the others' next exchange (once per exception)."""
+    if not parallel.active or isinstance(exc, PeerFailed) or getattr(exc, "_deltakit_told", False):
+        return
+    with contextlib.suppress(Exception):
+        exc._deltakit_told = True  # type: ignore[attr-defined]
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    with contextlib.suppress(PeerFailed):
+        exchange(parallel, None, error=message)
+
+
+@contextlib.contextmanager
+def fail_together(parallel: Parallel) -> Iterator[None]:
+    """If this process fails inside the block, the others learn it at their next exchange."""
+    try:
+        yield
+    except BaseException as exc:
+        _tell_others(parallel, exc)
+        raise
+
+
+@contextlib.contextmanager
+def shared_directory(target: str | os.PathLike, force: bool, parallel: Parallel) -> Iterator[Path]:
+    """:func:`~deltakit.io.atomic.atomic_directory` for all processes: one temporary folder, renamed once.
+
+    Process 0 makes the folder; every process gets its path. On leaving the block without
+    error everywhere, process 0 renames it onto ``target`` and every process returns after
+    that; if any process fails, process 0 removes it and every process raises.
+    """
+    target = check_output_path(target, force)
+    with fail_together(parallel):
+        made = str(temporary_directory(target)) if parallel.is_main else None
+        tmp = Path(exchange(parallel, made)[0])
+        if not tmp.is_dir():
+            raise DeltakitError(f"process {parallel.rank} cannot see the output's temporary folder {tmp}: with "
+                                "several hosts the output must be on a file system all of them share")
+        try:
+            yield tmp
+        except BaseException as exc:
+            _tell_others(parallel, exc)  # before removing: the others stop writing first
+            if parallel.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            exchange(parallel)  # everyone's writes are complete
+            if parallel.is_main:
+                replace_with(tmp, target)
+        except BaseException as exc:
+            _tell_others(parallel, exc)
+            if parallel.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        exchange(parallel)  # the output is in place for everyone
+
+
+def gather_in_order(local: list[tuple[int, Any]], parallel: Parallel) -> list[Any]:
+    """All processes' (plan index, result) pairs, merged into plan order on every process."""
+    merged = [item for part in exchange(parallel, local) for item in part]
     return [result for _, result in sorted(merged, key=lambda item: item[0])]
 
 
 def barrier(parallel: Parallel) -> None:
+    """Wait for every process (a failed one makes every process raise)."""
     if parallel.active:
-        import torch.distributed as dist
-
-        dist.barrier()
+        exchange(parallel)
 
 
 def finish(parallel: Parallel) -> None:

@@ -29,8 +29,11 @@ import torch
 from deltakit.analysis import by_layer, by_module_type, check_fractions, energy_key
 from deltakit.spectral.options import SpectralOptions
 from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device
+from deltakit.distributed import (
+    Parallel, barrier, exchange, fail_together, gather_in_order, matrix_cost, partition, shared_directory,
+)
 from deltakit.errors import DeltakitError
-from deltakit.io.atomic import atomic_directory, check_output_path
+from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.model_files import copy_model_files
 from deltakit.io.peft import is_peft_adapter
@@ -351,24 +354,34 @@ def intruders(
     exclude: Sequence[str] = (),
     allow_pickle: bool = False,
     progress: ProgressFn | None = None,
+    parallel: Parallel = Parallel(),
 ) -> IntruderReport:
     """Intruder dimensions of every weight matrix of ``ft`` (a model, or a PEFT adapter on ``base``).
 
+    With ``parallel`` (under torchrun) each process analyses its share of the matrices and
+    every process returns the whole report.
     Example: ``intruders("base", "ft", epsilon=(0.5, 0.3)).summary()["intruders"]["0.5"]``.
     """
     k, epsilons = check_k(k), check_epsilons(epsilon)
-    device = resolve_device(options.device)
+    device = resolve_device(parallel.device if parallel.active else options.device)
     _ = options.dtype
     started = time.perf_counter()
     report = _new_report(base, ft, k, epsilons, device, options)
     source = _open_source(base, ft, include, exclude, allow_pickle, report)
-    items = source.stream(None, device, options.dtype, options.prefetch)
+    mine = _share(source, parallel)
+    items = source.stream(mine, device, options.dtype, options.prefetch)
     if progress is not None:
-        items = progress(items, len(source.pairs), "intruders")
-    for item in items:
-        report.matrices.append(analyse_matrix(item, k, epsilons, options)[0])
+        items = progress(items, len(mine), "intruders")
+    with fail_together(parallel):
+        local = [(index, analyse_matrix(item, k, epsilons, options)[0]) for index, item in zip(mine, items)]
+        report.matrices = gather_in_order(local, parallel)
     report.elapsed_s = time.perf_counter() - started
     return report
+
+
+def _share(source: DeltaSource, parallel: Parallel) -> list[int]:
+    """This process's pairs: two reduced SVDs per matrix, balanced by their cost."""
+    return partition([matrix_cost(p.shape) for p in source.pairs], parallel.world_size)[parallel.rank]
 
 
 def scale_intruders(
@@ -385,6 +398,7 @@ def scale_intruders(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: ProgressFn | None = None,
+    parallel: Parallel = Parallel(),
 ) -> IntruderReport:
     """Write ``ft`` to ``output`` with each intruder's singular value multiplied by ``scale`` (λ).
 
@@ -392,13 +406,14 @@ def scale_intruders(
     in the fine-tune's dtype; every other tensor is copied byte for byte, with config and
     tokenizer files, as a sharded safetensors model folder written atomically. λ = 1 returns the
     fine-tune unchanged; λ = 0 removes the intruders. Returns the analysis with ``scaling`` set.
+    With ``parallel`` (under torchrun) each process analyses and writes its share of the matrices.
     Example: ``scale_intruders("base", "ft", "ft-scaled", scale=0.75)``.
     """
     k, epsilons, scale = check_k(k), check_epsilons(epsilon), check_scale(scale)
     if max_shard_bytes <= 0:
         raise DeltakitError("the maximum shard size must be positive")
     check_output_path(output, force)
-    device = resolve_device(options.device)
+    device = resolve_device(parallel.device if parallel.active else options.device)
     _ = options.dtype
     started = time.perf_counter()
     report = _new_report(base, ft, k, epsilons, device, options)
@@ -408,33 +423,48 @@ def scale_intruders(
     source = _open_source(base, ft, include, exclude, allow_pickle, report)
     base_ckpt, ft_ckpt, pairs = source.base, source.ft, source.pairs
     assert ft_ckpt is not None
-    items = source.stream(None, device, options.dtype, options.prefetch)
+    mine = _share(source, parallel)
+    items = source.stream(mine, device, options.dtype, options.prefetch)
     scaling = report.scaling = Scaling(scale=scale, epsilon=epsilons[0], output=str(output))
     if progress is not None:
-        items = progress(items, len(pairs), "intruders")
+        items = progress(items, len(mine), "intruders")
     plan = [(name, ft_ckpt.shape(name), ft_ckpt.dtype(name)) for name in ft_ckpt.keys()]
-    with atomic_directory(output, force=force) as tmp:
-        writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes, metadata={"deltakit": "intruders"})
+    # Tensors that are not analysed (norms, biases, ...) are copied as they are, shared out by size.
+    others = [(name, shape, dtype) for name, shape, dtype in plan if name not in {p.name for p in pairs}]
+    costs = [float(math.prod(shape)) for _, shape, _ in others]
+    my_others = [others[i][0] for i in partition(costs, parallel.world_size)[parallel.rank]]
+    with shared_directory(output, force, parallel) as tmp:
+        writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes, metadata={"deltakit": "intruders"},
+                               create_files=parallel.is_main)
+        barrier(parallel)  # the files and their headers exist before anyone writes into them
+        local: list[tuple[int, tuple[MatrixIntruders, ScaledMatrix | None]]] = []
         written: set[str] = set()
-        for item in items:
+        for index, item in zip(mine, items):
             result, directions = analyse_matrix(item, k, epsilons, options)
+            scaled = None
+            if directions is not None and scale != 1.0 and result.count(scaling.epsilon):
+                mask = directions.intruder_mask(scaling.epsilon)
+                tensor, change_fro = _scaled_tensor(ft_ckpt, item.pair, directions, mask, scale, device, options.dtype)
+                writer.write(item.pair.name, tensor)
+                written.add(item.pair.name)
+                ranks = [d.rank for d in result.intruders[scaling.epsilon]]
+                before = [d.singular_value for d in result.intruders[scaling.epsilon]]
+                scaled = ScaledMatrix(item.pair.name, ranks, before, [scale * s for s in before], change_fro)
+            local.append((index, (result, scaled)))
+        unchanged = [pairs[i].name for i in mine if pairs[i].name not in written] + my_others
+        for name in unchanged:
+            writer.write(name, ft_ckpt.get(name))
+        files = writer.finish(expected=sorted(written) + unchanged, write_index=parallel.is_main)
+        copied: list[str] = []
+        if parallel.is_main:
+            copied = copy_model_files(ft_ckpt, tmp)
+            if "config.json" not in copied:  # a bare weights file: the base's config describes the same model
+                copied += copy_model_files(base_ckpt, tmp, only_config=True)
+        for result, scaled in gather_in_order(local, parallel):
             report.matrices.append(result)
-            if directions is None or scale == 1.0 or not result.count(scaling.epsilon):
-                continue
-            mask = directions.intruder_mask(scaling.epsilon)
-            tensor, change_fro = _scaled_tensor(ft_ckpt, item.pair, directions, mask, scale, device, options.dtype)
-            writer.write(item.pair.name, tensor)
-            written.add(item.pair.name)
-            ranks = [d.rank for d in result.intruders[scaling.epsilon]]
-            before = [d.singular_value for d in result.intruders[scaling.epsilon]]
-            scaling.matrices.append(ScaledMatrix(item.pair.name, ranks, before, [scale * s for s in before], change_fro))
-        for name in ft_ckpt.keys():
-            if name not in written:
-                writer.write(name, ft_ckpt.get(name))
-        files = writer.finish()
-        copied = copy_model_files(ft_ckpt, tmp)
-        if "config.json" not in copied:  # a bare weights file: the base's config describes the same model
-            copied += copy_model_files(base_ckpt, tmp, only_config=True)
+            if scaled is not None:
+                scaling.matrices.append(scaled)
+        copied = exchange(parallel, copied)[0]
         scaling.tensors_written = len(plan)
         scaling.files = sorted(p.name for p in files) + sorted(copied) + (
             ["model.safetensors.index.json"] if len(files) > 1 else [])

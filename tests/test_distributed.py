@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
 
 from deltakit.demo import write_demo_pair
 from deltakit.distributed import matrix_cost, partition
@@ -27,20 +31,117 @@ def test_matrix_cost_grows_with_size():
     assert matrix_cost((10,)) < matrix_cost((2, 2))
 
 
-def test_torchrun_two_gloo_processes_match_single_process(tmp_path):
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    assert torchrun, "torchrun is installed with torch"
-    base, ft = write_demo_pair(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    single = [sys.executable, "-m", "deltakit_cli.main", "rank", base, ft, "-q", "--device", "cpu",
-              "--energy", "0.5", "--energy", "0.9", "--json", tmp_path / "single.json"]
-    multi = [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "deltakit_cli.main", "rank", base, ft,
-             "-q", "--device", "cpu", "--energy", "0.5", "--energy", "0.9", "--json", tmp_path / "multi.json"]
-    for command in (single, multi):
-        result = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-    a = json.loads((tmp_path / "single.json").read_text())
-    b = json.loads((tmp_path / "multi.json").read_text())
-    a.pop("elapsed_s"), b.pop("elapsed_s")
-    assert len(a["matrices"]) == 30
-    assert a == b
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same matmul order in every process
+
+
+def deltakit(*args, processes: int = 1, port: int = 29517) -> subprocess.CompletedProcess:
+    """Run the CLI in one process, or under torchrun with ``processes`` gloo workers."""
+    if processes == 1:
+        command = [sys.executable, "-m", "deltakit_cli.main", *args]
+    else:
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+        assert torchrun, "torchrun is installed with torch"
+        command = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(port), "-m",
+                   "deltakit_cli.main", *args]
+    return subprocess.run([str(c) for c in command], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def report(path: Path, *paths: str) -> dict:
+    """A JSON report without its timing and without the given output-path keys."""
+    data = json.loads(path.read_text())
+    for key in ("elapsed_s", *paths):
+        data.pop(key)
+    return data
+
+
+def same_files(a: Path, b: Path) -> list[str]:
+    """The two folders hold the same file names with the same bytes; return the names."""
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    return names
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_pair(tmp_path_factory.mktemp("pair"))
+
+
+def test_rank_two_gloo_processes_match_single_process(tmp_path, demo):
+    base, ft = demo
+    common = ("rank", base, ft, "-q", "--device", "cpu", "--energy", "0.5", "--energy", "0.9")
+    ok(deltakit(*common, "--json", tmp_path / "single.json"))
+    ok(deltakit(*common, "--json", tmp_path / "multi.json", processes=2))
+    single = report(tmp_path / "single.json")
+    assert len(single["matrices"]) == 30
+    assert single == report(tmp_path / "multi.json")
+
+
+def test_extract_merge_unmerge_two_processes_write_what_one_writes(tmp_path, demo):
+    """Every process writes its tensors into the shared files; the bytes equal a single process's."""
+    base, ft = demo
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        out.mkdir()
+        ok(deltakit("extract", base, ft, "-o", out / "adapter", "--rank", "4", "--device", "cpu", "--save-modules",
+                    "--json", out / "extract.json", processes=processes))
+        ok(deltakit("extract", base, ft, "-o", out / "budget", "--budget", "20000", "--device", "cpu",
+                    "--json", out / "budget.json", processes=processes))
+        ok(deltakit("merge", base, out / "adapter", "-o", out / "merged", "--device", "cpu",
+                    "--json", out / "merge.json", processes=processes))
+        ok(deltakit("unmerge", out / "merged", out / "adapter", "-o", out / "unmerged", "--device", "cpu",
+                    "--keep-replaced", "--check", ft, "--json", out / "unmerge.json", processes=processes))
+    one, two = tmp_path / "p1", tmp_path / "p2"
+    assert same_files(one / "adapter", two / "adapter") == ["adapter_config.json", "adapter_model.safetensors"]
+    same_files(one / "budget", two / "budget")
+    shards = same_files(one / "merged", two / "merged")
+    assert "model.safetensors.index.json" in shards and len(shards) > 3  # several shards, written by both
+    same_files(one / "unmerged", two / "unmerged")
+    assert report(one / "extract.json", "adapter") == report(two / "extract.json", "adapter")
+    budget = report(one / "budget.json", "adapter")
+    assert budget == report(two / "budget.json", "adapter")
+    assert 0 < budget["parameters"] <= 20000
+    assert len({m["rank"] for m in budget["matrices"]}) > 1  # the budget was shared out unevenly
+    for name in ("merge.json", "unmerge.json"):
+        assert report(one / name, "out", "adapter", "model") == report(two / name, "out", "adapter", "model")
+    assert report(two / "unmerge.json", "out", "adapter", "model")["check_max_abs"] > 0  # checked against FT
+    assert not [p for p in tmp_path.rglob(".*tmp-*")]  # no temporary folder left behind
+
+
+def test_intruders_two_processes_match_single_process(tmp_path, demo):
+    base, ft = demo
+    for processes in (1, 2):
+        ok(deltakit("intruders", base, ft, "--device", "cpu", "-q", "-e", "0.5", "-e", "0.9", "--scale", "0",
+                    "-o", tmp_path / f"scaled{processes}", "--max-shard-size", "300KB",
+                    "--json", tmp_path / f"intruders{processes}.json", processes=processes))
+    one = report(tmp_path / "intruders1.json")
+    two = report(tmp_path / "intruders2.json")
+    one["scaling"].pop("output"), two["scaling"].pop("output")
+    assert one == two
+    assert one["scaling"]["matrices"]  # something was scaled, by one process or the other
+    assert len(same_files(tmp_path / "scaled1", tmp_path / "scaled2")) > 3
+
+
+def test_a_failure_in_one_process_stops_all_and_leaves_nothing(tmp_path, demo):
+    """One module's update overflows, so one process fails; the other must stop too, not hang."""
+    base, ft = demo
+    ok(deltakit("extract", base, ft, "-o", tmp_path / "adapter", "--rank", "4", "--device", "cpu"))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    module = sorted(k for k in tensors if "mlp.down_proj.lora_B" in k)[-1].removesuffix(".lora_B.weight")
+    for factor in ("lora_A", "lora_B"):  # B·A ≈ r·10⁷⁶, beyond fp32's range: not finite
+        tensors[f"{module}.{factor}.weight"] = torch.full_like(tensors[f"{module}.{factor}.weight"], 1e38)
+    save_file(tensors, weights)
+    result = deltakit("merge", base, tmp_path / "adapter", "-o", tmp_path / "merged", "--device", "cpu",
+                      processes=2)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 2, result.stderr[-3000:]  # one line from each process
+    assert any("down_proj" in line and "non-finite" in line for line in errors), errors
+    assert any("process" in line and "failed" in line for line in errors), errors  # the other one was told
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no output, no temporary folder

@@ -29,7 +29,7 @@ def _umask() -> int:
     return mask
 
 
-def _replace(tmp: Path, target: Path) -> None:
+def replace_with(tmp: Path, target: Path) -> None:
     """Move ``tmp`` onto ``target``, removing an old target only once tmp is complete.
 
     mkstemp / mkdtemp create owner-only entries; the output gets the usual umask modes.
@@ -47,6 +47,11 @@ def _replace(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
+def temporary_directory(target: Path) -> Path:
+    """A new empty folder beside ``target`` (same file system, so the final rename is atomic)."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; rename it into place on success.
@@ -58,10 +63,10 @@ def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator
             save_file(tensors, tmp / "model.safetensors")
     """
     target = check_output_path(target, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temporary_directory(target)
     try:
         yield tmp
-        _replace(tmp, target)
+        replace_with(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,7 +81,7 @@ def atomic_file(target: str | os.PathLike, force: bool = False) -> Iterator[Path
     tmp = Path(name)
     try:
         yield tmp
-        _replace(tmp, target)
+        replace_with(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -80,6 +81,7 @@ class ShardedWriter:
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         prefix: str = "model",
         metadata: dict[str, str] | None = None,
+        create_files: bool = True,
     ) -> None:
         self.folder = Path(folder)
         planned = [t if isinstance(t, PlannedTensor) else PlannedTensor(t[0], tuple(t[1]), t[2]) for t in tensors]
@@ -102,10 +104,11 @@ class ShardedWriter:
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)
             start = 8 + len(blob)
-            with open(path, "wb") as fh:
-                fh.write(len(blob).to_bytes(8, "little"))
-                fh.write(blob)
-                fh.truncate(start + offset)
+            if create_files:  # else another process made them (see deltakit.distributed)
+                with open(path, "wb") as fh:
+                    fh.write(len(blob).to_bytes(8, "little"))
+                    fh.write(blob)
+                    fh.truncate(start + offset)
             for t in shard:
                 begin = header[t.name]["data_offsets"][0]  # type: ignore[index]
                 self._where[t.name] = (path, start + begin, t)
@@ -115,19 +118,24 @@ class ShardedWriter:
         path, offset, planned = self._where[name]
         if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        with open(path, "r+b") as fh:
-            fh.seek(offset)
-            fh.write(memoryview(data))
+        data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            while data:  # pwrite: threads (and processes) may write other tensors of the same file at once
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+        finally:
+            os.close(fd)
         self._written.add(name)
 
-    def finish(self, extra_index_metadata: dict[str, object] | None = None) -> list[Path]:
-        """Check every tensor was written, write the index when there are several shards."""
-        missing = [name for name in self._where if name not in self._written]
+    def finish(self, extra_index_metadata: dict[str, object] | None = None, expected: Iterable[str] | None = None,
+               write_index: bool = True) -> list[Path]:
+        """Check every tensor (or every ``expected`` one) was written; write the index when there are several shards."""
+        missing = [name for name in (self._where if expected is None else expected) if name not in self._written]
         if missing:
             raise DeltakitError(f"internal: {len(missing)} planned tensors were never written, first {missing[0]}")
         paths = [self.folder / n for n in self.file_names]
-        if len(paths) > 1:
+        if len(paths) > 1 and write_index:
             total = sum(t.nbytes for shard in self.shards for t in shard)
             index = {
                 "metadata": {"total_size": total, **(extra_index_metadata or {})},
@@ -138,25 +146,31 @@ class ShardedWriter:
 
 
 class BackgroundWriter:
-    """Hand writes of a :class:`ShardedWriter` to a thread, so disk writes overlap reads and compute.
+    """Hand writes of a :class:`ShardedWriter` to threads, so disk writes overlap reads and compute.
 
-    At most ``depth`` tensors wait in memory; an error in the thread is raised by the next
-    :meth:`write` or by :meth:`finish`. Example::
+    ``workers`` threads write concurrently (each tensor to its own place; copying into the page
+    cache is bound by one core per thread). At most ``depth`` tensors wait in memory besides the
+    ones being written. A write may come with ``ready``, run on the writing thread first: it
+    waits for an asynchronous device-to-host copy and may refuse the tensor by raising. An
+    error in a thread is raised by the next :meth:`write` or by :meth:`finish`. Example::
 
         background = BackgroundWriter(ShardedWriter(tmp, plan))
         background.write("w", tensor)
         background.finish()
     """
 
-    def __init__(self, writer: ShardedWriter, depth: int = 2) -> None:
+    def __init__(self, writer: ShardedWriter, depth: int = 2, workers: int = 1) -> None:
         import queue
         import threading
 
         self.writer = writer
-        self._queue: "queue.Queue[tuple[str, torch.Tensor] | None]" = queue.Queue(maxsize=max(1, depth))
+        self._queue: "queue.Queue[tuple[str, torch.Tensor, Callable[[], None] | None] | None]" = queue.Queue(
+            maxsize=max(1, depth))
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="deltakit-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"deltakit-writer-{i}", daemon=True)
+                         for i in range(max(1, workers))]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         while True:
@@ -164,8 +178,11 @@ class BackgroundWriter:
             if item is None:
                 return
             if self._error is None:
+                name, tensor, ready = item
                 try:
-                    self.writer.write(*item)
+                    if ready is not None:
+                        ready()
+                    self.writer.write(name, tensor)
                 except BaseException as exc:  # re-raised in the caller's thread
                     self._error = exc
 
@@ -173,17 +190,20 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, ready: Callable[[], None] | None = None) -> None:
         self._raise_if_failed()
-        self._queue.put((name, tensor.detach().to("cpu")))
+        self._queue.put((name, tensor if ready is not None else tensor.detach().to("cpu"), ready))
 
     def close(self) -> None:
-        """Stop the thread after the queued writes (safe to call twice)."""
-        if self._thread.is_alive():
+        """Stop the threads after the queued writes (safe to call twice)."""
+        alive = [thread for thread in self._threads if thread.is_alive()]
+        for _ in alive:
             self._queue.put(None)
-            self._thread.join()
+        for thread in alive:
+            thread.join()
 
-    def finish(self, extra_index_metadata: dict[str, object] | None = None) -> list[Path]:
+    def finish(self, extra_index_metadata: dict[str, object] | None = None, expected: Iterable[str] | None = None,
+               write_index: bool = True) -> list[Path]:
         self.close()
         self._raise_if_failed()
-        return self.writer.finish(extra_index_metadata)
+        return self.writer.finish(extra_index_metadata, expected, write_index)

@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from deltakit.distributed import Parallel, barrier
 from deltakit.io.checkpoint import ADAPTER_CONFIG
 from deltakit.io.writer import ShardedWriter
 
@@ -52,8 +53,12 @@ class FactorStage:
         self._shapes[module] = (tuple(lora_a.shape), tuple(lora_b.shape), lora_a.dtype)
 
     def shapes(self, module: str) -> tuple[tuple[int, ...], tuple[int, ...], torch.dtype]:
-        """(A shape, B shape, dtype) of a staged module."""
+        """(A shape, B shape, dtype) of a staged module, this process's or another's."""
         return self._shapes[module]
+
+    def note(self, module: str, shapes: tuple[tuple[int, ...], tuple[int, ...], torch.dtype]) -> None:
+        """Learn the shapes of a module another process staged (its factors stay with that process)."""
+        self._shapes.setdefault(module, shapes)
 
     def get(self, module: str, which: str) -> torch.Tensor:
         """The staged "A" or "B" factor of ``module``."""
@@ -69,21 +74,29 @@ class FactorStage:
 
 @dataclass(frozen=True)
 class AdapterTensor:
-    """One tensor of the adapter file: its PEFT key, shape, dtype and how to produce it."""
+    """One tensor of the adapter file: its PEFT key, shape, dtype, how to produce it, and which process does."""
 
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     load: Callable[[], torch.Tensor]
+    owner: int = 0  # the process (torchrun rank) that holds it
 
 
 def write_adapter(folder: Path, config: dict[str, Any], tensors: list[AdapterTensor],
-                  progress: Callable[..., Any] | None = None) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (one file) into ``folder``."""
+                  progress: Callable[..., Any] | None = None, parallel: Parallel = Parallel()) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (one file) into ``folder``.
+
+    Under torchrun every process writes the tensors it owns into the one planned file;
+    process 0 makes the file and writes the config.
+    """
     writer = ShardedWriter(folder, [(t.key, t.shape, t.dtype) for t in tensors], max_shard_bytes=sys.maxsize,
-                           prefix=ADAPTER_WEIGHTS_PREFIX)
-    items = progress(tensors, len(tensors), "writing adapter") if progress else tensors
+                           prefix=ADAPTER_WEIGHTS_PREFIX, create_files=parallel.is_main)
+    barrier(parallel)  # the file and its header exist before anyone writes into it
+    mine = [t for t in tensors if t.owner == parallel.rank]
+    items = progress(mine, len(mine), "writing adapter") if progress else mine
     for tensor in items:
         writer.write(tensor.key, tensor.load().to(tensor.dtype))
-    writer.finish()
-    (Path(folder) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    writer.finish(expected=[t.key for t in mine])
+    if parallel.is_main:
+        (Path(folder) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,8 +36,9 @@ import torch
 
 from deltakit.spectral.options import SpectralOptions
 from deltakit.delta import ProgressFn, resolve_device, stream_deltas, tensor_metas
+from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, partition, shared_directory
 from deltakit.errors import DeltakitError
-from deltakit.io.atomic import atomic_directory, check_output_path
+from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.peft import adapter_config, adapter_keys, is_peft_adapter, whole_tensor_key
 from deltakit.lora.adapter_files import AdapterTensor, FactorStage, write_adapter
@@ -131,6 +132,19 @@ def output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise DeltakitError(f"unknown output dtype {dtype!r}; use one of {', '.join(OUTPUT_DTYPES)}")
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What one process found for one pair; gathered so every process knows every pair's."""
+
+    changed_whole: bool = False  # not LoRA material, and changed
+    unchanged: bool = False  # a LoRA target with ΔW = 0
+    delta_fro: float | None = None
+    spectrum: np.ndarray | None = None  # energy / budget, pass 1
+    matrix: ExtractedMatrix | None = None  # factored
+    staged: tuple[tuple[int, ...], tuple[int, ...], torch.dtype] | None = None  # A shape, B shape, dtype
+    owner: int = 0  # the process that staged the factors
+
+
 @dataclass
 class _Survey:
     """Pass 1: per target, ‖ΔW‖ and its spectrum (energy / budget); whole candidates that changed."""
@@ -158,6 +172,7 @@ def extract_lora(
     force: bool = False,
     allow_pickle: bool = False,
     progress: ProgressFn | None = None,
+    parallel: Parallel = Parallel(),
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
 
@@ -166,14 +181,16 @@ def extract_lora(
     minimise the total squared error); ``max_rank`` clamps them. ``save_modules`` carries
     changed tensors that are not LoRA material whole (PEFT ``modules_to_save``; biases of LoRA
     layers as ``bias="lora_only"``). ``embeddings`` adds PEFT embedding LoRA for embedding
-    tables. ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype.
+    tables. ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
+    ``parallel`` (under torchrun) each process factors its share of the matrices and writes
+    them into the adapter file; every process returns the whole report.
 
     Example: ``extract_lora("base", "ft", "adapter", rank=16).relative_error``.
     """
     started = time.perf_counter()
     choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank)
     out_dtype = output_dtype(dtype)
-    device = resolve_device(options.device)
+    device = resolve_device(parallel.device if parallel.active else options.device)
     compute_dtype = options.dtype
     check_output_path(out, force)
     for role, path in (("BASE", base), ("FT", ft)):
@@ -196,9 +213,9 @@ def extract_lora(
         precision=options.precision, passes=2 if choice.needs_spectra else 1,
     )
     run = _Extraction(choice, targets, plan.pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,
-                      seed, progress)
-    with atomic_directory(out, force) as tmp:
-        stage = FactorStage(Path(tmp) / ".staging")
+                      seed, progress, parallel)
+    with shared_directory(out, force, parallel) as tmp:
+        stage = FactorStage(Path(tmp) / f".staging-{parallel.rank}")
         survey = run.first_pass(stage, report)
         if choice.needs_spectra:
             ranks = run.choose_ranks(survey)
@@ -207,7 +224,7 @@ def extract_lora(
         tensors, lora_config = run.assemble(stage, survey, report, save_modules, base_name=str(base))
         if not tensors:
             raise DeltakitError(_nothing_to_write(report))
-        write_adapter(Path(tmp), lora_config, tensors, progress)
+        write_adapter(Path(tmp), lora_config, tensors, progress, parallel)
         stage.remove()
     report.elapsed_s = time.perf_counter() - started
     return report
@@ -218,21 +235,35 @@ class _Extraction:
 
     def __init__(self, choice: RankChoice, targets: ExtractionTargets, pairs: list[TensorPair], base: Checkpoint,
                  ft: Checkpoint, device: torch.device, compute_dtype: torch.dtype, out_dtype: torch.dtype | None,
-                 options: SpectralOptions, seed: int, progress: ProgressFn | None) -> None:
+                 options: SpectralOptions, seed: int, progress: ProgressFn | None, parallel: Parallel) -> None:
         self.choice, self.targets, self.base, self.ft = choice, targets, base, ft
         self.device, self.compute_dtype, self.out_dtype = device, compute_dtype, out_dtype
-        self.options, self.seed, self.progress = options, seed, progress
+        self.options, self.seed, self.progress, self.parallel = options, seed, progress, parallel
         self.by_name = {t.pair.name: t for t in targets.lora}
         wanted = set(self.by_name) | {p.name for p in targets.whole}
         self.pairs = [p for p in pairs if p.name in wanted]  # checkpoint order: reads stay sequential
         self.order = {p.name: i for i, p in enumerate(self.pairs)}
+        self.owners: dict[str, int] = {}  # module -> the process holding its staged factors
 
     def dtype_of(self, pair: TensorPair) -> torch.dtype:
         return self.out_dtype or pair.ft_dtype
 
+    def _share(self, pairs: list[TensorPair]) -> list[int]:
+        """Indices into ``pairs`` this process works on (all of them without torchrun)."""
+        costs = [matrix_cost(p.shape) for p in pairs]
+        return partition(costs, self.parallel.world_size)[self.parallel.rank]
+
     def _stream(self, pairs: list[TensorPair], label: str):
         items = stream_deltas(pairs, self.base, self.ft, self.device, self.compute_dtype, self.options.prefetch)
         return self.progress(items, len(pairs), label) if self.progress else items
+
+    def _gather(self, stage: FactorStage, local: list[tuple[int, _Outcome]]) -> list[_Outcome]:
+        """Every process's outcomes in plan order; learn the shapes of factors staged elsewhere."""
+        everything = gather_in_order(local, self.parallel)
+        for outcome in everything:
+            if outcome.staged is not None and outcome.matrix is not None:
+                stage.note(outcome.matrix.module, outcome.staged)
+        return everything
 
     def _factor(self, stage: FactorStage, target: LoraTarget, matrix: torch.Tensor, rank: int,
                 delta_fro: float, spectrum: np.ndarray | None) -> ExtractedMatrix:
@@ -254,29 +285,47 @@ class _Extraction:
             parameters=factors.rank * target.cost,
         )
 
+    def _factored(self, stage: FactorStage, matrix: ExtractedMatrix) -> _Outcome:
+        return _Outcome(matrix=matrix, staged=stage.shapes(matrix.module), owner=self.parallel.rank)
+
     def first_pass(self, stage: FactorStage, report: ExtractReport) -> _Survey:
         """Fixed rank: factor every changed target. Energy / budget: keep every spectrum."""
-        survey = _Survey()
         label = "factors" if not self.choice.needs_spectra else "pass 1/2: spectra"
-        for item in self._stream(self.pairs, label):
-            pair = item.pair
-            delta_fro = float(torch.linalg.vector_norm(item.delta, dtype=torch.float64))
-            target = self.by_name.get(pair.name)
-            if target is None:
-                if delta_fro > 0 or pair.added_rows:
-                    survey.changed_whole.append(pair)
-                continue
-            if delta_fro == 0.0:
+        mine = self._share(self.pairs)
+        local: list[tuple[int, _Outcome]] = []
+        with fail_together(self.parallel):
+            for index, item in zip(mine, self._stream([self.pairs[i] for i in mine], label)):
+                local.append((index, self._survey_one(stage, item.pair, item.delta)))
+            everything = self._gather(stage, local)
+        survey = _Survey()
+        for pair, outcome in zip(self.pairs, everything):
+            if outcome.changed_whole:
+                survey.changed_whole.append(pair)
+            elif outcome.unchanged:
                 report.unchanged.append(pair.name)
-                continue
-            survey.delta_fro[pair.name] = delta_fro
-            matrix = peft_orientation(item.delta, target.kind)
-            if self.choice.needs_spectra:
-                survey.spectra[pair.name] = self._spectrum(matrix)
-            else:
-                rank = min(self.choice.rank, self.choice.cap(target.out_in))  # type: ignore[type-var]
-                report.matrices.append(self._factor(stage, target, matrix, rank, delta_fro, None))
+            elif outcome.delta_fro is not None:
+                survey.delta_fro[pair.name] = outcome.delta_fro
+                if outcome.spectrum is not None:
+                    survey.spectra[pair.name] = outcome.spectrum
+                if outcome.matrix is not None:
+                    report.matrices.append(outcome.matrix)
+                    self.owners[outcome.matrix.module] = outcome.owner
         return survey
+
+    def _survey_one(self, stage: FactorStage, pair: TensorPair, delta: torch.Tensor) -> _Outcome:
+        """Pass 1 for one pair: is it changed; its spectrum (energy / budget) or factors (fixed rank)."""
+        delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        target = self.by_name.get(pair.name)
+        if target is None:
+            return _Outcome(changed_whole=delta_fro > 0 or bool(pair.added_rows))
+        if delta_fro == 0.0:
+            return _Outcome(unchanged=True)
+        matrix = peft_orientation(delta, target.kind)
+        if self.choice.needs_spectra:
+            return _Outcome(delta_fro=delta_fro, spectrum=self._spectrum(matrix))
+        rank = min(self.choice.rank, self.choice.cap(target.out_in))  # type: ignore[type-var]
+        return replace(self._factored(stage, self._factor(stage, target, matrix, rank, delta_fro, None)),
+                       delta_fro=delta_fro)
 
     def _spectrum(self, matrix: torch.Tensor) -> np.ndarray:
         """All singular values, with those below the method's own rounding floor set to 0.
@@ -314,11 +363,20 @@ class _Extraction:
                     name=name, module=target.module, shape=tuple(target.pair.shape), kind=target.kind, rank=0,
                     delta_fro=survey.delta_fro[name], kept_energy=0.0, rel_error=1.0, parameters=0))
         pairs = [self.by_name[n].pair for n, r in ranks.items() if r > 0]
-        for item in self._stream(pairs, "pass 2/2: factors"):
-            target = self.by_name[item.pair.name]
-            matrix = peft_orientation(item.delta, target.kind)
-            report.matrices.append(self._factor(stage, target, matrix, ranks[target.pair.name],
-                                                survey.delta_fro[target.pair.name], survey.spectra[target.pair.name]))
+        mine = self._share(pairs)
+        local: list[tuple[int, _Outcome]] = []
+        with fail_together(self.parallel):
+            for index, item in zip(mine, self._stream([pairs[i] for i in mine], "pass 2/2: factors")):
+                target = self.by_name[item.pair.name]
+                name = target.pair.name
+                matrix = peft_orientation(item.delta, target.kind)
+                factored = self._factor(stage, target, matrix, ranks[name], survey.delta_fro[name], survey.spectra[name])
+                local.append((index, self._factored(stage, factored)))
+            everything = self._gather(stage, local)
+        for outcome in everything:
+            assert outcome.matrix is not None
+            report.matrices.append(outcome.matrix)
+            self.owners[outcome.matrix.module] = outcome.owner
 
     def assemble(self, stage: FactorStage, survey: _Survey, report: ExtractReport, save_modules: bool,
                  base_name: str) -> tuple[list[AdapterTensor], dict[str, Any]]:
@@ -328,8 +386,9 @@ class _Extraction:
         for target in lora:
             a_shape, b_shape, dtype = stage.shapes(target.module)
             a_key, b_key = adapter_keys(target.module, embedding=target.kind == "embedding")
-            tensors.append(AdapterTensor(a_key, a_shape, dtype, lambda m=target.module: stage.get(m, "A")))
-            tensors.append(AdapterTensor(b_key, b_shape, dtype, lambda m=target.module: stage.get(m, "B")))
+            owner = self.owners[target.module]
+            tensors.append(AdapterTensor(a_key, a_shape, dtype, lambda m=target.module: stage.get(m, "A"), owner))
+            tensors.append(AdapterTensor(b_key, b_shape, dtype, lambda m=target.module: stage.get(m, "B"), owner))
         whole = self._whole_tensors(survey, report, {t.module for t in lora}, save_modules)
         tensors += whole
         report.whole_parameters = sum(math.prod(t.shape) for t in whole)

@@ -33,8 +33,9 @@ from typing import Any, Callable
 import torch
 
 from deltakit.delta import ProgressFn, adapter_pairs, adopt, fetch, lora_delta, prefetched, resolve_device
+from deltakit.distributed import Parallel, barrier, gather_in_order, partition, shared_directory
 from deltakit.errors import DeltakitError
-from deltakit.io.atomic import atomic_directory, check_output_path
+from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.model_files import copy_model_files
 from deltakit.io.peft import LoraAdapter, LoraModule, open_adapter
@@ -42,6 +43,7 @@ from deltakit.io.writer import DEFAULT_SHARD_BYTES, BackgroundWriter, ShardedWri
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
 
+WRITER_THREADS = min(4, os.cpu_count() or 1)  # copying into the page cache is bound by one core per thread
 
 
 @dataclass
@@ -84,12 +86,15 @@ def merge(
     allow_pickle: bool = False,
     prefetch: int = 2,
     progress: ProgressFn | None = None,
+    parallel: Parallel = Parallel(),
 ) -> MergeReport:
     """Write ``base`` + scale · ΔW_adapter as a complete model folder at ``out``.
 
+    With ``parallel`` (under torchrun) each process merges and writes its share of the tensors.
     Example: ``merge("base", "my-lora", "merged", scale=0.5)``.
     """
-    return _apply("merge", base, adapter, out, +1.0, scale, device, force, allow_pickle, prefetch, progress)
+    return _apply("merge", base, adapter, out, +1.0, scale, device, force, allow_pickle, prefetch, progress,
+                  parallel=parallel)
 
 
 def unmerge(
@@ -104,6 +109,7 @@ def unmerge(
     allow_pickle: bool = False,
     prefetch: int = 2,
     progress: ProgressFn | None = None,
+    parallel: Parallel = Parallel(),
 ) -> MergeReport:
     """Write ``merged`` − scale · ΔW_adapter at ``out``; with ``check``, measure its distance from that base.
 
@@ -112,7 +118,7 @@ def unmerge(
     Example: ``unmerge("merged", "my-lora", "base-again", check="base").check_rel_fro``.
     """
     return _apply("unmerge", merged, adapter, out, -1.0, scale, device, force, allow_pickle, prefetch, progress,
-                  check=check, keep_replaced=keep_replaced)
+                  check=check, keep_replaced=keep_replaced, parallel=parallel)
 
 
 @dataclass(frozen=True)
@@ -130,13 +136,13 @@ class _Step:
 def _apply(
     operation: str, model: str | os.PathLike, adapter_path: str | os.PathLike, out: str | os.PathLike, sign: float,
     scale: float, device: str, force: bool, allow_pickle: bool, prefetch: int, progress: ProgressFn | None,
-    check: str | os.PathLike | None = None, keep_replaced: bool = False,
+    check: str | os.PathLike | None = None, keep_replaced: bool = False, parallel: Parallel = Parallel(),
 ) -> MergeReport:
     started = time.perf_counter()
     scale = float(scale)
     if not math.isfinite(scale):
         raise DeltakitError(f"scale must be a finite number, got {scale}")
-    compute_device = resolve_device(device)
+    compute_device = resolve_device(parallel.device if parallel.active else device)
     check_output_path(out, force)
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
     adapter = open_adapter(adapter_path, allow_pickle=allow_pickle)
@@ -163,30 +169,44 @@ def _apply(
     ]
     report.lora_modules, report.tensors = len(lora), len(steps)
     report.shard_bytes = shard_size_of(ckpt)
-    stats = _CheckStats()
-    with atomic_directory(out, force) as tmp:
-        writer = BackgroundWriter(
-            ShardedWriter(tmp, [(s.name, s.shape, s.dtype) for s in steps], max_shard_bytes=report.shard_bytes))
-        loaded = prefetched([_loader(step, ckpt, adapter, check_ckpt, compute_device) for step in steps], prefetch)
-        items = zip(steps, loaded)
+    # Each process merges and writes its share; the work is reading and writing bytes.
+    mine = partition([_bytes(step) for step in steps], parallel.world_size)[parallel.rank]
+    with shared_directory(out, force, parallel) as tmp:
+        plan = [(s.name, s.shape, s.dtype) for s in steps]
+        sharded = ShardedWriter(tmp, plan, max_shard_bytes=report.shard_bytes, create_files=parallel.is_main)
+        barrier(parallel)  # the files and their headers exist before anyone writes into them
+        writer = BackgroundWriter(sharded, workers=WRITER_THREADS)
+        loaded = prefetched([_loader(steps[i], ckpt, adapter, check_ckpt, compute_device) for i in mine], prefetch)
+        items = zip(mine, loaded)
         if progress is not None:
-            items = progress(items, len(steps), operation)
+            items = progress(items, len(mine), operation)
+        distances: list[tuple[int, _Distance]] = []
         try:
-            for step, (weight, factors, replacement, reference) in items:  # type: ignore[misc]
-                result = _one_tensor(step, weight, factors, replacement, sign * scale, compute_device)
+            for index, (weight, factors, replacement, reference) in items:  # type: ignore[misc]
+                step = steps[index]
+                result, ready = _one_tensor(step, weight, factors, replacement, sign * scale, compute_device)
                 if reference is not None:
-                    stats.add(step.name, result, reference, compute_device)
-                writer.write(step.name, result)
-            report.shards = len(writer.finish())
+                    distances.append((index, _distance(step.name, result, reference, compute_device, ready)))
+                    ready = None  # _distance waited for the copy and checked it
+                writer.write(step.name, result, ready)
+            report.shards = len(writer.finish(expected=[steps[i].name for i in mine], write_index=parallel.is_main))
         finally:
-            writer.close()  # never leave the thread writing into a folder being removed
-        copy_model_files(ckpt, Path(tmp))
+            writer.close()  # never leave a thread writing into a folder being removed
         if new_shapes:
-            report.vocab_size = _update_vocab_size(Path(tmp), ckpt, new_shapes)
+            report.vocab_size = max(shape[0] for shape in new_shapes.values())
+        if parallel.is_main:
+            copy_model_files(ckpt, Path(tmp))
+            if new_shapes:
+                _update_vocab_size(Path(tmp), report.vocab_size)
+        everyone = gather_in_order(distances, parallel)
     if check_ckpt is not None:
-        report.check_max_abs, report.check_rel_fro, report.check_worst = stats.result()
+        report.check_max_abs, report.check_rel_fro, report.check_worst = _summarise(everyone)
     report.elapsed_s = time.perf_counter() - started
     return report
+
+
+def _bytes(step: _Step) -> int:
+    return math.prod(step.shape) * torch.empty((), dtype=step.dtype).element_size()
 
 
 def _lora_steps(adapter: LoraAdapter, ckpt: Checkpoint) -> dict[str, tuple[TensorPair, LoraModule]]:
@@ -261,50 +281,83 @@ def _loader(step: _Step, ckpt: Checkpoint, adapter: LoraAdapter, check: Checkpoi
 
 
 def _one_tensor(step: _Step, weight: torch.Tensor | None, factors: tuple[torch.Tensor, torch.Tensor] | None,
-                replacement: torch.Tensor | None, signed_scale: float, device: torch.device) -> torch.Tensor:
-    """The output value of one tensor: copied, replaced whole, or W ± scale·ΔW in fp32 cast back."""
+                replacement: torch.Tensor | None, signed_scale: float,
+                device: torch.device) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """The output value of one tensor (copied, replaced whole, or W ± scale·ΔW in fp32 cast back).
+
+    Returns the tensor on the host and, for a GPU result still being copied there, a
+    ``ready`` function that waits for the copy and refuses non-finite values; it runs on the
+    writer's thread, so the GPU never waits for the host.
+    """
     if replacement is not None:  # merge starts from the adapter's copy (PEFT loads it before the LoRA)
         weight = replacement.to(step.dtype)
         _require_finite(step.name, weight, "replaced by the adapter, has")
     assert weight is not None
     if factors is None:
-        return weight
+        return weight, None
     pair, module = step.lora  # type: ignore[misc]
     weight = adopt(weight)
     lora_a, lora_b = (f.to(device, torch.float32) for f in factors)
     delta = lora_delta(lora_a, lora_b, module.scaling, module.embedding or pair.layout == "conv1d")
     result = (weight.to(device, torch.float32) + signed_scale * delta).to(step.dtype)
-    _require_finite(step.name, result, "gives")
-    return result.to("cpu")
+    if result.device.type != "cuda":
+        _require_finite(step.name, result, "gives")
+        return result, None
+    host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)
+    host.copy_(result, non_blocking=True)
+    finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+    finite.copy_(torch.isfinite(result).all(), non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def ready() -> None:
+        copied.synchronize()
+        if not bool(finite):
+            raise DeltakitError(_NOT_FINITE.format(name=step.name, verb="gives"))
+
+    return host, ready
+
+
+_NOT_FINITE = ("{name} {verb} non-finite values (inf or nan) after applying the adapter; nothing was written")
 
 
 def _require_finite(name: str, tensor: torch.Tensor, verb: str) -> None:
     """PEFT's safe_merge: never write inf / nan (e.g. a half-precision overflow)."""
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise DeltakitError(f"{name} {verb} non-finite values (inf or nan) after applying the adapter; nothing was "
-                            "written")
+        raise DeltakitError(_NOT_FINITE.format(name=name, verb=verb))
 
 
-class _CheckStats:
-    """Running distance of the output from a reference model: max |Δ| and relative Frobenius."""
+@dataclass(frozen=True)
+class _Distance:
+    """One output tensor against the --check model: max |Δ|, ‖Δ‖², ‖W_ref‖²."""
 
-    def __init__(self) -> None:
-        self.max_abs, self.diff_sq, self.ref_sq, self.worst = 0.0, 0.0, 0.0, None
+    name: str
+    max_abs: float
+    diff_sq: float
+    ref_sq: float
 
-    def add(self, name: str, result: torch.Tensor, reference: torch.Tensor, device: torch.device) -> None:
-        if not (result.is_floating_point() and reference.is_floating_point()):
-            return
-        ref = reference.to(device, torch.float64)
-        diff = result.to(device, torch.float64) - ref
-        max_abs = float(diff.abs().max()) if diff.numel() else 0.0
-        if self.worst is None or max_abs > self.max_abs:
-            self.max_abs, self.worst = max_abs, name
-        self.diff_sq += float(torch.sum(diff * diff))
-        self.ref_sq += float(torch.sum(ref * ref))
 
-    def result(self) -> tuple[float, float, str | None]:
-        rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else (0.0 if self.diff_sq == 0 else math.inf)
-        return self.max_abs, rel, self.worst
+def _distance(name: str, result: torch.Tensor, reference: torch.Tensor, device: torch.device,
+              ready: Callable[[], None] | None) -> _Distance:
+    if ready is not None:
+        ready()
+    if not (result.is_floating_point() and reference.is_floating_point()):
+        return _Distance(name, 0.0, 0.0, 0.0)
+    ref = reference.to(device, torch.float64)
+    diff = result.to(device, torch.float64) - ref
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    return _Distance(name, max_abs, float(torch.sum(diff * diff)), float(torch.sum(ref * ref)))
+
+
+def _summarise(distances: list[_Distance]) -> tuple[float, float, str | None]:
+    """max |Δ|, sqrt(Σ‖Δ‖² / Σ‖W_ref‖²) and the worst tensor, summed in model order."""
+    max_abs, worst = 0.0, None
+    for d in distances:
+        if worst is None or d.max_abs > max_abs:
+            max_abs, worst = d.max_abs, d.name
+    diff_sq, ref_sq = sum(d.diff_sq for d in distances), sum(d.ref_sq for d in distances)
+    rel = math.sqrt(diff_sq / ref_sq) if ref_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
+    return max_abs, rel, worst
 
 
 def shard_size_of(ckpt: Checkpoint) -> int:
@@ -318,14 +371,12 @@ def shard_size_of(ckpt: Checkpoint) -> int:
     return max(sizes.values())
 
 
-def _update_vocab_size(folder: Path, ckpt: Checkpoint, grown: dict[str, tuple[int, ...]]) -> int | None:
-    """A carried embedding grew the vocabulary: make config.json's vocab_size say so."""
+def _update_vocab_size(folder: Path, rows: int) -> None:
+    """A carried embedding grew the vocabulary to ``rows``: make config.json's vocab_size say so."""
     config_path = folder / "config.json"
-    rows = max(shape[0] for shape in grown.values())
     if not config_path.is_file():
-        return rows
+        return
     config = json.loads(config_path.read_text())
     if isinstance(config.get("vocab_size"), int) and config["vocab_size"] < rows:
         config["vocab_size"] = rows
         config_path.write_text(json.dumps(config, indent=2) + "\n")
-    return rows
