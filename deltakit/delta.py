@@ -14,9 +14,11 @@ Example::
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
-import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -73,46 +75,31 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fan_i
     return delta.T if fan_in_fan_out else delta
 
 
-def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2) -> Iterator[object]:
-    """Yield ``producer()`` for each producer in order, running up to ``depth`` ahead on a thread.
+def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2, workers: int = 1) -> Iterator[object]:
+    """Yield ``producer()`` for each producer in order, running up to ``depth`` ahead on ``workers`` threads.
 
-    An exception in a producer is re-raised in the consumer at its position.
+    An exception in a producer is re-raised in the consumer at its position. Several workers
+    help where one thread cannot read as fast as the machine can (copies out of the page cache
+    are bound by one core per thread).
     """
     if depth <= 0:
         for produce in producers:
             yield produce()
         return
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work() -> None:
-        for produce in producers:
-            if stop.is_set():
-                return
-            try:
-                item: tuple[bool, object] = (True, produce())
-            except BaseException as exc:  # handed to the consumer
-                item = (False, exc)
-            while not stop.is_set():
-                try:
-                    slots.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if not item[0]:
-                return
-
-    thread = threading.Thread(target=work, name="deltakit-prefetch", daemon=True)
-    thread.start()
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="deltakit-prefetch")
+    waiting = iter(producers)
+    ahead: collections.deque[Future] = collections.deque(pool.submit(p) for p in itertools.islice(waiting, depth))
     try:
-        for _ in producers:
-            ok, value = slots.get()
-            if not ok:
-                raise value  # type: ignore[misc]
+        while ahead:
+            value = ahead.popleft().result()
+            following = next(waiting, None)
+            if following is not None:
+                ahead.append(pool.submit(following))
             yield value
     finally:
-        stop.set()
-        thread.join(timeout=5)
+        for future in ahead:  # the consumer stopped early: start nothing new
+            future.cancel()
+        pool.shutdown(wait=True)
 
 
 _copy_streams = threading.local()

@@ -154,6 +154,57 @@ def test_background_writer_writes_everything_and_reraises(tmp_path):
         failing.finish()
 
 
+def test_threaded_writes_in_shard_interleaved_order_give_the_same_files(tmp_path):
+    """Four writer threads, tensors round-robin over the shards: the bytes equal a plain sequential write."""
+    from deltakit.io.writer import BackgroundWriter
+
+    ts = {f"layer{i}.w": torch.randn(64, 32 + i) for i in range(12)}
+    plan = [(n, tuple(t.shape), t.dtype) for n, t in ts.items()]
+    (tmp_path / "one").mkdir()
+    ShardedWriter(tmp_path / "one", plan, max_shard_bytes=30_000)  # makes the files; the next one attaches
+    sequential = ShardedWriter(tmp_path / "one", plan, max_shard_bytes=30_000, create_files=False)
+    for name, t in ts.items():
+        sequential.write(name, t)
+    sequential.finish()
+    (tmp_path / "many").mkdir()
+    writer = ShardedWriter(tmp_path / "many", plan, max_shard_bytes=30_000)
+    order = writer.interleaved(ts)
+    assert sorted(order) == sorted(ts) and len(writer.shards) >= 3
+    shard_of = {t.name: i for i, shard in enumerate(writer.shards) for t in shard}
+    assert [shard_of[n] for n in order[:3]] == [0, 1, 2]  # consecutive writes go to different files
+    background = BackgroundWriter(writer, depth=4, workers=4)
+    for name in order:
+        background.write(name, ts[name])
+    background.finish()
+    for a in sorted((tmp_path / "one").iterdir()):
+        assert a.read_bytes() == (tmp_path / "many" / a.name).read_bytes(), a.name
+
+
+def test_prefetched_keeps_order_and_raises_at_the_failing_position():
+    import threading
+
+    from deltakit.delta import prefetched
+
+    threads = set()
+
+    def producer(i):
+        def produce():
+            threads.add(threading.current_thread().name)
+            if i == 7:
+                raise KeyError(i)
+            return i * i
+        return produce
+
+    assert list(prefetched([producer(i) for i in range(7)], depth=3, workers=3)) == [i * i for i in range(7)]
+    assert len(threads) > 1  # the work was spread over several threads
+    seen = []
+    with pytest.raises(KeyError):
+        for value in prefetched([producer(i) for i in range(10)], depth=3, workers=2):
+            seen.append(value)
+    assert seen == [i * i for i in range(7)]
+    assert list(prefetched([producer(i) for i in range(3)], depth=0)) == [0, 1, 4]
+
+
 def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
     """A hub id already in the Hugging Face cache opens; deltakit never downloads."""
     import huggingface_hub  # noqa: F401  (comes with transformers, a test dependency)

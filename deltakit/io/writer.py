@@ -27,6 +27,9 @@ import torch
 from deltakit.errors import DeltakitError
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+# Threads for reading or writing many tensors: a copy into or out of the page cache is bound by
+# one core per thread, so a few threads on different files are several times faster than one.
+IO_THREADS = min(4, os.cpu_count() or 1)
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -112,6 +115,18 @@ class ShardedWriter:
             for t in shard:
                 begin = header[t.name]["data_offsets"][0]  # type: ignore[index]
                 self._where[t.name] = (path, start + begin, t)
+
+    def interleaved(self, names: Iterable[str]) -> list[str]:
+        """``names`` reordered round-robin over the shards they go to (each shard's own order kept).
+
+        Writing in this order keeps concurrent writers on different files: on Linux, buffered
+        writes into one file largely serialise, writes into different files do not.
+        """
+        by_shard: dict[Path, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self._where[name][0], []).append(name)
+        queues = list(by_shard.values())
+        return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write one planned tensor's bytes at its place (any order, each exactly once)."""

@@ -39,11 +39,9 @@ from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.model_files import copy_model_files
 from deltakit.io.peft import LoraAdapter, LoraModule, open_adapter
-from deltakit.io.writer import DEFAULT_SHARD_BYTES, BackgroundWriter, ShardedWriter
+from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter, ShardedWriter
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
-
-WRITER_THREADS = min(4, os.cpu_count() or 1)  # copying into the page cache is bound by one core per thread
 
 
 @dataclass
@@ -175,8 +173,11 @@ def _apply(
         plan = [(s.name, s.shape, s.dtype) for s in steps]
         sharded = ShardedWriter(tmp, plan, max_shard_bytes=report.shard_bytes, create_files=parallel.is_main)
         barrier(parallel)  # the files and their headers exist before anyone writes into them
-        writer = BackgroundWriter(sharded, workers=WRITER_THREADS)
-        loaded = prefetched([_loader(steps[i], ckpt, adapter, check_ckpt, compute_device) for i in mine], prefetch)
+        writer = BackgroundWriter(sharded, depth=IO_THREADS, workers=IO_THREADS)
+        position = {step.name: i for i, step in enumerate(steps)}
+        mine = [position[name] for name in sharded.interleaved(steps[i].name for i in mine)]
+        loaders = [_loader(steps[i], ckpt, adapter, check_ckpt, compute_device) for i in mine]
+        loaded = prefetched(loaders, max(prefetch, IO_THREADS) if prefetch > 0 else 0, workers=IO_THREADS)
         items = zip(mine, loaded)
         if progress is not None:
             items = progress(items, len(mine), operation)
