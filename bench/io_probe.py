@@ -26,6 +26,17 @@ def report(label: str, nbytes: int, seconds: float) -> None:
                       "GB_per_s": round(nbytes / seconds / 1e9, 2)}), flush=True)
 
 
+def on_threads(work, threads: int) -> float:
+    """Run ``work`` on ``threads`` threads at once; the seconds until all are done."""
+    start = time.perf_counter()
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start
+
+
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         written = os.pwrite(fd, data, offset)
@@ -56,13 +67,7 @@ def write_threads(folder: Path, total: int, threads: int, files: int) -> float:
             finally:
                 os.close(fd)
 
-    start = time.perf_counter()
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return time.perf_counter() - start
+    return on_threads(work, threads)
 
 
 def read_pinned(paths: list[Path], threads: int, pin: bool) -> tuple[int, float]:
@@ -90,13 +95,7 @@ def read_pinned(paths: list[Path], threads: int, pin: bool) -> tuple[int, float]
             finally:
                 os.close(fd)
 
-    start = time.perf_counter()
-    workers = [threading.Thread(target=work) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return total, time.perf_counter() - start
+    return total, on_threads(work, threads)
 
 
 def copies(device: torch.device) -> None:
