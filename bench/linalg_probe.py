@@ -32,9 +32,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eig-sizes", default="", help="also time Gram+eigvalsh of n×n matrices, e.g. 2048,8192")
+    parser.add_argument("--concurrency", action="store_true",
+                        help="only time 8 eigvalsh of 4096² one after another, batched, and on 2-4 threads / streams")
     args = parser.parse_args()
     device = torch.device(args.device)
     g = torch.Generator(device=device).manual_seed(0)
+    if args.concurrency:
+        concurrency(device, g)
+        return
     for size in [int(s) for s in args.eig_sizes.split(",") if s]:
         square = torch.randn(size, size, device=device, generator=g)
         timed(f"gram+eigvalsh {size}x{size}", lambda: singular_values(square, "gram"), device, 2)
@@ -56,6 +61,37 @@ def main() -> None:
         timed(f"cholesky qr2 {max(m, n)}x128", lambda: orthonormal_basis(tall), device)
         timed(f"randomized svd r64 {tag}", lambda: randomized_svd(matrix, 64, oversample=64, power_iterations=4),
               device)
+
+
+def concurrency(device: torch.device, g: torch.Generator, count: int = 8, n: int = 4096) -> None:
+    """Can several eigendecompositions share the GPU better than one at a time?"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    grams = []
+    for _ in range(count):
+        m = torch.randn(n, n, device=device, generator=g)
+        grams.append(m.T @ m)
+    timed(f"{count} x eigvalsh {n}, one after another", lambda: [torch.linalg.eigvalsh(x) for x in grams], device, 2)
+    stacked = torch.stack(grams[:4])
+    timed(f"{count} x eigvalsh {n}, batched by 4", lambda: [torch.linalg.eigvalsh(stacked) for _ in range(count // 4)],
+          device, 2)
+    if device.type != "cuda":
+        return
+    for threads in (2, 4):
+        streams = [torch.cuda.Stream(device) for _ in range(threads)]
+
+        def on_stream(i: int) -> None:
+            with torch.cuda.stream(streams[i % threads]):
+                torch.linalg.eigvalsh(grams[i])
+            streams[i % threads].synchronize()
+
+        with ThreadPoolExecutor(threads) as pool:
+            timed(f"{count} x eigvalsh {n}, {threads} threads, a stream each",
+                  lambda: list(pool.map(on_stream, range(count))), device, 2)
+    for driver in ("gesvdj", "gesvda"):
+        square = torch.randn(n, n, device=device, generator=g)
+        timed(f"svd driver={driver} {n}x{n} (values only used)",
+              lambda: torch.linalg.svd(square, full_matrices=False, driver=driver), device, 1)
 
 
 if __name__ == "__main__":
