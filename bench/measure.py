@@ -4,6 +4,7 @@
     python -m bench.measure -- mergekit-extract-lora --model FT --base-model BASE ...
     python -m bench.measure -- python -m bench.baselines rank BASE FT
     python -m bench.measure --check -- deltakit extract --rank --json   # is it there, with these flags?
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m bench.measure --worker -- deltakit rank ...
 
 The last stdout line is ``{"bench_measure": 1, "rc": .., "wall_s": .., "max_rss_mb": ..,
 "gpu_peak_mb": ..}``: wall_s is the command alone (imports of the command's module
@@ -15,6 +16,12 @@ folder is imported as ``deltakit_cli`` as the editable install would). A click c
 called with ``standalone_mode=False``; a plain ``main()`` is called as the console script
 would call it, with sys.argv set and its SystemExit caught. ``--check`` looks the
 subcommand and flags up on the click group beside such a ``main()``.
+
+``--worker`` runs the command the same way and prints nothing of its own (its exit code is
+the command's): the entry point of torchrun's worker processes, so that they resolve
+``deltakit`` (and ``deltakit_cli``) exactly as above, installed or not. The outer
+``bench.measure`` around torchrun reports wall time and RSS; the workers' GPU memory is not
+reported by anyone.
 """
 
 from __future__ import annotations
@@ -184,13 +191,20 @@ def gpu_peak_mb() -> tuple[float, float]:
 
 def main(args: list[str]) -> int:
     check = args[:1] == ["--check"]
-    if check:
+    worker = args[:1] == ["--worker"]
+    if check or worker:
         args = args[1:]
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
         print(__doc__, file=sys.stderr)
         return 2
+    if worker:
+        try:
+            return _invoke(args)
+        except NotAvailable as exc:
+            print(f"not available: {exc}", file=sys.stderr)
+            return 127
     if check:
         try:
             check_available(args)

@@ -10,6 +10,8 @@ Rows: ``deltakit rank|extract|merge`` (the lead's commands, with exactly the fla
 baseline (a) the plain per-matrix loop (bench/baselines.py) for the same three operations,
 baseline (b) ``mergekit-extract-lora`` when mergekit is importable. A command that is not
 there (yet), or lacks one of its flags, gets a "not available" row instead of failing the run.
+``--processes 2`` (or ``1,2``, ...) adds ``deltakit-rank|extract|merge-x2``: the same deltakit
+command in 2 processes under torchrun, scored like its 1-process row, with its speedup over it.
 See bench/README.md and docs/benchmarks.md.
 """
 
@@ -19,6 +21,8 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -61,6 +65,10 @@ class Job:
     merged: Path | None = None        # the merged model it writes, checked afterwards
     merge_adapter: Path | None = None
     notes: list[str] = field(default_factory=list)
+    processes: int = 1                # > 1: run under torchrun with this many worker processes
+    checks: list[list[str]] | None = None  # command lines to ask "is it there?" (default: argv)
+    # adapters to merge instead when merge_adapter is absent, first present wins: (folder, note)
+    fallback_adapters: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -116,15 +124,53 @@ def plan_jobs(work: Path, args: argparse.Namespace) -> list[Job]:
                 if tool == "deltakit" else
                 ["python", "-m", "bench.baselines", "merge", str(base), str(adapter), "-o", str(merged),
                  "--device", device])
+        fallbacks = ([(plain_adapter, "merged the plain loop's adapter: deltakit extract made none")]
+                     if tool == "deltakit" else [])
         jobs.append(Job(key, label, tool, "merge", argv, weight_files(base), [merged], merged=merged,
-                        merge_adapter=adapter))
+                        merge_adapter=adapter, fallback_adapters=fallbacks))
+    jobs = [variant for job in jobs for variant in [job, *multi_process_jobs(job, runs, args.processes or [])]]
     keys = {job.key for job in jobs}
     for name in (args.only or []) + (args.skip or []):
         if name not in keys:
-            raise SystemExit(f"unknown row {name!r}; rows are: {', '.join(sorted(keys))}")
-    if args.only:
-        jobs = [job for job in jobs if job.key in args.only]
+            hint = " (an -xN row needs --processes N)" if MULTI_KEY.match(name) else ""
+            raise SystemExit(f"unknown row {name!r}{hint}; rows are: {', '.join(sorted(keys))}")
+    if args.only:  # a deltakit row named there brings its -xN rows along
+        jobs = [job for job in jobs if job.key in args.only or MULTI_KEY.sub(r"\1", job.key) in args.only]
     return [job for job in jobs if job.key not in (args.skip or [])]
+
+
+MULTI_KEY = re.compile(r"^(deltakit-(?:rank|extract|merge))-x(\d+)$")
+TORCHRUN = ["python", "-m", "torch.distributed.run", "--standalone"]
+WORKER = ["-m", "bench.measure", "--worker", "--"]
+
+
+def multi_process_jobs(job: Job, runs: Path, processes: list[int]) -> list[Job]:
+    """deltakit's rank / extract / merge row again under torchrun, once for each N > 1.
+
+    Outputs go to their own paths (``...-xN``); merge-xN merges the 1-process adapter, else
+    extract-xN's, else the plain loop's. The workers run ``python -m bench.measure --worker --
+    deltakit ...``, which imports ``deltakit_cli`` from ``cli/`` even when deltakit is not installed.
+    """
+    if job.tool != "deltakit" or job.key != f"deltakit-{job.op}":
+        return []
+    variants = []
+    for n in (n for n in processes if n > 1):
+        tag = f"-x{n}"
+        renamed = {path: path.with_name(path.stem + tag + path.suffix) for path in job.outputs}
+        argv = [str(renamed[Path(a)]) if Path(a) in renamed else a for a in job.argv]
+        moved = lambda path: renamed.get(path, path) if path is not None else None  # noqa: E731
+        fallbacks = job.fallback_adapters
+        if job.op == "merge":
+            own = runs / f"deltakit-adapter{tag}"
+            fallbacks = [(own, f"merged its own adapter (deltakit extract, {n} processes): "
+                               "the 1-process deltakit extract made none"), *fallbacks]
+        variants.append(Job(
+            f"{job.key}{tag}", f"{job.label} ({n} processes)", job.tool, job.op,
+            [*TORCHRUN, "--nproc_per_node", str(n), *WORKER, *argv], list(job.reads), list(renamed.values()),
+            adapter=moved(job.adapter), self_report=moved(job.self_report), merged=moved(job.merged),
+            merge_adapter=job.merge_adapter, processes=n, fallback_adapters=fallbacks,
+            checks=[argv, ["python", "-m", "torch.distributed.run"]]))
+    return variants
 
 
 def log(message: str) -> None:
@@ -168,19 +214,21 @@ def floor_seconds(read_bytes: int, write_bytes: int, bandwidth: dict[str, object
 def run_job(job: Job, work: Path, args: argparse.Namespace, bandwidth: dict[str, object]) -> dict[str, object]:
     row: dict[str, object] = {"key": job.key, "label": job.label, "tool": job.tool, "op": job.op,
                               "argv": shlex.join(job.argv), "notes": list(job.notes)}
-    available, reason = runner.check_available(job.argv, args.python)
-    if not available:
-        row["status"] = "not available"
-        row["notes"].append(f"not available: {reason}")
-        log(f"[{job.key}] not available: {reason}")
-        return row
+    for argv in job.checks or [job.argv]:
+        available, reason = runner.check_available(argv, args.python)
+        if not available:
+            row["status"] = "not available"
+            row["notes"].append(f"not available: {reason}")
+            log(f"[{job.key}] not available: {reason}")
+            return row
     if job.merge_adapter is not None and not (job.merge_adapter / "adapter_config.json").is_file():
-        fallback = work / "runs" / "plain-adapter"
-        if job.tool == "deltakit" and (fallback / "adapter_config.json").is_file():
+        fallback, note = next(((f, n) for f, n in job.fallback_adapters if (f / "adapter_config.json").is_file()),
+                              (None, ""))
+        if fallback is not None:
             job.argv = [str(fallback) if a == str(job.merge_adapter) else a for a in job.argv]
             job.merge_adapter = fallback
             row["argv"] = shlex.join(job.argv)
-            row["notes"].append("merged the plain loop's adapter: deltakit extract made none")
+            row["notes"].append(note)
         else:
             row["status"] = "not available"
             row["notes"].append(f"needs the adapter {job.merge_adapter.name}, which no earlier row produced")
@@ -193,7 +241,8 @@ def run_job(job: Job, work: Path, args: argparse.Namespace, bandwidth: dict[str,
         machine.drop_from_cache(job.reads)
     row["inputs_resident"] = machine.resident_fraction(job.reads)
     log(f"[{job.key}] {shlex.join(job.argv)}")
-    result = runner.run_measured(job.argv, work / "logs" / job.key, args.timeout, args.python)
+    result = runner.run_measured(job.argv, work / "logs" / job.key, args.timeout, args.python,
+                                 tree=job.processes > 1)
     read_bytes = sum(p.stat().st_size for p in job.reads)
     write_bytes = sum(tree_bytes(p) for p in job.outputs)
     row.update({
@@ -205,6 +254,8 @@ def run_job(job: Job, work: Path, args: argparse.Namespace, bandwidth: dict[str,
         "floor_s": floor_seconds(read_bytes, write_bytes, bandwidth), "stderr_tail": result.stderr_tail,
         "read_bytes_per_s": bandwidth["read"]["bytes_per_s"], "write_bytes_per_s": bandwidth["write"]["bytes_per_s"],
     })
+    if job.processes > 1:
+        describe_processes(job, row, result)
     if result.timed_out:
         row["status"] = f"timeout > {args.timeout:g} s"
     elif result.rc == 127 and result.measure.get("error"):
@@ -213,11 +264,40 @@ def run_job(job: Job, work: Path, args: argparse.Namespace, bandwidth: dict[str,
     elif result.rc != 0:
         row["status"] = f"failed (rc {result.rc})"
         last = [line for line in result.stderr_tail.splitlines() if line.strip()]
+        if job.processes > 1:  # torchrun ends with its own long summary: the workers' "Error: ..." says more
+            last = worker_errors(work / "logs" / f"{job.key}.err") or last
         row["notes"].append(f"failed: {last[-1] if last else 'no output'} (log: {work / 'logs' / job.key}.err)")
     else:
         row["status"] = "ok"
     log(f"[{job.key}] {row['status']} in {result.wall_s:.2f} s (floor {row['floor_s']:.3f} s)")
     return row
+
+
+def worker_errors(log_path: Path) -> list[str]:
+    """The workers' ``Error: ...`` lines in a torchrun row's log, the cause last (not "process N failed")."""
+    try:
+        lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return []
+    errors = [line for line in lines if line.startswith("Error: ")]
+    return sorted(errors, key=lambda line: bool(re.match(r"Error: process \d+ failed", line)), reverse=True)
+
+
+def describe_processes(job: Job, row: dict[str, object], result: runner.ChildResult) -> None:
+    """What a torchrun row's numbers mean; GPU peak unknown (the outer bench.measure is torchrun's launcher)."""
+    row["processes"] = job.processes
+    row["gpu_peak_mb"] = row["gpu_peak_allocated_mb"] = None
+    row["peak_anon_total_mb"], row["peak_file_total_mb"] = result.peak_anon_total_mb, result.peak_file_total_mb
+    row["max_processes_seen"] = result.max_processes
+    row["notes"].append(
+        f"{job.processes} processes under torchrun (--standalone; each runs `python -m bench.measure --worker -- "
+        f"deltakit {job.op} ...`); peak GPU memory unknown: the workers' is not measured")
+    if isinstance(result.peak_anon_total_mb, (int, float)):
+        row["notes"].append(
+            f"peak RSS is the largest single process (wait4); summed over the launcher and its workers "
+            f"({result.max_processes} processes seen) anon peaked at {result.peak_anon_total_mb / 1024:.2f} GB")
+    if "OMP_NUM_THREADS" not in os.environ:
+        row["notes"].append("torchrun set OMP_NUM_THREADS=1 in each worker (it was unset)")
 
 
 def score(job: Job, row: dict[str, object], work: Path, args: argparse.Namespace) -> None:
@@ -278,6 +358,56 @@ def score(job: Job, row: dict[str, object], work: Path, args: argparse.Namespace
                                 f"(min {ranks[0]}, max {ranks[-1]}, {len(ranks)} matrices)")
 
 
+def cross_check_multi_rank(work: Path, rows: list[dict[str, object]]) -> None:
+    """Each deltakit-rank-xN report's rank_at against the 1-process deltakit rank's, per matrix."""
+    by_key = {row["key"]: row for row in rows}
+    if by_key.get("deltakit-rank", {}).get("status") != "ok":
+        return
+    for row in rows:
+        match = MULTI_KEY.match(row["key"])
+        if not match or match.group(1) != "deltakit-rank" or row.get("status") != "ok":
+            continue
+        try:
+            def rank_at(name: str) -> dict[str, object]:
+                matrices = json.loads((work / "runs" / name).read_text())["matrices"]
+                return {m["name"]: m.get("rank_at") for m in matrices}
+
+            ours, single = rank_at(f"{row['key']}.json"), rank_at("deltakit-rank.json")
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            row["notes"].append(f"not compared with the 1-process report (unexpected JSON: {exc!r})")
+            continue
+        equal = sum(ours.get(name) == value for name, value in single.items())
+        row["rank_check"] = {"matrices": len(single), "equal_to_one_process": equal,
+                             "names_equal": sorted(ours) == sorted(single)}
+        row["notes"].append(f"its rank_at equals the 1-process report's on {equal} of {len(single)} matrices"
+                            + ("" if sorted(ours) == sorted(single) else "; the matrix names differ"))
+
+
+def add_scaling(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """speedup = the 1-process row's wall time ÷ the -xN row's, in each -xN row and as a list."""
+    by_key = {row["key"]: row for row in rows}
+    scaling = []
+    for row in rows:
+        match = MULTI_KEY.match(row["key"])
+        if not match:
+            continue
+        row["notes"] = [n for n in row.get("notes", []) if not n.startswith("scaling:")]
+        row.pop("scaling", None)
+        one = by_key.get(match.group(1), {})
+        n = int(match.group(2))
+        if row.get("status") != "ok" or one.get("status") != "ok" or not row.get("wall_s"):
+            row["notes"].append(f"scaling: no speedup (this row {row.get('status')}, "
+                                f"the 1-process row {one.get('status', 'not run')})")
+            continue
+        entry = {"op": row["op"], "processes": n, "key": row["key"], "wall_s": row["wall_s"],
+                 "one_process_wall_s": one["wall_s"], "speedup": one["wall_s"] / row["wall_s"]}
+        row["scaling"] = entry
+        scaling.append(entry)
+        row["notes"].append(f"scaling: 1 process {one['wall_s']:.2f} s, {n} processes {row['wall_s']:.2f} s: "
+                            f"speedup {entry['speedup']:.2f}× (ideal {n}×)")
+    return scaling
+
+
 def cross_check_rank(work: Path, rows: list[dict[str, object]]) -> None:
     """deltakit rank's rank_at["0.9"] (docs/json.md) against the plain loop's exact svdvals, per matrix."""
     by_key = {row["key"]: row for row in rows}
@@ -323,7 +453,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-workdir", action="store_true", help="keep a temp workdir")
     parser.add_argument("--keep-outputs", action="store_true", help="keep merged models (they are as big as the base)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the child processes")
+    parser.add_argument("--processes", type=process_counts, default=None, metavar="N[,N...]",
+                        help="also time deltakit rank/extract/merge in N processes under torchrun "
+                             "(rows deltakit-OP-xN, one GPU per process; gloo with --device cpu); 1 is the plain rows")
     return parser.parse_args(argv)
+
+
+def process_counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(word) for word in text.split(",") if word.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of process counts: {text!r}") from None
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"process counts must be ≥ 1: {text!r}")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = pair_spec(shape, delta_from_args(args), args.shard_bytes)
 
         def result_of(rows: list[dict]) -> dict[str, object]:
+            rows = merge_earlier(args, spec, rows)
+            extra = {"processes": args.processes, "scaling": add_scaling(rows)} if args.processes else {}
             return {
                 "preset": args.preset, "device": args.device, "rank": args.rank, "cache": args.cache,
                 "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -358,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                          "base_files": generated["base"]["files"], "ft_bytes": generated["ft"]["bytes"],
                          "generate_s": generated.get("seconds"), "reused": generated.get("reused"),
                          "generate_device": generated.get("device")},
-                "rows": merge_earlier(args, spec, rows),
+                "rows": rows, **extra,
             }
 
         rows = []
@@ -368,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             write_outputs(args.out, result_of(rows))  # a run cut short still leaves what it measured
         cross_check_rank(work, rows)
+        cross_check_multi_rank(work, rows)
         result = result_of(rows)
         write_outputs(args.out, result)
         print(report.markdown_report(result))
@@ -376,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         if temporary and not args.keep_workdir:
             shutil.rmtree(work, ignore_errors=True)
         elif (work / SPEC_FILE).exists() and not args.keep_outputs:
-            for merged in (work / "runs").glob("*-merged"):
+            for merged in [*(work / "runs").glob("*-merged"), *(work / "runs").glob("*-merged-x*")]:
                 remove(merged)
 
 
@@ -388,7 +534,14 @@ def combine_rows(earlier: list[dict], later: list[dict]) -> list[dict]:
     """Rows of both, a later row replacing an earlier one with the same key, in the table's order."""
     by_key = {row["key"]: row for row in earlier}
     by_key.update({row["key"]: row for row in later})
-    return sorted(by_key.values(), key=lambda r: ROW_ORDER.index(r["key"]) if r["key"] in ROW_ORDER else len(ROW_ORDER))
+    return sorted(by_key.values(), key=lambda r: _row_position(r["key"]))
+
+
+def _row_position(key: str) -> tuple[int, int]:
+    """A row's place in the table: ROW_ORDER, each deltakit-OP-xN right after deltakit-OP, by N."""
+    match = MULTI_KEY.match(key)
+    base, n = (match.group(1), int(match.group(2))) if match else (key, 0)
+    return (ROW_ORDER.index(base) if base in ROW_ORDER else len(ROW_ORDER), n)
 
 
 def merge_earlier(args: argparse.Namespace, spec: dict[str, object], rows: list[dict]) -> list[dict]:

@@ -5,6 +5,11 @@ or a baseline's, starts from a fresh interpreter with nothing cached. From out h
 time (interpreter start and imports included), the child's peak RSS from ``wait4``, and its
 peak anonymous / file-backed RSS sampled from /proc every 50 ms (mapped safetensors pages
 count in RSS; the anonymous part is what the command really allocated).
+
+With ``tree=True`` (a command that starts worker processes, e.g. under torchrun) the /proc
+samples cover the child and all its descendants: the peaks per process (largest single
+process, as wait4's ``ru_maxrss`` is) and summed over them; ``--timeout`` kills them all,
+though torchrun starts its workers in sessions of their own.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ class ChildResult:
     peak_anon_mb: float | None = None
     peak_file_mb: float | None = None
     stderr_tail: str = ""
+    # with tree=True: peaks of the sums over the child and its descendants, and how many were seen at once
+    peak_anon_total_mb: float | None = None
+    peak_file_total_mb: float | None = None
+    max_processes: int | None = None
 
 
 def _proc_rss(pid: int) -> tuple[float, float] | None:
@@ -57,31 +66,77 @@ def _proc_rss(pid: int) -> tuple[float, float] | None:
     return values.get("RssAnon", 0.0), values.get("RssFile", 0.0) + values.get("RssShmem", 0.0)
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, their children, ...), from every /proc/N/stat's ppid."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def _kill_tree(pid: int, below: list[int]) -> None:
+    """SIGKILL the child's process group and each descendant's (torchrun's workers lead their own)."""
+    for target in dict.fromkeys([pid, *below]):
+        for kill in (os.killpg, os.kill):
+            try:
+                kill(target, signal.SIGKILL)
+                break
+            except (ProcessLookupError, PermissionError):
+                continue
+
+
 def run_measured(argv: list[str], log_prefix: Path, timeout_s: float | None = None,
-                 python: str = sys.executable) -> ChildResult:
-    """Run ``python -m bench.measure -- argv``; stdout/stderr go to ``log_prefix``.{out,err}."""
+                 python: str = sys.executable, tree: bool = False) -> ChildResult:
+    """Run ``python -m bench.measure -- argv``; stdout/stderr go to ``log_prefix``.{out,err}.
+
+    ``tree``: sample (and on timeout kill) the child's descendants too, not the child alone.
+    """
     command = [python, "-m", "bench.measure", "--", *argv]
     out_path, err_path = log_prefix.with_suffix(".out"), log_prefix.with_suffix(".err")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=child_env(), stdout=out, stderr=err,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        peaks = {"anon": 0.0, "file": 0.0}
+        peaks = {"anon": 0.0, "file": 0.0, "anon_total": 0.0, "file_total": 0.0, "processes": 0}
         done = threading.Event()
         timed_out = threading.Event()
 
         def watch() -> None:
+            below: list[int] = []
+            ticks = 0
             while not done.wait(0.05):
-                sample = _proc_rss(proc.pid)
-                if sample:
-                    peaks["anon"] = max(peaks["anon"], sample[0])
-                    peaks["file"] = max(peaks["file"], sample[1])
+                if tree and ticks % 10 == 0:  # look for new workers every 0.5 s
+                    below = _descendants(proc.pid)
+                ticks += 1
+                samples = [s for s in map(_proc_rss, [proc.pid, *below]) if s]
+                if samples:
+                    peaks["anon"] = max(peaks["anon"], *(s[0] for s in samples))
+                    peaks["file"] = max(peaks["file"], *(s[1] for s in samples))
+                    peaks["anon_total"] = max(peaks["anon_total"], sum(s[0] for s in samples))
+                    peaks["file_total"] = max(peaks["file_total"], sum(s[1] for s in samples))
+                    peaks["processes"] = max(peaks["processes"], len(samples))
                 if timeout_s and time.perf_counter() - start > timeout_s and not timed_out.is_set():
                     timed_out.set()
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    if tree:
+                        _kill_tree(proc.pid, _descendants(proc.pid))
+                    else:
+                        try:
+                            os.killpg(proc.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
@@ -104,6 +159,9 @@ def run_measured(argv: list[str], log_prefix: Path, timeout_s: float | None = No
         max_rss_mb=max(usage.ru_maxrss / 1024, float(measure.get("max_rss_mb") or 0)),
         peak_anon_mb=peaks["anon"] if have_proc else None, peak_file_mb=peaks["file"] if have_proc else None,
         stderr_tail=_tail(err_path, 40),
+        peak_anon_total_mb=peaks["anon_total"] if tree and have_proc else None,
+        peak_file_total_mb=peaks["file_total"] if tree and have_proc else None,
+        max_processes=int(peaks["processes"]) if tree and have_proc else None,
     )
 
 

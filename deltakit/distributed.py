@@ -68,6 +68,11 @@ def init_parallel(device: str = "auto") -> Parallel:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise DeltakitError(
+                f"torchrun started more processes on this host than it has GPUs ({torch.cuda.device_count()}); "
+                "NCCL needs one GPU per process: use --nproc_per_node "
+                f"{torch.cuda.device_count()}, or --device cpu for CPU processes")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")

@@ -145,3 +145,16 @@ def test_a_failure_in_one_process_stops_all_and_leaves_nothing(tmp_path, demo):
     assert any("down_proj" in line and "non-finite" in line for line in errors), errors
     assert any("process" in line and "failed" in line for line in errors), errors  # the other one was told
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no output, no temporary folder
+
+
+def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
+    """torchrun --nproc_per_node 2 on a 1-GPU host: one clear error, not a CUDA traceback."""
+    from deltakit.distributed import init_parallel
+    from deltakit.errors import DeltakitError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeltakitError, match="one GPU per process: use --nproc_per_node 1"):
+        init_parallel("auto")
