@@ -105,22 +105,40 @@ def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2, worker
 _copy_streams = threading.local()
 
 
-def fetch(ckpt: Checkpoint, name: str, device: torch.device) -> torch.Tensor:
-    """Read one tensor onto ``device``; meant for the prefetch thread.
+STAGING_BYTES = 64 * 1024**2  # host memory a GPU read goes through, per piece
 
-    For a GPU the bytes go from disk into pinned host memory and on to the device on this
-    thread's own CUDA stream, so the copy overlaps the consumer's kernels; the stream is
+
+def fetch(ckpt: Checkpoint, name: str, device: torch.device, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read one tensor (or its ``rows`` start:stop) onto ``device``; meant for the prefetch threads.
+
+    For a GPU the bytes go from disk into pinned host memory, at most STAGING_BYTES at a time,
+    and on to the device on this thread's own CUDA stream, so the copy overlaps the consumer's
+    kernels and host memory stays bounded whatever the tensor's size; the stream is
     synchronised before returning. The consumer must :func:`adopt` the tensor.
     """
+    shape = ckpt.shape(name)
+    start, stop = rows if rows is not None else (0, shape[0] if shape else 0)
     if device.type != "cuda":
-        return ckpt.get(name)
+        return ckpt.get(name) if rows is None else ckpt.get_rows(name, start, stop)
     stream = getattr(_copy_streams, "stream", None)
     if stream is None:
         stream = _copy_streams.stream = torch.cuda.Stream(device)
-    host = ckpt.get(name, pin=True)
-    with torch.cuda.stream(stream):
-        on_device = host.to(device, non_blocking=True)
-    stream.synchronize()
+    row_bytes = ckpt.infos[name].nbytes // shape[0] if shape and shape[0] else 0
+    if not shape or row_bytes == 0 or (stop - start) * row_bytes <= STAGING_BYTES or ckpt.format == "pickle":
+        host = ckpt.get(name, pin=True) if rows is None else ckpt.get_rows(name, start, stop, pin=True)
+        with torch.cuda.stream(stream):
+            on_device = host.to(device, non_blocking=True)
+        stream.synchronize()
+        return on_device
+    with torch.cuda.stream(stream):  # allocated on the copy stream, like the single-copy case above
+        on_device = torch.empty((stop - start, *shape[1:]), dtype=ckpt.dtype(name), device=device)
+    step = max(1, STAGING_BYTES // row_bytes)
+    for first in range(start, stop, step):
+        last = min(stop, first + step)
+        host = ckpt.get_rows(name, first, last, pin=True)
+        with torch.cuda.stream(stream):
+            on_device[first - start:last - start].copy_(host, non_blocking=True)
+        stream.synchronize()  # the pinned piece is reused by the allocator only after its copy
     return on_device
 
 

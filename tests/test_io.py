@@ -25,6 +25,30 @@ def test_single_file_lazy_read_keeps_dtype(tmp_path):
         assert torch.equal(ckpt.get("c.weight"), tensors()["c.weight"])
 
 
+def test_rows_read_and_written_in_blocks_equal_whole_tensors(tmp_path):
+    """get_rows reads only a slice's bytes; ShardedWriter takes a tensor in row blocks, in any order."""
+    ts = tensors()
+    save_file(ts, tmp_path / "model.safetensors")
+    ckpt = open_checkpoint(tmp_path / "model.safetensors")
+    assert torch.equal(ckpt.get_rows("a.weight", 2, 5), ts["a.weight"][2:5])
+    assert ckpt.get_rows("a.weight", 3, 3).shape == (0, 6)
+    with pytest.raises(ValueError):
+        ckpt.get_rows("a.weight", 5, 9)
+    (tmp_path / "out").mkdir()
+    writer = ShardedWriter(tmp_path / "out", [(n, tuple(t.shape), t.dtype) for n, t in ts.items()])
+    for start in (6, 0, 3):  # out of order
+        writer.write("a.weight", ts["a.weight"][start:start + 3], start_row=start)
+    with pytest.raises(DeltakitError, match="never written"):
+        writer.finish(expected=["a.weight", "b.weight"])  # b.weight not yet written
+    writer.write("b.weight", ts["b.weight"])
+    writer.write("c.weight", ts["c.weight"])
+    with pytest.raises(ValueError, match="outside planned"):
+        writer.write("a.weight", ts["a.weight"][:3], start_row=7)
+    writer.finish()
+    written = open_checkpoint(tmp_path / "out")
+    assert all(torch.equal(written.get(n), t) for n, t in ts.items())
+
+
 def test_sharded_writer_round_trip_with_index(tmp_path):
     ts = tensors()
     out = tmp_path / "model"

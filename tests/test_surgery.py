@@ -6,6 +6,7 @@ and saved with ``save_pretrained``; the adapters deltakit writes are loaded back
 """
 
 import copy
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -364,3 +365,69 @@ def test_embedding_lora_and_grown_vocabulary(tmp_path):
     assert result.vocab_size == 104
     ours = type(case.base).from_pretrained(tmp_path / "grown-merged")
     assert float((outputs(ours) - outputs(grown)).abs().max()) < 1e-4
+
+
+def _same_model(one: Path, two: Path) -> None:
+    """The same files, tensors, shapes and dtypes; values equal up to fp32 rounding.
+
+    B[rows] @ A and (B @ A)[rows] may round differently in the last bit (the matmul's blocking
+    depends on the shapes), so row-block merges match whole merges to rounding, not to the bit.
+    """
+    from deltakit.io import open_checkpoint
+
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    a, b = open_checkpoint(one), open_checkpoint(two)
+    assert list(a.keys()) == list(b.keys())
+    for name in a.keys():
+        x, y = a.get(name), b.get(name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        ulp = torch.finfo(x.dtype).eps * float(x.abs().max())  # W + ΔW may cancel: scale by the tensor
+        assert float((x - y).abs().max()) <= 4 * ulp, name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_in_row_blocks_writes_the_same_bytes(cases, arch, tmp_path, monkeypatch):
+    """Tensors merged a few rows at a time (bounded memory) equal whole-tensor merges (to fp32 rounding).
+
+    GPT-2's Conv1D weights are stored transposed, so their row blocks take columns of A.
+    """
+    merging = importlib.import_module("deltakit.lora.merge")  # the module, not deltakit.lora.merge()
+
+    case = cases(arch)
+    whole = merge(case.base_dir, case.adapter_dir, tmp_path / "whole", device="cpu")
+    monkeypatch.setattr(merging, "PIECE_BYTES", 700)  # a few rows of every matrix at a time
+    pieces = merging._pieces([merging._Step(n, (64, 48), torch.float32) for n in ("a", "b")])
+    assert len(pieces) == 2 * 22 and pieces[0].rows == (0, 3) and pieces[21].rows == (63, 64)
+    blocks = merge(case.base_dir, case.adapter_dir, tmp_path / "blocks", device="cpu")
+    _same_model(tmp_path / "whole", tmp_path / "blocks")
+    assert blocks.lora_modules == whole.lora_modules and blocks.shards == whole.shards
+    back = unmerge(tmp_path / "blocks", case.adapter_dir, tmp_path / "back", check=case.base_dir, device="cpu")
+    monkeypatch.setattr(merging, "PIECE_BYTES", 64 * 1024**2)
+    back_whole = unmerge(tmp_path / "whole", case.adapter_dir, tmp_path / "back-whole", check=case.base_dir,
+                         device="cpu")
+    _same_model(tmp_path / "back", tmp_path / "back-whole")
+    assert back.check_max_abs < 1e-5 and back.check_rel_fro < 1e-6  # unmerge(merge(base)) ≈ base, block by block
+    assert back.check_rel_fro == pytest.approx(back_whole.check_rel_fro, rel=0.05, abs=1e-9)
+
+
+def test_embedding_lora_and_grown_vocabulary_merge_in_row_blocks(tmp_path, monkeypatch):
+    """Embedding LoRA (stored transposed) and an adapter whose whole embedding grew the vocabulary."""
+    from conftest import merged_lora_copy as lora_on
+
+    merging = importlib.import_module("deltakit.lora.merge")
+
+    case = Case(tmp_path / "case", "llama")
+    _, peft_model = lora_on(case.base, ["embed_tokens", "q_proj"], RANK)
+    peft_model.save_pretrained(tmp_path / "emb-adapter")
+    grown = copy.deepcopy(case.merged)
+    grown.resize_token_embeddings(104, mean_resizing=False)
+    with torch.no_grad():
+        grown.model.embed_tokens.weight[96:].normal_()
+    extract_lora(case.base_dir, save(grown, tmp_path / "grown"), tmp_path / "grown-adapter", rank=RANK,
+                 save_modules=True, options=CPU)
+    for adapter in ("emb-adapter", "grown-adapter"):
+        monkeypatch.setattr(merging, "PIECE_BYTES", 64 * 1024**2)
+        merge(case.base_dir, tmp_path / adapter, tmp_path / f"{adapter}-whole", device="cpu")
+        monkeypatch.setattr(merging, "PIECE_BYTES", 1000)
+        merge(case.base_dir, tmp_path / adapter, tmp_path / f"{adapter}-blocks", device="cpu")
+        _same_model(tmp_path / f"{adapter}-whole", tmp_path / f"{adapter}-blocks")

@@ -192,11 +192,11 @@ def test_failure_midway_leaves_no_partial_folder(llama, runner, tmp_path, monkey
     calls = {"n": 0}
     original = ShardedWriter.write
 
-    def failing_write(self, name, tensor):
+    def failing_write(self, name, tensor, start_row=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise OSError(28, "No space left on device")
-        return original(self, name, tensor)
+        return original(self, name, tensor, start_row)
 
     monkeypatch.setattr(ShardedWriter, "write", failing_write)
     args = {

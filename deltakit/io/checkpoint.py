@@ -122,25 +122,45 @@ class Checkpoint:
             raise DeltakitError(f"tensor {name} in {info.file} has shape {tuple(tensor.shape)}, header says {info.shape}")
         return tensor.to(device) if str(device) != "cpu" else tensor
 
-    def _read(self, info: TensorInfo, pin: bool = False) -> torch.Tensor:
-        """Read one tensor's bytes with pread into fresh memory.
+    def get_rows(self, name: str, start: int, stop: int, pin: bool = False) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of one tensor, reading only their bytes.
+
+        Lets a command hold a slice of a tensor larger than it wants in host memory.
+        """
+        info = self.infos[name]
+        if not info.shape or not 0 <= start <= stop <= info.shape[0]:
+            raise ValueError(f"rows {start}:{stop} of {name} {info.shape}")
+        if self.format == "pickle":
+            return self.get(name)[start:stop]
+        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+        try:
+            return self._read(info, pin and torch.cuda.is_available(), start * row_bytes, (stop - start) * row_bytes,
+                              (stop - start, *info.shape[1:]))
+        except (OSError, RuntimeError) as exc:
+            raise DeltakitError(f"cannot read tensor {name} from {info.file}: {_first_line(exc)}") from None
+
+    def _read(self, info: TensorInfo, pin: bool = False, skip: int = 0, nbytes: int | None = None,
+              shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Read one tensor's bytes (or ``nbytes`` of them from byte ``skip``) with pread into fresh memory.
 
         Plain reads rather than a memory map: mapped pages of a 100 GB checkpoint would stay
         resident in this process, while read buffers are freed tensor by tensor.
         """
+        nbytes = info.nbytes if nbytes is None else nbytes
+        shape = info.shape if shape is None else shape
         fd = self._handles.get(info.file)
         if fd is None:
             fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         view, done = memoryview(buffer.numpy()), 0
-        while done < info.nbytes:
-            count = os.preadv(fd, [view[done:]], info.offset + done)
+        while done < nbytes:
+            count = os.preadv(fd, [view[done:]], info.offset + skip + done)
             if count <= 0:
-                raise OSError(f"unexpected end of file at byte {info.offset + done}")
+                raise OSError(f"unexpected end of file at byte {info.offset + skip + done}")
             done += count
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return buffer.view(info.dtype).reshape(info.shape)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        return buffer.view(info.dtype).reshape(shape)
 
     def _pickle_dict(self, file: Path) -> dict[str, torch.Tensor]:
         if file not in self._pickles:

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
+
+T = TypeVar("T")
 
 import torch
 
@@ -95,6 +98,8 @@ class ShardedWriter:
         self.prefix = prefix
         self._where: dict[str, tuple[Path, int, PlannedTensor]] = {}
         self._written: set[str] = set()
+        self._rows_written: dict[str, int] = {}
+        self._lock = threading.Lock()
         meta = {"format": "pt", **(metadata or {})}
         for shard, file_name in zip(self.shards, self.file_names):
             path = self.folder / file_name
@@ -116,22 +121,35 @@ class ShardedWriter:
                 begin = header[t.name]["data_offsets"][0]  # type: ignore[index]
                 self._where[t.name] = (path, start + begin, t)
 
-    def interleaved(self, names: Iterable[str]) -> list[str]:
-        """``names`` reordered round-robin over the shards they go to (each shard's own order kept).
+    def interleaved(self, items: Iterable[T], name_of: Callable[[T], str] = str) -> list[T]:
+        """``items`` (tensor names, or anything ``name_of`` maps to one) reordered round-robin over
+        the shards they go to, each shard's own order kept.
 
         Writing in this order keeps concurrent writers on different files: on Linux, buffered
         writes into one file largely serialise, writes into different files do not.
         """
-        by_shard: dict[Path, list[str]] = {}
-        for name in names:
-            by_shard.setdefault(self._where[name][0], []).append(name)
+        by_shard: dict[Path, list[T]] = {}
+        for item in items:
+            by_shard.setdefault(self._where[name_of(item)][0], []).append(item)
         queues = list(by_shard.values())
         return [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor's bytes at its place (any order, each exactly once)."""
+    def write(self, name: str, tensor: torch.Tensor, start_row: int | None = None) -> None:
+        """Write one planned tensor's bytes at its place (any order, each exactly once).
+
+        With ``start_row``, ``tensor`` is rows ``start_row:start_row + len(tensor)`` of the
+        planned tensor; the rows of a tensor may come in several writes, from several threads.
+        """
         path, offset, planned = self._where[name]
-        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+        rows = planned.shape[0] if planned.shape else 1
+        if start_row is None:
+            start_row, expected = 0, planned.shape
+        else:
+            expected = (tensor.shape[0] if tensor.ndim else -1, *planned.shape[1:])
+            if not planned.shape or not 0 <= start_row <= start_row + expected[0] <= rows:
+                raise ValueError(f"{name}: rows {start_row}:{start_row + expected[0]} outside planned {planned.shape}")
+            offset += start_row * (planned.nbytes // rows if rows else 0)
+        if tuple(tensor.shape) != tuple(expected) or tensor.dtype != planned.dtype:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
         data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         fd = os.open(path, os.O_WRONLY)
@@ -141,7 +159,10 @@ class ShardedWriter:
                 data, offset = data[written:], offset + written
         finally:
             os.close(fd)
-        self._written.add(name)
+        with self._lock:
+            self._rows_written[name] = self._rows_written.get(name, 0) + (tensor.shape[0] if planned.shape else 1)
+            if self._rows_written[name] >= rows:
+                self._written.add(name)
 
     def finish(self, extra_index_metadata: dict[str, object] | None = None, expected: Iterable[str] | None = None,
                write_index: bool = True) -> list[Path]:
@@ -179,7 +200,7 @@ class BackgroundWriter:
         import threading
 
         self.writer = writer
-        self._queue: "queue.Queue[tuple[str, torch.Tensor, Callable[[], None] | None] | None]" = queue.Queue(
+        self._queue: "queue.Queue[tuple[str, torch.Tensor, Callable[[], None] | None, int | None] | None]" = queue.Queue(
             maxsize=max(1, depth))
         self._error: BaseException | None = None
         self._threads = [threading.Thread(target=self._run, name=f"deltakit-writer-{i}", daemon=True)
@@ -193,11 +214,11 @@ class BackgroundWriter:
             if item is None:
                 return
             if self._error is None:
-                name, tensor, ready = item
+                name, tensor, ready, start_row = item
                 try:
                     if ready is not None:
                         ready()
-                    self.writer.write(name, tensor)
+                    self.writer.write(name, tensor, start_row)
                 except BaseException as exc:  # re-raised in the caller's thread
                     self._error = exc
 
@@ -205,9 +226,11 @@ class BackgroundWriter:
         if self._error is not None:
             raise self._error
 
-    def write(self, name: str, tensor: torch.Tensor, ready: Callable[[], None] | None = None) -> None:
+    def write(self, name: str, tensor: torch.Tensor, ready: Callable[[], None] | None = None,
+              start_row: int | None = None) -> None:
+        """Queue ``tensor`` (or rows from ``start_row``, see :meth:`ShardedWriter.write`) for writing."""
         self._raise_if_failed()
-        self._queue.put((name, tensor if ready is not None else tensor.detach().to("cpu"), ready))
+        self._queue.put((name, tensor if ready is not None else tensor.detach().to("cpu"), ready, start_row))
 
     def close(self) -> None:
         """Stop the threads after the queued writes (safe to call twice)."""

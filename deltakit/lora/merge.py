@@ -10,9 +10,12 @@ Tensors the adapter carries whole (``modules_to_save``, LoRA-layer biases) repla
 on merge. Unmerge cannot restore them: the base values are not in the adapter; it refuses
 unless told to leave them as they are in the merged model.
 
-The output is a complete model folder written through :func:`atomic_directory`: safetensors
-shards at the input's shard size plus an index, and the input's config, generation config and
-tokenizer files. One tensor (plus ``prefetch`` read ahead) is in memory at a time.
+The output is a complete model folder written atomically (a temporary folder renamed into
+place): safetensors shards at the input's shard size plus an index, and the input's config,
+generation config and tokenizer files. Tensors larger than PIECE_BYTES (64 MiB) are read,
+merged and written in row blocks, so host and GPU memory hold a few blocks whatever the model's
+size; a block's B·A can differ from the whole product's rows in the last fp32 bit. Reads run
+ahead on several threads, writes on several others (see :mod:`deltakit.io.writer`).
 
 Example::
 
@@ -167,16 +170,17 @@ def _apply(
     ]
     report.lora_modules, report.tensors = len(lora), len(steps)
     report.shard_bytes = shard_size_of(ckpt)
+    pieces = _pieces(steps)
     # Each process merges and writes its share; the work is reading and writing bytes.
-    mine = partition([_bytes(step) for step in steps], parallel.world_size)[parallel.rank]
+    mine = partition([_bytes(steps[p.step], p.rows) for p in pieces], parallel.world_size)[parallel.rank]
     with shared_directory(out, force, parallel) as tmp:
         plan = [(s.name, s.shape, s.dtype) for s in steps]
         sharded = ShardedWriter(tmp, plan, max_shard_bytes=report.shard_bytes, create_files=parallel.is_main)
         barrier(parallel)  # the files and their headers exist before anyone writes into them
         writer = BackgroundWriter(sharded, depth=IO_THREADS, workers=IO_THREADS)
-        position = {step.name: i for i, step in enumerate(steps)}
-        mine = [position[name] for name in sharded.interleaved(steps[i].name for i in mine)]
-        loaders = [_loader(steps[i], ckpt, adapter, check_ckpt, compute_device) for i in mine]
+        mine = sharded.interleaved(mine, lambda i: steps[pieces[i].step].name)
+        loaders = [_loader(steps[pieces[i].step], pieces[i].rows, ckpt, adapter, check_ckpt, compute_device)
+                   for i in mine]
         loaded = prefetched(loaders, max(prefetch, IO_THREADS) if prefetch > 0 else 0, workers=IO_THREADS)
         items = zip(mine, loaded)
         if progress is not None:
@@ -184,13 +188,14 @@ def _apply(
         distances: list[tuple[int, _Distance]] = []
         try:
             for index, (weight, factors, replacement, reference) in items:  # type: ignore[misc]
-                step = steps[index]
-                result, ready = _one_tensor(step, weight, factors, replacement, sign * scale, compute_device)
+                step, rows = steps[pieces[index].step], pieces[index].rows
+                result, ready = _one_tensor(step, rows, weight, factors, replacement, sign * scale, compute_device)
                 if reference is not None:
                     distances.append((index, _distance(step.name, result, reference, compute_device, ready)))
                     ready = None  # _distance waited for the copy and checked it
-                writer.write(step.name, result, ready)
-            report.shards = len(writer.finish(expected=[steps[i].name for i in mine], write_index=parallel.is_main))
+                writer.write(step.name, result, ready, start_row=rows[0] if rows else None)
+            written = {steps[pieces[i].step].name for i in mine}
+            report.shards = len(writer.finish(expected=sorted(written), write_index=parallel.is_main))
         finally:
             writer.close()  # never leave a thread writing into a folder being removed
         if new_shapes:
@@ -206,8 +211,40 @@ def _apply(
     return report
 
 
-def _bytes(step: _Step) -> int:
-    return math.prod(step.shape) * torch.empty((), dtype=step.dtype).element_size()
+PIECE_BYTES = 64 * 1024**2  # a larger tensor is merged in row blocks of about this size
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Rows start:stop of one step's tensor (None: all of it), merged and written as one unit."""
+
+    step: int
+    rows: tuple[int, int] | None = None
+
+
+def _pieces(steps: list[_Step]) -> list[_Piece]:
+    """Every step cut into row blocks of at most PIECE_BYTES (a single row may be larger).
+
+    Host and GPU memory then hold a few blocks whatever the size of the largest tensor; W + BA
+    is computed block by block, since rows of W need only the matching rows of B (or
+    columns of A, for weights stored transposed).
+    """
+    pieces: list[_Piece] = []
+    for index, step in enumerate(steps):
+        nbytes = _bytes(step)
+        if len(step.shape) < 1 or step.shape[0] <= 1 or nbytes <= PIECE_BYTES:
+            pieces.append(_Piece(index))
+            continue
+        per_piece = max(1, PIECE_BYTES // (nbytes // step.shape[0]))
+        pieces += [_Piece(index, (start, min(start + per_piece, step.shape[0])))
+                   for start in range(0, step.shape[0], per_piece)]
+    return pieces
+
+
+def _bytes(step: _Step, rows: tuple[int, int] | None = None) -> int:
+    """Bytes of a step's tensor, or of its rows start:stop."""
+    shape = step.shape if rows is None else (rows[1] - rows[0], *step.shape[1:])
+    return math.prod(shape) * torch.empty((), dtype=step.dtype).element_size()
 
 
 def _lora_steps(adapter: LoraAdapter, ckpt: Checkpoint) -> dict[str, tuple[TensorPair, LoraModule]]:
@@ -268,23 +305,27 @@ def _check_names(ckpt: Checkpoint, check: Checkpoint, new_shapes: dict[str, tupl
     return mapping
 
 
-def _loader(step: _Step, ckpt: Checkpoint, adapter: LoraAdapter, check: Checkpoint | None,
-            device: torch.device) -> Callable[[], tuple]:
+def _loader(step: _Step, rows: tuple[int, int] | None, ckpt: Checkpoint, adapter: LoraAdapter,
+            check: Checkpoint | None, device: torch.device) -> Callable[[], tuple]:
+    def read(source: Checkpoint, name: str) -> torch.Tensor:
+        return source.get(name) if rows is None else source.get_rows(name, *rows)
+
     def load() -> tuple:
         # Only weights that change go to the compute device; the rest are copied as read.
-        weight = None if step.whole_key else (fetch(ckpt, step.name, device) if step.lora else ckpt.get(step.name))
+        weight = None if step.whole_key else (fetch(ckpt, step.name, device, rows) if step.lora else read(ckpt, step.name))
         factors = adapter.factors(step.lora[1]) if step.lora else None
-        replacement = adapter.checkpoint.get(step.whole_key) if step.whole_key else None
-        reference = check.get(step.check_name) if check is not None and step.check_name else None
+        replacement = read(adapter.checkpoint, step.whole_key) if step.whole_key else None
+        reference = read(check, step.check_name) if check is not None and step.check_name else None
         return weight, factors, replacement, reference
 
     return load
 
 
-def _one_tensor(step: _Step, weight: torch.Tensor | None, factors: tuple[torch.Tensor, torch.Tensor] | None,
-                replacement: torch.Tensor | None, signed_scale: float,
-                device: torch.device) -> tuple[torch.Tensor, Callable[[], None] | None]:
-    """The output value of one tensor (copied, replaced whole, or W ± scale·ΔW in fp32 cast back).
+def _one_tensor(step: _Step, rows: tuple[int, int] | None, weight: torch.Tensor | None,
+                factors: tuple[torch.Tensor, torch.Tensor] | None, replacement: torch.Tensor | None,
+                signed_scale: float, device: torch.device) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """The output value of one tensor or of its ``rows`` (copied, replaced whole, or W ± scale·ΔW
+    in fp32 cast back).
 
     Returns the tensor on the host and, for a GPU result still being copied there, a
     ``ready`` function that waits for the copy and refuses non-finite values; it runs on the
@@ -298,8 +339,11 @@ def _one_tensor(step: _Step, weight: torch.Tensor | None, factors: tuple[torch.T
         return weight, None
     pair, module = step.lora  # type: ignore[misc]
     weight = adopt(weight)
-    lora_a, lora_b = (f.to(device, torch.float32) for f in factors)
-    delta = lora_delta(lora_a, lora_b, module.scaling, module.embedding or pair.layout == "conv1d")
+    lora_a, lora_b = factors
+    transposed = module.embedding or pair.layout == "conv1d"
+    if rows is not None:  # rows of B·A are rows of B; rows of (B·A)ᵀ are columns of A
+        lora_a, lora_b = (lora_a[:, rows[0]:rows[1]], lora_b) if transposed else (lora_a, lora_b[rows[0]:rows[1]])
+    delta = lora_delta(lora_a.to(device, torch.float32), lora_b.to(device, torch.float32), module.scaling, transposed)
     result = (weight.to(device, torch.float32) + signed_scale * delta).to(step.dtype)
     if result.device.type != "cuda":
         _require_finite(step.name, result, "gives")
