@@ -44,6 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--blocks", action="store_true",
+                        help="only compare rank / extract / merge with and without block-wise reads and merges")
+    parser.add_argument("--read-threads", action="store_true",
+                        help="only compare rank and extract with 1, 2 and 4 threads reading ahead")
     args = parser.parse_args()
     base, adapter = args.workdir / "base", args.workdir / "runs" / "deltakit-adapter"
     out = args.workdir / "probe-merged"
@@ -51,6 +55,12 @@ def main() -> None:
     ckpt = open_checkpoint(base)
     names = list(ckpt.keys())
     torch.ones(1, device=device)  # CUDA context, outside the timings
+    if args.blocks:
+        compare_blocks(args.workdir, args.device)
+        return
+    if args.read_threads:
+        compare_read_threads(args.workdir, args.device)
+        return
 
     def whole_merge() -> None:
         merge(base, adapter, out, device=args.device, force=True)
@@ -92,6 +102,53 @@ def main() -> None:
 
         timed(f"writes, {workers} thread(s), {'interleaved over shards' if interleave else 'model order'}", write_all)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def compare_blocks(workdir: Path, device: str) -> None:
+    """rank, extract and merge in this warm process, alternately with 64 MiB blocks and with whole tensors."""
+    import importlib
+
+    import deltakit.delta as delta
+    from deltakit.analysis import rank
+    from deltakit.lora import extract_lora
+    from deltakit.spectral.options import SpectralOptions
+
+    merging = importlib.import_module("deltakit.lora.merge")
+    base, ft, adapter = workdir / "base", workdir / "ft", workdir / "runs" / "deltakit-adapter"
+    blocks = (delta.STAGING_BYTES, merging.PIECE_BYTES)
+    options = SpectralOptions(device=device)
+    for label, (staging, piece) in (("blocks", blocks), ("whole", (1 << 62, 1 << 62))) * 2:
+        delta.STAGING_BYTES, merging.PIECE_BYTES = staging, piece
+        timed(f"rank, {label}", lambda: rank(base, ft, options=options))
+        timed(f"extract r64, {label}", lambda: extract_lora(base, ft, workdir / "probe-adapter", rank=64,
+                                                            options=options, force=True))
+        timed(f"merge, {label}", lambda: merge(base, adapter, workdir / "probe-merged", device=device, force=True))
+    delta.STAGING_BYTES, merging.PIECE_BYTES = blocks
+    shutil.rmtree(workdir / "probe-merged", ignore_errors=True)
+    shutil.rmtree(workdir / "probe-adapter", ignore_errors=True)
+
+
+def compare_read_threads(workdir: Path, device: str) -> None:
+    """rank and extract in this warm process with 1, 2 and 4 threads reading pairs ahead (depth 2 × threads)."""
+    import functools
+
+    import deltakit.delta as delta
+    from deltakit.analysis import rank
+    from deltakit.lora import extract_lora
+    from deltakit.spectral.options import SpectralOptions
+
+    base, ft = workdir / "base", workdir / "ft"
+    original = delta.prefetched
+    try:
+        for threads in (1, 2, 4, 1):
+            delta.prefetched = functools.partial(original, workers=threads)
+            options = SpectralOptions(device=device, prefetch=2 * threads)
+            timed(f"rank, {threads} read thread(s)", lambda: rank(base, ft, options=options))
+            timed(f"extract r64, {threads} read thread(s)", lambda: extract_lora(
+                base, ft, workdir / "probe-adapter", rank=64, options=options, force=True))
+    finally:
+        delta.prefetched = original
+        shutil.rmtree(workdir / "probe-adapter", ignore_errors=True)
 
 
 if __name__ == "__main__":

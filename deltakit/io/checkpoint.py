@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
 }
+
+_OPEN_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,10 @@ class Checkpoint:
         shape = info.shape if shape is None else shape
         fd = self._handles.get(info.file)
         if fd is None:
-            fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+            with _OPEN_LOCK:  # several reader threads: one descriptor per file
+                fd = self._handles.get(info.file)
+                if fd is None:
+                    fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
         buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         view, done = memoryview(buffer.numpy()), 0
         while done < nbytes:
