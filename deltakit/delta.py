@@ -182,8 +182,11 @@ def stream_deltas(
     for pair, loaded in zip(pairs, prefetched([reader(p) for p in pairs], prefetch, read_threads(prefetch))):
         base_stored, ft_stored = (adopt(t) for t in loaded)  # type: ignore[union-attr]
         base_w = base_stored.to(device).to(dtype)
-        ft_w = _shared_rows(ft_stored.to(device), pair).to(dtype)
-        yield DeltaItem(pair=pair, base=base_w, delta=ft_w - base_w)
+        delta = _shared_rows(ft_stored.to(device), pair).to(dtype, copy=True)
+        del loaded, base_stored, ft_stored  # device memory: the stored copies are not needed any more
+        delta.sub_(base_w)  # in place: one compute-dtype matrix fewer at the peak
+        yield DeltaItem(pair=pair, base=base_w, delta=delta)
+        del base_w, delta
 
 
 def adapter_pairs(adapter: LoraAdapter, base: Checkpoint) -> list[tuple[TensorPair, LoraModule]]:
