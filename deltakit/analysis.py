@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, partition
+from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
 from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.spectral import metrics
@@ -274,7 +274,7 @@ def rank(
     report = RankReport(base=str(base), ft=str(ft), energy=energy, device=str(device), method=options.method,
                         precision=options.precision, skipped=source.skipped, only_base=source.only_base,
                         only_ft=source.only_ft)
-    mine = partition([matrix_cost(p.shape) for p in source.pairs], parallel.world_size)[parallel.rank]
+    mine = parallel.share([matrix_cost(p.shape) for p in source.pairs])
     items = source.stream(mine, device, options.dtype, options.prefetch)
     rounding = not source.is_adapter  # an adapter's ΔW is exact: no storage rounding in it
     if progress is not None:

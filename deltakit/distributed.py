@@ -34,7 +34,8 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from deltakit.errors import DeltakitError
-from deltakit.io.atomic import check_output_path, replace_with, temporary_directory
+from deltakit.io.atomic import atomic_directory, check_output_path, replace_with, temporary_directory
+from deltakit.io.writer import ShardedWriter
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class Parallel:
     @property
     def active(self) -> bool:
         return self.world_size > 1
+
+    def share(self, costs: Sequence[float]) -> list[int]:
+        """Indices of the items this process works on, of all items with these ``costs`` (see :func:`partition`)."""
+        return partition(costs, self.world_size)[self.rank]
 
 
 def launched_by_torchrun() -> bool:
@@ -157,6 +162,10 @@ def shared_directory(target: str | os.PathLike, force: bool, parallel: Parallel)
     error everywhere, process 0 renames it onto ``target`` and every process returns after
     that; if any process fails, process 0 removes it and every process raises.
     """
+    if not parallel.active:
+        with atomic_directory(target, force) as tmp:
+            yield tmp
+        return
     target = check_output_path(target, force)
     with fail_together(parallel):
         made = str(temporary_directory(target)) if parallel.is_main else None
@@ -181,6 +190,16 @@ def shared_directory(target: str | os.PathLike, force: bool, parallel: Parallel)
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         exchange(parallel)  # the output is in place for everyone
+
+
+def shared_writer(parallel: Parallel, folder: Path, tensors: list, **options: Any) -> ShardedWriter:
+    """A :class:`ShardedWriter` every process writes into: process 0 makes the files, the others attach.
+
+    Returns once the files and their headers exist for everyone.
+    """
+    writer = ShardedWriter(folder, tensors, create_files=parallel.is_main, **options)
+    barrier(parallel)
+    return writer
 
 
 def gather_in_order(local: list[tuple[int, Any]], parallel: Parallel) -> list[Any]:

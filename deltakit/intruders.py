@@ -30,14 +30,14 @@ from deltakit.analysis import by_layer, by_module_type, check_fractions, energy_
 from deltakit.spectral.options import SpectralOptions
 from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device
 from deltakit.distributed import (
-    Parallel, barrier, exchange, fail_together, gather_in_order, matrix_cost, partition, shared_directory,
+    Parallel, exchange, fail_together, gather_in_order, matrix_cost, shared_directory, shared_writer,
 )
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.model_files import copy_model_files
 from deltakit.io.peft import is_peft_adapter
-from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from deltakit.io.writer import DEFAULT_SHARD_BYTES
 from deltakit.pairing import TensorPair
 from deltakit.report import format_table
 from deltakit.spectral.svd import METHODS, method_noise_floor, singular_values, top_singular_triplets
@@ -381,7 +381,7 @@ def intruders(
 
 def _share(source: DeltaSource, parallel: Parallel) -> list[int]:
     """This process's pairs: two reduced SVDs per matrix, balanced by their cost."""
-    return partition([matrix_cost(p.shape) for p in source.pairs], parallel.world_size)[parallel.rank]
+    return parallel.share([matrix_cost(p.shape) for p in source.pairs])
 
 
 def scale_intruders(
@@ -432,11 +432,10 @@ def scale_intruders(
     # Tensors that are not analysed (norms, biases, ...) are copied as they are, shared out by size.
     others = [(name, shape, dtype) for name, shape, dtype in plan if name not in {p.name for p in pairs}]
     costs = [float(math.prod(shape)) for _, shape, _ in others]
-    my_others = [others[i][0] for i in partition(costs, parallel.world_size)[parallel.rank]]
+    my_others = [others[i][0] for i in parallel.share(costs)]
     with shared_directory(output, force, parallel) as tmp:
-        writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes, metadata={"deltakit": "intruders"},
-                               create_files=parallel.is_main)
-        barrier(parallel)  # the files and their headers exist before anyone writes into them
+        writer = shared_writer(parallel, tmp, plan, max_shard_bytes=max_shard_bytes,
+                               metadata={"deltakit": "intruders"})
         local: list[tuple[int, tuple[MatrixIntruders, ScaledMatrix | None]]] = []
         written: set[str] = set()
         for index, item in zip(mine, items):

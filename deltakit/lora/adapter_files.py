@@ -26,9 +26,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from deltakit.distributed import Parallel, barrier
+from deltakit.distributed import Parallel, shared_writer
 from deltakit.io.checkpoint import ADAPTER_CONFIG
-from deltakit.io.writer import ShardedWriter
 
 ADAPTER_WEIGHTS_PREFIX = "adapter_model"
 
@@ -90,9 +89,8 @@ def write_adapter(folder: Path, config: dict[str, Any], tensors: list[AdapterTen
     Under torchrun every process writes the tensors it owns into the one planned file;
     process 0 makes the file and writes the config.
     """
-    writer = ShardedWriter(folder, [(t.key, t.shape, t.dtype) for t in tensors], max_shard_bytes=sys.maxsize,
-                           prefix=ADAPTER_WEIGHTS_PREFIX, create_files=parallel.is_main)
-    barrier(parallel)  # the file and its header exist before anyone writes into it
+    writer = shared_writer(parallel, folder, [(t.key, t.shape, t.dtype) for t in tensors],
+                           max_shard_bytes=sys.maxsize, prefix=ADAPTER_WEIGHTS_PREFIX)
     mine = [t for t in tensors if t.owner == parallel.rank]
     items = progress(mine, len(mine), "writing adapter") if progress else mine
     for tensor in items:

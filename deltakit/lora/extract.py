@@ -36,7 +36,7 @@ import torch
 
 from deltakit.spectral.options import SpectralOptions
 from deltakit.delta import ProgressFn, resolve_device, stream_deltas, tensor_metas
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, partition, shared_directory
+from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, shared_directory
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
@@ -251,7 +251,7 @@ class _Extraction:
     def _share(self, pairs: list[TensorPair]) -> list[int]:
         """Indices into ``pairs`` this process works on (all of them without torchrun)."""
         costs = [matrix_cost(p.shape) for p in pairs]
-        return partition(costs, self.parallel.world_size)[self.parallel.rank]
+        return self.parallel.share(costs)
 
     def _stream(self, pairs: list[TensorPair], label: str):
         items = stream_deltas(pairs, self.base, self.ft, self.device, self.compute_dtype, self.options.prefetch)

@@ -36,13 +36,13 @@ from typing import Any, Callable
 import torch
 
 from deltakit.delta import ProgressFn, adapter_pairs, adopt, fetch, lora_delta, prefetched, resolve_device
-from deltakit.distributed import Parallel, barrier, gather_in_order, partition, shared_directory
+from deltakit.distributed import Parallel, gather_in_order, shared_directory, shared_writer
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.model_files import copy_model_files
 from deltakit.io.peft import LoraAdapter, LoraModule, open_adapter
-from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter, ShardedWriter
+from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
 
@@ -172,11 +172,10 @@ def _apply(
     report.shard_bytes = shard_size_of(ckpt)
     pieces = _pieces(steps)
     # Each process merges and writes its share; the work is reading and writing bytes.
-    mine = partition([_bytes(steps[p.step], p.rows) for p in pieces], parallel.world_size)[parallel.rank]
+    mine = parallel.share([_bytes(steps[p.step], p.rows) for p in pieces])
     with shared_directory(out, force, parallel) as tmp:
         plan = [(s.name, s.shape, s.dtype) for s in steps]
-        sharded = ShardedWriter(tmp, plan, max_shard_bytes=report.shard_bytes, create_files=parallel.is_main)
-        barrier(parallel)  # the files and their headers exist before anyone writes into them
+        sharded = shared_writer(parallel, tmp, plan, max_shard_bytes=report.shard_bytes)
         writer = BackgroundWriter(sharded, depth=IO_THREADS, workers=IO_THREADS)
         mine = sharded.interleaved(mine, lambda i: steps[pieces[i].step].name)
         loaders = [_loader(steps[pieces[i].step], pieces[i].rows, ckpt, adapter, check_ckpt, compute_device)
