@@ -69,6 +69,12 @@ def test_truncation_in_factor_space_is_eckart_young_optimal():
                             abs_tol=1e-9)
         assert math.isclose(factored.residual_norm(factors), optimal, rel_tol=1e-9, abs_tol=1e-8)
         torch.testing.assert_close(factors.b.norm(dim=0), factors.a.norm(dim=1))  # √S split evenly
+        rounded = factors.b.bfloat16().double() @ factors.a.bfloat16().double()  # as stored in bf16
+        assert math.isclose(factored.residual_norm(factors, torch.bfloat16),
+                            float(torch.linalg.matrix_norm(delta - rounded)), rel_tol=1e-6)
+    # In fp32, an exact reconstruction reads as one: the residual is resolved far below ‖ΔW‖·sqrt(eps32).
+    single = factored.to(dtype=torch.float32)
+    assert single.residual_norm(single.factors(10)) < 1e-6 * single.frobenius()
 
 
 def test_stacked_factors_are_the_weighted_sum_and_transpose_like_tensors():

@@ -22,7 +22,9 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable
 
 import torch
@@ -30,29 +32,38 @@ import torch
 from deltakit.lora.factors import LoraFactors, split_singular_values
 
 
-def lowrank_svd(b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of ΔW = scaling · b @ a from its factors: U (m×p), S (p,), Vh (p×n), p ≤ k.
+def lowrank_core(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q_b (m×p), Q_a (n×q) and the float64 core R_b R_aᵀ (p×q) with b @ a = Q_b · core · Q_aᵀ.
 
-    ``b`` is m×k and ``a`` is k×n, in one floating dtype on one device; the QRs run there in
-    that dtype, the p×p core's SVD in float64 (p = min(m, n, k), a few hundred numbers at most).
-    Singular values are descending and include the zero ones of a rank-deficient product.
+    ``b`` is m×k and ``a`` is k×n, in one floating dtype on one device; the thin QRs of b and
+    aᵀ run there in that dtype, the core (p, q ≤ k) is formed in float64.
     """
     if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
         raise ValueError(f"factors of shapes {tuple(b.shape)} and {tuple(a.shape)} do not multiply")
-    q_left, r_left = torch.linalg.qr(b)  # (m×p_l), (p_l×k)
-    q_right, r_right = torch.linalg.qr(a.T)  # (n×p_r), (p_r×k)
-    core = (r_left.double() @ r_right.double().T) * scaling  # p_l × p_r
+    q_left, r_left = torch.linalg.qr(b)
+    q_right, r_right = torch.linalg.qr(a.T)
+    return q_left, q_right, r_left.double() @ r_right.double().T
+
+
+def lowrank_svd(b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of ΔW = scaling · b @ a from its factors: U (m×p), S (p,), Vh (p×n), p = min(m, n, k).
+
+    ``b`` is m×k and ``a`` is k×n (a LoRA's B and A); U and Vh come back in their dtype on their
+    device, S descending, including the zero singular values of a rank-deficient product.
+    """
+    q_left, q_right, core = lowrank_core(b, a)
+    return _svd_from_core(q_left, q_right, core * scaling)
+
+
+def _svd_from_core(q_left: torch.Tensor, q_right: torch.Tensor,
+                   core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     u_core, s, vh_core = torch.linalg.svd(core, full_matrices=False)
-    u = q_left @ u_core.to(b.dtype)
-    vh = vh_core.to(a.dtype) @ q_right.T
-    return u, s.to(b.dtype), vh
+    return q_left @ u_core.to(q_left.dtype), s.to(q_left.dtype), vh_core.to(q_right.dtype) @ q_right.T
 
 
 def lowrank_frobenius(b: torch.Tensor, a: torch.Tensor) -> float:
     """‖b @ a‖_F without the product: ‖R_b R_aᵀ‖_F from the QRs of b and aᵀ (b: m×k, a: k×n)."""
-    r_left = torch.linalg.qr(b, mode="r")[1]
-    r_right = torch.linalg.qr(a.T, mode="r")[1]
-    return float(torch.linalg.matrix_norm(r_left.double() @ r_right.double().T))
+    return float(torch.linalg.matrix_norm(lowrank_core(b, a)[2]))
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class LowRankDelta:
 
     The stand-in for a dense ΔW where it is low rank by construction (LoRA modules, and sums
     of them); ``.T`` and ``.shape`` behave as a tensor's, so orientation code serves both.
+    The QRs behind every quantity are computed once per object (and carried over by ``.T``).
     """
 
     left: torch.Tensor
@@ -79,9 +91,17 @@ class LowRankDelta:
         """k: the number of columns of ``left`` (an upper bound on the rank)."""
         return int(self.left.shape[1])
 
+    @cached_property
+    def _core(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return lowrank_core(self.left, self.right)
+
     @property
     def T(self) -> "LowRankDelta":  # noqa: N802 - mirrors torch.Tensor.T
-        return LowRankDelta(self.right.T, self.left.T)
+        transposed = LowRankDelta(self.right.T, self.left.T)
+        if "_core" in self.__dict__:  # (Q_l C Q_rᵀ)ᵀ = Q_r Cᵀ Q_lᵀ
+            q_left, q_right, core = self._core
+            transposed.__dict__["_core"] = (q_right, q_left, core.T)
+        return transposed
 
     @classmethod
     def stack(cls, terms: Iterable[tuple[float, "LowRankDelta"]]) -> "LowRankDelta":
@@ -104,17 +124,15 @@ class LowRankDelta:
 
     def frobenius(self) -> float:
         """‖ΔW‖_F."""
-        return lowrank_frobenius(self.left, self.right)
+        return float(torch.linalg.matrix_norm(self._core[2]))
 
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact thin SVD U, S, Vh of ΔW (see :func:`lowrank_svd`)."""
-        return lowrank_svd(self.left, self.right)
+        return _svd_from_core(*self._core)
 
     def singular_values(self) -> torch.Tensor:
         """The (at most k) singular values of ΔW, descending; all others are 0."""
-        r_left = torch.linalg.qr(self.left, mode="r")[1]
-        r_right = torch.linalg.qr(self.right.T, mode="r")[1]
-        return torch.linalg.svdvals(r_left.double() @ r_right.double().T).to(self.left.dtype)
+        return torch.linalg.svdvals(self._core[2]).to(self.left.dtype)
 
     def factors(self, rank: int) -> LoraFactors:
         """The best rank-``rank`` LoRA factors B (m×r), A (r×n), √S split evenly (as extract's)."""
@@ -123,10 +141,20 @@ class LowRankDelta:
         return split_singular_values(u[:, :rank], s[:rank], vh[:rank])
 
     def residual_norm(self, factors: LoraFactors, dtype: torch.dtype | None = None) -> float:
-        """‖ΔW − B A‖_F, with B and A first rounded to ``dtype`` (as stored), still in factor space."""
+        """‖ΔW − B A‖_F, with B and A first rounded to ``dtype`` (as stored), in factor space.
+
+        ‖LR − BA‖² = ‖LR‖² − 2⟨LR, BA⟩ + ‖BA‖², with ⟨LR, BA⟩ = Σ (LᵀB) ∘ (RAᵀ) and
+        ‖BA‖² = Σ (BᵀB) ∘ (AAᵀ) (likewise ‖LR‖²): k×k, k×r and r×r products only, in float64,
+        so an error down to ~1e-8·‖ΔW‖_F is resolved.
+        """
         b, a = factors.b, factors.a
         if dtype is not None:
             b, a = b.to(dtype), a.to(dtype)
-        left = torch.cat([self.left, -b.to(self.left.dtype)], dim=1)
-        right = torch.cat([self.right, a.to(self.right.dtype)], dim=0)
-        return lowrank_frobenius(left, right)
+        b, a = b.to(self.left.device, torch.float64), a.to(self.left.device, torch.float64)
+        left, right = self.left.double(), self.right.double()
+        # All three terms from the stored values in float64 (not ‖core‖², which carries the
+        # QR's rounding in the factors' dtype and would swamp a small residual).
+        total = float(torch.sum((left.T @ left) * (right @ right.T)))
+        cross = float(torch.sum((left.T @ b) * (right @ a.T)))
+        own = float(torch.sum((b.T @ b) * (a @ a.T)))
+        return math.sqrt(max(total - 2.0 * cross + own, 0.0))
