@@ -9,6 +9,7 @@ import copy
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -342,6 +343,34 @@ def test_bad_adapter_inputs_are_one_line_errors_and_nothing_is_written(llama, ru
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
     result = invoke(runner, "extract", r8, r4, "--rank", "2", "-o", tmp_path / "out")
     assert_one_line_error(result, f"BASE {r8} is a PEFT adapter")
+
+
+# --- several processes -------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_processes_write_what_one_writes_from_adapters(llama, tmp_path):
+    """torchrun: each process factors its share of the summed modules; the files equal one process's."""
+    folder, _, _ = llama
+    adapters = [folder / "lora-r8", folder / "lora-r4"]
+    one = extract_lora(folder / "base", adapters, tmp_path / "one", energy=0.9, weights=[0.7, 0.3], options=CPU)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "deltakit_cli.main", "extract", folder / "base", *adapters, "--weights",
+               "0.7,0.3", "--energy", "0.9", "--device", "cpu", "-o", tmp_path / "two", "--json", tmp_path / "two.json"]
+    result = subprocess.run([str(c) for c in command], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    two = json.loads((tmp_path / "two.json").read_text())
+    expected = json.loads(json.dumps(one.to_dict()))
+    for report in (expected, two):
+        report.pop("elapsed_s"), report.pop("adapter")
+    assert two == expected and two["method"] == "factor-space" and len(two["matrices"]) == 8
 
 
 # --- bench --------------------------------------------------------------------------------------

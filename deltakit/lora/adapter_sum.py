@@ -67,8 +67,8 @@ class AdapterSum:
         """The adapters' floating-point tensor dtype (promoted where they differ)."""
         found: torch.dtype | None = None
         for source in self.sources:
-            ckpt = source.adapter.checkpoint  # type: ignore[union-attr]
-            for name in ckpt.keys():
+            ckpt = getattr(source.adapter, "checkpoint", None)
+            for name in ckpt.keys() if ckpt is not None else ():
                 if ckpt.dtype(name).is_floating_point:
                     found = ckpt.dtype(name) if found is None else torch.promote_types(found, ckpt.dtype(name))
                     break

@@ -210,7 +210,7 @@ def extract_lora(
     device = resolve_device(parallel.device if parallel.active else options.device)
     compute_dtype = options.dtype
     check_output_path(out, force)
-    adapter_paths = _adapter_inputs(base, ft, weights, save_modules)
+    adapter_paths, ft_path = _inputs(base, ft, weights, save_modules)
     adapters: AdapterSum | None = None
     ft_ckpt: Checkpoint | None = None
     if adapter_paths:
@@ -223,7 +223,7 @@ def extract_lora(
         pairs = adapters.pairs
     else:
         base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
-        ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)  # type: ignore[arg-type]
+        ft_ckpt = open_checkpoint(ft_path, allow_pickle=allow_pickle)  # type: ignore[arg-type]
         config = ft_ckpt.config or base_ckpt.config
         plan = pair_tensors(tensor_metas(base_ckpt), tensor_metas(ft_ckpt), config, include, exclude)
         targets = plan_extraction(plan, config, embeddings)
@@ -235,7 +235,7 @@ def extract_lora(
         _check_budget(choice.budget, targets.lora, "")  # fail before reading anything
     method = "factor-space" if factored else "exact" if options.exact else "randomized"
     report = ExtractReport(
-        base=str(base), ft=" + ".join(adapter_paths) if adapter_paths else str(ft), adapter=str(out),
+        base=str(base), ft=" + ".join(adapter_paths) if adapter_paths else str(ft_path), adapter=str(out),
         selection=choice.to_dict(), method=method,
         spectrum_method=(method if factored else options.method) if choice.needs_spectra else None,
         device=str(device), precision=options.precision, passes=2 if choice.needs_spectra else 1,
@@ -509,9 +509,9 @@ class _Extraction:
         return AdapterTensor(key, self.ft.shape(ft_name), dtype, lambda: self.ft.get(ft_name))
 
 
-def _adapter_inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[str | os.PathLike],
-                    weights: Sequence[float] | None, save_modules: bool) -> list[str] | None:
-    """The adapter paths when ``ft`` names PEFT adapters, None for one fine-tuned model; refuse mixtures."""
+def _inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[str | os.PathLike],
+            weights: Sequence[float] | None, save_modules: bool) -> tuple[list[str] | None, str | os.PathLike | None]:
+    """(adapter paths, None) when ``ft`` names PEFT adapters, (None, the fine-tune) for one model; refuse mixtures."""
     given = [ft] if isinstance(ft, (str, os.PathLike)) else list(ft)
     if not given:
         raise DeltakitError("give a fine-tuned model or at least one adapter to extract from")
@@ -525,7 +525,7 @@ def _adapter_inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[st
                                 "or sums one or more PEFT adapters")
         if weights is not None:
             raise DeltakitError(f"--weights weighs adapters; {given[0]} is a full model")
-        return None
+        return None, given[0]
     if not all(is_adapter):
         model = given[is_adapter.index(False)]
         raise DeltakitError(f"{model} is not a PEFT adapter; extract takes one fine-tuned model, "
@@ -533,7 +533,7 @@ def _adapter_inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[st
     if save_modules:
         raise DeltakitError("--save-modules carries tensors of a fine-tuned model; from adapters extract writes "
                             "LoRA factors only")
-    return [str(path) for path in given]
+    return [str(path) for path in given], None
 
 
 def _check_budget(budget: int | None, targets: Sequence[LoraTarget], which: str) -> None:
