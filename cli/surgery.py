@@ -20,6 +20,8 @@ Examples:
   deltakit extract ./base ./ft -o ./ft-lora --rank 16
   deltakit extract ./base ./ft -o ./ft-lora --energy 0.9 --max-rank 64 --json extract.json
   deltakit extract ./base ./ft -o ./ft-lora --budget 20000000 --save-modules --dtype bfloat16
+  deltakit extract ./base ./lora-r64 -o ./lora-r16 --rank 16
+  deltakit extract ./base ./lora-a ./lora-b --weights 0.7,0.3 -o ./lora-ab --ratio 0.05 --max-rank 32
 """
 
 MERGE_EXAMPLES = """
@@ -50,14 +52,29 @@ def _check_outputs(json_path: str | None, force: bool) -> None:
         check_output_path(json_path, force)
 
 
+def _weights(text: str | None) -> list[float] | None:
+    """'0.7,0.3' -> [0.7, 0.3]."""
+    from deltakit.errors import DeltakitError
+
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise DeltakitError(f"cannot read --weights {text!r}; give numbers separated by commas, e.g. 0.7,0.3") from None
+
+
 @click.command("extract", epilog=EXTRACT_EXAMPLES)
 @click.argument("base")
-@click.argument("ft")
+@click.argument("ft", nargs=-1, required=True, metavar="FT|ADAPTER [ADAPTER...]")
 @click.option("--out", "-o", required=True, metavar="ADAPTER", help="Adapter folder to write (PEFT format).")
+@click.option("--weights", metavar="W1,W2,...", help="With adapters: the weight of each one's ΔW in the sum (default 1 each).")
 @click.option("--rank", "-r", type=int, help="The same rank for every changed matrix.")
 @click.option("--energy", "-e", type=float, help="Per matrix, the smallest rank keeping this fraction of ||ΔW||_F².")
 @click.option("--budget", type=int, metavar="N",
               help="Total LoRA parameters, Σ r·(m+n), allocated across matrices to minimise the total squared error.")
+@click.option("--ratio", type=float, metavar="P",
+              help="Per matrix, keep the singular values σ_i ≥ P·σ_1, P in (0, 1] (kohya's sv_ratio T is P = 1/T).")
 @click.option("--max-rank", type=int, help="No matrix gets a higher rank than this.")
 @include_option
 @exclude_option
@@ -70,24 +87,30 @@ def _check_outputs(json_path: str | None, force: bool) -> None:
 @spectral_options
 @_output_options
 @user_errors
-def extract_command(base, ft, out, rank, energy, budget, max_rank, include, exclude, save_modules, embeddings, dtype,
-                    seed, device, exact, fp64, json_path, quiet, allow_pickle, force):
+def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_rank, include, exclude, save_modules,
+                    embeddings, dtype, seed, device, exact, fp64, json_path, quiet, allow_pickle, force):
     """Extract a PEFT LoRA adapter from a fine-tune: truncated SVD of every ΔW = W_ft − W_base.
 
     Each changed matrix gets B = U√S (out×r) and A = √S·Vᵀ (r×in), lora_alpha = r, so that
     `PeftModel.from_pretrained(base_model, ADAPTER)` reproduces the fine-tune as far as the
-    rank allows. Give one of --rank, --energy or --budget. Unchanged matrices get no LoRA;
-    changed norms, biases and embeddings are reported, and carried whole with --save-modules.
+    rank allows. Give one of --rank, --energy, --budget or --ratio. Unchanged matrices get no
+    LoRA; changed norms, biases and embeddings are reported, and carried whole with --save-modules.
+
+    With PEFT adapters of BASE instead of FT, ΔW = Σ w_i·ΔW_i of the adapters: resize a LoRA,
+    convert an adapter to a plain LoRA, or merge several into one. LoRA inputs are resized in
+    factor space (exact, without forming ΔW or reading BASE's weights).
     """
     from deltakit.lora import extract_lora
 
     _check_outputs(json_path, force)
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
+    sources = ft[0] if len(ft) == 1 else list(ft)
     with parallel_workers(device) as parallel:
-        report = extract_lora(base, ft, out, rank=rank, energy=energy, budget=budget, max_rank=max_rank,
+        report = extract_lora(base, sources, out, rank=rank, energy=energy, budget=budget, max_rank=max_rank,
                               include=include, exclude=exclude, save_modules=save_modules, embeddings=embeddings,
                               dtype=dtype, options=options, seed=seed, force=force, allow_pickle=allow_pickle,
-                              progress=progress if parallel.is_main else None, parallel=parallel)
+                              progress=progress if parallel.is_main else None, parallel=parallel, ratio=ratio,
+                              weights=_weights(weights))
     if parallel.is_main:
         _print_extract(report, out, json_path, quiet, force)
 

@@ -76,8 +76,8 @@ def test_energy_and_budget_from_the_command_line(llama, runner, tmp_path):
     (["--budget", "0"], "budget must be at least 1"),
     (["--budget", "50"], "budget 50 is too small for rank 1 anywhere"),
     (["--rank", "4", "--max-rank", "0"], "max-rank must be at least 1"),
-    (["--rank", "4", "--energy", "0.9"], "exactly one of --rank, --energy or --budget"),
-    ([], "exactly one of --rank, --energy or --budget"),
+    (["--rank", "4", "--energy", "0.9"], "exactly one of --rank, --energy, --budget or --ratio"),
+    ([], "exactly one of --rank, --energy, --budget or --ratio"),
     (["--rank", "4", "--dtype", "int8"], "unknown output dtype 'int8'"),
     (["--rank", "4", "--include", "nothing*"], "no tensor pairs left"),
     (["--rank", "4", "--device", "cuda:7"], "cuda:7"),
@@ -241,8 +241,8 @@ def test_missing_inputs_are_one_line_errors(llama, runner, tmp_path):
     assert_one_line_error(result, "no such file or folder")
     result = invoke(runner, "merge", folder / "base", folder / "ft", "-o", tmp_path / "a")
     assert_one_line_error(result, "not a PEFT adapter folder")
-    result = invoke(runner, "extract", folder / "base", folder / "peft-adapter", "-o", tmp_path / "a", "--rank", "2")
-    assert_one_line_error(result, "is a PEFT adapter; extract compares two full models")
+    result = invoke(runner, "extract", folder / "peft-adapter", folder / "ft", "-o", tmp_path / "a", "--rank", "2")
+    assert_one_line_error(result, "is a PEFT adapter; extract needs the full base model as BASE")
     result = invoke(runner, "unmerge", folder / "ft", folder / "peft-adapter", "-o", tmp_path / "a", "--check",
                     tmp_path / "nope")
     assert_one_line_error(result, "no such file or folder")

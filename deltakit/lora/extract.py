@@ -1,8 +1,13 @@
-"""`deltakit extract`: a PEFT LoRA adapter from a fine-tune, by truncated SVD of every ΔW.
+"""`deltakit extract`: a PEFT LoRA adapter from a fine-tune, or from adapters, by truncated SVD of every ΔW.
 
 Each changed matrix ΔW = W_ft − W_base gets factors B = U_r √S_r, A = √S_r V_rᵀ (lora_alpha = r,
 so PEFT's scaling α/r is 1 and B @ A is the rank-r truncated SVD of ΔW). The rank comes from
-a :class:`~deltakit.lora.ranks.RankChoice`: fixed, per-matrix energy, or a global budget.
+a :class:`~deltakit.lora.ranks.RankChoice`: fixed, per-matrix energy or σ ratio, or a global budget.
+
+Instead of a fine-tune, one or more PEFT adapters (with weights) give ΔW = Σ_i w_i·ΔW_i: this
+converts an adapter to a plain LoRA, resizes one, or merges several into one. Plain LoRA inputs
+are factored in factor space (:mod:`deltakit.lora.resize`: exact, no dense ΔW, the base's
+weights never read); other adapter types go through their dense ΔW like a fine-tune's.
 
 Passes and memory. Host and device memory hold one ΔW (plus ``prefetch`` pairs being read)
 at any time, whatever the model size:
@@ -42,11 +47,15 @@ from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.peft import adapter_config, adapter_keys, is_peft_adapter, whole_tensor_key
 from deltakit.lora.adapter_files import AdapterTensor, FactorStage, write_adapter
+from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
 from deltakit.lora.factors import peft_orientation, reconstruction_error, svd_factors
-from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank
+from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank, ratio_rank
+from deltakit.lora.resize import LowRankDelta
 from deltakit.lora.targets import WORD_EMBEDDING, ExtractionTargets, LoraTarget, module_of, plan_extraction
 from deltakit.pairing import TensorPair, pair_tensors
-from deltakit.spectral.spectrum import compute_spectrum
+from deltakit.spectral.metrics import as_sorted_spectrum
+from deltakit.spectral.spectrum import build_spectrum, compute_spectrum
+from deltakit.spectral.svd import method_noise_floor
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,11 +85,11 @@ class ExtractReport:
     """What `extract` wrote and what it could not; ``to_dict()`` is the JSON report."""
 
     base: str
-    ft: str
+    ft: str  # the fine-tune, or the input adapters joined by " + "
     adapter: str
     selection: dict[str, Any]
-    method: str  # randomized | exact: how factors were computed
-    spectrum_method: str | None  # gram | exact for energy / budget (pass 1), else None
+    method: str  # randomized | exact | factor-space: how factors were computed
+    spectrum_method: str | None  # gram | exact | factor-space for energy / budget / ratio (pass 1), else None
     device: str
     precision: str
     passes: int
@@ -92,6 +101,8 @@ class ExtractReport:
     lora_bias: bool = False
     whole_parameters: int = 0
     elapsed_s: float = 0.0
+    adapters: list[str] = field(default_factory=list)  # input adapters (empty for a fine-tune)
+    weights: list[float] = field(default_factory=list)  # their weights w_i
 
     @property
     def parameters(self) -> int:
@@ -119,6 +130,7 @@ class ExtractReport:
             "matrices": [m.to_dict() for m in self.matrices], "unchanged": list(self.unchanged),
             "carried_whole": list(self.carried_whole), "not_carried": list(self.not_carried),
             "modules_to_save": list(self.modules_to_save), "lora_bias": self.lora_bias,
+            "adapters": list(self.adapters), "weights": list(self.weights),
         }
 
 
@@ -155,7 +167,7 @@ class _Survey:
 
 def extract_lora(
     base: str | os.PathLike,
-    ft: str | os.PathLike,
+    ft: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     rank: int | None = None,
     energy: float | None = None,
@@ -172,12 +184,19 @@ def extract_lora(
     allow_pickle: bool = False,
     progress: ProgressFn | None = None,
     parallel: Parallel = Parallel(),
+    ratio: float | None = None,
+    weights: Sequence[float] | None = None,
+    factor_space: bool = True,
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
 
-    Give one of ``rank`` (every changed matrix), ``energy`` (per matrix, the smallest rank
-    keeping that fraction of ‖ΔW‖_F²) or ``budget`` (total LoRA parameters, allocated to
-    minimise the total squared error); ``max_rank`` clamps them. ``save_modules`` carries
+    ``ft`` is a fine-tuned model, or one or more PEFT adapters of ``base`` (a path or a list)
+    whose deltas, times ``weights`` (default all 1), are summed. Plain LoRA inputs are resized
+    in factor space (exact); ``factor_space=False`` forms their dense ΔW instead, as for other
+    adapter types (for comparison). Give one of ``rank`` (every changed matrix), ``energy``
+    (per matrix, the smallest rank keeping that fraction of ‖ΔW‖_F²), ``ratio`` (per matrix,
+    every σ_i ≥ ratio·σ_1) or ``budget`` (total LoRA parameters, allocated to minimise the
+    total squared error); ``max_rank`` clamps them. ``save_modules`` carries
     changed tensors that are not LoRA material whole (PEFT ``modules_to_save``; biases of LoRA
     layers as ``bias="lora_only"``). ``embeddings`` adds PEFT embedding LoRA for embedding
     tables. ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
@@ -187,32 +206,44 @@ def extract_lora(
     Example: ``extract_lora("base", "ft", "adapter", rank=16).relative_error``.
     """
     started = time.perf_counter()
-    choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank)
+    choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank, ratio=ratio)
     out_dtype = output_dtype(dtype)
     device = resolve_device(parallel.device if parallel.active else options.device)
     compute_dtype = options.dtype
     check_output_path(out, force)
-    for role, path in (("BASE", base), ("FT", ft)):
-        if is_peft_adapter(path):
-            raise DeltakitError(f"{role} {path} is a PEFT adapter; extract compares two full models "
-                                f"(merge the adapter first: deltakit merge BASE {path} -o merged)")
-    base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
-    ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
-    config = ft_ckpt.config or base_ckpt.config
-    plan = pair_tensors(tensor_metas(base_ckpt), tensor_metas(ft_ckpt), config, include, exclude)
-    targets = plan_extraction(plan, config, embeddings)
+    adapter_paths, ft_path = _inputs(base, ft, weights, save_modules)
+    adapters: AdapterSum | None = None
+    ft_ckpt: Checkpoint | None = None
+    if adapter_paths:
+        adapters = open_adapter_sum(base, adapter_paths, weights, include, exclude, allow_pickle)
+        base_ckpt = adapters.base
+        # An adapter's embedding LoRA stays one (--embeddings is for fine-tunes' tables).
+        targets = plan_extraction(adapters.plan(), base_ckpt.config, embeddings=True)
+        targets.not_carried += adapters.not_carried()
+        out_dtype = out_dtype or adapters.dtype
+        pairs = adapters.pairs
+    else:
+        base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
+        ft_ckpt = open_checkpoint(ft_path, allow_pickle=allow_pickle)  # type: ignore[arg-type]
+        config = ft_ckpt.config or base_ckpt.config
+        plan = pair_tensors(tensor_metas(base_ckpt), tensor_metas(ft_ckpt), config, include, exclude)
+        targets = plan_extraction(plan, config, embeddings)
+        pairs = plan.pairs
+    factored = factor_space and adapters is not None and adapters.factored
     if not targets.lora and not targets.whole:
         raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")
     if choice.mode == "budget":
         _check_budget(choice.budget, targets.lora, "")  # fail before reading anything
+    method = "factor-space" if factored else "exact" if options.exact else "randomized"
     report = ExtractReport(
-        base=str(base), ft=str(ft), adapter=str(out), selection=choice.to_dict(),
-        method="exact" if options.exact else "randomized",
-        spectrum_method=options.method if choice.needs_spectra else None, device=str(device),
-        precision=options.precision, passes=2 if choice.needs_spectra else 1,
+        base=str(base), ft=" + ".join(adapter_paths) if adapter_paths else str(ft_path), adapter=str(out),
+        selection=choice.to_dict(), method=method,
+        spectrum_method=(method if factored else options.method) if choice.needs_spectra else None,
+        device=str(device), precision=options.precision, passes=2 if choice.needs_spectra else 1,
+        adapters=list(adapter_paths or []), weights=list(adapters.weights) if adapters else [],
     )
-    run = _Extraction(choice, targets, plan.pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,
-                      seed, progress, parallel)
+    run = _Extraction(choice, targets, pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,
+                      seed, progress, parallel, adapters=adapters, factored=factored)
     with shared_directory(out, force, parallel) as tmp:
         stage = FactorStage(Path(tmp) / f".staging-{parallel.rank}")
         survey = run.first_pass(stage, report)
@@ -233,9 +264,11 @@ class _Extraction:
     """The passes of one extraction; holds what they share."""
 
     def __init__(self, choice: RankChoice, targets: ExtractionTargets, pairs: list[TensorPair], base: Checkpoint,
-                 ft: Checkpoint, device: torch.device, compute_dtype: torch.dtype, out_dtype: torch.dtype | None,
-                 options: SpectralOptions, seed: int, progress: ProgressFn | None, parallel: Parallel) -> None:
+                 ft: Checkpoint | None, device: torch.device, compute_dtype: torch.dtype, out_dtype: torch.dtype | None,
+                 options: SpectralOptions, seed: int, progress: ProgressFn | None, parallel: Parallel,
+                 adapters: AdapterSum | None = None, factored: bool = False) -> None:
         self.choice, self.targets, self.base, self.ft = choice, targets, base, ft
+        self.adapters, self.factored = adapters, factored  # ΔW from adapters (factored: as LowRankDelta)
         self.device, self.compute_dtype, self.out_dtype = device, compute_dtype, out_dtype
         self.options, self.seed, self.progress, self.parallel = options, seed, progress, parallel
         self.by_name = {t.pair.name: t for t in targets.lora}
@@ -253,7 +286,11 @@ class _Extraction:
         return self.parallel.share(costs)
 
     def _stream(self, pairs: list[TensorPair], label: str):
-        items = stream_deltas(pairs, self.base, self.ft, self.device, self.compute_dtype, self.options.prefetch)
+        if self.adapters is not None:
+            items = self.adapters.stream(pairs, self.device, self.compute_dtype, self.options.prefetch, self.factored)
+        else:
+            assert self.ft is not None
+            items = stream_deltas(pairs, self.base, self.ft, self.device, self.compute_dtype, self.options.prefetch)
         return self.progress(items, len(pairs), label) if self.progress else items
 
     def _gather(self, stage: FactorStage, local: list[tuple[int, _Outcome]]) -> list[_Outcome]:
@@ -264,13 +301,17 @@ class _Extraction:
                 stage.note(outcome.matrix.module, outcome.staged)
         return everything
 
-    def _factor(self, stage: FactorStage, target: LoraTarget, matrix: torch.Tensor, rank: int,
+    def _factor(self, stage: FactorStage, target: LoraTarget, matrix: torch.Tensor | LowRankDelta, rank: int,
                 delta_fro: float, spectrum: np.ndarray | None) -> ExtractedMatrix:
         """Factor one oriented ΔW at ``rank``, park the factors, measure what they keep."""
-        factors = svd_factors(matrix, rank, exact=self.options.exact, seed=self.seed, dtype=self.compute_dtype)
         dtype = self.dtype_of(target.pair)
+        if isinstance(matrix, LowRankDelta):  # exact, from the factors
+            factors = matrix.factors(rank)
+            error = matrix.residual_norm(factors, dtype)
+        else:
+            factors = svd_factors(matrix, rank, exact=self.options.exact, seed=self.seed, dtype=self.compute_dtype)
+            error = reconstruction_error(matrix.to(self.compute_dtype), factors, dtype)
         stage.put(target.module, factors.a.to(dtype), factors.b.to(dtype))
-        error = reconstruction_error(matrix.to(self.compute_dtype), factors, dtype)
         # Σ_{i≤r} σ_i² over the exact ‖ΔW‖_F², so that kept ≈ 1 − rel_error² also when the
         # spectrum could not resolve the smallest values (see _spectrum).
         if spectrum is None:  # fixed rank: the factorisation's own singular values
@@ -311,9 +352,12 @@ class _Extraction:
                     self.owners[outcome.matrix.module] = outcome.owner
         return survey
 
-    def _survey_one(self, stage: FactorStage, pair: TensorPair, delta: torch.Tensor) -> _Outcome:
-        """Pass 1 for one pair: is it changed; its spectrum (energy / budget) or factors (fixed rank)."""
-        delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+    def _survey_one(self, stage: FactorStage, pair: TensorPair, delta: torch.Tensor | LowRankDelta) -> _Outcome:
+        """Pass 1 for one pair: is it changed; its spectrum (energy / budget / ratio) or factors (fixed rank)."""
+        if isinstance(delta, LowRankDelta):
+            delta_fro = delta.frobenius()
+        else:
+            delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
         target = self.by_name.get(pair.name)
         if target is None:
             return _Outcome(changed_whole=delta_fro > 0 or bool(pair.added_rows))
@@ -326,21 +370,30 @@ class _Extraction:
         return replace(self._factored(stage, self._factor(stage, target, matrix, rank, delta_fro, None)),
                        delta_fro=delta_fro)
 
-    def _spectrum(self, matrix: torch.Tensor) -> np.ndarray:
+    def _spectrum(self, matrix: torch.Tensor | LowRankDelta) -> np.ndarray:
         """The resolved singular values of :class:`~deltakit.spectral.spectrum.Spectrum`, as `rank` reads them.
 
         Values below the method's own rounding floor are 0 there (without this, energy 1.0 of
         an exactly rank-8 ΔW would ask for full rank); energy fractions are of the energy
-        resolved above that floor, the same fractions `rank` reports.
+        resolved above that floor, the same fractions `rank` reports. In factor space (exact
+        SVD of the factors) only the k singular values a product of rank k can have are listed.
         """
+        if isinstance(matrix, LowRankDelta):
+            values = as_sorted_spectrum(matrix.singular_values())
+            shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+            floor = method_noise_floor(float(values[0]), shape, "exact", self.compute_dtype) if values.size else 0.0
+            return build_spectrum(values, shape, "factor-space", floor).values
         return compute_spectrum(matrix, self.options).values
 
     def choose_ranks(self, survey: _Survey) -> dict[str, int]:
-        """Energy: per matrix. Budget: all spectra at once (see :func:`allocate_budget`)."""
+        """Energy and ratio: per matrix. Budget: all spectra at once (see :func:`allocate_budget`)."""
         names = list(survey.spectra)
         caps = [self.choice.cap(self.by_name[n].out_in) for n in names]
         if self.choice.mode == "energy":
             return {n: energy_rank(survey.spectra[n], self.choice.energy, cap)  # type: ignore[arg-type]
+                    for n, cap in zip(names, caps)}
+        if self.choice.mode == "ratio":
+            return {n: ratio_rank(survey.spectra[n], self.choice.ratio, cap)  # type: ignore[arg-type]
                     for n, cap in zip(names, caps)}
         changed = [self.by_name[n] for n in names]
         _check_budget(self.choice.budget, changed, "changed ")  # type: ignore[arg-type]
@@ -391,7 +444,7 @@ class _Extraction:
             fan_in_fan_out=any(t.kind == "conv1d" for t in lora),
             base_model_name_or_path=base_name,
             modules_to_save=report.modules_to_save,
-            task_type=_task_type(self.ft.config or self.base.config),
+            task_type=_task_type((self.ft.config if self.ft else None) or self.base.config),
         )
         if report.lora_bias:
             config["bias"] = "lora_only"
@@ -450,6 +503,33 @@ class _Extraction:
     def _whole(self, ft_name: str, key: str) -> AdapterTensor:
         dtype = self.out_dtype if self.out_dtype and self.ft.dtype(ft_name).is_floating_point else self.ft.dtype(ft_name)
         return AdapterTensor(key, self.ft.shape(ft_name), dtype, lambda: self.ft.get(ft_name))
+
+
+def _inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[str | os.PathLike],
+            weights: Sequence[float] | None, save_modules: bool) -> tuple[list[str] | None, str | os.PathLike | None]:
+    """(adapter paths, None) when ``ft`` names PEFT adapters, (None, the fine-tune) for one model; refuse mixtures."""
+    given = [ft] if isinstance(ft, (str, os.PathLike)) else list(ft)
+    if not given:
+        raise DeltakitError("give a fine-tuned model or at least one adapter to extract from")
+    if is_peft_adapter(base):
+        raise DeltakitError(f"BASE {base} is a PEFT adapter; extract needs the full base model as BASE "
+                            f"(adapters go after it: deltakit extract BASE {base} -o OUT --rank R)")
+    is_adapter = [is_peft_adapter(path) for path in given]
+    if not any(is_adapter):
+        if len(given) > 1:
+            raise DeltakitError(f"{len(given)} fine-tuned models given; extract compares BASE with one fine-tune, "
+                                "or sums one or more PEFT adapters")
+        if weights is not None:
+            raise DeltakitError(f"--weights weighs adapters; {given[0]} is a full model")
+        return None, given[0]
+    if not all(is_adapter):
+        model = given[is_adapter.index(False)]
+        raise DeltakitError(f"{model} is not a PEFT adapter; extract takes one fine-tuned model, "
+                            "or one or more adapters, not both")
+    if save_modules:
+        raise DeltakitError("--save-modules carries tensors of a fine-tuned model; from adapters extract writes "
+                            "LoRA factors only")
+    return [str(path) for path in given], None
 
 
 def _check_budget(budget: int | None, targets: Sequence[LoraTarget], which: str) -> None:

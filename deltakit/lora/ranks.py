@@ -1,4 +1,5 @@
-"""How many LoRA ranks each ΔW gets: a fixed rank, an energy fraction per matrix, or a global parameter budget.
+"""How many LoRA ranks each ΔW gets: a fixed rank, an energy fraction or a singular-value ratio per matrix,
+or a global parameter budget.
 
 Everything here is a pure function of spectra (1-D arrays of singular values) and matrix
 costs; nothing reads files or touches a device.
@@ -20,15 +21,18 @@ import numpy as np
 from deltakit.errors import DeltakitError
 from deltakit.spectral.metrics import as_sorted_spectrum, rank_at_energy
 
+MODES = ("rank", "energy", "budget", "ratio")
+
 
 @dataclass(frozen=True)
 class RankChoice:
-    """Exactly one of ``rank``, ``energy`` or ``budget``; ``max_rank`` clamps all three.
+    """Exactly one of ``rank``, ``energy``, ``budget`` or ``ratio``; ``max_rank`` clamps them all.
 
     rank: the same rank for every changed matrix (≥ 1).
     energy: per matrix, the smallest rank keeping this fraction of ‖ΔW‖_F² (in (0, 1]).
     budget: a total number of LoRA parameters, Σ r_i·(m_i + n_i), spent where it removes the
         most squared error (see :func:`allocate_budget`).
+    ratio: per matrix, keep every σ_i ≥ ratio·σ_1 (in (0, 1]; see :func:`ratio_rank`).
     max_rank: no matrix gets more than this (≥ 1), whatever the mode.
     """
 
@@ -36,11 +40,12 @@ class RankChoice:
     energy: float | None = None
     budget: int | None = None
     max_rank: int | None = None
+    ratio: float | None = None
 
     def __post_init__(self) -> None:
-        given = [name for name in ("rank", "energy", "budget") if getattr(self, name) is not None]
+        given = [name for name in MODES if getattr(self, name) is not None]
         if len(given) != 1:
-            raise DeltakitError("give exactly one of --rank, --energy or --budget"
+            raise DeltakitError("give exactly one of --rank, --energy, --budget or --ratio"
                                 + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
         if self.rank is not None:
             _check_positive_int("rank", self.rank)
@@ -52,15 +57,20 @@ class RankChoice:
             energy = float(self.energy)
             if math.isnan(energy) or not 0.0 < energy <= 1.0:
                 raise DeltakitError(f"energy {self.energy:g} is outside (0, 1]; use e.g. --energy 0.9")
+        if self.ratio is not None:
+            ratio = float(self.ratio)
+            if math.isnan(ratio) or not 0.0 < ratio <= 1.0:
+                hint = f" (kohya's sv_ratio {ratio:g} is --ratio {1 / ratio:.6g})" if ratio > 1 else ""
+                raise DeltakitError(f"ratio {self.ratio:g} is outside (0, 1]; use e.g. --ratio 0.1{hint}")
 
     @property
     def mode(self) -> str:
-        """"rank", "energy" or "budget"."""
-        return "rank" if self.rank is not None else "energy" if self.energy is not None else "budget"
+        """"rank", "energy", "budget" or "ratio"."""
+        return next(name for name in MODES if getattr(self, name) is not None)
 
     @property
     def needs_spectra(self) -> bool:
-        """Energy and budget choose ranks from every singular value, so they need a first pass."""
+        """Energy, budget and ratio choose ranks from every singular value, so they need a first pass."""
         return self.mode != "rank"
 
     def cap(self, shape: tuple[int, int]) -> int:
@@ -70,7 +80,7 @@ class RankChoice:
 
     def to_dict(self) -> dict[str, object]:
         return {"mode": self.mode, "rank": self.rank, "energy": self.energy, "budget": self.budget,
-                "max_rank": self.max_rank}
+                "ratio": self.ratio, "max_rank": self.max_rank}
 
 
 def _check_positive_int(name: str, value: object) -> None:
@@ -83,6 +93,19 @@ def _check_positive_int(name: str, value: object) -> None:
 def energy_rank(spectrum: Sequence[float] | np.ndarray, fraction: float, cap: int) -> int:
     """Smallest r with Σ_{i≤r} σ_i² ≥ fraction·Σ σ_i², clamped to ``cap`` (0 for a zero matrix)."""
     return min(rank_at_energy(spectrum, fraction), cap)
+
+
+def ratio_rank(spectrum: Sequence[float] | np.ndarray, ratio: float, cap: int) -> int:
+    """How many σ_i ≥ ratio·σ_1, clamped to ``cap`` (0 for a zero matrix).
+
+    kohya-ss sd-scripts' ``resize_lora.py --dynamic_method sv_ratio --dynamic_param T`` keeps
+    σ_i > σ_1 / T, so T = 1 / ratio; there a value exactly on the boundary is dropped and a
+    zero matrix still gets rank 1, here the boundary value is kept and a zero matrix gets 0.
+    """
+    s = as_sorted_spectrum(spectrum)
+    if s.size == 0 or s[0] <= 0:
+        return 0
+    return min(int(np.count_nonzero(s >= ratio * s[0])), cap)
 
 
 def kept_energy(spectrum: Sequence[float] | np.ndarray, rank: int) -> float:
