@@ -62,7 +62,7 @@ class MatrixResult:
     fused: bool
     added_rows: int
     delta_fro: float
-    rel_delta: float
+    rel_delta: float | None  # None when the base is zero; rel_delta_reason says so
     spectral_norm: float
     rank: int
     noise_floor: float
@@ -70,6 +70,9 @@ class MatrixResult:
     effective_rank: float
     rank_at: dict[float, int]
     random_rank_at: dict[float, int]
+    rel_delta_reason: str | None = None
+    expert: int | None = None  # expert index of a MoE expert's matrix
+    tensor: str | None = None  # the tensor its experts are summarised under (fused: the stored name)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -90,7 +93,10 @@ class VectorResult:
     layer: int | None
     changed: bool
     delta_norm: float
-    rel_delta: float
+    rel_delta: float | None  # None when the base is zero; rel_delta_reason says so
+    rel_delta_reason: str | None = None
+    expert: int | None = None
+    tensor: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -125,13 +131,15 @@ class RankReport:
             "changed_vectors": sum(1 for v in self.vectors if v.changed),
             "by_module_type": {name: self._aggregate(items) for name, items in by_module_type(self.matrices).items()},
             "by_layer": {name: self._aggregate(items) for name, items in by_layer(self.matrices).items()},
+            "by_tensor": {name: self._aggregate(items) for name, items in by_tensor(self.matrices).items()},
         }
 
     def _aggregate(self, items: list[MatrixResult]) -> dict[str, Any]:
         return {
             "count": len(items),
             "mean_rank": float(np.mean([m.rank for m in items])),
-            "mean_rel_delta": float(np.mean([m.rel_delta for m in items])),
+            "changed": sum(1 for m in items if m.delta_fro > 0),
+            "mean_rel_delta": _mean_known(m.rel_delta for m in items),
             "mean_rank_at": {energy_key(e): float(np.mean([m.rank_at[e] for m in items])) for e in self.energy},
             "median_rank_at": {energy_key(e): float(np.median([m.rank_at[e] for m in items])) for e in self.energy},
             "mean_random_rank_at": {
@@ -168,7 +176,8 @@ class RankReport:
         }
 
 
-MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "lm_head")
+MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "router",
+                "experts.gate", "experts.up", "experts.gate_up", "experts.down", "lm_head")
 
 
 def group_order(group: str) -> tuple[int, int, str]:
@@ -198,9 +207,33 @@ def by_layer(items: Iterable[T]) -> dict[str, list[T]]:
     return _grouped(items, lambda m: "none" if m.layer is None else str(m.layer))  # type: ignore[attr-defined]
 
 
+def by_tensor(items: Iterable[T]) -> dict[str, list[T]]:
+    """MoE experts' matrices grouped by the tensor they belong to (a fused 3-D tensor, or
+    ``...experts.*.gate_proj.weight`` for one expert per tensor); other matrices are left out."""
+    experts = [m for m in items if getattr(m, "expert", None) is not None]
+    groups: dict[str, list[T]] = {}
+    for m in experts:
+        groups.setdefault(m.tensor, []).append(m)  # type: ignore[attr-defined]
+    return groups
+
+
 @lru_cache(maxsize=256)
 def _random_rank(shape: tuple[int, int], fraction: float) -> int:
     return metrics.random_rank_at_energy(shape, fraction)
+
+
+ZERO_BASE = "zero base"  # rel_delta_reason when ‖W_base‖ = 0: the ratio is undefined, delta_fro still says the size
+
+
+def relative_change(delta_norm: float, base_norm: float) -> float | None:
+    """‖ΔW‖ / ‖W_base‖, or None for a zero base (never inf or nan: the JSON report must stay finite)."""
+    return delta_norm / base_norm if base_norm > 0 else None
+
+
+def _mean_known(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def _fro(tensor: torch.Tensor) -> float:
@@ -227,7 +260,8 @@ def analyse_matrix(
     result = MatrixResult(
         name=pair.name, shape=shape, dtype=str(pair.ft_dtype).removeprefix("torch."),
         module_type=pair.module_type, layer=pair.layer, layout=pair.layout, fused=pair.fused,
-        added_rows=pair.added_rows, delta_fro=delta_fro, rel_delta=delta_fro / base_fro if base_fro else math.inf,
+        added_rows=pair.added_rows, delta_fro=delta_fro, rel_delta=relative_change(delta_fro, base_fro),
+        rel_delta_reason=None if base_fro else ZERO_BASE, expert=pair.expert, tensor=pair.group,
         spectral_norm=float(spectrum[0]) if spectrum.size else 0.0,
         rank=metrics.numerical_rank(spectrum, floor) if delta_fro else 0, noise_floor=floor,
         stable_rank=metrics.stable_rank(spectrum), effective_rank=metrics.effective_rank(spectrum),
@@ -243,7 +277,8 @@ def analyse_vector(item: DeltaItem) -> VectorResult:
     return VectorResult(
         name=pair.name, shape=tuple(pair.shape), dtype=str(pair.ft_dtype).removeprefix("torch."),
         module_type=pair.module_type, layer=pair.layer, changed=delta_norm > 0, delta_norm=delta_norm,
-        rel_delta=delta_norm / base_norm if base_norm else (math.inf if delta_norm else 0.0),
+        rel_delta=relative_change(delta_norm, base_norm), rel_delta_reason=None if base_norm else ZERO_BASE,
+        expert=pair.expert, tensor=pair.group,
     )
 
 

@@ -62,6 +62,14 @@ def group_table(groups: dict[str, Any], label: str, energies: Sequence[float]) -
     return format_table(headers, rows)
 
 
+def expert_table(groups: dict[str, Any], energies: Sequence[float]) -> str:
+    """One row per MoE expert tensor: how many of its experts changed, and their mean ranks."""
+    headers = ["tensor", "experts", "changed", "mean rel ΔW", "mean rank"] + [f"mean r@{energy_key(e)}" for e in energies]
+    rows = [[name, g["count"], g["changed"], g["mean_rel_delta"], g["mean_rank"]]
+            + [g["mean_rank_at"][energy_key(e)] for e in energies] for name, g in groups.items()]
+    return format_table(headers, rows)
+
+
 def render_report(report: RankReport, per_matrix: bool = True) -> str:
     """The human-readable output of `deltakit rank`."""
     summary = report.summary()
@@ -72,6 +80,8 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
         parts += ["by module type", group_table(summary["by_module_type"], "type", report.energy), ""]
         if len(summary["by_layer"]) > 1:
             parts += ["by depth", group_table(summary["by_layer"], "layer", report.energy), ""]
+        if summary.get("by_tensor"):
+            parts += ["by expert tensor (all experts)", expert_table(summary["by_tensor"], report.energy), ""]
     changed = [v for v in report.vectors if v.changed]
     parts.append(
         f"{summary['changed_matrices']} of {summary['matrices']} matrices changed; "
