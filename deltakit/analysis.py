@@ -230,6 +230,12 @@ def relative_change(delta_norm: float, base_norm: float) -> float | None:
     return delta_norm / base_norm if base_norm > 0 else None
 
 
+def _require_finite(name: str, delta_norm: float, base_norm: float) -> None:
+    """A tensor holding inf / nan has no defined ΔW: one clear error rather than a failed SVD or a nan in the report."""
+    if not (math.isfinite(delta_norm) and math.isfinite(base_norm)):
+        raise DeltakitError(f"{name}: the base or the fine-tune holds inf or nan values; its ΔW is not defined")
+
+
 def _mean_known(values: Iterable[float | None]) -> float | None:
     """Mean of the values that are not None (None if there are none)."""
     known = [v for v in values if v is not None]
@@ -247,6 +253,7 @@ def analyse_matrix(
     pair, delta = item.pair, item.delta
     shape = (int(pair.shape[0]), int(pair.shape[1]))
     delta_fro, base_fro = _fro(delta), _fro(item.base)
+    _require_finite(pair.name, delta_fro, base_fro)
     if delta_fro == 0.0:
         spectrum = np.zeros(min(shape))
         floor = 0.0
@@ -274,6 +281,7 @@ def analyse_matrix(
 def analyse_vector(item: DeltaItem) -> VectorResult:
     pair = item.pair
     delta_norm, base_norm = _fro(item.delta), _fro(item.base)
+    _require_finite(pair.name, delta_norm, base_norm)
     return VectorResult(
         name=pair.name, shape=tuple(pair.shape), dtype=str(pair.ft_dtype).removeprefix("torch."),
         module_type=pair.module_type, layer=pair.layer, changed=delta_norm > 0, delta_norm=delta_norm,

@@ -136,7 +136,7 @@ def fetch(ckpt: Checkpoint, name: str, device: torch.device, rows: tuple[int, in
         stream = _copy_streams.stream = torch.cuda.Stream(device)
     if name in ckpt.quantized:  # the stored bytes go to the device and are dequantized there
         with torch.cuda.stream(stream):
-            on_device = ckpt._dequantized(name, device, rows, pin=True)
+            on_device = ckpt.dequantized(name, device, rows, pin=True)
         stream.synchronize()
         return on_device
     row_bytes = ckpt.infos[name].nbytes // shape[0] if shape and shape[0] else 0

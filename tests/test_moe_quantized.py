@@ -358,3 +358,12 @@ def test_moe_bench_tiny_preset_runs_and_checks_its_ranks(tmp_path, base_format):
     result = _strict_json((tmp_path / "moe_results.json").read_text())
     assert result["check"] == "pass" and result["expert_matrices"] == 8 and result["base_format"] == base_format
     assert result["io_floor_s"] > 0 and result["rank_s"] > 0
+
+
+def test_non_finite_weights_are_one_error_not_a_traceback(tmp_path, runner):
+    weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    broken = weight.clone()
+    broken[0, 0] = float("nan")
+    base = _save(tmp_path / "base", {"x.weight": weight})
+    ft = _save(tmp_path / "ft", {"x.weight": broken})
+    assert_one_line_error(invoke(runner, "rank", base, ft, "--device", "cpu", "--json", "-"), "inf or nan")

@@ -117,7 +117,7 @@ class Checkpoint:
         """
         info = self.infos[name]
         if name in self.quantized:
-            return self._dequantized(name, device, None, pin)
+            return self.dequantized(name, device, None, pin)
         try:
             if self.format == "pickle":
                 tensor = self._pickle_dict(info.file)[name]
@@ -138,7 +138,7 @@ class Checkpoint:
         if not info.shape or not 0 <= start <= stop <= info.shape[0]:
             raise ValueError(f"rows {start}:{stop} of {name} {info.shape}")
         if name in self.quantized:
-            return self._dequantized(name, "cpu", (start, stop), pin)
+            return self.dequantized(name, "cpu", (start, stop), pin)
         return self.read_stored(info, start, stop, pin)
 
     def read_stored(self, info: TensorInfo, start: int | None = None, stop: int | None = None,
@@ -164,7 +164,7 @@ class Checkpoint:
         except (OSError, RuntimeError) as exc:
             raise DeltakitError(f"cannot read tensor {name} from {info.file}: {_first_line(exc)}") from None
 
-    def _dequantized(self, name: str, device: str | torch.device, rows: tuple[int, int] | None,
+    def dequantized(self, name: str, device: str | torch.device, rows: tuple[int, int] | None,
                      pin: bool) -> torch.Tensor:
         """A quantized tensor (or its dim-0 ``rows``) dequantized on ``device`` (see deltakit.io.quantized)."""
         read = lambda info, start, stop, pin_: self.read_stored(info, start, stop, pin_)  # noqa: E731
