@@ -231,7 +231,7 @@ def relative_change(delta_norm: float, base_norm: float) -> float | None:
 
 
 def _require_finite(name: str, delta_norm: float, base_norm: float) -> None:
-    """A tensor holding inf / nan has no defined ΔW: one clear error rather than a failed SVD or a nan in the report."""
+    """A tensor holding inf / nan has no defined ΔW: one clear error, not a failed SVD or a nan in the report."""
     if not (math.isfinite(delta_norm) and math.isfinite(base_norm)):
         raise DeltakitError(f"{name}: the base or the fine-tune holds inf or nan values; its ΔW is not defined")
 

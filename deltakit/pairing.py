@@ -239,7 +239,8 @@ def pair_tensors(
             continue
         pair_or_skip = _pair_one(ft_name, base_name, base[base_name], ft[ft_name], ft_config, tied)
         if isinstance(pair_or_skip, TensorPair):
-            plan.pairs += expert_slices(pair_or_skip, base[base_name][0]) if pair_or_skip.expert_slice else [pair_or_skip]
+            expert_slice = pair_or_skip.expert_slice
+            plan.pairs += expert_slices(pair_or_skip, base[base_name][0]) if expert_slice else [pair_or_skip]
         else:
             plan.skipped.append(pair_or_skip)
     return plan

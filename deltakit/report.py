@@ -64,7 +64,8 @@ def group_table(groups: dict[str, Any], label: str, energies: Sequence[float]) -
 
 def expert_table(groups: dict[str, Any], energies: Sequence[float]) -> str:
     """One row per MoE expert tensor: how many of its experts changed, and their mean ranks."""
-    headers = ["tensor", "experts", "changed", "mean rel ΔW", "mean rank"] + [f"mean r@{energy_key(e)}" for e in energies]
+    headers = ["tensor", "experts", "changed", "mean rel ΔW", "mean rank"]
+    headers += [f"mean r@{energy_key(e)}" for e in energies]
     rows = [[name, g["count"], g["changed"], g["mean_rel_delta"], g["mean_rank"]]
             + [g["mean_rank_at"][energy_key(e)] for e in energies] for name, g in groups.items()]
     return format_table(headers, rows)

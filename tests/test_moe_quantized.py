@@ -367,3 +367,31 @@ def test_non_finite_weights_are_one_error_not_a_traceback(tmp_path, runner):
     base = _save(tmp_path / "base", {"x.weight": weight})
     ft = _save(tmp_path / "ft", {"x.weight": broken})
     assert_one_line_error(invoke(runner, "rank", base, ft, "--device", "cpu", "--json", "-"), "inf or nan")
+
+
+def test_module_types_and_expert_orientation_from_names_shapes_and_config():
+    from deltakit.pairing import module_type, pair_tensors
+
+    assert module_type("model.layers.0.mlp.experts.gate_up_proj") == "experts.gate_up"
+    assert module_type("model.layers.0.mlp.experts.7.up_proj.weight") == "experts.up"
+    assert module_type("model.layers.0.block_sparse_moe.experts.7.w2.weight") == "experts.down"
+    assert module_type("model.layers.0.mlp.shared_experts.gate_proj.weight") == "gate"  # a dense MLP beside the experts
+    assert module_type("model.layers.0.mlp.router.weight") == "router"
+    assert module_type("model.layers.0.mlp.experts.gate_up_proj_bias") == "bias"
+    f32 = torch.float32
+    fused = {"m.layers.0.mlp.experts.gate_up_proj": ((4, 64, 32), f32),  # (E, 2·inter, hidden): output-major
+             "m.layers.0.mlp.experts.down_proj": ((4, 32, 16), f32)}
+    for config, layout in (({"hidden_size": 32}, "linear"), ({"model_type": "gpt_oss"}, "input_major"),
+                           ({"hidden_size": 64}, "input_major")):
+        plan = pair_tensors(fused, fused, config)
+        gate_up = [p for p in plan.pairs if p.module_type == "experts.gate_up"]
+        assert len(gate_up) == 4 and gate_up[0].layout == layout and gate_up[3].rows == (3, 4)
+    plan = pair_tensors(fused, fused, {"hidden_size": 32})
+    assert [p.layout for p in plan.pairs if p.module_type == "experts.down"][0] == "linear"  # (hidden, inter)
+
+
+def test_fp8_channel_scaled_rows(fp8_model):
+    folder, logical = fp8_model
+    name = "model.layers.0.mlp.gate_proj.weight"
+    rows = open_checkpoint(folder).get_rows(name, 5, 77)
+    torch.testing.assert_close(rows, logical[name][5:77].to(torch.bfloat16), rtol=0, atol=0)

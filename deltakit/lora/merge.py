@@ -434,7 +434,7 @@ def shard_size_of(ckpt: Checkpoint) -> int:
 
 
 def dequantized_note(ckpt: Checkpoint, out_dtype: torch.dtype | None) -> str | None:
-    """What a merge into a quantized model writes instead of quantized weights, in one sentence (None if not quantized)."""
+    """What a merge into a quantized model writes instead of quantized weights (None if it is not quantized)."""
     if not ckpt.quantized:
         return None
     formats = sorted({spec.description for spec in ckpt.quantized.values()})
