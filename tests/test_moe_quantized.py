@@ -395,3 +395,84 @@ def test_fp8_channel_scaled_rows(fp8_model):
     name = "model.layers.0.mlp.gate_proj.weight"
     rows = open_checkpoint(folder).get_rows(name, 5, 77)
     torch.testing.assert_close(rows, logical[name][5:77].to(torch.bfloat16), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- against transformers' own loaders
+
+def _lora_adapter(folder: Path, module: str, out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hand-written rank-2 PEFT LoRA on one module, alpha 4 (scaling 2); returns (A, B)."""
+    folder.mkdir()
+    a = torch.randn(2, in_features, generator=torch.Generator().manual_seed(1)) * 0.05
+    b = torch.randn(out_features, 2, generator=torch.Generator().manual_seed(2)) * 0.05
+    save_file({f"base_model.model.{module}.lora_A.weight": a, f"base_model.model.{module}.lora_B.weight": b},
+              folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                            "target_modules": [module.rsplit(".", 1)[-1]]}))
+    return a, b
+
+
+def test_fp8_llama_reads_as_transformers_dequantizes_it_and_the_merge_loads(tmp_path, runner):
+    from transformers import FineGrainedFP8Config, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    quantized: dict[str, torch.Tensor] = {}
+    g = torch.Generator().manual_seed(0)
+    for name, value in load_file(tmp_path / "bf16" / "model.safetensors").items():
+        if not name.endswith("proj.weight"):
+            quantized[name] = value
+            continue
+        rows, cols = value.shape
+        blocks = value.float().reshape(rows // 128, 128, cols // 128, 128)
+        scale = blocks.abs().amax(dim=(1, 3)) / 448 * (1 + torch.rand(rows // 128, cols // 128, generator=g))
+        quantized[name] = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(E4M3)
+        quantized[name + "_scale_inv"] = scale
+    fp8_config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    fp8_config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128],
+                                         "activation_scheme": "dynamic"}
+    base = _save(tmp_path / "fp8", quantized, fp8_config)
+    theirs = LlamaForCausalLM.from_pretrained(base, quantization_config=FineGrainedFP8Config(dequantize=True),
+                                              dtype=torch.bfloat16).state_dict()
+    ckpt = open_checkpoint(base)
+    assert set(ckpt.keys()) == set(theirs)
+    for name in ckpt.keys():
+        torch.testing.assert_close(ckpt.get(name), theirs[name], rtol=0, atol=0)
+    module = "model.layers.0.self_attn.q_proj"
+    a, b = _lora_adapter(tmp_path / "adapter", module, 128, 128)
+    result = invoke(runner, "merge", base, tmp_path / "adapter", "-o", tmp_path / "merged", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16).state_dict()
+    for name, value in theirs.items():
+        expected = value if name != module + ".weight" else (value.float() + 2.0 * (b @ a)).to(torch.bfloat16)
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=0)
+
+
+def test_mxfp4_gpt_oss_reads_as_transformers_dequantizes_it(tmp_path):
+    from transformers import GptOssConfig, GptOssForCausalLM, Mxfp4Config
+
+    config = GptOssConfig(vocab_size=64, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=4,
+                          num_experts_per_tok=2)
+    torch.manual_seed(0)
+    GptOssForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tensors = load_file(tmp_path / "bf16" / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for proj in ("gate_up_proj", "down_proj"):
+        name = f"model.layers.0.mlp.experts.{proj}"
+        experts, width, out = tensors.pop(name).shape  # (E, in, out)
+        tensors[name + "_blocks"] = torch.randint(0, 256, (experts, out, width // 32, 16), generator=g,
+                                                  dtype=torch.uint8)
+        tensors[name + "_scales"] = torch.randint(120, 125, (experts, out, width // 32), generator=g,
+                                                  dtype=torch.uint8)
+    mx_config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    mx_config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    base = _save(tmp_path / "mxfp4", tensors, mx_config)
+    theirs = GptOssForCausalLM.from_pretrained(base, quantization_config=Mxfp4Config(dequantize=True),
+                                               dtype=torch.bfloat16).state_dict()
+    ckpt = open_checkpoint(base)
+    for proj in ("gate_up_proj", "down_proj"):
+        name = f"model.layers.0.mlp.experts.{proj}"
+        torch.testing.assert_close(ckpt.get(name), theirs[name], rtol=0, atol=0)
