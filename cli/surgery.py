@@ -143,6 +143,8 @@ def _merge_summary(report: Any) -> str:
         text += f"; {len(report.replaced)} replaced whole by the adapter"
     if report.left_as_merged:
         text += f"; {len(report.left_as_merged)} replaced tensors left as merged (cannot be restored)"
+    if report.dequantized:
+        text += f"\nnote: {report.dequantized}"
     return text
 
 
@@ -151,10 +153,12 @@ def _merge_summary(report: Any) -> str:
 @click.argument("adapter")
 @click.option("--out", "-o", required=True, metavar="OUT", help="Model folder to write.")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's update by this.")
+@click.option("--dtype", metavar="float32|bfloat16|float16",
+              help="Write floating-point tensors in this dtype (default: the model's; bfloat16 for a quantized base).")
 @device_option
 @_output_options
 @user_errors
-def merge_command(base, adapter, out, scale, device, json_path, quiet, allow_pickle, force):
+def merge_command(base, adapter, out, scale, dtype, device, json_path, quiet, allow_pickle, force):
     """Merge a PEFT LoRA adapter into BASE: W + scale·(α/r)·B·A, written as a complete model folder.
 
     Handles rsLoRA (α/√r), rank_pattern / alpha_pattern, fan_in_fan_out (GPT-2 Conv1D) and
@@ -166,7 +170,7 @@ def merge_command(base, adapter, out, scale, device, json_path, quiet, allow_pic
     _check_outputs(json_path, force)
     with parallel_workers(device) as parallel:
         report = merge(base, adapter, out, scale=scale, device=device, force=force, allow_pickle=allow_pickle,
-                       progress=progress if parallel.is_main else None, parallel=parallel)
+                       progress=progress if parallel.is_main else None, parallel=parallel, dtype=dtype)
     if not parallel.is_main:
         return
     if json_path:

@@ -62,7 +62,7 @@ class MatrixResult:
     fused: bool
     added_rows: int
     delta_fro: float
-    rel_delta: float
+    rel_delta: float | None  # None when the base is zero; rel_delta_reason says so
     spectral_norm: float
     rank: int
     noise_floor: float
@@ -82,6 +82,9 @@ class MatrixResult:
     def noise_dominated(self, fraction: float) -> bool:
         """True when rounding may account for more than 1 − ``fraction`` of ‖ΔW‖²: rank@fraction then measures rounding."""
         return self.noise_share > 1.0 - fraction
+    rel_delta_reason: str | None = None
+    expert: int | None = None  # expert index of a MoE expert's matrix
+    tensor: str | None = None  # the tensor its experts are summarised under (fused: the stored name)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -102,7 +105,10 @@ class VectorResult:
     layer: int | None
     changed: bool
     delta_norm: float
-    rel_delta: float
+    rel_delta: float | None  # None when the base is zero; rel_delta_reason says so
+    rel_delta_reason: str | None = None
+    expert: int | None = None
+    tensor: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -139,13 +145,15 @@ class RankReport:
             "noise_dominated": self._noise_dominated(self.matrices),
             "by_module_type": {name: self._aggregate(items) for name, items in by_module_type(self.matrices).items()},
             "by_layer": {name: self._aggregate(items) for name, items in by_layer(self.matrices).items()},
+            "by_tensor": {name: self._aggregate(items) for name, items in by_tensor(self.matrices).items()},
         }
 
     def _aggregate(self, items: list[MatrixResult]) -> dict[str, Any]:
         return {
             "count": len(items),
             "mean_rank": float(np.mean([m.rank for m in items])),
-            "mean_rel_delta": float(np.mean([m.rel_delta for m in items])),
+            "changed": sum(1 for m in items if m.delta_fro > 0),
+            "mean_rel_delta": _mean_known(m.rel_delta for m in items),
             "mean_rank_at": {energy_key(e): float(np.mean([m.rank_at[e] for m in items])) for e in self.energy},
             "median_rank_at": {energy_key(e): float(np.median([m.rank_at[e] for m in items])) for e in self.energy},
             "mean_random_rank_at": {
@@ -192,7 +200,8 @@ class RankReport:
         }
 
 
-MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "lm_head")
+MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "router",
+                "experts.gate", "experts.up", "experts.gate_up", "experts.down", "lm_head")
 
 
 def group_order(group: str) -> tuple[int, int, str]:
@@ -228,9 +237,39 @@ def _median_known(values: Sequence[int | None]) -> float | None:
     return float(np.median(known)) if known else None
 
 
+def by_tensor(items: Iterable[T]) -> dict[str, list[T]]:
+    """MoE experts' matrices grouped by the tensor they belong to (a fused 3-D tensor, or
+    ``...experts.*.gate_proj.weight`` for one expert per tensor); other matrices are left out."""
+    experts = [m for m in items if getattr(m, "expert", None) is not None]
+    groups: dict[str, list[T]] = {}
+    for m in experts:
+        groups.setdefault(m.tensor, []).append(m)  # type: ignore[attr-defined]
+    return groups
+
+
 @lru_cache(maxsize=256)
 def _random_rank(shape: tuple[int, int], fraction: float) -> int:
     return metrics.random_rank_at_energy(shape, fraction)
+
+
+ZERO_BASE = "zero base"  # rel_delta_reason when ‖W_base‖ = 0: the ratio is undefined, delta_fro still says the size
+
+
+def relative_change(delta_norm: float, base_norm: float) -> float | None:
+    """‖ΔW‖ / ‖W_base‖, or None for a zero base (never inf or nan: the JSON report must stay finite)."""
+    return delta_norm / base_norm if base_norm > 0 else None
+
+
+def _require_finite(name: str, delta_norm: float, base_norm: float) -> None:
+    """A tensor holding inf / nan has no defined ΔW: one clear error, not a failed SVD or a nan in the report."""
+    if not (math.isfinite(delta_norm) and math.isfinite(base_norm)):
+        raise DeltakitError(f"{name}: the base or the fine-tune holds inf or nan values; its ΔW is not defined")
+
+
+def _mean_known(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def _fro(tensor: torch.Tensor) -> float:
@@ -240,8 +279,10 @@ def _fro(tensor: torch.Tensor) -> float:
 def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = True) -> Spectrum:
     """The :class:`Spectrum` of one ΔW, with its storage rounding estimated (``rounding``) or known to be absent."""
     pair, delta = item.pair, item.delta
+    delta_fro = _fro(delta)
+    _require_finite(pair.name, delta_fro, _fro(item.base))
     noise = storage_noise(item.base, delta, pair.base_dtype, pair.ft_dtype) if rounding else exact_noise(delta)
-    energy = _fro(delta) ** 2
+    energy = delta_fro ** 2
     if energy == 0.0:
         shape = (int(pair.shape[0]), int(pair.shape[1]))
         zeros = np.zeros(min(shape))
@@ -261,7 +302,8 @@ def analyse_matrix(
     result = MatrixResult(
         name=pair.name, shape=shape, dtype=str(pair.ft_dtype).removeprefix("torch."),
         module_type=pair.module_type, layer=pair.layer, layout=pair.layout, fused=pair.fused,
-        added_rows=pair.added_rows, delta_fro=delta_fro, rel_delta=delta_fro / base_fro if base_fro else math.inf,
+        added_rows=pair.added_rows, delta_fro=delta_fro, rel_delta=relative_change(delta_fro, base_fro),
+        rel_delta_reason=None if base_fro else ZERO_BASE, expert=pair.expert, tensor=pair.group,
         spectral_norm=float(spectrum.values[0]) if spectrum.values.size else 0.0,
         rank=spectrum.rank, noise_floor=spectrum.noise_floor,
         stable_rank=spectrum.stable_rank(), effective_rank=spectrum.effective_rank(),
@@ -280,10 +322,12 @@ def analyse_matrix(
 def analyse_vector(item: DeltaItem) -> VectorResult:
     pair = item.pair
     delta_norm, base_norm = _fro(item.delta), _fro(item.base)
+    _require_finite(pair.name, delta_norm, base_norm)
     return VectorResult(
         name=pair.name, shape=tuple(pair.shape), dtype=str(pair.ft_dtype).removeprefix("torch."),
         module_type=pair.module_type, layer=pair.layer, changed=delta_norm > 0, delta_norm=delta_norm,
-        rel_delta=delta_norm / base_norm if base_norm else (math.inf if delta_norm else 0.0),
+        rel_delta=relative_change(delta_norm, base_norm), rel_delta_reason=None if base_norm else ZERO_BASE,
+        expert=pair.expert, tensor=pair.group,
     )
 
 

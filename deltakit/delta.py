@@ -134,6 +134,11 @@ def fetch(ckpt: Checkpoint, name: str, device: torch.device, rows: tuple[int, in
     stream = getattr(_copy_streams, "stream", None)
     if stream is None:
         stream = _copy_streams.stream = torch.cuda.Stream(device)
+    if name in ckpt.quantized:  # the stored bytes go to the device and are dequantized there
+        with torch.cuda.stream(stream):
+            on_device = ckpt.dequantized(name, device, rows, pin=True)
+        stream.synchronize()
+        return on_device
     row_bytes = ckpt.infos[name].nbytes // shape[0] if shape and shape[0] else 0
     if not shape or row_bytes == 0 or (stop - start) * row_bytes <= STAGING_BYTES or ckpt.format == "pickle":
         host = ckpt.get(name, pin=True) if rows is None else ckpt.get_rows(name, start, stop, pin=True)
@@ -151,6 +156,13 @@ def fetch(ckpt: Checkpoint, name: str, device: torch.device, rows: tuple[int, in
             on_device[first - start:last - start].copy_(host, non_blocking=True)
         stream.synchronize()  # the pinned piece is reused by the allocator only after its copy
     return on_device
+
+
+def fetch_pair(ckpt: Checkpoint, name: str, pair: TensorPair, device: torch.device) -> torch.Tensor:
+    """One side of a pair: the stored tensor ``name``, or its expert's slice (shaped ``pair.shape``)."""
+    if pair.rows is None:
+        return fetch(ckpt, name, device)
+    return fetch(ckpt, name, device, pair.rows).reshape(pair.shape)
 
 
 def adopt(tensor: torch.Tensor) -> torch.Tensor:
@@ -177,7 +189,7 @@ def stream_deltas(
     pairs = list(pairs)
 
     def reader(pair: TensorPair) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        return lambda: (fetch(base, pair.base_name, device), fetch(ft, pair.name, device))
+        return lambda: (fetch_pair(base, pair.base_name, pair, device), fetch_pair(ft, pair.ft_tensor, pair, device))
 
     for pair, loaded in zip(pairs, prefetched([reader(p) for p in pairs], prefetch, read_threads(prefetch))):
         base_stored, ft_stored = (adopt(t) for t in loaded)  # type: ignore[union-attr]
@@ -220,7 +232,7 @@ def stream_adapter_deltas(
     device = torch.device(device)
 
     def reader(pair: TensorPair, module: LoraModule) -> Callable[[], tuple]:
-        return lambda: (fetch(base, pair.base_name, device), *adapter.factors(module))
+        return lambda: (fetch_pair(base, pair.base_name, pair, device), *adapter.factors(module))
 
     loaders = [reader(pair, module) for pair, module in pairs]
     for (pair, module), loaded in zip(pairs, prefetched(loaders, prefetch, read_threads(prefetch))):

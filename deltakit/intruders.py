@@ -442,6 +442,12 @@ def scale_intruders(
         raise DeltakitError(f"{ft} is a LoRA adapter; scaling intruders writes a full model, so give the "
                             "merged fine-tune (W_base + B·A) as FT")
     source = _open_source(base, ft, include, exclude, allow_pickle, report)
+    fused = sorted({p.ft_tensor for p in source.pairs if p.expert_slice})
+    if fused:  # scaling writes whole stored tensors; a fused expert tensor is copied as it is
+        source.pairs = [p for p in source.pairs if not p.expert_slice]
+        report.skipped += [{"name": name, "reason": "fused MoE expert tensor: copied unscaled"} for name in fused]
+        if not source.pairs:
+            raise DeltakitError("no weight matrices left to scale: only fused MoE expert tensors changed")
     base_ckpt, ft_ckpt, pairs = source.base, source.ft, source.pairs
     assert ft_ckpt is not None
     mine = _share(source, parallel)

@@ -4,7 +4,8 @@ Pure functions of tensor names, shapes and dtypes (plus the model's ``config.jso
 no tensor data is read here. Handles wrapper-prefix differences (``model.`` vs none,
 PEFT's ``base_model.model.``), vocabulary growth in embeddings / lm_head (the shared rows
 are analysed, the added rows reported), GPT-2 Conv1D weights stored [in, out], fused
-projections, and tied embeddings (analysed once).
+projections, tied embeddings (analysed once), and MoE experts: a fused 3-D expert tensor
+(E, a, b) becomes one pair per expert named ``<tensor>[<e>]`` whose slice is read along dim 0.
 
 Example::
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -31,11 +32,24 @@ CONV1D_LEAF = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
 FUSED_LEAF = re.compile(r"\.(c_attn|qkv_proj|query_key_value|Wqkv|qkv|gate_up_proj|w13)\.weight$")
 EMBEDDING_LEAF = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out|output)\.weight$")
 LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|blocks|block)\.(\d+)\.")
+# MoE experts: a fused tensor holding every expert along dim 0 (gpt-oss, transformers 5:
+# ``mlp.experts.gate_up_proj`` (E, hidden, 2·inter), ``mlp.experts.down_proj``, ``*_bias`` (E, n)),
+# or one module per expert (Mixtral ``block_sparse_moe.experts.3.w1.weight``, Qwen3-MoE / DeepSeek
+# ``mlp.experts.3.gate_proj.weight``).
+FUSED_EXPERTS = re.compile(r"(^|\.)experts\.[A-Za-z0-9_]+$")
+EXPERT_BIAS = re.compile(r"(^|\.)experts\.[A-Za-z0-9_]+_bias$")
+EXPERT_INDEX = re.compile(r"(^|\.)experts\.(\d+)\.")
+INPUT_MAJOR_EXPERT_MODELS = {"gpt_oss"}  # fused experts stored (E, in, out), multiplied as x @ W[e]
 
 # (module type, pattern on the tensor name); first match wins, order matters.
 _MODULE_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (kind, re.compile(pattern))
     for kind, pattern in (
+        ("experts.gate_up", r"(^|\.)experts\.(\d+\.)?(gate_up_proj|w13)(\.weight)?$"),
+        ("experts.gate", r"(^|\.)experts\.(\d+\.)?(gate_proj|w1)(\.weight)?$"),
+        ("experts.up", r"(^|\.)experts\.(\d+\.)?(up_proj|w3)(\.weight)?$"),
+        ("experts.down", r"(^|\.)experts\.(\d+\.)?(down_proj|w2)(\.weight)?$"),
+        ("router", r"(\.router|block_sparse_moe\.gate|mlp\.gate)\.(weight|bias)$"),
         ("embed", r"(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embed_in)\.weight$"),
         ("lm_head", r"(lm_head|embed_out)\.weight$"),
         ("qkv", r"(c_attn|qkv_proj|query_key_value|Wqkv|qkv)\.weight$"),
@@ -50,7 +64,7 @@ _MODULE_TYPES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("mlp_in", r"(mlp\.c_fc|intermediate\.dense|fc1|dense_h_to_4h|fc_in)\.weight$"),
         ("mlp_out", r"(mlp\.c_proj|output\.dense|fc2|dense_4h_to_h|fc_out)\.weight$"),
         ("norm", r"(norm|ln_\w+|LayerNorm|layernorm)\.(weight|bias)$"),
-        ("bias", r"\.bias$"),
+        ("bias", r"(\.|_)bias$"),
     )
 )
 
@@ -72,13 +86,35 @@ class TensorPair:
     ft_dtype: torch.dtype
     module_type: str
     layer: int | None
-    layout: str = "linear"  # "linear" [out, in], "conv1d" [in, out], "embedding" [vocab, dim], "vector"
+    layout: str = "linear"  # "linear" [out, in], "conv1d" / "input_major" [in, out], "embedding" [vocab, dim], "vector"
     fused: bool = False
     added_rows: int = 0
+    expert: int | None = None  # MoE expert index (a slice of a fused tensor, or a per-expert module)
+    expert_slice: bool = False  # True: slice [expert] along dim 0 of the stored tensors; ``name`` ends in [expert]
 
     @property
     def is_matrix(self) -> bool:
         return len(self.shape) == 2
+
+    @property
+    def ft_tensor(self) -> str:
+        """The fine-tune's stored tensor name (``name`` without the ``[expert]`` of a slice)."""
+        return self.name.rsplit("[", 1)[0] if self.expert_slice else self.name
+
+    @property
+    def rows(self) -> tuple[int, int] | None:
+        """Dim-0 range to read from the stored tensors: the expert's slice, or None for all of it."""
+        return (self.expert, self.expert + 1) if self.expert_slice and self.expert is not None else None
+
+    @property
+    def group(self) -> str | None:
+        """The tensor an expert's matrix is summarised under: the fused tensor's name, or the
+        per-expert name with its index as ``*`` (``mlp.experts.*.gate_proj.weight``); None if not an expert."""
+        if self.expert is None:
+            return None
+        if self.expert_slice:
+            return self.ft_tensor
+        return EXPERT_INDEX.sub(lambda m: f"{m.group(1)}experts.*.", self.name, count=1)
 
 
 @dataclass(frozen=True)
@@ -202,8 +238,34 @@ def pair_tensors(
         if not selected(ft_name, include, exclude):
             continue
         pair_or_skip = _pair_one(ft_name, base_name, base[base_name], ft[ft_name], ft_config, tied)
-        (plan.pairs if isinstance(pair_or_skip, TensorPair) else plan.skipped).append(pair_or_skip)
+        if isinstance(pair_or_skip, TensorPair):
+            expert_slice = pair_or_skip.expert_slice
+            plan.pairs += expert_slices(pair_or_skip, base[base_name][0]) if expert_slice else [pair_or_skip]
+        else:
+            plan.skipped.append(pair_or_skip)
     return plan
+
+
+def expert_slices(pair: TensorPair, stored_shape: tuple[int, ...]) -> list[TensorPair]:
+    """One pair per expert of a fused tensor (E, a, b) or (E, n): ``name[e]``, shape (a, b) or (n,)."""
+    return [replace(pair, name=f"{pair.name}[{e}]", expert=e) for e in range(stored_shape[0])]
+
+
+def _expert_layout(name: str, shape: tuple[int, ...], config: Mapping[str, Any] | None) -> str:
+    """Orientation of one expert's (a, b) slice: "input_major" (a = in, as gpt-oss stores it) or "linear".
+
+    gpt-oss is input-major by its model type; otherwise the config's hidden_size decides where
+    it is unambiguous (gate/up read hidden, down writes it), and "linear" [out, in] when it is not.
+    """
+    config = config or {}
+    if config.get("model_type") in INPUT_MAJOR_EXPERT_MODELS:
+        return "input_major"
+    hidden = config.get("hidden_size")
+    a, b = shape[-2], shape[-1]
+    if not isinstance(hidden, int) or a == b:
+        return "linear"
+    is_down = module_type(name) == "experts.down"
+    return "input_major" if (b == hidden if is_down else a == hidden) else "linear"
 
 
 def _pair_one(
@@ -226,6 +288,19 @@ def _pair_one(
         if not grows_vocab:
             return Skipped(ft_name, f"shape mismatch: base {tuple(base_shape)} vs fine-tune {tuple(ft_shape)}")
         added_rows, shape = ft_shape[0] - base_shape[0], tuple(base_shape)
+    expert_index = EXPERT_INDEX.search(ft_name)
+    expert = int(expert_index.group(2)) if expert_index else None
+    if added_rows == 0 and len(shape) == 3 and FUSED_EXPERTS.search(ft_name):
+        return TensorPair(
+            name=ft_name, base_name=base_name, shape=shape[1:], base_dtype=base_dtype, ft_dtype=ft_dtype,
+            module_type=kind, layer=layer_index(ft_name), layout=_expert_layout(ft_name, shape, config),
+            expert_slice=True,
+        )
+    if added_rows == 0 and len(shape) == 2 and EXPERT_BIAS.search(ft_name):
+        return TensorPair(
+            name=ft_name, base_name=base_name, shape=shape[1:], base_dtype=base_dtype, ft_dtype=ft_dtype,
+            module_type=kind, layer=layer_index(ft_name), layout="vector", expert_slice=True,
+        )
     if len(shape) == 1 or (len(shape) == 2 and min(shape) == 1):
         layout = "vector"
     elif len(shape) != 2:
@@ -237,5 +312,5 @@ def _pair_one(
     return TensorPair(
         name=ft_name, base_name=base_name, shape=shape, base_dtype=base_dtype, ft_dtype=ft_dtype,
         module_type=kind, layer=layer_index(ft_name), layout=layout,
-        fused=bool(FUSED_LEAF.search(ft_name)), added_rows=added_rows,
+        fused=bool(FUSED_LEAF.search(ft_name)), added_rows=added_rows, expert=expert,
     )

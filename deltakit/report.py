@@ -89,6 +89,15 @@ def noise_note(report: RankReport, summary: dict[str, Any]) -> str | None:
             "that r@X measures rounding; sig@X is the rank of the update with rounding taken out (- where it cannot be read)")
 
 
+def expert_table(groups: dict[str, Any], energies: Sequence[float]) -> str:
+    """One row per MoE expert tensor: how many of its experts changed, and their mean ranks."""
+    headers = ["tensor", "experts", "changed", "mean rel ΔW", "mean rank"]
+    headers += [f"mean r@{energy_key(e)}" for e in energies]
+    rows = [[name, g["count"], g["changed"], g["mean_rel_delta"], g["mean_rank"]]
+            + [g["mean_rank_at"][energy_key(e)] for e in energies] for name, g in groups.items()]
+    return format_table(headers, rows)
+
+
 def render_report(report: RankReport, per_matrix: bool = True) -> str:
     """The human-readable output of `deltakit rank`."""
     summary = report.summary()
@@ -99,6 +108,8 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
         parts += ["by module type", group_table(summary["by_module_type"], "type", report.energy), ""]
         if len(summary["by_layer"]) > 1:
             parts += ["by depth", group_table(summary["by_layer"], "layer", report.energy), ""]
+        if summary.get("by_tensor"):
+            parts += ["by expert tensor (all experts)", expert_table(summary["by_tensor"], report.energy), ""]
     note = noise_note(report, summary)
     if note is not None:
         parts.append(note)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from deltakit.errors import DeltakitError
+from deltakit.io.quantized import QuantizedTensor, dequantize, logical_tensors, quantization_step
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -79,6 +80,7 @@ class Checkpoint:
     format: str  # "safetensors" or "pickle"
     infos: dict[str, TensorInfo]
     config: dict[str, Any] | None = None
+    quantized: dict[str, QuantizedTensor] = field(default_factory=dict)  # logical name -> how it is stored
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _pickles: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -114,6 +116,8 @@ class Checkpoint:
         ``pin`` reads into page-locked host memory, from which a GPU copies asynchronously.
         """
         info = self.infos[name]
+        if name in self.quantized:
+            return self.dequantized(name, device, None, pin)
         try:
             if self.format == "pickle":
                 tensor = self._pickle_dict(info.file)[name]
@@ -133,14 +137,50 @@ class Checkpoint:
         info = self.infos[name]
         if not info.shape or not 0 <= start <= stop <= info.shape[0]:
             raise ValueError(f"rows {start}:{stop} of {name} {info.shape}")
+        if name in self.quantized:
+            return self.dequantized(name, "cpu", (start, stop), pin)
+        return self.read_stored(info, start, stop, pin)
+
+    def read_stored(self, info: TensorInfo, start: int | None = None, stop: int | None = None,
+                    pin: bool = False) -> torch.Tensor:
+        """Dim-0 rows ``start:stop`` (None: all) of a tensor as stored, hidden scale companions included.
+
+        For a 3-D tensor (experts, a, b) the rows are experts: one expert's slice is contiguous.
+        """
+        name = info.name
         if self.format == "pickle":
-            return self.get(name)[start:stop]
-        row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+            tensor = self._pickle_dict(info.file)[name]
+            return tensor if start is None else tensor[start:stop]
+        if start is None or stop is None:
+            start, stop, whole = 0, info.shape[0] if info.shape else 0, True
+        else:
+            whole = False
+        row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
         try:
+            if whole or not info.shape:
+                return self._read(info, pin and torch.cuda.is_available())
             return self._read(info, pin and torch.cuda.is_available(), start * row_bytes, (stop - start) * row_bytes,
                               (stop - start, *info.shape[1:]))
         except (OSError, RuntimeError) as exc:
             raise DeltakitError(f"cannot read tensor {name} from {info.file}: {_first_line(exc)}") from None
+
+    def dequantized(self, name: str, device: str | torch.device, rows: tuple[int, int] | None,
+                     pin: bool) -> torch.Tensor:
+        """A quantized tensor (or its dim-0 ``rows``) dequantized on ``device`` (see deltakit.io.quantized)."""
+        read = lambda info, start, stop, pin_: self.read_stored(info, start, stop, pin_)  # noqa: E731
+        return dequantize(self.quantized[name], read, device, rows, pin)
+
+    def quantization_step(self, name: str, device: str | torch.device = "cpu",
+                          rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """Per-entry quantization step of a dequantized tensor (fp32, its shape), None if not quantized.
+
+        For a noise model: the rounding of the quantized base is part of what a fine-tune that
+        started from its dequantized weights changed (docs/metrics.md).
+        """
+        if name not in self.quantized:
+            return None
+        read = lambda info, start, stop, pin_: self.read_stored(info, start, stop, pin_)  # noqa: E731
+        return quantization_step(self.quantized[name], read, device, rows)
 
     def _read(self, info: TensorInfo, pin: bool = False, skip: int = 0, nbytes: int | None = None,
               shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -249,7 +289,9 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
     infos = _pickle_infos(files) if fmt == "pickle" else _safetensors_infos(files)
     if not infos:
         raise DeltakitError(f"{path} holds no tensors")
-    return Checkpoint(path=path, root=root, format=fmt, infos=infos, config=_read_json_if_any(root / "config.json"))
+    config = _read_json_if_any(root / "config.json")
+    infos, quantized = logical_tensors(infos, config if isinstance(config, dict) else None, path)
+    return Checkpoint(path=path, root=root, format=fmt, infos=infos, config=config, quantized=quantized)
 
 
 def _format_of(filename: str) -> str:

@@ -45,6 +45,7 @@ from deltakit.io.peft import LoraAdapter, LoraModule, open_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
+from deltakit.lora.extract import output_dtype
 
 
 @dataclass
@@ -69,6 +70,8 @@ class MergeReport:
     check_max_abs: float | None = None  # unmerge --check: max |W_out − W_base|
     check_rel_fro: float | None = None  # sqrt(Σ‖W_out − W_base‖²) / sqrt(Σ‖W_base‖²)
     check_worst: str | None = None  # the tensor with the largest max |Δ|
+    dtype: str | None = None  # --dtype: floating-point tensors written in it
+    dequantized: str | None = None  # the model was quantized: what was written instead (never re-quantized)
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,14 +91,18 @@ def merge(
     prefetch: int = 2,
     progress: ProgressFn | None = None,
     parallel: Parallel = Parallel(),
+    dtype: str | torch.dtype | None = None,
 ) -> MergeReport:
     """Write ``base`` + scale · ΔW_adapter as a complete model folder at ``out``.
 
     With ``parallel`` (under torchrun) each process merges and writes its share of the tensors.
+    ``dtype`` (float32 | bfloat16 | float16) writes every floating-point tensor in it. A quantized
+    base (fp8, MXFP4) is read dequantized and written in its logical dtype (bfloat16 unless the
+    config or ``dtype`` says otherwise), never re-quantized; ``report.dequantized`` says so.
     Example: ``merge("base", "my-lora", "merged", scale=0.5)``.
     """
     return _apply("merge", base, adapter, out, +1.0, scale, device, force, allow_pickle, prefetch, progress,
-                  parallel=parallel)
+                  parallel=parallel, dtype=dtype)
 
 
 def unmerge(
@@ -138,6 +145,7 @@ def _apply(
     operation: str, model: str | os.PathLike, adapter_path: str | os.PathLike, out: str | os.PathLike, sign: float,
     scale: float, device: str, force: bool, allow_pickle: bool, prefetch: int, progress: ProgressFn | None,
     check: str | os.PathLike | None = None, keep_replaced: bool = False, parallel: Parallel = Parallel(),
+    dtype: str | torch.dtype | None = None,
 ) -> MergeReport:
     started = time.perf_counter()
     scale = float(scale)
@@ -163,8 +171,16 @@ def _apply(
         report.left_as_merged, report.replaced, whole = lost, [], {}
     check_ckpt = open_checkpoint(check, allow_pickle=allow_pickle) if check is not None else None
     check_names = _check_names(ckpt, check_ckpt, new_shapes) if check_ckpt is not None else {}
+    out_dtype = output_dtype(dtype)
+    report.dtype = str(out_dtype).removeprefix("torch.") if out_dtype is not None else None
+    report.dequantized = dequantized_note(ckpt, out_dtype)
+
+    def written_dtype(name: str) -> torch.dtype:
+        stored = ckpt.dtype(name)
+        return out_dtype if out_dtype is not None and stored.is_floating_point else stored
+
     steps = [
-        _Step(name=name, shape=new_shapes.get(name, ckpt.shape(name)), dtype=ckpt.dtype(name), lora=lora.get(name),
+        _Step(name=name, shape=new_shapes.get(name, ckpt.shape(name)), dtype=written_dtype(name), lora=lora.get(name),
               whole_key=whole.get(name), check_name=check_names.get(name))
         for name in ckpt.keys()
     ]
@@ -201,6 +217,8 @@ def _apply(
             report.vocab_size = max(shape[0] for shape in new_shapes.values())
         if parallel.is_main:
             copy_model_files(ckpt, Path(tmp))
+            if ckpt.quantized:
+                _drop_quantization_config(Path(tmp))
             if new_shapes:
                 _update_vocab_size(Path(tmp), report.vocab_size)
         everyone = gather_in_order(distances, parallel)
@@ -335,7 +353,7 @@ def _one_tensor(step: _Step, rows: tuple[int, int] | None, weight: torch.Tensor 
         _require_finite(step.name, weight, "replaced by the adapter, has")
     assert weight is not None
     if factors is None:
-        return weight, None
+        return weight.to(step.dtype), None
     pair, module = step.lora  # type: ignore[misc]
     weight = adopt(weight)
     lora_a, lora_b = factors
@@ -413,6 +431,27 @@ def shard_size_of(ckpt: Checkpoint) -> int:
     for info in ckpt.infos.values():
         sizes[info.file] += info.nbytes
     return max(sizes.values())
+
+
+def dequantized_note(ckpt: Checkpoint, out_dtype: torch.dtype | None) -> str | None:
+    """What a merge into a quantized model writes instead of quantized weights (None if it is not quantized)."""
+    if not ckpt.quantized:
+        return None
+    formats = sorted({spec.description for spec in ckpt.quantized.values()})
+    dtypes = sorted({str(out_dtype or spec.dtype).removeprefix("torch.") for spec in ckpt.quantized.values()})
+    return (f"{ckpt.path} is quantized ({'; '.join(formats)}): its {len(ckpt.quantized)} quantized tensors were "
+            f"dequantized and are written as {', '.join(dtypes)}, not re-quantized; config.json's "
+            "quantization_config is removed")
+
+
+def _drop_quantization_config(folder: Path) -> None:
+    """The output holds dequantized weights: a quantization_config would make loaders expect quantized ones."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _update_vocab_size(folder: Path, rows: int) -> None:

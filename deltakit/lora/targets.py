@@ -89,7 +89,14 @@ def plan_extraction(plan: PairPlan, config: Mapping[str, Any] | None, embeddings
     stored = {p.name for p in plan.pairs} | {s.name for s in plan.skipped}
     targets.tied_output = tied_output_module(config, stored)
     tied = targets.tied_output is not None
+    fused_experts: set[str] = set()
     for pair in plan.pairs:
+        if pair.expert_slice:  # a slice of a fused expert tensor: not a module PEFT's target_modules can wrap
+            if pair.ft_tensor not in fused_experts:
+                fused_experts.add(pair.ft_tensor)
+                targets.not_carried.append({"name": pair.ft_tensor, "reason": "fused MoE expert tensor: "
+                                            "extraction to LoRA on parameters is not supported yet"})
+            continue
         reason = _not_lora_reason(pair, embeddings, tied)
         if reason is None:
             kind = "embedding" if pair.layout == "embedding" and pair.module_type == "embed" else (
