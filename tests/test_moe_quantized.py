@@ -325,7 +325,7 @@ def test_mxfp4_base_with_a_bf16_fine_tune_reads_the_changed_expert(tmp_path):
     base = _save(tmp_path / "base", {name + "_blocks": blocks, name + "_scales": scales},
                  {"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}})
     logical = open_checkpoint(base).get(name).float()  # (4, 32, 32): (E, in, out)
-    logical[3] += low_rank(32, 32, 2, scale=0.01, seed=2).float()
+    logical[3] += low_rank(32, 32, 2, scale=0.05, seed=2).float()
     ft = _save(tmp_path / "ft", {name: logical.to(torch.bfloat16)}, {"model_type": "gpt_oss"})
     report = deltakit.rank(base, ft, options=CPU)
     assert [m.rank for m in report.matrices] == [0, 0, 0, 2]
