@@ -8,7 +8,7 @@ import click
 
 from deltakit.errors import DeltakitError
 
-from deltakit_cli.common import device_option, force_option, user_errors
+from deltakit_cli.common import device_option, force_option, hub_options, user_errors
 
 KINDS = ("overview", "energy", "heatmap", "error", "spectrum")
 
@@ -43,6 +43,7 @@ Examples:
               help="Fine-tuned checkpoint for --kind spectrum (default: the one recorded in SPECTRA, if it exists).")
 @device_option
 @force_option
+@hub_options
 @user_errors
 def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices: tuple[str, ...],
                  base: Path | None, ft: Path | None, device: str, force: bool) -> None:

@@ -11,8 +11,8 @@ from deltakit.analysis import RankReport, rank
 from deltakit.spectral.options import SpectralOptions
 from deltakit.io.spectra import save_spectra
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers, progress,
-    spectral_options, user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
+    progress, spectral_options, user_errors, write_json,
 )
 
 RANK_EXAMPLES = """
@@ -57,6 +57,7 @@ def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str |
 @click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
 @allow_pickle_option
 @force_option
+@hub_options
 @user_errors
 def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_path, csv_path, spectra_path, quiet,
                  allow_pickle, force):

@@ -8,8 +8,8 @@ import click
 
 from deltakit.spectral.options import SpectralOptions
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers, progress,
-    spectral_options, user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
+    progress, spectral_options, user_errors, write_json,
 )
 
 NOT_CARRIED_SHOWN = 5
@@ -69,6 +69,7 @@ def _check_outputs(json_path: str | None, force: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @spectral_options
 @_output_options
+@hub_options
 @user_errors
 def extract_command(base, ft, out, rank, energy, budget, max_rank, include, exclude, save_modules, embeddings, dtype,
                     seed, device, exact, fp64, json_path, quiet, allow_pickle, force):
@@ -130,6 +131,7 @@ def _merge_summary(report: Any) -> str:
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's update by this.")
 @device_option
 @_output_options
+@hub_options
 @user_errors
 def merge_command(base, adapter, out, scale, device, json_path, quiet, allow_pickle, force):
     """Merge a PEFT LoRA adapter into BASE: W + scale·(α/r)·B·A, written as a complete model folder.
@@ -163,6 +165,7 @@ def merge_command(base, adapter, out, scale, device, json_path, quiet, allow_pic
                    "they are in MERGED instead of refusing.")
 @device_option
 @_output_options
+@hub_options
 @user_errors
 def unmerge_command(merged, adapter, out, check, scale, keep_replaced, device, json_path, quiet, allow_pickle, force):
     """Remove a merged PEFT LoRA adapter: W − scale·(α/r)·B·A, written as a complete model folder."""
