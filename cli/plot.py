@@ -86,10 +86,12 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
 
 
 def _checkpoint_path(given: Path | None, recorded: str | None, option: str) -> Path:
-    """The checkpoint the user named, else the one the spectra file records when it exists here."""
+    """The checkpoint the user named, else the one the spectra file records when it exists here (or is a hub id)."""
+    from deltakit.io.hub import parse_hub_id
+
     if given is not None:
         return given
-    if recorded and Path(recorded).exists():
+    if recorded and (Path(recorded).exists() or parse_hub_id(recorded) is not None):
         return Path(recorded)
     where = f"; the spectra file records {recorded}, which is not found here" if recorded else ""
     raise DeltakitError(f"--kind spectrum needs {option} (a checkpoint path){where}")

@@ -189,7 +189,8 @@ def test_revision_pinning_by_tag_and_commit(online, runner, tmp_path):
 
 def test_missing_repo_gated_repo_and_pickles(online, runner, monkeypatch):
     assert_one_line_error(invoke(runner, "rank", "org/base", "org/absent"),
-                          f"no model repository org/absent on the Hub ({online.url}) (if it is private, log in")
+                          f"org/absent: no such local folder, and no model repository of that name on the Hub "
+                          f"({online.url}) (if it is private, log in")
     assert_one_line_error(invoke(runner, "rank", "org/gated", "org/base"),
                           f"org/gated is a gated repository: accept its terms at {online.url}/org/gated, "
                           "then log in with `hf auth login` or set HF_TOKEN")
@@ -231,6 +232,8 @@ def test_interrupted_transfer(online, runner, tmp_path, mode):
         assert_one_line_error(result, f"downloading {shard} of org/ft failed: the Hub answered HTTP 503")
         assert shard not in cached_files(tmp_path, "org/ft")  # nothing half-written under its name
         assert len(blobs) == 3  # config, index, first shard: complete files only
+        assert_one_line_error(invoke(runner, "rank", "org/base", "org/ft", "--offline"),
+                              "org/ft is only partly in the local Hugging Face cache")
 
 
 def test_extract_writes_a_model_card_and_merge_fetches_tokenizer_files(online, runner, tmp_path):
@@ -293,8 +296,9 @@ def test_choose_files_mirrors_open_checkpoint():
                         False) == ["adapter_config.json", "adapter_model.safetensors"]
     assert choose_files(dict.fromkeys(["a.safetensors", "b.safetensors", "x/c.safetensors"], 1), False) == [
         "a.safetensors", "b.safetensors"]
-    assert choose_files(dict.fromkeys(["config.json", "pytorch_model.bin"], 1), True) == [
+    assert choose_files(dict.fromkeys(["config.json", "pytorch_model.bin", "training_args.bin"], 1), True) == [
         "config.json", "pytorch_model.bin"]
+    assert choose_files(dict.fromkeys(["config.json", "weights.pt"], 1), True) == ["config.json", "weights.pt"]
     assert choose_files(dict.fromkeys(["config.json", "pytorch_model.bin"], 1), False, weights=False) == ["config.json"]
     with pytest.raises(DeltakitError, match="--allow-pickle"):
         choose_files(dict.fromkeys(["config.json", "pytorch_model.bin"], 1), False, label="org/x")
@@ -327,3 +331,22 @@ def test_full_disk_during_download(online, monkeypatch):
                                             r"into .*HF_HUB_CACHE"):
         hub.resolve_hub_id(HubId("org/base"))
     assert [p.name for p in Path(os.environ["HF_HUB_CACHE"]).rglob("*") if p.is_file() and "blobs" in p.parts] == []
+
+
+def test_too_little_disk_space_is_refused_before_downloading(online, monkeypatch):
+    monkeypatch.setattr(hub, "_free_bytes", lambda folder: 1000)
+    size = len(save(base_tensors())) + len(CONFIG)
+    with pytest.raises(DeltakitError, match=rf"downloading org/base needs {size / 1000:.1f} kB in .*, which has "
+                                            r"1.0 kB free: free some space, or point HF_HUB_CACHE"):
+        hub.resolve_hub_id(HubId("org/base"))
+    assert online.file_gets() == []
+
+
+def test_plot_reads_the_hub_ids_a_spectra_file_records(online, runner, tmp_path):
+    spectra = tmp_path / "spectra.safetensors"
+    assert invoke(runner, "rank", "org/base", "org/ft@v1", "--save-spectra", spectra, "-q", "--device", "cpu",
+                  ).exit_code == 0
+    result = invoke(runner, "plot", spectra, "-o", tmp_path / "q.png", "--kind", "spectrum", "--matrix", Q,
+                    "--offline")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "q.png").stat().st_size > 0

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,12 +141,13 @@ def resolve_hub_id(hub_id: HubId, allow_pickle: bool = False, weights: bool = Tr
         return _from_cache(hub_id, allow_pickle, weights, reason="offline mode forbids downloading")
     try:
         listing = _listing(hub_id)
+    except DeltakitError:
+        raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line below
-        if _is_connection_error(exc):
-            # No network: a cached snapshot still serves, as it does for transformers.
-            cached = _cached_snapshot(hub_id)
-            if cached is not None:
-                return _from_cache(hub_id, allow_pickle, weights, reason=f"the Hub is unreachable ({_first_line(exc)})")
+        status = getattr(getattr(exc, "response", None), "status_code", None) or 0
+        if (_is_connection_error(exc) or status >= 500) and _cached_snapshot(hub_id) is not None:
+            # No network, or the Hub is down: the cached snapshot serves, as it does for transformers.
+            return _from_cache(hub_id, allow_pickle, weights, reason=_unreachable(exc))
         raise DeltakitError(hub_error_message(exc, hub_id)) from None
     folder = cache_dir() / _repo_folder(hub_id.repo_id) / "snapshots" / listing.commit
     wanted = choose_files(listing.sizes, allow_pickle, weights, str(hub_id))
@@ -178,7 +180,8 @@ def choose_files(sizes: dict[str, int | None], allow_pickle: bool, weights: bool
 
     Configs always; with ``weights``: the safetensors index (its shards follow from it), else
     ``model.safetensors``, else ``adapter_model.safetensors``, else every top-level
-    ``*.safetensors``; pickles (index or files) only with ``allow_pickle``.
+    ``*.safetensors``; pickles (index, ``pytorch_model.bin``, ``adapter_model.bin``, else every
+    top-level pickle) only with ``allow_pickle``.
     """
     top = sorted(name for name in sizes if "/" not in name)
     chosen = [name for name in CONFIG_FILES if name in sizes]
@@ -196,7 +199,8 @@ def choose_files(sizes: dict[str, int | None], allow_pickle: bool, weights: bool
             first = PICKLE_INDEX if PICKLE_INDEX in sizes else pickles[0]
             raise DeltakitError(f"{label} holds PyTorch pickles only ({first}), which can run code when loaded; "
                                 "pass --allow-pickle to download and load them with torch.load(weights_only=True)")
-        return chosen + ([PICKLE_INDEX] if PICKLE_INDEX in sizes else pickles)
+        named = [name for name in (PICKLE_INDEX, "pytorch_model.bin", "adapter_model.bin") if name in sizes]
+        return chosen + (named[:1] or pickles)  # not training_args.bin and the like when the weights are named
     raise DeltakitError(f"{label} holds no weights deltakit reads (no *.safetensors, and no *.bin with --allow-pickle)")
 
 
@@ -209,7 +213,7 @@ def shards_of(index_path: Path, sizes: dict[str, int | None], label: str) -> lis
         raise DeltakitError(f"{label}: {index_path.name} is not a shard index (no weight_map)") from None
     missing = [name for name in shards if name not in sizes]
     if missing:
-        raise DeltakitError(f"{label}: {index_path.name} names shard {missing[0]}, which the repository does not hold")
+        raise DeltakitError(f"{label}: {index_path.name} names shard {missing[0]}, which is missing")
     return shards
 
 
@@ -222,7 +226,7 @@ def hub_error_message(exc: BaseException, hub_id: HubId, filename: str | None = 
     if any(isinstance(cause, errors.OfflineModeIsEnabled) for cause in _causes(exc)):
         return _not_cached(hub_id, "offline mode forbids downloading")
     if _is_connection_error(exc):
-        return _not_cached(hub_id, f"the Hub at {endpoint} cannot be reached ({_first_line(_root_cause(exc))})")
+        return _not_cached(hub_id, _unreachable(exc))
     if isinstance(exc, errors.GatedRepoError):
         if _has_token():
             return (f"{hub_id.repo_id} is a gated repository and your token has no access to it: "
@@ -231,12 +235,15 @@ def hub_error_message(exc: BaseException, hub_id: HubId, filename: str | None = 
                 "then log in with `hf auth login` or set HF_TOKEN")
     if isinstance(exc, errors.RepositoryNotFoundError):
         login = "" if _has_token() else " (if it is private, log in with `hf auth login` or set HF_TOKEN)"
-        return f"no model repository {hub_id.repo_id} on the Hub ({endpoint}){login}"
+        return f"{hub_id.repo_id}: no such local folder, and no model repository of that name on the Hub ({endpoint}){login}"
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"{hub_id.repo_id} has no revision {hub_id.revision!r} (expected a branch, tag or commit hash)"
     if isinstance(exc, errors.RemoteEntryNotFoundError):
         return f"{what}: the file is not in the repository"
     status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        return (f"the Hub refused access to {what} (HTTP {status}): check the token in HF_TOKEN "
+                "or log in again with `hf auth login`")
     if status is not None:
         return f"downloading {what} failed: the Hub answered HTTP {status}; run the command again later"
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -245,6 +252,14 @@ def hub_error_message(exc: BaseException, hub_id: HubId, filename: str | None = 
     if _is_interruption(exc):
         return f"the download of {what} was interrupted ({_first_line(exc)}); run the command again"
     return f"downloading {what} failed: {_first_line(exc)}"
+
+
+def _unreachable(exc: BaseException) -> str:
+    """'the Hub at URL cannot be reached (why)', or 'the Hub answered HTTP 503'."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status:
+        return f"the Hub answered HTTP {status}"
+    return f"the Hub at {_endpoint() or 'https://huggingface.co'} cannot be reached ({_first_line(_root_cause(exc))})"
 
 
 def _offline() -> bool:
@@ -302,16 +317,19 @@ def _from_cache(hub_id: HubId, allow_pickle: bool, weights: bool, reason: str) -
     if folder is None:
         raise DeltakitError(_not_cached(hub_id, reason))
     present: dict[str, int | None] = {p.name: None for p in folder.iterdir() if p.is_file()}
+    partly = f"{hub_id} is only partly in the local Hugging Face cache ({folder}) and {reason}"
     try:
         wanted = choose_files(present, allow_pickle, weights, str(hub_id))
-        index = next((name for name in wanted if name in (SAFETENSORS_INDEX, PICKLE_INDEX)), None)
-        if weights and index is not None:
-            shards_of(folder / index, present, str(hub_id))
     except DeltakitError as exc:
         if "PyTorch pickles" in str(exc):
             raise
-        raise DeltakitError(f"{hub_id} is only partly in the local Hugging Face cache ({folder}) and {reason}: "
-                            f"{str(exc).removeprefix(f'{hub_id}: ')}") from None
+        raise DeltakitError(f"{partly}: it holds no weights") from None
+    index = next((name for name in wanted if name in (SAFETENSORS_INDEX, PICKLE_INDEX)), None)
+    if index is not None:
+        try:
+            shards_of(folder / index, present, str(hub_id))
+        except DeltakitError as exc:
+            raise DeltakitError(f"{partly}: {str(exc).removeprefix(f'{hub_id}: ')}") from None
     return folder
 
 
@@ -326,6 +344,10 @@ def _download(hub_id: HubId, listing: _Listing, folder: Path, names: list[str]) 
         _record_ref(hub_id, listing.commit)
         return
     total = sum(listing.sizes.get(name) or 0 for name in missing)
+    free = _free_bytes(cache_dir())
+    if free is not None and total > free:
+        raise DeltakitError(f"downloading {hub_id} needs {_human(total)} in {cache_dir()}, which has {_human(free)} "
+                            "free: free some space, or point HF_HUB_CACHE at a larger disk")
     if _settings.progress and total >= LARGE_DOWNLOAD_BYTES:
         print(f"downloading {hub_id} (commit {listing.commit[:10]}): {len(missing)} files, {_human(total)} "
               f"into {cache_dir()}", file=sys.stderr, flush=True)
@@ -369,6 +391,17 @@ def _record_ref(hub_id: HubId, commit: str) -> None:
     tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
     tmp.write_text(commit)
     os.replace(tmp, ref)
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes on the disk that holds (or will hold) ``folder``; None when it cannot be told."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
 
 
 def _silent_tqdm() -> type:
