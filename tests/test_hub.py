@@ -350,3 +350,16 @@ def test_plot_reads_the_hub_ids_a_spectra_file_records(online, runner, tmp_path)
                     "--offline")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_card_of_an_adapter_from_local_folders_names_no_hub_base(tmp_path):
+    from deltakit.lora import extract_lora
+
+    base, ft = local_pair(tmp_path / "local", ft_tensors(2, 3))
+    extract_lora(base, ft, tmp_path / "lora", energy=0.5, max_rank=4)
+    card = (tmp_path / "lora" / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "library_name: peft" in front and "base_model" not in front
+    assert "energy 0.5 of ‖ΔW‖²_F kept per matrix (max rank 4)" in card and f"`{base}` (base)" in card
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base) and config["revision"] is None
