@@ -222,7 +222,7 @@ def hub_error_message(exc: BaseException, hub_id: HubId, filename: str | None = 
     from huggingface_hub import errors
 
     what = f"{filename} of {hub_id}" if filename else str(hub_id)
-    endpoint = _endpoint() or "https://huggingface.co"
+    endpoint = _endpoint_url()
     if any(isinstance(cause, errors.OfflineModeIsEnabled) for cause in _causes(exc)):
         return _not_cached(hub_id, "offline mode forbids downloading")
     if _is_connection_error(exc):
@@ -235,7 +235,8 @@ def hub_error_message(exc: BaseException, hub_id: HubId, filename: str | None = 
                 "then log in with `hf auth login` or set HF_TOKEN")
     if isinstance(exc, errors.RepositoryNotFoundError):
         login = "" if _has_token() else " (if it is private, log in with `hf auth login` or set HF_TOKEN)"
-        return f"{hub_id.repo_id}: no such local folder, and no model repository of that name on the Hub ({endpoint}){login}"
+        return (f"{hub_id.repo_id}: no such local folder, and no model repository of that name on the Hub "
+                f"({endpoint}){login}")
     if isinstance(exc, errors.RevisionNotFoundError):
         return f"{hub_id.repo_id} has no revision {hub_id.revision!r} (expected a branch, tag or commit hash)"
     if isinstance(exc, errors.RemoteEntryNotFoundError):
@@ -259,7 +260,7 @@ def _unreachable(exc: BaseException) -> str:
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status:
         return f"the Hub answered HTTP {status}"
-    return f"the Hub at {_endpoint() or 'https://huggingface.co'} cannot be reached ({_first_line(_root_cause(exc))})"
+    return f"the Hub at {_endpoint_url()} cannot be reached ({_first_line(_root_cause(exc))})"
 
 
 def _offline() -> bool:
@@ -272,6 +273,13 @@ def _offline() -> bool:
 def _endpoint() -> str | None:
     """HF_ENDPOINT as set now; None leaves huggingface_hub's own (read at its import)."""
     return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
+
+
+def _endpoint_url() -> str:
+    """The Hub's address as requests go to it, for messages."""
+    from huggingface_hub import constants
+
+    return _endpoint() or str(constants.ENDPOINT).rstrip("/")
 
 
 def _has_token() -> bool:
