@@ -131,16 +131,17 @@ def local_pair(folder: Path, ft: dict[str, torch.Tensor]) -> tuple[Path, Path]:
     return folder / "base", folder / "ft"
 
 
-def test_rank_downloads_safetensors_and_configs_only_then_reads_the_cache(stand_in, tmp_path):
-    """The acceptance run, as a user types it: a fresh process, huggingface_hub configured by the environment."""
-    env = hub_env(tmp_path, stand_in.url)
+def test_rank_downloads_safetensors_and_configs_only_then_reads_the_cache(online, runner, tmp_path):
+    """The acceptance run: first as a user types it (a fresh process, huggingface_hub configured by the
+    environment), then again in this process, which makes no transfer, then --offline, which asks nothing."""
+    env = hub_env(tmp_path, online.url)
     result = deltakit(env, "rank", "org/base", "org/ft", "--json", tmp_path / "hub.json", "-q", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # off a terminal: no progress bars, and this download is small
     assert cached_files(tmp_path, "org/base") == {"config.json", "model.safetensors"}
     assert cached_files(tmp_path, "org/ft") == {"config.json", "model.safetensors.index.json",
                                                 "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
-    fetched = stand_in.file_gets()
+    fetched = online.file_gets()
     assert len(fetched) == 6 and not any(p.endswith((".bin", ".md", "tokenizer.json", ".onnx")) for p in fetched)
     # The same report as on local folders holding the same weights.
     from deltakit.analysis import rank
@@ -150,15 +151,15 @@ def test_rank_downloads_safetensors_and_configs_only_then_reads_the_cache(stand_
     assert matrices(from_hub) == matrices(from_disk) and from_hub["summary"] == from_disk["summary"]
     assert matrices(from_hub)[Q]["rank"] == 2 and matrices(from_hub)[UP]["rank"] == 3
     # Second run: one metadata request per repository, no file transfer.
-    stand_in.clear()
-    assert deltakit(env, "rank", "org/base", "org/ft", "-q", "--device", "cpu").returncode == 0
-    assert stand_in.file_gets() == [] and {p for _, p, _ in stand_in.requests} == {
-        "/api/models/org/base", "/api/models/org/ft"}
+    online.clear()
+    assert invoke(runner, "rank", "org/base", "org/ft", "-q", "--device", "cpu").exit_code == 0
+    assert online.file_gets() == [] and {p for _, p, _ in online.requests} == {"/api/models/org/base",
+                                                                              "/api/models/org/ft"}
     # --offline: no request at all, the same answer from the cache.
-    stand_in.clear()
-    result = deltakit(env, "rank", "org/base", "org/ft", "--json", "-", "--device", "cpu", "--offline")
-    assert result.returncode == 0, result.stderr
-    assert stand_in.requests == [] and matrices(json.loads(result.stdout)) == matrices(from_hub)
+    online.clear()
+    result = invoke(runner, "rank", "org/base", "org/ft", "--json", "-", "--device", "cpu", "--offline")
+    assert result.exit_code == 0, result.output
+    assert online.requests == [] and matrices(json.loads(result.stdout)) == matrices(from_hub)
 
 
 def test_offline_without_the_cache(online, runner, tmp_path):
