@@ -98,6 +98,20 @@ allow_pickle_option = click.option(
 )
 
 
+def hub_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--offline for commands that open checkpoints; Hub downloads stay silent with the command's --quiet."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, offline: bool = False, **kwargs: Any) -> Any:
+        from deltakit.io.hub import hub_settings
+
+        with hub_settings(offline=offline, progress=not kwargs.get("quiet", False)):
+            return command(*args, **kwargs)
+
+    return click.option("--offline", is_flag=True,
+                        help="No network: hub ids (org/name[@revision]) must already be in the local cache.")(wrapper)
+
+
 def spectral_options(f):
     """--device, --exact, --fp64: how spectra are computed (shared with extract and intruders)."""
     f = click.option("--fp64", is_flag=True, help="Compute ΔW and its spectrum in float64 instead of float32.")(f)

@@ -8,8 +8,8 @@ from deltakit.spectral.options import SpectralOptions
 from deltakit.errors import DeltakitError
 from deltakit.io.writer import DEFAULT_SHARD_BYTES
 from deltakit_cli.common import (
-    allow_pickle_option, exclude_option, force_option, include_option, parallel_workers, parse_size, progress,
-    spectral_options, user_errors, write_json,
+    allow_pickle_option, exclude_option, force_option, hub_options, include_option, parallel_workers, parse_size,
+    progress, spectral_options, user_errors, write_json,
 )
 
 EXAMPLES = """
@@ -42,6 +42,7 @@ Examples:
 @click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
 @allow_pickle_option
 @force_option
+@hub_options
 @user_errors
 def intruders_command(base, ft, k, epsilon, scale, output, max_shard_size, include, exclude, device, exact, fp64,
                       json_path, quiet, allow_pickle, force):

@@ -8,7 +8,7 @@ import click
 
 from deltakit.errors import DeltakitError
 
-from deltakit_cli.common import device_option, force_option, user_errors
+from deltakit_cli.common import device_option, force_option, hub_options, user_errors
 
 KINDS = ("overview", "energy", "heatmap", "error", "spectrum")
 
@@ -43,6 +43,7 @@ Examples:
               help="Fine-tuned checkpoint for --kind spectrum (default: the one recorded in SPECTRA, if it exists).")
 @device_option
 @force_option
+@hub_options
 @user_errors
 def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices: tuple[str, ...],
                  base: Path | None, ft: Path | None, device: str, force: bool) -> None:
@@ -85,10 +86,12 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
 
 
 def _checkpoint_path(given: Path | None, recorded: str | None, option: str) -> Path:
-    """The checkpoint the user named, else the one the spectra file records when it exists here."""
+    """The checkpoint the user named, else the one the spectra file records when it exists here (or is a hub id)."""
+    from deltakit.io.hub import parse_hub_id
+
     if given is not None:
         return given
-    if recorded and Path(recorded).exists():
+    if recorded and (Path(recorded).exists() or parse_hub_id(recorded) is not None):
         return Path(recorded)
     where = f"; the spectra file records {recorded}, which is not found here" if recorded else ""
     raise DeltakitError(f"--kind spectrum needs {option} (a checkpoint path){where}")

@@ -11,14 +11,15 @@ from deltakit.analysis import RankReport, rank
 from deltakit.spectral.options import SpectralOptions
 from deltakit.io.spectra import save_spectra
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers, progress,
-    spectral_options, user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
+    progress, spectral_options, user_errors, write_json,
 )
 
 RANK_EXAMPLES = """
 \b
 Examples:
-  deltakit rank meta-llama/Llama-2-7b-hf ./my-full-finetune
+  deltakit rank meta-llama/Llama-2-7b-hf meta-llama/Llama-2-7b-chat-hf
+  deltakit rank org/base org/finetune@v1.0 --offline  # a revision; the cache only
   deltakit rank ./base ./ft --energy 0.5 --energy 0.9 --energy 0.99 --json report.json
   deltakit rank ./base ./my-lora-adapter            # a PEFT adapter: ΔW = (α/r)·B·A
   deltakit rank ./base ./ft --include '*self_attn*' --save-spectra spectra.safetensors
@@ -58,13 +59,15 @@ def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str |
 @click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
 @allow_pickle_option
 @force_option
+@hub_options
 @user_errors
 def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_path, csv_path, spectra_path, quiet,
                  allow_pickle, force):
     """How large and how low-rank is each change ΔW = W_ft − W_base?
 
-    BASE and FT are Hugging Face model folders (sharded or not), single .safetensors files,
-    or hub ids already in the local cache; FT may also be a PEFT LoRA adapter folder.
+    BASE and FT are Hub ids (org/name or org/name@revision; what is read is downloaded),
+    Hugging Face model folders (sharded or not) or single .safetensors files; FT may also be
+    a PEFT LoRA adapter (folder or Hub id).
     For every weight matrix: relative size of the change, spectral norm, numerical rank
     (above the rounding-noise floor), stable and effective rank, the rank that explains
     each --energy fraction, and that rank for a random matrix of the same shape.

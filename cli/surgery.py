@@ -8,8 +8,8 @@ import click
 
 from deltakit.spectral.options import SpectralOptions
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers, progress,
-    spectral_options, user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
+    progress, spectral_options, user_errors, write_json,
 )
 
 NOT_CARRIED_SHOWN = 5
@@ -86,6 +86,7 @@ def _weights(text: str | None) -> list[float] | None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @spectral_options
 @_output_options
+@hub_options
 @user_errors
 def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_rank, include, exclude, save_modules,
                     embeddings, dtype, seed, device, exact, fp64, json_path, quiet, allow_pickle, force):
@@ -157,6 +158,7 @@ def _merge_summary(report: Any) -> str:
               help="Write floating-point tensors in this dtype (default: the model's; bfloat16 for a quantized base).")
 @device_option
 @_output_options
+@hub_options
 @user_errors
 def merge_command(base, adapter, out, scale, dtype, device, json_path, quiet, allow_pickle, force):
     """Merge a PEFT LoRA adapter into BASE: W + scale·(α/r)·B·A, written as a complete model folder.
@@ -190,6 +192,7 @@ def merge_command(base, adapter, out, scale, dtype, device, json_path, quiet, al
                    "they are in MERGED instead of refusing.")
 @device_option
 @_output_options
+@hub_options
 @user_errors
 def unmerge_command(merged, adapter, out, check, scale, keep_replaced, device, json_path, quiet, allow_pickle, force):
     """Remove a merged PEFT LoRA adapter: W − scale·(α/r)·B·A, written as a complete model folder."""

@@ -97,7 +97,8 @@ def test_extract_merge_unmerge_two_processes_write_what_one_writes(tmp_path, dem
         ok(deltakit("unmerge", out / "merged", out / "adapter", "-o", out / "unmerged", "--device", "cpu",
                     "--keep-replaced", "--check", ft, "--json", out / "unmerge.json", processes=processes))
     one, two = tmp_path / "p1", tmp_path / "p2"
-    assert same_files(one / "adapter", two / "adapter") == ["adapter_config.json", "adapter_model.safetensors"]
+    assert same_files(one / "adapter", two / "adapter") == ["README.md", "adapter_config.json",
+                                                           "adapter_model.safetensors"]
     same_files(one / "budget", two / "budget")
     shards = same_files(one / "merged", two / "merged")
     assert "model.safetensors.index.json" in shards and len(shards) > 3  # several shards, written by both

@@ -72,7 +72,8 @@ class Checkpoint:
     """A lazily read set of named tensors; see :func:`open_checkpoint`.
 
     ``root`` is the folder holding config / tokenizer files (the file's folder for a
-    single file); ``config`` is its parsed ``config.json`` when there is one.
+    single file); ``config`` is its parsed ``config.json`` when there is one; ``hub_id``
+    is the Hub id it was opened by (its snapshot folder is ``path``).
     """
 
     path: Path
@@ -81,6 +82,7 @@ class Checkpoint:
     infos: dict[str, TensorInfo]
     config: dict[str, Any] | None = None
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)  # logical name -> how it is stored
+    hub_id: str | None = None  # "org/name[@revision]" when opened from the Hub
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _pickles: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -237,34 +239,22 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-def resolve_path(path: str | os.PathLike) -> Path:
-    """Turn a local path, or a hub id already in the local Hugging Face cache, into a path.
+def resolve_path(path: str | os.PathLike, allow_pickle: bool = False, weights: bool = True) -> Path:
+    """Turn a local path, or a Hub id ``org/name[@revision]``, into a path on this machine.
 
-    Nothing is downloaded: a hub id resolves only when huggingface_hub is installed and
-    the snapshot is in the cache.
+    A local file or folder wins over a hub id of the same name. A hub id resolves to its
+    snapshot in the Hugging Face cache, downloading the configs and (with ``weights``) the
+    weight files a command reads; see :mod:`deltakit.io.hub` (offline: the cache only).
     """
     local = Path(path).expanduser()
     if local.exists():
         return local
-    text = str(path)
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not text.endswith(
-        (".safetensors",) + PICKLE_SUFFIXES
-    )
-    if looks_like_hub_id:
-        try:
-            from huggingface_hub import snapshot_download  # optional
-        except ImportError:
-            raise DeltakitError(f"{text}: no such file or folder") from None
-        # Read the cache location now, not when huggingface_hub was imported.
-        cache_dir = os.environ.get("HF_HUB_CACHE") or (
-            os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
-        try:
-            return Path(snapshot_download(text, local_files_only=True, cache_dir=cache_dir))
-        except Exception:
-            raise DeltakitError(
-                f"{text}: no such file or folder, and not in the local Hugging Face cache (deltakit never downloads)"
-            ) from None
-    raise DeltakitError(f"{text}: no such file or folder")
+    from deltakit.io.hub import parse_hub_id, resolve_hub_id
+
+    hub_id = parse_hub_id(path)
+    if hub_id is None:
+        raise DeltakitError(f"{path}: no such file or folder")
+    return resolve_hub_id(hub_id, allow_pickle=allow_pickle, weights=weights)
 
 
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
@@ -273,7 +263,9 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
     Only headers are read here; tensor data is read by :meth:`Checkpoint.get`.
     Raises :class:`DeltakitError` for anything a user can fix.
     """
-    path = resolve_path(path)
+    given = os.fspath(path)
+    path = resolve_path(path, allow_pickle=allow_pickle)
+    hub_id = None if Path(given).expanduser().exists() else given
     if path.is_dir():
         root = path
         files, fmt = _weight_files_in_folder(path, allow_pickle)
@@ -291,7 +283,8 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
         raise DeltakitError(f"{path} holds no tensors")
     config = _read_json_if_any(root / "config.json")
     infos, quantized = logical_tensors(infos, config if isinstance(config, dict) else None, path)
-    return Checkpoint(path=path, root=root, format=fmt, infos=infos, config=config, quantized=quantized)
+    return Checkpoint(path=path, root=root, format=fmt, infos=infos, config=config, quantized=quantized,
+                      hub_id=hub_id)
 
 
 def _format_of(filename: str) -> str:

@@ -25,6 +25,8 @@ def copy_model_files(ckpt: Checkpoint, folder: Path, only_config: bool = False) 
     README included); beside a single weight file only the files transformers reads.
     ``only_config`` copies config.json alone. Returns the names copied.
     """
+    if ckpt.hub_id:
+        _fetch_model_files(ckpt.hub_id, only_config)
     from_folder = ckpt.path.is_dir()
     copied = []
     for source in sorted(ckpt.root.iterdir()):
@@ -37,3 +39,12 @@ def copy_model_files(ckpt: Checkpoint, folder: Path, only_config: bool = False) 
         shutil.copy2(source, Path(folder) / source.name)
         copied.append(source.name)
     return copied
+
+
+def _fetch_model_files(hub_id: str, only_config: bool) -> None:
+    """Download the non-weight files transformers reads (tokenizer, generation config...) beside a Hub checkpoint."""
+    from deltakit.io.hub import fetch_files, parse_hub_id
+
+    parsed = parse_hub_id(hub_id)
+    if parsed is not None and not only_config:  # config.json came with the weights
+        fetch_files(parsed, lambda name: bool(MODEL_FILE.match(name)) or name.endswith(".py"))

@@ -87,9 +87,9 @@ class LoraAdapter:
 
 
 def is_peft_adapter(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a folder holding ``adapter_config.json``."""
+    """True when ``path`` is a folder holding ``adapter_config.json`` (a hub id: only its configs are fetched)."""
     try:
-        path = resolve_path(path)
+        path = resolve_path(path, weights=False)
     except DeltakitError:
         return False
     return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
@@ -110,7 +110,7 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
 
 def open_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAdapter:
     """Read an adapter folder's config and tensor headers; refuse what deltakit cannot apply exactly."""
-    folder = resolve_path(path)
+    folder = resolve_path(path, allow_pickle=allow_pickle)
     config_path = folder / ADAPTER_CONFIG
     if not config_path.is_file():
         raise DeltakitError(f"{folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")

@@ -83,11 +83,12 @@ class AdapterTensor:
 
 
 def write_adapter(folder: Path, config: dict[str, Any], tensors: list[AdapterTensor],
-                  progress: Callable[..., Any] | None = None, parallel: Parallel = Parallel()) -> None:
+                  progress: Callable[..., Any] | None = None, parallel: Parallel = Parallel(),
+                  card: str | None = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (one file) into ``folder``.
 
     Under torchrun every process writes the tensors it owns into the one planned file;
-    process 0 makes the file and writes the config.
+    process 0 makes the file and writes the config, and ``card`` as README.md when given.
     """
     writer = shared_writer(parallel, folder, [(t.key, t.shape, t.dtype) for t in tensors],
                            max_shard_bytes=sys.maxsize, prefix=ADAPTER_WEIGHTS_PREFIX)
@@ -98,3 +99,5 @@ def write_adapter(folder: Path, config: dict[str, Any], tensors: list[AdapterTen
     writer.finish(expected=[t.key for t in mine])
     if parallel.is_main:
         (Path(folder) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if card is not None:
+            (Path(folder) / "README.md").write_text(card)

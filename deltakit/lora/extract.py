@@ -45,10 +45,12 @@ from deltakit.distributed import Parallel, fail_together, gather_in_order, matri
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.hub import base_model_fields
 from deltakit.io.peft import adapter_config, adapter_keys, is_peft_adapter, whole_tensor_key
 from deltakit.lora.adapter_files import AdapterTensor, FactorStage, write_adapter
 from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
 from deltakit.lora.factors import peft_orientation, reconstruction_error, svd_factors
+from deltakit.lora.model_card import model_card
 from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank, ratio_rank
 from deltakit.lora.resize import LowRankDelta
 from deltakit.lora.targets import WORD_EMBEDDING, ExtractionTargets, LoraTarget, module_of, plan_extraction
@@ -252,9 +254,10 @@ def extract_lora(
             run.second_pass(stage, survey, ranks, report)
         report.matrices.sort(key=lambda m: run.order[m.name])
         tensors, lora_config = run.assemble(stage, survey, report, save_modules, base_name=str(base))
+        lora_config.update(base_model_fields(base))  # the Hub id (and revision) when the base came from the Hub
         if not tensors:
             raise DeltakitError(_nothing_to_write(report))
-        write_adapter(Path(tmp), lora_config, tensors, progress, parallel)
+        write_adapter(Path(tmp), lora_config, tensors, progress, parallel, card=model_card(report, lora_config))
         stage.remove()
     report.elapsed_s = time.perf_counter() - started
     return report
