@@ -265,6 +265,16 @@ class DeltaSource:
     def is_adapter(self) -> bool:
         return self.adapter is not None
 
+    def without_nd(self) -> "DeltaSource":
+        """The same source with tensors of more than two dimensions (an adapter's fused experts, whose
+        ΔW the stream yields whole) moved to ``skipped``, for analyses of matrices and vectors."""
+        keep = [i for i, p in enumerate(self.pairs) if len(p.shape) <= 2]
+        skipped = self.skipped + [{"name": p.name, "reason": f"{len(p.shape)}-D tensor {tuple(p.shape)}; only "
+                                   "matrices and vectors are analysed"} for p in self.pairs if len(p.shape) > 2]
+        return DeltaSource(self.base, self.ft, self.adapter, [self.pairs[i] for i in keep],
+                           [self.modules[i] for i in keep] if self.modules else [], skipped, self.only_base,
+                           self.only_ft)
+
     def stream(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, prefetch: int = 2) -> Iterator[DeltaItem]:
         """ΔW of ``pairs[i]`` for each i in ``indices`` (default: all), in that order."""
@@ -292,13 +302,8 @@ def open_delta_source(
     keep = (lambda p: p.is_matrix and p.layout != "vector") if matrices_only else (lambda p: True)
     if is_peft_adapter(ft):
         adapter = open_adapter(ft, allow_pickle=allow_pickle, base=base_info(base_ckpt))
-        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) if selected(p.name, include, exclude)]
-        # Fused expert tensors (3-D) are merged but not analysed here: pairing analyses matrices and vectors.
-        skipped = [{"name": p.name, "reason": f"{len(p.shape)}-D tensor {tuple(p.shape)}; only matrices and vectors "
-                    "are analysed"} for p, _ in adapted if len(p.shape) > 2]
-        adapted = [(p, m) for p, m in adapted if len(p.shape) <= 2 and keep(p)]
-        source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], skipped,
-                             [], [])
+        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) if selected(p.name, include, exclude) and keep(p)]
+        source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], [], [], [])
     else:
         ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
         plan = pair_tensors(tensor_metas(base_ckpt), tensor_metas(ft_ckpt), ft_ckpt.config or base_ckpt.config,
