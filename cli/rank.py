@@ -63,7 +63,8 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
     """How large and how low-rank is each change ΔW = W_ft − W_base?
 
     BASE and FT are Hugging Face model folders (sharded or not), single .safetensors files,
-    or hub ids already in the local cache; FT may also be a PEFT LoRA adapter folder.
+    or hub ids already in the local cache; FT may also be a PEFT adapter folder (LoRA, DoRA,
+    AdaLoRA, LoHa, LoKr, VeRA, IA3).
     For every weight matrix: relative size of the change, spectral norm, numerical rank
     (above the rounding-noise floor), stable and effective rank, the rank that explains
     each --energy fraction, and that rank for a random matrix of the same shape.
