@@ -66,6 +66,11 @@ class AdapterModule:
         math_delta = self.math_delta({k: v.to(device, dtype) for k, v in tensors.items()}, transposed, rows)
         return math_delta.T if transposed else math_delta
 
+    def apply(self, tensors: dict[str, torch.Tensor], base: torch.Tensor, transposed: bool, rows: Rows,
+              weight: float) -> torch.Tensor:
+        """W0 + weight·ΔW for the stored rows ``rows``; may work in place on ``base`` (merge owns it)."""
+        return base.add_(self.delta(tensors, base, transposed, rows), alpha=weight)
+
     def math_delta(self, tensors: dict[str, torch.Tensor], transposed: bool, rows: Rows) -> torch.Tensor:
         """The (out, in) ΔW restricted to what becomes stored rows ``rows``: its rows when the
         tensor is stored as is, its columns when stored transposed."""

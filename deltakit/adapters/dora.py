@@ -40,21 +40,29 @@ class DoraModule(LoraModule):
     def splits_rows(self, transposed: bool) -> bool:
         return not transposed
 
+    def merged(self, tensors: dict[str, torch.Tensor], base: torch.Tensor, transposed: bool,
+               rows: Rows) -> torch.Tensor:
+        """W' = m ⊙ (W0 + s·BA) / ‖W0 + s·BA‖ for the stored rows ``rows``, a new tensor as stored."""
+        if rows is not None and transposed:
+            raise ValueError("DoRA on a transposed weight needs all its rows")
+        factors = {k: v.to(base.device, base.dtype) for k, v in tensors.items()}
+        combined = LoraModule.math_delta(self, factors, transposed, rows)  # s·BA, (out, in) rows
+        combined.add_(base.T if transposed else base)
+        magnitude = row_slice(factors["m"].reshape(-1, 1), rows, False).reshape(-1)
+        norm = torch.linalg.vector_norm(combined, dim=1)
+        combined.mul_((magnitude / norm).unsqueeze(1))  # a zero norm gives inf / nan: refused by merge
+        return combined.T if transposed else combined
+
     def delta(self, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, transposed: bool,
               rows: Rows = None) -> torch.Tensor:
         if base is None:
             raise ValueError("DoRA's ΔW needs the base weight")
-        if rows is not None and transposed:
-            raise ValueError("DoRA on a transposed weight needs all its rows")
-        factors = {k: v.to(base.device, base.dtype) for k, v in tensors.items()}
-        lora = LoraModule.math_delta(self, factors, transposed, rows)  # s·BA, (out, in) rows
-        magnitude = row_slice(factors["m"].reshape(-1, 1), rows, False).reshape(-1)
-        base_math = base.T if transposed else base
-        combined = base_math + lora
-        norm = torch.linalg.vector_norm(combined, dim=1)
-        merged = combined * (magnitude / norm).unsqueeze(1)  # a zero norm gives inf / nan: refused by merge
-        delta = merged - base_math
-        return delta.T if transposed else delta
+        return self.merged(tensors, base, transposed, rows).sub_(base)
+
+    def apply(self, tensors: dict[str, torch.Tensor], base: torch.Tensor, transposed: bool, rows: Rows,
+              weight: float) -> torch.Tensor:
+        merged = self.merged(tensors, base, transposed, rows)
+        return merged if weight == 1 else merged.mul_(weight).add_(base, alpha=1 - weight)
 
 
 def build(files: AdapterFiles, modules: dict[str, dict[str, str]]) -> list[AdapterModule]:

@@ -55,6 +55,10 @@ class Ia3Module(AdapterModule):
             raise ValueError("IA3's ΔW needs the base weight")
         return base * self.gain(tensors, transposed, rows, base.dtype, base.device)
 
+    def apply(self, tensors: dict[str, torch.Tensor], base: torch.Tensor, transposed: bool, rows: Rows,
+              weight: float) -> torch.Tensor:
+        return base.mul_(1 + weight * self.gain(tensors, transposed, rows, base.dtype, base.device))
+
 
 def build(files: AdapterFiles, modules: dict[str, dict[str, str]], base: BaseInfo) -> list[AdapterModule]:
     built: list[AdapterModule] = []

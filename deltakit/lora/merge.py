@@ -386,6 +386,8 @@ def _loader(step: _Step, rows: tuple[int, int] | None, ckpt: Checkpoint, adapter
     def load() -> tuple:
         # Only weights that change go to the compute device; the rest are copied as read.
         weight = None if step.whole else (fetch(ckpt, step.name, device, rows) if step.parts else read(ckpt, step.name))
+        if weight is not None and step.parts and ckpt.format == "pickle" and weight.device.type == "cpu":
+            weight = weight.clone()  # a loaded pickle is cached whole; the merge works in place on its copy
         tensors = [adapters[part.adapter].load(part.module) for part in step.parts]
         replacement = read(adapters[step.whole[0]].checkpoint, step.whole[1]) if step.whole else None
         start_weight = fetch(original, step.original_name, device, rows) if original and step.original_name else None
@@ -449,10 +451,10 @@ def _sum_deltas(step: _Step, rows: tuple[int, int] | None, base: torch.Tensor,
 
 def _merged(step: _Step, rows: tuple[int, int] | None, base: torch.Tensor,
             tensors: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """W0 + Σ wᵢ·ΔWᵢ(W0); with one additive part, in place on W0."""
-    if len(step.parts) == 1 and step.parts[0].module.kind == "additive":
+    """W0 + Σ wᵢ·ΔWᵢ(W0); one part is applied by its type, in place on W0 where it can."""
+    if len(step.parts) == 1:
         part = step.parts[0]
-        return base.add_(part.module.delta(tensors[0], base, part.transposed, rows), alpha=part.weight)
+        return part.module.apply(tensors[0], base, part.transposed, rows, part.weight)
     return base + _sum_deltas(step, rows, base, tensors)
 
 
