@@ -332,3 +332,48 @@ def test_merge_in_row_blocks_equals_whole_tensors(adapters, tmp_path, monkeypatc
     monkeypatch.setattr(merge_module, "PIECE_BYTES", 2048)  # 8 rows of a 64-wide fp32 matrix
     merge_module.merge(base_folder, adapter, tmp_path / "merged", device="cpu")
     assert_same_model(read_model(tmp_path / "merged"), reference)
+
+
+PEFT_PATH_TYPES = ["oft", "hra", "fourierft"]
+
+
+def peft_path_config(name: str):
+    from peft import FourierFTConfig, HRAConfig, OFTConfig
+
+    return {"oft": OFTConfig(r=0, oft_block_size=16, target_modules=["q_proj", "down_proj"]),
+            "hra": HRAConfig(r=4, target_modules=["q_proj", "v_proj"]),
+            "fourierft": FourierFTConfig(n_frequency=50, target_modules=["q_proj", "up_proj"])}[name]
+
+
+@pytest.mark.parametrize("name", PEFT_PATH_TYPES)
+def test_other_peft_types_apply_through_peft_one_layer_at_a_time(bases, runner, tmp_path, name):
+    """Types without a native module go through PEFT's own layer (the optional extra): merge equals
+    merge_and_unload, rank reads PEFT's ΔW, unmerge needs the original (the ΔW may multiply W0)."""
+    base_folder, base_model = bases["llama"]
+    adapter = write_adapter(base_model, peft_path_config(name), tmp_path / name)
+    reference = peft_merged(base_model, adapter)
+    result = invoke(runner, "merge", base_folder, adapter, "-o", tmp_path / "merged", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert_same_model(read_model(tmp_path / "merged"), reference)
+    result = invoke(runner, "rank", base_folder, adapter, "--device", "cpu", "--json", tmp_path / "rank.json")
+    assert result.exit_code == 0, result.output
+    matrices = {m["name"]: m for m in json.loads((tmp_path / "rank.json").read_text())["matrices"]}
+    for tensor, delta in peft_deltas(base_model, reference).items():
+        assert abs(matrices[tensor]["rank_at"]["0.9"] - rank_at(delta, 0.9)) <= 1, tensor
+    result = invoke(runner, "unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out")
+    assert_one_line_error(result, f"{name.upper()} cannot be unmerged")
+    result = invoke(runner, "unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out", "--base", base_folder,
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert_same_model(read_model(tmp_path / "out"), read_model(base_folder))
+
+
+def test_other_peft_types_without_peft_installed_name_the_extra(bases, runner, tmp_path, monkeypatch):
+    from deltakit.adapters import peft_layer
+
+    base_folder, base_model = bases["llama"]
+    adapter = write_adapter(base_model, peft_path_config("hra"), tmp_path / "hra")
+    monkeypatch.setattr(peft_layer, "_peft", lambda: None)
+    result = invoke(runner, "merge", base_folder, adapter, "-o", tmp_path / "out")
+    assert_one_line_error(result, "adapter type HRA is not read natively")
+    assert "deltakit[peft]" in result.stderr and not (tmp_path / "out").exists()

@@ -137,7 +137,7 @@ def test_adapters_that_do_not_fit_are_refused_by_name(llama, runner, tmp_path):
 @pytest.mark.parametrize("config, message", [
     (lora_config(use_dora=True), "DoRA module model.layers.0.self_attn.q_proj has no lora_magnitude_vector"),
     ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}, "PREFIX_TUNING (prefix tuning) changes activations"),
-    ({"peft_type": "BOFT", "target_modules": ["q_proj"]}, "adapter type BOFT is not supported"),
+    ({"peft_type": "NOT_A_TYPE", "target_modules": ["q_proj"]}, "adapter type NOT_A_TYPE is not supported"),
     (lora_config(lora_bias=True), "LoRA biases (lora_bias) is not supported"),
     (lora_config(r=3), "rank 2 but the config says r=3"),
 ])

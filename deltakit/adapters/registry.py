@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from deltakit.adapters import adalora, dora, ia3, loha, lokr, lora, lora_params, vera
+from deltakit.adapters import adalora, dora, ia3, loha, lokr, lora, lora_params, peft_layer, vera
 from deltakit.adapters.base import AdapterModule, BaseInfo
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint
@@ -109,15 +109,24 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: Base
     if kind in ACTIVATION_ONLY:
         raise DeltakitError(f"{files.path}: adapter type {kind} ({ACTIVATION_ONLY[kind]}) changes activations, "
                             "not weights: there is no ΔW to merge or analyse")
-    if kind not in TYPES:
+    if kind in TYPES:
+        kinds, builder = TYPES[kind]
+        groups, whole = group_keys(files.checkpoint, kinds)
+        built = builder(files, groups, base, whole)
+        expected = f"base_model.model.<module>.{kinds[0]}"
+    elif peft_layer.knows(kind):  # the optional extra: PEFT itself builds each layer
+        built, whole = peft_layer.build(files, base)
+        expected = "base_model.model.<module>.<its tensors>"
+    elif peft_layer.available():
         raise DeltakitError(f"{files.path}: adapter type {kind} is not supported; deltakit reads "
-                            f"{', '.join(sorted(TYPES))} (and DoRA) adapters")
-    kinds, builder = TYPES[kind]
-    groups, whole = group_keys(files.checkpoint, kinds)
-    modules = {m.target: m for m in builder(files, groups, base, whole)}
+                            f"{', '.join(sorted(TYPES))} (and DoRA) adapters, and the types PEFT knows")
+    else:
+        raise DeltakitError(f"{files.path}: adapter type {kind} is not read natively (deltakit reads "
+                            f"{', '.join(sorted(TYPES))} and DoRA); install the optional extra "
+                            f"({peft_layer.EXTRA}) to apply it through PEFT, one layer at a time")
+    modules = {m.target: m for m in built}
     if not modules and not whole:
-        raise DeltakitError(f"{files.path}: no {kind} tensors found (expected keys like "
-                            f"base_model.model.<module>.{kinds[0]})")
+        raise DeltakitError(f"{files.path}: no {kind} tensors found (expected keys like {expected})")
     return Adapter(path=files.path, config=files.config, checkpoint=files.checkpoint, peft_type=kind,
                    modules=modules, whole_tensors=whole)
 
