@@ -51,7 +51,8 @@ def write_adapters(base: Path, shape: ModelShape, folder: Path, rank: int, seed:
         lora[f"{key}.lora_A.weight"], lora[f"{key}.lora_B.weight"] = a.bfloat16(), b.bfloat16()
         norms = torch.linalg.vector_norm(ckpt.get(name).float(), dim=1)
         dora[f"{key}.lora_A.weight"], dora[f"{key}.lora_B.weight"] = a.bfloat16(), b.bfloat16()
-        dora[f"{key}.lora_magnitude_vector"] = (norms * (1 + 0.05 * torch.randn(out_dim, generator=generator))).bfloat16()
+        moved = norms * (1 + 0.05 * torch.randn(out_dim, generator=generator))  # magnitudes off their init
+        dora[f"{key}.lora_magnitude_vector"] = moved.bfloat16()
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
               "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "lora_dropout": 0.0}
     folders = {}

@@ -192,7 +192,7 @@ def merge_command(base, adapters, out, weights, scale, device, json_path, quiet,
 @user_errors
 def unmerge_command(merged, adapters, out, original, check, weights, scale, keep_replaced, device, json_path, quiet,
                     allow_pickle, force):
-    """Remove merged PEFT adapters: the W0 with MERGED = W0 + scale·Σ wᵢ·ΔWᵢ, written as a complete model folder.
+    """Remove merged PEFT adapters: the W0 with MERGED = W0 + scale·Σ wᵢ·ΔWᵢ, written as a model folder.
 
     Additive types (LoRA, AdaLoRA, LoHa, LoKr, VeRA) are subtracted and IA3 divided out; DoRA
     needs the original model (--base), since its ΔW depends on the original weights.

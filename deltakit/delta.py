@@ -197,7 +197,8 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
                           for s in plan.skipped if len(ft_like[s.name][0]) > 2]
     skipped = [s for s in plan.skipped if len(ft_like[s.name][0]) <= 2]
     if skipped:
-        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {skipped[0].name}: {skipped[0].reason}")
+        first = skipped[0]
+        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {first.name}: {first.reason}")
     out: list[tuple[TensorPair, AdapterModule]] = []
     order = {name: index for index, name in enumerate(adapter.modules)}
     for pair in sorted(pairs, key=lambda p: order[p.name]):
@@ -249,7 +250,10 @@ class DeltaSource:
     """The two sides of a comparison, paired: a base and a fine-tuned model, or a base and a PEFT adapter.
 
     ``pairs`` are the tensors to compare; ``skipped`` (name, reason), ``only_base`` and
-    ``only_ft`` say what was left out. :meth:`stream` yields their deltas on a device.
+    ``only_ft`` say what was left out. :meth:`stream` yields their deltas on a device. With an
+    adapter (any type in :mod:`deltakit.adapters`), ``modules[i]`` changes ``pairs[i]`` and a
+    LoRA module's factors are ``adapter.factors(module)``; fused experts changed by LoRA on
+    parameters are 3-D pairs whose whole ΔW (experts × a × b) the stream yields.
     """
 
     base: Checkpoint
@@ -302,7 +306,8 @@ def open_delta_source(
     keep = (lambda p: p.is_matrix and p.layout != "vector") if matrices_only else (lambda p: True)
     if is_peft_adapter(ft):
         adapter = open_adapter(ft, allow_pickle=allow_pickle, base=base_info(base_ckpt))
-        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) if selected(p.name, include, exclude) and keep(p)]
+        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt)
+                   if selected(p.name, include, exclude) and keep(p)]
         source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], [], [], [])
     else:
         ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)

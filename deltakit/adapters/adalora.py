@@ -48,8 +48,9 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]]) -> list[Adapt
     scaling = alpha if alpha > 0 else float(init_r)
     built: list[AdapterModule] = []
     for module, kinds in sorted(modules.items()):
-        if set(KINDS) - set(kinds):
-            raise DeltakitError(f"{files.path}: AdaLoRA module {module} lacks {', '.join(sorted(set(KINDS) - set(kinds)))}")
+        missing = ", ".join(sorted(set(KINDS) - set(kinds)))
+        if missing:
+            raise DeltakitError(f"{files.path}: AdaLoRA module {module} lacks {missing}")
         a_shape, b_shape, e_shape = (files.checkpoint.shape(kinds[k]) for k in KINDS)
         if len(a_shape) != 2 or len(b_shape) != 2 or not (a_shape[0] == b_shape[1] == e_shape[0]):
             raise DeltakitError(f"{files.path}: AdaLoRA module {module} has A {a_shape}, B {b_shape}, E {e_shape}, "

@@ -69,12 +69,14 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]], base: BaseInf
                                 "deltakit applies IA3 to linear layers only")
         weight = base.shape(f"{module}.weight")
         if weight is None or len(weight) != 2:
-            raise DeltakitError(f"{files.path}: IA3 module {module} has no weight matrix in the base")
-        feedforward = shape[0] == 1 and shape[1] != 1 or (shape == (1, 1) and module in _ff(files))
+            raise DeltakitError(f"{files.path} does not fit the base: IA3 module {module} has no weight matrix there")
+        # l is (1, in) on feed-forward layers and (out, 1) elsewhere; a 1 × 1 l needs the config to tell.
+        feedforward = shape[0] == 1 and (shape[1] != 1 or module.endswith(tuple(_ff(files))))
         length = shape[1] if feedforward else shape[0]
-        other = weight[1] if weight[0] == length and not feedforward else weight[0]
-        if feedforward:
-            other = weight[0] if weight[1] == length else weight[1]
+        if length not in weight:
+            raise DeltakitError(f"{files.path}: IA3 module {module} has a vector of {length} entries, but "
+                                f"{module}.weight is {tuple(weight)}")
+        other = weight[1] if weight[0] == length else weight[0]  # the weight may be stored (out, in) or (in, out)
         out_features, in_features = (other, length) if feedforward else (length, other)
         keys = {"ia3_l": kinds["ia3_l"]}
         built.append(Ia3Module(module=module, target=f"{module}.weight", keys=keys, out_features=out_features,
@@ -85,5 +87,6 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]], base: BaseInf
     return built
 
 
-def _ff(files: AdapterFiles) -> set[str]:
-    return set(files.config.get("feedforward_modules") or [])
+def _ff(files: AdapterFiles) -> list[str]:
+    modules = files.config.get("feedforward_modules") or []
+    return [modules] if isinstance(modules, str) else list(modules)

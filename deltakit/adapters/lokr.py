@@ -49,7 +49,8 @@ class LokrModule(AdapterModule):
         return (left.unsqueeze(2) * right.unsqueeze(1)).reshape(len(index), -1)
 
 
-def _factor_shape(files: AdapterFiles, module: str, kinds: dict[str, str], name: str) -> tuple[tuple[int, int], int | None]:
+def _factor_shape(files: AdapterFiles, module: str, kinds: dict[str, str],
+                  name: str) -> tuple[tuple[int, int], int | None]:
     """(shape of W1 or W2, its rank when stored as a product)."""
     if name in kinds:
         shape = files.checkpoint.shape(kinds[name])

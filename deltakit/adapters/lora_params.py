@@ -106,7 +106,7 @@ def _target_params(module: str, targets: list[str], shape_of) -> list[str]:
     """Leaf names of ``module``'s parameters that a target_parameters entry names (PEFT matches a suffix)."""
     found = []
     for target in targets:
-        owner, _, leaf = target.rpartition(".")
+        leaf = target.rpartition(".")[2]
         full = f"{module}.{leaf}"
         if (full == target or full.endswith(f".{target}")) and shape_of(full) is not None and leaf not in found:
             found.append(leaf)

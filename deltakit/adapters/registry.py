@@ -47,6 +47,10 @@ def _lora(files: AdapterFiles, groups: dict[str, dict[str, str]], base: BaseInfo
             raise DeltakitError(f"{files.path}: DoRA on parameters (target_parameters) is not supported by PEFT")
         built = dora.build(files, plain)
     else:
+        stray = next((g for g, kinds in plain.items() if dora.MAGNITUDE in kinds), None)
+        if stray is not None:
+            raise DeltakitError(f"{files.path}: {stray} has a DoRA magnitude vector but the config does not say "
+                                "use_dora; refusing to guess which the adapter is")
         built = lora.build(files, plain)
     return built + (lora_params.build(files, params, base) if params else [])
 

@@ -59,12 +59,13 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]], base: BaseInf
     a_shape, b_shape = files.checkpoint.shape(shared["vera_A_A"]), files.checkpoint.shape(shared["vera_A_B"])
     built: list[AdapterModule] = []
     for module, kinds in sorted(modules.items()):
-        if set(KINDS) - set(kinds):
-            raise DeltakitError(f"{files.path}: VeRA module {module} lacks {', '.join(sorted(set(KINDS) - set(kinds)))}")
+        missing = ", ".join(sorted(set(KINDS) - set(kinds)))
+        if missing:
+            raise DeltakitError(f"{files.path}: VeRA module {module} lacks {missing}")
         (out_features,), (rank,) = (files.checkpoint.shape(kinds[k]) for k in KINDS)
         weight = base.shape(f"{module}.weight")
         if weight is None or len(weight) != 2:
-            raise DeltakitError(f"{files.path}: VeRA module {module} has no weight matrix in the base")
+            raise DeltakitError(f"{files.path} does not fit the base: VeRA module {module} has no weight matrix there")
         in_features = weight[1] if weight[0] == out_features else weight[0]
         if rank != a_shape[0] or in_features > a_shape[1] or out_features > b_shape[0]:
             raise DeltakitError(f"{files.path}: VeRA module {module} (out {out_features}, in {in_features}, r {rank}) "

@@ -1,4 +1,4 @@
-"""`deltakit merge` and `deltakit unmerge`: W0 + Σ wᵢ·ΔWᵢ of one or more PEFT adapters, streamed tensor by tensor.
+"""`deltakit merge` and `deltakit unmerge`: W0 + Σ wᵢ·ΔWᵢ of one or more PEFT adapters, tensor by tensor.
 
 ΔW of each module comes from its adapter type (LoRA, DoRA, AdaLoRA, LoHa, LoKr, VeRA, IA3,
 LoRA on parameters; see :mod:`deltakit.adapters`), every ΔWᵢ from the same W0, so the adapters'
