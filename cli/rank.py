@@ -67,7 +67,7 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
 
     BASE and FT are Hub ids (org/name or org/name@revision; what is read is downloaded),
     Hugging Face model folders (sharded or not) or single .safetensors files; FT may also be
-    a PEFT LoRA adapter (folder or Hub id).
+    a PEFT adapter, folder or Hub id (LoRA, DoRA, AdaLoRA, LoHa, LoKr, VeRA, IA3).
     For every weight matrix: relative size of the change, spectral norm, numerical rank
     (above the rounding-noise floor), stable and effective rank, the rank that explains
     each --energy fraction, and that rank for a random matrix of the same shape.

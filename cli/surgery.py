@@ -29,12 +29,14 @@ MERGE_EXAMPLES = """
 Examples:
   deltakit merge ./base ./my-lora -o ./merged
   deltakit merge ./base ./my-lora -o ./merged-half --scale 0.5
+  deltakit merge ./base ./my-dora ./my-loha -o ./merged --weights 0.7,0.3
 """
 
 UNMERGE_EXAMPLES = """
 \b
 Examples:
   deltakit unmerge ./merged ./my-lora -o ./base-again --check ./base
+  deltakit unmerge ./merged ./my-dora -o ./base-again --base ./base   # DoRA needs the original
 """
 
 
@@ -138,8 +140,10 @@ def _print_extract(report: Any, out: str, json_path: str | None, quiet: bool, fo
 
 
 def _merge_summary(report: Any) -> str:
-    text = (f"{report.operation}d {report.lora_modules} LoRA modules (scale {report.scale:g}); wrote {report.tensors} "
-            f"tensors in {report.shards} shard(s) to {report.out}")
+    kinds = ", ".join(sorted(set(report.adapter_types)))
+    adapters = f"{len(report.adapters)} adapters ({kinds})" if len(report.adapters) > 1 else f"{kinds} adapter"
+    text = (f"{report.operation}d {report.lora_modules} modules of the {adapters} (scale {report.scale:g}); wrote "
+            f"{report.tensors} tensors in {report.shards} shard(s) to {report.out}")
     if report.replaced:
         text += f"; {len(report.replaced)} replaced whole by the adapter"
     if report.left_as_merged:
@@ -149,30 +153,48 @@ def _merge_summary(report: Any) -> str:
     return text
 
 
+def _parse_weights(text: str | None) -> list[float] | None:
+    """``--weights 0.7,0.3`` -> [0.7, 0.3]; the count is checked against the adapters by the library."""
+    from deltakit.errors import DeltakitError
+
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise DeltakitError(f"--weights takes numbers separated by commas, e.g. 0.7,0.3; got {text!r}") from None
+
+
+_WEIGHTS_HELP = "One weight per adapter, comma-separated (default 1 each): W0 + Σ wᵢ·ΔWᵢ."
+
+
 @click.command("merge", epilog=MERGE_EXAMPLES)
 @click.argument("base")
-@click.argument("adapter")
+@click.argument("adapters", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, metavar="OUT", help="Model folder to write.")
-@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's update by this.")
+@click.option("--weights", metavar="W1,W2,...", help=_WEIGHTS_HELP)
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every adapter's update by this.")
 @click.option("--dtype", metavar="float32|bfloat16|float16",
               help="Write floating-point tensors in this dtype (default: the model's; bfloat16 for a quantized base).")
 @device_option
 @_output_options
 @hub_options
 @user_errors
-def merge_command(base, adapter, out, scale, dtype, device, json_path, quiet, allow_pickle, force):
-    """Merge a PEFT LoRA adapter into BASE: W + scale·(α/r)·B·A, written as a complete model folder.
+def merge_command(base, adapters, out, weights, scale, dtype, device, json_path, quiet, allow_pickle, force):
+    """Merge one or more PEFT adapters into BASE: W0 + scale·Σ wᵢ·ΔWᵢ, written as a complete model folder.
 
-    Handles rsLoRA (α/√r), rank_pattern / alpha_pattern, fan_in_fan_out (GPT-2 Conv1D) and
-    embedding LoRA; tensors in modules_to_save replace the base's. Applied in fp32, cast back
+    Any weight-changing adapter type: LoRA (rsLoRA, rank_pattern / alpha_pattern, fan_in_fan_out,
+    embeddings, target_parameters), DoRA, AdaLoRA, LoHa, LoKr, VeRA, IA3; each ΔWᵢ is taken at
+    BASE's weights, and tensors in modules_to_save replace the base's. Applied in fp32, cast back
     to the model's dtype, checked finite, streamed tensor by tensor; shards follow BASE's.
     """
     from deltakit.lora import merge
 
     _check_outputs(json_path, force)
     with parallel_workers(device) as parallel:
-        report = merge(base, adapter, out, scale=scale, device=device, force=force, allow_pickle=allow_pickle,
-                       progress=progress if parallel.is_main else None, parallel=parallel, dtype=dtype)
+        report = merge(base, list(adapters), out, scale=scale, weights=_parse_weights(weights), device=device,
+                       force=force, allow_pickle=allow_pickle, progress=progress if parallel.is_main else None,
+                       parallel=parallel, dtype=dtype)
     if not parallel.is_main:
         return
     if json_path:
@@ -183,10 +205,14 @@ def merge_command(base, adapter, out, scale, dtype, device, json_path, quiet, al
 
 @click.command("unmerge", epilog=UNMERGE_EXAMPLES)
 @click.argument("merged")
-@click.argument("adapter")
+@click.argument("adapters", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, metavar="OUT", help="Model folder to write.")
+@click.option("--base", "original", metavar="BASE",
+              help="The original model the adapters were merged into; needed to unmerge DoRA, whose ΔW depends on "
+                   "the original weights.")
 @click.option("--check", "check", metavar="BASE", help="Report the distance of the result from this original base.")
-@click.option("--scale", type=float, default=1.0, show_default=True, help="The scale the adapter was merged with.")
+@click.option("--weights", metavar="W1,W2,...", help="The weights the adapters were merged with (default 1 each).")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="The scale the adapters were merged with.")
 @click.option("--keep-replaced", is_flag=True,
               help="Adapters with modules_to_save replaced tensors whole, which cannot be undone: leave them as "
                    "they are in MERGED instead of refusing.")
@@ -194,15 +220,21 @@ def merge_command(base, adapter, out, scale, dtype, device, json_path, quiet, al
 @_output_options
 @hub_options
 @user_errors
-def unmerge_command(merged, adapter, out, check, scale, keep_replaced, device, json_path, quiet, allow_pickle, force):
-    """Remove a merged PEFT LoRA adapter: W − scale·(α/r)·B·A, written as a complete model folder."""
+def unmerge_command(merged, adapters, out, original, check, weights, scale, keep_replaced, device, json_path, quiet,
+                    allow_pickle, force):
+    """Remove merged PEFT adapters: the W0 with MERGED = W0 + scale·Σ wᵢ·ΔWᵢ, written as a model folder.
+
+    Additive types (LoRA, AdaLoRA, LoHa, LoKr, VeRA) are subtracted and IA3 divided out; DoRA
+    needs the original model (--base), since its ΔW depends on the original weights.
+    """
     from deltakit.lora import unmerge
 
     _check_outputs(json_path, force)
     with parallel_workers(device) as parallel:
-        report = unmerge(merged, adapter, out, scale=scale, check=check, keep_replaced=keep_replaced,
-                         device=device, force=force, allow_pickle=allow_pickle,
-                         progress=progress if parallel.is_main else None, parallel=parallel)
+        report = unmerge(merged, list(adapters), out, scale=scale, weights=_parse_weights(weights), base=original,
+                         check=check, keep_replaced=keep_replaced, device=device, force=force,
+                         allow_pickle=allow_pickle, progress=progress if parallel.is_main else None,
+                         parallel=parallel)
     if not parallel.is_main:
         return
     if json_path:

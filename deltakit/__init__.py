@@ -14,7 +14,7 @@ from deltakit.spectral.options import SpectralOptions
 from deltakit.errors import DeltakitError
 from deltakit.intruders import intruders, scale_intruders
 from deltakit.io import open_checkpoint
-from deltakit.io.peft import open_adapter
+from deltakit.adapters import open_adapter
 from deltakit.lora import extract_lora, merge, unmerge
 
 __version__ = "0.1.0"

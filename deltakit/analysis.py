@@ -354,7 +354,7 @@ def rank(
     device = resolve_device(parallel.device if parallel.active else options.device)
     _ = options.dtype  # validate precision early
     started = time.perf_counter()
-    source = open_delta_source(base, ft, include, exclude, allow_pickle)
+    source = open_delta_source(base, ft, include, exclude, allow_pickle).without_nd()
     report = RankReport(base=str(base), ft=str(ft), energy=energy, device=str(device), method=options.method,
                         precision=options.precision, skipped=source.skipped, only_base=source.only_base,
                         only_ft=source.only_ft)

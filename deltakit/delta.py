@@ -26,9 +26,10 @@ import torch
 
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
-from deltakit.io.peft import LoraAdapter, LoraModule, is_peft_adapter, open_adapter
+from deltakit.adapters import Adapter, AdapterModule, base_info, open_adapter, stored_transposed
+from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import IO_THREADS
-from deltakit.pairing import TensorPair, pair_tensors, selected
+from deltakit.pairing import TensorPair, layer_index, match_names, module_type, pair_tensors, selected
 
 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]  # wraps an iterator: (items, length, label)
@@ -64,16 +65,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     elif resolved.type != "cpu":
         raise DeltakitError(f"unsupported device {text!r}; use auto, cpu, cuda or cuda:N")
     return resolved
-
-
-def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """ΔW = scaling · B @ A (Hu et al. 2021), transposed for Conv1D weights stored [in, out].
-
-    A: r × in, B: out × r. For a LoRA on an embedding PEFT stores A as r × vocab and B as
-    dim × r, and the weight is vocab × dim: pass ``fan_in_fan_out=True`` there too.
-    """
-    delta = (lora_b @ lora_a) * scaling
-    return delta.T if fan_in_fan_out else delta
 
 
 def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2, workers: int = 1) -> Iterator[object]:
@@ -201,45 +192,63 @@ def stream_deltas(
         del base_w, delta
 
 
-def adapter_pairs(adapter: LoraAdapter, base: Checkpoint) -> list[tuple[TensorPair, LoraModule]]:
-    """Pair each adapter module with its base weight; refuse an adapter that does not fit the base."""
-    ft_like = {name: (adapter.delta_shape(module), torch.float32) for name, module in adapter.modules.items()}
-    try:
-        plan = pair_tensors(tensor_metas(base), ft_like, base.config)
-    except DeltakitError:
-        first = next(iter(ft_like), "(none)")
-        raise DeltakitError(
-            f"adapter {adapter.path} does not fit base {base.path}: none of its modules exist there (first: {first})"
-        ) from None
-    problems = [f"{s.name}: {s.reason}" for s in plan.skipped]
-    problems += [f"{name}: no such weight in the base" for name in plan.only_ft]
-    problems += [f"{p.name}: the base has {p.shape[0]} rows, the adapter {p.shape[0] + p.added_rows}"
-                 for p in plan.pairs if p.added_rows]
-    if problems:
-        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {problems[0]}")
-    return [(pair, adapter.modules[pair.name]) for pair in plan.pairs]
+def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, AdapterModule]]:
+    """Pair each adapter module with the base tensor it changes; refuse an adapter that does not fit the base.
+
+    Orientation is decided here, once (:func:`~deltakit.adapters.stored_transposed`), and the
+    module's update must have the base tensor's shape in it.
+    """
+    mapping = match_names(base.keys(), adapter.modules.keys())  # adapter target -> base name
+    missing = [name for name in adapter.modules if name not in mapping]
+    if missing:
+        what = "none of its modules exist there" if len(missing) == len(adapter.modules) else "no such tensor there"
+        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {what} (first: {missing[0]})")
+    ft_like = {name: (base.shape(mapping[name]), torch.float32) for name in adapter.modules}
+    plan = pair_tensors(tensor_metas(base), ft_like, base.config)
+    pairs = plan.pairs + [_nd_pair(s.name, mapping[s.name], ft_like[s.name][0], base)
+                          for s in plan.skipped if len(ft_like[s.name][0]) > 2]
+    skipped = [s for s in plan.skipped if len(ft_like[s.name][0]) <= 2]
+    if skipped:
+        first = skipped[0]
+        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {first.name}: {first.reason}")
+    out: list[tuple[TensorPair, AdapterModule]] = []
+    order = {name: index for index, name in enumerate(adapter.modules)}
+    for pair in sorted(pairs, key=lambda p: order[p.name]):
+        module = adapter.modules[pair.name]
+        expected = module.stored_shape(stored_transposed(pair, module))
+        if tuple(pair.shape) != tuple(expected):
+            raise DeltakitError(
+                f"adapter {adapter.path} does not fit base {base.path}: {module.module} makes a "
+                f"{'×'.join(map(str, expected))} update, but {pair.base_name} is {'×'.join(map(str, pair.shape))}")
+        out.append((pair, module))
+    return out
+
+
+def _nd_pair(name: str, base_name: str, shape: tuple[int, ...], base: Checkpoint) -> TensorPair:
+    """A pair for a tensor of more than two dimensions (fused experts), which pairing leaves out of analysis."""
+    return TensorPair(name=name, base_name=base_name, shape=tuple(shape), base_dtype=base.dtype(base_name),
+                      ft_dtype=torch.float32, module_type=module_type(name), layer=layer_index(name), layout="experts")
 
 
 def stream_adapter_deltas(
-    pairs: Sequence[tuple[TensorPair, LoraModule]],
-    adapter: LoraAdapter,
+    pairs: Sequence[tuple[TensorPair, AdapterModule]],
+    adapter: Adapter,
     base: Checkpoint,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     prefetch: int = 2,
 ) -> Iterator[DeltaItem]:
-    """ΔW = scaling · B @ A of each adapted module, with its base weight, on ``device``."""
+    """ΔW of each adapted tensor (any adapter type), with its base weight, on ``device``."""
     device = torch.device(device)
 
-    def reader(pair: TensorPair, module: LoraModule) -> Callable[[], tuple]:
-        return lambda: (fetch_pair(base, pair.base_name, pair, device), *adapter.factors(module))
+    def reader(pair: TensorPair, module: AdapterModule) -> Callable[[], tuple]:
+        return lambda: (fetch_pair(base, pair.base_name, pair, device), adapter.load(module))
 
     loaders = [reader(pair, module) for pair, module in pairs]
     for (pair, module), loaded in zip(pairs, prefetched(loaders, prefetch, read_threads(prefetch))):
-        base_stored, lora_a, lora_b = loaded  # type: ignore[misc]
+        base_stored, tensors = loaded  # type: ignore[misc]
         base_w = adopt(base_stored).to(device).to(dtype)
-        delta = lora_delta(lora_a.to(device, dtype), lora_b.to(device, dtype), module.scaling,
-                           module.fan_in_fan_out or module.embedding)
+        delta = module.delta(tensors, base_w, stored_transposed(pair, module))
         yield DeltaItem(pair=pair, base=base_w, delta=delta)
 
 
@@ -253,14 +262,17 @@ class DeltaSource:
     """The two sides of a comparison, paired: a base and a fine-tuned model, or a base and a PEFT adapter.
 
     ``pairs`` are the tensors to compare; ``skipped`` (name, reason), ``only_base`` and
-    ``only_ft`` say what was left out. :meth:`stream` yields their deltas on a device.
+    ``only_ft`` say what was left out. :meth:`stream` yields their deltas on a device. With an
+    adapter (any type in :mod:`deltakit.adapters`), ``modules[i]`` changes ``pairs[i]`` and a
+    LoRA module's factors are ``adapter.factors(module)``; fused experts changed by LoRA on
+    parameters are 3-D pairs whose whole ΔW (experts × a × b) the stream yields.
     """
 
     base: Checkpoint
     ft: Checkpoint | None
-    adapter: LoraAdapter | None
+    adapter: Adapter | None
     pairs: list[TensorPair]
-    modules: list[LoraModule]  # aligned with pairs when the fine-tune is an adapter
+    modules: list[AdapterModule]  # aligned with pairs when the fine-tune is an adapter
     skipped: list[dict[str, str]]
     only_base: list[str]
     only_ft: list[str]
@@ -268,6 +280,16 @@ class DeltaSource:
     @property
     def is_adapter(self) -> bool:
         return self.adapter is not None
+
+    def without_nd(self) -> "DeltaSource":
+        """The same source with tensors of more than two dimensions (an adapter's fused experts, whose
+        ΔW the stream yields whole) moved to ``skipped``, for analyses of matrices and vectors."""
+        keep = [i for i, p in enumerate(self.pairs) if len(p.shape) <= 2]
+        skipped = self.skipped + [{"name": p.name, "reason": f"{len(p.shape)}-D tensor {tuple(p.shape)}; only "
+                                   "matrices and vectors are analysed"} for p in self.pairs if len(p.shape) > 2]
+        return DeltaSource(self.base, self.ft, self.adapter, [self.pairs[i] for i in keep],
+                           [self.modules[i] for i in keep] if self.modules else [], skipped, self.only_base,
+                           self.only_ft)
 
     def stream(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, prefetch: int = 2) -> Iterator[DeltaItem]:
@@ -295,8 +317,9 @@ def open_delta_source(
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     keep = (lambda p: p.is_matrix and p.layout != "vector") if matrices_only else (lambda p: True)
     if is_peft_adapter(ft):
-        adapter = open_adapter(ft, allow_pickle=allow_pickle)
-        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) if selected(p.name, include, exclude) and keep(p)]
+        adapter = open_adapter(ft, allow_pickle=allow_pickle, base=base_info(base_ckpt))
+        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt)
+                   if selected(p.name, include, exclude) and keep(p)]
         source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], [], [], [])
     else:
         ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 import deltakit
 from deltakit import SpectralOptions
-from deltakit.io.peft import adapter_config, adapter_keys, open_adapter, whole_tensor_key
+from deltakit.adapters import open_adapter
+from deltakit.io.peft import adapter_config, adapter_keys, whole_tensor_key
 from deltakit.lora import extract_lora, merge
 
 from conftest import merged_lora_copy, save, tiny_gpt2, tiny_llama

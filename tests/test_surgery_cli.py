@@ -47,7 +47,7 @@ def test_extract_merge_unmerge_from_the_command_line(llama, runner, tmp_path):
 
     result = invoke(runner, "merge", folder / "base", tmp_path / "adapter", "-o", tmp_path / "merged", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "merged 4 LoRA modules" in result.stdout
+    assert "merged 4 modules of the LORA adapter" in result.stdout
     result = invoke(runner, "unmerge", tmp_path / "merged", tmp_path / "adapter", "-o", tmp_path / "base-again",
                     "--check", folder / "base", "--json", "-")
     assert result.exit_code == 0, result.output
@@ -135,8 +135,10 @@ def test_adapters_that_do_not_fit_are_refused_by_name(llama, runner, tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    (lora_config(use_dora=True), "DoRA"),
-    ({"peft_type": "IA3", "target_modules": ["q_proj"]}, "IA3"),
+    (lora_config(use_dora=True), "DoRA module model.layers.0.self_attn.q_proj has no lora_magnitude_vector"),
+    ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}, "PREFIX_TUNING (prefix tuning) changes activations"),
+    ({"peft_type": "NOT_A_TYPE", "target_modules": ["q_proj"]}, "adapter type NOT_A_TYPE is not supported"),
+    (lora_config(lora_bias=True), "LoRA biases (lora_bias) is not supported"),
     (lora_config(r=3), "rank 2 but the config says r=3"),
 ])
 def test_adapter_kinds_deltakit_does_not_apply_are_refused(llama, runner, tmp_path, config, message):

@@ -1,17 +1,16 @@
-"""PEFT LoRA adapter folders: ``adapter_config.json`` plus ``adapter_model.safetensors``.
+"""PEFT adapter folders: ``adapter_config.json`` plus ``adapter_model.safetensors``, keys and config only.
 
-Key names follow PEFT: ``base_model.model.<module>.lora_A.weight`` (r × in) and
-``...lora_B.weight`` (out × r) for linear / Conv1D layers, ``...lora_embedding_A`` (r × vocab)
-and ``...lora_embedding_B`` (dim × r) for embeddings; any other tensor (``modules_to_save``,
-trained biases) is a whole replacement of the base tensor of the same name. The scaling of
-each module is lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora`` (Kalajdzievski
-2023), with per-module r and alpha from ``rank_pattern`` / ``alpha_pattern``.
+Key names follow PEFT: ``base_model.model.<module>.<kind>[.weight]``, where ``kind`` names one of
+the adapter's own tensors (``lora_A``, ``hada_w1_a``, ``ia3_l``...; each adapter type in
+:mod:`deltakit.adapters` says which kinds it has). Any other tensor (``modules_to_save``, trained
+biases, a saved embedding ``base_layer``) is a whole replacement of the model's tensor of the same
+name. What the tensors mean is not decided here: see :mod:`deltakit.adapters`.
 
 Example::
 
-    adapter = open_adapter("my-lora")
-    for module in adapter.modules.values():
-        a, b = adapter.factors(module)        # ΔW = scaling · B @ A
+    files = read_adapter_files("my-adapter")
+    modules, whole = group_keys(files.checkpoint, {"lora_A", "lora_B"})
+    # modules["model.layers.0.self_attn.q_proj"] == {"lora_A": "base_model.model....lora_A.weight", ...}
 """
 
 from __future__ import annotations
@@ -22,68 +21,23 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, Iterable
 
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import ADAPTER_CONFIG, Checkpoint, open_checkpoint, resolve_path
 
 PEFT_PREFIX = "base_model.model."
-_FACTOR_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$"
-)
-# Config switches that change the math; deltakit refuses rather than mis-applies them.
-_UNSUPPORTED_SWITCHES = {
-    "use_dora": "DoRA (use_dora)",
-    "lora_bias": "LoRA biases (lora_bias)",
-    "use_qalora": "QA-LoRA (use_qalora)",
-    "layer_replication": "layer replication",
-    "target_parameters": "LoRA on parameters (target_parameters)",
-    "use_bdlora": "BD-LoRA (use_bdlora)",
-}
-
-
-@dataclass(frozen=True)
-class LoraModule:
-    """One adapted layer: where its factors are stored and how they scale."""
-
-    module: str  # module path in the model, e.g. "model.layers.0.self_attn.q_proj"
-    a_key: str
-    b_key: str
-    rank: int
-    alpha: float
-    scaling: float
-    fan_in_fan_out: bool
-    embedding: bool = False
-
-    @property
-    def weight_name(self) -> str:
-        return f"{self.module}.weight"
+SHARED_PREFIX = "base_model."  # tensors shared by every layer (VeRA's projections) sit outside the model
 
 
 @dataclass
-class LoraAdapter:
-    """A PEFT LoRA adapter read lazily; see the module docstring."""
+class AdapterFiles:
+    """An adapter folder opened lazily: its parsed config, its tensors' headers, its PEFT type."""
 
     path: Path
     config: dict[str, Any]
     checkpoint: Checkpoint
-    modules: dict[str, LoraModule]  # by weight name ("<module>.weight")
-    whole_tensors: dict[str, str]  # base tensor name -> key in the adapter file
-
-    def factors(self, module: LoraModule, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) as stored: A is r × in and B is out × r (embeddings: A is r × vocab, B is dim × r)."""
-        return self.checkpoint.get(module.a_key, device), self.checkpoint.get(module.b_key, device)
-
-    def delta_shape(self, module: LoraModule) -> tuple[int, int]:
-        """Shape of the weight this module's ΔW adds to, as the base stores it."""
-        a_shape, b_shape = self.checkpoint.shape(module.a_key), self.checkpoint.shape(module.b_key)
-        if module.embedding:
-            return (a_shape[1], b_shape[0])
-        if module.fan_in_fan_out:
-            return (a_shape[1], b_shape[0])
-        return (b_shape[0], a_shape[1])
+    peft_type: str  # upper case, e.g. "LORA", "LOHA"
 
 
 def is_peft_adapter(path: str | os.PathLike) -> bool:
@@ -108,8 +62,8 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def open_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAdapter:
-    """Read an adapter folder's config and tensor headers; refuse what deltakit cannot apply exactly."""
+def read_adapter_files(path: str | os.PathLike, allow_pickle: bool = False) -> AdapterFiles:
+    """Read an adapter folder's config and tensor headers (no tensor data)."""
     folder = resolve_path(path, allow_pickle=allow_pickle)
     config_path = folder / ADAPTER_CONFIG
     if not config_path.is_file():
@@ -120,62 +74,39 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> LoraAda
         raise DeltakitError(f"{config_path} is not valid JSON: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):
         raise DeltakitError(f"{config_path} is not a JSON object")
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise DeltakitError(f"{folder}: adapter type {peft_type} is not supported; deltakit applies LORA adapters only")
-    for switch, label in _UNSUPPORTED_SWITCHES.items():
-        if config.get(switch):
-            raise DeltakitError(f"{folder}: {label} is not supported; deltakit applies plain LoRA only")
+    peft_type = str(config.get("peft_type") or "LORA").upper()
     checkpoint = open_checkpoint(folder, allow_pickle=allow_pickle)
-    if any("lora_magnitude_vector" in key for key in checkpoint.keys()):
-        raise DeltakitError(f"{folder}: holds DoRA magnitude vectors; DoRA is not supported")
-    modules, whole = _parse_keys(checkpoint, config, folder)
-    if not modules and not whole:
-        raise DeltakitError(f"{folder}: no LoRA tensors found (expected keys like base_model.model.<module>.lora_A.weight)")
-    return LoraAdapter(path=folder, config=config, checkpoint=checkpoint, modules=modules, whole_tensors=whole)
+    return AdapterFiles(path=folder, config=config, checkpoint=checkpoint, peft_type=peft_type)
 
 
-def _strip_prefix(key: str) -> str:
+def strip_prefix(key: str) -> str:
+    """A file key without PEFT's ``base_model.model.`` wrapper."""
     return key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
 
 
-def _parse_keys(checkpoint: Checkpoint, config: dict[str, Any], folder: Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
-    factor_keys: dict[str, dict[str, str]] = {}
+def group_keys(checkpoint: Checkpoint, kinds: Iterable[str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Split an adapter file's keys into adapter tensors by module and whole tensors.
+
+    Returns (module path -> {kind: file key}, model tensor name -> file key of its whole
+    replacement). A module path keeps any ``.base_layer`` of nested PEFT wrappers (several
+    LoRAs on parameters of one module); whole tensors are named as the model names them.
+    """
+    pattern = re.compile(
+        rf"^(?P<module>.+?)\.(?P<kind>{'|'.join(sorted(map(re.escape, kinds), key=len, reverse=True))})"
+        r"(?:\.[A-Za-z0-9_-]+)??(?:\.weight)?$")
+    modules: dict[str, dict[str, str]] = {}
     whole: dict[str, str] = {}
     for key in checkpoint.keys():
-        match = _FACTOR_KEY.match(_strip_prefix(key))
+        match = pattern.match(strip_prefix(key))
         if match:
-            factor_keys.setdefault(match["module"], {})[match["kind"]] = key
-        else:
-            name = _strip_prefix(key).replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
+            modules.setdefault(match["module"], {})[match["kind"]] = key
+        elif key.startswith(PEFT_PREFIX):
+            name = strip_prefix(key).replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
             # PEFT keys a LoRA layer's bias (bias="lora_only" / "all") and a saved embedding
             # base layer under the wrapped ``base_layer``: they replace the model's own tensor.
             whole[name.replace(".base_layer.", ".")] = key
-    r_default = int(config.get("r", 8))
-    alpha_default = float(config.get("lora_alpha", r_default))
-    use_rslora = bool(config.get("use_rslora", False))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    modules: dict[str, LoraModule] = {}
-    for module, kinds in sorted(factor_keys.items()):
-        embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
-        a_kind, b_kind = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
-        if a_kind not in kinds or b_kind not in kinds:
-            raise DeltakitError(f"{folder}: module {module} has only one of its LoRA factors")
-        a_shape, b_shape = checkpoint.shape(kinds[a_kind]), checkpoint.shape(kinds[b_kind])
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise DeltakitError(f"{folder}: module {module} has factors of shapes {a_shape} and {b_shape}, which do not multiply")
-        rank = a_shape[0]
-        declared = int(pattern_value(rank_pattern, module, r_default))
-        if declared != rank:
-            raise DeltakitError(f"{folder}: module {module} has rank {rank} but the config says r={declared}")
-        alpha = float(pattern_value(alpha_pattern, module, alpha_default))
-        modules[f"{module}.weight"] = LoraModule(
-            module=module, a_key=kinds[a_kind], b_key=kinds[b_kind], rank=rank, alpha=alpha,
-            scaling=lora_scaling(alpha, rank, use_rslora), fan_in_fan_out=fan_in_fan_out and not embedding,
-            embedding=embedding,
-        )
+        else:
+            whole.setdefault(key, key)  # a key outside the model wrapper: the type decides (VeRA's projections)
     return modules, whole
 
 

@@ -30,7 +30,8 @@ import torch
 from deltakit.delta import DeltaSource, open_delta_source, prefetched, read_threads
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint
-from deltakit.io.peft import LoraAdapter, LoraModule
+from deltakit.adapters import Adapter, stored_transposed
+from deltakit.adapters.lora import LoraModule
 from deltakit.lora.resize import LowRankDelta
 from deltakit.pairing import PairPlan, TensorPair
 
@@ -128,20 +129,16 @@ class AdapterSum:
             for (a, j), (lora_a, lora_b) in zip(self.members[i], loaded):  # type: ignore[arg-type]
                 module = self.sources[a].modules[j]
                 term = LowRankDelta(lora_b, lora_a).to(device, dtype)  # B @ A: out × in
-                terms.append((self.weights[a] * module.scaling, term.T if _stored_transposed(module) else term))
+                pair = self.sources[a].pairs[j]
+                terms.append((self.weights[a] * module.scaling, term.T if stored_transposed(pair, module) else term))
             yield SumItem(self.pairs[i], LowRankDelta.stack(terms))
-
-
-def _stored_transposed(module: LoraModule) -> bool:
-    """Whether the base stores ΔW as (B @ A)ᵀ: the same rule as ``delta.stream_adapter_deltas``."""
-    return module.fan_in_fan_out or module.embedding
 
 
 def _plain_lora(source: DeltaSource) -> bool:
     # Exact types: an adapter type built on LoRA's factors but not a plain product (DoRA's column
     # norms, say) must take the dense route, where its own ΔW is formed.
     adapter = source.adapter
-    return (type(adapter) is LoraAdapter and all(type(m) is LoraModule for m in source.modules)
+    return (type(adapter) is Adapter and all(type(m) is LoraModule for m in source.modules)
             and str(adapter.config.get("peft_type", "LORA")).upper() == "LORA" and not adapter.config.get("use_dora"))
 
 

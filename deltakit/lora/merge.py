@@ -1,10 +1,11 @@
-"""`deltakit merge` and `deltakit unmerge`: W ± scale · ΔW_LoRA, streamed tensor by tensor.
+"""`deltakit merge` and `deltakit unmerge`: W0 + Σ wᵢ·ΔWᵢ of one or more PEFT adapters, tensor by tensor.
 
-For every module of a PEFT LoRA adapter, ΔW = scaling · B @ A (transposed for Conv1D weights
-stored [in, out] and for embeddings), scaling = lora_alpha / r, or lora_alpha / √r with
-``use_rslora`` (Kalajdzievski 2023), r and alpha per module from ``rank_pattern`` /
-``alpha_pattern``; see :mod:`deltakit.io.peft`. The sum is formed in fp32 and cast back to
-the model's dtype, and checked to be finite before it is written (PEFT's ``safe_merge``).
+ΔW of each module comes from its adapter type (LoRA, DoRA, AdaLoRA, LoHa, LoKr, VeRA, IA3,
+LoRA on parameters; see :mod:`deltakit.adapters`), every ΔWᵢ from the same W0, so the adapters'
+order does not matter. The sum is formed in fp32 and cast back to the model's dtype, and checked
+to be finite before it is written (PEFT's ``safe_merge``). Unmerge inverts it: W0 = W − Σ wᵢ·ΔWᵢ
+for additive types, divided by 1 + Σ wᵢ·gᵢ for scaling types (IA3); DoRA's ΔW depends on W0
+through its norms, so unmerging it needs the original model (``base``).
 
 Tensors the adapter carries whole (``modules_to_save``, LoRA-layer biases) replace the model's
 on merge. Unmerge cannot restore them: the base values are not in the adapter; it refuses
@@ -14,12 +15,14 @@ The output is a complete model folder written atomically (a temporary folder ren
 place): safetensors shards at the input's shard size plus an index, and the input's config,
 generation config and tokenizer files. Tensors larger than PIECE_BYTES (64 MiB) are read,
 merged and written in row blocks, so host and GPU memory hold a few blocks whatever the model's
-size; a block's B·A can differ from the whole product's rows in the last fp32 bit. Reads run
+size (types whose rows need the whole tensor, DoRA on a transposed weight, are merged whole); a
+block's B·A can differ from the whole product's rows in the last fp32 bit. Reads run
 ahead on several threads, writes on several others (see :mod:`deltakit.io.writer`).
 
 Example::
 
     merge("base", "my-lora", "merged")
+    merge("base", ["lora-a", "dora-b"], "merged", weights=[0.7, 0.3])
     unmerge("merged", "my-lora", "base-again", check="base").check_max_abs
 """
 
@@ -31,17 +34,17 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from deltakit.delta import ProgressFn, adapter_pairs, adopt, fetch, lora_delta, prefetched, resolve_device
+from deltakit.adapters import Adapter, AdapterModule, base_info, open_adapter, stored_transposed
+from deltakit.delta import ProgressFn, adapter_pairs, adopt, fetch, prefetched, resolve_device
 from deltakit.distributed import Parallel, gather_in_order, shared_directory, shared_writer
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.model_files import copy_model_files
-from deltakit.io.peft import LoraAdapter, LoraModule, open_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
@@ -58,7 +61,10 @@ class MergeReport:
     out: str
     scale: float
     device: str
-    lora_modules: int = 0
+    adapters: list[str] = field(default_factory=list)  # every adapter, in the order given
+    weights: list[float] = field(default_factory=list)  # wᵢ of each (scale included)
+    adapter_types: list[str] = field(default_factory=list)  # LORA, DORA, LOHA, ...
+    lora_modules: int = 0  # adapted tensors (modules of any type), summed over the adapters
     replaced: list[str] = field(default_factory=list)  # tensors replaced whole by the adapter
     left_as_merged: list[str] = field(default_factory=list)  # unmerge: replaced tensors it could not restore
     skipped_tied: list[str] = field(default_factory=list)  # adapter copies of a tied output layer
@@ -67,6 +73,7 @@ class MergeReport:
     shard_bytes: int = DEFAULT_SHARD_BYTES
     vocab_size: int | None = None  # set when a carried embedding grew the vocabulary
     check: str | None = None
+    base: str | None = None  # unmerge: the original model the ΔWs were computed from (DoRA)
     check_max_abs: float | None = None  # unmerge --check: max |W_out − W_base|
     check_rel_fro: float | None = None  # sqrt(Σ‖W_out − W_base‖²) / sqrt(Σ‖W_base‖²)
     check_worst: str | None = None  # the tensor with the largest max |Δ|
@@ -82,9 +89,10 @@ class MergeReport:
 
 def merge(
     base: str | os.PathLike,
-    adapter: str | os.PathLike,
+    adapter: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     scale: float = 1.0,
+    weights: Sequence[float] | None = None,
     device: str = "auto",
     force: bool = False,
     allow_pickle: bool = False,
@@ -93,8 +101,9 @@ def merge(
     parallel: Parallel = Parallel(),
     dtype: str | torch.dtype | None = None,
 ) -> MergeReport:
-    """Write ``base`` + scale · ΔW_adapter as a complete model folder at ``out``.
+    """Write ``base`` + scale · Σ wᵢ·ΔWᵢ of the adapter(s) as a complete model folder at ``out``.
 
+    ``weights`` (one per adapter, default 1 each) weigh several adapters merged in one pass.
     With ``parallel`` (under torchrun) each process merges and writes its share of the tensors.
     ``dtype`` (float32 | bfloat16 | float16) writes every floating-point tensor in it. A quantized
     base (fp8, MXFP4) is read dequantized and written in its logical dtype (bfloat16 unless the
@@ -102,14 +111,16 @@ def merge(
     Example: ``merge("base", "my-lora", "merged", scale=0.5)``.
     """
     return _apply("merge", base, adapter, out, +1.0, scale, device, force, allow_pickle, prefetch, progress,
-                  parallel=parallel, dtype=dtype)
+                  weights=weights, parallel=parallel, dtype=dtype)
 
 
 def unmerge(
     merged: str | os.PathLike,
-    adapter: str | os.PathLike,
+    adapter: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     scale: float = 1.0,
+    weights: Sequence[float] | None = None,
+    base: str | os.PathLike | None = None,
     check: str | os.PathLike | None = None,
     keep_replaced: bool = False,
     device: str = "auto",
@@ -119,14 +130,31 @@ def unmerge(
     progress: ProgressFn | None = None,
     parallel: Parallel = Parallel(),
 ) -> MergeReport:
-    """Write ``merged`` − scale · ΔW_adapter at ``out``; with ``check``, measure its distance from that base.
+    """Undo ``merge``: write the W0 that ``merged`` came from at ``out``; with ``check``, measure its
+    distance from that base.
 
+    DoRA's ΔW depends on W0 through its norms and cannot be inverted from ``merged`` and the
+    adapter alone: ``base`` (the original model) is required then, and its ΔWs are subtracted.
     An adapter that replaced tensors whole (modules_to_save, biases) is refused, since their
     base values are lost; ``keep_replaced`` writes them as they are in ``merged`` instead.
     Example: ``unmerge("merged", "my-lora", "base-again", check="base").check_rel_fro``.
     """
     return _apply("unmerge", merged, adapter, out, -1.0, scale, device, force, allow_pickle, prefetch, progress,
-                  check=check, keep_replaced=keep_replaced, parallel=parallel)
+                  weights=weights, original=base, check=check, keep_replaced=keep_replaced, parallel=parallel)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One adapter's module on one tensor of the model, with its weight wᵢ (scale included)."""
+
+    adapter: int  # index into the adapters
+    pair: TensorPair
+    module: AdapterModule
+    weight: float
+
+    @property
+    def transposed(self) -> bool:
+        return stored_transposed(self.pair, self.module)
 
 
 @dataclass(frozen=True)
@@ -136,39 +164,57 @@ class _Step:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    lora: tuple[TensorPair, LoraModule] | None = None
-    whole_key: str | None = None  # adapter key of a whole replacement
+    parts: tuple[_Part, ...] = ()
+    whole: tuple[int, str] | None = None  # (adapter index, key) of a whole replacement
     check_name: str | None = None  # tensor of the --check base to compare with
+    original_name: str | None = None  # unmerge: tensor of the original model the ΔWs are computed from
+
+    @property
+    def splits_rows(self) -> bool:
+        return all(part.module.splits_rows(part.transposed) for part in self.parts)
 
 
 def _apply(
-    operation: str, model: str | os.PathLike, adapter_path: str | os.PathLike, out: str | os.PathLike, sign: float,
+    operation: str, model: str | os.PathLike, adapter_paths: Any, out: str | os.PathLike, sign: float,
     scale: float, device: str, force: bool, allow_pickle: bool, prefetch: int, progress: ProgressFn | None,
+    weights: Sequence[float] | None = None, original: str | os.PathLike | None = None,
     check: str | os.PathLike | None = None, keep_replaced: bool = False, parallel: Parallel = Parallel(),
     dtype: str | torch.dtype | None = None,
 ) -> MergeReport:
     started = time.perf_counter()
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise DeltakitError(f"scale must be a finite number, got {scale}")
+    paths = [adapter_paths] if isinstance(adapter_paths, (str, os.PathLike)) else list(adapter_paths)
+    factors = _weights(paths, weights, scale)
     compute_device = resolve_device(parallel.device if parallel.active else device)
     check_output_path(out, force)
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
-    adapter = open_adapter(adapter_path, allow_pickle=allow_pickle)
-    report = MergeReport(operation=operation, model=str(model), adapter=str(adapter_path), out=str(out), scale=scale,
-                         device=str(compute_device), check=str(check) if check is not None else None)
-    lora = _lora_steps(adapter, ckpt)
-    whole, new_shapes = _whole_steps(adapter, ckpt, operation, report)
+    info = base_info(ckpt)
+    adapters = [open_adapter(path, allow_pickle=allow_pickle, base=info) for path in paths]
+    report = MergeReport(operation=operation, model=str(model), adapter=", ".join(map(str, paths)), out=str(out),
+                         scale=float(scale), device=str(compute_device), adapters=[str(p) for p in paths],
+                         weights=factors, adapter_types=[a.label for a in adapters],
+                         check=str(check) if check is not None else None,
+                         base=str(original) if original is not None else None)
+    parts = _parts(adapters, ckpt, factors)
+    whole, new_shapes = _whole_steps(adapters, ckpt, operation, report)
+    original_ckpt = None
     if operation == "unmerge":
-        # A LoRA layer's own base weight stored in the adapter (PEFT saves embedding base layers)
+        # A layer's own base weight stored in the adapter (PEFT saves embedding base layers)
         # is what merge starts from, so subtracting ΔW restores it; anything else replaced is lost.
-        lost = [name for name in report.replaced if name not in lora]
+        lost = [name for name in report.replaced if name not in parts]
         if lost and not keep_replaced:
             raise DeltakitError(
-                f"adapter {adapter.path} replaced {len(lost)} tensor(s) whole on merge (modules_to_save or biases), "
-                f"first {lost[0]}; their base values are not in the adapter, so unmerge cannot restore them. "
+                f"{len(lost)} tensor(s) were replaced whole on merge (modules_to_save or biases), first {lost[0]}; "
+                "their base values are not in the adapter, so unmerge cannot restore them. "
                 "Pass --keep-replaced to leave them as they are in the merged model")
         report.left_as_merged, report.replaced, whole = lost, [], {}
+        needs_base = sorted({adapters[p.adapter].label for ps in parts.values() for p in ps if p.module.kind == "base"})
+        if needs_base and original is None:
+            raise DeltakitError(
+                f"{'/'.join(needs_base)} cannot be unmerged from the merged weights and the adapter alone (its ΔW "
+                "depends on the original weights through their norms): give the original model with --base")
+        if needs_base:
+            original_ckpt = open_checkpoint(original, allow_pickle=allow_pickle)
+    original_names = _original_names(ckpt, original_ckpt, parts) if original_ckpt is not None else {}
     check_ckpt = open_checkpoint(check, allow_pickle=allow_pickle) if check is not None else None
     check_names = _check_names(ckpt, check_ckpt, new_shapes) if check_ckpt is not None else {}
     out_dtype = output_dtype(dtype)
@@ -180,11 +226,12 @@ def _apply(
         return out_dtype if out_dtype is not None and stored.is_floating_point else stored
 
     steps = [
-        _Step(name=name, shape=new_shapes.get(name, ckpt.shape(name)), dtype=written_dtype(name), lora=lora.get(name),
-              whole_key=whole.get(name), check_name=check_names.get(name))
+        _Step(name=name, shape=new_shapes.get(name, ckpt.shape(name)), dtype=written_dtype(name),
+              parts=tuple(parts.get(name, ())), whole=whole.get(name), check_name=check_names.get(name),
+              original_name=original_names.get(name))
         for name in ckpt.keys()
     ]
-    report.lora_modules, report.tensors = len(lora), len(steps)
+    report.lora_modules, report.tensors = sum(len(p) for p in parts.values()), len(steps)
     report.shard_bytes = shard_size_of(ckpt)
     pieces = _pieces(steps)
     # Each process merges and writes its share; the work is reading and writing bytes.
@@ -194,17 +241,18 @@ def _apply(
         sharded = shared_writer(parallel, tmp, plan, max_shard_bytes=report.shard_bytes)
         writer = BackgroundWriter(sharded, depth=IO_THREADS, workers=IO_THREADS)
         mine = sharded.interleaved(mine, lambda i: steps[pieces[i].step].name)
-        loaders = [_loader(steps[pieces[i].step], pieces[i].rows, ckpt, adapter, check_ckpt, compute_device)
-                   for i in mine]
+        loaders = [_loader(steps[pieces[i].step], pieces[i].rows, ckpt, adapters, original_ckpt, check_ckpt,
+                           compute_device) for i in mine]
         loaded = prefetched(loaders, max(prefetch, IO_THREADS) if prefetch > 0 else 0, workers=IO_THREADS)
         items = zip(mine, loaded)
         if progress is not None:
             items = progress(items, len(mine), operation)
         distances: list[tuple[int, _Distance]] = []
         try:
-            for index, (weight, factors, replacement, reference) in items:  # type: ignore[misc]
+            for index, (weight, tensors, replacement, start_weight, reference) in items:  # type: ignore[misc]
                 step, rows = steps[pieces[index].step], pieces[index].rows
-                result, ready = _one_tensor(step, rows, weight, factors, replacement, sign * scale, compute_device)
+                result, ready = _one_tensor(step, rows, weight, tensors, replacement, start_weight, sign,
+                                            compute_device)
                 if reference is not None:
                     distances.append((index, _distance(step.name, result, reference, compute_device, ready)))
                     ready = None  # _distance waited for the copy and checked it
@@ -228,6 +276,22 @@ def _apply(
     return report
 
 
+def _weights(paths: list[Any], weights: Sequence[float] | None, scale: float) -> list[float]:
+    """wᵢ · scale for each adapter; refuse a count that does not match or a non-finite value."""
+    if not paths:
+        raise DeltakitError("no adapter given")
+    if weights is None:
+        weights = [1.0] * len(paths)
+    weights = [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise DeltakitError(f"{len(weights)} weight(s) given for {len(paths)} adapter(s); give one weight per adapter")
+    factors = [w * float(scale) for w in weights]
+    if not all(math.isfinite(f) for f in [float(scale), *factors]):
+        raise DeltakitError(f"scale must be a finite number, and every weight too; got scale {scale}, "
+                            f"weights {weights}")
+    return factors
+
+
 PIECE_BYTES = 64 * 1024**2  # a larger tensor is merged in row blocks of about this size
 
 
@@ -242,14 +306,14 @@ class _Piece:
 def _pieces(steps: list[_Step]) -> list[_Piece]:
     """Every step cut into row blocks of at most PIECE_BYTES (a single row may be larger).
 
-    Host and GPU memory then hold a few blocks whatever the size of the largest tensor; W + BA
-    is computed block by block, since rows of W need only the matching rows of B (or
-    columns of A, for weights stored transposed).
+    Host and GPU memory then hold a few blocks whatever the size of the largest tensor; W + ΔW
+    is computed block by block, since rows of ΔW need only the matching rows of the adapter's
+    tensors (and of W0). A step whose ΔW needs all rows at once (DoRA stored transposed) stays whole.
     """
     pieces: list[_Piece] = []
     for index, step in enumerate(steps):
         nbytes = _bytes(step)
-        if len(step.shape) < 1 or step.shape[0] <= 1 or nbytes <= PIECE_BYTES:
+        if len(step.shape) < 1 or step.shape[0] <= 1 or nbytes <= PIECE_BYTES or not step.splits_rows:
             pieces.append(_Piece(index))
             continue
         per_piece = max(1, PIECE_BYTES // (nbytes // step.shape[0]))
@@ -264,48 +328,58 @@ def _bytes(step: _Step, rows: tuple[int, int] | None = None) -> int:
     return math.prod(shape) * torch.empty((), dtype=step.dtype).element_size()
 
 
-def _lora_steps(adapter: LoraAdapter, ckpt: Checkpoint) -> dict[str, tuple[TensorPair, LoraModule]]:
-    """Model tensor name -> (pair, module); refuse factors whose shapes do not fit the weight."""
-    steps: dict[str, tuple[TensorPair, LoraModule]] = {}
-    for pair, module in adapter_pairs(adapter, ckpt):
-        a_shape, b_shape = adapter.checkpoint.shape(module.a_key), adapter.checkpoint.shape(module.b_key)
-        # PEFT orients by the layer it wraps: Conv1D (stored [in, out]) and embeddings add (B @ A)ᵀ.
-        transposed = module.embedding or pair.layout == "conv1d"
-        expected = (a_shape[1], b_shape[0]) if transposed else (b_shape[0], a_shape[1])
-        if tuple(pair.shape) != expected:
-            raise DeltakitError(
-                f"adapter {adapter.path} does not fit {ckpt.path}: {module.module} has B {b_shape} and A {a_shape}, "
-                f"which make a {expected[0]}×{expected[1]} update, but {pair.base_name} is {tuple(pair.shape)}")
-        steps[pair.base_name] = (pair, module)
-    return steps
+def _parts(adapters: list[Adapter], ckpt: Checkpoint, factors: list[float]) -> dict[str, list[_Part]]:
+    """Model tensor name -> the adapters' modules on it; refuse adapters that do not fit the model."""
+    parts: dict[str, list[_Part]] = {}
+    for index, adapter in enumerate(adapters):
+        for pair, module in adapter_pairs(adapter, ckpt):
+            parts.setdefault(pair.base_name, []).append(_Part(index, pair, module, factors[index]))
+    return parts
 
 
-def _whole_steps(adapter: LoraAdapter, ckpt: Checkpoint, operation: str,
-                 report: MergeReport) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """Model tensor name -> adapter key of its whole replacement, and the shapes that grew."""
-    if not adapter.whole_tensors:
-        return {}, {}
-    mapping = match_names(ckpt.keys(), adapter.whole_tensors.keys())  # adapter name -> model name
-    whole: dict[str, str] = {}
+def _original_names(ckpt: Checkpoint, original: Checkpoint, parts: dict[str, list[_Part]]) -> dict[str, str]:
+    """Adapted tensor -> its name in the original model (--base); the shapes must agree."""
+    mapping = match_names(original.keys(), parts.keys())
+    for name in parts:
+        other = mapping.get(name)
+        if other is None:
+            raise DeltakitError(f"--base {original.path} has no tensor {name}")
+        if original.shape(other) != ckpt.shape(name):
+            raise DeltakitError(f"--base {original.path}: {other} is {original.shape(other)}, "
+                                f"but {name} is {ckpt.shape(name)}")
+    return mapping
+
+
+def _whole_steps(adapters: list[Adapter], ckpt: Checkpoint, operation: str,
+                 report: MergeReport) -> tuple[dict[str, tuple[int, str]], dict[str, tuple[int, ...]]]:
+    """Model tensor name -> (adapter index, key) of its whole replacement, and the shapes that grew."""
+    whole: dict[str, tuple[int, str]] = {}
     grown: dict[str, tuple[int, ...]] = {}
-    for name, key in adapter.whole_tensors.items():
-        target = mapping.get(name)
-        if target is None:
-            if module_type(name) == "lm_head" and ties_embeddings(ckpt.config):
-                report.skipped_tied.append(name)  # PEFT's copy of a tied head: the embedding carries it
-                continue
-            raise DeltakitError(f"adapter {adapter.path} does not fit {ckpt.path}: it carries {name} whole, "
-                                "which the model does not have")
-        have, got = ckpt.shape(target), adapter.checkpoint.shape(key)
-        if have != got:
-            grows_vocab = (operation == "merge" and len(have) == 2 and len(got) == 2 and got[1] == have[1]
-                           and got[0] > have[0] and EMBEDDING_LEAF.search(target))
-            if not grows_vocab:
-                raise DeltakitError(f"adapter {adapter.path} does not fit {ckpt.path}: {name} is {tuple(got)} in the "
-                                    f"adapter but {tuple(have)} in the model")
-            grown[target] = tuple(got)
-        whole[target] = key
-        report.replaced.append(target)
+    for index, adapter in enumerate(adapters):
+        if not adapter.whole_tensors:
+            continue
+        mapping = match_names(ckpt.keys(), adapter.whole_tensors.keys())  # adapter name -> model name
+        for name, key in adapter.whole_tensors.items():
+            target = mapping.get(name)
+            if target is None:
+                if module_type(name) == "lm_head" and ties_embeddings(ckpt.config):
+                    report.skipped_tied.append(name)  # PEFT's copy of a tied head: the embedding carries it
+                    continue
+                raise DeltakitError(f"adapter {adapter.path} does not fit {ckpt.path}: it carries {name} whole, "
+                                    "which the model does not have")
+            if target in whole:
+                raise DeltakitError(f"adapters {adapters[whole[target][0]].path} and {adapter.path} both replace "
+                                    f"{target} whole; which one to keep is not defined")
+            have, got = ckpt.shape(target), adapter.checkpoint.shape(key)
+            if have != got:
+                grows_vocab = (operation == "merge" and len(have) == 2 and len(got) == 2 and got[1] == have[1]
+                               and got[0] > have[0] and EMBEDDING_LEAF.search(target))
+                if not grows_vocab:
+                    raise DeltakitError(f"adapter {adapter.path} does not fit {ckpt.path}: {name} is {tuple(got)} in "
+                                        f"the adapter but {tuple(have)} in the model")
+                grown[target] = tuple(got)
+            whole[target] = (index, key)
+            report.replaced.append(target)
     return whole, grown
 
 
@@ -322,46 +396,50 @@ def _check_names(ckpt: Checkpoint, check: Checkpoint, new_shapes: dict[str, tupl
     return mapping
 
 
-def _loader(step: _Step, rows: tuple[int, int] | None, ckpt: Checkpoint, adapter: LoraAdapter,
-            check: Checkpoint | None, device: torch.device) -> Callable[[], tuple]:
+def _loader(step: _Step, rows: tuple[int, int] | None, ckpt: Checkpoint, adapters: list[Adapter],
+            original: Checkpoint | None, check: Checkpoint | None, device: torch.device) -> Callable[[], tuple]:
     def read(source: Checkpoint, name: str) -> torch.Tensor:
         return source.get(name) if rows is None else source.get_rows(name, *rows)
 
     def load() -> tuple:
         # Only weights that change go to the compute device; the rest are copied as read.
-        weight = None if step.whole_key else (fetch(ckpt, step.name, device, rows) if step.lora else read(ckpt, step.name))
-        factors = adapter.factors(step.lora[1]) if step.lora else None
-        replacement = read(adapter.checkpoint, step.whole_key) if step.whole_key else None
+        weight = None if step.whole else (fetch(ckpt, step.name, device, rows) if step.parts else read(ckpt, step.name))
+        if weight is not None and step.parts and ckpt.format == "pickle" and weight.device.type == "cpu":
+            weight = weight.clone()  # a loaded pickle is cached whole; the merge works in place on its copy
+        tensors = [adapters[part.adapter].load(part.module) for part in step.parts]
+        replacement = read(adapters[step.whole[0]].checkpoint, step.whole[1]) if step.whole else None
+        start_weight = fetch(original, step.original_name, device, rows) if original and step.original_name else None
         reference = read(check, step.check_name) if check is not None and step.check_name else None
-        return weight, factors, replacement, reference
+        return weight, tensors, replacement, start_weight, reference
 
     return load
 
 
 def _one_tensor(step: _Step, rows: tuple[int, int] | None, weight: torch.Tensor | None,
-                factors: tuple[torch.Tensor, torch.Tensor] | None, replacement: torch.Tensor | None,
-                signed_scale: float, device: torch.device) -> tuple[torch.Tensor, Callable[[], None] | None]:
-    """The output value of one tensor or of its ``rows`` (copied, replaced whole, or W ± scale·ΔW
-    in fp32 cast back).
+                tensors: list[dict[str, torch.Tensor]], replacement: torch.Tensor | None,
+                original: torch.Tensor | None, sign: float,
+                device: torch.device) -> tuple[torch.Tensor, Callable[[], None] | None]:
+    """The output value of one tensor or of its ``rows`` (copied, replaced whole, merged or unmerged
+    in fp32 and cast back).
 
     Returns the tensor on the host and, for a GPU result still being copied there, a
     ``ready`` function that waits for the copy and refuses non-finite values; it runs on the
     writer's thread, so the GPU never waits for the host.
     """
-    if replacement is not None:  # merge starts from the adapter's copy (PEFT loads it before the LoRA)
+    if replacement is not None:  # merge starts from the adapter's copy (PEFT loads it before the adapter)
         weight = replacement.to(step.dtype)
         _require_finite(step.name, weight, "replaced by the adapter, has")
     assert weight is not None
-    if factors is None:
+    if not step.parts:
         return weight.to(step.dtype), None
-    pair, module = step.lora  # type: ignore[misc]
-    weight = adopt(weight)
-    lora_a, lora_b = factors
-    transposed = module.embedding or pair.layout == "conv1d"
-    if rows is not None:  # rows of B·A are rows of B; rows of (B·A)ᵀ are columns of A
-        lora_a, lora_b = (lora_a[:, rows[0]:rows[1]], lora_b) if transposed else (lora_a, lora_b[rows[0]:rows[1]])
-    delta = lora_delta(lora_a.to(device, torch.float32), lora_b.to(device, torch.float32), module.scaling, transposed)
-    result = (weight.to(device, torch.float32) + signed_scale * delta).to(step.dtype)
+    current = adopt(weight).to(device, torch.float32)
+    if sign > 0:
+        result = _merged(step, rows, current, tensors)
+    elif original is not None:
+        result = current - _sum_deltas(step, rows, adopt(original).to(device, torch.float32), tensors)
+    else:
+        result = _unmerged(step, rows, current, tensors)
+    result = result.to(step.dtype)
     if result.device.type != "cuda":
         _require_finite(step.name, result, "gives")
         return result, None
@@ -378,6 +456,39 @@ def _one_tensor(step: _Step, rows: tuple[int, int] | None, weight: torch.Tensor 
             raise DeltakitError(_NOT_FINITE.format(name=step.name, verb="gives"))
 
     return host, ready
+
+
+def _sum_deltas(step: _Step, rows: tuple[int, int] | None, base: torch.Tensor,
+                tensors: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Σ wᵢ·ΔWᵢ(W0) over the step's parts, fp32, each from the same W0 = ``base``."""
+    total = torch.zeros_like(base)
+    for part, loaded in zip(step.parts, tensors):
+        total.add_(part.module.delta(loaded, base, part.transposed, rows), alpha=part.weight)
+    return total
+
+
+def _merged(step: _Step, rows: tuple[int, int] | None, base: torch.Tensor,
+            tensors: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """W0 + Σ wᵢ·ΔWᵢ(W0); one part is applied by its type, in place on W0 where it can."""
+    if len(step.parts) == 1:
+        part = step.parts[0]
+        return part.module.apply(tensors[0], base, part.transposed, rows, part.weight)
+    return base + _sum_deltas(step, rows, base, tensors)
+
+
+def _unmerged(step: _Step, rows: tuple[int, int] | None, merged: torch.Tensor,
+              tensors: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """W0 from W = W0 ⊙ (1 + Σ wᵢ·gᵢ) + Σ wⱼ·ΔWⱼ (scaling parts i, additive parts j)."""
+    result = merged
+    gain: torch.Tensor | None = None
+    for part, loaded in zip(step.parts, tensors):
+        if part.module.kind == "scaling":
+            g = part.module.gain(loaded, part.transposed, rows, merged.dtype, merged.device) * part.weight
+            gain = g if gain is None else gain + g
+        else:
+            # additive types read only the dtype and device of the weight they are given
+            result = result - part.weight * part.module.delta(loaded, merged, part.transposed, rows)
+    return result if gain is None else result / (1 + gain)
 
 
 _NOT_FINITE = ("{name} {verb} non-finite values (inf or nan) after applying the adapter; nothing was written")

@@ -1,0 +1,114 @@
+"""LoRA (Hu et al. 2021): ΔW = scaling · B @ A, A: r × in, B: out × r.
+
+scaling = lora_alpha / r, or lora_alpha / √r with ``use_rslora`` (Kalajdzievski 2023), with r and
+alpha per module from ``rank_pattern`` / ``alpha_pattern`` (PEFT ``LoraLayer.update_layer``). For
+an nn.Embedding PEFT stores A as r × vocab and B as dim × r under ``lora_embedding_A`` /
+``lora_embedding_B``; the weight is vocab × dim, so ΔW is stored transposed (PEFT
+``Embedding.get_delta_weight``). DoRA and LoRA on parameters build on this module
+(:mod:`deltakit.adapters.dora`, :mod:`deltakit.adapters.lora_params`).
+
+Example::
+
+    module = adapter.modules["model.layers.0.self_attn.q_proj.weight"]
+    lora_a, lora_b = adapter.factors(module)      # ΔW = module.scaling · B @ A
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from deltakit.adapters.base import AdapterModule, Rows
+from deltakit.errors import DeltakitError
+from deltakit.io.peft import AdapterFiles, lora_scaling, pattern_value
+
+KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+# Config switches that change the math in ways deltakit does not apply; refused rather than mis-applied.
+UNSUPPORTED_SWITCHES = {
+    "lora_bias": "LoRA biases (lora_bias)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "layer_replication": "layer replication",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens), which changes activations after a "
+                               "token sequence rather than weights",
+}
+
+
+@dataclass(frozen=True)
+class LoraModule(AdapterModule):
+    """One LoRA layer: where its factors are stored and how they scale."""
+
+    rank: int = 0
+    alpha: float = 0.0
+    scaling: float = 1.0
+    fan_in_fan_out: bool = False  # as the adapter's config says; orientation is decided on the pair
+
+    @property
+    def a_key(self) -> str:
+        return self.keys["A"]
+
+    @property
+    def b_key(self) -> str:
+        return self.keys["B"]
+
+    @property
+    def weight_name(self) -> str:
+        return self.target
+
+    def math_delta(self, tensors: dict[str, torch.Tensor], transposed: bool, rows: Rows) -> torch.Tensor:
+        lora_a, lora_b = tensors["A"], tensors["B"]
+        if rows is not None:  # rows of B·A are rows of B; columns of B·A are columns of A
+            lora_a, lora_b = (lora_a[:, rows[0]:rows[1]], lora_b) if transposed else (lora_a, lora_b[rows[0]:rows[1]])
+        return (lora_b @ lora_a) * self.scaling
+
+
+def check_switches(files: AdapterFiles, switches: dict[str, str]) -> None:
+    for switch, label in switches.items():
+        if files.config.get(switch):
+            raise DeltakitError(f"{files.path}: {label} is not supported")
+
+
+def lora_factor_keys(files: AdapterFiles, module: str, kinds: dict[str, str]) -> tuple[dict[str, str], bool]:
+    """{"A": key, "B": key} of a module and whether it is an embedding LoRA; refuse half a pair."""
+    embedding = "lora_embedding_A" in kinds or "lora_embedding_B" in kinds
+    a_kind, b_kind = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+    if a_kind not in kinds or b_kind not in kinds:
+        raise DeltakitError(f"{files.path}: module {module} has only one of its LoRA factors")
+    a_shape, b_shape = files.checkpoint.shape(kinds[a_kind]), files.checkpoint.shape(kinds[b_kind])
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+        raise DeltakitError(f"{files.path}: module {module} has factors of shapes {a_shape} and {b_shape}, "
+                            "which do not multiply")
+    return {"A": kinds[a_kind], "B": kinds[b_kind]}, embedding
+
+
+def lora_hyper(files: AdapterFiles, module: str, rank: int, r_key: str = "r", alpha_key: str = "lora_alpha",
+               check_rank: bool = True) -> tuple[float, float]:
+    """(alpha, scaling) of one module from the config's r / alpha and their per-module patterns."""
+    config = files.config
+    r_default = int(config.get(r_key) or 8)
+    alpha_default = float(config.get(alpha_key) if config.get(alpha_key) is not None else r_default)
+    declared = int(pattern_value(config.get("rank_pattern") or {}, module, r_default))
+    if check_rank and declared != rank:
+        raise DeltakitError(f"{files.path}: module {module} has rank {rank} but the config says r={declared}")
+    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
+    return alpha, lora_scaling(alpha, rank, bool(config.get("use_rslora", False)))
+
+
+def lora_module_fields(files: AdapterFiles, module: str, kinds: dict[str, str]) -> dict[str, Any]:
+    """The LoraModule fields of one module (shared by LoRA and DoRA)."""
+    keys, embedding = lora_factor_keys(files, module, kinds)
+    a_shape, b_shape = files.checkpoint.shape(keys["A"]), files.checkpoint.shape(keys["B"])
+    rank = a_shape[0]
+    alpha, scaling = lora_hyper(files, module, rank)
+    return dict(module=module, target=f"{module}.weight", keys=keys, out_features=b_shape[0], in_features=a_shape[1],
+                embedding=embedding, rank=rank, alpha=alpha, scaling=scaling,
+                fan_in_fan_out=bool(files.config.get("fan_in_fan_out", False)) and not embedding)
+
+
+def build(files: AdapterFiles, modules: dict[str, dict[str, str]]) -> list[AdapterModule]:
+    """Plain LoRA modules of an adapter (DoRA and LoRA on parameters are dispatched by the registry)."""
+    check_switches(files, UNSUPPORTED_SWITCHES)
+    return [LoraModule(**lora_module_fields(files, module, kinds)) for module, kinds in sorted(modules.items())]

@@ -1,0 +1,140 @@
+"""Open any weight-changing PEFT adapter: the registry from ``peft_type`` to the module that reads it.
+
+Every type gives :class:`~deltakit.adapters.base.AdapterModule` objects, one per model tensor it
+changes, so the stream (rank, intruders, plot) and merge / unmerge never branch on the type.
+Types that change activations rather than weights (prompt and prefix tuning, ...) have no ΔW and
+are refused with one line naming the type.
+
+Example::
+
+    adapter = open_adapter("my-dora", base=BaseInfo(shapes, config))
+    for target, module in adapter.modules.items():
+        tensors = adapter.load(module)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from deltakit.adapters import adalora, dora, ia3, loha, lokr, lora, lora_params, peft_layer, vera
+from deltakit.adapters.base import AdapterModule, BaseInfo
+from deltakit.errors import DeltakitError
+from deltakit.io.checkpoint import Checkpoint
+from deltakit.io.peft import AdapterFiles, group_keys, read_adapter_files
+
+Builder = Callable[[AdapterFiles, dict[str, dict[str, str]], BaseInfo, dict[str, str]], list[AdapterModule]]
+
+ACTIVATION_ONLY = {
+    "PROMPT_TUNING": "prompt tuning", "MULTITASK_PROMPT_TUNING": "multitask prompt tuning",
+    "P_TUNING": "p-tuning", "PREFIX_TUNING": "prefix tuning", "ADAPTION_PROMPT": "adaption prompt (LLaMA-Adapter)",
+    "CPT": "context-aware prompt tuning", "CARTRIDGE": "cartridges (a trained KV prefix)",
+    "POLY": "Polytropon (routes between LoRAs per task)", "XLORA": "X-LoRA (gates LoRAs by the hidden states)",
+}
+
+
+def _lora(files: AdapterFiles, groups: dict[str, dict[str, str]], base: BaseInfo,
+          whole: dict[str, str]) -> list[AdapterModule]:
+    """LoRA, DoRA (``use_dora``) and LoRA on parameters (``target_parameters``)."""
+    params = {g: k for g, k in groups.items() if _on_parameter(files, g, base)}
+    plain = {g: k for g, k in groups.items() if g not in params}
+    if files.config.get("use_dora"):
+        if params:
+            raise DeltakitError(f"{files.path}: DoRA on parameters (target_parameters) is not supported by PEFT")
+        built = dora.build(files, plain)
+    else:
+        stray = next((g for g, kinds in plain.items() if dora.MAGNITUDE in kinds), None)
+        if stray is not None:
+            raise DeltakitError(f"{files.path}: {stray} has a DoRA magnitude vector but the config does not say "
+                                "use_dora; refusing to guess which the adapter is")
+        built = lora.build(files, plain)
+    return built + (lora_params.build(files, params, base) if params else [])
+
+
+def _on_parameter(files: AdapterFiles, group: str, base: BaseInfo) -> bool:
+    """A key group belongs to target_parameters when wrappers nest, or its module has no weight of the base."""
+    if not files.config.get("target_parameters"):
+        return False
+    return lora_params.BASE_LAYER in group or base.shape(f"{group}.weight") is None
+
+
+TYPES: dict[str, tuple[tuple[str, ...], Builder]] = {
+    "LORA": ((*lora.KINDS, dora.MAGNITUDE), _lora),
+    "ADALORA": (adalora.KINDS, lambda files, groups, base, whole: adalora.build(files, groups)),
+    "LOHA": (loha.KINDS, lambda files, groups, base, whole: loha.build(files, groups)),
+    "LOKR": (lokr.KINDS, lambda files, groups, base, whole: lokr.build(files, groups)),
+    "VERA": (vera.KINDS, vera.build),
+    "IA3": (ia3.KINDS, lambda files, groups, base, whole: ia3.build(files, groups, base)),
+}
+
+
+@dataclass
+class Adapter:
+    """A PEFT adapter of any supported type, read lazily.
+
+    ``modules`` maps each model tensor the adapter changes to its module; ``whole_tensors``
+    maps model tensors the adapter replaces (``modules_to_save``, trained biases) to file keys.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    checkpoint: Checkpoint
+    peft_type: str
+    modules: dict[str, AdapterModule]
+    whole_tensors: dict[str, str]
+
+    def load(self, module: AdapterModule, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """One module's tensors as stored."""
+        return module.load(self.checkpoint, device)
+
+    def factors(self, module: AdapterModule, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of a LoRA module as stored: A is r × in and B is out × r (embeddings: r × vocab, dim × r)."""
+        return self.checkpoint.get(module.keys["A"], device), self.checkpoint.get(module.keys["B"], device)
+
+    @property
+    def label(self) -> str:
+        """The type as people call it: LORA, DORA, LOHA, ..."""
+        return "DORA" if self.peft_type == "LORA" and self.config.get("use_dora") else self.peft_type
+
+
+def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: BaseInfo | None = None) -> Adapter:
+    """Read an adapter folder's config and tensor headers; refuse what deltakit cannot apply exactly.
+
+    ``base`` (the model's tensor shapes and config) is needed by the types whose files do not
+    say everything (VeRA, IA3, LoRA on parameters); without it they are read as far as possible.
+    """
+    files = read_adapter_files(path, allow_pickle)
+    base = base if base is not None else BaseInfo({})
+    kind = files.peft_type
+    if kind in ACTIVATION_ONLY:
+        raise DeltakitError(f"{files.path}: adapter type {kind} ({ACTIVATION_ONLY[kind]}) changes activations, "
+                            "not weights: there is no ΔW to merge or analyse")
+    if kind in TYPES:
+        kinds, builder = TYPES[kind]
+        groups, whole = group_keys(files.checkpoint, kinds)
+        built = builder(files, groups, base, whole)
+        expected = f"base_model.model.<module>.{kinds[0]}"
+    elif peft_layer.knows(kind):  # the optional extra: PEFT itself builds each layer
+        built, whole = peft_layer.build(files, base)
+        expected = "base_model.model.<module>.<its tensors>"
+    elif peft_layer.available():
+        raise DeltakitError(f"{files.path}: adapter type {kind} is not supported; deltakit reads "
+                            f"{', '.join(sorted(TYPES))} (and DoRA) adapters, and the types PEFT knows")
+    else:
+        raise DeltakitError(f"{files.path}: adapter type {kind} is not read natively (deltakit reads "
+                            f"{', '.join(sorted(TYPES))} and DoRA); install the optional extra "
+                            f"({peft_layer.EXTRA}) to apply it through PEFT, one layer at a time")
+    modules = {m.target: m for m in built}
+    if not modules and not whole:
+        raise DeltakitError(f"{files.path}: no {kind} tensors found (expected keys like {expected})")
+    return Adapter(path=files.path, config=files.config, checkpoint=files.checkpoint, peft_type=kind,
+                   modules=modules, whole_tensors=whole)
+
+
+def base_info(checkpoint: Checkpoint) -> BaseInfo:
+    """The shapes and config of a model checkpoint, as adapter types need them."""
+    return BaseInfo({name: checkpoint.shape(name) for name in checkpoint.keys()}, checkpoint.config)
