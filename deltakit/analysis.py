@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -319,6 +319,18 @@ def analyse_matrix(
     return result, spectrum
 
 
+def per_expert(item: DeltaItem) -> list[DeltaItem]:
+    """An adapter's ΔW of fused experts (E, a, b) or (E, n) as one item per expert, named ``name[e]``
+    as the pairing names a checkpoint's expert slices; any other item as it is."""
+    pair = item.pair
+    if len(pair.shape) != 3:
+        return [item]
+    return [DeltaItem(pair=replace(pair, name=f"{pair.name}[{e}]", shape=tuple(pair.shape[1:]), expert=e,
+                                   expert_slice=True),
+                      base=item.base[e], delta=item.delta[e])
+            for e in range(pair.shape[0])]
+
+
 def analyse_vector(item: DeltaItem) -> VectorResult:
     pair = item.pair
     delta_norm, base_norm = _fro(item.delta), _fro(item.base)
@@ -354,7 +366,7 @@ def rank(
     device = resolve_device(parallel.device if parallel.active else options.device)
     _ = options.dtype  # validate precision early
     started = time.perf_counter()
-    source = open_delta_source(base, ft, include, exclude, allow_pickle).without_nd()
+    source = open_delta_source(base, ft, include, exclude, allow_pickle)
     report = RankReport(base=str(base), ft=str(ft), energy=energy, device=str(device), method=options.method,
                         precision=options.precision, skipped=source.skipped, only_base=source.only_base,
                         only_ft=source.only_ft)
@@ -366,13 +378,16 @@ def rank(
     local: list[tuple[int, Any]] = []
     with fail_together(parallel):
         for index, item in zip(mine, items):
-            if item.pair.is_matrix and item.pair.layout != "vector":
-                result, spectrum = analyse_matrix(item, energy, options, rounding)
-                kept = (spectrum.values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
-                local.append((index, (result, kept)))
-            else:
-                local.append((index, (analyse_vector(item), None)))
-        everything = gather_in_order(local, parallel)
+            found = []
+            for one in per_expert(item):
+                if one.pair.is_matrix and one.pair.layout != "vector":
+                    result, spectrum = analyse_matrix(one, energy, options, rounding)
+                    kept = (spectrum.values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
+                    found.append((result, kept))
+                else:
+                    found.append((analyse_vector(one), None))
+            local.append((index, found))
+        everything = [entry for found in gather_in_order(local, parallel) for entry in found]
     for result, spectrum in everything:
         if isinstance(result, MatrixResult):
             report.matrices.append(result)

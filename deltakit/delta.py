@@ -205,8 +205,12 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
         raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {what} (first: {missing[0]})")
     ft_like = {name: (base.shape(mapping[name]), torch.float32) for name in adapter.modules}
     plan = pair_tensors(tensor_metas(base), ft_like, base.config)
-    pairs = plan.pairs + [_nd_pair(s.name, mapping[s.name], ft_like[s.name][0], base)
-                          for s in plan.skipped if len(ft_like[s.name][0]) > 2]
+    # An adapter changes a fused expert tensor whole: the pairing's per-expert slices become one 3-D pair again.
+    fused = list(dict.fromkeys(p.ft_tensor for p in plan.pairs if p.expert_slice))
+    pairs = [p for p in plan.pairs if not p.expert_slice]
+    pairs += [_nd_pair(name, mapping[name], ft_like[name][0], base) for name in fused]
+    pairs += [_nd_pair(s.name, mapping[s.name], ft_like[s.name][0], base)
+              for s in plan.skipped if len(ft_like[s.name][0]) > 2]
     skipped = [s for s in plan.skipped if len(ft_like[s.name][0]) <= 2]
     if skipped:
         first = skipped[0]
@@ -280,16 +284,6 @@ class DeltaSource:
     @property
     def is_adapter(self) -> bool:
         return self.adapter is not None
-
-    def without_nd(self) -> "DeltaSource":
-        """The same source with tensors of more than two dimensions (an adapter's fused experts, whose
-        ΔW the stream yields whole) moved to ``skipped``, for analyses of matrices and vectors."""
-        keep = [i for i, p in enumerate(self.pairs) if len(p.shape) <= 2]
-        skipped = self.skipped + [{"name": p.name, "reason": f"{len(p.shape)}-D tensor {tuple(p.shape)}; only "
-                                   "matrices and vectors are analysed"} for p in self.pairs if len(p.shape) > 2]
-        return DeltaSource(self.base, self.ft, self.adapter, [self.pairs[i] for i in keep],
-                           [self.modules[i] for i in keep] if self.modules else [], skipped, self.only_base,
-                           self.only_ft)
 
     def stream(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, prefetch: int = 2) -> Iterator[DeltaItem]:

@@ -87,6 +87,8 @@ def init_parallel(device: str = "auto") -> Parallel:
 
 def matrix_cost(shape: Sequence[int]) -> float:
     """Relative cost of a Gram + eigendecomposition of an m×n matrix: m·n·p + p³, p = min(m, n)."""
+    if len(shape) == 3:  # fused experts: one matrix per expert
+        return float(shape[0]) * matrix_cost(shape[1:])
     if len(shape) != 2:
         return float(sum(shape))  # vectors: a norm, nearly free
     m, n = shape

@@ -275,7 +275,7 @@ def test_orientation_is_decided_once_from_the_layer(bases, runner, tmp_path):
 
 def test_lora_on_fused_expert_parameters(runner, tmp_path):
     """PEFT's target_parameters on a tiny gpt-oss: merge equals merge_and_unload, ΔW is experts × a × b,
-    unmerge restores the base; rank lists the 3-D tensors as skipped (per-expert analysis is pairing's)."""
+    unmerge restores the base; rank reads each expert's ΔW rank, as the fp64 rank of PEFT's ΔW slice."""
     from peft import LoraConfig
     from transformers import GptOssConfig, GptOssForCausalLM
 
@@ -316,10 +316,17 @@ def test_lora_on_fused_expert_parameters(runner, tmp_path):
     result = invoke(runner, "rank", base_folder, adapter, "--device", "cpu", "--json", tmp_path / "rank.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "rank.json").read_text())
-    assert {m["name"]: m["rank"] for m in report["matrices"]} == {
-        "model.layers.0.self_attn.q_proj.weight": 2, "model.layers.1.self_attn.q_proj.weight": 2}
-    assert {s["name"] for s in report["skipped"]} == {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1)
-                                                      for p in ("gate_up_proj", "down_proj")}
+    expected = {"model.layers.0.self_attn.q_proj.weight": 2, "model.layers.1.self_attn.q_proj.weight": 2}
+    for i in (0, 1):
+        for p in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.experts.{p}"
+            truth = (reference[name].double() - base[name].double())
+            for e in range(truth.shape[0]):
+                expected[f"{name}[{e}]"] = int(torch.linalg.matrix_rank(truth[e], rtol=1e-6))
+    assert {m["name"]: m["rank"] for m in report["matrices"]} == expected
+    assert any(v > 0 for k, v in expected.items() if "experts" in k)
+    by_tensor = report["summary"]["by_tensor"]["model.layers.0.mlp.experts.gate_up_proj"]
+    assert by_tensor["count"] == 4 and not report["skipped"]
 
 
 @pytest.mark.parametrize("name", TYPES)
