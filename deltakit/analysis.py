@@ -24,6 +24,7 @@ from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_dev
 from deltakit.errors import DeltakitError
 from deltakit.spectral import metrics
 from deltakit.spectral.options import SpectralOptions
+from deltakit.spectral.subspace import amplification
 from deltakit.spectral.svd import method_noise_floor, singular_values
 
 
@@ -70,6 +71,7 @@ class MatrixResult:
     effective_rank: float
     rank_at: dict[float, int]
     random_rank_at: dict[float, int]
+    amplification: dict[str, Any] | None = None  # {"k": r, "value": ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F} (Hu et al. 2021 §7.3)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -234,6 +236,7 @@ def analyse_matrix(
         rank_at={e: metrics.rank_at_energy(spectrum, e) for e in energy},
         random_rank_at={e: _random_rank(shape, e) for e in energy},
     )
+    result.amplification = amplification(item.base, delta, delta_fro, result.rank)
     return result, spectrum
 
 
