@@ -206,9 +206,8 @@ def open_sources(
             skipped.append({"name": name, "reason": f"analysed shapes differ between fine-tunes: {sorted(shapes)}"})
             continue
         rows.append(row)
-    for index, where in enumerate(positions[1:], start=1):
-        skipped += [{"name": name, "reason": f"not in fine-tune 0 (only in {index})"}
-                    for name in where if name not in positions[0]]
+    elsewhere = dict.fromkeys(name for where in positions[1:] for name in where if name not in positions[0])
+    skipped += [{"name": name, "reason": "not in fine-tune 0"} for name in elsewhere]
     if not rows:
         raise DeltakitError("no weight matrix is present in every fine-tune; "
                             f"first of fine-tune 0: {next(iter(positions[0]), '(none)')}")

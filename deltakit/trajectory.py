@@ -149,13 +149,14 @@ def trajectory_matrix(
     final = oriented(item.deltas[-1], item.pairs[-1])
     final_u = top_directions(final, ks[-1], options.exact, options.dtype)[0] if final.any() else None
     points = []
-    for ckpt_pair, delta in zip(item.pairs, item.deltas):
+    for t, (ckpt_pair, delta) in enumerate(zip(item.pairs, item.deltas)):
         result, _ = analyse_matrix(DeltaItem(ckpt_pair, item.base, delta), energy, options, rounding)
         delta = oriented(delta, ckpt_pair)
         if result.delta_fro > 0:
             directions = find_intruder_directions(base, base + delta, intruder_k, options.method, options.dtype)
             intruders = int(directions.intruder_mask(epsilon).sum())
-            u = top_directions(delta, ks[-1], options.exact, options.dtype)[0]
+            last = t == len(item.deltas) - 1
+            u = final_u if last else top_directions(delta, ks[-1], options.exact, options.dtype)[0]
         else:
             intruders, u = 0, None
         overlap = {k: subspace_overlap(u[:, :k], final_u[:, :k]) if u is not None and final_u is not None else None
