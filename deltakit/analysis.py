@@ -26,6 +26,7 @@ from deltakit.spectral import metrics
 from deltakit.spectral.noise import exact_noise, storage_noise
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.spectrum import Spectrum, compute_spectrum, method_name
+from deltakit.spectral.subspace import amplification
 
 
 def energy_key(fraction: float) -> str:
@@ -85,6 +86,7 @@ class MatrixResult:
     rel_delta_reason: str | None = None
     expert: int | None = None  # expert index of a MoE expert's matrix
     tensor: str | None = None  # the tensor its experts are summarised under (fused: the stored name)
+    amplification: dict[str, Any] | None = None  # {"k": r, "value": ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F} (Hu et al. 2021 §7.3)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -316,6 +318,7 @@ def analyse_matrix(
         signal_energy=spectrum.signal_energy,
         spectrum_method=spectrum.method, noise_model=noise.model if noise is not None else "exact",
     )
+    result.amplification = amplification(item.base, item.delta, delta_fro, result.rank)
     return result, spectrum
 
 

@@ -325,3 +325,58 @@ def open_delta_source(
         what = "weight matrices" if matrices_only else "tensor pairs"
         raise DeltakitError(f"no {what} left to compare (check --include / --exclude)")
     return source
+
+
+@dataclass
+class MultiDeltaItem:
+    """One matrix's base weight and its ΔW in each of several fine-tunes, on the compute device."""
+
+    pairs: list[TensorPair]  # one per source, same base tensor
+    base: torch.Tensor  # analysed shape, compute dtype
+    deltas: list[torch.Tensor]  # ft_i − base, one per source, each as its source stores the weight
+
+
+def stream_many(
+    rows: Sequence[Sequence[int]],
+    sources: Sequence[DeltaSource],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prefetch: int = 2,
+) -> Iterator[MultiDeltaItem]:
+    """ΔW of the same base tensor in N sources: ``rows[r][i]`` indexes ``sources[i].pairs``.
+
+    The base tensor is read once per row (from ``sources[0].base``), each fine-tune's tensor (or
+    adapter factors) once; the next ``prefetch`` rows are read on background threads while the
+    device works, as in :func:`stream_deltas`.
+    """
+    device = torch.device(device)
+    base = sources[0].base
+
+    def read_source(source: DeltaSource, index: int) -> tuple:
+        if source.adapter is not None:
+            return source.adapter.factors(source.modules[index])
+        assert source.ft is not None
+        return (fetch(source.ft, source.pairs[index].name, device),)
+
+    def reader(row: Sequence[int]) -> Callable[[], tuple]:
+        return lambda: (fetch(base, sources[0].pairs[row[0]].base_name, device),
+                        *(read_source(s, i) for s, i in zip(sources, row)))
+
+    for row, loaded in zip(rows, prefetched([reader(r) for r in rows], prefetch, read_threads(prefetch))):
+        base_stored, *stored = loaded  # type: ignore[misc]
+        base_w = adopt(base_stored).to(device).to(dtype)
+        deltas, pairs = [], []
+        for source, index, tensors in zip(sources, row, stored):
+            pair = source.pairs[index]
+            if source.adapter is not None:
+                module = source.modules[index]
+                lora_a, lora_b = tensors
+                deltas.append(lora_delta(lora_a.to(device, dtype), lora_b.to(device, dtype), module.scaling,
+                                         module.fan_in_fan_out or module.embedding))
+            else:
+                delta = _shared_rows(adopt(tensors[0]).to(device), pair).to(dtype, copy=True)
+                deltas.append(delta.sub_(base_w))
+            pairs.append(pair)
+        del loaded, base_stored, stored
+        yield MultiDeltaItem(pairs=pairs, base=base_w, deltas=deltas)
+        del base_w, deltas

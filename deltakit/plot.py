@@ -419,3 +419,102 @@ def save_figure(fig: Figure | Axes, path: str | os.PathLike, force: bool = False
     with atomic_file(path, force=force) as tmp:
         figure.savefig(tmp, format=fmt, dpi=dpi)
     return path
+
+
+# ---------------------------------------------------------------- compare and trajectory figures
+
+def overlap_grid(matrices: Iterable[Mapping[str, Any]], key: str = "overlap_at", k: str | int = 8
+                 ) -> tuple[np.ndarray, list[str], list[int]]:
+    """``values[i, j]``: the mean ``key``[k] of module type i at layer j (NaN where absent); rows, layers."""
+    cells: dict[tuple[str, int], list[float]] = {}
+    for m in matrices:
+        value = m[key].get(str(k)) if isinstance(m[key], Mapping) else m[key]
+        if m.get("layer") is not None and value is not None:
+            cells.setdefault((m["module_type"], int(m["layer"])), []).append(float(value))
+    order = {kind: i for i, kind in enumerate(MODULE_ORDER)}
+    kinds = sorted({kind for kind, _ in cells}, key=lambda kind: (order.get(kind, len(order)), kind))
+    layers = list(range(min(l for _, l in cells), max(l for _, l in cells) + 1)) if cells else []
+    values = np.full((len(kinds), len(layers)), np.nan)
+    for (kind, layer), found in cells.items():
+        values[kinds.index(kind), layer - layers[0]] = float(np.mean(found))
+    return values, kinds, layers
+
+
+def _annotated_heatmap(ax: Axes, values: np.ndarray, kinds: list[str], layers: list[int], vmin: float, vmax: float,
+                       cmap_name: str, label: str) -> None:
+    cmap = matplotlib.colormaps[cmap_name].with_extremes(bad="0.9")
+    norm = mcolors.Normalize(vmin, vmax)
+    image = ax.imshow(np.ma.masked_invalid(values), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+    ax.figure.colorbar(image, ax=ax, label=label, pad=0.01)
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_xlabel("layer index")
+    if values.size <= 400:
+        for (i, j), value in np.ndenumerate(values):
+            if not np.isnan(value):
+                rgb = cmap(norm(value))
+                dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
+
+
+def plot_overlap_heatmap(report: Mapping[str, Any], k: int | None = None, pairs: Iterable[tuple[int, int]] | None = None,
+                         cosine: bool = True) -> Figure:
+    """φ@k (left top-k subspace overlap) by layer × module type, one row of panels per pair of fine-tunes.
+
+    ``report`` is :meth:`deltakit.compare.CompareReport.to_dict`; ``k`` defaults to the middle
+    --top value. With ``cosine``, a second panel per pair shows cos(vec ΔW_A, vec ΔW_B).
+    """
+    top = [int(t) for t in report["top"]]
+    k = k if k is not None else top[len(top) // 2]
+    chosen = [tuple(p) for p in (pairs if pairs is not None else report["pairs"])]
+    columns = 2 if cosine else 1
+    fig, axes = plt.subplots(len(chosen), columns, squeeze=False, layout="constrained",
+                             figsize=(6.0 * columns, 0.5 + 2.6 * len(chosen)))
+    for row, (a, b) in enumerate(chosen):
+        items = [m for m in report["matrices"] if (m["a"], m["b"]) == (a, b)]
+        values, kinds, layers = overlap_grid(items, "overlap_at", k)
+        baseline = [m["random_overlap_at"].get(str(k)) for m in items]
+        baseline_mean = float(np.mean([v for v in baseline if v is not None])) if baseline else float("nan")
+        label = f"{Path(str(report['fts'][a])).name} vs {Path(str(report['fts'][b])).name}"
+        ax = axes[row][0]
+        if layers:
+            _annotated_heatmap(ax, values, kinds, layers, 0.0, 1.0, "viridis", f"φ@{k}")
+        ax.set_title(f"{label}: top-{k} left subspace overlap (random ≈ {baseline_mean:.2g})", fontsize=9)
+        if cosine:
+            values, kinds, layers = overlap_grid(items, "cosine")
+            if layers:
+                _annotated_heatmap(axes[row][1], values, kinds, layers, -1.0, 1.0, "RdBu_r", "cosine")
+            axes[row][1].set_title(f"{label}: cos(vec ΔW_A, vec ΔW_B)", fontsize=9)
+    return fig
+
+
+def plot_trajectory(report: Mapping[str, Any], energy: float | None = None, k: int | None = None) -> Figure:
+    """Each trajectory metric vs training step, one line per module type (mean over layers).
+
+    ``report`` is :meth:`deltakit.trajectory.TrajectoryReport.to_dict`. Panels: relative ΔW,
+    rank@energy, intruder dimensions (summed), φ@k with the final checkpoint.
+    """
+    energy_key = f"{energy if energy is not None else report['energy'][-1]:g}"
+    k_key = str(k if k is not None else report["top"][0])
+    steps = report["steps"]
+    xs = steps if all(s is not None for s in steps) else list(range(len(steps)))
+    panels = (("mean_rel_delta", r"$\|\Delta W\|_F / \|W\|_F$"), ("mean_rank_at", f"rank@{energy_key}"),
+              ("intruders", f"intruder dimensions (ε = {report['epsilon']:g})"),
+              ("mean_overlap_with_final", f"φ@{k_key} with the final ΔW"))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), layout="constrained")
+    for kind, series in report["summary"]["by_module_type"].items():
+        colour = MODULE_COLOURS.get(kind, "tab:gray")
+        for ax, (key, _) in zip(axes, panels):
+            values = [p[key] for p in series]
+            if key == "mean_rank_at":
+                values = [v[energy_key] for v in values]
+            elif key == "mean_overlap_with_final":
+                values = [v.get(k_key) for v in values]
+            ax.plot(xs, [np.nan if v is None else v for v in values], "o-", ms=3, color=colour, label=kind)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set(xlabel="step" if xs is steps else "checkpoint", title=title)
+        ax.title.set_fontsize(10)
+        ax.grid(alpha=0.3)
+    axes[-1].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7, ncol=2)
+    return fig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from deltakit.analysis import MatrixResult, RankReport, energy_key
@@ -148,3 +149,105 @@ def report_csv(report: RankReport) -> str:
                         + [m.random_rank_at[e] for e in report.energy]
                         + ["" if m.signal_rank_at.get(e) is None else m.signal_rank_at[e] for e in report.energy])
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- shared report metadata (compare, trajectory)
+
+@dataclass
+class ReportMeta:
+    """What every report says about its run: inputs, where and how it was computed, what was left out.
+
+    ``fts`` holds one path for rank / intruders, several for compare and trajectory. (RankReport
+    and IntruderReport still carry their own copies; see docs/json.md.)
+    """
+
+    base: str
+    fts: list[str]
+    device: str = "cpu"
+    method: str = "gram"
+    precision: str = "fp32"
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def meta_dict(self) -> dict[str, Any]:
+        """The JSON keys every report shares."""
+        return {"base": self.base, "fts": list(self.fts), "device": self.device, "method": self.method,
+                "precision": self.precision, "elapsed_s": round(self.elapsed_s, 3), "skipped": list(self.skipped)}
+
+    def header_lines(self, label: str = "ft") -> list[str]:
+        width = max(4, len(label) + 3)
+        lines = [f"{'base:':<{width}} {self.base}"]
+        lines += [f"{f'{label} {i}:' if len(self.fts) > 1 else f'{label}:':<{width}} {path}" for i, path in enumerate(self.fts)]
+        return lines + [""]
+
+    def footer_lines(self, what: str) -> list[str]:
+        lines = []
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)}: " + "; ".join(f"{s['name']} ({s['reason']})" for s in self.skipped[:5])
+                         + (" ..." if len(self.skipped) > 5 else ""))
+        lines.append(f"{what} in {self.precision} on {self.device}, {self.elapsed_s:.2f} s")
+        return lines
+
+
+def _pair_label(fts: Sequence[str], a: int, b: int) -> str:
+    return f"{a} vs {b}" if len(fts) > 2 else "A vs B"
+
+
+def compare_group_table(groups: dict[str, Any], label: str, top: Sequence[str]) -> str:
+    """Mean cosine, norm ratio and left/right overlaps (with the random baseline) per group."""
+    headers = [label, "matrices", "cosine", "‖ΔA‖/‖ΔB‖"]
+    headers += [f"φ@{k}" for k in top] + [f"rand@{k}" for k in top] + [f"right φ@{k}" for k in top]
+    rows = [[name, g["count"], g["mean_cosine"], g["mean_norm_ratio"]]
+            + [g["mean_overlap_at"].get(k) for k in top] + [g["mean_random_overlap_at"].get(k) for k in top]
+            + [g["mean_right_overlap_at"].get(k) for k in top]
+            for name, g in groups.items()]
+    return format_table(headers, rows)
+
+
+def render_compare(report: Any, per_matrix: bool = False) -> str:
+    """The human-readable output of `deltakit compare` (a :class:`deltakit.compare.CompareReport`)."""
+    parts = report.header_lines("ft")
+    summary = report.summary()
+    for entry in summary["pairs"]:
+        a, b = entry["a"], entry["b"]
+        top = list(entry["mean_overlap_at"])
+        title = f"fine-tune {a} vs {b}" if len(report.fts) > 2 else "fine-tune A (ft 0) vs B (ft 1)"
+        parts += [title, ""]
+        if per_matrix:
+            headers = ["matrix", "shape", "cosine", "‖ΔA‖/‖ΔB‖"] + [f"φ@{k}" for k in top] + [f"rand@{k}" for k in top]
+            rows = [[m.name, _shape(m.shape), m.cosine, m.norm_ratio]
+                    + [m.to_dict()["overlap_at"].get(k) for k in top]
+                    + [m.to_dict()["random_overlap_at"].get(k) for k in top]
+                    for m in report.of_pair(a, b)]
+            parts += [format_table(headers, rows), ""]
+        parts += ["by module type", compare_group_table(entry["by_module_type"], "type", top), ""]
+        if len(entry["by_layer"]) > 1:
+            parts += ["by depth", compare_group_table(entry["by_layer"], "layer", top), ""]
+        parts.append(f"overall: cosine {_cell(entry['mean_cosine'])}, "
+                     + ", ".join(f"φ@{k} {_cell(entry['mean_overlap_at'][k])} (random {_cell(entry['mean_random_overlap_at'][k])})"
+                                 for k in top))
+        parts.append("")
+    parts.append(f"{summary['matrices']} matrices in every fine-tune; φ@k = ‖U_Aᵀ U_B‖²_F / k of the top-k left singular "
+                 "subspaces (1: the same, rand: random subspaces)")
+    return "\n".join(parts + report.footer_lines(f"{report.method} top-k SVD"))
+
+
+def render_trajectory(report: Any) -> str:
+    """The human-readable output of `deltakit trajectory` (a :class:`deltakit.trajectory.TrajectoryReport`)."""
+    parts = [f"base: {report.base}", f"{len(report.fts)} checkpoints, final: {report.fts[-1]}", ""]
+    summary = report.summary()
+    energies = [f"{e:g}" for e in report.energy]
+    top = [str(k) for k in report.top]
+
+    def table(series: list[dict[str, Any]]) -> str:
+        headers = ["step", "checkpoint", "rel ΔW", "rank"] + [f"r@{e}" for e in energies]
+        headers += [f"intruders (ε={report.epsilon:g})"] + [f"φ@{k} final" for k in top]
+        rows = [[p["step"], p["checkpoint"], p["mean_rel_delta"], p["mean_rank"]]
+                + [p["mean_rank_at"][e] for e in energies] + [p["intruders"]]
+                + [p["mean_overlap_with_final"].get(k) for k in top] for p in series]
+        return format_table(headers, rows, align_left=2)
+
+    parts += [f"all {len(report.matrices)} matrices (means; intruders summed)", table(summary["overall"]), ""]
+    for name, series in summary["by_module_type"].items():
+        parts += [f"{name} ({series[0]['count']} matrices)", table(series), ""]
+    return "\n".join(parts + report.footer_lines(f"{report.method} spectra"))

@@ -1,0 +1,116 @@
+"""How two changes relate, as pure functions of matrices: cosine, subspace overlap, amplification.
+
+Nothing here knows about files or tensor names; every function takes tensors already on their
+device and returns plain numbers (or tensors of singular vectors).
+
+* :func:`delta_cosine`: cos(vec ΔW_A, vec ΔW_B), the task-vector similarity of Ilharco et al.
+  ("Editing Models with Task Arithmetic", ICLR 2023);
+* :func:`subspace_overlap`: ‖U_iᵀ U_j‖²_F / min(i, j), the normalised subspace similarity
+  φ(A, B, i, j) of Hu et al. ("LoRA", 2021, §7.2) for orthonormal column blocks;
+* :func:`amplification_factor`: ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F (Hu et al. §7.3), how strongly ΔW
+  amplifies directions W already has.
+
+Example::
+
+    u, s, vh = top_directions(delta_a, 8)
+    subspace_overlap(u, top_directions(delta_b, 8)[0])   # 1.0: the same 8 directions
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deltakit.spectral.svd import method_noise_floor, randomized_svd
+
+
+def delta_cosine(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """cos(vec a, vec b) of two same-shaped tensors, summed in float64; None when either is zero."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    norm_a = float(torch.linalg.vector_norm(a, dtype=torch.float64))
+    norm_b = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+    if norm_a == 0.0 or norm_b == 0.0:
+        return None
+    # Products in the inputs' dtype, summed in float64: each product is rounded once (relative 2⁻²⁴ in
+    # fp32, independent), so |error| ≲ 1e-7·‖a‖‖b‖ without two float64 copies of a large matrix.
+    dot = float(torch.sum(a * b.to(a.dtype), dtype=torch.float64))
+    return max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+
+
+def subspace_overlap(u_a: torch.Tensor, u_b: torch.Tensor) -> float | None:
+    """φ = ‖U_Aᵀ U_B‖²_F / min(i, j) for orthonormal columns U_A (m×i) and U_B (m×j); in [0, 1].
+
+    1 when the smaller subspace lies inside the larger one, 0 when they are orthogonal; two
+    random subspaces give max(i, j)/m on average (:func:`random_overlap`). None if i or j is 0.
+    """
+    smaller = min(u_a.shape[1], u_b.shape[1])
+    if smaller == 0:
+        return None
+    cross = u_a.T.to(torch.float64) @ u_b.to(torch.float64)
+    return float(torch.sum(cross * cross)) / smaller
+
+
+def random_overlap(i: int, j: int, dim: int) -> float:
+    """Expected φ of an i- and a j-dimensional subspace of R^dim drawn at random: i·j/dim / min(i, j)."""
+    return max(i, j) / dim if min(i, j) > 0 else 0.0
+
+
+def top_directions(
+    delta: torch.Tensor, k: int, exact: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-k singular triplets U (m×k'), S (k',), Vh (k'×n) of ΔW whose σ is above the method's floor.
+
+    Randomized SVD (Halko et al. 2011) by default, ``torch.linalg.svd`` with ``exact``. A
+    singular vector of a zero (or noise-level) singular value is arbitrary, so such directions
+    are dropped and k' ≤ k: a rank-8 LoRA has 8 directions, whatever k asks for. The floor is
+    the exact SVD's max(m, n)·eps·σ₁, or the Gram path's 16·sqrt(eps)·σ₁ for the randomized one
+    (its sketch is formed in ``dtype``).
+    """
+    delta = delta.to(dtype)
+    k = min(k, *delta.shape)
+    if exact:
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        u, s, vh = u[:, :k], s[:k], vh[:k]
+    else:
+        u, s, vh = randomized_svd(delta, k, seed=seed, dtype=dtype)
+    sigma_max = float(s[0]) if s.numel() else 0.0
+    if sigma_max == 0.0:
+        return u[:, :0], s[:0], vh[:0]
+    floor = method_noise_floor(sigma_max, (delta.shape[0], delta.shape[1]), "exact" if exact else "gram", dtype)
+    keep = int((s > floor).sum())
+    return u[:, :keep], s[:keep], vh[:keep]
+
+
+def amplification_factor(weight: torch.Tensor, delta_fro: float, u: torch.Tensor, vh: torch.Tensor) -> float | None:
+    """‖ΔW‖_F / ‖U_rᵀ W V_r‖_F (Hu et al. 2021, §7.3) with U_r (m×r), Vh_r (r×n) from ΔW's top-r triplets.
+
+    The size of ΔW against the size of W's projection onto ΔW's own top directions: large when
+    ΔW amplifies directions W hardly uses (Hu et al. report 21.5 for a rank-4 LoRA of GPT-3's
+    W_q, and a much smaller factor at rank 64). None when r is 0 or the projection vanishes.
+    """
+    if u.shape[1] == 0:
+        return None
+    projected = u.T.to(torch.float64) @ weight.to(torch.float64) @ vh.T.to(torch.float64)
+    denominator = float(torch.linalg.vector_norm(projected))
+    if denominator == 0.0 or not math.isfinite(denominator):
+        return None
+    return delta_fro / denominator
+
+
+AMPLIFICATION_MAX_K = 64  # Hu et al. report r = 4 and r = 64
+
+
+def amplification(
+    weight: torch.Tensor, delta: torch.Tensor, delta_fro: float, rank: int, max_k: int = AMPLIFICATION_MAX_K
+) -> dict[str, float | int | None] | None:
+    """``{"k": r, "value": ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F}`` with r = min(numerical rank of ΔW, ``max_k``).
+
+    For a LoRA r is its rank (Hu et al.'s r); for a full fine-tune ``max_k``. The top-r
+    directions come from the randomized SVD in fp32. None for an unchanged matrix.
+    """
+    if rank <= 0 or delta_fro == 0.0:
+        return None
+    u, _, vh = top_directions(delta, min(rank, max_k))
+    return {"k": int(u.shape[1]), "value": amplification_factor(weight, delta_fro, u, vh)}
