@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every GPU measurement of a session, in calls that each fit the device tool's 10 minutes:
+#   bash bench/gpu_all.sh bench   # 7B rows (rank before/after the noise-aware spectra, extract, merge),
+#                                 # DoRA vs LoRA merge, adapter resize in factor space
+#   bash bench/gpu_all.sh more    # the CUDA test paths, MoE slice, compare vs rank, durability
+# Results land in $OUT (the device tool's output folder; any folder elsewhere). "Before" is the
+# tree in .old/ (git archive of the commit before, carried beside the repo; skipped if absent).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results/gpu}
+W=${DK_BENCH_WORK:-/tmp/dk-bench}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+log() { echo "== $(date +%T) $*"; }
+nvidia-smi -L 2>/dev/null
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
+
+case "${1:-bench}" in
+bench)
+    if [ -d .old ]; then
+        log "rank before (.old)"
+        (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
+    fi
+    log "rank, extract, merge (this tree)"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-extract,deltakit-merge --timeout 240
+    log "DoRA vs LoRA merge"
+    python3 -m bench.adapter_bench --preset 7b --workdir "$W" --out "$OUT/adapters" --device cuda --rank 64 --repeat 2
+    log "resize rank 64 -> 16"
+    python3 bench/resize_bench.py --preset 7b --workdir /tmp/dk-resize --out "$OUT/resize"
+    ;;
+more)
+    log "CUDA paths against the CPU"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_spectral.py tests/test_metrics.py \
+        2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+    log "MoE slice"
+    python3 -m bench.moe_bench --preset gpt-oss-20b --device cuda --workdir /tmp/dk-moe --out "$OUT/moe"
+    rm -rf /tmp/dk-moe
+    log "compare vs rank"
+    python3 -m bench.compare_bench --preset 7b --device cuda --workdir "$W" --out "$OUT/compare" --repeats 1
+    ;;
+esac
+log done
