@@ -477,6 +477,24 @@ def test_a_full_disk_mid_write_is_one_error_naming_the_file_and_leaves_nothing(m
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_space_errors_that_name_no_file_name_the_output(tmp_path):
+    """A plain write() reports ENOSPC without a path, safetensors' save_file as "(os error 27)": both name the output."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    with pytest.raises(DeltakitError, match=f"cannot write {tmp_path / 'r.json'}: No space left on device"):
+        with atomic_file(tmp_path / "r.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(DeltakitError, match=f"cannot write {tmp_path / 's.safetensors'}: File too large"):
+        with atomic_file(tmp_path / "s.safetensors"):
+            raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+    with pytest.raises(FileNotFoundError):  # an input that is missing is not a write error
+        with atomic_directory(tmp_path / "d"):
+            open(tmp_path / "no-such-input")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _limit_file_size(limit: int):
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of killing
@@ -561,3 +579,21 @@ def test_a_running_writer_s_temporary_is_never_reclaimed(model, tmp_path):
             first.kill()
     assert first.returncode == 1 and "appeared while deltakit was writing it" in err, err
     assert [p.name for p in out.iterdir()] == ["merged"]
+
+
+def test_durability_bench_runs_on_the_cpu(tmp_path):
+    """bench/durability_bench.py, smallest shape, one run per mode: both merges succeed and are recorded."""
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "durability_bench.py"), "--preset", "tiny", "--layers",
+                           "1", "--rank", "4", "--device", "cpu", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "durability.json").read_text())
+    for kind in ("write", "merge"):
+        runs = result["runs"][kind]
+        assert [run["fsync"] for run in runs] == [True, False]
+        assert runs[0]["written_bytes"] == runs[1]["written_bytes"] > 0
+        assert result["summary"][kind]["wall_s"]["fsync"] > 0
+    assert proc.stdout.count("cost of fsync") == 2
+    assert not (out / "work" / "merged").exists() and not (out / "work" / "written").exists()

@@ -27,6 +27,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -339,15 +340,26 @@ class TemporaryOutput:
 
 
 def explain_write_error(exc: BaseException, tmp: Path, target: Path) -> BaseException:
-    """``exc`` as the user should see it: a failed write inside the temporary output ``tmp`` becomes
-    one :class:`DeltakitError` naming the output's own path (not the temporary one) and the cause;
-    a DeltakitError naming ``tmp`` names ``target`` instead. Anything else is returned as it is."""
-    if isinstance(exc, OSError) and exc.filename is not None and str(tmp) in str(exc.filename):
-        reason = exc.strerror or str(exc)
-        if exc.errno in SPACE_ERRORS:
+    """``exc`` as the user should see it: a failed write of the temporary output ``tmp`` becomes one
+    :class:`DeltakitError` naming the output's own path (not the temporary one) and the cause.
+
+    That is an OSError on a path inside ``tmp``; or a full disk, quota or file-size error without
+    a path (a plain ``write`` reports none; safetensors' ``save_file`` reports "(os error 28)").
+    A DeltakitError naming ``tmp`` names ``target`` instead. Anything else is returned as it is.
+    """
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and not isinstance(exc, DeltakitError):
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(found.group(1)) if found else None
+    filename = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
+    inside = filename is not None and str(tmp) in str(filename)
+    if inside or (filename is None and code in SPACE_ERRORS):
+        where = str(filename).replace(str(tmp), str(target)) if inside else str(target)
+        # An OSError's strerror may say what was being written (see deltakit.io.writer).
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else os.strerror(code) if code else str(exc)
+        if code in SPACE_ERRORS:
             reason += " (the output does not fit: a full disk, a quota or a file-size limit)"
-        return DeltakitError(f"cannot write {str(exc.filename).replace(str(tmp), str(target))}: {reason}; "
-                             "nothing was left behind")
+        return DeltakitError(f"cannot write {where}: {reason}; nothing was left behind")
     if isinstance(exc, DeltakitError) and str(tmp) in str(exc):
         return type(exc)(str(exc).replace(str(tmp), str(target)))
     return exc
