@@ -4,15 +4,16 @@ deltakit fsyncs every output file and folder before renaming the output into pla
 parent folder after (see deltakit/io/atomic.py); ``DELTAKIT_FSYNC=0`` turns that off. This
 script measures both ways, alternating the order, in two settings:
 
-- ``merge``: `deltakit merge` of a synthetic model and a LoRA adapter, each run a fresh process
-  (``python -m bench.measure``): what a user sees;
+- ``merge``: `deltakit merge` of a synthetic model and a LoRA adapter (the library call the
+  command makes, in this process, so interpreter start-up does not blur the difference);
 - ``write``: the write path alone, in this process (the model's tensors from memory through
   atomic_directory + ShardedWriter + BackgroundWriter, as merge writes them): nothing to hide
   the write-back behind, the worst case for fsync's share.
 
 After each run it times a sync of the output's file system (syncfs): without fsync the output's
 bytes may still be in the page cache when the command returns, and that sync is the write-back
-it left behind (the time until the output would survive a crash). The model is a synthetic
+it left behind (the time until the output would survive a crash). It also sums the time spent
+inside deltakit's fsync calls, which does not depend on how busy the rest of the machine is. The model is a synthetic
 Llama-shaped base (bench/synth.py shapes, bf16, N(0, 0.02)) and a random rank-``--rank`` LoRA
 on q/k/v/o/gate/up/down, written once into ``--workdir`` and reused; they are read once before
 the runs so that every run finds its inputs in the page cache. Results go to
@@ -25,15 +26,16 @@ the runs so that every run finds its inputs in the page cache. Results go to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,7 +44,6 @@ import torch  # noqa: E402
 
 from bench import machine, synth  # noqa: E402
 from bench.lora_files import write_adapter  # noqa: E402
-from bench.runner import REPO_ROOT, child_env  # noqa: E402
 from deltakit.io import ShardedWriter  # noqa: E402
 
 SPEC_FILE = "durability_inputs.json"
@@ -110,25 +111,56 @@ def timed_sync(folder: Path) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def fsync_env(fsync: bool) -> Iterator[list[float]]:
+    """Set DELTAKIT_FSYNC for the block; yield a list that collects the seconds of every fsync deltakit makes.
+
+    The sum is an upper bound on what fsync adds to the wall time: calls made by writer threads
+    overlap the rest of the work, the ones at publication do not.
+    """
+    import deltakit.io.atomic as atomic
+    import deltakit.io.writer as writer
+
+    seconds: list[float] = []
+    real = atomic.fsync_path
+
+    def timed(path: str | os.PathLike) -> None:
+        start = time.perf_counter()
+        try:
+            real(path)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    previous = os.environ.get("DELTAKIT_FSYNC")
+    os.environ["DELTAKIT_FSYNC"] = "1" if fsync else "0"
+    atomic.fsync_path = writer.fsync_path = timed
+    try:
+        yield seconds
+    finally:
+        atomic.fsync_path = writer.fsync_path = real
+        if previous is None:
+            os.environ.pop("DELTAKIT_FSYNC", None)
+        else:
+            os.environ["DELTAKIT_FSYNC"] = previous
+
+
 def run_merge(workdir: Path, out: Path, device: str, fsync: bool) -> dict[str, object]:
-    """One `deltakit merge` in a fresh process; its wall time, the command's own time, and the sync after it."""
+    """One `deltakit merge` (the library call the command makes, in this process): wall time, time in
+    fsync, and the write-back left behind (a sync of the file system right after)."""
+    from deltakit.lora import merge
+
     shutil.rmtree(out, ignore_errors=True)
-    sync_before = timed_sync(workdir)  # start from a clean page cache state: no earlier run's write-back pending
-    env = {**child_env(), "DELTAKIT_FSYNC": "1" if fsync else "0"}
-    argv = [sys.executable, "-m", "bench.measure", "--", "deltakit", "merge", str(workdir / "base"),
-            str(workdir / "adapter"), "-o", str(out), "--device", device, "-q"]
-    start = time.perf_counter()
-    proc = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    sync_before = timed_sync(workdir)  # start from a clean state: no earlier run's write-back pending
+    with fsync_env(fsync) as fsyncs:
+        start = time.perf_counter()
+        merge(workdir / "base", workdir / "adapter", out, device=device)
+        wall = time.perf_counter() - start
     sync_after = timed_sync(workdir)
-    measure = next((json.loads(line) for line in proc.stdout.splitlines()[::-1] if '"bench_measure"' in line), {})
-    if proc.returncode != 0:
-        raise SystemExit(f"merge failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     written = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     shutil.rmtree(out)
-    return {"fsync": fsync, "wall_s": wall, "command_s": measure.get("wall_s"), "sync_after_s": sync_after,
-            "durable_s": wall + (0.0 if fsync else sync_after), "sync_before_s": sync_before,
-            "written_bytes": written}
+    return {"fsync": fsync, "wall_s": wall, "fsync_s": sum(fsyncs), "fsync_calls": len(fsyncs),
+            "sync_after_s": sync_after, "durable_s": wall + (0.0 if fsync else sync_after),
+            "sync_before_s": sync_before, "written_bytes": written}
 
 
 def run_write(workdir: Path, layout: list[tuple[str, tuple[int, ...]]], shard_bytes: int, fsync: bool) -> dict[str, object]:
@@ -143,9 +175,7 @@ def run_write(workdir: Path, layout: list[tuple[str, tuple[int, ...]]], shard_by
     largest = max(_numel(dims) for _, dims in layout)
     pool = torch.randn(largest, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     sync_before = timed_sync(workdir)
-    previous = os.environ.get("DELTAKIT_FSYNC")
-    os.environ["DELTAKIT_FSYNC"] = "1" if fsync else "0"
-    try:
+    with fsync_env(fsync) as fsyncs:
         start = time.perf_counter()
         with atomic_directory(out) as tmp:
             sharded = ShardedWriter(tmp, [(n, d, torch.bfloat16) for n, d in layout], max_shard_bytes=shard_bytes)
@@ -155,15 +185,11 @@ def run_write(workdir: Path, layout: list[tuple[str, tuple[int, ...]]], shard_by
                 background.write(name, pool[:_numel(shapes[name])].view(shapes[name]))
             background.finish()
         wall = time.perf_counter() - start
-    finally:
-        if previous is None:
-            os.environ.pop("DELTAKIT_FSYNC", None)
-        else:
-            os.environ["DELTAKIT_FSYNC"] = previous
     sync_after = timed_sync(workdir)
     written = sum(p.stat().st_size for p in out.iterdir())
     shutil.rmtree(out)
-    return {"fsync": fsync, "wall_s": wall, "sync_after_s": sync_after, "durable_s": wall + (0.0 if fsync else sync_after),
+    return {"fsync": fsync, "wall_s": wall, "fsync_s": sum(fsyncs), "fsync_calls": len(fsyncs),
+            "sync_after_s": sync_after, "durable_s": wall + (0.0 if fsync else sync_after),
             "sync_before_s": sync_before, "written_bytes": written}
 
 
@@ -203,18 +229,18 @@ def vm_writeback_settings() -> dict[str, str]:
 
 
 def summarise(runs: list[dict[str, object]]) -> dict[str, object]:
-    """Medians per mode and the cost of fsync (on − off), for the wall time and, for merge, the command alone."""
+    """Medians per mode, and the cost of fsync in wall time (on − off)."""
     def median(fsync: bool, key: str) -> float | None:
         values = [float(r[key]) for r in runs if r["fsync"] is fsync and r.get(key) is not None]
         return statistics.median(values) if values else None
 
     summary: dict[str, object] = {}
-    for key in ("wall_s", "command_s", "sync_after_s", "durable_s"):
+    for key in ("wall_s", "fsync_s", "sync_after_s", "durable_s"):
         on, off = median(True, key), median(False, key)
         if on is None or off is None:
             continue
         summary[key] = {"fsync": on, "no_fsync": off}
-        if key in ("wall_s", "command_s"):
+        if key == "wall_s":
             summary[key].update(cost_s=on - off, cost_fraction=(on - off) / off if off > 0 else None)
     return summary
 
@@ -223,11 +249,12 @@ def _table(kind: str, runs: list[dict[str, object]], summary: dict[str, object])
     written = int(runs[0]["written_bytes"])
     wall = summary["wall_s"]
     lines = [f"{kind}: {written / 1e9:.2f} GB written, median of {sum(r['fsync'] for r in runs)} runs per mode",
-             "| fsync | wall (s) | sync after (s) |", "| --- | --- | --- |"]
+             "| fsync | wall (s) | in fsync calls (s) | sync after (s) |", "| --- | --- | --- | --- |"]
     for label, mode in (("on (default)", "fsync"), ("off (DELTAKIT_FSYNC=0)", "no_fsync")):
-        lines.append(f"| {label} | {wall[mode]:.2f} | {summary['sync_after_s'][mode]:.2f} |")
-    lines.append(f"cost of fsync: {wall['cost_s']:+.2f} s ({100 * (wall['cost_fraction'] or 0):+.1f}%)"
-                 + (f"; command alone {summary['command_s']['cost_s']:+.2f} s" if "command_s" in summary else ""))
+        lines.append(f"| {label} | {wall[mode]:.2f} | {summary['fsync_s'][mode]:.2f} | "
+                     f"{summary['sync_after_s'][mode]:.2f} |")
+    lines.append(f"cost of fsync: {wall['cost_s']:+.2f} s ({100 * (wall['cost_fraction'] or 0):+.1f}%) in wall time; "
+                 f"{summary['fsync_s']['fsync']:.2f} s inside fsync calls")
     return "\n".join(lines)
 
 
@@ -260,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         read_all(sorted((workdir / "base").iterdir()) + sorted((workdir / "adapter").iterdir()))
     layout = synth.llama_layout(shape)
     runs: dict[str, list[dict[str, object]]] = {"write": [], "merge": []}
+    if args.only != "write":  # untimed: the first merge in a process also pays for imports and first-use set-up
+        run_merge(workdir, workdir / "merged", args.device, False)
     for repeat in range(args.repeats):
         for fsync in ((True, False) if repeat % 2 == 0 else (False, True)):
             for kind in ("write", "merge") if args.only == "both" else (args.only,):
