@@ -3,7 +3,7 @@
 An output ``out/merged`` is written inside a temporary folder beside it,
 ``out/.merged.tmp-XXXXXXXX/``, which holds two entries:
 
-- ``owner``: who is writing (host, boot id, pid and the process's start time), locked with
+- ``.deltakit-owner``: who is writing (host, boot id, pid and the process's start time), locked with
   ``flock`` for as long as the writer lives;
 - ``merged``: the output itself (a folder or a file).
 
@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 from deltakit.errors import DeltakitError
 
-OWNER_FILE = "owner"
+OWNER_FILE = ".deltakit-owner"
 # Write errors that mean "the output does not fit": a full disk, a quota, a file-size limit.
 SPACE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -307,7 +307,8 @@ class TemporaryOutput:
         self._lock_fd: int | None = None
         try:
             self._lock_fd = _lock(self.folder / OWNER_FILE)
-            self.path = self.folder / self.target.name
+            # The output keeps its own name (a figure's suffix tells its format), unless that is the record's.
+            self.path = self.folder / (self.target.name if self.target.name != OWNER_FILE else "output")
             if directory:
                 self.path.mkdir()
             else:
@@ -322,10 +323,8 @@ class TemporaryOutput:
         if durable:
             fsync_tree(self.path)
         if self.force:
-            replace_with(self.path, self.target, trash=self.folder / f"{self.target.name}.old")
+            replace_with(self.path, self.target, trash=self.folder / "old-output")
         else:
-            with contextlib.suppress(OSError):  # the output gets the usual umask modes
-                os.chmod(self.path, (0o777 if self.path.is_dir() else 0o666) & ~_umask())
             rename_new(self.path, self.target)
         if durable:
             fsync_path(self.target.parent if str(self.target.parent) else ".")
