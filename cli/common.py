@@ -6,7 +6,9 @@ import contextlib
 import functools
 import json
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
@@ -20,13 +22,60 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP, SIGINT) turned into an exception, so that the stack unwinds
+    through the atomic writers (which remove their temporary output) and under torchrun through
+    the group's failure exchange (so the other processes stop too)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted ({signal.Signals(signum).name})")
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """While the block runs, SIGTERM / SIGHUP / SIGINT raise :class:`Interrupted` in the main thread.
+
+    Only the first signal raises: later ones arrive while the stack is unwinding and would cut
+    the cleanup short, so they are ignored (SIGKILL still ends the process). The previous
+    handlers are restored after the block. Off the main thread (where Python cannot install
+    handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not raised:
+            raised.append(signum)
+            raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn DeltakitError (and a few OS errors) into ``Error: ...`` on stderr and exit 1."""
+    """Turn DeltakitError (and a few OS errors) into ``Error: ...`` on stderr and exit 1.
+
+    A stop signal during the command removes its temporary output and ends it with
+    ``Error: interrupted (SIGTERM)`` (or SIGHUP, SIGINT) and exit status 128 + the signal number.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with stop_signals_raise():
+                return command(*args, **kwargs)
+        except Interrupted as exc:
+            _fail(str(exc), code=128 + exc.signum)
         except DeltakitError as exc:
             _fail(str(exc))
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
@@ -36,8 +85,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(0)
         except OSError as exc:  # disk full, read-only file system...
             _fail(str(exc))
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", code=130)
+        except KeyboardInterrupt:  # raised before the handlers were in place, or by other code
+            _fail("interrupted (SIGINT)", code=130)
 
     return wrapper
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -34,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from deltakit.errors import DeltakitError
-from deltakit.io.atomic import atomic_directory, check_output_path, replace_with, temporary_directory
+from deltakit.io.atomic import TemporaryOutput, atomic_directory, check_output_path, explain_write_error
 from deltakit.io.writer import ShardedWriter
 
 
@@ -160,9 +159,11 @@ def fail_together(parallel: Parallel) -> Iterator[None]:
 def shared_directory(target: str | os.PathLike, force: bool, parallel: Parallel) -> Iterator[Path]:
     """:func:`~deltakit.io.atomic.atomic_directory` for all processes: one temporary folder, renamed once.
 
-    Process 0 makes the folder; every process gets its path. On leaving the block without
-    error everywhere, process 0 renames it onto ``target`` and every process returns after
-    that; if any process fails, process 0 removes it and every process raises.
+    Process 0 makes the folder (and owns it: see :mod:`deltakit.io.atomic`); every process gets
+    its path. On leaving the block without error everywhere, process 0 publishes it onto
+    ``target`` (fsync, rename) and every process returns after that; if any process fails, process
+    0 removes it and every process raises. A write error inside the folder is reported with the
+    output's path, as :func:`~deltakit.io.atomic.atomic_directory` reports it.
     """
     if not parallel.active:
         with atomic_directory(target, force) as tmp:
@@ -170,26 +171,23 @@ def shared_directory(target: str | os.PathLike, force: bool, parallel: Parallel)
         return
     target = check_output_path(target, force)
     with fail_together(parallel):
-        made = str(temporary_directory(target)) if parallel.is_main else None
-        tmp = Path(exchange(parallel, made)[0])
+        output = TemporaryOutput(target, directory=True, force=force) if parallel.is_main else None
+        tmp = Path(exchange(parallel, str(output.path) if output else None)[0])
         if not tmp.is_dir():
             raise DeltakitError(f"process {parallel.rank} cannot see the output's temporary folder {tmp}: with "
                                 "several hosts the output must be on a file system all of them share")
         try:
             yield tmp
-        except BaseException as exc:
-            _tell_others(parallel, exc)  # before removing: the others stop writing first
-            if parallel.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        try:
             exchange(parallel)  # everyone's writes are complete
-            if parallel.is_main:
-                replace_with(tmp, target)
+            if output is not None:
+                output.publish()
         except BaseException as exc:
-            _tell_others(parallel, exc)
-            if parallel.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
+            explained = explain_write_error(exc, tmp, target)
+            _tell_others(parallel, explained)  # before removing: the others stop writing first
+            if output is not None:
+                output.discard()
+            if explained is not exc:
+                raise explained from None
             raise
         exchange(parallel)  # the output is in place for everyone
 

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,16 +33,25 @@ def test_matrix_cost_grows_with_size():
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same matmul order in every process
 
 
-def deltakit(*args, processes: int = 1, port: int = 29517) -> subprocess.CompletedProcess:
-    """Run the CLI in one process, or under torchrun with ``processes`` gloo workers."""
+def command_line(*args, processes: int = 1) -> list[str]:
+    """The CLI in one process, or under torchrun with ``processes`` gloo workers.
+
+    ``--standalone``: torchrun's rendezvous store binds port 0, so the system picks a free port
+    and tests running in parallel never collide on one.
+    """
     if processes == 1:
         command = [sys.executable, "-m", "deltakit_cli.main", *args]
     else:
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-        assert torchrun, "torchrun is installed with torch"
-        command = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(port), "-m",
-                   "deltakit_cli.main", *args]
-    return subprocess.run([str(c) for c in command], env=ENV, capture_output=True, text=True, timeout=300)
+        # torchrun is `python -m torch.distributed.run`; the module form needs no script on PATH.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                   "-m", "deltakit_cli.main", *args]
+    return [str(c) for c in command]
+
+
+def deltakit(*args, processes: int = 1) -> subprocess.CompletedProcess:
+    """Run the CLI (see :func:`command_line`) to completion."""
+    return subprocess.run(command_line(*args, processes=processes), env=ENV, capture_output=True, text=True,
+                          timeout=300)
 
 
 def ok(result: subprocess.CompletedProcess) -> None:
@@ -160,3 +168,41 @@ def test_more_processes_than_gpus_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DeltakitError, match="one GPU per process: use --nproc_per_node 1"):
         init_parallel("auto")
+
+
+def test_sigterm_under_torchrun_stops_every_process_and_leaves_nothing(tmp_path):
+    """torchrun forwards SIGTERM to its workers: each prints one Error line, none hangs, nothing is left.
+
+    Both workers are stopped inside a write (DELTAKIT_TEST_HOLD_WRITE: each creates a marker file
+    and waits) before the signal is sent, so the signal lands mid-write on both.
+    """
+    import signal
+    import time
+
+    from test_faults import write_model
+
+    base, adapter = write_model(tmp_path / "inputs")
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = tmp_path / "hold"
+    process = subprocess.Popen(command_line("merge", base, adapter, "-o", out / "merged", "--device", "cpu",
+                                            processes=2),
+                               env={**ENV, "DELTAKIT_TEST_HOLD_WRITE": str(hold)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(tmp_path.glob("hold.*"))) < 2:  # polling for a condition, not waiting for time to pass
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the workers never reached their hold point"
+            time.sleep(0.05)
+        assert [p.name.startswith(".merged.tmp-") for p in out.iterdir()] == [True]  # mid-write
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 2, err[-3000:]  # one line from each worker
+    assert all("interrupted (SIGTERM)" in line for line in errors), errors
+    assert list(out.iterdir()) == []

@@ -205,28 +205,33 @@ def test_threaded_writes_in_shard_interleaved_order_give_the_same_files(tmp_path
 
 
 def test_prefetched_keeps_order_and_raises_at_the_failing_position():
+    """The first ``workers`` producers wait for each other at a barrier: they can only all pass it if
+    they run at once on ``workers`` threads, so a serial prefetch fails (BrokenBarrierError) instead
+    of passing by luck; no timing assumption beyond the barrier's generous timeout."""
     import threading
 
     from deltakit.delta import prefetched
 
-    threads = set()
+    def producers(count, together, fail_at=None):
+        barrier = threading.Barrier(together, timeout=60)
 
-    def producer(i):
-        def produce():
-            threads.add(threading.current_thread().name)
-            if i == 7:
-                raise KeyError(i)
-            return i * i
-        return produce
+        def producer(i):
+            def produce():
+                if i < together:
+                    barrier.wait()
+                if i == fail_at:
+                    raise KeyError(i)
+                return i * i
+            return produce
+        return [producer(i) for i in range(count)]
 
-    assert list(prefetched([producer(i) for i in range(7)], depth=3, workers=3)) == [i * i for i in range(7)]
-    assert len(threads) > 1  # the work was spread over several threads
+    assert list(prefetched(producers(7, together=3), depth=3, workers=3)) == [i * i for i in range(7)]
     seen = []
     with pytest.raises(KeyError):
-        for value in prefetched([producer(i) for i in range(10)], depth=3, workers=2):
+        for value in prefetched(producers(10, together=2, fail_at=7), depth=3, workers=2):
             seen.append(value)
     assert seen == [i * i for i in range(7)]
-    assert list(prefetched([producer(i) for i in range(3)], depth=0)) == [0, 1, 4]
+    assert list(prefetched(producers(3, together=1), depth=0)) == [0, 1, 4]
 
 
 def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):

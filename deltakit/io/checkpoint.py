@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -85,6 +86,13 @@ class Checkpoint:
     hub_id: str | None = None  # "org/name[@revision]" when opened from the Hub
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _pickles: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _stamps: dict[Path, tuple[int, int, int, int]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # What each file was when its header was read; a read that finds it changed stops.
+        for file in {info.file for info in self.infos.values()}:
+            if Path(file) in _FILE_STAMPS:
+                self._stamps.setdefault(Path(file), _FILE_STAMPS[Path(file)])
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -198,14 +206,23 @@ class Checkpoint:
             with _OPEN_LOCK:  # several reader threads: one descriptor per file
                 fd = self._handles.get(info.file)
                 if fd is None:
-                    fd = self._handles[info.file] = os.open(info.file, os.O_RDONLY)
+                    fd = os.open(info.file, os.O_RDONLY)
+                    try:
+                        _check_unchanged(info, fd, self._stamps)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    self._handles[info.file] = fd
         buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
         view, done = memoryview(buffer.numpy()), 0
         while done < nbytes:
             count = os.preadv(fd, [view[done:]], info.offset + skip + done)
             if count <= 0:
-                raise OSError(f"unexpected end of file at byte {info.offset + skip + done}")
+                raise DeltakitError(
+                    f"{info.file} ended at byte {info.offset + skip + done:,} while tensor {info.name} was being read: "
+                    "it was truncated or replaced after deltakit opened it")
             done += count
+        _check_unchanged(info, fd, self._stamps)
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
         return buffer.view(info.dtype).reshape(shape)
@@ -232,6 +249,19 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_unchanged(info: TensorInfo, fd: int, stamps: dict[Path, tuple[int, int, int, int]]) -> None:
+    """Refuse to go on with a file that is no longer the one whose header was read (rewritten, replaced)."""
+    stamp = stamps.get(Path(info.file))
+    if stamp is None:
+        return
+    now = _stamp(os.fstat(fd))
+    if now != stamp:
+        what = (f"now {now[2]:,} bytes, {stamp[2]:,} when opened" if now[2] != stamp[2]
+                else "replaced" if now[:2] != stamp[:2] else "modified")
+        raise DeltakitError(f"{info.file} changed while deltakit was reading it ({what}; at tensor {info.name}); "
+                            "rerun once it is complete")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -358,49 +388,216 @@ def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
     return infos
 
 
-def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
-    """Name -> (shape, dtype string, absolute data offset) from a safetensors header, validating sizes.
+# Bits per element of every dtype the safetensors format knows (0.8: its `Dtype` enum). The header
+# is validated against all of them, as the safetensors library does; which ones deltakit can read
+# is decided after (see _SAFETENSORS_DTYPES).
+_SAFETENSORS_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
+    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+_MAX_NESTING = 127  # serde_json's recursion limit, which the safetensors library parses with
+_USIZE_MAX = 2**64 - 1
+_TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
 
-    A truncated or corrupt file is refused here, before any tensor is read.
+# (device, inode, size, mtime) of each safetensors file when its header was read: a read that
+# finds the file different stops, rather than returning bytes the header does not describe.
+_FILE_STAMPS: dict[Path, tuple[int, int, int, int]] = {}
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """Name -> (shape, dtype string, absolute data offset) from a safetensors header, validated.
+
+    Refuses, with one :class:`DeltakitError` naming the file (and the tensor), everything the
+    safetensors library refuses: a header that is not UTF-8 JSON of the expected shape (an object
+    of tensor entries and an optional ``__metadata__`` of strings), nested deeper than serde_json
+    parses, unknown dtypes, shapes and ``data_offsets`` that are not non-negative integers,
+    offsets that overlap or leave gaps, a byte span that does not match shape × dtype size, and
+    data that does not end exactly at the end of the file. A truncated file is refused here,
+    before any tensor is read.
     """
     try:
-        size = file.stat().st_size
         with open(file, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            size = st.st_size
             head = fh.read(8)
             if len(head) < 8:
                 raise DeltakitError(f"{file} is truncated or not a safetensors file ({size} bytes)")
             header_len = int.from_bytes(head, "little")
-            if header_len <= 0 or header_len > min(size - 8, 100_000_000):
+            if header_len > MAX_HEADER_BYTES:
+                raise DeltakitError(f"{file} is not a safetensors file: its header would be {header_len:,} bytes, "
+                                    f"more than the format's limit of {MAX_HEADER_BYTES:,}")
+            if header_len <= 0 or 8 + header_len > size:
                 raise DeltakitError(f"{file} is not a safetensors file, or its header is truncated")
-            header = json.loads(fh.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DeltakitError(f"{file} is corrupt: its safetensors header is not valid JSON") from None
+            raw = fh.read(header_len)
     except OSError as exc:
         raise DeltakitError(f"cannot read {file}: {_first_line(exc)}") from None
+    if len(raw) < header_len:
+        raise DeltakitError(f"{file} is truncated: it ended while its header was being read")
+    header = _parse_header_json(file, raw)
+    out = _validate_header(file, header, size - 8 - header_len)
+    _FILE_STAMPS[Path(file)] = _stamp(st)
+    return {name: (shape, dtype, 8 + header_len + begin) for name, (shape, dtype, begin) in out.items()}
+
+
+class _Pairs(dict):
+    """A JSON object; ``duplicates`` holds the keys that appeared more than once (the last value is kept)."""
+
+    duplicates: frozenset[str] = frozenset()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Pairs:
+    obj = _Pairs(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        obj.duplicates = frozenset(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+    return obj
+
+
+class _NotJson(ValueError):
+    """A JSON value serde_json refuses although Python's json module reads it."""
+
+
+def _refuse_constant(text: str) -> Any:
+    raise _NotJson(f"{text} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _NotJson(f"number out of range: {text[:20]}")
+    return value
+
+
+def _integer(text: str) -> int | float:
+    # serde_json reads "-0" as the float -0.0, and integers beyond 64 bits as floats.
+    if text == "-0":
+        return -0.0
+    if len(text.lstrip("-")) > 20:
+        return _finite_float(text)
+    return int(text)
+
+
+def _nesting_depth(text: bytes) -> int:
+    """The deepest nesting of [ and { in a JSON text, outside strings; vectorised (headers reach 100 MB)."""
+    import numpy as np
+
+    outside_strings = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b'""', text)
+    codes = np.frombuffer(outside_strings, dtype=np.uint8)
+    deepest, level = 0, 0
+    for begin in range(0, len(codes), 1 << 22):
+        chunk = codes[begin:begin + (1 << 22)]
+        steps = ((chunk == ord("[")) | (chunk == ord("{"))).astype(np.int64)
+        steps -= (chunk == ord("]")) | (chunk == ord("}"))
+        if not steps.any():
+            continue
+        levels = np.cumsum(steps) + level
+        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
+
+
+def _parse_header_json(file: Path, raw: bytes) -> Any:
+    """The header's JSON value, read as serde_json reads it (strict UTF-8, finite numbers, bounded nesting)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DeltakitError(f"{file} is corrupt: its safetensors header is not UTF-8") from None
+    if _nesting_depth(raw) > _MAX_NESTING:
+        raise DeltakitError(f"{file} is corrupt: its safetensors header is nested more than {_MAX_NESTING} deep")
+    try:
+        header = json.loads(text, object_pairs_hook=_object, parse_constant=_refuse_constant,
+                            parse_float=_finite_float, parse_int=_integer)
+    except (ValueError, RecursionError):  # JSONDecodeError and _NotJson are ValueErrors
+        raise DeltakitError(f"{file} is corrupt: its safetensors header is not valid JSON") from None
+    if "\\u" in text and re.search(r"\\u[dD][89a-fA-F]", text):
+        try:  # a lone surrogate escape, which Python keeps and serde_json refuses
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DeltakitError(f"{file} is corrupt: its safetensors header has an unpaired \\u surrogate escape") from None
+    return header
+
+
+def _usize(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _USIZE_MAX
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _dtype_name(value: Any) -> str | None:
+    """A dtype given as "F32", or as the unit-variant object {"F32": null} serde also accepts."""
+    if isinstance(value, str):
+        return value if value in _SAFETENSORS_BITS else None
+    if isinstance(value, dict) and len(value) == 1 and not value.duplicates:
+        (name, unit), = value.items()
+        return name if name in _SAFETENSORS_BITS and unit is None else None
+    return None
+
+
+def _validate_header(file: Path, header: Any, data_len: int) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """Name -> (shape, dtype, data offset relative to the data), checked as safetensors' Metadata::validate does."""
     if not isinstance(header, dict):
         raise DeltakitError(f"{file} is corrupt: its safetensors header is not a JSON object")
-    out: dict[str, tuple[tuple[int, ...], str, int]] = {}
-    data_len = size - 8 - header_len
+    if "__metadata__" in header.duplicates:
+        raise DeltakitError(f"{file} is corrupt: its safetensors header has __metadata__ twice")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise DeltakitError(f"{file} is corrupt: its __metadata__ is not an object of strings")
+    entries: list[tuple[int, int, str, tuple[int, ...], str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            begin, end = entry["data_offsets"]
-            shape = tuple(int(d) for d in entry["shape"])
-            dtype = str(entry["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise DeltakitError(f"{file} is corrupt: bad header entry for {name}") from None
-        if end > data_len or begin > end:
+        where = f"{file} is corrupt: tensor {name}"
+        if not isinstance(entry, dict):
+            raise DeltakitError(f"{where}: its header entry is {_short(entry)}, not an object")
+        missing = [f for f in _TENSOR_FIELDS if f not in entry]
+        if missing or entry.duplicates & set(_TENSOR_FIELDS):
+            problem = f"has no {missing[0]}" if missing else f"gives {sorted(entry.duplicates & set(_TENSOR_FIELDS))[0]} twice"
+            raise DeltakitError(f"{where}: its header entry {problem}")
+        dtype = _dtype_name(entry["dtype"])
+        if dtype is None:
+            raise DeltakitError(f"{where} has unknown dtype {_short(entry['dtype'])}")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_usize(d) for d in shape):
+            raise DeltakitError(f"{where}: shape {_short(shape)} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_usize(o) for o in offsets):
+            raise DeltakitError(f"{where}: data_offsets {_short(offsets)} are not two non-negative integers")
+        entries.append((offsets[0], offsets[1], name, tuple(shape), dtype))
+    entries.sort(key=lambda e: (e[0], e[1]))  # as safetensors: any order in the file, contiguous once sorted
+    out: dict[str, tuple[tuple[int, ...], str, int]] = {}
+    covered = 0
+    for begin, end, name, shape, dtype in entries:
+        where = f"{file} is corrupt: tensor {name}"
+        if begin != covered or end < begin:
             raise DeltakitError(
-                f"{file} is truncated: tensor {name} ends at byte {end} of the data, which holds {data_len}"
-            )
-        numel = 1
-        for d in shape:
-            numel *= d
-        element = _SAFETENSORS_DTYPES.get(dtype)
-        if element is not None and numel * torch.empty((), dtype=element).element_size() != end - begin:
-            raise DeltakitError(f"{file} is corrupt: tensor {name} has {end - begin} bytes for shape {shape} {dtype}")
-        out[name] = (shape, dtype, 8 + header_len + begin)
+                f"{where}: invalid data_offsets [{begin}, {end}] (the previous tensor's data ends at byte {covered}; "
+                "tensors must cover the data contiguously, without gaps or overlaps)")
+        covered = end
+        elements = 1
+        for d in shape:  # in order, overflowing as a 64-bit product would
+            elements *= d
+            if elements > _USIZE_MAX:
+                raise DeltakitError(f"{where}: shape {list(shape)} has more elements than 64 bits count")
+        bits = elements * _SAFETENSORS_BITS[dtype]
+        if bits > _USIZE_MAX:
+            raise DeltakitError(f"{where}: shape {list(shape)} {dtype} has more bits than 64 bits count")
+        if bits % 8:
+            raise DeltakitError(f"{where}: shape {list(shape)} {dtype} does not end on a byte boundary")
+        if bits // 8 != end - begin:
+            raise DeltakitError(f"{where} has {end - begin} bytes for shape {list(shape)} {dtype} ({bits // 8} expected)")
+        out[name] = (shape, dtype, begin)
+    if covered > data_len:
+        raise DeltakitError(f"{file} is truncated: its tensors need {covered:,} bytes of data, the file holds {data_len:,}")
+    if covered < data_len:
+        raise DeltakitError(f"{file} is corrupt: {data_len - covered:,} bytes after the last tensor's data "
+                            "(the header does not describe the whole file)")
     return out
 
 

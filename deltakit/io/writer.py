@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TypeVar
@@ -28,6 +31,7 @@ T = TypeVar("T")
 import torch
 
 from deltakit.errors import DeltakitError
+from deltakit.io.atomic import fsync_enabled, fsync_path
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 # Threads for reading or writing many tensors: a copy into or out of the page cache is bound by
@@ -100,7 +104,13 @@ class ShardedWriter:
         self._written: set[str] = set()
         self._rows_written: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Durability: a shard this writer filled completely is fsynced by the thread that finished
+        # it, overlapping the rest of the work; finish() fsyncs the others it wrote into.
+        self._unwritten = {self.folder / name: {t.name for t in shard} for shard, name in zip(self.shards, self.file_names)}
+        self._touched: set[Path] = set()
+        self._synced: set[Path] = set()
         meta = {"format": "pt", **(metadata or {})}
+        files = []
         for shard, file_name in zip(self.shards, self.file_names):
             path = self.folder / file_name
             header: dict[str, object] = {"__metadata__": meta}
@@ -112,14 +122,20 @@ class ShardedWriter:
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)
             start = 8 + len(blob)
-            if create_files:  # else another process made them (see deltakit.distributed)
-                with open(path, "wb") as fh:
-                    fh.write(len(blob).to_bytes(8, "little"))
-                    fh.write(blob)
-                    fh.truncate(start + offset)
+            files.append((path, blob, start + offset))
             for t in shard:
                 begin = header[t.name]["data_offsets"][0]  # type: ignore[index]
                 self._where[t.name] = (path, start + begin, t)
+        if create_files:  # else another process made them (see deltakit.distributed)
+            check_free_space(self.folder, sum(size for _, _, size in files))
+            for path, blob, size in files:
+                try:
+                    with open(path, "wb") as fh:
+                        fh.write(len(blob).to_bytes(8, "little"))
+                        fh.write(blob)
+                        fh.truncate(size)
+                except OSError as exc:
+                    raise _write_error(exc, path, f"its header, sized for {size:,} bytes") from None
 
     def interleaved(self, items: Iterable[T], name_of: Callable[[T], str] = str) -> list[T]:
         """``items`` (tensor names, or anything ``name_of`` maps to one) reordered round-robin over
@@ -152,17 +168,35 @@ class ShardedWriter:
         if tuple(tensor.shape) != tuple(expected) or tensor.dtype != planned.dtype:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {planned.shape} {planned.dtype}")
         data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
-        fd = os.open(path, os.O_WRONLY)
+        first, total = offset, len(data)
         try:
-            while data:  # pwrite: threads (and processes) may write other tensors of the same file at once
-                written = os.pwrite(fd, data, offset)
-                data, offset = data[written:], offset + written
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                while data:  # pwrite: threads (and processes) may write other tensors of the same file at once
+                    written = os.pwrite(fd, data, offset)
+                    data, offset = data[written:], offset + written
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _write_error(exc, path, f"tensor {name}, {total:,} bytes at byte {first:,}") from None
+        complete = False
         with self._lock:
+            self._touched.add(path)
             self._rows_written[name] = self._rows_written.get(name, 0) + (tensor.shape[0] if planned.shape else 1)
             if self._rows_written[name] >= rows:
                 self._written.add(name)
+                self._unwritten[path].discard(name)
+                complete = not self._unwritten[path] and path not in self._synced
+                if complete:
+                    self._synced.add(path)
+        if complete and fsync_enabled():
+            self._fsync(path)
+
+    def _fsync(self, path: Path) -> None:
+        try:
+            fsync_path(path)
+        except OSError as exc:
+            raise _write_error(exc, path, "its data to disk (fsync)") from None
 
     def finish(self, extra_index_metadata: dict[str, object] | None = None, expected: Iterable[str] | None = None,
                write_index: bool = True) -> list[Path]:
@@ -170,6 +204,11 @@ class ShardedWriter:
         missing = [name for name in (self._where if expected is None else expected) if name not in self._written]
         if missing:
             raise DeltakitError(f"internal: {len(missing)} planned tensors were never written, first {missing[0]}")
+        if fsync_enabled():  # every file this process wrote into (others fsync their own writes)
+            unsynced = sorted(self._touched - self._synced)
+            with ThreadPoolExecutor(max_workers=max(1, min(IO_THREADS, len(unsynced)))) as pool:
+                list(pool.map(self._fsync, unsynced))
+            self._synced.update(unsynced)
         paths = [self.folder / n for n in self.file_names]
         if len(paths) > 1 and write_index:
             total = sum(t.nbytes for shard in self.shards for t in shard)
@@ -179,6 +218,38 @@ class ShardedWriter:
             }
             (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return paths
+
+
+def _write_error(exc: OSError, path: Path, what: str) -> OSError:
+    """The same OSError (errno kept: full disk, quota, file-size limit...) saying what was being written."""
+    return OSError(exc.errno, f"{exc.strerror or exc} (writing {what})", str(path))
+
+
+def check_free_space(folder: Path, nbytes: int) -> None:
+    """Refuse early, with the numbers, when the file system holding ``folder`` has less free space than ``nbytes``.
+
+    Quotas are not seen here; they, and a disk filling up meanwhile, surface as write errors.
+    """
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < nbytes:
+        raise DeltakitError(f"not enough free space for {folder}: the output needs {_size(nbytes)}, "
+                            f"the file system has {_size(free)} free; nothing was written")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit} ({nbytes:,} bytes)"
+    return f"{nbytes:,} bytes"
+
+
+# Tests only: with DELTAKIT_TEST_HOLD_WRITE=PATH, a BackgroundWriter stops once a tensor is on disk,
+# creates PATH.<pid> and waits until that file is removed, so that a test can signal or kill the
+# process at a known point of a write (no sleeps as synchronisation).
+_HOLD_ENV = "DELTAKIT_TEST_HOLD_WRITE"
 
 
 class BackgroundWriter:
@@ -203,6 +274,9 @@ class BackgroundWriter:
         self._queue: "queue.Queue[tuple[str, torch.Tensor, Callable[[], None] | None, int | None] | None]" = queue.Queue(
             maxsize=max(1, depth))
         self._error: BaseException | None = None
+        self._hold = os.environ.get(_HOLD_ENV)
+        self._wrote_one = threading.Event()
+        self._queued = False
         self._threads = [threading.Thread(target=self._run, name=f"deltakit-writer-{i}", daemon=True)
                          for i in range(max(1, workers))]
         for thread in self._threads:
@@ -219,8 +293,10 @@ class BackgroundWriter:
                     if ready is not None:
                         ready()
                     self.writer.write(name, tensor, start_row)
+                    self._wrote_one.set()
                 except BaseException as exc:  # re-raised in the caller's thread
                     self._error = exc
+                    self._wrote_one.set()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -230,7 +306,18 @@ class BackgroundWriter:
               start_row: int | None = None) -> None:
         """Queue ``tensor`` (or rows from ``start_row``, see :meth:`ShardedWriter.write`) for writing."""
         self._raise_if_failed()
+        if self._hold and self._wrote_one.is_set():
+            self._hold_here()
+        self._queued = True
         self._queue.put((name, tensor if ready is not None else tensor.detach().to("cpu"), ready, start_row))
+
+    def _hold_here(self) -> None:
+        """See _HOLD_ENV: tests only."""
+        marker, self._hold = Path(f"{self._hold}.{os.getpid()}"), None
+        self._wrote_one.wait()
+        marker.touch()
+        while marker.exists():
+            time.sleep(0.01)
 
     def close(self) -> None:
         """Stop the threads after the queued writes (safe to call twice)."""
@@ -242,6 +329,8 @@ class BackgroundWriter:
 
     def finish(self, extra_index_metadata: dict[str, object] | None = None, expected: Iterable[str] | None = None,
                write_index: bool = True) -> list[Path]:
+        if self._hold and self._queued:
+            self._hold_here()
         self.close()
         self._raise_if_failed()
         return self.writer.finish(extra_index_metadata, expected, write_index)
