@@ -2,7 +2,8 @@
 # Every GPU measurement of a session, in calls that each fit the device tool's 10 minutes:
 #   bash bench/gpu_all.sh bench   # 7B rows (rank before/after the noise-aware spectra, extract, merge),
 #                                 # DoRA vs LoRA merge, adapter resize in factor space
-#   bash bench/gpu_all.sh more    # the CUDA test paths, MoE slice, compare vs rank, durability
+#   bash bench/gpu_all.sh more    # the CUDA test paths, MoE slice, durability (fsync on/off)
+#   bash bench/gpu_all.sh compare # compare on two fine-tunes vs rank on one pair (reuses the 7B pair)
 # Results land in $OUT (the device tool's output folder; any folder elsewhere). "Before" is the
 # tree in .old/ (git archive of the commit before, carried beside the repo; skipped if absent).
 set -uo pipefail
@@ -36,6 +37,11 @@ more)
     log "MoE slice"
     python3 -m bench.moe_bench --preset gpt-oss-20b --device cuda --workdir /tmp/dk-moe --out "$OUT/moe"
     rm -rf /tmp/dk-moe
+    log "durability: fsync on and off"
+    python3 bench/durability_bench.py --preset 7b --device auto --workdir /tmp/dk-durability --out "$OUT/durability" --repeats 2
+    rm -rf /tmp/dk-durability
+    ;;
+compare)
     log "compare vs rank"
     python3 -m bench.compare_bench --preset 7b --device cuda --workdir "$W" --out "$OUT/compare" --repeats 1
     ;;
