@@ -8,15 +8,18 @@
 # tree in .old/ (git archive of the commit before, carried beside the repo; skipped if absent).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-bench/results/gpu}
+PART=${1:-bench}
+FINAL=${OUT:-bench/results/gpu}
+OUT=/tmp/dk-gpu-results/$PART  # staged, then packed into $FINAL/$PART.tgz (the device tool returns few files)
 W=${DK_BENCH_WORK:-/tmp/dk-bench}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$FINAL"
+trap 'tar czf "$FINAL/$PART.tgz" -C /tmp/dk-gpu-results "$PART"' EXIT
 cd "$(dirname "$0")/.."
 log() { echo "== $(date +%T) $*"; }
 nvidia-smi -L 2>/dev/null
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 
-case "${1:-bench}" in
+case "$PART" in
 bench)
     if [ -d .old ]; then
         log "rank before (.old)"
