@@ -37,6 +37,8 @@ more)
     python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
     python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_spectral.py tests/test_metrics.py \
         2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+    log "where rank's time goes per matrix"
+    python3 -m bench.probes.rank_parts --device cuda --out "$OUT/parts"
     log "MoE slice"
     python3 -m bench.moe_bench --preset gpt-oss-20b --device cuda --workdir /tmp/dk-moe --out "$OUT/moe"
     rm -rf /tmp/dk-moe
@@ -45,6 +47,12 @@ more)
     rm -rf /tmp/dk-durability
     ;;
 compare)
+    if [ -d .old ]; then
+        log "rank before (.old), again"
+        (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
+    fi
+    log "rank after, again"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 200
     log "compare vs rank"
     python3 -m bench.compare_bench --preset 7b --device cuda --workdir "$W" --out "$OUT/compare" --repeats 1
     ;;

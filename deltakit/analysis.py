@@ -278,11 +278,12 @@ def _fro(tensor: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
 
 
-def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = True) -> Spectrum:
+def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = True,
+                    base_fro: float | None = None) -> Spectrum:
     """The :class:`Spectrum` of one ΔW, with its storage rounding estimated (``rounding``) or known to be absent."""
     pair, delta = item.pair, item.delta
     delta_fro = _fro(delta)
-    _require_finite(pair.name, delta_fro, _fro(item.base))
+    _require_finite(pair.name, delta_fro, _fro(item.base) if base_fro is None else base_fro)
     noise = storage_noise(item.base, delta, pair.base_dtype, pair.ft_dtype) if rounding else exact_noise(delta)
     energy = delta_fro ** 2
     if energy == 0.0:
@@ -297,8 +298,9 @@ def analyse_matrix(
 ) -> tuple[MatrixResult, np.ndarray]:
     """Metrics and the resolved spectrum of one ΔW (``rounding``: estimate the storage rounding in it)."""
     pair = item.pair
-    spectrum = matrix_spectrum(item, options, rounding)
-    delta_fro, base_fro = math.sqrt(spectrum.total_energy), _fro(item.base)
+    base_fro = _fro(item.base)
+    spectrum = matrix_spectrum(item, options, rounding, base_fro)
+    delta_fro = math.sqrt(spectrum.total_energy)
     shape = spectrum.shape
     noise = spectrum.noise
     result = MatrixResult(

@@ -172,18 +172,20 @@ def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dty
     if delta.numel() == 0:
         return StorageNoise(0.0, 0.0, 0.0, 0.0, 0, "exact")
     scale = update_scale(delta) if base_dtype == ft_dtype else None
-    energy, unchanged, row_max = 0.0, 0, 0.0
+    # Sums stay on the device until the end: one synchronisation per matrix, not one per block.
+    row_energy = torch.empty(m, dtype=torch.float64, device=delta.device)
     col_energy = torch.zeros(n, dtype=torch.float64, device=delta.device)
+    unchanged = torch.zeros((), dtype=torch.int64, device=delta.device)
     for block in row_blocks((m, n)):
         variance = rounding_variance(base[block], delta[block], base_dtype, ft_dtype,
                                      scale.at(block) if scale is not None else None)
-        rows = variance.sum(dim=1, dtype=torch.float64)
-        energy += float(rows.sum())
-        row_max = max(row_max, float(rows.max()))
+        row_energy[block] = variance.sum(dim=1, dtype=torch.float64)
         col_energy += variance.sum(dim=0, dtype=torch.float64)
-        unchanged += int((delta[block] == 0).sum())
+        unchanged += (delta[block] == 0).sum()
+    energy, row_max, col_max, unchanged_count = torch.stack(
+        [row_energy.sum(), row_energy.max(), col_energy.max(), unchanged.double()]).tolist()
     return StorageNoise(
-        energy=energy, row_energy_max=row_max, col_energy_max=float(col_energy.max()),
-        unchanged_fraction=unchanged / delta.numel(), numel=delta.numel(),
+        energy=energy, row_energy_max=row_max, col_energy_max=col_max,
+        unchanged_fraction=unchanged_count / delta.numel(), numel=delta.numel(),
         model="shared-grid" if base_dtype == ft_dtype else "independent",
     )

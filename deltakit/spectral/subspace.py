@@ -92,7 +92,8 @@ def amplification_factor(weight: torch.Tensor, delta_fro: float, u: torch.Tensor
     """
     if u.shape[1] == 0:
         return None
-    projected = u.T.to(torch.float64) @ weight.to(torch.float64) @ vh.T.to(torch.float64)
+    # U_rᵀ W in the vectors' dtype (k×n; W is never copied whole to float64), the k×k rest in float64
+    projected = (u.T @ weight.to(u.dtype)).to(torch.float64) @ vh.T.to(torch.float64)
     denominator = float(torch.linalg.vector_norm(projected))
     if denominator == 0.0 or not math.isfinite(denominator):
         return None
