@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from deltakit.errors import DeltakitError
-
 from deltakit_cli.common import device_option, force_option, user_errors
 
 KINDS = ("overview", "energy", "heatmap", "error", "spectrum")
@@ -26,7 +24,8 @@ Examples:
 
 @click.command("plot", epilog=PLOT_EXAMPLES)
 @click.argument("spectra", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FIG.png",
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FIG.png",
               help="Figure to write; its suffix picks the format (.png, .pdf, .svg).")
 @click.option("--kind", type=click.Choice(KINDS), default="overview", show_default=True,
               help="overview: the three panels below in one figure; energy: energy captured vs rank k; "
@@ -48,7 +47,7 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
                  base: Path | None, ft: Path | None, device: str, force: bool) -> None:
     """Draw figures of the ΔW spectra saved by `deltakit rank --save-spectra`.
 
-    SPECTRA is that file; the figure goes to --output. --kind spectrum also reads the two
+    SPECTRA is that file; the figure goes to --out. --kind spectrum also reads the two
     checkpoints (--base, --ft) to show W_base and W_ft next to ΔW.
     """
     import matplotlib
@@ -57,6 +56,7 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
     import matplotlib.pyplot as plt
 
     from deltakit import plot
+    from deltakit.errors import DeltakitError
     from deltakit.io.spectra import load_spectra
 
     values, info = load_spectra(spectra)
@@ -88,6 +88,8 @@ def _checkpoint_path(given: Path | None, recorded: str | None, option: str) -> P
     """The checkpoint the user named, else the one the spectra file records when it exists here."""
     if given is not None:
         return given
+    from deltakit.errors import DeltakitError
+
     if recorded and Path(recorded).exists():
         return Path(recorded)
     where = f"; the spectra file records {recorded}, which is not found here" if recorded else ""

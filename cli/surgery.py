@@ -6,10 +6,9 @@ from typing import Any
 
 import click
 
-from deltakit.spectral.options import SpectralOptions
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers, progress,
-    spectral_options, user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, include_option, out_option, parallel_workers,
+    progress, spectral_options, user_errors, write_json,
 )
 
 NOT_CARRIED_SHOWN = 5
@@ -53,7 +52,7 @@ def _check_outputs(json_path: str | None, force: bool) -> None:
 @click.command("extract", epilog=EXTRACT_EXAMPLES)
 @click.argument("base")
 @click.argument("ft")
-@click.option("--out", "-o", required=True, metavar="ADAPTER", help="Adapter folder to write (PEFT format).")
+@out_option("ADAPTER", "Adapter folder to write (PEFT format).", required=True)
 @click.option("--rank", "-r", type=int, help="The same rank for every changed matrix.")
 @click.option("--energy", "-e", type=float, help="Per matrix, the smallest rank keeping this fraction of ||ΔW||_F².")
 @click.option("--budget", type=int, metavar="N",
@@ -80,6 +79,7 @@ def extract_command(base, ft, out, rank, energy, budget, max_rank, include, excl
     changed norms, biases and embeddings are reported, and carried whole with --save-modules.
     """
     from deltakit.lora import extract_lora
+    from deltakit.spectral.options import SpectralOptions
 
     _check_outputs(json_path, force)
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
@@ -126,7 +126,7 @@ def _merge_summary(report: Any) -> str:
 @click.command("merge", epilog=MERGE_EXAMPLES)
 @click.argument("base")
 @click.argument("adapter")
-@click.option("--out", "-o", required=True, metavar="OUT", help="Model folder to write.")
+@out_option("OUT", "Model folder to write.", required=True)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply the adapter's update by this.")
 @device_option
 @_output_options
@@ -155,7 +155,7 @@ def merge_command(base, adapter, out, scale, device, json_path, quiet, allow_pic
 @click.command("unmerge", epilog=UNMERGE_EXAMPLES)
 @click.argument("merged")
 @click.argument("adapter")
-@click.option("--out", "-o", required=True, metavar="OUT", help="Model folder to write.")
+@out_option("OUT", "Model folder to write.", required=True)
 @click.option("--check", "check", metavar="BASE", help="Report the distance of the result from this original base.")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="The scale the adapter was merged with.")
 @click.option("--keep-replaced", is_flag=True,
