@@ -67,9 +67,9 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
     elif kind == "energy":
         figure = plot.plot_energy_curves(values, info, energy=energy).figure
     elif kind == "heatmap":
-        figure = plot.plot_rank_heatmap(info, values, energy=energy).figure
+        figure = plot.plot_rank_heatmap(values, info, energy=energy).figure
     elif kind == "error":
-        figure = plot.plot_error_vs_rank(values, names=matrices or None, info=info, energy=energy).figure
+        figure = plot.plot_error_vs_rank(values, info, names=matrices or None, energy=energy).figure
     else:
         if len(matrices) != 1:
             raise DeltakitError("--kind spectrum needs exactly one --matrix NAME")
