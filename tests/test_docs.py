@@ -169,6 +169,48 @@ def test_every_doc_has_runnable_commands():
         "a command with a placeholder (BASE, FT, ...) runs: make it concrete or mark its block not-run"
 
 
+def test_the_checks_catch_drift(tmp_path, monkeypatch):
+    """Each check fails where the doc and the program disagree."""
+    monkeypatch.chdir(tmp_path)
+    Path("written.json").write_text("{}")
+    fine = Step("doc.md", 1, args=["rank", "a", "b", "--json", "written.json"], pasted=["one", "two"])
+    check_step(fine, 0, "one\ntwo\n")
+    with pytest.raises(AssertionError, match="2 lines pasted, 3 printed"):
+        check_step(fine, 0, "one\ntwo\nthree\n")
+    check_step(Step("doc.md", 1, args=["rank"], pasted=["one", "...", "three"]), 0, "one\ntwo\nthree\nfour\n")
+    with pytest.raises(AssertionError, match="missing.json was not written"):
+        check_step(Step("doc.md", 1, args=["rank", "--json", "missing.json"], pasted=[]), 0, "")
+    with pytest.raises(AssertionError, match="exit 1"):
+        check_step(fine, 1, "Error: no\n")
+    refusal = Step("doc.md", 1, args=["merge"], pasted=["Error: merged already exists; pass --force to overwrite it"])
+    check_step(refusal, 1, "Error: merged already exists; pass --force to overwrite it\n")
+    with pytest.raises(AssertionError, match="the doc says it fails"):
+        check_step(refusal, 0, "")
+    with pytest.raises(AssertionError, match="the doc pastes"):
+        check_step(refusal, 1, "Error: something else\n")
+
+
+def test_markers_and_block_kinds(tmp_path):
+    """not-run skips a block, run runs a python block, bash lines and console `$ ` lines are commands."""
+    doc = tmp_path / "x.md"
+    doc.write_text("\n".join([
+        "```bash", "deltakit rank a b \\", "    --json r.json   # comment", "pip install x", "```",
+        "<!-- not-run: needs network -->", "```bash", "deltakit rank hub/model b", "```",
+        "```python", "print('not run')", "```",
+        "<!-- run -->", "```python", "print('run')", "```",
+        "```console", "$ deltakit merge a b -o m", "Error: m already exists", "$ torchrun -m deltakit_cli.main x", "```",
+    ]))
+    monkeypatch_repo = pytest.MonkeyPatch()
+    monkeypatch_repo.setattr(sys.modules[__name__], "REPO", tmp_path)
+    try:
+        steps = steps_of(doc)
+    finally:
+        monkeypatch_repo.undo()
+    assert [(s.args, s.code) for s in steps] == [(["rank", "a", "b", "--json", "r.json"], ""), ([], "print('run')"),
+                                                 (["merge", "a", "b", "-o", "m"], "")]
+    assert steps[2].expects_error == "Error: m already exists" and promised_files(steps[0].args) == ["r.json"]
+
+
 def test_docs_run_in_sequence_in_one_folder(tmp_path, monkeypatch):
     """README.md then the guide then the other docs, as a new user runs them, on the CPU."""
     from click.testing import CliRunner
