@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -78,7 +77,7 @@ def compare(one: Path, two: Path) -> dict:
         float_differences(json.loads((one / report).read_text()), json.loads((two / report).read_text()),
                           report, floats, other)
         result["reports"][report] = {"non_float_differences": other[:5],
-                                     "worst_relative": {re.sub(r"^\S+?\.", "", k): float(f"{v:.2g}")
+                                     "worst_relative": {k.removeprefix(report + "."): float(f"{v:.2g}")
                                                         for k, v in sorted(floats.items(), key=lambda kv: -kv[1])}}
     for path in sorted(p for p in one.rglob("*") if p.is_file() and p.parent != one):
         name = str(path.relative_to(one))
