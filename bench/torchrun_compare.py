@@ -88,8 +88,8 @@ def compare(one: Path, two: Path) -> dict:
             a, b = load_file(str(path)), load_file(str(other_path))
             differ = sum(int((a[k] != b[k]).sum()) for k in a)
             total = sum(a[k].numel() for k in a)
-            worst = max(((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-30)).item()
-                        for k in a)
+            worst = max(((a[k].double() - b[k].double()).abs().max()
+                         / a[k].double().abs().max().clamp_min(1e-30)).item() for k in a)
             result["files"][name] = f"{differ} of {total} elements differ; worst max|Δ|/max|W| {worst:.2e}"
         else:
             result["files"][name] = "bytes differ"

@@ -30,7 +30,8 @@ def _optional_commands() -> list[click.Command]:
     return found
 
 
-@click.group("deltakit", cls=DeltakitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group("deltakit", cls=DeltakitGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="deltakit", prog_name="deltakit")  # the installed version; no torch import
 def cli() -> None:
     """deltakit: what did fine-tuning change, and can it be a LoRA?

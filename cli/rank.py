@@ -116,7 +116,8 @@ def demo_command(keep, device, force):
     with tempfile.TemporaryDirectory(prefix="deltakit-demo-") as tmp:
         folder = Path(keep) if keep else Path(tmp)
         base, ft = write_demo_pair(folder, force=force)
-        where = f"to {folder}" if keep else "to a temporary folder, deleted when this command ends (--keep DIR keeps it)"
+        where = (f"to {folder}" if keep
+                 else "to a temporary folder, deleted when this command ends (--keep DIR keeps it)")
         click.echo(f"demo pair written {where}; q_proj, v_proj: merged rank-{DEMO_LORA_RANK} LoRA; "
                    "MLP: dense update; rest unchanged", err=True)
         report = rank(base, ft, (0.5, 0.9, 0.99), SpectralOptions(device=device), progress=progress)

@@ -58,7 +58,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise DeltakitError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeltakitError(f"device {text} asked for, but no CUDA GPU is available; use device='cpu' (--device cpu)")
+            raise DeltakitError(f"device {text} asked for, but no CUDA GPU is available; "
+                                "use device='cpu' (--device cpu)")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise DeltakitError(f"device {text} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
     elif resolved.type != "cpu":
@@ -293,8 +294,7 @@ def open_delta_source(
         source = DeltaSource(base_ckpt, ft_ckpt, None, [p for p in plan.pairs if keep(p)], [],
                              [{"name": s.name, "reason": s.reason} for s in plan.skipped], plan.only_base, plan.only_ft)
         if not source.pairs:
-            what = "weight matrices" if matrices_only else "tensor pairs"
-            raise DeltakitError(nothing_left_message(plan, what, kept=0 if matrices_only else None))
+            raise DeltakitError(nothing_left_message(plan, matrices_only))
     if not source.pairs:
         what = "weight matrices" if matrices_only else "tensor pairs"
         hint = " (check the include / exclude globs)" if include or exclude else ""

@@ -208,10 +208,10 @@ def pair_tensors(
     return plan
 
 
-def nothing_left_message(plan: PairPlan, what: str = "tensor pairs", kept: int | None = None) -> str:
+def nothing_left_message(plan: PairPlan, matrices_only: bool = False) -> str:
     """Why ``plan`` leaves nothing to compare: names matched, shapes that differ, names on one side only.
 
-    ``kept``: how many of ``plan.pairs`` the command can use (e.g. matrices only), when not all.
+    ``matrices_only``: the command compares weight matrices only, so 1-D pairs do not count.
     """
     shape = [s for s in plan.skipped if s.reason.startswith("shape mismatch")]
     other = [s for s in plan.skipped if not s.reason.startswith("shape mismatch")]
@@ -220,14 +220,16 @@ def nothing_left_message(plan: PairPlan, what: str = "tensor pairs", kept: int |
     if plan.filtered:
         parts.append(f"{plan.filtered} left out by the include / exclude globs")
     if shape:
-        parts.append(f"{len(shape)} differ in shape (first {shape[0].name}: {shape[0].reason.removeprefix('shape mismatch: ')})")
+        shapes = shape[0].reason.removeprefix("shape mismatch: ")
+        parts.append(f"{len(shape)} differ in shape (first {shape[0].name}: {shapes})")
     if other:
         parts.append(f"{len(other)} skipped (first {other[0].name}: {other[0].reason})")
-    if kept is not None and plan.pairs:
+    if matrices_only and plan.pairs:
         parts.append(f"{len(plan.pairs)} are not weight matrices (norms, biases)")
     only_base = len(plan.only_base)
-    parts.append(f"{only_base} name{'s' if only_base != 1 else ''} only in the base, {len(plan.only_ft)} only in the fine-tune")
-    return f"no {what} left to compare: " + "; ".join(parts)
+    parts.append(f"{only_base} name{'s' if only_base != 1 else ''} only in the base, {len(plan.only_ft)} only in the "
+                 "fine-tune")
+    return f"no {'weight matrices' if matrices_only else 'tensor pairs'} left to compare: " + "; ".join(parts)
 
 
 def _pair_one(

@@ -198,7 +198,8 @@ def test_markers_and_block_kinds(tmp_path):
         "<!-- not-run: needs network -->", "```bash", "deltakit rank hub/model b", "```",
         "```python", "print('not run')", "```",
         "<!-- run -->", "```python", "print('run')", "```",
-        "```console", "$ deltakit merge a b -o m", "Error: m already exists", "$ torchrun -m deltakit_cli.main x", "```",
+        "```console", "$ deltakit merge a b -o m", "Error: m already exists",
+        "$ torchrun -m deltakit_cli.main x", "```",
     ]))
     monkeypatch_repo = pytest.MonkeyPatch()
     monkeypatch_repo.setattr(sys.modules[__name__], "REPO", tmp_path)
