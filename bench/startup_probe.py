@@ -2,11 +2,13 @@
 
 Two parts, each a JSON line per measurement, in seconds:
 
-* the CLI's start-up, each case a new process, wall time (min and median over ``--repeat``):
-  ``deltakit --help``, ``--version``, ``rank --help``, a usage error (``rank a b --bogus``), and a
-  command's start-up up to its first user error (``rank`` on a missing path: the library is
-  imported, no file is read). ``--checkout DIR`` measures another checkout of the repository
-  (e.g. a ``git worktree`` of an older commit), for before/after figures;
+* the CLI's start-up, each case a new process, wall time and CPU time (user + system; less
+  sensitive than wall time to other work on a shared machine), min and median over ``--repeat``:
+  a bare ``python -c pass`` for reference, ``deltakit --help``, ``--version``, ``rank --help``, a
+  usage error (``rank a b --bogus``), and a command's start-up up to its first user error
+  (``rank`` on a missing path: the library is imported, no file is read). ``--checkout DIR``
+  measures another checkout of the repository (e.g. ``git archive COMMIT | tar -x -C DIR``),
+  for before/after figures. The load average is printed beside them;
 * ``import torch``, then what ``import deltakit`` adds, then CUDA start-up when there is a GPU.
 
 Run: python -m bench.startup_probe [--repeat 5] [--checkout DIR] [--skip-imports]
@@ -27,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {
+    "python -c pass (interpreter only)": None,
     "deltakit --help": ["--help"],
     "deltakit --version": ["--version"],
     "deltakit rank --help": ["rank", "--help"],
@@ -44,14 +47,18 @@ def cli_environment(checkout: Path, shim: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(shim), str(checkout)])}
 
 
-def time_cli(args: list[str], env: dict[str, str], repeat: int) -> tuple[list[float], int]:
-    """Wall seconds of ``repeat`` fresh processes running the CLI with ``args``; and the last exit code."""
-    seconds, code = [], 0
+def time_cli(args: list[str] | None, env: dict[str, str], repeat: int) -> tuple[list[float], list[float], int]:
+    """Wall and CPU seconds of ``repeat`` fresh processes running the CLI with ``args`` (None: ``python -c pass``)."""
+    command = [sys.executable, "-c", "pass"] if args is None else [sys.executable, "-c", LAUNCH, *args]
+    wall, cpu, code = [], [], 0
     for _ in range(repeat):
         start = time.perf_counter()
-        code = subprocess.run([sys.executable, "-c", LAUNCH, *args], env=env, capture_output=True).returncode
-        seconds.append(time.perf_counter() - start)
-    return seconds, code
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall.append(time.perf_counter() - start)
+        cpu.append(usage.ru_utime + usage.ru_stime)
+        process.returncode = code = os.waitstatus_to_exitcode(status)
+    return wall, cpu, code
 
 
 def probe_cli(checkout: Path, repeat: int) -> None:
@@ -59,10 +66,12 @@ def probe_cli(checkout: Path, repeat: int) -> None:
         env = cli_environment(checkout, Path(shim))
         time_cli(["--version"], env, 1)  # warm the file cache once
         for label, args in CASES.items():
-            seconds, code = time_cli(args, env, repeat)
+            wall, cpu, code = time_cli(args, env, repeat)
             print(json.dumps({"probe": label, "checkout": str(checkout), "exit_code": code,
-                              "min_s": round(min(seconds), 3), "median_s": round(statistics.median(seconds), 3),
-                              "runs": repeat}), flush=True)
+                              "wall_min_s": round(min(wall), 3), "wall_median_s": round(statistics.median(wall), 3),
+                              "cpu_min_s": round(min(cpu), 3), "cpu_median_s": round(statistics.median(cpu), 3),
+                              "runs": repeat, "load_average": [round(x, 1) for x in os.getloadavg()],
+                              "cpus": os.cpu_count()}), flush=True)
 
 
 def probe_imports() -> None:
