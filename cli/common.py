@@ -1,4 +1,9 @@
-"""What every command shares: one-line errors, device choice, progress on stderr, JSON output."""
+"""What every command shares: one-line errors, device choice, progress on stderr, JSON output.
+
+Nothing here imports torch, numpy or the library at module level: `deltakit --help`,
+`--version` and usage errors must answer in a fraction of a second. Commands import the
+library inside their bodies (tests/test_cli_errors.py checks that torch stays unloaded).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,24 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
 import click
 
-from deltakit.errors import DeltakitError
-
 if TYPE_CHECKING:
     from deltakit.distributed import Parallel
 
 T = TypeVar("T")
+
+# The library names a setting in both spellings, "force=True (--force)"; the CLI keeps the flag.
+_PYTHON_AND_FLAG = re.compile(r"\b[a-z_]+=\S+? \((--[a-z][a-z0-9-]*(?: [a-z0-9:._-]+)?)\)")
+
+
+def cli_terms(message: str) -> str:
+    """A library message in command-line terms: 'pass force=True (--force)' -> 'pass --force'."""
+    return _PYTHON_AND_FLAG.sub(r"\1", message)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """A DeltakitError, looked up without importing the library (it is loaded once a command ran)."""
+    errors = sys.modules.get("deltakit.errors")
+    return errors is not None and isinstance(exc, errors.DeltakitError)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -76,8 +93,6 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 return command(*args, **kwargs)
         except Interrupted as exc:
             _fail(str(exc), code=128 + exc.signum)
-        except DeltakitError as exc:
-            _fail(str(exc))
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as exc:
             _fail(f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc))
         except BrokenPipeError:  # `deltakit rank ... | head`: the reader left; nothing to say
@@ -87,8 +102,49 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(exc))
         except KeyboardInterrupt:  # raised before the handlers were in place, or by other code
             _fail("interrupted (SIGINT)", code=130)
+        except Exception as exc:  # noqa: BLE001 -- only DeltakitError is handled; anything else is a bug
+            if not _is_user_error(exc):
+                raise
+            _fail(cli_terms(str(exc)))
 
     return wrapper
+
+
+def usage_error_line(exc: click.ClickException) -> str:
+    """click's usage error as one line with the help hint: "no such option: --x (see 'deltakit rank --help')"."""
+    message = exc.format_message().strip().replace("\n", " ")
+    if message.endswith(".") and not message.endswith(".."):
+        message = message[:-1]
+    if len(message) > 1 and message[0].isupper() and message[1].islower():
+        message = message[0].lower() + message[1:]
+    context = getattr(exc, "ctx", None)
+    if context is None:
+        return message
+    return f"{message} (see '{context.command_path} --help')"
+
+
+class DeltakitGroup(click.Group):
+    """The `deltakit` group: click's own errors become one ``Error:`` line and exit 1, like ours.
+
+    click prints usage errors (unknown option, bad choice, value out of range) as a usage
+    block, a hint and the error, exit 2; here they are one line that names the help to read.
+    ``deltakit`` alone prints the help.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else "")
+            sys.exit(0)
+        except click.ClickException as exc:
+            _fail(usage_error_line(exc))
+        except click.Abort:
+            _fail("aborted; nothing was written", code=130)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 @contextlib.contextmanager
@@ -135,6 +191,14 @@ device_option = click.option(
     "--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
     help="Where the linear algebra runs; auto picks CUDA when there is a GPU.",
 )
+
+
+def out_option(metavar: str, help: str, required: bool = False, alias: bool = False) -> Callable[[T], T]:
+    """``-o/--out PATH``, one spelling for every command (``--output`` too where it was the name before)."""
+    names = ("-o", "--out", "--output") if alias else ("-o", "--out")
+    return click.option(*names, "out", required=required, metavar=metavar, help=help)
+
+
 force_option = click.option("--force", is_flag=True, help="Overwrite outputs that already exist.")
 include_option = click.option(
     "--include", multiple=True, metavar="GLOB",
@@ -179,5 +243,7 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        from deltakit.errors import DeltakitError
+
         raise DeltakitError(f"cannot read shard size {text!r}; use e.g. 5GB, 500MB or a number of bytes")
     return int(float(match.group(1)) * _UNITS[unit])

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import click
 
-from deltakit.spectral.options import SpectralOptions
-from deltakit.errors import DeltakitError
-from deltakit.io.writer import DEFAULT_SHARD_BYTES
 from deltakit_cli.common import (
-    allow_pickle_option, exclude_option, force_option, hub_options, include_option, parallel_workers, parse_size,
+    allow_pickle_option, exclude_option, force_option, hub_options, include_option, out_option, parallel_workers, parse_size,
     progress, spectral_options, user_errors, write_json,
 )
 
@@ -31,8 +28,8 @@ Examples:
                    "singular vector is below it (repeatable for a sweep; --scale uses the first).")
 @click.option("--scale", type=float, metavar="λ",
               help="Write a model in which each intruder's singular value is multiplied by λ ≥ 0 "
-                   "(0 removes them, 1 changes nothing) to --output.")
-@click.option("--output", "-o", metavar="DIR", help="Model folder written by --scale.")
+                   "(0 removes them, 1 changes nothing) to --out.")
+@out_option("DIR", "Model folder written by --scale.", alias=True)
 @click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
               help="Largest safetensors shard written by --scale (e.g. 5GB, 500MB).")
 @include_option
@@ -44,7 +41,7 @@ Examples:
 @force_option
 @hub_options
 @user_errors
-def intruders_command(base, ft, k, epsilon, scale, output, max_shard_size, include, exclude, device, exact, fp64,
+def intruders_command(base, ft, k, epsilon, scale, out, max_shard_size, include, exclude, device, exact, fp64,
                       json_path, quiet, allow_pickle, force):
     """Intruder dimensions: new top singular vectors of W_ft that no singular vector of W_base resembles.
 
@@ -54,11 +51,14 @@ def intruders_command(base, ft, k, epsilon, scale, output, max_shard_size, inclu
     intruder. LoRA fine-tunes grow them, full fine-tunes do not. With --scale λ -o DIR, a
     complete model is written in which each intruder's singular value is multiplied by λ.
     """
+    from deltakit.errors import DeltakitError
     from deltakit.intruders import intruders, render_report, scale_intruders
     from deltakit.io import check_output_path
+    from deltakit.io.writer import DEFAULT_SHARD_BYTES
+    from deltakit.spectral.options import SpectralOptions
 
-    if (scale is None) != (output is None):
-        raise DeltakitError("--scale and --output go together: --scale λ -o DIR writes the scaled model")
+    if (scale is None) != (out is None):
+        raise DeltakitError("--scale and -o/--out go together: --scale λ -o DIR writes the scaled model")
     if json_path and json_path != "-":
         check_output_path(json_path, force)
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
@@ -69,7 +69,7 @@ def intruders_command(base, ft, k, epsilon, scale, output, max_shard_size, inclu
             report = intruders(base, ft, k, epsilon, options, include, exclude, allow_pickle, progress=shown,
                                parallel=parallel)
         else:
-            report = scale_intruders(base, ft, output, scale, k, epsilon, options, include, exclude, allow_pickle,
+            report = scale_intruders(base, ft, out, scale, k, epsilon, options, include, exclude, allow_pickle,
                                      force, shard_bytes, progress=shown, parallel=parallel)
     if not parallel.is_main:
         return

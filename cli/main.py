@@ -1,10 +1,15 @@
-"""The `deltakit` command group."""
+"""The `deltakit` command group.
+
+Importing this module loads click and the command definitions only: the library (torch,
+numpy, matplotlib) is imported inside each command's body, so `deltakit --help`,
+`--version` and usage errors answer at once.
+"""
 
 from __future__ import annotations
 
 import click
 
-from deltakit import __version__
+from deltakit_cli.common import DeltakitGroup
 from deltakit_cli.rank import demo_command, rank_command
 
 COMMANDS = [rank_command, demo_command]
@@ -25,8 +30,9 @@ def _optional_commands() -> list[click.Command]:
     return found
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="deltakit")
+@click.group("deltakit", cls=DeltakitGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="deltakit", prog_name="deltakit")  # the installed version; no torch import
 def cli() -> None:
     """deltakit: what did fine-tuning change, and can it be a LoRA?
 

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from deltakit.errors import DeltakitError
-
 from deltakit_cli.common import device_option, force_option, hub_options, user_errors
 
 KINDS = ("overview", "energy", "heatmap", "error", "spectrum")
@@ -26,7 +24,8 @@ Examples:
 
 @click.command("plot", epilog=PLOT_EXAMPLES)
 @click.argument("spectra", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FIG.png",
+@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FIG.png",
               help="Figure to write; its suffix picks the format (.png, .pdf, .svg).")
 @click.option("--kind", type=click.Choice(KINDS), default="overview", show_default=True,
               help="overview: the three panels below in one figure; energy: energy captured vs rank k; "
@@ -49,7 +48,7 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
                  base: Path | None, ft: Path | None, device: str, force: bool) -> None:
     """Draw figures of the ΔW spectra saved by `deltakit rank --save-spectra`.
 
-    SPECTRA is that file; the figure goes to --output. --kind spectrum also reads the two
+    SPECTRA is that file; the figure goes to --out. --kind spectrum also reads the two
     checkpoints (--base, --ft) to show W_base and W_ft next to ΔW.
     """
     import matplotlib
@@ -58,6 +57,7 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
     import matplotlib.pyplot as plt
 
     from deltakit import plot
+    from deltakit.errors import DeltakitError
     from deltakit.io.spectra import load_spectra
 
     values, info = load_spectra(spectra)
@@ -68,9 +68,9 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
     elif kind == "energy":
         figure = plot.plot_energy_curves(values, info, energy=energy).figure
     elif kind == "heatmap":
-        figure = plot.plot_rank_heatmap(info, values, energy=energy).figure
+        figure = plot.plot_rank_heatmap(values, info, energy=energy).figure
     elif kind == "error":
-        figure = plot.plot_error_vs_rank(values, names=matrices or None, info=info, energy=energy).figure
+        figure = plot.plot_error_vs_rank(values, info, names=matrices or None, energy=energy).figure
     else:
         if len(matrices) != 1:
             raise DeltakitError("--kind spectrum needs exactly one --matrix NAME")
@@ -87,10 +87,11 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
 
 def _checkpoint_path(given: Path | None, recorded: str | None, option: str) -> Path:
     """The checkpoint the user named, else the one the spectra file records when it exists here (or is a hub id)."""
-    from deltakit.io.hub import parse_hub_id
-
     if given is not None:
         return given
+    from deltakit.errors import DeltakitError
+    from deltakit.io.hub import parse_hub_id
+
     if recorded and (Path(recorded).exists() or parse_hub_id(recorded) is not None):
         return Path(recorded)
     where = f"; the spectra file records {recorded}, which is not found here" if recorded else ""

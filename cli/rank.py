@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from deltakit.analysis import RankReport, rank
-from deltakit.spectral.options import SpectralOptions
-from deltakit.io.spectra import save_spectra
 from deltakit_cli.common import (
     allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
     progress, spectral_options, user_errors, write_json,
 )
+
+if TYPE_CHECKING:
+    from deltakit.analysis import RankReport
 
 RANK_EXAMPLES = """
 \b
@@ -28,6 +29,7 @@ Examples:
 
 def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str | None, spectra_path: str | None,
                       quiet: bool, force: bool) -> None:
+    from deltakit.io.spectra import save_spectra
     from deltakit.report import render_report, report_csv
 
     if json_path:
@@ -72,7 +74,9 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
     (above the rounding-noise floor), stable and effective rank, the rank that explains
     each --energy fraction, and that rank for a random matrix of the same shape.
     """
+    from deltakit.analysis import rank
     from deltakit.io import check_output_path
+    from deltakit.spectral.options import SpectralOptions
 
     for path in (json_path, csv_path, spectra_path):
         if path and path != "-":
@@ -85,25 +89,41 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
             emit_rank_outputs(report, json_path, csv_path, spectra_path, quiet, force)
 
 
-@click.command("demo")
-@click.option("--keep", metavar="DIR", help="Write the demo pair into DIR and keep it (default: a temporary folder).")
+DEMO_EXAMPLES = """
+\b
+Examples:
+  deltakit demo                          # in a temporary folder, deleted when it ends
+  deltakit demo --keep demo              # keep the pair: demo/base and demo/ft
+  deltakit rank demo/base demo/ft --json report.json
+"""
+
+
+@click.command("demo", epilog=DEMO_EXAMPLES)
+@click.option("--keep", metavar="DIR",
+              help="Write the demo pair into DIR (DIR/base, DIR/ft) and keep it; DIR must be empty or new "
+                   "unless --force. Default: a temporary folder, deleted when the command ends.")
 @device_option
+@force_option
 @user_errors
-def demo_command(keep, device):
+def demo_command(keep, device, force):
     """Write a small Llama-shaped base / fine-tune pair with known-rank deltas and run `rank` on it.
 
     q_proj and v_proj carry a merged rank-8 LoRA (rank must read 8), the MLP a dense
     update with a decaying spectrum, everything else is unchanged (rank 0). Nothing is
     downloaded.
     """
+    from deltakit.analysis import rank
     from deltakit.demo import DEMO_LORA_RANK, write_demo_pair
     from deltakit.report import render_report
+    from deltakit.spectral.options import SpectralOptions
 
     with tempfile.TemporaryDirectory(prefix="deltakit-demo-") as tmp:
         folder = Path(keep) if keep else Path(tmp)
-        base, ft = write_demo_pair(folder)
-        click.echo(f"demo pair written to {folder} (q_proj, v_proj: merged rank-{DEMO_LORA_RANK} LoRA; "
-                   "MLP: dense update; rest unchanged)", err=True)
+        base, ft = write_demo_pair(folder, force=force)
+        where = (f"to {folder}" if keep
+                 else "to a temporary folder, deleted when this command ends (--keep DIR keeps it)")
+        click.echo(f"demo pair written {where}; q_proj, v_proj: merged rank-{DEMO_LORA_RANK} LoRA; "
+                   "MLP: dense update; rest unchanged", err=True)
         report = rank(base, ft, (0.5, 0.9, 0.99), SpectralOptions(device=device), progress=progress)
         click.echo(render_report(report))
         if keep:

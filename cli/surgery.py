@@ -6,9 +6,8 @@ from typing import Any
 
 import click
 
-from deltakit.spectral.options import SpectralOptions
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
+    allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, out_option, parallel_workers,
     progress, spectral_options, user_errors, write_json,
 )
 
@@ -69,7 +68,7 @@ def _weights(text: str | None) -> list[float] | None:
 @click.command("extract", epilog=EXTRACT_EXAMPLES)
 @click.argument("base")
 @click.argument("ft", nargs=-1, required=True, metavar="FT|ADAPTER [ADAPTER...]")
-@click.option("--out", "-o", required=True, metavar="ADAPTER", help="Adapter folder to write (PEFT format).")
+@out_option("ADAPTER", "Adapter folder to write (PEFT format).", required=True)
 @click.option("--weights", metavar="W1,W2,...", help="With adapters: the weight of each one's ΔW in the sum (default 1 each).")
 @click.option("--rank", "-r", type=int, help="The same rank for every changed matrix.")
 @click.option("--energy", "-e", type=float, help="Per matrix, the smallest rank keeping this fraction of ||ΔW||_F².")
@@ -104,6 +103,7 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
     factor space (exact, without forming ΔW or reading BASE's weights).
     """
     from deltakit.lora import extract_lora
+    from deltakit.spectral.options import SpectralOptions
 
     _check_outputs(json_path, force)
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
@@ -171,7 +171,7 @@ _WEIGHTS_HELP = "One weight per adapter, comma-separated (default 1 each): W0 + 
 @click.command("merge", epilog=MERGE_EXAMPLES)
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--out", "-o", required=True, metavar="OUT", help="Model folder to write.")
+@out_option("OUT", "Model folder to write.", required=True)
 @click.option("--weights", metavar="W1,W2,...", help=_WEIGHTS_HELP)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every adapter's update by this.")
 @click.option("--dtype", metavar="float32|bfloat16|float16",
@@ -206,7 +206,7 @@ def merge_command(base, adapters, out, weights, scale, dtype, device, json_path,
 @click.command("unmerge", epilog=UNMERGE_EXAMPLES)
 @click.argument("merged")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--out", "-o", required=True, metavar="OUT", help="Model folder to write.")
+@out_option("OUT", "Model folder to write.", required=True)
 @click.option("--base", "original", metavar="BASE",
               help="The original model the adapters were merged into; needed to unmerge DoRA, whose ΔW depends on "
                    "the original weights.")

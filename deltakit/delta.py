@@ -29,7 +29,7 @@ from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.adapters import Adapter, AdapterModule, base_info, open_adapter, stored_transposed
 from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import IO_THREADS
-from deltakit.pairing import TensorPair, layer_index, match_names, module_type, pair_tensors, selected
+from deltakit.pairing import TensorPair, layer_index, match_names, module_type, nothing_left_message, pair_tensors, selected
 
 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]  # wraps an iterator: (items, length, label)
@@ -59,7 +59,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise DeltakitError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeltakitError(f"device {text} asked for, but no CUDA GPU is available; use --device cpu")
+            raise DeltakitError(f"device {text} asked for, but no CUDA GPU is available; "
+                                "use device='cpu' (--device cpu)")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise DeltakitError(f"device {text} asked for, but only {torch.cuda.device_count()} GPU(s) exist")
     elif resolved.type != "cpu":
@@ -321,9 +322,12 @@ def open_delta_source(
                             include, exclude)
         source = DeltaSource(base_ckpt, ft_ckpt, None, [p for p in plan.pairs if keep(p)], [],
                              [{"name": s.name, "reason": s.reason} for s in plan.skipped], plan.only_base, plan.only_ft)
+        if not source.pairs:
+            raise DeltakitError(nothing_left_message(plan, matrices_only))
     if not source.pairs:
         what = "weight matrices" if matrices_only else "tensor pairs"
-        raise DeltakitError(f"no {what} left to compare (check --include / --exclude)")
+        hint = " (check the include / exclude globs)" if include or exclude else ""
+        raise DeltakitError(f"no {what} of the adapter left to compare{hint}")
     return source
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from deltakit.errors import DeltakitError
+from deltakit.io.atomic import atomic_directory
 from deltakit.io.writer import ShardedWriter
 
 DEMO_LORA_RANK = 8
@@ -62,9 +64,22 @@ def demo_delta(name: str, shape: tuple[int, ...], generator: torch.Generator) ->
     return None
 
 
-def write_demo_pair(folder: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> tuple[Path, Path]:
-    """Write ``folder/base`` and ``folder/ft`` (sharded safetensors + index + config); return both paths."""
+def write_demo_pair(folder: str | os.PathLike, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                    force: bool = False) -> tuple[Path, Path]:
+    """Write ``folder/base`` and ``folder/ft`` (sharded safetensors + index + config); return both paths.
+
+    ``folder`` must be new or empty: a stray weights file beside the pair would be read as part
+    of it. With ``force`` an existing ``base`` / ``ft`` is replaced whole (other entries stay).
+    """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DeltakitError(f"{folder} is a file; the demo pair needs a folder")
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if present and not force:
+        shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+        raise DeltakitError(f"{folder} is not empty ({shown}); choose a new folder, or pass force=True (--force) "
+                            "to replace its base/ and ft/")
+    folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     shapes = demo_tensor_shapes()
     base = {n: (torch.ones(s) if len(s) == 1 else torch.randn(s, generator=generator) * 0.02) for n, s in shapes.items()}
@@ -72,15 +87,12 @@ def write_demo_pair(folder: str | os.PathLike, seed: int = 0, dtype: torch.dtype
     for name, weight in base.items():
         delta = demo_delta(name, tuple(weight.shape), generator)
         ft[name] = weight if delta is None else weight + delta
-    paths = []
     for label, tensors in (("base", base), ("ft", ft)):
-        out = folder / label
-        out.mkdir(parents=True, exist_ok=True)
-        plan = [(n, tuple(t.shape), dtype) for n, t in tensors.items()]
-        writer = ShardedWriter(out, plan, max_shard_bytes=512 * 1024)
-        for name, tensor in tensors.items():
-            writer.write(name, tensor.to(dtype))
-        writer.finish()
-        (out / "config.json").write_text(json.dumps(DEMO_CONFIG, indent=2) + "\n")
-        paths.append(out)
-    return paths[0], paths[1]
+        with atomic_directory(folder / label, force=force) as out:
+            plan = [(n, tuple(t.shape), dtype) for n, t in tensors.items()]
+            writer = ShardedWriter(out, plan, max_shard_bytes=512 * 1024)
+            for name, tensor in tensors.items():
+                writer.write(name, tensor.to(dtype))
+            writer.finish()
+            (out / "config.json").write_text(json.dumps(DEMO_CONFIG, indent=2) + "\n")
+    return folder / "base", folder / "ft"

@@ -131,6 +131,7 @@ class PairPlan:
     skipped: list[Skipped] = field(default_factory=list)
     only_base: list[str] = field(default_factory=list)
     only_ft: list[str] = field(default_factory=list)
+    filtered: int = 0  # names found on both sides but left out by include / exclude
 
     @property
     def matrices(self) -> list[TensorPair]:
@@ -236,6 +237,7 @@ def pair_tensors(
     tied = _tied_names(ft.keys(), ft_config)
     for ft_name, base_name in mapping.items():
         if not selected(ft_name, include, exclude):
+            plan.filtered += 1
             continue
         pair_or_skip = _pair_one(ft_name, base_name, base[base_name], ft[ft_name], ft_config, tied)
         if isinstance(pair_or_skip, TensorPair):
@@ -266,6 +268,30 @@ def _expert_layout(name: str, shape: tuple[int, ...], config: Mapping[str, Any] 
         return "linear"
     is_down = module_type(name) == "experts.down"
     return "input_major" if (b == hidden if is_down else a == hidden) else "linear"
+
+
+def nothing_left_message(plan: PairPlan, matrices_only: bool = False) -> str:
+    """Why ``plan`` leaves nothing to compare: names matched, shapes that differ, names on one side only.
+
+    ``matrices_only``: the command compares weight matrices only, so 1-D pairs do not count.
+    """
+    shape = [s for s in plan.skipped if s.reason.startswith("shape mismatch")]
+    other = [s for s in plan.skipped if not s.reason.startswith("shape mismatch")]
+    matched = len(plan.pairs) + len(plan.skipped) + plan.filtered
+    parts = [f"{matched} name{'s' if matched != 1 else ''} matched"]
+    if plan.filtered:
+        parts.append(f"{plan.filtered} left out by the include / exclude globs")
+    if shape:
+        shapes = shape[0].reason.removeprefix("shape mismatch: ")
+        parts.append(f"{len(shape)} differ in shape (first {shape[0].name}: {shapes})")
+    if other:
+        parts.append(f"{len(other)} skipped (first {other[0].name}: {other[0].reason})")
+    if matrices_only and plan.pairs:
+        parts.append(f"{len(plan.pairs)} are not weight matrices (norms, biases)")
+    only_base = len(plan.only_base)
+    parts.append(f"{only_base} name{'s' if only_base != 1 else ''} only in the base, {len(plan.only_ft)} only in the "
+                 "fine-tune")
+    return f"no {'weight matrices' if matrices_only else 'tensor pairs'} left to compare: " + "; ".join(parts)
 
 
 def _pair_one(

@@ -1,7 +1,8 @@
 """Figures of ΔW spectra: energy curves, rank heatmap over depth, LoRA error vs rank, raw spectra.
 
-Each function takes plain data (the ``spectra, info`` pair of
-:func:`deltakit.io.spectra.load_spectra`) and an optional matplotlib ``ax``; it draws there
+Each function takes plain data, ``spectra, info`` in that order as
+:func:`deltakit.io.spectra.load_spectra` returns them (everything after is keyword-only),
+and an optional matplotlib ``ax``; it draws there
 (or on a new figure) and returns the Axes, or the Figure for :func:`plot_overview`. Nothing
 here calls ``plt.show()`` or picks a backend, so it behaves the same in a notebook and in the CLI.
 
@@ -78,6 +79,17 @@ def matrix_meta(spectra: Spectra | None, info: Mapping[str, Any] | None) -> list
             shape=(int(shape[0]), int(shape[1])) if shape else None,
         ))
     return metas
+
+
+def _check_order(function: str, spectra: Any, info: Any) -> None:
+    """A clear TypeError when ``spectra`` and ``info`` were passed the other way round."""
+    def looks_like_info(value: Any) -> bool:
+        return isinstance(value, Mapping) and isinstance(value.get("matrices"), Mapping)
+
+    if looks_like_info(spectra) or (isinstance(info, Mapping) and info and not looks_like_info(info)
+                                    and all(isinstance(v, np.ndarray) for v in info.values())):
+        raise TypeError(f"{function}(spectra, info, ...): spectra first, then info, as load_spectra returns them; "
+                        "these two look swapped")
 
 
 def check_names(known: Iterable[str], names: Iterable[str], where: str = "the spectra file") -> list[str]:
@@ -204,13 +216,14 @@ def _draw_signal_curves(ax: Axes, groups: dict[str, list[MatrixMeta]], info: Map
                 label="dotted: signal, storage rounding taken out (of its estimated energy)")
 
 
-def plot_energy_curves(spectra: Spectra, info: Mapping[str, Any] | None, ax: Axes | None = None,
+def plot_energy_curves(spectra: Spectra, info: Mapping[str, Any] | None = None, *, ax: Axes | None = None,
                        group_by: str = "module_type", energy: float = 0.9) -> Axes:
     """Cumulative energy of ΔW vs rank k, per module type (median over layers, min–max band).
 
     Dashed: the same curve for a Gaussian random matrix of the same shape, i.e. a ΔW with no
     low-rank structure. A curve far left of its dashed twin means a low-rank update.
     """
+    _check_order("plot_energy_curves", spectra, info)
     ax = _new_axes(ax, (8, 5))
     groups = _groups(matrix_meta(spectra, info), group_by)
     _draw_curves(ax, spectra, groups, energy_curve)
@@ -223,13 +236,14 @@ def plot_energy_curves(spectra: Spectra, info: Mapping[str, Any] | None, ax: Axe
     return ax
 
 
-def plot_error_vs_rank(spectra: Spectra, names: Iterable[str] | None = None, ax: Axes | None = None,
-                       info: Mapping[str, Any] | None = None, energy: float = 0.9) -> Axes:
+def plot_error_vs_rank(spectra: Spectra, info: Mapping[str, Any] | None = None, *,
+                       names: Iterable[str] | None = None, ax: Axes | None = None, energy: float = 0.9) -> Axes:
     """Relative error of the best rank-k approximation of ΔW: what an extracted rank-k LoRA would miss.
 
     One curve per module type (median over layers), or per matrix when ``names`` are given;
     ``info`` adds the random-matrix baselines (dashed) and the module types recorded there.
     """
+    _check_order("plot_error_vs_rank", spectra, info)
     ax = _new_axes(ax, (8, 5))
     metas = matrix_meta(spectra, info)
     if names is not None:
@@ -267,8 +281,12 @@ def _recorded_rank(entry: Mapping[str, Any], energy: float) -> int | None:
     return None
 
 
-def rank_grid(info: Mapping[str, Any] | None, spectra: Spectra | None = None, energy: float = 0.9) -> RankGrid:
-    """Arrange rank@energy by (module type, layer): recorded in ``info`` when present, else from ``spectra``."""
+def rank_grid(spectra: Spectra | None, info: Mapping[str, Any] | None, *, energy: float = 0.9) -> RankGrid:
+    """Arrange rank@energy by (module type, layer): recorded in ``info`` when present, else from ``spectra``.
+
+    ``spectra`` may be None when ``info`` records the ranks at ``energy``.
+    """
+    _check_order("rank_grid", spectra, info)
     recorded = (info or {}).get("matrices", {})
     cells: dict[tuple[str, int], list[int]] = {}
     unlayered: dict[str, int] = {}
@@ -293,14 +311,15 @@ def rank_grid(info: Mapping[str, Any] | None, spectra: Spectra | None = None, en
     return RankGrid(ranks, kinds, layers, unlayered, max((len(v) for v in cells.values()), default=0))
 
 
-def plot_rank_heatmap(info: Mapping[str, Any] | None, spectra: Spectra | None = None, energy: float = 0.9,
+def plot_rank_heatmap(spectra: Spectra | None, info: Mapping[str, Any] | None, *, energy: float = 0.9,
                       ax: Axes | None = None) -> Axes:
     """Heatmap of rank@energy: module types (rows) × layer index (columns), values written in small grids.
 
     Matrices outside any layer (embeddings, lm_head) are listed under the axis instead, so
     their larger ranks do not flatten the colour scale of the blocks.
     """
-    grid = rank_grid(info, spectra, energy)
+    _check_order("plot_rank_heatmap", spectra, info)
+    grid = rank_grid(spectra, info, energy=energy)
     ax = _new_axes(ax, (max(6.0, 0.4 * len(grid.layers) + 2.5), 1.0 + 0.45 * max(len(grid.module_types), 2)))
     note = ", ".join(f"{_short(n).rsplit('.', 1)[-1]} {r}" for n, r in list(grid.unlayered.items())[:4])
     note += f" and {len(grid.unlayered) - 4} more" if len(grid.unlayered) > 4 else ""
@@ -337,7 +356,7 @@ def plot_rank_heatmap(info: Mapping[str, Any] | None, spectra: Spectra | None = 
     return ax
 
 
-def plot_spectra(spectra_by_label: Mapping[str, np.ndarray], title: str = "Singular values",
+def plot_spectra(spectra_by_label: Mapping[str, np.ndarray], *, title: str = "Singular values",
                  ax: Axes | None = None) -> Axes:
     """Singular values σ_k vs k (log–log) of a few related matrices, e.g. W_base, W_ft and ΔW."""
     ax = _new_axes(ax, (7, 4.5))
@@ -356,7 +375,7 @@ def plot_spectra(spectra_by_label: Mapping[str, np.ndarray], title: str = "Singu
     return ax
 
 
-def weight_spectra(base_ckpt_path: str | os.PathLike, ft_ckpt_path: str | os.PathLike, name: str,
+def weight_spectra(base_ckpt_path: str | os.PathLike, ft_ckpt_path: str | os.PathLike, name: str, *,
                    device: str = "cpu") -> dict[str, np.ndarray]:
     """Singular values of W_base, W_ft and ΔW for one tensor ``name`` (as stored in the fine-tune).
 
@@ -387,8 +406,9 @@ def weight_spectra(base_ckpt_path: str | os.PathLike, ft_ckpt_path: str | os.Pat
             for label, m in matrices.items()}
 
 
-def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None, energy: float = 0.9) -> Figure:
+def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None = None, *, energy: float = 0.9) -> Figure:
     """The default figure: energy curves and LoRA error vs rank side by side, rank heatmap below."""
+    _check_order("plot_overview", spectra, info)
     fig = plt.figure(figsize=(15, 9.5), layout="constrained")
     # Two sub-figures, so the legend beside the curves and the heatmap's colour bar don't share a margin.
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.2, 1])
@@ -396,7 +416,7 @@ def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None, energy: floa
     axes["heatmap"] = bottom.subplots()
     plot_energy_curves(spectra, info, ax=axes["energy"], energy=energy)
     plot_error_vs_rank(spectra, ax=axes["error"], info=info, energy=energy)
-    plot_rank_heatmap(info, spectra, energy=energy, ax=axes["heatmap"])
+    plot_rank_heatmap(spectra, info, energy=energy, ax=axes["heatmap"])
     # Both curve panels share colours and baselines: one legend, right of the pair, off the data.
     axes["energy"].get_legend().remove()
     if info and info.get("base") and info.get("ft"):

@@ -355,7 +355,7 @@ def test_cli_table_json_and_sweep(tmp_path, runner):
     (["-e", "0"], "outside (0, 1]"),
     (["-e", "1.5"], "outside (0, 1]"),
     (["--scale", "-1", "-o", "OUT"], "≥ 0"),
-    (["--scale", "0.5"], "--output"),
+    (["--scale", "0.5"], "--out"),
     (["-o", "OUT"], "--scale"),
     (["--max-shard-size", "lots", "--scale", "0", "-o", "OUT"], "shard size"),
 ])

@@ -157,23 +157,23 @@ def test_unchanged_matrices_are_counted_not_drawn(built):
 
 def test_rank_grid_uses_recorded_ranks(built):
     spectra, info, _ = built
-    grid = plot.rank_grid(info, None, 0.9)
+    grid = plot.rank_grid(None, info, energy=0.9)
     assert grid.module_types == ["q", "k", "down"] and grid.layers == [0, 1, 2, 3]
     expected = [[math.ceil(0.9 * true_rank(kind, layer)) for layer in range(LAYERS)] for kind in grid.module_types]
     np.testing.assert_array_equal(grid.ranks, expected)
     assert grid.unlayered == {EMBED: 7}
     # recorded values win over the spectra (here deliberately inconsistent, to tell them apart)
     info["matrices"][name_of("k", 2)]["rank_at"]["0.9"] = 99
-    assert plot.rank_grid(info, spectra, 0.9).ranks[1, 2] == 99
+    assert plot.rank_grid(spectra, info, energy=0.9).ranks[1, 2] == 99
 
 
 def test_rank_grid_computes_missing_energies(built):
     spectra, info, _ = built
-    grid = plot.rank_grid(info, spectra, 0.5)
+    grid = plot.rank_grid(spectra, info, energy=0.5)
     expected = [[math.ceil(0.5 * true_rank(kind, layer)) for layer in range(LAYERS)] for kind in grid.module_types]
     np.testing.assert_array_equal(grid.ranks, expected)
     with pytest.raises(DeltakitError, match="no rank at energy 0.5"):
-        plot.rank_grid(info, None, 0.5)
+        plot.rank_grid(None, info, energy=0.5)
 
 
 def test_rank_grid_gaps_and_medians():
@@ -182,16 +182,16 @@ def test_rank_grid_gaps_and_medians():
         return name, {"shape": [8, 4], "module_type": "gate", "layer": layer, "rank_at": {"0.9": rank}}
 
     info = {"matrices": dict([gate(0, 0, 2), gate(0, 1, 4), gate(0, 2, 9), gate(2, 0, 1)])}
-    grid = plot.rank_grid(info)  # layer 1 has no matrix: a gap, not a zero; layer 0 holds 3 experts: their median
+    grid = plot.rank_grid(None, info)  # layer 1 has no matrix: a gap, not a zero; layer 0 holds 3 experts: their median
     assert grid.layers == [0, 1, 2] and grid.max_per_cell == 3
     np.testing.assert_array_equal(grid.ranks, [[4.0, np.nan, 1.0]])
 
 
 def test_heatmap_shows_the_grid(built):
     spectra, info, _ = built
-    ax = plot.plot_rank_heatmap(info, spectra)
+    ax = plot.plot_rank_heatmap(spectra, info)
     shown = np.ma.filled(ax.images[0].get_array(), np.nan)
-    np.testing.assert_array_equal(shown, plot.rank_grid(info, spectra).ranks)
+    np.testing.assert_array_equal(shown, plot.rank_grid(spectra, info).ranks)
     texts = {t.get_text() for t in ax.texts}
     assert {str(math.ceil(0.9 * true_rank("down", 3))), "1"} <= texts
     assert "embed_tokens 7" in ax.get_xlabel()
@@ -242,7 +242,7 @@ def test_every_function_renders_a_png(built, checkpoints, tmp_path):
     spectra, info, _ = built
     figures = {
         "energy": plot.plot_energy_curves(spectra, info),
-        "heatmap": plot.plot_rank_heatmap(info, spectra),
+        "heatmap": plot.plot_rank_heatmap(spectra, info),
         "error": plot.plot_error_vs_rank(spectra, info=info),
         "spectrum": plot.plot_spectra(plot.weight_spectra(*checkpoints, name_of("q", 0))),
         "overview": plot.plot_overview(spectra, info),

@@ -84,7 +84,7 @@ def check_output_path(target: str | os.PathLike, force: bool) -> Path:
     """Refuse an existing ``target`` unless ``force``; return it as a Path."""
     target = Path(target)
     if target.exists() and not force:
-        raise DeltakitError(f"{target} already exists; pass --force to overwrite it")
+        raise DeltakitError(f"{target} already exists; pass force=True (--force) to overwrite it")
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.exists():
         raise DeltakitError(f"output folder {parent} does not exist")

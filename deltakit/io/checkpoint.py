@@ -33,7 +33,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 ADAPTER_CONFIG = "adapter_config.json"
-ALLOW_PICKLE_FLAG = "--allow-pickle"
+ALLOW_PICKLE_FLAG = "allow_pickle=True (--allow-pickle)"  # Python and CLI spelling; the CLI keeps the flag
 
 # safetensors dtype strings -> torch dtypes (what the header says, before any read).
 _SAFETENSORS_DTYPES = {

@@ -50,6 +50,11 @@ def load_spectra(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     path = Path(path)
     if not path.is_file():
         raise DeltakitError(f"{path}: no such spectra file")
+    with open(path, "rb") as handle:
+        head = handle.read(64).lstrip()
+    if head.startswith((b"{", b"[")):  # the JSON report written beside the spectra file: the likeliest mix-up
+        raise DeltakitError(f"{path} is a JSON report, not a spectra file; plot the file that "
+                            "`deltakit rank --save-spectra PATH` wrote (a .safetensors file)")
     try:
         from safetensors import safe_open
 
@@ -57,7 +62,8 @@ def load_spectra(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
-        raise DeltakitError(f"{path} is not a readable spectra file: {str(exc).splitlines()[0]}") from None
+        raise DeltakitError(f"{path} is not a readable spectra file ({str(exc).splitlines()[0]}); "
+                            "write one with `deltakit rank --save-spectra PATH`") from None
     if metadata.get("deltakit_spectra") != FORMAT_VERSION:
         raise DeltakitError(f"{path} is not a deltakit spectra file (write one with `deltakit rank --save-spectra`)")
     info = json.loads(metadata.get("info", "{}"))
