@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from deltakit.spectral.options import SpectralOptions
 from deltakit_cli.common import (
-    allow_pickle_option, exclude_option, force_option, include_option, parallel_workers, progress,
+    allow_pickle_option, exclude_option, force_option, hub_options, include_option, parallel_workers, progress,
     spectral_options, user_errors, write_json,
 )
 
@@ -35,7 +34,9 @@ def _check_outputs(force: bool, *paths: str | None) -> None:
             check_output_path(path, force)
 
 
-def _options(device: str, exact: bool, fp64: bool) -> SpectralOptions:
+def _options(device: str, exact: bool, fp64: bool) -> "SpectralOptions":  # noqa: F821 -- imported lazily
+    from deltakit.spectral.options import SpectralOptions
+
     return SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
 
 
@@ -52,6 +53,7 @@ def _options(device: str, exact: bool, fp64: bool) -> SpectralOptions:
 @click.option("--per-matrix", is_flag=True, help="Also print one row per matrix.")
 @click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
 @allow_pickle_option
+@hub_options
 @force_option
 @user_errors
 def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_path, plot_path, per_matrix, quiet,
@@ -102,6 +104,7 @@ def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_
 @click.option("--plot", "plot_path", metavar="FIG.png", help="Write each metric vs step, by module type.")
 @click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
 @allow_pickle_option
+@hub_options
 @force_option
 @user_errors
 def trajectory_command(base, checkpoints, energy, top, intruder_k, epsilon, include, exclude, device, exact, fp64,
