@@ -23,9 +23,9 @@ from deltakit.distributed import Parallel, fail_together, gather_in_order, matri
 from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.spectral import metrics
+from deltakit.spectral.noise import exact_noise, storage_noise
 from deltakit.spectral.options import SpectralOptions
-from deltakit.spectral.svd import method_noise_floor, singular_values
-
+from deltakit.spectral.spectrum import Spectrum, compute_spectrum, method_name
 
 
 def energy_key(fraction: float) -> str:
@@ -70,12 +70,23 @@ class MatrixResult:
     effective_rank: float
     rank_at: dict[float, int]
     random_rank_at: dict[float, int]
+    noise_share: float = 0.0
+    unchanged_fraction: float = 0.0
+    signal_rank_at: dict[float, int | None] = field(default_factory=dict)
+    signal_effective_rank: float = 0.0
+    signal_rank: int = 0
+    spectrum_method: str = "gram"
+    noise_model: str = "exact"
+
+    def noise_dominated(self, fraction: float) -> bool:
+        """True when rounding may account for more than 1 − ``fraction`` of ‖ΔW‖²: rank@fraction then measures rounding."""
+        return self.noise_share > 1.0 - fraction
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["shape"] = list(self.shape)
-        out["rank_at"] = {energy_key(k): v for k, v in self.rank_at.items()}
-        out["random_rank_at"] = {energy_key(k): v for k, v in self.random_rank_at.items()}
+        for key in ("rank_at", "random_rank_at", "signal_rank_at"):
+            out[key] = {energy_key(k): v for k, v in getattr(self, key).items()}
         return out
 
 
@@ -111,6 +122,7 @@ class RankReport:
     only_base: list[str] = field(default_factory=list)
     only_ft: list[str] = field(default_factory=list)
     spectra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    signal_spectra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # where they differ from spectra
     device: str = "cpu"
     method: str = "gram"
     precision: str = "fp32"
@@ -123,6 +135,7 @@ class RankReport:
             "changed_matrices": sum(1 for m in self.matrices if m.delta_fro > 0),
             "vectors": len(self.vectors),
             "changed_vectors": sum(1 for v in self.vectors if v.changed),
+            "noise_dominated": self._noise_dominated(self.matrices),
             "by_module_type": {name: self._aggregate(items) for name, items in by_module_type(self.matrices).items()},
             "by_layer": {name: self._aggregate(items) for name, items in by_layer(self.matrices).items()},
         }
@@ -137,7 +150,15 @@ class RankReport:
             "mean_random_rank_at": {
                 energy_key(e): float(np.mean([m.random_rank_at[e] for m in items])) for e in self.energy
             },
+            "mean_noise_share": float(np.mean([m.noise_share for m in items])),
+            "median_signal_rank_at": {energy_key(e): _median_known([m.signal_rank_at.get(e) for m in items])
+                                      for e in self.energy},
+            "noise_dominated": self._noise_dominated(items),
         }
+
+    def _noise_dominated(self, items: list[MatrixResult]) -> dict[str, int]:
+        """Per energy fraction X: how many matrices' rank@X may be rounding (noise share > 1 − X)."""
+        return {energy_key(e): sum(1 for m in items if m.delta_fro > 0 and m.noise_dominated(e)) for e in self.energy}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -162,7 +183,9 @@ class RankReport:
             "base": self.base, "ft": self.ft, "energy": list(self.energy),
             "matrices": {
                 m.name: {"shape": list(m.shape), "module_type": m.module_type, "layer": m.layer,
-                         "rank_at": {energy_key(k): v for k, v in m.rank_at.items()}}
+                         "rank_at": {energy_key(k): v for k, v in m.rank_at.items()},
+                         "signal_rank_at": {energy_key(k): v for k, v in m.signal_rank_at.items()},
+                         "noise_share": m.noise_share}
                 for m in self.matrices
             },
         }
@@ -198,6 +221,12 @@ def by_layer(items: Iterable[T]) -> dict[str, list[T]]:
     return _grouped(items, lambda m: "none" if m.layer is None else str(m.layer))  # type: ignore[attr-defined]
 
 
+def _median_known(values: Sequence[int | None]) -> float | None:
+    """Median of the values that are known (not None); None when none is."""
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
+
+
 @lru_cache(maxsize=256)
 def _random_rank(shape: tuple[int, int], fraction: float) -> int:
     return metrics.random_rank_at_energy(shape, fraction)
@@ -207,32 +236,41 @@ def _fro(tensor: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
 
 
+def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = True) -> Spectrum:
+    """The :class:`Spectrum` of one ΔW, with its storage rounding estimated (``rounding``) or known to be absent."""
+    pair, delta = item.pair, item.delta
+    noise = storage_noise(item.base, delta, pair.base_dtype, pair.ft_dtype) if rounding else exact_noise(delta)
+    energy = _fro(delta) ** 2
+    if energy == 0.0:
+        shape = (int(pair.shape[0]), int(pair.shape[1]))
+        zeros = np.zeros(min(shape))
+        return Spectrum(zeros, shape, method_name(options), 0.0, noise, zeros.copy(), 0.0, 0.0)
+    return compute_spectrum(delta, options, noise, energy)
+
+
 def analyse_matrix(
     item: DeltaItem, energy: Sequence[float], options: SpectralOptions, rounding: bool = True
 ) -> tuple[MatrixResult, np.ndarray]:
-    """Metrics and the full spectrum of one ΔW (``rounding``: subtract the storage-rounding floor)."""
-    pair, delta = item.pair, item.delta
-    shape = (int(pair.shape[0]), int(pair.shape[1]))
-    delta_fro, base_fro = _fro(delta), _fro(item.base)
-    if delta_fro == 0.0:
-        spectrum = np.zeros(min(shape))
-        floor = 0.0
-    else:
-        spectrum = metrics.as_sorted_spectrum(singular_values(delta, options.method, options.dtype))
-        floor = method_noise_floor(float(spectrum[0]), shape, options.method, options.dtype)
-        if rounding:
-            numel = shape[0] * shape[1]
-            floor = max(floor, metrics.rounding_noise_floor(
-                shape, base_fro / math.sqrt(numel), _fro(item.ft) / math.sqrt(numel), pair.base_dtype, pair.ft_dtype))
+    """Metrics and the resolved spectrum of one ΔW (``rounding``: estimate the storage rounding in it)."""
+    pair = item.pair
+    spectrum = matrix_spectrum(item, options, rounding)
+    delta_fro, base_fro = math.sqrt(spectrum.total_energy), _fro(item.base)
+    shape = spectrum.shape
+    noise = spectrum.noise
     result = MatrixResult(
         name=pair.name, shape=shape, dtype=str(pair.ft_dtype).removeprefix("torch."),
         module_type=pair.module_type, layer=pair.layer, layout=pair.layout, fused=pair.fused,
         added_rows=pair.added_rows, delta_fro=delta_fro, rel_delta=delta_fro / base_fro if base_fro else math.inf,
-        spectral_norm=float(spectrum[0]) if spectrum.size else 0.0,
-        rank=metrics.numerical_rank(spectrum, floor) if delta_fro else 0, noise_floor=floor,
-        stable_rank=metrics.stable_rank(spectrum), effective_rank=metrics.effective_rank(spectrum),
-        rank_at={e: metrics.rank_at_energy(spectrum, e) for e in energy},
+        spectral_norm=float(spectrum.values[0]) if spectrum.values.size else 0.0,
+        rank=spectrum.rank, noise_floor=spectrum.noise_floor,
+        stable_rank=spectrum.stable_rank(), effective_rank=spectrum.effective_rank(),
+        rank_at={e: spectrum.rank_at(e) for e in energy},
         random_rank_at={e: _random_rank(shape, e) for e in energy},
+        noise_share=spectrum.noise_share,
+        unchanged_fraction=noise.unchanged_fraction if noise is not None else 0.0,
+        signal_rank_at={e: spectrum.signal_rank_at(e) for e in energy},
+        signal_effective_rank=spectrum.signal_effective_rank(), signal_rank=spectrum.signal_rank,
+        spectrum_method=spectrum.method, noise_model=noise.model if noise is not None else "exact",
     )
     return result, spectrum
 
@@ -284,7 +322,8 @@ def rank(
         for index, item in zip(mine, items):
             if item.pair.is_matrix and item.pair.layout != "vector":
                 result, spectrum = analyse_matrix(item, energy, options, rounding)
-                local.append((index, (result, spectrum if keep_spectra else None)))
+                kept = (spectrum.values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
+                local.append((index, (result, kept)))
             else:
                 local.append((index, (analyse_vector(item), None)))
         everything = gather_in_order(local, parallel)
@@ -292,7 +331,9 @@ def rank(
         if isinstance(result, MatrixResult):
             report.matrices.append(result)
             if spectrum is not None:
-                report.spectra[result.name] = spectrum
+                report.spectra[result.name], signal = spectrum
+                if signal is not None:
+                    report.signal_spectra[result.name] = signal
         else:
             report.vectors.append(result)
     report.elapsed_s = time.perf_counter() - started

@@ -40,7 +40,9 @@ from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES
 from deltakit.pairing import TensorPair
 from deltakit.report import format_table
-from deltakit.spectral.svd import METHODS, method_noise_floor, singular_values, top_singular_triplets
+from deltakit.spectral.noise import storage_noise
+from deltakit.spectral.spectrum import STORAGE_FLOOR_SAFETY
+from deltakit.spectral.svd import METHODS, method_noise_floor, singular_values, spectral_norm, top_singular_triplets
 
 DEFAULT_K = 10  # the paper's k (find_intruder_dimensions.py, k=10)
 DEFAULT_EPSILON = 0.5  # the paper's default threshold (--intruder_dimension_threshold=0.5)
@@ -165,6 +167,7 @@ class MatrixIntruders:
     closest_base_ranks: list[int]  # 1-based rank of that base vector
     base_spectral_norm: float
     intruders: dict[float, list[Intruder]]
+    below_rounding: bool = False  # ‖ΔW‖₂ within storage rounding: directions not judged, no intruders counted
 
     def count(self, epsilon: float) -> int:
         return len(self.intruders[epsilon])
@@ -175,6 +178,7 @@ class MatrixIntruders:
             "layer": self.layer, "layout": self.layout, "changed": self.changed, "k": self.k,
             "singular_values": self.singular_values, "similarities": self.similarities,
             "closest_base_ranks": self.closest_base_ranks, "base_spectral_norm": self.base_spectral_norm,
+            "below_rounding": self.below_rounding,
             "intruder_count": {energy_key(e): len(v) for e, v in self.intruders.items()},
             "intruders": {energy_key(e): [d.to_dict() for d in v] for e, v in self.intruders.items()},
         }
@@ -239,6 +243,7 @@ class IntruderReport:
             "changed_matrices": sum(1 for m in self.matrices if m.changed),
             "matrices_with_intruders": {energy_key(e): sum(1 for m in self.matrices if m.count(e)) for e in self.epsilon},
             "intruders": {energy_key(e): sum(m.count(e) for m in self.matrices) for e in self.epsilon},
+            "below_rounding": sum(1 for m in self.matrices if m.below_rounding),
             "by_module_type": {name: self._aggregate(items) for name, items in by_module_type(self.matrices).items()},
             "by_layer": {name: self._aggregate(items) for name, items in by_layer(self.matrices).items()},
         }
@@ -295,14 +300,28 @@ def _oriented(tensor: torch.Tensor, pair: TensorPair) -> torch.Tensor:
     return tensor.T if pair.layout == "conv1d" else tensor
 
 
+def within_rounding(item: DeltaItem) -> bool:
+    """Whether ‖ΔW‖₂ is no larger than storage rounding alone can make it (the storage floor of
+    :class:`~deltakit.spectral.spectrum.Spectrum`): then any turn of W_ft's singular vectors away
+    from W_base's may be rounding, and none can be called an intruder."""
+    pair = item.pair
+    noise = storage_noise(item.base, item.delta, pair.base_dtype, pair.ft_dtype)
+    return spectral_norm(item.delta) <= STORAGE_FLOOR_SAFETY * noise.spectral_edge
+
+
 def analyse_matrix(
-    item: DeltaItem, k: int, epsilons: Sequence[float], options: SpectralOptions
+    item: DeltaItem, k: int, epsilons: Sequence[float], options: SpectralOptions, rounding: bool = True
 ) -> tuple[MatrixIntruders, TopDirections | None]:
-    """Intruders of one pair; the directions too when W_ft differs from W_base (for the scaling)."""
+    """Intruders of one pair; the directions too when W_ft differs from W_base (for the scaling).
+
+    ``rounding``: the pair is two stored checkpoints (not an adapter's exact ΔW), so a ΔW within
+    storage rounding is reported as ``below_rounding`` with no intruders counted.
+    """
     pair = item.pair
     base = _oriented(item.base, pair)
     shape = (int(base.shape[0]), int(base.shape[1]))
     changed = bool(torch.any(item.delta != 0))
+    below = changed and rounding and within_rounding(item)
     if changed:
         directions: TopDirections | None = find_intruder_directions(
             base, _oriented(item.ft, pair), k, options.method, options.dtype)
@@ -319,13 +338,14 @@ def analyse_matrix(
         base_norm = float(spectrum[0])
     intruders = {
         e: [Intruder(rank=j + 1, singular_value=sigma[j], similarity=similarities[j])
-            for j in range(len(sigma)) if similarities[j] < e]
+            for j in range(len(sigma)) if similarities[j] < e and not below]
         for e in epsilons
     }
     result = MatrixIntruders(
         name=pair.name, shape=shape, dtype=str(pair.ft_dtype).removeprefix("torch."), module_type=pair.module_type,
         layer=pair.layer, layout=pair.layout, changed=changed, k=len(sigma), singular_values=sigma,
         similarities=similarities, closest_base_ranks=closest, base_spectral_norm=base_norm, intruders=intruders,
+        below_rounding=below,
     )
     return result, directions
 
@@ -373,7 +393,8 @@ def intruders(
     if progress is not None:
         items = progress(items, len(mine), "intruders")
     with fail_together(parallel):
-        local = [(index, analyse_matrix(item, k, epsilons, options)[0]) for index, item in zip(mine, items)]
+        local = [(index, analyse_matrix(item, k, epsilons, options, not source.is_adapter)[0])
+                 for index, item in zip(mine, items)]
         report.matrices = gather_in_order(local, parallel)
     report.elapsed_s = time.perf_counter() - started
     return report
@@ -526,5 +547,9 @@ def render_report(report: IntruderReport) -> str:
         done = sum(len(m.ranks) for m in s.matrices)
         parts.append(f"scaled {done} intruder singular values (ε={energy_key(s.epsilon)}) in {len(s.matrices)} "
                      f"matrices by λ={s.scale:g}; wrote {s.tensors_written} tensors to {s.output}")
+    below = summary["below_rounding"]
+    if below:
+        parts.append(f"{below} matri{'x' if below == 1 else 'ces'} changed by no more than storage rounding: "
+                     "their directions were not judged (below_rounding in --json)")
     parts.append(f"{report.method} in {report.precision} on {report.device}, {report.elapsed_s:.2f} s")
     return "\n".join(parts)

@@ -6,7 +6,7 @@ import csv
 import io
 from typing import Any, Sequence
 
-from deltakit.analysis import RankReport, energy_key
+from deltakit.analysis import MatrixResult, RankReport, energy_key
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align_left: int = 1) -> str:
@@ -37,29 +37,56 @@ def _shape(shape: Sequence[int]) -> str:
     return "×".join(str(d) for d in shape)
 
 
+NOISE_MARK = "*"  # after a rank@X that storage rounding may account for
+
+
+def _percent(share: float) -> str:
+    return "0%" if share == 0 else ("<0.1%" if share < 1e-3 else f"{100 * share:.1f}%")
+
+
+def _rank_cell(m: MatrixResult, fraction: float) -> str:
+    return f"{m.rank_at[fraction]}{NOISE_MARK if m.noise_dominated(fraction) else ''}"
+
+
 def matrix_table(report: RankReport) -> str:
-    """One row per matrix: size of the change and its ranks."""
+    """One row per matrix: size of the change, its rounding share, its ranks raw and of the signal."""
     energies = report.energy
-    headers = ["matrix", "shape", "rel ΔW", "σ₁", "rank", "stable", "eff."]
-    headers += [f"r@{energy_key(e)}" for e in energies] + [f"rand@{energy_key(e)}" for e in energies]
+    headers = ["matrix", "shape", "rel ΔW", "σ₁", "rank", "stable", "eff.", "noise"]
+    headers += [f"r@{energy_key(e)}" for e in energies] + [f"sig@{energy_key(e)}" for e in energies]
+    headers += [f"rand@{energy_key(e)}" for e in energies]
     rows = []
     for m in report.matrices:
         name = m.name + (" [conv1d]" if m.layout == "conv1d" else "") + (f" [+{m.added_rows} rows]" if m.added_rows else "")
-        rows.append([name, _shape(m.shape), m.rel_delta, m.spectral_norm, m.rank, m.stable_rank, m.effective_rank]
-                    + [m.rank_at[e] for e in energies] + [m.random_rank_at[e] for e in energies])
+        rows.append([name, _shape(m.shape), m.rel_delta, m.spectral_norm, m.rank, m.stable_rank, m.effective_rank,
+                     _percent(m.noise_share)]
+                    + [_rank_cell(m, e) for e in energies] + [m.signal_rank_at.get(e) for e in energies]
+                    + [m.random_rank_at[e] for e in energies])
     return format_table(headers, rows)
 
 
 def group_table(groups: dict[str, Any], label: str, energies: Sequence[float]) -> str:
-    headers = [label, "matrices", "mean rel ΔW", "mean rank"]
-    headers += [f"mean r@{energy_key(e)}" for e in energies] + [f"rand@{energy_key(e)}" for e in energies]
+    headers = [label, "matrices", "mean rel ΔW", "mean rank", "noise"]
+    headers += [f"mean r@{energy_key(e)}" for e in energies] + [f"med sig@{energy_key(e)}" for e in energies]
+    headers += [f"rand@{energy_key(e)}" for e in energies]
     rows = [
-        [name, g["count"], g["mean_rel_delta"], g["mean_rank"]]
+        [name, g["count"], g["mean_rel_delta"], g["mean_rank"], _percent(g["mean_noise_share"])]
         + [g["mean_rank_at"][energy_key(e)] for e in energies]
+        + [g["median_signal_rank_at"][energy_key(e)] for e in energies]
         + [g["mean_random_rank_at"][energy_key(e)] for e in energies]
         for name, g in groups.items()
     ]
     return format_table(headers, rows)
+
+
+def noise_note(report: RankReport, summary: dict[str, Any]) -> str | None:
+    """One line on the matrices whose rank@X may be storage rounding, or None when there are none."""
+    counts = summary["noise_dominated"]
+    flagged = [(e, counts[energy_key(e)]) for e in report.energy if counts[energy_key(e)]]
+    if not flagged:
+        return None
+    parts = ", ".join(f"{n} at r@{energy_key(e)}" for e, n in flagged)
+    return (f"{NOISE_MARK} storage rounding may account for more than 1 − X of ‖ΔW‖² ({parts}): "
+            "that r@X measures rounding; sig@X is the rank of the update with rounding taken out (- where it cannot be read)")
 
 
 def render_report(report: RankReport, per_matrix: bool = True) -> str:
@@ -72,6 +99,9 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
         parts += ["by module type", group_table(summary["by_module_type"], "type", report.energy), ""]
         if len(summary["by_layer"]) > 1:
             parts += ["by depth", group_table(summary["by_layer"], "layer", report.energy), ""]
+    note = noise_note(report, summary)
+    if note is not None:
+        parts.append(note)
     changed = [v for v in report.vectors if v.changed]
     parts.append(
         f"{summary['changed_matrices']} of {summary['matrices']} matrices changed; "
@@ -88,7 +118,8 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
 
 
 CSV_FIELDS = ["name", "shape", "dtype", "module_type", "layer", "layout", "added_rows", "delta_fro", "rel_delta",
-              "spectral_norm", "rank", "noise_floor", "stable_rank", "effective_rank"]
+              "spectral_norm", "rank", "noise_floor", "stable_rank", "effective_rank", "noise_share", "unchanged_fraction",
+              "signal_effective_rank", "spectrum_method"]
 
 
 def report_csv(report: RankReport) -> str:
@@ -96,11 +127,13 @@ def report_csv(report: RankReport) -> str:
     buffer = io.StringIO()
     energy_cols = [f"rank_at_{energy_key(e)}" for e in report.energy]
     random_cols = [f"random_rank_at_{energy_key(e)}" for e in report.energy]
+    signal_cols = [f"signal_rank_at_{energy_key(e)}" for e in report.energy]
     writer = csv.writer(buffer)
-    writer.writerow(CSV_FIELDS + energy_cols + random_cols)
+    writer.writerow(CSV_FIELDS + energy_cols + random_cols + signal_cols)
     for m in report.matrices:
         row = m.to_dict()
         row["shape"] = "x".join(str(d) for d in m.shape)
         writer.writerow([row[f] for f in CSV_FIELDS] + [m.rank_at[e] for e in report.energy]
-                        + [m.random_rank_at[e] for e in report.energy])
+                        + [m.random_rank_at[e] for e in report.energy]
+                        + ["" if m.signal_rank_at.get(e) is None else m.signal_rank_at[e] for e in report.energy])
     return buffer.getvalue()

@@ -32,6 +32,7 @@ def test_merged_lora_rank_is_exactly_r(tmp_path, arch, dtype):
     for m in targeted:
         assert m.rank == lora_rank, (m.name, m.rank, m.noise_floor)
         assert 1 <= m.rank_at[0.9] <= lora_rank and m.rank_at[1.0] <= m.shape[1]
+        assert m.signal_rank_at[0.9] is not None and m.signal_rank_at[0.9] <= lora_rank
         assert m.random_rank_at[0.9] > 10 * lora_rank // 4
         if arch == "gpt2":
             assert m.layout == "conv1d"
@@ -49,6 +50,7 @@ def test_adapter_folder_analysed_directly(tmp_path, exact):
     report = deltakit.rank(tmp_path / "base", tmp_path / "adapter", options=SpectralOptions(device="cpu", exact=exact))
     assert sorted({m.module_type for m in report.matrices}) == ["o", "q"]
     assert all(m.rank == 3 for m in report.matrices)
+    assert all(m.noise_model == "exact" and m.noise_share == 0 and m.signal_rank_at == m.rank_at for m in report.matrices)
     # the adapter's ΔW equals what PEFT merges
     merged = peft_model.merge_and_unload()
     q = merged.model.layers[0].self_attn.q_proj.weight - base.model.layers[0].self_attn.q_proj.weight

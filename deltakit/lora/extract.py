@@ -46,8 +46,7 @@ from deltakit.lora.factors import peft_orientation, reconstruction_error, svd_fa
 from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank
 from deltakit.lora.targets import WORD_EMBEDDING, ExtractionTargets, LoraTarget, module_of, plan_extraction
 from deltakit.pairing import TensorPair, pair_tensors
-from deltakit.spectral.metrics import as_sorted_spectrum
-from deltakit.spectral.svd import method_noise_floor, singular_values
+from deltakit.spectral.spectrum import compute_spectrum
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -328,18 +327,13 @@ class _Extraction:
                        delta_fro=delta_fro)
 
     def _spectrum(self, matrix: torch.Tensor) -> np.ndarray:
-        """All singular values, with those below the method's own rounding floor set to 0.
+        """The resolved singular values of :class:`~deltakit.spectral.spectrum.Spectrum`, as `rank` reads them.
 
-        Below that floor (16·sqrt(eps)·σ_max for Gram/eigh, max(m, n)·eps·σ_max for --exact) a
-        value is noise of the computation, not of ΔW: without this, energy 1.0 of an exactly
-        rank-8 ΔW would ask for full rank. Energy fractions are of the energy resolved above
-        the floor; --exact resolves much smaller values (bf16 storage rounding, for one).
+        Values below the method's own rounding floor are 0 there (without this, energy 1.0 of
+        an exactly rank-8 ΔW would ask for full rank); energy fractions are of the energy
+        resolved above that floor, the same fractions `rank` reports.
         """
-        spectrum = as_sorted_spectrum(singular_values(matrix, self.options.method, self.compute_dtype))
-        if spectrum.size and spectrum[0] > 0:
-            floor = method_noise_floor(float(spectrum[0]), tuple(matrix.shape), self.options.method, self.compute_dtype)
-            spectrum[spectrum <= floor] = 0.0
-        return spectrum
+        return compute_spectrum(matrix, self.options).values
 
     def choose_ranks(self, survey: _Survey) -> dict[str, int]:
         """Energy: per matrix. Budget: all spectra at once (see :func:`allocate_budget`)."""

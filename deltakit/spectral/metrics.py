@@ -86,27 +86,6 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2.0
 
 
-def rounding_noise_floor(
-    shape: tuple[int, int],
-    base_rms: float,
-    ft_rms: float,
-    base_dtype: torch.dtype,
-    ft_dtype: torch.dtype,
-    safety: float = 2.0,
-) -> float:
-    """Largest singular value that storage rounding alone can put into ΔW = W_ft - W_base.
-
-    Rounding W to a dtype with unit roundoff u changes each entry by at most u·|w|, with an
-    RMS of at most u·rms(W)/√3 (uniform error within half an ulp). An m×n matrix of such
-    independent errors has spectral norm close to (√m + √n)·RMS (Bai-Yin). Both checkpoints
-    may carry that noise, so their RMS errors add in quadrature; ``safety`` covers the edge
-    fluctuations of small matrices. See docs/metrics.md ("rounding-noise floor").
-    """
-    m, n = shape
-    noise_rms = math.hypot(unit_roundoff(base_dtype) * base_rms, unit_roundoff(ft_dtype) * ft_rms) / math.sqrt(3.0)
-    return safety * (math.sqrt(m) + math.sqrt(n)) * noise_rms
-
-
 def marchenko_pastur_spectrum(shape: tuple[int, int], grid: int = 20001) -> np.ndarray:
     """Expected squared singular values (descending, mean 1) of an m×n i.i.d. Gaussian matrix.
 

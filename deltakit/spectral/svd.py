@@ -88,6 +88,23 @@ def top_singular_triplets(
     return vecs, s, vh
 
 
+def spectral_norm(matrix: torch.Tensor, iterations: int = 40, seed: int = 0) -> float:
+    """‖M‖₂ by power iteration on MᵀM from a seeded Gaussian start: a lower bound that converges from below."""
+    if matrix.numel() == 0:
+        return 0.0
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    vector = torch.randn(matrix.shape[1], device=matrix.device, dtype=matrix.dtype, generator=generator)
+    norm = 0.0
+    for _ in range(iterations):
+        vector = matrix.T @ (matrix @ vector)
+        length = float(torch.linalg.vector_norm(vector))
+        if length == 0.0:
+            return 0.0
+        vector /= length
+        norm = float(torch.linalg.vector_norm(matrix @ vector))
+    return norm
+
+
 def orthonormal_basis(columns: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """An orthonormal basis of the span of tall ``columns`` (m×k, m ≥ k), by CholeskyQR2.
 

@@ -1,0 +1,189 @@
+"""Storage rounding inside ΔW = W_ft − W_base: how much of ‖ΔW‖²_F it accounts for, and where.
+
+Both checkpoints are stored on a floating-point grid, so the stored ΔW is the true update plus
+a rounding part N. Its size per entry is known from the dtype and the stored value (the grid
+spacing, "ulp"), except for one thing: whether the true update of that entry was smaller than a
+grid step. When it is, W_ft and W_base often round to the same number and the update is erased
+rather than blurred. The model used here (docs/metrics.md, "storage noise"):
+
+* same dtype on both sides ("shared grid"): each stored value is the rounding of an unknown
+  value that sits uniformly within its grid cell; then E[ΔW_stored | δ] = δ and the rounding
+  part of one entry has variance u²·φ(1−φ), φ = frac(|δ|/u), u the grid step. Averaged over a
+  Gaussian spread of δ/u with scale s this is :func:`dither_variance` (→ u²/6 for updates much
+  larger than a step, ≈ u·E|δ| for updates much smaller). The scale of δ at each entry is read
+  from the stored ΔW itself, whose absolute value is an unbiased estimate of |δ| under this
+  model, through a rank-1 fit of |ΔW| (row means × column means), so large rows and columns get
+  their own scale.
+* different dtypes ("independent"): each side's rounding is independent of the other and of δ,
+  variance (u_base² + u_ft²)/12.
+
+Example::
+
+    noise = storage_noise(base, delta, torch.bfloat16, torch.bfloat16)
+    noise.energy / float(delta.square().sum())   # the share of ‖ΔW‖² that is rounding
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SMALL_SCALE = 0.2  # below it the small-scale series of dither_variance is exact to < 1e-6 relative
+FOURIER_TERMS = 6  # above SMALL_SCALE, exp(−2π²k²s²) for k > 6 is below 1e-12
+
+
+@dataclass(frozen=True)
+class StorageNoise:
+    """Estimated storage rounding in one stored ΔW (m×n).
+
+    ``energy``: E‖N‖²_F, the rounding part's expected squared Frobenius norm.
+    ``row_energy_max`` / ``col_energy_max``: the largest expected squared norm of one row / one
+    column of N; their square roots bound N's spectral norm (Bandeira & van Handel 2016).
+    ``unchanged_fraction``: the exact fraction of entries with W_ft == W_base.
+    ``model``: "shared-grid", "independent" or "exact" (no rounding: an adapter's ΔW).
+    """
+
+    energy: float
+    row_energy_max: float
+    col_energy_max: float
+    unchanged_fraction: float
+    numel: int
+    model: str
+
+    @property
+    def rms(self) -> float:
+        """Root mean square of the rounding part per entry."""
+        return math.sqrt(self.energy / self.numel) if self.numel else 0.0
+
+    @property
+    def spectral_edge(self) -> float:
+        """≈ the largest singular value rounding alone puts into ΔW: √(max row energy) + √(max column energy).
+
+        For equal variances σ² per entry this is (√m + √n)·σ, the Bai–Yin edge of an m×n noise
+        matrix; with unequal variances the row and column maxima bound it (Latała 2005,
+        Bandeira & van Handel 2016), so a few large rows or columns lift the edge as they should.
+        """
+        return math.sqrt(self.row_energy_max) + math.sqrt(self.col_energy_max)
+
+    def share(self, delta_energy: float) -> float:
+        """Estimated fraction of ``delta_energy`` (= ‖ΔW‖²_F) that is rounding, clipped to [0, 1]."""
+        if delta_energy <= 0.0:
+            return 0.0
+        return min(1.0, max(0.0, self.energy / delta_energy))
+
+
+def exact_noise(delta: torch.Tensor) -> StorageNoise:
+    """No storage rounding (a ΔW computed from adapter factors); only the unchanged fraction is measured."""
+    unchanged = float((delta == 0).sum()) / delta.numel() if delta.numel() else 0.0
+    return StorageNoise(0.0, 0.0, 0.0, unchanged, delta.numel(), "exact")
+
+
+def grid_step(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype``'s grid at each of ``values`` (the ulp of |v|), as float32/64 like ``values``.
+
+    ``values`` must already be exact ``dtype`` numbers held in a wider float. Zeros and
+    subnormals get the subnormal spacing.
+    """
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(values)  # |v| = mantissa · 2^exponent, mantissa in [0.5, 1)
+    step = torch.ldexp(torch.full_like(values, info.eps / 2), exponent)
+    return step.clamp_min(info.tiny * info.eps)
+
+
+def dither_variance(scale: torch.Tensor) -> torch.Tensor:
+    """E[φ(1−φ)] with φ = frac(t), t ~ N(0, scale²): the rounding variance, in grid steps², of one
+    entry of a shared-grid ΔW whose true update has spread ``scale`` steps.
+
+    φ(1−φ) has the Fourier series 1/6 − Σ_k cos(2πkt)/(π²k²), and E cos(2πkt) = exp(−2π²k²s²),
+    so for s ≥ 0.2 the sum converges in a few terms. For s < 0.2, |t| < 1 almost surely and
+    φ(1−φ) = |t| − t², whose mean is s√(2/π) − s². The two agree at s = 0.2 to 1e-7.
+    """
+    small = scale * math.sqrt(2.0 / math.pi) - scale * scale
+    large = torch.full_like(scale, 1.0 / 6.0)
+    for k in range(1, FOURIER_TERMS + 1):
+        large -= torch.exp(-2.0 * math.pi**2 * k * k * scale * scale) / (math.pi**2 * k * k)
+    return torch.where(scale < SMALL_SCALE, small, large)
+
+
+BLOCK_ELEMENTS = 1 << 24  # entries per row block of elementwise work: bounded temporaries (64 MiB in fp32)
+
+
+def row_blocks(shape: tuple[int, int], block_elements: int = BLOCK_ELEMENTS) -> list[slice]:
+    """Row slices covering an m×n matrix, each of at most ~``block_elements`` entries."""
+    m, n = shape
+    step = max(1, block_elements // max(1, n))
+    return [slice(start, min(m, start + step)) for start in range(0, m, step)]
+
+
+@dataclass(frozen=True)
+class UpdateScale:
+    """A rank-1 fit of |ΔW|: E|δ_ij| ≈ rows[i]·cols[j] / overall (row means, column means, overall mean)."""
+
+    rows: torch.Tensor  # (m, 1)
+    cols: torch.Tensor  # (1, n)
+    overall: float
+
+    def at(self, block: slice) -> torch.Tensor:
+        if self.overall == 0.0:
+            return torch.zeros_like(self.rows[block] * self.cols)
+        return self.rows[block] * self.cols / self.overall
+
+
+def update_scale(delta: torch.Tensor) -> UpdateScale:
+    """The :class:`UpdateScale` of a stored ΔW, by row blocks."""
+    m, n = delta.shape
+    rows = torch.empty((m, 1), dtype=delta.dtype, device=delta.device)
+    col_sums = torch.zeros((1, n), dtype=torch.float64, device=delta.device)
+    for block in row_blocks((m, n)):
+        magnitude = delta[block].abs()
+        rows[block] = magnitude.mean(dim=1, keepdim=True)
+        col_sums += magnitude.sum(dim=0, keepdim=True, dtype=torch.float64)
+    cols = (col_sums / max(m, 1)).to(delta.dtype)
+    return UpdateScale(rows, cols, float(rows.double().mean()) if m else 0.0)
+
+
+def rounding_variance(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype,
+                      ft_dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Expected squared rounding part of each entry of the stored ΔW (same shape and dtype as ``delta``).
+
+    ``base`` holds the stored base values and ``delta`` the stored ΔW, both exactly, in a wider
+    dtype (float32 or float64); ``scale`` is E|δ| per entry (default: the rank-1 fit of this
+    ``delta``). See the module docstring for the two models.
+    """
+    ft = base + delta
+    base_step, ft_step = grid_step(base, base_dtype), grid_step(ft, ft_dtype)
+    if base_dtype != ft_dtype:
+        return (base_step.square() + ft_step.square()) / 12.0
+    if scale is None:
+        scale = update_scale(delta).at(slice(None))
+    step = torch.maximum(base_step, ft_step)
+    spread = math.sqrt(math.pi / 2.0) * scale / step  # Gaussian: E|t| = s·√(2/π)
+    return step.square() * dither_variance(spread)
+
+
+def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype,
+                  ft_dtype: torch.dtype) -> StorageNoise:
+    """The :class:`StorageNoise` of a stored ΔW (2-D, on any device), computed by row blocks."""
+    if delta.ndim != 2:
+        raise ValueError(f"expected a 2-D ΔW, got shape {tuple(delta.shape)}")
+    m, n = delta.shape
+    if delta.numel() == 0:
+        return StorageNoise(0.0, 0.0, 0.0, 0.0, 0, "exact")
+    scale = update_scale(delta) if base_dtype == ft_dtype else None
+    energy, unchanged, row_max = 0.0, 0, 0.0
+    col_energy = torch.zeros(n, dtype=torch.float64, device=delta.device)
+    for block in row_blocks((m, n)):
+        variance = rounding_variance(base[block], delta[block], base_dtype, ft_dtype,
+                                     scale.at(block) if scale is not None else None)
+        rows = variance.sum(dim=1, dtype=torch.float64)
+        energy += float(rows.sum())
+        row_max = max(row_max, float(rows.max()))
+        col_energy += variance.sum(dim=0, dtype=torch.float64)
+        unchanged += int((delta[block] == 0).sum())
+    return StorageNoise(
+        energy=energy, row_energy_max=row_max, col_energy_max=float(col_energy.max()),
+        unchanged_fraction=unchanged / delta.numel(), numel=delta.numel(),
+        model="shared-grid" if base_dtype == ft_dtype else "independent",
+    )

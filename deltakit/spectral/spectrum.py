@@ -1,0 +1,180 @@
+"""One spectrum object for every command: the singular values of one ΔW, the floors under them,
+and the estimate of what fine-tuning learned once storage rounding is taken out.
+
+``rank``, ``extract``, ``intruders`` and ``plot`` all read a :class:`Spectrum`, so a metric
+means the same thing in each. Two floors sit under the values:
+
+* the *method* floor: below it a value is noise of the computation (Gram/eigh resolves
+  ~√eps·σ₁), so such values are set to 0 before any metric is taken;
+* the *storage* floor: below it a value may be storage rounding of the checkpoints
+  (see :mod:`deltakit.spectral.noise`).
+
+The *signal* spectrum keeps the components above the rounding's spectral edge and removes the
+rounding's bias from each (the spiked-model inversion of Benaych-Georges & Nadakuditi 2012,
+the same model Gavish & Donoho 2017 shrink with); the signal energy is ‖ΔW‖²_F minus the
+rounding's expected energy. Formulas and limits: docs/metrics.md.
+
+Example::
+
+    spec = compute_spectrum(delta, SpectralOptions(), noise=storage_noise(base, delta, bf16, bf16))
+    spec.rank_at(0.9), spec.signal_rank_at(0.9), spec.noise_share
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from deltakit.spectral import metrics
+from deltakit.spectral.noise import StorageNoise
+from deltakit.spectral.options import SpectralOptions
+from deltakit.spectral.svd import method_noise_floor, singular_values
+
+STORAGE_FLOOR_SAFETY = 2.0  # numerical rank counts values above 2× the rounding's spectral edge
+NEGLIGIBLE_SHARE = 1e-6  # rounding below this share of ‖ΔW‖² cannot move a metric: the signal spectrum is the raw one
+
+
+def method_name(options: SpectralOptions) -> str:
+    """The ``spectrum_method`` recorded per matrix: gram, exact or fp64."""
+    return "fp64" if options.precision == "fp64" else options.method
+
+
+def debiased_values(values: np.ndarray, shape: tuple[int, int], noise_rms: float, edge: float) -> np.ndarray:
+    """The signal singular values θ behind observed values σ > ``edge`` of signal + white noise.
+
+    In the spiked model X = S + N with N's entries of variance τ² and x = σ/(τ√N), N the larger
+    side and β = min/max, an isolated signal value θ (in the same units) is seen at
+    x² = (1 + θ²)(β + θ²)/θ² when θ > β^¼; inverting gives
+    θ² = ((x² − 1 − β) + √((x² − 1 − β)² − 4β)) / 2. Values at or below ``edge`` (at least the
+    bulk edge 1 + √β) carry no recoverable signal and are dropped (returned as zeros).
+    """
+    small, large = sorted(shape)
+    beta = small / large
+    unit = noise_rms * math.sqrt(large)
+    out = np.zeros_like(values)
+    if unit <= 0.0:
+        return values.copy()
+    x = values / unit
+    keep = (values > edge) & (x > 1.0 + math.sqrt(beta))
+    y = x[keep] ** 2 - 1.0 - beta
+    theta2 = (y + np.sqrt(np.clip(y * y - 4.0 * beta, 0.0, None))) / 2.0
+    out[keep] = np.sqrt(theta2) * unit
+    return out
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Singular values of one ΔW (m×n) and every rank metric taken from them.
+
+    ``values``: descending, float64, values at or below ``method_floor`` set to 0.
+    ``noise``: the storage rounding model of this ΔW, None when not estimated.
+    ``signal``: descending debiased values of the components above the rounding's edge.
+    ``signal_energy``: estimated ‖δ‖²_F of the true update (‖ΔW‖² − rounding energy).
+    """
+
+    values: np.ndarray
+    shape: tuple[int, int]
+    method: str
+    method_floor: float
+    noise: StorageNoise | None = None
+    signal: np.ndarray = field(default=None)  # type: ignore[assignment]
+    signal_energy: float = 0.0
+    total_energy: float = 0.0  # ‖ΔW‖²_F measured directly
+
+    @property
+    def energy(self) -> float:
+        """Σσ² of the resolved values (= ‖ΔW‖²_F up to what lies under the method floor)."""
+        return float(np.sum(self.values * self.values))
+
+    @property
+    def storage_floor(self) -> float:
+        """Values at or below it may be storage rounding: 2 × the rounding's spectral edge."""
+        return STORAGE_FLOOR_SAFETY * self.noise.spectral_edge if self.noise is not None else 0.0
+
+    @property
+    def noise_floor(self) -> float:
+        """The numerical rank's threshold: the larger of the method and storage floors."""
+        return max(self.method_floor, self.storage_floor)
+
+    @property
+    def rank(self) -> int:
+        """Numerical rank: values strictly above :attr:`noise_floor`."""
+        return metrics.numerical_rank(self.values, self.noise_floor) if self.energy > 0 else 0
+
+    @property
+    def noise_share(self) -> float:
+        """Estimated fraction of ‖ΔW‖²_F that storage rounding accounts for, in [0, 1]."""
+        return self.noise.share(self.total_energy) if self.noise is not None else 0.0
+
+    @property
+    def unchanged_fraction(self) -> float | None:
+        return self.noise.unchanged_fraction if self.noise is not None else None
+
+    @property
+    def signal_is_raw(self) -> bool:
+        """True when rounding cannot matter (see :func:`rounding_matters`): the signal spectrum is the raw one."""
+        return not rounding_matters(self.noise, self.method_floor, self.total_energy)
+
+    def rank_at(self, fraction: float) -> int:
+        return metrics.rank_at_energy(self.values, fraction)
+
+    def stable_rank(self) -> float:
+        return metrics.stable_rank(self.values)
+
+    def effective_rank(self) -> float:
+        return metrics.effective_rank(self.values)
+
+    def signal_rank_at(self, fraction: float) -> int | None:
+        """Components needed to hold ``fraction`` of the estimated signal energy; None when the
+        components above the rounding's edge hold less than that (the rest is buried in rounding)."""
+        if self.signal_is_raw:
+            return self.rank_at(fraction)
+        if self.signal_energy <= 0.0:
+            return 0 if self.total_energy == 0 else None
+        cumulative = np.cumsum(self.signal * self.signal)
+        target = fraction * self.signal_energy * (1.0 - 4 * np.finfo(np.float64).eps)
+        if cumulative.size == 0 or cumulative[-1] < target:
+            return None
+        return int(np.searchsorted(cumulative, target, side="left") + 1)
+
+    def signal_effective_rank(self) -> float:
+        return metrics.effective_rank(self.signal)
+
+    @property
+    def signal_rank(self) -> int:
+        """Components above the rounding's spectral edge (the signal spectrum's nonzero count)."""
+        return int(np.count_nonzero(self.signal))
+
+
+def rounding_matters(noise: StorageNoise | None, method_floor: float, energy: float) -> bool:
+    """Whether storage rounding is resolvable: above the method's floor and above a millionth of ‖ΔW‖²."""
+    return noise is not None and noise.spectral_edge > method_floor and noise.energy > NEGLIGIBLE_SHARE * energy
+
+
+def build_spectrum(values: np.ndarray, shape: tuple[int, int], method: str, method_floor: float,
+                   noise: StorageNoise | None = None, delta_energy: float | None = None) -> Spectrum:
+    """A :class:`Spectrum` from computed singular values: floors applied, signal estimated.
+
+    ``delta_energy`` is ‖ΔW‖²_F measured directly (defaults to Σσ² of the resolved values).
+    """
+    resolved = metrics.as_sorted_spectrum(values).copy()
+    resolved[resolved <= method_floor] = 0.0
+    energy = float(np.sum(resolved * resolved)) if delta_energy is None else delta_energy
+    if not rounding_matters(noise, method_floor, energy):
+        return Spectrum(resolved, shape, method, method_floor, noise, resolved.copy(), energy, energy)
+    signal = debiased_values(resolved, shape, noise.rms, noise.spectral_edge)
+    signal_energy = max(energy - noise.energy, float(np.sum(signal * signal)))
+    return Spectrum(resolved, shape, method, method_floor, noise, signal, signal_energy, energy)
+
+
+def compute_spectrum(matrix: torch.Tensor, options: SpectralOptions, noise: StorageNoise | None = None,
+                     delta_energy: float | None = None) -> Spectrum:
+    """All singular values of ``matrix`` (m×n, on its device) by ``options``, as a :class:`Spectrum`."""
+    shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+    values = metrics.as_sorted_spectrum(singular_values(matrix, options.method, options.dtype))
+    floor = method_noise_floor(float(values[0]), shape, options.method, options.dtype) if values.size else 0.0
+    return build_spectrum(values, shape, method_name(options), floor if values.size and values[0] > 0 else 0.0,
+                          noise, delta_energy)
