@@ -188,15 +188,15 @@ def learning_findings(results: dict[str, Any], runs: list[tuple[str, dict[str, A
     gap = full["code_mrr"] - best_lora
     rates = ", ".join(f"{run['lr']:g}" for run in sorted(lora_runs, key=lambda run: run["lr"])) or f"{results['train_lora']['lr']:g}"
     if se:
-        verdict = ("**yes**: full fine-tuning's code MRR is more than two standard errors above every LoRA run" if gap > 2 * se
-                   else "**not established**: the gap to the best LoRA run is within two standard errors" if gap > -2 * se
-                   else "**no**: a LoRA run learned more than full fine-tuning, by more than two standard errors")
+        verdict = ("*yes*: full fine-tuning's code MRR is more than two standard errors above every LoRA run" if gap > 2 * se
+                   else "*not established*: the gap to the best LoRA run is within two standard errors" if gap > -2 * se
+                   else "*no*: a LoRA run learned more than full fine-tuning, by more than two standard errors")
         se_text = f" The standard error of one MRR on this pool is {se:.3f}, so the gap of {gap:+.3f} is {gap / se:+.1f} standard errors."
     else:
-        verdict = "**yes**" if gap > 0 else "**no**"
+        verdict = "*yes*" if gap > 0 else "*no*"
         se_text = ""
     return (
-        f"**Claim 1, LoRA learns less: {verdict}.** Held-out code MRR rises from {base['code_mrr']:.3f} (base) to "
+        f"**Claim 1, LoRA learns less:** {verdict}. Held-out code MRR rises from {base['code_mrr']:.3f} (base) to "
         f"**{full['code_mrr']:.3f} with full fine-tuning** and **{span(lora_mrrs, 3)} with LoRA** at the learning "
         f"rates shown in section 6 ({rates}); acc@1 {base['code_acc@1']:.3f} → {full['code_acc@1']:.3f} (full) vs "
         f"{span([run['scores']['code_acc@1'] for run in lora_runs] or [lora['code_acc@1']], 3)} (LoRA).{se_text} One seed."
@@ -212,9 +212,9 @@ def forgetting_findings(results: dict[str, Any], runs: list[tuple[str, dict[str,
         lora_runs = [{"lr": results["train_lora"]["lr"], "scores": evaluation["lora"], "rel_delta_median": None}]
     less = [run for run in lora_runs if run["scores"]["prose_spearman"] > full["prose_spearman"]]
     less_rates = ", ".join(f"lr {run['lr']:g}" for run in less)
-    verdict = ("**yes, at every learning rate shown**" if len(less) == len(lora_runs)
-               else "**no, at no learning rate shown**" if not less
-               else f"**only at {less_rates}** of the rates shown")
+    verdict = ("*yes, at every learning rate shown*" if len(less) == len(lora_runs)
+               else "*no, at no learning rate shown*" if not less
+               else f"*only at {less_rates}* of the rates shown")
     per_rate = "; ".join(
         f"lr {run['lr']:g}: Spearman {run['scores']['prose_spearman']:.3f}, drift {run['scores']['prose_drift']:.3f}, "
         f"next-sentence MRR {run['scores']['prose_next_mrr']:.3f}" for run in lora_runs
@@ -227,8 +227,8 @@ def forgetting_findings(results: dict[str, Any], runs: list[tuple[str, dict[str,
                      + ", ".join(f"{100 * run['rel_delta_median']:.1f}% (LoRA {run['lr']:g})" for run in sizes)
                      + f", against {100 * full_size:.1f}% for the full fine-tune.")
     return (
-        f"**Claim 2, LoRA forgets less (prose similarity structure kept, Spearman vs the base model; higher = less forgetting): "
-        f"{verdict}.** Full fine-tuning: Spearman {full['prose_spearman']:.3f}, drift {full['prose_drift']:.3f}, "
+        f"**Claim 2, LoRA forgets less:** {verdict}, judged by the prose similarity structure kept (Spearman vs the "
+        f"base model; higher = less forgetting). Full fine-tuning: Spearman {full['prose_spearman']:.3f}, drift {full['prose_drift']:.3f}, "
         f"next-sentence MRR {full['prose_next_mrr']:.3f} (base {evaluation['base']['prose_next_mrr']:.3f}). LoRA — {per_rate}."
         + size_text
     )

@@ -1030,7 +1030,7 @@ def bf16_copy(src: Path, dest: Path) -> Path:
 
 # Fields of a deltakit.rank matrix that know about storage noise (deltakit >= the noise-aware
 # spectra change); an older deltakit lacks them and the notebook shows "n/a".
-NOISE_FIELDS = ("noise_share", "unchanged_fraction", "signal_rank_at", "signal_effective_rank", "spectrum_method")
+NOISE_FIELDS = ("noise_share", "unchanged_fraction", "signal_rank_at", "signal_rank", "signal_effective_rank", "spectrum_method")
 
 
 def noise_aware_rows(report: dict[str, Any], fraction: float = 0.9) -> list[dict[str, Any]]:
@@ -1052,7 +1052,8 @@ def noise_aware_rows(report: dict[str, Any], fraction: float = 0.9) -> list[dict
             "name": m["name"], "module_type": module_type, "layer": layer,
             "rank90": (m.get("rank_at") or {}).get(key), "signal_rank90": (m.get("signal_rank_at") or {}).get(key),
             "noise_share": m.get("noise_share"), "unchanged_fraction": m.get("unchanged_fraction"),
-            "rank": m.get("rank"), "stable_rank": m.get("stable_rank"), "effective_rank": m.get("effective_rank"),
+            "rank": m.get("rank"), "signal_rank": m.get("signal_rank"), "stable_rank": m.get("stable_rank"),
+            "effective_rank": m.get("effective_rank"),
             "signal_effective_rank": m.get("signal_effective_rank"), "spectrum_method": m.get("spectrum_method"),
         })
     return rows
@@ -1066,7 +1067,7 @@ def median_or_none(values: Iterable[Any]) -> float | None:
 
 def noise_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
     """Table rows (module type, then "all"): medians of ``noise_aware_rows``' numbers, the methods used."""
-    numeric = ("rank90", "signal_rank90", "noise_share", "unchanged_fraction", "rank", "stable_rank",
+    numeric = ("rank90", "signal_rank90", "noise_share", "unchanged_fraction", "rank", "signal_rank", "stable_rank",
                "effective_rank", "signal_effective_rank")
     groups = {t: [r for r in rows if r["module_type"] == t] for t in MODULE_TYPES}
     groups = {**{t: g for t, g in groups.items() if g}, "all": rows}
@@ -1074,12 +1075,14 @@ def noise_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
     for name, group in groups.items():
         medians = [median_or_none(r[k] for r in group) for k in numeric]
         methods = sorted({str(r["spectrum_method"]) for r in group if r["spectrum_method"] is not None})
-        table.append([name, len(group), *[("n/a" if v is None else v) for v in medians], "/".join(methods) or "n/a"])
+        cells = ["n/a" if v is None else v if k in ("noise_share", "unchanged_fraction") else f"{v:.1f}".removesuffix(".0")
+                 for k, v in zip(numeric, medians)]
+        table.append([name, len(group), *cells, "/".join(methods) or "n/a"])
     return table
 
 
 NOISE_TABLE_HEADER = ["group", "n", "rank@90%", "signal rank@90%", "noise share", "unchanged", "rank (floor)",
-                      "stable rank", "eff. rank", "signal eff. rank", "method"]
+                      "signal rank", "stable rank", "eff. rank", "signal eff. rank", "method"]
 
 
 # ----------------------------------------------------------------------------------------------
