@@ -1240,7 +1240,7 @@ def plot_learn_forget(runs: list[tuple[str, dict[str, Any]]], path: Path | None 
         ax.plot([t["code_mrr"] for t in track], [t["prose_spearman"] for t in track], "o-", ms=3, color=colour, label=label)
         ax.annotate(f"{track[-1]['step']}", (track[-1]["code_mrr"], track[-1]["prose_spearman"]), fontsize=7,
                     xytext=(3, -8), textcoords="offset points")
-    ax.set(xlabel="held-out code MRR, 500-query pool (learning →)", ylabel="prose similarity Spearman vs base (← forgetting)",
+    ax.set(xlabel="held-out code MRR, tracking pool (learning →)", ylabel="prose similarity Spearman vs base (← forgetting)",
            title="learning vs forgetting during training (points: the measurements during training)")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
@@ -1581,15 +1581,17 @@ def reproduce(
             script + ["sweep", *[f"{lr:g}" for lr in learning_rates]],
             env={**env, "DELTAKIT_NB_OUT": str(work / "sweep"), "DELTAKIT_NB_CONFIG": json.dumps(sweep_config)},
             stdout=sweep_log, stderr=subprocess.STDOUT,
-        )
+        ) if learning_rates else None
         main_code = main_run.wait()
-        try:
-            remaining = None if sweep_deadline is None else max(1.0, sweep_deadline - (time.perf_counter() - t0))
-            sweep_code: int | str = sweep_run.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            sweep_run.kill()
-            sweep_run.wait()
-            sweep_code = f"stopped at the {sweep_deadline:g} s deadline"
+        sweep_code: int | str = "not run (no learning rates)"
+        if sweep_run is not None:
+            try:
+                remaining = None if sweep_deadline is None else max(1.0, sweep_deadline - (time.perf_counter() - t0))
+                sweep_code = sweep_run.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                sweep_run.kill()
+                sweep_run.wait()
+                sweep_code = f"stopped at the {sweep_deadline:g} s deadline"
     if main_code != 0:
         raise RuntimeError(f"`run` failed (exit {main_code}); see {dest / 'run.log'}")
     fresh_sweep = work / "sweep" / SWEEP_FILE
@@ -1623,7 +1625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     again = sub.add_parser("reproduce", help="from a `pack` folder: run + sweep at once, then the executed notebook, into DEST")
     again.add_argument("packed", type=Path)
     again.add_argument("dest", type=Path)
-    again.add_argument("--lr", type=float, nargs="+", default=[1e-4, 2e-4], help="the sweep's LoRA learning rates")
+    again.add_argument("--lr", type=float, nargs="*", default=[1e-4, 2e-4],
+                       help="the sweep's LoRA learning rates (none: no sweep)")
     again.add_argument("--fast", action="store_true", help="the smoke configuration (DELTAKIT_NOTEBOOK_FAST=1)")
     again.add_argument("--sweep-deadline", type=float, default=None, help="stop the sweep this many seconds after the start")
     args = parser.parse_args(argv)
