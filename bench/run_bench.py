@@ -349,6 +349,17 @@ def score(job: Job, row: dict[str, object], work: Path, args: argparse.Namespace
             row["optimum_rel_error"] = optimum
             row["notes"].append(f"truncated-SVD optimum in fp32 (before storing the factors in bf16): mean "
                                 f"{optimum['mean']:.4f}, max {optimum['max']:.4f}")
+    if job.key == "deltakit-rank":
+        matrices = json.loads((work / "runs" / "deltakit-rank.json").read_text())["matrices"]
+        shares = sorted(m["noise_share"] for m in matrices if "noise_share" in m and m["delta_fro"] > 0)
+        if shares:
+            signal = sorted(m["signal_rank_at"]["0.9"] for m in matrices
+                            if m.get("signal_rank_at", {}).get("0.9") is not None and m["delta_fro"] > 0)
+            row["noise_share"] = {"median": shares[len(shares) // 2], "min": shares[0], "max": shares[-1]}
+            row["notes"].append(
+                f"storage rounding's share of ‖ΔW‖²: median {shares[len(shares) // 2]:.4f} (min {shares[0]:.4f}, "
+                f"max {shares[-1]:.4f}); noise-dominated at r@0.9: {sum(1 for x in shares if x > 0.1)} matrices; "
+                f"signal_rank_at[0.9] median {signal[len(signal) // 2] if signal else None}")
     if job.key == "plain-rank":
         records = json.loads((work / "runs" / "plain-rank.json").read_text())["matrices"]
         ranks = sorted(r["rank_90"] for r in records if report.PROJECTION.search(r["name"]))

@@ -37,7 +37,8 @@ def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str |
         with atomic_file(csv_path, force=force) as tmp:
             Path(tmp).write_text(report_csv(report))
     if spectra_path:
-        save_spectra(spectra_path, report.spectra, report.spectra_info(), force=force)
+        save_spectra(spectra_path, report.spectra, report.spectra_info(), force=force,
+                     signal_spectra=report.signal_spectra)
     if not quiet and json_path != "-":
         click.echo(render_report(report))
 

@@ -75,6 +75,7 @@ class MatrixResult:
     signal_rank_at: dict[float, int | None] = field(default_factory=dict)
     signal_effective_rank: float = 0.0
     signal_rank: int = 0
+    signal_energy: float = 0.0
     spectrum_method: str = "gram"
     noise_model: str = "exact"
 
@@ -185,7 +186,7 @@ class RankReport:
                 m.name: {"shape": list(m.shape), "module_type": m.module_type, "layer": m.layer,
                          "rank_at": {energy_key(k): v for k, v in m.rank_at.items()},
                          "signal_rank_at": {energy_key(k): v for k, v in m.signal_rank_at.items()},
-                         "noise_share": m.noise_share}
+                         "noise_share": m.noise_share, "signal_energy": m.signal_energy}
                 for m in self.matrices
             },
         }
@@ -270,6 +271,7 @@ def analyse_matrix(
         unchanged_fraction=noise.unchanged_fraction if noise is not None else 0.0,
         signal_rank_at={e: spectrum.signal_rank_at(e) for e in energy},
         signal_effective_rank=spectrum.signal_effective_rank(), signal_rank=spectrum.signal_rank,
+        signal_energy=spectrum.signal_energy,
         spectrum_method=spectrum.method, noise_model=noise.model if noise is not None else "exact",
     )
     return result, spectrum

@@ -174,6 +174,36 @@ def _draw_curves(ax: Axes, spectra: Spectra, groups: dict[str, list[MatrixMeta]]
     ax.grid(True, which="major", alpha=0.3)
 
 
+def signal_energy_curve(signal: np.ndarray, signal_energy: float) -> np.ndarray:
+    """Cumulative energy of the signal spectrum over the estimated signal energy (may stay below 1:
+    what lies under the rounding's edge cannot be placed in any component)."""
+    s = as_sorted_spectrum(signal)
+    s = s[s > 0]
+    if s.size == 0 or signal_energy <= 0:
+        return np.zeros(1)
+    return np.cumsum(s * s) / signal_energy
+
+
+def _draw_signal_curves(ax: Axes, groups: dict[str, list[MatrixMeta]], info: Mapping[str, Any] | None) -> None:
+    """Dotted median signal-energy curve per group, for the matrices whose signal spectrum differs from the raw one."""
+    signal = (info or {}).get("signal_spectra") or {}
+    recorded = (info or {}).get("matrices", {})
+    drawn = False
+    for label, metas in groups.items():
+        curves = [signal_energy_curve(signal[m.name], recorded.get(m.name, {}).get("signal_energy", 0.0))
+                  for m in metas if m.name in signal]
+        if not curves:
+            continue
+        length = max(len(c) for c in curves)
+        stack = np.stack([np.pad(c, (0, length - len(c)), mode="edge") for c in curves])
+        ax.plot(np.arange(1, length + 1), np.median(stack, axis=0), color=MODULE_COLOURS.get(label, "0.3"),
+                linestyle=":", linewidth=1.8, gid=f"signal {label}")
+        drawn = True
+    if drawn:
+        ax.plot([], [], color="0.4", linestyle=":", linewidth=1.8,
+                label="dotted: signal, storage rounding taken out (of its estimated energy)")
+
+
 def plot_energy_curves(spectra: Spectra, info: Mapping[str, Any] | None, ax: Axes | None = None,
                        group_by: str = "module_type", energy: float = 0.9) -> Axes:
     """Cumulative energy of ΔW vs rank k, per module type (median over layers, min–max band).
@@ -182,7 +212,9 @@ def plot_energy_curves(spectra: Spectra, info: Mapping[str, Any] | None, ax: Axe
     low-rank structure. A curve far left of its dashed twin means a low-rank update.
     """
     ax = _new_axes(ax, (8, 5))
-    _draw_curves(ax, spectra, _groups(matrix_meta(spectra, info), group_by), energy_curve)
+    groups = _groups(matrix_meta(spectra, info), group_by)
+    _draw_curves(ax, spectra, groups, energy_curve)
+    _draw_signal_curves(ax, groups, info)
     ax.axhline(energy, color="0.5", linewidth=0.8, linestyle=(0, (1, 2)), label=f"{_percent(energy)} of the energy")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel(ENERGY_LABEL)

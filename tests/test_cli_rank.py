@@ -15,7 +15,8 @@ from deltakit.io.spectra import load_spectra
 from conftest import assert_one_line_error, invoke, low_rank
 
 MATRIX_KEYS = {"name", "shape", "dtype", "delta_fro", "rel_delta", "spectral_norm", "rank", "stable_rank",
-               "effective_rank", "rank_at", "random_rank_at"}
+               "effective_rank", "rank_at", "random_rank_at", "noise_share", "unchanged_fraction", "signal_rank_at",
+               "signal_effective_rank", "spectrum_method"}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,8 @@ def test_json_contract(demo_pair, runner, tmp_path):
     for m in data["matrices"]:
         assert MATRIX_KEYS <= set(m)
         assert set(m["rank_at"]) == {"0.5", "0.9"} and set(m["random_rank_at"]) == {"0.5", "0.9"}
+        assert set(m["signal_rank_at"]) == {"0.5", "0.9"} and m["spectrum_method"] == "gram"
+    assert set(data["summary"]["noise_dominated"]) == {"0.5", "0.9"}
     by_name = {m["name"]: m for m in data["matrices"]}
     q = by_name["model.layers.0.self_attn.q_proj.weight"]
     assert q["rank"] == DEMO_LORA_RANK and q["dtype"] == "bfloat16" and q["shape"] == [128, 128]

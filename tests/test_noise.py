@@ -237,3 +237,28 @@ def test_intruders_within_rounding_are_not_counted(tmp_path):
     assert m.changed and m.below_rounding
     assert min(m.similarities) < 0.5  # the test would count intruders without the rounding check
     assert m.count(0.5) == 0 and report.summary()["below_rounding"] == 1
+
+
+def test_spectra_file_and_plot_carry_signal_curves(minilm_bf16_pair, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from deltakit.io.spectra import load_spectra, save_spectra
+    from deltakit.plot import plot_energy_curves
+
+    folder = minilm_bf16_pair[0]
+    report = deltakit.rank(folder / "base.safetensors", folder / "ft.safetensors", keep_spectra=True,
+                           options=SpectralOptions(device="cpu"))
+    assert set(report.signal_spectra) == {m.name for m in report.matrices if m.noise_share > 1e-6}
+    save_spectra(tmp_path / "s.safetensors", report.spectra, report.spectra_info(), signal_spectra=report.signal_spectra)
+    spectra, info = load_spectra(tmp_path / "s.safetensors")
+    assert set(spectra) == {m.name for m in report.matrices}
+    for name, signal in report.signal_spectra.items():
+        np.testing.assert_array_equal(info["signal_spectra"][name], signal)
+    ax = plot_energy_curves(spectra, info)
+    signal_lines = [line for line in ax.get_lines() if str(line.get_gid()).startswith("signal ")]
+    assert signal_lines
+    for line in signal_lines:  # the signal curve of a rounding-heavy group stays below 1: buried energy is not placed
+        assert 0 < line.get_ydata()[-1] <= 1.0 + 1e-9
+    bare = dict(info, signal_spectra={})
+    assert not [line for line in plot_energy_curves(spectra, bare).get_lines() if str(line.get_gid()).startswith("signal ")]

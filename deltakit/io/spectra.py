@@ -3,7 +3,10 @@
 A safetensors file: one float64 1-D tensor per matrix (all singular values of its ΔW,
 descending), keyed by the tensor name as stored in the fine-tune; its ``__metadata__``
 holds ``{"deltakit_spectra": "1", "info": <JSON>}`` where the JSON is
-``{"base", "ft", "energy": [...], "matrices": {name: {"shape", "module_type", "layer", "rank_at": {...}}}}``.
+``{"base", "ft", "energy": [...], "matrices": {name: {"shape", "module_type", "layer", "rank_at": {...},
+"signal_rank_at": {...}, "noise_share", "signal_energy"}}}``. Where storage rounding matters, the
+signal spectrum (rounding taken out, see deltakit.spectral.spectrum) is stored beside it as
+``signal::<name>``; :func:`load_spectra` returns those in ``info["signal_spectra"]`` (absent when there are none).
 
 Example::
 
@@ -27,13 +30,16 @@ from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_file
 
 FORMAT_VERSION = "1"
+SIGNAL_PREFIX = "signal::"
 
 
 def save_spectra(
-    path: str | os.PathLike, spectra: dict[str, np.ndarray], info: dict[str, Any], force: bool = False
+    path: str | os.PathLike, spectra: dict[str, np.ndarray], info: dict[str, Any], force: bool = False,
+    signal_spectra: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Write singular values per matrix plus ``info`` (JSON-able) atomically to ``path``."""
-    tensors = {name: torch.as_tensor(np.ascontiguousarray(s, dtype=np.float64)) for name, s in spectra.items()}
+    """Write singular values per matrix (and signal spectra where given) plus ``info`` (JSON-able) atomically."""
+    named = dict(spectra) | {SIGNAL_PREFIX + name: s for name, s in (signal_spectra or {}).items()}
+    tensors = {name: torch.as_tensor(np.ascontiguousarray(s, dtype=np.float64)) for name, s in named.items()}
     metadata = {"deltakit_spectra": FORMAT_VERSION, "info": json.dumps(info)}
     with atomic_file(path, force=force) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -55,4 +61,7 @@ def load_spectra(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     if metadata.get("deltakit_spectra") != FORMAT_VERSION:
         raise DeltakitError(f"{path} is not a deltakit spectra file (write one with `deltakit rank --save-spectra`)")
     info = json.loads(metadata.get("info", "{}"))
-    return {name: t.numpy() for name, t in tensors.items()}, info
+    signal = {name.removeprefix(SIGNAL_PREFIX): t.numpy() for name, t in tensors.items() if name.startswith(SIGNAL_PREFIX)}
+    if signal:
+        info["signal_spectra"] = signal
+    return {name: t.numpy() for name, t in tensors.items() if not name.startswith(SIGNAL_PREFIX)}, info
