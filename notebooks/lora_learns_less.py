@@ -31,6 +31,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -39,6 +40,7 @@ import sysconfig
 import tempfile
 import time
 import warnings
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -542,10 +544,13 @@ def retrieval_scores(queries: torch.Tensor, documents: torch.Tensor) -> dict[str
     correct = scores.diagonal().unsqueeze(1)
     rank = (scores > correct).sum(1) + (scores == correct).sum(1)  # 1-based, pessimistic on ties
     rank = rank.double()
+    reciprocal = 1.0 / rank
     return {
         "acc@1": float((rank == 1).double().mean()),
         "recall@10": float((rank <= 10).double().mean()),
-        "mrr": float((1.0 / rank).mean()),
+        "mrr": float(reciprocal.mean()),
+        # standard error of the MRR over the N queries (sample std / sqrt N): what a difference is judged by
+        "mrr_se": float(reciprocal.std() / len(rank) ** 0.5) if len(rank) > 1 else float("nan"),
     }
 
 
@@ -736,12 +741,21 @@ def compare_rank_tables(numpy_rows: list[dict[str, Any]], deltakit_dict: dict[st
     }
 
 
-def summarise_ranks(full_rows: list[dict[str, Any]], lora_rows: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
+def summarise_ranks(
+    full_rows: list[dict[str, Any]], lora_rows: list[dict[str, Any]], lora_r: int, seed: int = 0,
+) -> dict[str, Any]:
     """Full vs LoRA rank@90% on the LoRA-targeted matrices, by module type and by layer.
 
-    Ratios are of medians (robust to the odd matrix LoRA barely moved); ``random`` is the
-    rank@90% of a Gaussian matrix of the same shape (no low-rank structure at all);
-    ``dim`` is min(shape), the largest rank possible.
+    Two ratios, kept apart because they answer different questions:
+
+    * ``full_over_r``: full fine-tuning's rank@90% / the *configured* LoRA rank r — the paper's
+      comparison ("10-100X greater than typical LoRA configurations", Biderman et al. 2024);
+    * ``full_over_lora``: / LoRA's *measured* rank@90% (which is <= r and usually well below it).
+
+    Group ratios are of medians (robust to the odd matrix LoRA barely moved); ``_min``/``_max``
+    are over single matrices. ``random`` is the rank@90% of a Gaussian matrix of the same shape
+    (no low-rank structure at all); ``dim`` is min(shape), the largest rank possible, so
+    ``dim / r`` is the largest ``full_over_r`` this model can show.
     """
     lora = {row["name"]: row for row in lora_rows}
     paired = [(row, lora[row["name"]]) for row in full_rows if row["module_type"] in MODULE_TYPES and row["name"] in lora]
@@ -766,17 +780,25 @@ def summarise_ranks(full_rows: list[dict[str, Any]], lora_rows: list[dict[str, A
             "full_max": int(full.max()),
             "lora_median": float(np.median(low)),
             "lora_max": int(low.max()),
-            "ratio_of_medians": float(np.median(full) / max(np.median(low), 1)),
-            "ratio_min": float(per_matrix.min()),
-            "ratio_max": float(per_matrix.max()),
+            "full_over_r": float(np.median(full) / lora_r),
+            "full_over_r_min": float(full.min() / lora_r),
+            "full_over_r_max": float(full.max() / lora_r),
+            "full_over_lora": float(np.median(full) / max(np.median(low), 1)),
+            "full_over_lora_min": float(per_matrix.min()),
+            "full_over_lora_max": float(per_matrix.max()),
             "full_over_random": float(np.median(full) / random_rank(rows[0][0]["shape"])),
             "base_w_median": float(np.median([f["base_rank_at"] for f, _ in rows])),
+            "rel_delta_full_median": float(np.median([f["rel_delta"] for f, _ in rows])),
+            "rel_delta_lora_median": float(np.median([l["rel_delta"] for _, l in rows])),
         }
 
     by_type = {t: group([p for p in paired if p[0]["module_type"] == t]) for t in MODULE_TYPES if any(p[0]["module_type"] == t for p in paired)}
     layers = sorted({p[0]["layer"] for p in paired})
     by_layer = {str(k): group([p for p in paired if p[0]["layer"] == k]) for k in layers}
-    return {"by_type": by_type, "by_layer": by_layer, "all": group(paired), "paper_ratio_range": list(PAPER_RATIO_RANGE)}
+    return {
+        "by_type": by_type, "by_layer": by_layer, "all": group(paired), "lora_r": lora_r,
+        "paper_ratio_range": list(PAPER_RATIO_RANGE),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -877,9 +899,7 @@ def train_contrastive(
                 point["rank90"] = delta_ranks(targeted_deltas(model, initial)) if step > 0 and cfg.track_ranks else {}
             point["seconds"] = round(time.perf_counter() - t0, 1)
             history["track"].append(point)
-            log(f"[{mode}] step {step:5d}  code MRR {scores['code_mrr']:.3f}  prose-next MRR "
-                f"{scores['prose_next_mrr']:.3f}  prose Spearman {scores['prose_spearman']:.3f}  "
-                f"median rank@90 {np.median(list(point['rank90'].values())) if point['rank90'] else 0:.0f}")
+            log(track_line(mode, point))
         if step == cfg.steps:
             break
         pairs = [data["train"][i] for i in batches[step]]
@@ -920,6 +940,13 @@ def train_contrastive(
     return history
 
 
+def track_line(mode: str, point: dict[str, Any]) -> str:
+    """One measurement during training as the log prints it (also used to re-print a stored run)."""
+    rank90 = np.median(list(point["rank90"].values())) if point.get("rank90") else 0
+    return (f"[{mode}] step {point['step']:5d}  code MRR {point['code_mrr']:.3f}  prose-next MRR "
+            f"{point['prose_next_mrr']:.3f}  prose Spearman {point['prose_spearman']:.3f}  median rank@90 {rank90:.0f}")
+
+
 def _targeted_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached fp32 copy of every LoRA-targeted weight (for W - W0 during full fine-tuning)."""
     return {
@@ -952,7 +979,7 @@ def spectral_analysis(cfg: ExperimentConfig, paths: Paths) -> dict[str, Any]:
     lora_rows = numpy_rank_table(paths.model, paths.out / "lora_merged", base_spectra=base_spectra)
     result: dict[str, Any] = {
         "numpy": {"full": full_rows, "lora": lora_rows, "seconds": round(time.perf_counter() - t0, 1)},
-        "summary": summarise_ranks(full_rows, lora_rows, cfg.seed),
+        "summary": summarise_ranks(full_rows, lora_rows, cfg.lora_r, cfg.seed),
         "curves": {},
     }
     for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.3.intermediate.dense.weight"):
@@ -975,7 +1002,87 @@ def spectral_analysis(cfg: ExperimentConfig, paths: Paths) -> dict[str, Any]:
                 }
             except Exception as error:  # report, do not hide: the library is being written right now
                 result["deltakit"][label] = {"error": f"{type(error).__name__}: {error}"}
+        # The same full fine-tune as if both checkpoints had been published in bf16 (as most are):
+        # what storage rounding does to the spectrum, against the fp32 truth above.
+        try:
+            stored = paths.out / "bf16"
+            base16 = bf16_copy(paths.model, stored / "base")
+            full16 = bf16_copy(paths.out / "full_ft", stored / "full_ft")
+            report = deltakit_rank_table(base16, full16, device=str(cfg.resolved_device()))
+            result["deltakit"]["full_bf16"] = {"report": report, "agreement": compare_rank_tables(full_rows, report)}
+        except Exception as error:
+            result["deltakit"]["full_bf16"] = {"error": f"{type(error).__name__}: {error}"}
     return result
+
+
+def bf16_copy(src: Path, dest: Path) -> Path:
+    """``src``'s model.safetensors with every floating tensor rounded to bf16 (and its json files), in ``dest``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(Path(src) / "model.safetensors"))
+    rounded = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(rounded, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    for item in Path(src).glob("*.json"):
+        (dest / item.name).write_bytes(item.read_bytes())
+    return dest
+
+
+# Fields of a deltakit.rank matrix that know about storage noise (deltakit >= the noise-aware
+# spectra change); an older deltakit lacks them and the notebook shows "n/a".
+NOISE_FIELDS = ("noise_share", "unchanged_fraction", "signal_rank_at", "signal_rank", "signal_effective_rank", "spectrum_method")
+
+
+def noise_aware_rows(report: dict[str, Any], fraction: float = 0.9) -> list[dict[str, Any]]:
+    """One row per LoRA-targeted matrix of a ``deltakit.rank`` report: raw and noise-aware metrics.
+
+    ``rank90`` / ``signal_rank90``: rank@fraction of the stored ΔW and of its signal estimate
+    (storage noise removed); ``noise_share``: estimated share of ||ΔW||_F^2 from storage
+    rounding; ``unchanged_fraction``: share of entries with W_ft == W_base; ``rank``: numerical
+    rank above the noise floor; ``stable_rank``, ``effective_rank``, ``signal_effective_rank``;
+    ``spectrum_method``: gram / exact / fp64. None where the installed deltakit lacks the field.
+    """
+    key = f"{fraction:g}"
+    rows = []
+    for m in report.get("matrices", []):
+        module_type, layer = classify_matrix(m["name"])
+        if module_type not in MODULE_TYPES:
+            continue
+        rows.append({
+            "name": m["name"], "module_type": module_type, "layer": layer,
+            "rank90": (m.get("rank_at") or {}).get(key), "signal_rank90": (m.get("signal_rank_at") or {}).get(key),
+            "noise_share": m.get("noise_share"), "unchanged_fraction": m.get("unchanged_fraction"),
+            "rank": m.get("rank"), "signal_rank": m.get("signal_rank"), "stable_rank": m.get("stable_rank"),
+            "effective_rank": m.get("effective_rank"),
+            "signal_effective_rank": m.get("signal_effective_rank"), "spectrum_method": m.get("spectrum_method"),
+        })
+    return rows
+
+
+def median_or_none(values: Iterable[Any]) -> float | None:
+    """Median of the non-None values, None when there are none."""
+    present = [float(v) for v in values if v is not None]
+    return float(np.median(present)) if present else None
+
+
+def noise_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """Table rows (module type, then "all"): medians of ``noise_aware_rows``' numbers, the methods used."""
+    numeric = ("rank90", "signal_rank90", "noise_share", "unchanged_fraction", "rank", "signal_rank", "stable_rank",
+               "effective_rank", "signal_effective_rank")
+    groups = {t: [r for r in rows if r["module_type"] == t] for t in MODULE_TYPES}
+    groups = {**{t: g for t, g in groups.items() if g}, "all": rows}
+    table = []
+    for name, group in groups.items():
+        medians = [median_or_none(r[k] for r in group) for k in numeric]
+        methods = sorted({str(r["spectrum_method"]) for r in group if r["spectrum_method"] is not None})
+        cells = ["n/a" if v is None else v if k in ("noise_share", "unchanged_fraction") else f"{v:.1f}".removesuffix(".0")
+                 for k, v in zip(numeric, medians)]
+        table.append([name, len(group), *cells, "/".join(methods) or "n/a"])
+    return table
+
+
+NOISE_TABLE_HEADER = ["group", "n", "rank@90%", "signal rank@90%", "noise share", "unchanged", "rank (floor)",
+                      "signal rank", "stable rank", "eff. rank", "signal eff. rank", "method"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -997,6 +1104,8 @@ class ResultStore:
 
     def get(self, name: str, compute: Callable[[], Any]) -> Any:
         """The value of step ``name``: from the precomputed run if there is one, else ``compute()``."""
+        if name in self.values:  # computed (or loaded) once per run
+            return self.values[name]
         if self.loaded is not None and name in self.loaded:
             value = self.loaded[name]
         else:  # a step the precomputed run did not record is computed (it must not need training data)
@@ -1109,29 +1218,30 @@ def plot_ranks(spectral: dict[str, Any], lora_r: int, path: Path | None = None):
     return fig
 
 
-def sweep_runs(sweep: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, run) for every run of a ``lora_lr_sweep.json`` (with its ``main_run`` block), full first, LoRA by learning rate."""
-    main = sweep["main_run"]
-    runs = [(f"full  lr {main['full']['lr']:g}", main["full"]), (f"LoRA  lr {main['lora']['lr']:g}", main["lora"])]
-    runs += [(f"LoRA  lr {run['lr']:g}", run) for run in sweep["lora"].values()]
-    return [runs[0]] + sorted(runs[1:], key=lambda item: item[1]["lr"])
+def sweep_runs(sweep: dict[str, Any], main: dict[str, dict[str, Any]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(label, run) for the comparison of section 6: this run's full fine-tune and LoRA (``main``, from
+    ``main_run_entries``; left out when None) and the sweep's LoRA runs, full first, LoRA by rate."""
+    runs = [(f"{'full' if run['mode'] == 'full' else 'LoRA'}  lr {run['lr']:g}  (this run)", run) for run in (main or {}).values()]
+    runs += [(f"LoRA  lr {run['lr']:g}  (sweep)", run) for run in sweep["lora"].values()]
+    full = [item for item in runs if item[1]["mode"] == "full"]
+    return full + sorted((item for item in runs if item[1]["mode"] != "full"), key=lambda item: item[1]["lr"])
 
 
-def plot_learn_forget(sweep: dict[str, Any], path: Path | None = None):
+def plot_learn_forget(runs: list[tuple[str, dict[str, Any]]], path: Path | None = None):
     """Learning (held-out code MRR) against forgetting (prose similarity Spearman) during training,
-    one path per run of the sweep: the paper's learning-forgetting trade-off view."""
+    one path per run (``sweep_runs``' list): the paper's learning-forgetting trade-off view."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    blues = iter(plt.cm.Blues(np.linspace(0.45, 0.95, len(sweep["lora"]) + 1)))
-    for label, run in sweep_runs(sweep):
+    blues = iter(plt.cm.Blues(np.linspace(0.45, 0.95, max(2, len(runs)))))
+    for label, run in runs:
         colour = "tab:red" if label.startswith("full") else next(blues)
         track = run["track"]
         ax.plot([t["code_mrr"] for t in track], [t["prose_spearman"] for t in track], "o-", ms=3, color=colour, label=label)
         ax.annotate(f"{track[-1]['step']}", (track[-1]["code_mrr"], track[-1]["prose_spearman"]), fontsize=7,
                     xytext=(3, -8), textcoords="offset points")
-    ax.set(xlabel="held-out code MRR, 500-query pool (learning →)", ylabel="prose similarity Spearman vs base (← forgetting)",
-           title="learning vs forgetting during training (points: every 125-250 steps)")
+    ax.set(xlabel="held-out code MRR, tracking pool (learning →)", ylabel="prose similarity Spearman vs base (← forgetting)",
+           title="learning vs forgetting during training (points: the measurements during training)")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -1150,14 +1260,15 @@ def pack_inputs(dest: Path, cfg: ExperimentConfig, paths: Paths) -> dict[str, An
     """Write to ``dest`` what a machine without this one's man pages and model package needs.
 
     * ``data/code_pairs.json.gz``, ``data/prose.json.gz``: the extracted inputs of the run;
-    * ``model/``: the base model's config and tokenizer files and ``packed.safetensors``, all of
+    * ``model/``: the base model's config and tokenizer files and ``PACKED_FILE`` (a safetensors file,
+      byte-shuffled and zlib-compressed, lossless: ``shuffle_compress``), all of
       its tensors bit-exact except the word-embedding matrix, of which only the rows of the
       tokens occurring in the packed data are kept (the rest are never read by any forward pass,
       never receive a gradient with weight decay 0, so every number the run produces is the same).
       ``unpack_model`` rebuilds a loadable folder from it (unkept rows zero).
     The point is size: the whole model (91 MB) exceeds what such a transfer may carry.
     """
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file, save
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -1179,21 +1290,45 @@ def pack_inputs(dest: Path, cfg: ExperimentConfig, paths: Paths) -> dict[str, An
     tensors["packed.word_embeddings.values"] = np.ascontiguousarray(word[rows])
     tensors["packed.word_embeddings.shape"] = np.array(word.shape, dtype=np.int64)
     (dest / "model").mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dest / "model" / "packed.safetensors"))
+    packed = save(tensors)
+    (dest / "model" / PACKED_FILE).write_bytes(shuffle_compress(packed))
     for item in paths.model.iterdir():
         if item.is_file() and item.suffix in (".json", ".txt") and item.name != "data_config.json":
             (dest / "model" / item.name).write_bytes(item.read_bytes())
     digest = hashlib.sha256((paths.model / "model.safetensors").read_bytes()).hexdigest()
-    note = {"source": str(paths.model), "source_sha256": digest, "rows_kept": int(rows.size), "rows_total": int(word.shape[0])}
+    note = {"source": str(paths.model), "source_sha256": digest, "rows_kept": int(rows.size), "rows_total": int(word.shape[0]),
+            "packed_sha256": hashlib.sha256(packed).hexdigest()}
     (dest / "model" / "packed.json").write_text(json.dumps(note, indent=1))
     return note
 
 
+PACKED_FILE = "packed.safetensors.shuffled.zlib"
+
+
+def shuffle_compress(raw: bytes, width: int = 4) -> bytes:
+    """Lossless compression of fp32 tensor bytes: the k-th byte of every ``width``-byte word put
+    together (exponents beside exponents, which zlib then squeezes), the length in front."""
+    padded = raw + b"\0" * (-len(raw) % width)
+    words = np.frombuffer(padded, dtype=np.uint8).reshape(-1, width)
+    return len(raw).to_bytes(8, "little") + zlib.compress(np.ascontiguousarray(words.T).tobytes(), 6)
+
+
+def shuffle_decompress(blob: bytes, width: int = 4) -> bytes:
+    """The inverse of ``shuffle_compress``."""
+    length = int.from_bytes(blob[:8], "little")
+    planes = np.frombuffer(zlib.decompress(blob[8:]), dtype=np.uint8).reshape(width, -1)
+    return np.ascontiguousarray(planes.T).tobytes()[:length]
+
+
 def unpack_model(packed_dir: Path, dest: Path) -> dict[str, Any]:
     """Rebuild an HF model folder from ``pack_inputs``' ``model/`` (unkept word-embedding rows are 0)."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load, save_file
 
-    tensors = load_file(str(packed_dir / "packed.safetensors"))
+    note = json.loads((packed_dir / "packed.json").read_text())
+    packed = shuffle_decompress((packed_dir / PACKED_FILE).read_bytes())
+    if note.get("packed_sha256") not in (None, hashlib.sha256(packed).hexdigest()):
+        raise RuntimeError(f"{packed_dir / PACKED_FILE} does not decompress to what `pack` wrote (sha256 differs)")
+    tensors = load(packed)
     rows = tensors.pop("packed.word_embeddings.rows")
     values = tensors.pop("packed.word_embeddings.values")
     shape = tuple(int(d) for d in tensors.pop("packed.word_embeddings.shape"))
@@ -1203,9 +1338,9 @@ def unpack_model(packed_dir: Path, dest: Path) -> dict[str, Any]:
     dest.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     for item in packed_dir.iterdir():
-        if item.is_file() and item.name != "packed.safetensors":
+        if item.is_file() and item.name != PACKED_FILE:
             (dest / item.name).write_bytes(item.read_bytes())
-    return json.loads((packed_dir / "packed.json").read_text())
+    return note
 
 
 def check_vocabulary_covered(model_dir: Path, data: dict[str, Any]) -> dict[str, Any] | None:
@@ -1257,41 +1392,224 @@ def run_all(cfg: ExperimentConfig, paths: Paths, log: Callable[[str], None] = pr
     return store.values
 
 
+def run_entry(history: dict[str, Any], scores: dict[str, float], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One fine-tuning run as the learning-rate comparison shows it (the sweep file's layout).
+
+    ``history``: ``train_contrastive``'s return; ``scores``: the final model's ``evaluate_encoder``
+    scores on the full pools; ``rows``: its ``numpy_rank_table``. ``track``: the scores during
+    training, with the median rank@90% of the adapted matrices at each point.
+    """
+    adapted = [r for r in rows if r["module_type"] in MODULE_TYPES]
+    track = [{**{k: v for k, v in point.items() if k != "rank90"},
+              "rank90_median": float(np.median(list(point["rank90"].values()))) if point.get("rank90") else 0.0}
+             for point in history["track"]]
+    return {
+        "mode": history["mode"],
+        "lr": history["lr"],
+        "scores": scores,
+        "track": track,
+        "rank90_median": float(np.median([r["rank_at"] for r in adapted])),
+        "rank90_max": int(max(r["rank_at"] for r in adapted)),
+        "rel_delta_median": float(np.median([r["rel_delta"] for r in adapted])),
+        "train_seconds": history["train_seconds"],
+    }
+
+
+def main_run_entries(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``run_entry`` of the full fine-tune and the LoRA of one notebook/script run (its results store)."""
+    return {
+        label: run_entry(results[f"train_{label}"], results["evaluation"][label], results["spectral"]["numpy"][label])
+        for label in ("full", "lora")
+    }
+
+
+def model_fingerprint(model_dir: Path) -> dict[str, Any]:
+    """Which base model: the packed note of an unpacked transfer (source sha256), else the file's sha256."""
+    note = Path(model_dir) / "packed.json"
+    if note.exists():
+        return {"packed": True, **{k: v for k, v in json.loads(note.read_text()).items() if k != "source"}}
+    return {"packed": False, "source_sha256": hashlib.sha256((Path(model_dir) / "model.safetensors").read_bytes()).hexdigest()}
+
+
+SWEEP_FILE = "lora_lr_sweep.json"
+COMMITTED_SWEEP = HERE / SWEEP_FILE
+
+
 def lora_lr_sweep(
     learning_rates: Sequence[float], cfg: ExperimentConfig, paths: Paths, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train LoRA once per learning rate (everything else as in ``cfg``) and measure each as the notebook does.
 
-    Answers: is LoRA's forgetting a matter of its learning rate? Per rate: the final scores of
-    the merged model on the full held-out pools (prose measured against the base model), the
-    trajectory during training, and rank@90% of every adapted ΔW. Checkpoints are overwritten.
+    Answers: is LoRA's forgetting a matter of its learning rate? Per rate (``lora`` keyed by the
+    rate): ``run_entry`` — final scores of the merged model on the full pools (prose against the
+    base model), the path during training, rank@90% and ‖ΔW‖/‖W‖ of the adapted matrices. Also
+    the base model's scores (``base``), ``config``, ``environment``, the ``data`` summary and the
+    base model's fingerprint, so that a reader can tell whether a main run is comparable.
+    Checkpoints in ``paths.out`` are overwritten. This dict is exactly what ``sweep`` writes.
     """
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     data = prepare_data(cfg, paths)
     device = cfg.resolved_device()
     model, tokenizer = load_encoder(paths.model, device)
     base_scores, base_sentences = evaluate_encoder(model, tokenizer, data, cfg)
     del model
-    runs = {}
+    runs: dict[str, Any] = {}
+    base_spectra: dict[str, np.ndarray] = {}  # W_base's singular values, computed once for every rate
     for lr in learning_rates:
         run_cfg = dataclasses.replace(cfg, lora_lr=float(lr))
         history = train_contrastive("lora", data, run_cfg, paths, log)
         model, tokenizer = load_encoder(paths.out / "lora_merged", device)
         scores, _ = evaluate_encoder(model, tokenizer, data, run_cfg, base_sentences)
         del model
-        ranks = [r for r in numpy_rank_table(paths.model, paths.out / "lora_merged") if r["module_type"] in MODULE_TYPES]
-        runs[f"{lr:g}"] = {
-            "scores": scores,
-            "track": history["track"],
-            "rank90_median": float(np.median([r["rank_at"] for r in ranks])),
-            "rank90_max": int(max(r["rank_at"] for r in ranks)),
-            "rel_delta_median": float(np.median([r["rel_delta"] for r in ranks])),
-            "train_seconds": history["train_seconds"],
-        }
-    return {"base": base_scores, "lora": runs, "config": dataclasses.asdict(cfg), "environment": environment()}
+        rows = numpy_rank_table(paths.model, paths.out / "lora_merged", base_spectra=base_spectra)
+        runs[f"{lr:g}"] = run_entry(history, scores, rows)
+    return {
+        "provenance": {
+            "written_by": "python notebooks/lora_learns_less.py sweep " + " ".join(f"{lr:g}" for lr in learning_rates),
+            "started_utc": started, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": model_fingerprint(paths.model),
+        },
+        "config": dataclasses.asdict(cfg),
+        "environment": environment(),
+        "data": {k: v for k, v in data["summary"].items() if k != "seconds"},
+        "base": base_scores,
+        "lora": runs,
+    }
+
+
+def find_sweep(out: Path, explicit: str | None = None) -> tuple[Path | None, str]:
+    """(sweep file or None, where it came from) for the notebook's section 6.
+
+    ``explicit`` (DELTAKIT_NB_SWEEP) wins; else a fresh ``out/lora_lr_sweep.json`` (a ``sweep``
+    run into this run's output folder); else the committed file beside the notebook, if any.
+    """
+    if explicit:
+        if not Path(explicit).exists():
+            raise FileNotFoundError(f"DELTAKIT_NB_SWEEP={explicit} does not exist")
+        return Path(explicit), "given by DELTAKIT_NB_SWEEP"
+    if (Path(out) / SWEEP_FILE).exists():
+        return Path(out) / SWEEP_FILE, "fresh: written into this run's output folder"
+    if COMMITTED_SWEEP.exists():
+        return COMMITTED_SWEEP, "committed beside the notebook (no fresh sweep in this run's output folder)"
+    return None, "no sweep file (none in this run's output folder, none committed)"
+
+
+# Settings that may differ between the sweep and the main run without making them incomparable.
+SWEEP_FREE_FIELDS = ("lora_lr", "track_points", "device")
+
+
+def sweep_comparable(sweep: dict[str, Any], config: dict[str, Any], base_scores: dict[str, float],
+                     data_summary: dict[str, Any]) -> dict[str, Any]:
+    """Can the sweep's runs stand beside this run's? Same config (but the rate and tracking), the
+    same data and the same base-model scores (same model, data and evaluation; equal to 1e-6, as
+    another thread count may reorder a float sum)."""
+    differing = sorted(k for k in set(config) | set(sweep.get("config", {}))
+                       if k not in SWEEP_FREE_FIELDS and config.get(k) != sweep.get("config", {}).get(k))
+    data_keys = [k for k in sweep.get("data", {}) if k in data_summary and sweep["data"][k] != data_summary[k]]
+    base_equal = all(k in sweep["base"] and abs(sweep["base"][k] - v) <= 1e-6 for k, v in base_scores.items()
+                     if isinstance(v, float) and math.isfinite(v) and not k.endswith("_se"))
+    return {"comparable": not differing and not data_keys and base_equal,
+            "config_differs": differing, "data_differs": data_keys, "base_scores_equal": base_equal}
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """JSON to ``path`` atomically (a temporary file beside it, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=_json_default))
+    tmp.replace(path)
+
+
+NOTEBOOK = HERE / "02_lora_learns_less.ipynb"
+
+
+def execute_notebook(notebook: Path, dest: Path, env: dict[str, str], timeout: int = 1200) -> None:
+    """Run ``notebook`` with nbclient (kernel ``python3``, working directory notebooks/) with ``env``
+    set for its kernel, and write the executed copy to ``dest``."""
+    import nbclient
+    import nbformat
+
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        nb = nbformat.read(notebook, as_version=4)
+        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, dest)
+
+
+def reproduce(
+    packed: Path, dest: Path, learning_rates: Sequence[float], fast: bool = False,
+    sweep_deadline: float | None = None, work: Path | None = None,
+) -> dict[str, Any]:
+    """The notebook's committed outputs in one call, from a ``pack`` folder (model + data).
+
+    Two processes at once: ``run`` (both fine-tunes, scores, spectra) and ``sweep`` (LoRA at
+    ``learning_rates``); then the notebook is executed on ``run``'s results.json
+    (DELTAKIT_NB_PRECOMPUTED) and the fresh sweep file (DELTAKIT_NB_SWEEP). A sweep still
+    running ``sweep_deadline`` seconds after the start is stopped; the notebook then shows the
+    committed sweep file and says so. Writes to ``dest``: the executed notebook, results.json,
+    lora_lr_sweep.json (when the sweep finished), run.log and sweep.log. ``fast``: the smoke
+    configuration (DELTAKIT_NOTEBOOK_FAST=1).
+    """
+    import subprocess
+
+    t0 = time.perf_counter()
+    dest.mkdir(parents=True, exist_ok=True)
+    work = Path(work or tempfile.mkdtemp(prefix="deltakit_nb02_"))
+    unpack_model(Path(packed) / "model", work / "base")
+    env = {**os.environ, "DELTAKIT_NB_MODEL": str(work / "base"), "DELTAKIT_NB_DATA": str(Path(packed) / "data"),
+           "PYTHONUNBUFFERED": "1"}
+    for key in ("DELTAKIT_NB_PRECOMPUTED", "DELTAKIT_NB_SWEEP"):
+        env.pop(key, None)
+    if fast:
+        env["DELTAKIT_NOTEBOOK_FAST"] = "1"
+    else:
+        env.pop("DELTAKIT_NOTEBOOK_FAST", None)
+    sweep_config = {**json.loads(env.get("DELTAKIT_NB_CONFIG") or "{}"), **({} if fast else {"track_points": 4})}
+    script = [sys.executable, str(Path(__file__).resolve())]
+    with open(dest / "run.log", "w") as run_log, open(dest / "sweep.log", "w") as sweep_log:
+        main_run = subprocess.Popen(script + ["run"], env={**env, "DELTAKIT_NB_OUT": str(work / "main")},
+                                    stdout=run_log, stderr=subprocess.STDOUT)
+        sweep_run = subprocess.Popen(
+            script + ["sweep", *[f"{lr:g}" for lr in learning_rates]],
+            env={**env, "DELTAKIT_NB_OUT": str(work / "sweep"), "DELTAKIT_NB_CONFIG": json.dumps(sweep_config)},
+            stdout=sweep_log, stderr=subprocess.STDOUT,
+        ) if learning_rates else None
+        main_code = main_run.wait()
+        sweep_code: int | str = "not run (no learning rates)"
+        if sweep_run is not None:
+            try:
+                remaining = None if sweep_deadline is None else max(1.0, sweep_deadline - (time.perf_counter() - t0))
+                sweep_code = sweep_run.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                sweep_run.kill()
+                sweep_run.wait()
+                sweep_code = f"stopped at the {sweep_deadline:g} s deadline"
+    if main_code != 0:
+        raise RuntimeError(f"`run` failed (exit {main_code}); see {dest / 'run.log'}")
+    fresh_sweep = work / "sweep" / SWEEP_FILE
+    notebook_env = {"DELTAKIT_NB_PRECOMPUTED": str(work / "main" / "results.json"), "DELTAKIT_NB_OUT": str(work / "render"),
+                    "DELTAKIT_NB_MODEL": str(work / "base"), "DELTAKIT_NB_DATA": str(Path(packed) / "data"),
+                    "DELTAKIT_NOTEBOOK_FAST": "1" if fast else "", "DELTAKIT_NB_SWEEP": ""}
+    if sweep_code == 0 and fresh_sweep.exists():
+        (dest / SWEEP_FILE).write_bytes(fresh_sweep.read_bytes())
+        notebook_env["DELTAKIT_NB_SWEEP"] = str(dest / SWEEP_FILE)
+    execute_notebook(NOTEBOOK, dest / NOTEBOOK.name, notebook_env)
+    (dest / "results.json").write_bytes((work / "render" / "results.json").read_bytes())
+    return {"dest": str(dest), "run_exit": main_code, "sweep_exit": sweep_code,
+            "sweep_used": notebook_env["DELTAKIT_NB_SWEEP"] or "committed", "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``run`` (the notebook as a script), ``sweep LR...``, ``pack DEST`` and ``unpack-model PACKED DEST``."""
+    """``run`` (the notebook as a script), ``sweep LR...``, ``pack DEST``, ``unpack-model PACKED DEST``
+    and ``reproduce PACKED DEST`` (run + sweep + the executed notebook, from a pack folder)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1304,15 +1622,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     unpack = sub.add_parser("unpack-model", help="rebuild a model folder from DEST/model of `pack`")
     unpack.add_argument("packed", type=Path)
     unpack.add_argument("dest", type=Path)
+    again = sub.add_parser("reproduce", help="from a `pack` folder: run + sweep at once, then the executed notebook, into DEST")
+    again.add_argument("packed", type=Path)
+    again.add_argument("dest", type=Path)
+    again.add_argument("--lr", type=float, nargs="*", default=[1e-4, 2e-4],
+                       help="the sweep's LoRA learning rates (none: no sweep)")
+    again.add_argument("--fast", action="store_true", help="the smoke configuration (DELTAKIT_NOTEBOOK_FAST=1)")
+    again.add_argument("--sweep-deadline", type=float, default=None, help="stop the sweep this many seconds after the start")
     args = parser.parse_args(argv)
+    if args.command == "reproduce":
+        print(json.dumps(reproduce(args.packed, args.dest, args.lr, args.fast, args.sweep_deadline), indent=1))
+        return 0
     cfg = ExperimentConfig.from_env()
     if args.command == "run":
         values = run_all(cfg, Paths.from_env(cfg.fast))
-        print(json.dumps(values["spectral"]["summary"]["by_type"], indent=1))
+        print(json.dumps(values["spectral"]["summary"]["all"], indent=1))
     elif args.command == "sweep":
         paths = Paths.from_env(cfg.fast)
         result = lora_lr_sweep(args.learning_rates, cfg, paths)
-        (paths.out / "lora_lr_sweep.json").write_text(json.dumps(result, indent=1, default=_json_default))
+        write_json(paths.out / SWEEP_FILE, result)
         print(json.dumps({lr: run["scores"] for lr, run in result["lora"].items()}, indent=1))
     elif args.command == "pack":
         print(json.dumps(pack_inputs(args.dest, cfg, Paths.from_env(cfg.fast)), indent=1))
