@@ -4,6 +4,7 @@
 #                                 # DoRA vs LoRA merge, adapter resize in factor space
 #   bash bench/gpu_all.sh more    # the CUDA test paths, MoE slice, durability (fsync on/off)
 #   bash bench/gpu_all.sh compare # compare on two fine-tunes vs rank on one pair (reuses the 7B pair)
+#   bash bench/gpu_all.sh rankab  # rank before (.old) and after on one machine, nothing else
 # Results land in $OUT (the device tool's output folder; any folder elsewhere). "Before" is the
 # tree in .old/ (git archive of the commit before, carried beside the repo; skipped if absent).
 set -uo pipefail
@@ -45,6 +46,14 @@ more)
     log "durability: fsync on and off"
     python3 bench/durability_bench.py --preset 7b --device auto --workdir /tmp/dk-durability --out "$OUT/durability" --repeats 2
     rm -rf /tmp/dk-durability
+    ;;
+rankab)
+    if [ -d .old ]; then
+        log "rank before (.old)"
+        (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
+    fi
+    log "rank after"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 200
     ;;
 compare)
     if [ -d .old ]; then

@@ -58,7 +58,8 @@ def random_overlap(i: int, j: int, dim: int) -> float:
 
 
 def top_directions(
-    delta: torch.Tensor, k: int, exact: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0
+    delta: torch.Tensor, k: int, exact: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
+    power_iterations: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k singular triplets U (m×k'), S (k',), Vh (k'×n) of ΔW whose σ is above the method's floor.
 
@@ -74,7 +75,7 @@ def top_directions(
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         u, s, vh = u[:, :k], s[:k], vh[:k]
     else:
-        u, s, vh = randomized_svd(delta, k, seed=seed, dtype=dtype)
+        u, s, vh = randomized_svd(delta, k, power_iterations=power_iterations, seed=seed, dtype=dtype)
     sigma_max = float(s[0]) if s.numel() else 0.0
     if sigma_max == 0.0:
         return u[:, :0], s[:0], vh[:0]
@@ -109,9 +110,12 @@ def amplification(
     """``{"k": r, "value": ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F}`` with r = min(numerical rank of ΔW, ``max_k``).
 
     For a LoRA r is its rank (Hu et al.'s r); for a full fine-tune ``max_k``. The top-r
-    directions come from the randomized SVD in fp32. None for an unchanged matrix.
+    directions come from the randomized SVD in fp32 with one power iteration: exact for a
+    low-rank ΔW, and for a full fine-tune the projection of W onto a slightly rotated top-64
+    subspace barely moves the ratio; it runs on every matrix `rank` sees, so it is kept cheap
+    (bench/probes/rank_parts.py). None for an unchanged matrix.
     """
     if rank <= 0 or delta_fro == 0.0:
         return None
-    u, _, vh = top_directions(delta, min(rank, max_k))
+    u, _, vh = top_directions(delta, min(rank, max_k), power_iterations=1)
     return {"k": int(u.shape[1]), "value": amplification_factor(weight, delta_fro, u, vh)}
