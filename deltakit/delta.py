@@ -356,14 +356,16 @@ def stream_many(
     device = torch.device(device)
     base = sources[0].base
 
-    def read_source(source: DeltaSource, index: int) -> tuple:
+    def read_source(source: DeltaSource, index: int) -> Any:
         if source.adapter is not None:
-            return source.adapter.factors(source.modules[index])
+            return source.adapter.load(source.modules[index])
         assert source.ft is not None
-        return (fetch(source.ft, source.pairs[index].name, device),)
+        pair = source.pairs[index]
+        return fetch_pair(source.ft, pair.ft_tensor, pair, device)
 
     def reader(row: Sequence[int]) -> Callable[[], tuple]:
-        return lambda: (fetch(base, sources[0].pairs[row[0]].base_name, device),
+        first = sources[0].pairs[row[0]]
+        return lambda: (fetch_pair(base, first.base_name, first, device),
                         *(read_source(s, i) for s, i in zip(sources, row)))
 
     for row, loaded in zip(rows, prefetched([reader(r) for r in rows], prefetch, read_threads(prefetch))):
@@ -372,13 +374,11 @@ def stream_many(
         deltas, pairs = [], []
         for source, index, tensors in zip(sources, row, stored):
             pair = source.pairs[index]
-            if source.adapter is not None:
+            if source.adapter is not None:  # any adapter type: its module forms ΔW (DoRA reads W0)
                 module = source.modules[index]
-                lora_a, lora_b = tensors
-                deltas.append(lora_delta(lora_a.to(device, dtype), lora_b.to(device, dtype), module.scaling,
-                                         module.fan_in_fan_out or module.embedding))
+                deltas.append(module.delta(tensors, base_w, stored_transposed(pair, module)))
             else:
-                delta = _shared_rows(adopt(tensors[0]).to(device), pair).to(dtype, copy=True)
+                delta = _shared_rows(adopt(tensors).to(device), pair).to(dtype, copy=True)
                 deltas.append(delta.sub_(base_w))
             pairs.append(pair)
         del loaded, base_stored, stored
