@@ -229,6 +229,35 @@ def test_dense_route_of_the_same_adapter_is_within_one_percent(llama, tmp_path):
     assert_near_optimal(truths["lora-r8"], peft_deltas(model, tmp_path / "dense"), 4)
 
 
+def test_extract_dora_adapter_at_rank_8_loads_in_peft_and_is_optimal(llama, runner, tmp_path):
+    """A DoRA adapter (magnitudes moved off their init) as FT: its ΔW depends on W0 through the column
+    norms, so it takes the dense route; PEFT loads the plain LoRA written, and its merged ΔW is within
+    1.01× the optimal rank-8 error of PEFT's own DoRA ΔW, matrix by matrix."""
+    from peft import LoraConfig, get_peft_model
+
+    folder, model, _ = llama
+    torch.manual_seed(5)
+    peft_model = get_peft_model(copy.deepcopy(model).float(), LoraConfig(
+        r=16, lora_alpha=24, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+        use_dora=True))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+            if "lora_magnitude_vector" in name:
+                param.mul_(1.0 + 0.1 * torch.rand_like(param))
+    peft_model.save_pretrained(tmp_path / "dora")
+    truth = peft_deltas(model, tmp_path / "dora")
+    result = invoke(runner, "extract", folder / "base", tmp_path / "dora", "--rank", "8", "-o", tmp_path / "r8",
+                    "--json", tmp_path / "r8.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r8.json").read_text())
+    assert report["method"] == "randomized"
+    config = json.loads((tmp_path / "r8" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["peft_type"] == "LORA" and not config.get("use_dora")
+    assert_near_optimal(truth, peft_deltas(model, tmp_path / "r8"), 8)
+
+
 def test_weighted_sum_of_two_adapters_is_optimal_for_the_sum(llama, runner, tmp_path):
     folder, model, truths = llama
     one, two = truths["lora-r8"], truths["lora-r4"]
