@@ -374,8 +374,15 @@ def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator
         with atomic_directory("out/merged", force=False) as tmp:
             save_file(tensors, tmp / "model.safetensors")
     """
+    with _published(target, force, directory=True) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def _published(target: str | os.PathLike, force: bool, directory: bool) -> Iterator[Path]:
+    """The temporary output of ``target``, published on success; removed, with the error explained, on failure."""
     target = check_output_path(target, force)
-    output = TemporaryOutput(target, directory=True, force=force)
+    output = TemporaryOutput(target, directory=directory, force=force)
     try:
         yield output.path
         output.publish()
@@ -390,14 +397,5 @@ def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary file path for ``target`` (same name, inside a temporary folder); rename it into place on success."""
-    target = check_output_path(target, force)
-    output = TemporaryOutput(target, directory=False, force=force)
-    try:
-        yield output.path
-        output.publish()
-    except BaseException as exc:
-        output.discard()
-        explained = explain_write_error(exc, output.path, target)
-        if explained is not exc:
-            raise explained from None
-        raise
+    with _published(target, force, directory=False) as path:
+        yield path
