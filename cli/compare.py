@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
+
+if TYPE_CHECKING:  # the library is imported in command bodies only (fast --help)
+    from deltakit.spectral.options import SpectralOptions
 
 from deltakit_cli.common import (
     allow_pickle_option, exclude_option, force_option, hub_options, include_option, parallel_workers, progress,
@@ -34,7 +39,7 @@ def _check_outputs(force: bool, *paths: str | None) -> None:
             check_output_path(path, force)
 
 
-def _options(device: str, exact: bool, fp64: bool) -> "SpectralOptions":  # noqa: F821 -- imported lazily
+def _options(device: str, exact: bool, fp64: bool) -> SpectralOptions:
     from deltakit.spectral.options import SpectralOptions
 
     return SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)

@@ -233,10 +233,15 @@ def by_layer(items: Iterable[T]) -> dict[str, list[T]]:
     return _grouped(items, lambda m: "none" if m.layer is None else str(m.layer))  # type: ignore[attr-defined]
 
 
-def _median_known(values: Sequence[int | None]) -> float | None:
+def _median_known(values: Iterable[float | None]) -> float | None:
     """Median of the values that are known (not None); None when none is."""
+    return _of_known(values, np.median)
+
+
+def _of_known(values: Iterable[float | None], reduce: Callable[[list[float]], Any]) -> float | None:
+    """``reduce`` (np.mean, np.median) of the values that are not None; None when there are none."""
     known = [v for v in values if v is not None]
-    return float(np.median(known)) if known else None
+    return float(reduce(known)) if known else None
 
 
 def by_tensor(items: Iterable[T]) -> dict[str, list[T]]:
@@ -270,8 +275,7 @@ def _require_finite(name: str, delta_norm: float, base_norm: float) -> None:
 
 def _mean_known(values: Iterable[float | None]) -> float | None:
     """Mean of the values that are not None (None if there are none)."""
-    known = [v for v in values if v is not None]
-    return float(np.mean(known)) if known else None
+    return _of_known(values, np.mean)
 
 
 def _fro(tensor: torch.Tensor) -> float:
