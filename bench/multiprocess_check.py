@@ -25,7 +25,7 @@ import torch
 def run(pair: Path, out: Path, device: str) -> None:
     from deltakit.analysis import rank
     from deltakit.distributed import Parallel
-    from deltakit.intruders import scale_intruders
+    from deltakit.lora.scale_intruders import scale_intruders
     from deltakit.lora import extract_lora, merge
     from deltakit.spectral.options import SpectralOptions
 

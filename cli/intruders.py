@@ -52,9 +52,11 @@ def intruders_command(base, ft, k, epsilon, scale, out, max_shard_size, include,
     complete model is written in which each intruder's singular value is multiplied by λ.
     """
     from deltakit.errors import DeltakitError
-    from deltakit.intruders import intruders, render_report, scale_intruders
+    from deltakit.intruders import intruders
+    from deltakit.lora.scale_intruders import scale_intruders
     from deltakit.io import check_output_path
     from deltakit.io.writer import DEFAULT_SHARD_BYTES
+    from deltakit.report import render_intruders
     from deltakit.spectral.options import SpectralOptions
 
     if (scale is None) != (out is None):
@@ -76,7 +78,7 @@ def intruders_command(base, ft, k, epsilon, scale, out, max_shard_size, include,
     if json_path:
         write_json(json_path, report.to_dict(), force=force)
     if not quiet and json_path != "-":
-        click.echo(render_report(report))
+        click.echo(render_intruders(report))
 
 
 COMMANDS = [intruders_command]

@@ -12,10 +12,11 @@ Example::
 from deltakit.analysis import RankReport, rank
 from deltakit.spectral.options import SpectralOptions
 from deltakit.errors import DeltakitError
-from deltakit.intruders import intruders, scale_intruders
+from deltakit.intruders import intruders
 from deltakit.io import open_checkpoint
 from deltakit.adapters import open_adapter
 from deltakit.lora import extract_lora, merge, unmerge
+from deltakit.lora.scale_intruders import scale_intruders
 
 __version__ = "0.1.0"
 

@@ -22,6 +22,7 @@ import torch
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
 from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_device
 from deltakit.errors import DeltakitError
+from deltakit.report_meta import PairReportMeta
 from deltakit.spectral import metrics
 from deltakit.spectral.noise import exact_noise, storage_noise
 from deltakit.spectral.options import SpectralOptions
@@ -118,24 +119,18 @@ class VectorResult:
         return out
 
 
-@dataclass
-class RankReport:
-    """Everything `deltakit rank` found; ``to_dict()`` is the documented JSON contract."""
+@dataclass(kw_only=True)
+class RankReport(PairReportMeta):
+    """Everything `deltakit rank` found; ``to_dict()`` is the documented JSON contract.
 
-    base: str
-    ft: str
+    base, ft (``fts[0]``), device, method, precision, skipped, only_base / only_ft, elapsed_s:
+    :class:`~deltakit.report_meta.PairReportMeta`."""
+
     energy: tuple[float, ...]
     matrices: list[MatrixResult] = field(default_factory=list)
     vectors: list[VectorResult] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    only_base: list[str] = field(default_factory=list)
-    only_ft: list[str] = field(default_factory=list)
     spectra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     signal_spectra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # where they differ from spectra
-    device: str = "cpu"
-    method: str = "gram"
-    precision: str = "fp32"
-    elapsed_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         """Aggregates by module type and by depth: count, mean / median rank@energy, mean relative change."""
@@ -172,21 +167,10 @@ class RankReport:
         return {energy_key(e): sum(1 for m in items if m.delta_fro > 0 and m.noise_dominated(e)) for e in self.energy}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "base": self.base,
-            "ft": self.ft,
-            "energy": list(self.energy),
-            "device": self.device,
-            "method": self.method,
-            "precision": self.precision,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "matrices": [m.to_dict() for m in self.matrices],
-            "vectors": [v.to_dict() for v in self.vectors],
-            "skipped": list(self.skipped),
-            "only_base": list(self.only_base),
-            "only_ft": list(self.only_ft),
-            "summary": self.summary(),
-        }
+        return self.report_dict({"energy": list(self.energy)},
+                                {"matrices": [m.to_dict() for m in self.matrices],
+                                 "vectors": [v.to_dict() for v in self.vectors]},
+                                {"summary": self.summary()})
 
     def spectra_info(self) -> dict[str, Any]:
         """The ``info`` block of a spectra file (see deltakit.io.spectra)."""
@@ -376,7 +360,7 @@ def rank(
     _ = options.dtype  # validate precision early
     started = time.perf_counter()
     source = open_delta_source(base, ft, include, exclude, allow_pickle)
-    report = RankReport(base=str(base), ft=str(ft), energy=energy, device=str(device), method=options.method,
+    report = RankReport(base=str(base), fts=[str(ft)], energy=energy, device=str(device), method=options.method,
                         precision=options.precision, skipped=source.skipped, only_base=source.only_base,
                         only_ft=source.only_ft)
     mine = parallel.share([matrix_cost(p.shape) for p in source.pairs])

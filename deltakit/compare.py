@@ -36,7 +36,7 @@ from deltakit.delta import DeltaSource, ProgressFn, open_delta_source, resolve_d
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
 from deltakit.errors import DeltakitError
 from deltakit.pairing import TensorPair
-from deltakit.report import ReportMeta
+from deltakit.report_meta import ReportMeta
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.subspace import delta_cosine, random_overlap, subspace_overlap, top_directions
 
@@ -171,8 +171,8 @@ class CompareReport(ReportMeta):
         return {"matrices": len({m.name for m in self.matrices}), "pairs": pairs}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.meta_dict(), "top": list(self.top), "pairs": [list(p) for p in self.pairs],
-                "matrices": [m.to_dict() for m in self.matrices], "summary": self.summary()}
+        return self.report_dict({"top": list(self.top), "pairs": [list(p) for p in self.pairs]},
+                                {"matrices": [m.to_dict() for m in self.matrices]}, {"summary": self.summary()})
 
 
 def open_sources(

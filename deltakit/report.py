@@ -1,13 +1,18 @@
-"""Tables for people and CSV for spreadsheets, from a :class:`~deltakit.analysis.RankReport`."""
+"""Tables for people and CSV for spreadsheets: `rank`, `intruders`, `compare` and `trajectory` reports.
+
+Every report shares its header (base, fine-tunes) and footer (what was skipped, where and how it
+ran) through :class:`~deltakit.report_meta.ReportMeta`."""
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from deltakit.analysis import MatrixResult, RankReport, energy_key
+from deltakit.compare import CompareReport
+from deltakit.intruders import Intruder, IntruderReport
+from deltakit.trajectory import TrajectoryReport
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align_left: int = 1) -> str:
@@ -102,7 +107,7 @@ def expert_table(groups: dict[str, Any], energies: Sequence[float]) -> str:
 def render_report(report: RankReport, per_matrix: bool = True) -> str:
     """The human-readable output of `deltakit rank`."""
     summary = report.summary()
-    parts = [f"base: {report.base}", f"ft:   {report.ft}", ""]
+    parts = report.header_lines("ft")
     if per_matrix and report.matrices:
         parts += [matrix_table(report), ""]
     if report.matrices:
@@ -119,14 +124,7 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
         f"{summary['changed_matrices']} of {summary['matrices']} matrices changed; "
         f"{len(changed)} of {len(report.vectors)} 1-D tensors (norms, biases) changed"
     )
-    if report.skipped:
-        parts.append(f"skipped {len(report.skipped)}: " + "; ".join(f"{s['name']} ({s['reason']})" for s in report.skipped[:5])
-                     + (" ..." if len(report.skipped) > 5 else ""))
-    for label, names in (("only in base", report.only_base), ("only in fine-tune", report.only_ft)):
-        if names:
-            parts.append(f"{label} ({len(names)}): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
-    parts.append(f"{report.method} spectra in {report.precision} on {report.device}, {report.elapsed_s:.2f} s")
-    return "\n".join(parts)
+    return "\n".join(parts + report.footer_lines(f"{report.method} spectra"))
 
 
 CSV_FIELDS = ["name", "shape", "dtype", "module_type", "layer", "layout", "added_rows", "delta_fro", "rel_delta",
@@ -151,44 +149,6 @@ def report_csv(report: RankReport) -> str:
     return buffer.getvalue()
 
 
-# ---------------------------------------------------------------- shared report metadata (compare, trajectory)
-
-@dataclass
-class ReportMeta:
-    """What every report says about its run: inputs, where and how it was computed, what was left out.
-
-    ``fts`` holds one path for rank / intruders, several for compare and trajectory. (RankReport
-    and IntruderReport still carry their own copies; see docs/json.md.)
-    """
-
-    base: str
-    fts: list[str]
-    device: str = "cpu"
-    method: str = "gram"
-    precision: str = "fp32"
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-    def meta_dict(self) -> dict[str, Any]:
-        """The JSON keys every report shares."""
-        return {"base": self.base, "fts": list(self.fts), "device": self.device, "method": self.method,
-                "precision": self.precision, "elapsed_s": round(self.elapsed_s, 3), "skipped": list(self.skipped)}
-
-    def header_lines(self, label: str = "ft") -> list[str]:
-        width = max(4, len(label) + 3)
-        lines = [f"{'base:':<{width}} {self.base}"]
-        lines += [f"{f'{label} {i}:' if len(self.fts) > 1 else f'{label}:':<{width}} {path}" for i, path in enumerate(self.fts)]
-        return lines + [""]
-
-    def footer_lines(self, what: str) -> list[str]:
-        lines = []
-        if self.skipped:
-            lines.append(f"skipped {len(self.skipped)}: " + "; ".join(f"{s['name']} ({s['reason']})" for s in self.skipped[:5])
-                         + (" ..." if len(self.skipped) > 5 else ""))
-        lines.append(f"{what} in {self.precision} on {self.device}, {self.elapsed_s:.2f} s")
-        return lines
-
-
 def _pair_label(fts: Sequence[str], a: int, b: int) -> str:
     return f"{a} vs {b}" if len(fts) > 2 else "A vs B"
 
@@ -204,8 +164,8 @@ def compare_group_table(groups: dict[str, Any], label: str, top: Sequence[str]) 
     return format_table(headers, rows)
 
 
-def render_compare(report: Any, per_matrix: bool = False) -> str:
-    """The human-readable output of `deltakit compare` (a :class:`deltakit.compare.CompareReport`)."""
+def render_compare(report: CompareReport, per_matrix: bool = False) -> str:
+    """The human-readable output of `deltakit compare`."""
     parts = report.header_lines("ft")
     summary = report.summary()
     for entry in summary["pairs"]:
@@ -232,9 +192,9 @@ def render_compare(report: Any, per_matrix: bool = False) -> str:
     return "\n".join(parts + report.footer_lines(f"{report.method} top-k SVD"))
 
 
-def render_trajectory(report: Any) -> str:
-    """The human-readable output of `deltakit trajectory` (a :class:`deltakit.trajectory.TrajectoryReport`)."""
-    parts = [f"base: {report.base}", f"{len(report.fts)} checkpoints, final: {report.fts[-1]}", ""]
+def render_trajectory(report: TrajectoryReport) -> str:
+    """The human-readable output of `deltakit trajectory`."""
+    parts = report.header_lines("checkpoint", each=False)
     summary = report.summary()
     energies = [f"{e:g}" for e in report.energy]
     top = [str(k) for k in report.top]
@@ -251,3 +211,46 @@ def render_trajectory(report: Any) -> str:
     for name, series in summary["by_module_type"].items():
         parts += [f"{name} ({series[0]['count']} matrices)", table(series), ""]
     return "\n".join(parts + report.footer_lines(f"{report.method} spectra"))
+
+
+def _ranks(items: list[Intruder]) -> str:
+    return ",".join(str(d.rank) for d in items) or "-"
+
+
+def render_intruders(report: IntruderReport) -> str:
+    """The human-readable output of `deltakit intruders`: per matrix, per module type, totals."""
+    eps = report.epsilon
+    parts = report.header_lines("ft")
+    headers = ["matrix", "shape", "σ₁ ft", "σ₁ base", "min sim"] + [f"intr@{energy_key(e)}" for e in eps]
+    headers.append(f"ranks@{energy_key(eps[0])}")
+    rows = []
+    for m in report.matrices:
+        name = m.name + (" [conv1d]" if m.layout == "conv1d" else "")
+        rows.append([name, _shape(m.shape), m.singular_values[0] if m.singular_values else 0.0,
+                     m.base_spectral_norm, min(m.similarities, default=1.0)]
+                    + [m.count(e) for e in eps] + [_ranks(m.intruders[eps[0]])])
+    if rows:
+        parts += [format_table(headers, rows), ""]
+    summary = report.summary()
+    group_headers = ["type", "matrices"] + [f"with@{energy_key(e)}" for e in eps]
+    group_headers += [f"intr@{energy_key(e)}" for e in eps] + ["mean min sim"]
+    group_rows = [[name, g["count"]] + [g["matrices_with_intruders"][energy_key(e)] for e in eps]
+                  + [g["intruders"][energy_key(e)] for e in eps] + [g["mean_min_similarity"]]
+                  for name, g in summary["by_module_type"].items()]
+    if group_rows:
+        parts += ["by module type", format_table(group_headers, group_rows), ""]
+    for e in eps:
+        total = summary["intruders"][energy_key(e)]
+        parts.append(f"ε={energy_key(e)}: {total} intruder dimension{'' if total == 1 else 's'} in "
+                     f"{summary['matrices_with_intruders'][energy_key(e)]} of {summary['matrices']} matrices "
+                     f"(top k={report.k} left singular vectors of W_ft vs all of W_base)")
+    if report.scaling:
+        s = report.scaling
+        done = sum(len(m.ranks) for m in s.matrices)
+        parts.append(f"scaled {done} intruder singular values (ε={energy_key(s.epsilon)}) in {len(s.matrices)} "
+                     f"matrices by λ={s.scale:g}; wrote {s.tensors_written} tensors to {s.output}")
+    below = summary["below_rounding"]
+    if below:
+        parts.append(f"{below} matri{'x' if below == 1 else 'ces'} changed by no more than storage rounding: "
+                     "their directions were not judged (below_rounding in --json)")
+    return "\n".join(parts + report.footer_lines(report.method))

@@ -30,7 +30,7 @@ from deltakit.delta import DeltaItem, MultiDeltaItem, ProgressFn, resolve_device
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
 from deltakit.errors import DeltakitError
 from deltakit.intruders import DEFAULT_EPSILON, DEFAULT_K, check_k, find_intruder_directions
-from deltakit.report import ReportMeta
+from deltakit.report_meta import ReportMeta
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.subspace import subspace_overlap, top_directions
 
@@ -133,9 +133,9 @@ class TrajectoryReport(ReportMeta):
                 "by_module_type": {name: self._series(group) for name, group in by_module_type(self.matrices).items()}}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.meta_dict(), "steps": list(self.steps), "energy": list(self.energy), "top": list(self.top),
-                "intruder_k": self.intruder_k, "epsilon": self.epsilon,
-                "matrices": [m.to_dict() for m in self.matrices], "summary": self.summary()}
+        return self.report_dict({"steps": list(self.steps), "energy": list(self.energy), "top": list(self.top),
+                                 "intruder_k": self.intruder_k, "epsilon": self.epsilon},
+                                {"matrices": [m.to_dict() for m in self.matrices]}, {"summary": self.summary()})
 
 
 def trajectory_matrix(

@@ -1,0 +1,197 @@
+"""Scaling intruder dimensions down: the write half of `deltakit intruders --scale λ -o DIR`.
+
+Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion of Equivalence" (NeurIPS 2025,
+arXiv 2410.21228), Section 5: multiplying each intruder's singular value by λ < 1 after
+training recovers pre-training behaviour. The intruders are found by :mod:`deltakit.intruders`
+(this module builds on it, never the reverse); the model is written as a sharded safetensors
+folder, atomically. See docs/intruders.md.
+
+Example::
+
+    scale_intruders("base-model", "lora-merged", "out-model", scale=0.0)   # removes them
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from deltakit.compare import oriented
+from deltakit.delta import ProgressFn, resolve_device
+from deltakit.distributed import Parallel, exchange, gather_in_order, shared_directory, shared_writer
+from deltakit.errors import DeltakitError
+from deltakit.intruders import (
+    DEFAULT_EPSILON, DEFAULT_K, IntruderReport, MatrixIntruders, TopDirections, analyse_matrix, check_epsilons,
+    check_k, new_report, open_source, share_matrices,
+)
+from deltakit.io.atomic import check_output_path
+from deltakit.io.checkpoint import Checkpoint
+from deltakit.io.model_files import copy_model_files
+from deltakit.io.peft import is_peft_adapter
+from deltakit.io.writer import DEFAULT_SHARD_BYTES
+from deltakit.pairing import TensorPair
+from deltakit.spectral.options import SpectralOptions
+
+
+def intruder_correction(directions: TopDirections, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The change that multiplies each masked singular value by λ: −(1 − λ) Σ σᵢ uᵢ vᵢᵀ (m×n).
+
+    W_ft + correction keeps the singular vectors and every other singular value of W_ft.
+    """
+    u, s, vh = directions.u[:, mask], directions.s[mask], directions.vh[mask]
+    return (u * (s * (scale - 1.0))) @ vh
+
+
+@dataclass
+class ScaledMatrix:
+    """What the scaling changed in one matrix."""
+
+    name: str
+    ranks: list[int]
+    singular_values_before: list[float]
+    singular_values_after: list[float]
+    change_fro: float  # ‖W_out − W_ft‖_F, before rounding to the stored dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Scaling:
+    """The intervention: intruders at ``epsilon`` had their singular values multiplied by ``scale``."""
+
+    scale: float
+    epsilon: float
+    output: str
+    matrices: list[ScaledMatrix] = field(default_factory=list)
+    tensors_written: int = 0
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale, "epsilon": self.epsilon, "output": self.output,
+            "changed_matrices": len(self.matrices),
+            "scaled_dimensions": sum(len(m.ranks) for m in self.matrices),
+            "tensors_written": self.tensors_written, "files": self.files,
+            "matrices": [m.to_dict() for m in self.matrices],
+        }
+
+
+def check_scale(scale: float) -> float:
+    scale = float(scale)
+    if math.isnan(scale) or math.isinf(scale) or scale < 0:
+        raise DeltakitError(f"scale λ = {scale:g} must be a finite number ≥ 0 (0 removes the intruders, "
+                            "1 leaves the model unchanged)")
+    return scale
+
+
+def scale_intruders(
+    base: str | os.PathLike,
+    ft: str | os.PathLike,
+    output: str | os.PathLike,
+    scale: float,
+    k: int = DEFAULT_K,
+    epsilon: float | Sequence[float] = (DEFAULT_EPSILON,),
+    options: SpectralOptions = SpectralOptions(),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    allow_pickle: bool = False,
+    force: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: ProgressFn | None = None,
+    parallel: Parallel = Parallel(),
+) -> IntruderReport:
+    """Write ``ft`` to ``output`` with each intruder's singular value multiplied by ``scale`` (λ).
+
+    W_out = W_ft − (1 − λ)·σ·u·vᵀ for every intruder at the first ε (Shuttleworth et al., Sec. 5),
+    in the fine-tune's dtype; every other tensor is copied byte for byte, with config and
+    tokenizer files, as a sharded safetensors model folder written atomically. λ = 1 returns the
+    fine-tune unchanged; λ = 0 removes the intruders. Returns the analysis with ``scaling`` set.
+    With ``parallel`` (under torchrun) each process analyses and writes its share of the matrices.
+    Example: ``scale_intruders("base", "ft", "ft-scaled", scale=0.75)``.
+    """
+    k, epsilons, scale = check_k(k), check_epsilons(epsilon), check_scale(scale)
+    if max_shard_bytes <= 0:
+        raise DeltakitError("the maximum shard size must be positive")
+    check_output_path(output, force)
+    device = resolve_device(parallel.device if parallel.active else options.device)
+    _ = options.dtype
+    started = time.perf_counter()
+    report = new_report(base, ft, k, epsilons, device, options)
+    if is_peft_adapter(ft):
+        raise DeltakitError(f"{ft} is a LoRA adapter; scaling intruders writes a full model, so give the "
+                            "merged fine-tune (W_base + B·A) as FT")
+    source = open_source(base, ft, include, exclude, allow_pickle, report)
+    fused = sorted({p.ft_tensor for p in source.pairs if p.expert_slice})
+    if fused:  # scaling writes whole stored tensors; a fused expert tensor is copied as it is
+        source.pairs = [p for p in source.pairs if not p.expert_slice]
+        report.skipped += [{"name": name, "reason": "fused MoE expert tensor: copied unscaled"} for name in fused]
+        if not source.pairs:
+            raise DeltakitError("no weight matrices left to scale: only fused MoE expert tensors changed")
+    base_ckpt, ft_ckpt, pairs = source.base, source.ft, source.pairs
+    assert ft_ckpt is not None
+    mine = share_matrices(source, parallel)
+    items = source.stream(mine, device, options.dtype, options.prefetch)
+    scaling = report.scaling = Scaling(scale=scale, epsilon=epsilons[0], output=str(output))
+    if progress is not None:
+        items = progress(items, len(mine), "intruders")
+    plan = [(name, ft_ckpt.shape(name), ft_ckpt.dtype(name)) for name in ft_ckpt.keys()]
+    # Tensors that are not analysed (norms, biases, ...) are copied as they are, shared out by size.
+    others = [(name, shape, dtype) for name, shape, dtype in plan if name not in {p.name for p in pairs}]
+    costs = [float(math.prod(shape)) for _, shape, _ in others]
+    my_others = [others[i][0] for i in parallel.share(costs)]
+    with shared_directory(output, force, parallel) as tmp:
+        writer = shared_writer(parallel, tmp, plan, max_shard_bytes=max_shard_bytes,
+                               metadata={"deltakit": "intruders"})
+        local: list[tuple[int, tuple[MatrixIntruders, ScaledMatrix | None]]] = []
+        written: set[str] = set()
+        for index, item in zip(mine, items):
+            result, directions = analyse_matrix(item, k, epsilons, options)
+            scaled = None
+            if directions is not None and scale != 1.0 and result.count(scaling.epsilon):
+                mask = directions.intruder_mask(scaling.epsilon)
+                tensor, change_fro = _scaled_tensor(ft_ckpt, item.pair, directions, mask, scale, device, options.dtype)
+                writer.write(item.pair.name, tensor)
+                written.add(item.pair.name)
+                ranks = [d.rank for d in result.intruders[scaling.epsilon]]
+                before = [d.singular_value for d in result.intruders[scaling.epsilon]]
+                scaled = ScaledMatrix(item.pair.name, ranks, before, [scale * s for s in before], change_fro)
+            local.append((index, (result, scaled)))
+        unchanged = [pairs[i].name for i in mine if pairs[i].name not in written] + my_others
+        for name in unchanged:
+            writer.write(name, ft_ckpt.get(name))
+        files = writer.finish(expected=sorted(written) + unchanged, write_index=parallel.is_main)
+        copied: list[str] = []
+        if parallel.is_main:
+            copied = copy_model_files(ft_ckpt, tmp)
+            if "config.json" not in copied:  # a bare weights file: the base's config describes the same model
+                copied += copy_model_files(base_ckpt, tmp, only_config=True)
+        for result, scaled in gather_in_order(local, parallel):
+            report.matrices.append(result)
+            if scaled is not None:
+                scaling.matrices.append(scaled)
+        copied = exchange(parallel, copied)[0]
+        scaling.tensors_written = len(plan)
+        scaling.files = sorted(p.name for p in files) + sorted(copied) + (
+            ["model.safetensors.index.json"] if len(files) > 1 else [])
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+def _scaled_tensor(ft_ckpt: Checkpoint, pair: TensorPair, directions: TopDirections, mask: torch.Tensor,
+                   scale: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """The stored fine-tune tensor plus the correction, back in its stored layout and dtype."""
+    stored = ft_ckpt.get(pair.name)
+    correction = oriented(intruder_correction(directions, mask, scale), pair)
+    updated = stored.to(device=device, dtype=dtype, copy=True)
+    rows = correction.shape[0]
+    updated[:rows] += correction  # the shared rows only, when the fine-tune added vocabulary
+    if not bool(torch.isfinite(updated).all()):
+        raise DeltakitError(f"{pair.name}: scaling produced non-finite values; nothing was written")
+    change = float(torch.linalg.vector_norm(correction, dtype=torch.float64))
+    return updated.to(stored.dtype).cpu(), change
