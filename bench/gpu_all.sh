@@ -5,6 +5,7 @@
 #   bash bench/gpu_all.sh more    # the CUDA test paths, MoE slice, durability (fsync on/off)
 #   bash bench/gpu_all.sh compare # compare on two fine-tunes vs rank on one pair (reuses the 7B pair)
 #   bash bench/gpu_all.sh rankab  # rank before (.old) and after on one machine, nothing else
+#   bash bench/gpu_all.sh adaptive # adaptive vs full spectra: per-matrix probe (7B, 70B shapes), 7B rank rows
 # Results land in $OUT (the device tool's output folder; any folder elsewhere). "Before" is the
 # tree in .old/ (git archive of the commit before, carried beside the repo; skipped if absent).
 set -uo pipefail
@@ -54,6 +55,12 @@ rankab)
     fi
     log "rank after"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 200
+    ;;
+adaptive)
+    log "per-matrix probe: adaptive vs full, 7B and 70B shapes"
+    python3 -m bench.probes.adaptive_probe --device cuda --out "$OUT/probe" --repeats 2
+    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
     ;;
 compare)
     if [ -d .old ]; then

@@ -99,6 +99,9 @@ def plan_jobs(work: Path, args: argparse.Namespace) -> list[Job]:
         Job("deltakit-rank", "deltakit rank", "deltakit", "rank",
             ["deltakit", "rank", str(base), str(ft), "--json", str(runs / "deltakit-rank.json"), "--device", device],
             pair, [runs / "deltakit-rank.json"]),
+        Job("deltakit-rank-full", "deltakit rank --full-spectrum", "deltakit", "rank",
+            ["deltakit", "rank", str(base), str(ft), "--json", str(runs / "deltakit-rank-full.json"), "--device", device,
+             "--full-spectrum"], pair, [runs / "deltakit-rank-full.json"]),
         Job("plain-rank", "(a) plain loop: svdvals", "plain", "rank",
             ["python", "-m", "bench.baselines", "rank", str(base), str(ft), "--json", str(runs / "plain-rank.json"),
              "--device", device], pair, [runs / "plain-rank.json"]),
@@ -369,6 +372,58 @@ def score(job: Job, row: dict[str, object], work: Path, args: argparse.Namespace
                                 f"(min {ranks[0]}, max {ranks[-1]}, {len(ranks)} matrices)")
 
 
+def spectrum_paths_agree(adaptive: list[dict], full: list[dict], tolerance: float = 0.01) -> dict[str, object]:
+    """Per matrix, the adaptive report against --full-spectrum's, by issue 17's definition of equal:
+    rank_at the same (±1 counted apart), stable rank to 1e-4 relative, effective rank to ``tolerance``,
+    signal_rank_at the same, numerical rank the same or a lower bound at most it."""
+    by_name = {m["name"]: m for m in full}
+    counts = {"matrices": 0, "adaptive": 0, "rank_at_equal": 0, "rank_at_within_1": 0, "stable_rank_1e-4": 0,
+              "effective_rank_1pct": 0, "effective_rank_within_2_errors": 0, "signal_rank_at_equal": 0,
+              "rank_equal": 0, "rank_bounded": 0}
+    worst = {"effective_rank_rel": 0.0, "stable_rank_rel": 0.0}
+    for ours in adaptive:
+        ref = by_name.get(ours["name"])
+        if ref is None:
+            continue
+        counts["matrices"] += 1
+        counts["adaptive"] += str(ours.get("spectrum_method", "")).startswith("adaptive")
+        same = ours["rank_at"] == ref["rank_at"]
+        counts["rank_at_equal"] += same
+        counts["rank_at_within_1"] += all(abs(ours["rank_at"][k] - ref["rank_at"][k]) <= 1 for k in ref["rank_at"])
+        stable = abs(ours["stable_rank"] - ref["stable_rank"]) / ref["stable_rank"] if ref["stable_rank"] else 0.0
+        eff = abs(ours["effective_rank"] - ref["effective_rank"]) / ref["effective_rank"] if ref["effective_rank"] else 0.0
+        counts["stable_rank_1e-4"] += stable <= 1e-4
+        counts["effective_rank_1pct"] += eff <= tolerance
+        error = ours.get("effective_rank_error") or 0.0
+        counts["effective_rank_within_2_errors"] += abs(ours["effective_rank"] - ref["effective_rank"]) <= 2 * error + 1e-9
+        counts["signal_rank_at_equal"] += ours.get("signal_rank_at") == ref.get("signal_rank_at")
+        if ours["rank"] is None:
+            counts["rank_bounded"] += ours.get("lower_bounds", {}).get("rank", 0) <= ref["rank"]
+        else:
+            counts["rank_equal"] += ours["rank"] == ref["rank"]
+        worst = {"effective_rank_rel": max(worst["effective_rank_rel"], eff),
+                 "stable_rank_rel": max(worst["stable_rank_rel"], stable)}
+    return {**counts, "worst": worst}
+
+
+def cross_check_full_spectrum(work: Path, rows: list[dict[str, object]]) -> None:
+    """The deltakit-rank row (adaptive on a GPU) against deltakit-rank-full, matrix by matrix."""
+    by_key = {row["key"]: row for row in rows}
+    if any(by_key.get(key, {}).get("status") != "ok" for key in ("deltakit-rank", "deltakit-rank-full")):
+        return
+    adaptive = json.loads((work / "runs" / "deltakit-rank.json").read_text())["matrices"]
+    full = json.loads((work / "runs" / "deltakit-rank-full.json").read_text())["matrices"]
+    check = spectrum_paths_agree(adaptive, full)
+    row = by_key["deltakit-rank"]
+    row["full_spectrum_check"] = check
+    row["notes"].append(
+        f"against --full-spectrum on {check['matrices']} matrices ({check['adaptive']} adaptive): rank_at equal on "
+        f"{check['rank_at_equal']} (±1 on {check['rank_at_within_1']}), stable rank to 1e-4 on {check['stable_rank_1e-4']}, "
+        f"effective rank to 1% on {check['effective_rank_1pct']} (worst {check['worst']['effective_rank_rel']:.4f}), "
+        f"signal_rank_at equal on {check['signal_rank_at_equal']}, numerical rank equal on {check['rank_equal']} "
+        f"and a true lower bound on {check['rank_bounded']}")
+
+
 def cross_check_multi_rank(work: Path, rows: list[dict[str, object]]) -> None:
     """Each deltakit-rank-xN report's rank_at against the 1-process deltakit rank's, per matrix."""
     by_key = {row["key"]: row for row in rows}
@@ -525,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             write_outputs(args.out, result_of(rows))  # a run cut short still leaves what it measured
         cross_check_rank(work, rows)
         cross_check_multi_rank(work, rows)
+        cross_check_full_spectrum(work, rows)
         result = result_of(rows)
         write_outputs(args.out, result)
         print(report.markdown_report(result))

@@ -58,13 +58,18 @@ def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str |
 @click.option("--csv", "csv_path", metavar="PATH", help="Write one CSV row per matrix.")
 @click.option("--save-spectra", "spectra_path", metavar="PATH",
               help="Save every singular value of every ΔW (safetensors) for `deltakit plot`.")
+@click.option("--full-spectrum", "spectrum", flag_value="full",
+              help="Compute every singular value of every ΔW (the default on a GPU computes only the top that "
+                   "settles rank@X and estimates the effective rank; numerical ranks may then read ≥bound).")
+@click.option("--adaptive", "spectrum", flag_value="adaptive",
+              help="Compute only the top of each spectrum on the CPU too (the default there is the full one).")
 @click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
 @allow_pickle_option
 @force_option
 @hub_options
 @user_errors
-def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_path, csv_path, spectra_path, quiet,
-                 allow_pickle, force):
+def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_path, csv_path, spectra_path, spectrum,
+                 quiet, allow_pickle, force):
     """How large and how low-rank is each change ΔW = W_ft − W_base?
 
     BASE and FT are Hub ids (org/name or org/name@revision; what is read is downloaded),
@@ -73,6 +78,9 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
     For every weight matrix: relative size of the change, spectral norm, numerical rank
     (above the rounding-noise floor), stable and effective rank, the rank that explains
     each --energy fraction, and that rank for a random matrix of the same shape.
+
+    On a GPU only the top of each spectrum is computed, as far as rank@X needs (the
+    adaptive path; --full-spectrum, --exact, --fp64 and --save-spectra compute all of it).
     """
     from deltakit.analysis import rank
     from deltakit.io import check_output_path
@@ -81,7 +89,8 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
     for path in (json_path, csv_path, spectra_path):
         if path and path != "-":
             check_output_path(path, force)
-    options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
+    options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact,
+                              spectrum=spectrum or "auto")
     with parallel_workers(device) as parallel:
         report = rank(base, ft, energy, options, include, exclude, allow_pickle, keep_spectra=bool(spectra_path),
                       progress=progress if parallel.is_main else None, parallel=parallel)

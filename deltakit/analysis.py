@@ -26,7 +26,11 @@ from deltakit.report_meta import PairReportMeta
 from deltakit.spectral import metrics
 from deltakit.spectral.noise import exact_noise, storage_noise
 from deltakit.spectral.options import SpectralOptions
-from deltakit.spectral.spectrum import Spectrum, compute_spectrum, method_name
+from deltakit.spectral.spectrum import (
+    SMALL_OR_ZERO, AdaptivePlan, Spectrum, adaptive_spectrum, compute_spectrum, method_name,
+)
+
+ADAPTIVE_PLAN = AdaptivePlan()  # how far `rank`'s adaptive path goes (tests set a smaller one)
 from deltakit.spectral.subspace import amplification
 
 
@@ -66,7 +70,7 @@ class MatrixResult:
     delta_fro: float
     rel_delta: float | None  # None when the base is zero; rel_delta_reason says so
     spectral_norm: float
-    rank: int
+    rank: int | None  # None: not settled on the adaptive path (lower_bounds["rank"] holds a bound)
     noise_floor: float
     stable_rank: float
     effective_rank: float
@@ -75,11 +79,14 @@ class MatrixResult:
     noise_share: float = 0.0
     unchanged_fraction: float = 0.0
     signal_rank_at: dict[float, int | None] = field(default_factory=dict)
-    signal_effective_rank: float = 0.0
-    signal_rank: int = 0
+    signal_effective_rank: float | None = 0.0
+    signal_rank: int | None = 0
     signal_energy: float = 0.0
     spectrum_method: str = "gram"
     noise_model: str = "exact"
+    effective_rank_error: float | None = None  # standard error where the effective rank is estimated (adaptive path)
+    lower_bounds: dict[str, int] = field(default_factory=dict)  # counts the adaptive path only bounds from below
+    spectrum_fallback: str | None = None  # why the full path ran where the adaptive one was asked for
 
     def noise_dominated(self, fraction: float) -> bool:
         """True when rounding may account for more than 1 − ``fraction`` of ‖ΔW‖²: rank@fraction then measures rounding."""
@@ -148,7 +155,8 @@ class RankReport(PairReportMeta):
     def _aggregate(self, items: list[MatrixResult]) -> dict[str, Any]:
         return {
             "count": len(items),
-            "mean_rank": float(np.mean([m.rank for m in items])),
+            "mean_rank": _mean_known(m.rank for m in items),
+            "rank_unsettled": sum(1 for m in items if m.rank is None),
             "changed": sum(1 for m in items if m.delta_fro > 0),
             "mean_rel_delta": _mean_known(m.rel_delta for m in items),
             "mean_rank_at": {energy_key(e): float(np.mean([m.rank_at[e] for m in items])) for e in self.energy},
@@ -267,8 +275,14 @@ def _fro(tensor: torch.Tensor) -> float:
 
 
 def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = True,
-                    base_fro: float | None = None) -> Spectrum:
-    """The :class:`Spectrum` of one ΔW, with its storage rounding estimated (``rounding``) or known to be absent."""
+                    base_fro: float | None = None, fractions: Sequence[float] = (),
+                    adaptive: bool = False) -> tuple[Spectrum, str | None]:
+    """The :class:`Spectrum` of one ΔW, with its storage rounding estimated (``rounding``) or known to be absent.
+
+    With ``adaptive``, only the top of the spectrum that settles rank@``fractions`` is computed
+    where that is cheaper (:func:`adaptive_spectrum`); the second value says why the full path
+    ran instead, when it did for a reason other than the matrix being small.
+    """
     pair, delta = item.pair, item.delta
     delta_fro = _fro(delta)
     _require_finite(pair.name, delta_fro, _fro(item.base) if base_fro is None else base_fro)
@@ -277,17 +291,24 @@ def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = 
     if energy == 0.0:
         shape = (int(pair.shape[0]), int(pair.shape[1]))
         zeros = np.zeros(min(shape))
-        return Spectrum(zeros, shape, method_name(options), 0.0, noise, zeros.copy(), 0.0, 0.0)
-    return compute_spectrum(delta, options, noise, energy)
+        return Spectrum(zeros, shape, method_name(options), 0.0, noise, zeros.copy(), 0.0, 0.0), None
+    fallback = None
+    if adaptive:
+        spectrum, why = adaptive_spectrum(delta, noise, energy, fractions, ADAPTIVE_PLAN)
+        if spectrum is not None:
+            return spectrum, None
+        fallback = why if why not in SMALL_OR_ZERO else None
+    return compute_spectrum(delta, options, noise, energy), fallback
 
 
 def analyse_matrix(
-    item: DeltaItem, energy: Sequence[float], options: SpectralOptions, rounding: bool = True
-) -> tuple[MatrixResult, np.ndarray]:
-    """Metrics and the resolved spectrum of one ΔW (``rounding``: estimate the storage rounding in it)."""
+    item: DeltaItem, energy: Sequence[float], options: SpectralOptions, rounding: bool = True, adaptive: bool = False
+) -> tuple[MatrixResult, Spectrum]:
+    """Metrics and the spectrum of one ΔW (``rounding``: estimate the storage rounding in it;
+    ``adaptive``: compute only the top of the spectrum where that settles the metrics)."""
     pair = item.pair
     base_fro = _fro(item.base)
-    spectrum = matrix_spectrum(item, options, rounding, base_fro)
+    spectrum, fallback = matrix_spectrum(item, options, rounding, base_fro, energy, adaptive)
     delta_fro = math.sqrt(spectrum.total_energy)
     shape = spectrum.shape
     noise = spectrum.noise
@@ -307,8 +328,11 @@ def analyse_matrix(
         signal_effective_rank=spectrum.signal_effective_rank(), signal_rank=spectrum.signal_rank,
         signal_energy=spectrum.signal_energy,
         spectrum_method=spectrum.method, noise_model=noise.model if noise is not None else "exact",
+        effective_rank_error=spectrum.effective_rank_error, lower_bounds=spectrum.lower_bounds,
+        spectrum_fallback=fallback,
     )
-    result.amplification = amplification(item.base, item.delta, delta_fro, result.rank)
+    known_rank = result.rank if result.rank is not None else result.lower_bounds.get("rank", 0)
+    result.amplification = amplification(item.base, item.delta, delta_fro, known_rank)
     return result, spectrum
 
 
@@ -363,6 +387,7 @@ def rank(
     report = RankReport(base=str(base), fts=[str(ft)], energy=energy, device=str(device), method=options.method,
                         precision=options.precision, skipped=source.skipped, only_base=source.only_base,
                         only_ft=source.only_ft)
+    adaptive = options.adaptive_on(device) and not keep_spectra  # saved spectra are whole ones
     mine = parallel.share([matrix_cost(p.shape) for p in source.pairs])
     items = source.stream(mine, device, options.dtype, options.prefetch)
     rounding = not source.is_adapter  # an adapter's ΔW is exact: no storage rounding in it
@@ -374,8 +399,8 @@ def rank(
             found = []
             for one in per_expert(item):
                 if one.pair.is_matrix and one.pair.layout != "vector":
-                    result, spectrum = analyse_matrix(one, energy, options, rounding)
-                    kept = (spectrum.values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
+                    result, spectrum = analyse_matrix(one, energy, options, rounding, adaptive)
+                    kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
                     found.append((result, kept))
                 else:
                     found.append((analyse_vector(one), None))

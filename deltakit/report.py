@@ -50,6 +50,16 @@ def _percent(share: float) -> str:
     return "0%" if share == 0 else ("<0.1%" if share < 1e-3 else f"{100 * share:.1f}%")
 
 
+def _count_cell(m: MatrixResult) -> str | int:
+    """The numerical rank, or ≥bound where the adaptive path only bounded it."""
+    return m.rank if m.rank is not None else f"≥{m.lower_bounds.get('rank', 0)}"
+
+
+def _effective_cell(m: MatrixResult) -> str:
+    text = _cell(m.effective_rank)
+    return f"{text}±{_cell(m.effective_rank_error)}" if m.effective_rank_error else text
+
+
 def _rank_cell(m: MatrixResult, fraction: float) -> str:
     return f"{m.rank_at[fraction]}{NOISE_MARK if m.noise_dominated(fraction) else ''}"
 
@@ -63,7 +73,7 @@ def matrix_table(report: RankReport) -> str:
     rows = []
     for m in report.matrices:
         name = m.name + (" [conv1d]" if m.layout == "conv1d" else "") + (f" [+{m.added_rows} rows]" if m.added_rows else "")
-        rows.append([name, _shape(m.shape), m.rel_delta, m.spectral_norm, m.rank, m.stable_rank, m.effective_rank,
+        rows.append([name, _shape(m.shape), m.rel_delta, m.spectral_norm, _count_cell(m), m.stable_rank, _effective_cell(m),
                      _percent(m.noise_share)]
                     + [_rank_cell(m, e) for e in energies] + [m.signal_rank_at.get(e) for e in energies]
                     + [m.random_rank_at[e] for e in energies])
@@ -95,6 +105,22 @@ def noise_note(report: RankReport, summary: dict[str, Any]) -> str | None:
             "that r@X measures rounding; sig@X is the rank of the update with rounding taken out (- where it cannot be read)")
 
 
+def adaptive_note(report: RankReport) -> str | None:
+    """One line on the adaptive path: how many spectra were partial, and what that leaves open."""
+    partial = [m for m in report.matrices if m.spectrum_method.startswith("adaptive")]
+    fallback = [m for m in report.matrices if m.spectrum_fallback]
+    if not partial and not fallback:
+        return None
+    unsettled = sum(1 for m in partial if m.rank is None)
+    text = (f"{len(partial)} of {len(report.matrices)} spectra computed in part (adaptive): rank@X, stable rank exact, "
+            "effective rank ± its estimated error")
+    if unsettled:
+        text += f"; {unsettled} numerical ranks shown as ≥bound"
+    if fallback:
+        text += f"; {len(fallback)} ran whole ({fallback[0].spectrum_fallback})"
+    return text + "; --full-spectrum computes every value"
+
+
 def expert_table(groups: dict[str, Any], energies: Sequence[float]) -> str:
     """One row per MoE expert tensor: how many of its experts changed, and their mean ranks."""
     headers = ["tensor", "experts", "changed", "mean rel ΔW", "mean rank"]
@@ -119,6 +145,9 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
     note = noise_note(report, summary)
     if note is not None:
         parts.append(note)
+    adaptive_line = adaptive_note(report)
+    if adaptive_line is not None:
+        parts.append(adaptive_line)
     changed = [v for v in report.vectors if v.changed]
     parts.append(
         f"{summary['changed_matrices']} of {summary['matrices']} matrices changed; "
@@ -129,7 +158,7 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
 
 CSV_FIELDS = ["name", "shape", "dtype", "module_type", "layer", "layout", "added_rows", "delta_fro", "rel_delta",
               "spectral_norm", "rank", "noise_floor", "stable_rank", "effective_rank", "noise_share", "unchanged_fraction",
-              "signal_effective_rank", "spectrum_method"]
+              "signal_effective_rank", "spectrum_method", "effective_rank_error"]
 
 
 def report_csv(report: RankReport) -> str:

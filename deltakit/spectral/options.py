@@ -9,6 +9,7 @@ import torch
 from deltakit.errors import DeltakitError
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+SPECTRUM_CHOICES = ("auto", "adaptive", "full")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class SpectralOptions:
     precision: str = "fp32"  # fp32 | fp64: the dtype of ΔW and of the decomposition
     exact: bool = False  # full SVD instead of the Gram/eigh fast path
     prefetch: int = 2  # tensor pairs read ahead on a background thread
+    spectrum: str = "auto"  # auto | adaptive | full: how much of each spectrum `rank` computes (docs/metrics.md)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -29,3 +31,17 @@ class SpectralOptions:
     @property
     def method(self) -> str:
         return "exact" if self.exact else "gram"
+
+    def adaptive_on(self, device: torch.device) -> bool:
+        """Whether `rank` computes only the top of each spectrum (the adaptive path) on ``device``.
+
+        "auto" does on a GPU, in fp32, without --exact: there a block of matrix products costs a
+        fraction of a full eigendecomposition. On the CPU the full path stays the default (the
+        quadrature's products cost about as much as the eigendecomposition at the sizes a CPU
+        run meets); "adaptive" forces it anywhere, "full" never.
+        """
+        if self.spectrum not in SPECTRUM_CHOICES:
+            raise DeltakitError(f"unknown spectrum mode {self.spectrum!r}; use one of {', '.join(SPECTRUM_CHOICES)}")
+        if self.spectrum == "full" or self.exact or self.precision != "fp32":
+            return False
+        return self.spectrum == "adaptive" or device.type == "cuda"

@@ -1,0 +1,173 @@
+"""The adaptive (partial) spectrum against the full one and against fp64 truth, on constructed ΔW.
+
+Matrices are CPU-sized (768×512) with a plan that lets the adaptive path run there; the GPU sizes
+and timings are in bench/probes/adaptive_probe.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import deltakit.analysis as analysis
+from bench.run_bench import spectrum_paths_agree
+from deltakit.spectral import metrics
+from deltakit.spectral.noise import exact_noise, storage_noise
+from deltakit.spectral.options import SpectralOptions
+from deltakit.spectral.partial import SubspaceIteration
+from deltakit.spectral.spectrum import AdaptivePlan, adaptive_spectrum, compute_spectrum
+from deltakit_cli.main import cli
+
+PLAN = AdaptivePlan(min_side=256, start_width=32, probes=16, steps=32)
+FRACTIONS = (0.5, 0.9, 0.99)
+
+
+def low_rank(m: int, n: int, sigma: np.ndarray, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    left, _ = torch.linalg.qr(torch.randn(m, sigma.size, generator=gen))
+    right, _ = torch.linalg.qr(torch.randn(n, sigma.size, generator=gen))
+    return (left * torch.tensor(sigma, dtype=torch.float32)) @ right.T
+
+
+def both_paths(delta: torch.Tensor, noise, fractions=FRACTIONS):
+    energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    full = compute_spectrum(delta, SpectralOptions(), noise, energy)
+    part, why = adaptive_spectrum(delta, noise, energy, fractions, PLAN)
+    assert part is not None, why
+    return full, part
+
+
+@pytest.mark.parametrize("sigma", [np.ones(4), 1.0 / np.arange(1, 17)], ids=["rank4-equal", "rank16-decaying"])
+def test_exact_low_rank_reads_the_same_on_both_paths(sigma):
+    delta = low_rank(768, 512, sigma, seed=1)
+    full, part = both_paths(delta, exact_noise(delta), FRACTIONS + (1.0,))
+    assert part.method.startswith("adaptive")
+    assert part.rank == full.rank == sigma.size
+    assert [part.rank_at(x) for x in FRACTIONS + (1.0,)] == [full.rank_at(x) for x in FRACTIONS + (1.0,)]
+    assert part.stable_rank() == pytest.approx(full.stable_rank(), rel=1e-4)
+    truth = metrics.effective_rank(sigma)
+    assert part.effective_rank() == pytest.approx(truth, abs=0.05)
+    assert part.effective_rank_error is None  # nothing estimated: the rest is rounding
+    assert part.signal_rank_at(0.9) == full.signal_rank_at(0.9)
+
+
+def noisy_bf16_pair(seed: int = 2, noise_rms: float = 2e-4):
+    """A bf16 base and fine-tune: fast-decaying update, dense noise, both sides rounded to bf16."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(768, 512, generator=gen) * 0.02
+    update = low_rank(768, 512, 0.5 * np.arange(1, 65) ** -1.2, seed) + noise_rms * torch.randn(768, 512, generator=gen)
+    base, ft = weight.bfloat16(), (weight + update).bfloat16()
+    delta = ft.float() - base.float()
+    return delta, storage_noise(base, delta, torch.bfloat16, torch.bfloat16)
+
+
+def test_noisy_bf16_delta_agrees_with_the_full_path_and_fp64_truth():
+    delta, noise = noisy_bf16_pair()
+    full, part = both_paths(delta, noise, (0.5, 0.9))
+    assert part.tail is not None  # the noise holds energy: the effective rank is estimated
+    assert [part.rank_at(x) for x in (0.5, 0.9)] == [full.rank_at(x) for x in (0.5, 0.9)]
+    assert [part.signal_rank_at(x) for x in (0.5, 0.9)] == [full.signal_rank_at(x) for x in (0.5, 0.9)]
+    assert part.stable_rank() == pytest.approx(full.stable_rank(), rel=1e-4)
+    truth = metrics.effective_rank(torch.linalg.svdvals(delta.double()).numpy())
+    assert full.effective_rank() == pytest.approx(truth, rel=2e-3)  # the values under the gram floor are counted
+    error = part.effective_rank_error
+    assert error is not None and 0 < error < 0.02 * truth
+    assert abs(part.effective_rank() - truth) <= max(3 * error, 0.015 * truth)
+    assert part.noise_share == full.noise_share
+    if part.rank is None:  # a count the block cannot settle is a true lower bound
+        assert 0 < part.lower_bounds["rank"] <= full.rank
+    else:
+        assert part.rank == full.rank
+
+
+def test_merged_lora_in_bf16_reads_its_rank_on_both_paths():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(768, 512, generator=gen) * 0.02
+    lora = low_rank(768, 512, np.full(8, 0.05), seed=3)
+    base, ft = weight.bfloat16(), (weight + lora).bfloat16()
+    delta = ft.float() - base.float()
+    full, part = both_paths(delta, storage_noise(base, delta, torch.bfloat16, torch.bfloat16), (0.9,))
+    assert full.rank == 8
+    assert part.rank == 8
+    assert part.signal_rank_at(0.9) == full.signal_rank_at(0.9) <= 8
+
+
+def test_ritz_values_are_lower_bounds_and_their_estimates_cover_the_truth():
+    delta = low_rank(768, 512, np.arange(1, 101) ** -0.8, seed=4)
+    truth = torch.linalg.svdvals(delta.double()).numpy()
+    iteration = SubspaceIteration(delta, 64)
+    for _ in range(4):
+        block = iteration.round()
+    assert np.all(block.values <= truth[:64] * (1 + 1e-6))
+    converged = block.errors < 1e-3 * block.values
+    assert converged[:20].all()
+    assert np.all(block.upper[converged] >= truth[:64][converged] * (1 - 1e-6))
+
+
+def test_rank_at_past_the_crossover_falls_back_and_says_so(monkeypatch, tmp_path):
+    # a flat spectrum: rank@0.9 needs ~ 0.8 of all values, far past 0.25·min(m, n)
+    delta = torch.randn(768, 512, generator=torch.Generator().manual_seed(5))
+    energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    spectrum, why = adaptive_spectrum(delta, exact_noise(delta), energy, (0.9,), PLAN)
+    assert spectrum is None and "rank@0.9" in why and "0.25" in why
+    save_file({"layers.0.mlp.up_proj.weight": torch.zeros(768, 512)}, tmp_path / "base.safetensors")
+    save_file({"layers.0.mlp.up_proj.weight": delta}, tmp_path / "ft.safetensors")
+    monkeypatch.setattr(analysis, "ADAPTIVE_PLAN", PLAN)
+    report = analysis.rank(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", (0.9,),
+                           SpectralOptions(device="cpu", spectrum="adaptive"))
+    matrix = report.matrices[0]
+    assert matrix.spectrum_method == "gram"
+    assert "rank@0.9" in matrix.spectrum_fallback
+    assert json.loads(json.dumps(report.to_dict()))["matrices"][0]["spectrum_fallback"] == matrix.spectrum_fallback
+
+
+def test_cli_adaptive_and_full_spectrum_flags(monkeypatch, tmp_path):
+    delta, _ = noisy_bf16_pair(seed=6)
+    gen = torch.Generator().manual_seed(6)
+    weight = (torch.randn(768, 512, generator=gen) * 0.02).bfloat16()
+    save_file({"model.layers.0.self_attn.q_proj.weight": weight}, tmp_path / "base.safetensors")
+    save_file({"model.layers.0.self_attn.q_proj.weight": (weight.float() + delta).bfloat16()}, tmp_path / "ft.safetensors")
+    monkeypatch.setattr(analysis, "ADAPTIVE_PLAN", PLAN)
+    runner = CliRunner()
+    found = {}
+    for flag in ("--adaptive", "--full-spectrum"):
+        out = tmp_path / f"{flag.strip('-')}.json"
+        result = runner.invoke(cli, ["rank", str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"),
+                                     "--device", "cpu", flag, "--json", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        found[flag] = json.loads(out.read_text())["matrices"]
+    adaptive, full = found["--adaptive"][0], found["--full-spectrum"][0]
+    assert adaptive["spectrum_method"].startswith("adaptive(") and full["spectrum_method"] == "gram"
+    assert adaptive["effective_rank_error"] > 0 and full["effective_rank_error"] is None
+    check = spectrum_paths_agree(found["--adaptive"], found["--full-spectrum"], tolerance=0.015)
+    assert check["matrices"] == check["adaptive"] == 1
+    assert check["rank_at_equal"] == check["signal_rank_at_equal"] == check["stable_rank_1e-4"] == 1
+    assert check["effective_rank_1pct"] == 1
+    assert check["rank_equal"] + check["rank_bounded"] == 1
+
+
+def test_spectrum_paths_agree_counts_each_criterion():
+    full = [{"name": "a", "rank_at": {"0.9": 10}, "stable_rank": 2.0, "effective_rank": 100.0, "rank": 50,
+             "signal_rank_at": {"0.9": 9}}]
+    close = [{**full[0], "spectrum_method": "adaptive(128)", "effective_rank": 100.5, "effective_rank_error": 0.4,
+              "rank": None, "lower_bounds": {"rank": 40}}]
+    off = [{**full[0], "rank_at": {"0.9": 12}, "stable_rank": 2.01, "effective_rank": 103.0, "rank": 49,
+            "signal_rank_at": {"0.9": 8}}]
+    good, bad = spectrum_paths_agree(close, full), spectrum_paths_agree(off, full)
+    assert (good["rank_at_equal"], good["effective_rank_1pct"], good["rank_bounded"], good["adaptive"]) == (1, 1, 1, 1)
+    assert good["effective_rank_within_2_errors"] == 1
+    assert (bad["rank_at_equal"], bad["rank_at_within_1"], bad["stable_rank_1e-4"], bad["effective_rank_1pct"],
+            bad["signal_rank_at_equal"], bad["rank_equal"]) == (0, 0, 0, 0, 0, 0)
+
+
+def test_adaptive_probe_runs_on_the_cpu(tmp_path):
+    from bench.probes import adaptive_probe
+
+    assert adaptive_probe.main(["--device", "cpu", "--preset", "tiny", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "adaptive_probe.json").read_text())["rows"]
+    assert rows[0]["adaptive"]["method"].startswith("adaptive") and rows[0]["agree"]["rank_at"]
