@@ -9,6 +9,11 @@ converts an adapter to a plain LoRA, resizes one, or merges several into one. Pl
 are factored in factor space (:mod:`deltakit.lora.resize`: exact, no dense ΔW, the base's
 weights never read); other adapter types go through their dense ΔW like a fine-tune's.
 
+Fused MoE expert tensors (experts × a × b, gpt-oss ``mlp.experts.gate_up_proj``) are factored
+expert by expert and written as PEFT's LoRA on parameters (``target_parameters``): each
+expert's slice gets its own truncated SVD, and the experts' factors are laid out as PEFT's
+ParamWrapper reads them (:mod:`deltakit.lora.expert_params`); ``experts=False`` leaves them out.
+
 Passes and memory. Host and device memory hold one ΔW (plus ``prefetch`` pairs being read)
 at any time, whatever the model size:
 
@@ -49,6 +54,7 @@ from deltakit.io.hub import base_model_fields
 from deltakit.io.peft import adapter_config, adapter_keys, is_peft_adapter, whole_tensor_key
 from deltakit.lora.adapter_files import AdapterTensor, FactorStage, write_adapter
 from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
+from deltakit.lora.expert_params import parameter_keys, stack_factors, with_target_parameters
 from deltakit.lora.factors import peft_orientation, reconstruction_error, svd_factors
 from deltakit.lora.model_card import model_card
 from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank, ratio_rank
@@ -105,6 +111,9 @@ class ExtractReport:
     elapsed_s: float = 0.0
     adapters: list[str] = field(default_factory=list)  # input adapters (empty for a fine-tune)
     weights: list[float] = field(default_factory=list)  # their weights w_i
+    # Fused expert tensors written as LoRA on parameters: name, experts, rank (the largest
+    # expert's), the experts with factors, and the parameters in the file (zero-padded to that rank).
+    expert_parameters: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def parameters(self) -> int:
@@ -133,6 +142,7 @@ class ExtractReport:
             "carried_whole": list(self.carried_whole), "not_carried": list(self.not_carried),
             "modules_to_save": list(self.modules_to_save), "lora_bias": self.lora_bias,
             "adapters": list(self.adapters), "weights": list(self.weights),
+            "expert_parameters": [dict(entry) for entry in self.expert_parameters],
         }
 
 
@@ -189,6 +199,7 @@ def extract_lora(
     ratio: float | None = None,
     weights: Sequence[float] | None = None,
     factor_space: bool = True,
+    experts: bool = True,
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
 
@@ -201,7 +212,9 @@ def extract_lora(
     total squared error); ``max_rank`` clamps them. ``save_modules`` carries
     changed tensors that are not LoRA material whole (PEFT ``modules_to_save``; biases of LoRA
     layers as ``bias="lora_only"``). ``embeddings`` adds PEFT embedding LoRA for embedding
-    tables. ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
+    tables. Fused MoE expert tensors that changed become LoRA on parameters (PEFT
+    ``target_parameters``), one rank per expert; ``experts=False`` leaves them out.
+    ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
     ``parallel`` (under torchrun) each process factors its share of the matrices and writes
     them into the adapter file; every process returns the whole report.
 
@@ -229,7 +242,7 @@ def extract_lora(
         ft_ckpt = open_checkpoint(ft_path, allow_pickle=allow_pickle)  # type: ignore[arg-type]
         config = ft_ckpt.config or base_ckpt.config
         plan = pair_tensors(tensor_metas(base_ckpt), tensor_metas(ft_ckpt), config, include, exclude)
-        targets = plan_extraction(plan, config, embeddings)
+        targets = plan_extraction(plan, config, embeddings, experts)
         pairs = plan.pairs
     factored = factor_space and adapters is not None and adapters.factored
     if not targets.lora and not targets.whole:
@@ -284,9 +297,17 @@ class _Extraction:
         return self.out_dtype or pair.ft_dtype
 
     def _share(self, pairs: list[TensorPair]) -> list[int]:
-        """Indices into ``pairs`` this process works on (all of them without torchrun)."""
-        costs = [matrix_cost(p.shape) for p in pairs]
-        return self.parallel.share(costs)
+        """Indices into ``pairs`` this process works on (all of them without torchrun).
+
+        The experts of one fused tensor go to one process: its file tensors are assembled there.
+        """
+        units: dict[str, list[int]] = {}
+        for index, pair in enumerate(pairs):
+            target = self.by_name.get(pair.name)
+            units.setdefault(target.parameter if target and target.parameter else pair.name, []).append(index)
+        groups = list(units.values())
+        costs = [sum(matrix_cost(pairs[i].shape) for i in group) for group in groups]
+        return sorted(i for unit in self.parallel.share(costs) for i in groups[unit])
 
     def _stream(self, pairs: list[TensorPair], label: str):
         if self.adapters is not None:
@@ -431,7 +452,8 @@ class _Extraction:
     def assemble(self, stage: FactorStage, survey: _Survey, report: ExtractReport, save_modules: bool,
                  base_name: str) -> tuple[list[AdapterTensor], dict[str, Any]]:
         """The adapter's tensors (LoRA factors, then whole tensors) and its PEFT config."""
-        lora = [self.by_name[m.name] for m in report.matrices if m.rank > 0]
+        factored = [self.by_name[m.name] for m in report.matrices if m.rank > 0]
+        lora = [t for t in factored if t.parameter is None]
         tensors: list[AdapterTensor] = []
         for target in lora:
             a_shape, b_shape, dtype = stage.shapes(target.module)
@@ -439,21 +461,54 @@ class _Extraction:
             owner = self.owners[target.module]
             tensors.append(AdapterTensor(a_key, a_shape, dtype, lambda m=target.module: stage.get(m, "A"), owner))
             tensors.append(AdapterTensor(b_key, b_shape, dtype, lambda m=target.module: stage.get(m, "B"), owner))
+        parameter_ranks = self._expert_tensors(stage, [t for t in factored if t.parameter], report, tensors)
         whole = self._whole_tensors(survey, report, {t.module for t in lora}, save_modules)
         tensors += whole
         report.whole_parameters = sum(math.prod(t.shape) for t in whole)
+        module_ranks = {t.module: stage.shapes(t.module)[0][0] for t in lora}
         config = adapter_config(
-            {t.module: stage.shapes(t.module)[0][0] for t in lora},
+            {**module_ranks, **parameter_ranks},
             fan_in_fan_out=any(t.kind == "conv1d" for t in lora),
             base_model_name_or_path=base_name,
             modules_to_save=report.modules_to_save,
             task_type=_task_type((self.ft.config if self.ft else None) or self.base.config),
         )
+        config = with_target_parameters(config, module_ranks, parameter_ranks)
         if report.lora_bias:
             config["bias"] = "lora_only"
         if any(entry.get("tied_to") for entry in report.carried_whole):
             config["ensure_weight_tying"] = True
         return tensors, config
+
+    def _expert_tensors(self, stage: FactorStage, targets: list[LoraTarget], report: ExtractReport,
+                        tensors: list[AdapterTensor]) -> dict[str, int]:
+        """Append each fused expert tensor's (A, B) in PEFT's ParamWrapper layout; its rank per parameter path."""
+        by_parameter: dict[str, list[LoraTarget]] = {}
+        for target in targets:
+            by_parameter.setdefault(target.parameter, []).append(target)  # type: ignore[arg-type]
+        keys = parameter_keys(list(by_parameter))
+        ranks: dict[str, int] = {}
+        for parameter, members in by_parameter.items():
+            experts = self.base.shape(parameter)[0]
+            rank = max(stage.shapes(t.module)[0][0] for t in members)
+            out_features, in_features = members[0].out_in
+            dtype = stage.shapes(members[0].module)[2]
+            owner = self.owners[members[0].module]  # _share keeps one tensor's experts on one process
+            a_key, b_key = keys[parameter]
+
+            def stacked(which: int, members: list[LoraTarget] = members, experts: int = experts,
+                        rank: int = rank) -> torch.Tensor:
+                factors = {t.pair.expert: (stage.get(t.module, "A"), stage.get(t.module, "B")) for t in members}
+                return stack_factors(factors, experts, rank)[which]  # type: ignore[arg-type]
+
+            tensors.append(AdapterTensor(a_key, (experts * rank, in_features), dtype, lambda f=stacked: f(0), owner))
+            tensors.append(AdapterTensor(b_key, (out_features, rank * experts), dtype, lambda f=stacked: f(1), owner))
+            ranks[parameter] = rank
+            report.expert_parameters.append({
+                "name": parameter, "experts": experts, "rank": rank,
+                "factored_experts": sorted(int(t.pair.expert) for t in members),  # type: ignore[arg-type]
+                "parameters": experts * rank * (in_features + out_features)})
+        return ranks
 
     def _whole_tensors(self, survey: _Survey, report: ExtractReport, lora_modules: set[str],
                        save_modules: bool) -> list[AdapterTensor]:
