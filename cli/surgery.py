@@ -133,7 +133,10 @@ def _print_extract(report: Any, out: str, json_path: str | None, quiet: bool, fo
     for m in report.matrices:
         shape = f"{m.shape[0]}×{m.shape[1]}"
         click.echo(f"{m.name:<{width}}  {shape:>11}  {m.rank:>5}  {m.kept_energy:>11.4f}  {m.rel_error:>10.4f}")
-    click.echo(f"\nadapter written to {out}: {sum(m.rank > 0 for m in report.matrices)} LoRA modules, "
+    experts = report.expert_parameters
+    modules = sum(m.rank > 0 and "[" not in m.module for m in report.matrices)  # an expert slice is module[e]
+    parts = f"{modules} LoRA modules" + (f" and {len(experts)} fused expert tensors (target_parameters)" if experts else "")
+    click.echo(f"\nadapter written to {out}: {parts}, "
                f"{report.parameters:,} parameters, overall relative error {report.relative_error:.4f}; "
                f"{len(report.unchanged)} unchanged matrices skipped")
     if report.carried_whole:

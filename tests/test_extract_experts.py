@@ -89,7 +89,11 @@ def test_extract_experts_loads_in_peft_and_merges_back_to_the_fine_tune(gpt_oss_
         assert ranks[f"{name}[{expert}]"] == rank
     assert {e["name"]: (e["rank"], e["factored_experts"]) for e in report["expert_parameters"]} == {
         GATE_UP: (3, [1, 3]), DOWN0: (1, [0]), DOWN1: (2, [2])}
-    assert any(n["name"] == "model.layers.0.mlp.experts.down_proj_bias" for n in report["not_carried"])
+    # only the one changed expert bias is reported: PEFT cannot carry a fused expert bias
+    assert [n["name"] for n in report["not_carried"]] == ["model.layers.0.mlp.experts.down_proj_bias[1]"]
+    assert report["parameters"] == 2 * (32 + 32) + sum(e["parameters"] for e in report["expert_parameters"])
+    written = {e["name"]: e["parameters"] for e in report["expert_parameters"]}
+    assert written[DOWN0] == 4 * 1 * (8 + 32)  # every expert at the tensor's rank (1), unchanged ones zero
 
     stored = load_file(adapter / "adapter_model.safetensors")
     prefix = "base_model.model.model.layers.0.mlp.experts"
@@ -135,14 +139,19 @@ def test_fixed_rank_below_an_experts_rank_is_its_best_fit(gpt_oss_ft, tmp_path):
 
 
 def test_no_experts_leaves_fused_tensors_out(gpt_oss_ft, runner, tmp_path):
+    """--no-experts: reported per changed expert, never carried whole (not even with --save-modules)."""
     base, ft, _ = gpt_oss_ft
     result = invoke(runner, "extract", base, ft, "-o", tmp_path / "adapter", "--rank", "2", "--no-experts",
+                    "--save-modules",
                     "--device", "cpu", "--json", tmp_path / "extract.json")
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert "target_parameters" not in config and config["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+    assert not config["modules_to_save"]
     not_carried = {n["name"]: n["reason"] for n in json.loads((tmp_path / "extract.json").read_text())["not_carried"]}
-    assert "--no-experts" in not_carried[GATE_UP] and "--no-experts" in not_carried[DOWN1]
+    assert sorted(n for n in not_carried if "[" in n) == sorted(
+        [f"{name}[{e}]" for name, e in PLANTED] + ["model.layers.0.mlp.experts.down_proj_bias[1]"])
+    assert "--no-experts" in not_carried[f"{GATE_UP}[1]"] and "--save-modules" not in not_carried[f"{GATE_UP}[1]"]
     assert set(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == {
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"}

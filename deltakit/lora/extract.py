@@ -117,8 +117,11 @@ class ExtractReport:
 
     @property
     def parameters(self) -> int:
-        """LoRA parameters in the adapter, Σ r·(m + n) (whole tensors not included)."""
-        return sum(m.parameters for m in self.matrices)
+        """LoRA parameters in the adapter file, Σ r·(m + n) (whole tensors not included); a fused
+        expert tensor counts as written, every expert at the tensor's rank."""
+        experts = {e["name"] for e in self.expert_parameters}
+        return (sum(m.parameters for m in self.matrices if m.module.rsplit("[", 1)[0] not in experts)
+                + sum(int(e["parameters"]) for e in self.expert_parameters))
 
     @property
     def total_squared_error(self) -> float:
@@ -513,17 +516,22 @@ class _Extraction:
     def _whole_tensors(self, survey: _Survey, report: ExtractReport, lora_modules: set[str],
                        save_modules: bool) -> list[AdapterTensor]:
         """Changed tensors that are not LoRA material: carried whole, or reported as not carried."""
+        # Slices of fused expert tensors left whole (biases, --no-experts) belong to the experts
+        # module, which modules_to_save would replace entirely: never carried.
+        report.not_carried += [{"name": p.name, "reason": self.targets.whole_reasons[p.name]}
+                               for p in survey.changed_whole if p.expert_slice]
+        changed_whole = [p for p in survey.changed_whole if not p.expert_slice]
         if not save_modules:
             report.not_carried += [{"name": p.name, "reason": _with_hint(self.targets.whole_reasons[p.name])}
-                                   for p in survey.changed_whole]
+                                   for p in changed_whole]
             report.not_carried += self.targets.not_carried
             return []
         # Biases of LoRA layers travel as PEFT bias="lora_only"; any other changed tensor takes
         # its whole module into modules_to_save (PEFT replaces modules, not single tensors).
         lora_bias = any(p.name.endswith(".bias") and module_of(p.base_name) in lora_modules
-                        for p in survey.changed_whole)
+                        for p in changed_whole)
         saved_modules: dict[str, str] = {}  # base module path -> fine-tune module path
-        for pair in survey.changed_whole:
+        for pair in changed_whole:
             module = module_of(pair.base_name)
             if module in lora_modules:
                 if not pair.name.endswith(".bias"):
@@ -532,7 +540,7 @@ class _Extraction:
                 continue
             saved_modules[module] = module_of(pair.name)
         tensors: list[AdapterTensor] = []
-        why = {p.name: self.targets.whole_reasons[p.name] for p in survey.changed_whole}
+        why = {p.name: self.targets.whole_reasons[p.name] for p in changed_whole}
         if lora_bias:
             report.lora_bias = True
             for target in (self.by_name[m.name] for m in report.matrices if m.rank > 0):

@@ -95,25 +95,20 @@ def plan_extraction(plan: PairPlan, config: Mapping[str, Any] | None, embeddings
     """Sort the paired tensors into LoRA targets and whole-tensor candidates; report the rest.
 
     ``experts``: slices of fused expert tensors are LoRA targets (LoRA on parameters); with
-    False they are reported as not carried, as are fused expert biases always.
+    False they are whole candidates that can never be carried, as fused expert biases always are
+    (``whole_reasons`` says why; extract reports them when they changed).
     """
     targets = ExtractionTargets()
     stored = {p.name for p in plan.pairs} | {s.name for s in plan.skipped}
     targets.tied_output = tied_output_module(config, stored)
     tied = targets.tied_output is not None
-    fused_experts: set[str] = set()
     for pair in plan.pairs:
         if pair.expert_slice and experts and pair.is_matrix:  # LoRA on the fused parameter, one expert's factors
             kind = "input_major" if pair.layout == "input_major" else "linear"
             targets.lora.append(LoraTarget(pair=pair, module=f"{pair.base_name}[{pair.expert}]",
                                            kind=kind, parameter=pair.base_name))
             continue
-        if pair.expert_slice:  # a bias, or --no-experts: not a module PEFT's target_modules can wrap
-            if pair.ft_tensor not in fused_experts:
-                fused_experts.add(pair.ft_tensor)
-                targets.not_carried.append({"name": pair.ft_tensor, "reason": _expert_reason(pair, experts)})
-            continue
-        reason = _not_lora_reason(pair, embeddings, tied)
+        reason = _expert_reason(pair) if pair.expert_slice else _not_lora_reason(pair, embeddings, tied)
         if reason is None:
             kind = "embedding" if pair.layout == "embedding" and pair.module_type == "embed" else (
                 "conv1d" if pair.layout == "conv1d" else "linear")
@@ -131,11 +126,14 @@ def plan_extraction(plan: PairPlan, config: Mapping[str, Any] | None, embeddings
     return targets
 
 
-def _expert_reason(pair: TensorPair, experts: bool) -> str:
-    if pair.is_matrix:
-        return "fused MoE expert tensor: left out by --no-experts"
-    return ("fused MoE expert bias: PEFT's LoRA on parameters has no bias term, and modules_to_save would "
-            "replace the whole experts module")
+EXPERTS_LEFT_OUT = "fused MoE expert tensor: left out by --no-experts"
+EXPERT_BIAS = ("fused MoE expert bias: PEFT's LoRA on parameters has no bias term, and modules_to_save would "
+               "replace the whole experts module")
+
+
+def _expert_reason(pair: TensorPair) -> str:
+    """Why a slice of a fused expert tensor is no LoRA target (it is never carried whole either)."""
+    return EXPERTS_LEFT_OUT if pair.is_matrix else EXPERT_BIAS
 
 
 def _not_lora_reason(pair: TensorPair, embeddings: bool, tied: bool) -> str | None:
