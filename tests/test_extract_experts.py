@@ -179,3 +179,15 @@ def test_nesting_follows_the_experts_class_definition_order():
     assert keys[f"{module}.gate_up_proj"][0] == f"base_model.model.{module}.base_layer.lora_A.weight"
     assert keys[f"{module}.down_proj"][1] == f"base_model.model.{module}.lora_B.weight"
     assert keys["model.layers.4.mlp.experts.down_proj"][0] == "base_model.model.model.layers.4.mlp.experts.lora_A.weight"
+
+
+def test_budget_bounds_the_written_parameters_with_experts_sharing_a_rank(gpt_oss_ft, tmp_path):
+    """The experts of a fused tensor share PEFT's r, so a budget buys ranks of the whole tensor: the
+    file's LoRA numbers (zero-padded experts included) stay within the budget."""
+    base, ft, _ = gpt_oss_ft
+    for budget in (500, 1500):
+        out = tmp_path / f"b{budget}"
+        report = extract_lora(base, ft, out, budget=budget, options=SpectralOptions(device="cpu"))
+        written = sum(t.numel() for t in load_file(out / "adapter_model.safetensors").values())
+        assert written == report.parameters <= budget
+        assert report.expert_parameters  # the budget reached at least one fused tensor

@@ -424,9 +424,38 @@ class _Extraction:
                     for n, cap in zip(names, caps)}
         changed = [self.by_name[n] for n in names]
         _check_budget(self.choice.budget, changed, "changed ")  # type: ignore[arg-type]
-        ranks = allocate_budget([survey.spectra[n] for n in names], [t.cost for t in changed],
-                                self.choice.budget, caps)  # type: ignore[arg-type]
-        return dict(zip(names, ranks))
+        units = self._budget_units(names, survey)
+        ranks = allocate_budget([u[1] for u in units], [u[2] for u in units], self.choice.budget,  # type: ignore[arg-type]
+                                [min(caps[names.index(n)] for n in u[0]) for u in units])
+        # An expert of a unit takes the unit's rank, up to the values its own resolved spectrum has.
+        return {name: min(rank, caps[names.index(name)], int(np.count_nonzero(survey.spectra[name])))
+                for unit, rank in zip(units, ranks) for name in unit[0]}
+
+    def _budget_units(self, names: list[str], survey: _Survey) -> list[tuple[list[str], np.ndarray, int]]:
+        """(matrix names, spectrum, cost per rank) of what a budget allocates ranks to.
+
+        A plain matrix is one unit. The experts of one fused tensor share PEFT's rank r, so they
+        are one unit: rank k costs every expert's (m + n), E·(m + n), and gains the k-th squared
+        singular value of every expert, so the unit's k-th value is √(Σ_e σ_ek²) (non-increasing
+        in k, as the greedy allocation needs). The budget then bounds the file's parameters.
+        """
+        units: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+        for name in names:
+            target = self.by_name[name]
+            key = target.parameter or name
+            units.setdefault(key, ([], []))[0].append(name)
+            units[key][1].append(np.asarray(survey.spectra[name], dtype=np.float64))
+        out: list[tuple[list[str], np.ndarray, int]] = []
+        for key, (members, spectra) in units.items():
+            target = self.by_name[members[0]]
+            if target.parameter is None:
+                out.append((members, spectra[0], target.cost))
+                continue
+            energy = np.zeros(max(len(v) for v in spectra))
+            for values in spectra:
+                energy[: len(values)] += values * values
+            out.append((members, np.sqrt(energy), self.base.shape(key)[0] * target.cost))
+        return out
 
     def second_pass(self, stage: FactorStage, survey: _Survey, ranks: dict[str, int], report: ExtractReport) -> None:
         """Re-read the matrices that got a rank and factor them; the others are reported at rank 0."""
