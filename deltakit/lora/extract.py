@@ -424,11 +424,13 @@ class _Extraction:
                     for n, cap in zip(names, caps)}
         changed = [self.by_name[n] for n in names]
         _check_budget(self.choice.budget, changed, "changed ")  # type: ignore[arg-type]
+        cap_of = dict(zip(names, caps))
         units = self._budget_units(names, survey)
         ranks = allocate_budget([u[1] for u in units], [u[2] for u in units], self.choice.budget,  # type: ignore[arg-type]
-                                [min(caps[names.index(n)] for n in u[0]) for u in units])
-        # An expert of a unit takes the unit's rank, up to the values its own resolved spectrum has.
-        return {name: min(rank, caps[names.index(name)], int(np.count_nonzero(survey.spectra[name])))
+                                [min(cap_of[n] for n in u[0]) for u in units])
+        # An expert takes its tensor's rank, up to the values its own resolved spectrum has.
+        return {name: min(rank, cap_of[name]) if self.by_name[name].parameter is None
+                else min(rank, cap_of[name], int(np.count_nonzero(survey.spectra[name])))
                 for unit, rank in zip(units, ranks) for name in unit[0]}
 
     def _budget_units(self, names: list[str], survey: _Survey) -> list[tuple[list[str], np.ndarray, int]]:
