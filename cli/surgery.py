@@ -83,6 +83,9 @@ def _weights(text: str | None) -> list[float] | None:
               help="Carry changed tensors that are not LoRA material (norms, biases, embeddings) whole "
                    "(PEFT modules_to_save, and bias='lora_only' for biases of LoRA layers).")
 @click.option("--embeddings", is_flag=True, help="Extract embedding tables too, as PEFT embedding LoRA.")
+@click.option("--experts/--no-experts", default=True, show_default=True,
+              help="Fused MoE expert tensors that changed (gpt-oss mlp.experts.gate_up_proj) become PEFT LoRA on "
+                   "parameters (target_parameters), one rank per expert.")
 @click.option("--dtype", metavar="float32|bfloat16|float16", help="Adapter dtype (default: the fine-tune's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @spectral_options
@@ -90,13 +93,15 @@ def _weights(text: str | None) -> list[float] | None:
 @hub_options
 @user_errors
 def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_rank, include, exclude, save_modules,
-                    embeddings, dtype, seed, device, exact, fp64, json_path, quiet, allow_pickle, force):
+                    embeddings, experts, dtype, seed, device, exact, fp64, json_path, quiet, allow_pickle, force):
     """Extract a PEFT LoRA adapter from a fine-tune: truncated SVD of every ΔW = W_ft − W_base.
 
     Each changed matrix gets B = U√S (out×r) and A = √S·Vᵀ (r×in), lora_alpha = r, so that
     `PeftModel.from_pretrained(base_model, ADAPTER)` reproduces the fine-tune as far as the
     rank allows. Give one of --rank, --energy, --budget or --ratio. Unchanged matrices get no
     LoRA; changed norms, biases and embeddings are reported, and carried whole with --save-modules.
+    Changed fused MoE expert tensors (gpt-oss) become LoRA on parameters, each expert factored
+    on its own (--no-experts leaves them out).
 
     With PEFT adapters of BASE instead of FT, ΔW = Σ w_i·ΔW_i of the adapters: resize a LoRA,
     convert an adapter to a plain LoRA, or merge several into one. LoRA inputs are resized in
@@ -113,7 +118,7 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
                               include=include, exclude=exclude, save_modules=save_modules, embeddings=embeddings,
                               dtype=dtype, options=options, seed=seed, force=force, allow_pickle=allow_pickle,
                               progress=progress if parallel.is_main else None, parallel=parallel, ratio=ratio,
-                              weights=_weights(weights))
+                              weights=_weights(weights), experts=experts)
     if parallel.is_main:
         _print_extract(report, out, json_path, quiet, force)
 
@@ -128,7 +133,10 @@ def _print_extract(report: Any, out: str, json_path: str | None, quiet: bool, fo
     for m in report.matrices:
         shape = f"{m.shape[0]}×{m.shape[1]}"
         click.echo(f"{m.name:<{width}}  {shape:>11}  {m.rank:>5}  {m.kept_energy:>11.4f}  {m.rel_error:>10.4f}")
-    click.echo(f"\nadapter written to {out}: {sum(m.rank > 0 for m in report.matrices)} LoRA modules, "
+    experts = report.expert_parameters
+    modules = sum(m.rank > 0 and "[" not in m.module for m in report.matrices)  # an expert slice is module[e]
+    parts = f"{modules} LoRA modules" + (f" and {len(experts)} fused expert tensors (target_parameters)" if experts else "")
+    click.echo(f"\nadapter written to {out}: {parts}, "
                f"{report.parameters:,} parameters, overall relative error {report.relative_error:.4f}; "
                f"{len(report.unchanged)} unchanged matrices skipped")
     if report.carried_whole:

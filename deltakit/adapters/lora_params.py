@@ -136,7 +136,8 @@ def _module(files: AdapterFiles, module: str, group: str, kinds: dict[str, str],
         input_major = (shape[1], shape[2]) == (in_features, out_features)
     else:  # square experts: the layout is the model class's (transformers' is_transposed)
         input_major = model_type in INPUT_MAJOR_MODEL_TYPES
-    alpha, scaling = lora_hyper(files, module, rank, check_rank=False)
+    # PEFT looks a ParamWrapper's r and alpha up by the parameter's path (rank_pattern / alpha_pattern).
+    alpha, scaling = lora_hyper(files, f"{module}.{param}", rank, check_rank=False)
     return LoraParamModule(module=module, target=f"{module}.{param}", keys=keys, out_features=out_features,
                            in_features=in_features, rank=rank, alpha=alpha, scaling=scaling, experts=experts,
                            input_major=input_major)

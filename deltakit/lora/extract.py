@@ -9,6 +9,11 @@ converts an adapter to a plain LoRA, resizes one, or merges several into one. Pl
 are factored in factor space (:mod:`deltakit.lora.resize`: exact, no dense ΔW, the base's
 weights never read); other adapter types go through their dense ΔW like a fine-tune's.
 
+Fused MoE expert tensors (experts × a × b, gpt-oss ``mlp.experts.gate_up_proj``) are factored
+expert by expert and written as PEFT's LoRA on parameters (``target_parameters``): each
+expert's slice gets its own truncated SVD, and the experts' factors are laid out as PEFT's
+ParamWrapper reads them (:mod:`deltakit.lora.expert_params`); ``experts=False`` leaves them out.
+
 Passes and memory. Host and device memory hold one ΔW (plus ``prefetch`` pairs being read)
 at any time, whatever the model size:
 
@@ -49,6 +54,7 @@ from deltakit.io.hub import base_model_fields
 from deltakit.io.peft import adapter_config, adapter_keys, is_peft_adapter, whole_tensor_key
 from deltakit.lora.adapter_files import AdapterTensor, FactorStage, write_adapter
 from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
+from deltakit.lora.expert_params import parameter_keys, stack_factors, with_target_parameters
 from deltakit.lora.factors import peft_orientation, reconstruction_error, svd_factors
 from deltakit.lora.model_card import model_card
 from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank, ratio_rank
@@ -105,11 +111,17 @@ class ExtractReport:
     elapsed_s: float = 0.0
     adapters: list[str] = field(default_factory=list)  # input adapters (empty for a fine-tune)
     weights: list[float] = field(default_factory=list)  # their weights w_i
+    # Fused expert tensors written as LoRA on parameters: name, experts, rank (the largest
+    # expert's), the experts with factors, and the parameters in the file (zero-padded to that rank).
+    expert_parameters: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def parameters(self) -> int:
-        """LoRA parameters in the adapter, Σ r·(m + n) (whole tensors not included)."""
-        return sum(m.parameters for m in self.matrices)
+        """LoRA parameters in the adapter file, Σ r·(m + n) (whole tensors not included); a fused
+        expert tensor counts as written, every expert at the tensor's rank."""
+        experts = {e["name"] for e in self.expert_parameters}
+        return (sum(m.parameters for m in self.matrices if m.module.rsplit("[", 1)[0] not in experts)
+                + sum(int(e["parameters"]) for e in self.expert_parameters))
 
     @property
     def total_squared_error(self) -> float:
@@ -133,6 +145,7 @@ class ExtractReport:
             "carried_whole": list(self.carried_whole), "not_carried": list(self.not_carried),
             "modules_to_save": list(self.modules_to_save), "lora_bias": self.lora_bias,
             "adapters": list(self.adapters), "weights": list(self.weights),
+            "expert_parameters": [dict(entry) for entry in self.expert_parameters],
         }
 
 
@@ -189,6 +202,7 @@ def extract_lora(
     ratio: float | None = None,
     weights: Sequence[float] | None = None,
     factor_space: bool = True,
+    experts: bool = True,
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
 
@@ -201,7 +215,9 @@ def extract_lora(
     total squared error); ``max_rank`` clamps them. ``save_modules`` carries
     changed tensors that are not LoRA material whole (PEFT ``modules_to_save``; biases of LoRA
     layers as ``bias="lora_only"``). ``embeddings`` adds PEFT embedding LoRA for embedding
-    tables. ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
+    tables. Fused MoE expert tensors that changed become LoRA on parameters (PEFT
+    ``target_parameters``), one rank per expert; ``experts=False`` leaves them out.
+    ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
     ``parallel`` (under torchrun) each process factors its share of the matrices and writes
     them into the adapter file; every process returns the whole report.
 
@@ -229,7 +245,7 @@ def extract_lora(
         ft_ckpt = open_checkpoint(ft_path, allow_pickle=allow_pickle)  # type: ignore[arg-type]
         config = ft_ckpt.config or base_ckpt.config
         plan = pair_tensors(tensor_metas(base_ckpt), tensor_metas(ft_ckpt), config, include, exclude)
-        targets = plan_extraction(plan, config, embeddings)
+        targets = plan_extraction(plan, config, embeddings, experts)
         pairs = plan.pairs
     factored = factor_space and adapters is not None and adapters.factored
     if not targets.lora and not targets.whole:
@@ -284,9 +300,17 @@ class _Extraction:
         return self.out_dtype or pair.ft_dtype
 
     def _share(self, pairs: list[TensorPair]) -> list[int]:
-        """Indices into ``pairs`` this process works on (all of them without torchrun)."""
-        costs = [matrix_cost(p.shape) for p in pairs]
-        return self.parallel.share(costs)
+        """Indices into ``pairs`` this process works on (all of them without torchrun).
+
+        The experts of one fused tensor go to one process: its file tensors are assembled there.
+        """
+        units: dict[str, list[int]] = {}
+        for index, pair in enumerate(pairs):
+            target = self.by_name.get(pair.name)
+            units.setdefault(target.parameter if target and target.parameter else pair.name, []).append(index)
+        groups = list(units.values())
+        costs = [sum(matrix_cost(pairs[i].shape) for i in group) for group in groups]
+        return sorted(i for unit in self.parallel.share(costs) for i in groups[unit])
 
     def _stream(self, pairs: list[TensorPair], label: str):
         if self.adapters is not None:
@@ -400,9 +424,40 @@ class _Extraction:
                     for n, cap in zip(names, caps)}
         changed = [self.by_name[n] for n in names]
         _check_budget(self.choice.budget, changed, "changed ")  # type: ignore[arg-type]
-        ranks = allocate_budget([survey.spectra[n] for n in names], [t.cost for t in changed],
-                                self.choice.budget, caps)  # type: ignore[arg-type]
-        return dict(zip(names, ranks))
+        cap_of = dict(zip(names, caps))
+        units = self._budget_units(names, survey)
+        ranks = allocate_budget([u[1] for u in units], [u[2] for u in units], self.choice.budget,  # type: ignore[arg-type]
+                                [min(cap_of[n] for n in u[0]) for u in units])
+        # An expert takes its tensor's rank, up to the values its own resolved spectrum has.
+        return {name: min(rank, cap_of[name]) if self.by_name[name].parameter is None
+                else min(rank, cap_of[name], int(np.count_nonzero(survey.spectra[name])))
+                for unit, rank in zip(units, ranks) for name in unit[0]}
+
+    def _budget_units(self, names: list[str], survey: _Survey) -> list[tuple[list[str], np.ndarray, int]]:
+        """(matrix names, spectrum, cost per rank) of what a budget allocates ranks to.
+
+        A plain matrix is one unit. The experts of one fused tensor share PEFT's rank r, so they
+        are one unit: rank k costs every expert's (m + n), E·(m + n), and gains the k-th squared
+        singular value of every expert, so the unit's k-th value is √(Σ_e σ_ek²) (non-increasing
+        in k, as the greedy allocation needs). The budget then bounds the file's parameters.
+        """
+        units: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+        for name in names:
+            target = self.by_name[name]
+            key = target.parameter or name
+            units.setdefault(key, ([], []))[0].append(name)
+            units[key][1].append(np.asarray(survey.spectra[name], dtype=np.float64))
+        out: list[tuple[list[str], np.ndarray, int]] = []
+        for key, (members, spectra) in units.items():
+            target = self.by_name[members[0]]
+            if target.parameter is None:
+                out.append((members, spectra[0], target.cost))
+                continue
+            energy = np.zeros(max(len(v) for v in spectra))
+            for values in spectra:
+                energy[: len(values)] += values * values
+            out.append((members, np.sqrt(energy), self.base.shape(key)[0] * target.cost))
+        return out
 
     def second_pass(self, stage: FactorStage, survey: _Survey, ranks: dict[str, int], report: ExtractReport) -> None:
         """Re-read the matrices that got a rank and factor them; the others are reported at rank 0."""
@@ -431,7 +486,8 @@ class _Extraction:
     def assemble(self, stage: FactorStage, survey: _Survey, report: ExtractReport, save_modules: bool,
                  base_name: str) -> tuple[list[AdapterTensor], dict[str, Any]]:
         """The adapter's tensors (LoRA factors, then whole tensors) and its PEFT config."""
-        lora = [self.by_name[m.name] for m in report.matrices if m.rank > 0]
+        factored = [self.by_name[m.name] for m in report.matrices if m.rank > 0]
+        lora = [t for t in factored if t.parameter is None]
         tensors: list[AdapterTensor] = []
         for target in lora:
             a_shape, b_shape, dtype = stage.shapes(target.module)
@@ -439,36 +495,74 @@ class _Extraction:
             owner = self.owners[target.module]
             tensors.append(AdapterTensor(a_key, a_shape, dtype, lambda m=target.module: stage.get(m, "A"), owner))
             tensors.append(AdapterTensor(b_key, b_shape, dtype, lambda m=target.module: stage.get(m, "B"), owner))
+        parameter_ranks = self._expert_tensors(stage, [t for t in factored if t.parameter], report, tensors)
         whole = self._whole_tensors(survey, report, {t.module for t in lora}, save_modules)
         tensors += whole
         report.whole_parameters = sum(math.prod(t.shape) for t in whole)
+        module_ranks = {t.module: stage.shapes(t.module)[0][0] for t in lora}
         config = adapter_config(
-            {t.module: stage.shapes(t.module)[0][0] for t in lora},
+            {**module_ranks, **parameter_ranks},
             fan_in_fan_out=any(t.kind == "conv1d" for t in lora),
             base_model_name_or_path=base_name,
             modules_to_save=report.modules_to_save,
             task_type=_task_type((self.ft.config if self.ft else None) or self.base.config),
         )
+        config = with_target_parameters(config, module_ranks, parameter_ranks)
         if report.lora_bias:
             config["bias"] = "lora_only"
         if any(entry.get("tied_to") for entry in report.carried_whole):
             config["ensure_weight_tying"] = True
         return tensors, config
 
+    def _expert_tensors(self, stage: FactorStage, targets: list[LoraTarget], report: ExtractReport,
+                        tensors: list[AdapterTensor]) -> dict[str, int]:
+        """Append each fused expert tensor's (A, B) in PEFT's ParamWrapper layout; its rank per parameter path."""
+        by_parameter: dict[str, list[LoraTarget]] = {}
+        for target in targets:
+            by_parameter.setdefault(target.parameter, []).append(target)  # type: ignore[arg-type]
+        keys = parameter_keys(list(by_parameter))
+        ranks: dict[str, int] = {}
+        for parameter, members in by_parameter.items():
+            experts = self.base.shape(parameter)[0]
+            rank = max(stage.shapes(t.module)[0][0] for t in members)
+            out_features, in_features = members[0].out_in
+            dtype = stage.shapes(members[0].module)[2]
+            owner = self.owners[members[0].module]  # _share keeps one tensor's experts on one process
+            a_key, b_key = keys[parameter]
+
+            def stacked(which: int, members: list[LoraTarget] = members, experts: int = experts,
+                        rank: int = rank) -> torch.Tensor:
+                factors = {t.pair.expert: (stage.get(t.module, "A"), stage.get(t.module, "B")) for t in members}
+                return stack_factors(factors, experts, rank)[which]  # type: ignore[arg-type]
+
+            tensors.append(AdapterTensor(a_key, (experts * rank, in_features), dtype, lambda f=stacked: f(0), owner))
+            tensors.append(AdapterTensor(b_key, (out_features, rank * experts), dtype, lambda f=stacked: f(1), owner))
+            ranks[parameter] = rank
+            report.expert_parameters.append({
+                "name": parameter, "experts": experts, "rank": rank,
+                "factored_experts": sorted(int(t.pair.expert) for t in members),  # type: ignore[arg-type]
+                "parameters": experts * rank * (in_features + out_features)})
+        return ranks
+
     def _whole_tensors(self, survey: _Survey, report: ExtractReport, lora_modules: set[str],
                        save_modules: bool) -> list[AdapterTensor]:
         """Changed tensors that are not LoRA material: carried whole, or reported as not carried."""
+        # Slices of fused expert tensors left whole (biases, --no-experts) belong to the experts
+        # module, which modules_to_save would replace entirely: never carried.
+        report.not_carried += [{"name": p.name, "reason": self.targets.whole_reasons[p.name]}
+                               for p in survey.changed_whole if p.expert_slice]
+        changed_whole = [p for p in survey.changed_whole if not p.expert_slice]
         if not save_modules:
             report.not_carried += [{"name": p.name, "reason": _with_hint(self.targets.whole_reasons[p.name])}
-                                   for p in survey.changed_whole]
+                                   for p in changed_whole]
             report.not_carried += self.targets.not_carried
             return []
         # Biases of LoRA layers travel as PEFT bias="lora_only"; any other changed tensor takes
         # its whole module into modules_to_save (PEFT replaces modules, not single tensors).
         lora_bias = any(p.name.endswith(".bias") and module_of(p.base_name) in lora_modules
-                        for p in survey.changed_whole)
+                        for p in changed_whole)
         saved_modules: dict[str, str] = {}  # base module path -> fine-tune module path
-        for pair in survey.changed_whole:
+        for pair in changed_whole:
             module = module_of(pair.base_name)
             if module in lora_modules:
                 if not pair.name.endswith(".bias"):
@@ -477,7 +571,7 @@ class _Extraction:
                 continue
             saved_modules[module] = module_of(pair.name)
         tensors: list[AdapterTensor] = []
-        why = {p.name: self.targets.whole_reasons[p.name] for p in survey.changed_whole}
+        why = {p.name: self.targets.whole_reasons[p.name] for p in changed_whole}
         if lora_bias:
             report.lora_bias = True
             for target in (self.by_name[m.name] for m in report.matrices if m.rank > 0):

@@ -11,7 +11,8 @@ lora_alpha = r so scaling is 1.
 
 Orientation: a Linear weight is stored (out, in) = B @ A. GPT-2's Conv1D stores (in, out), PEFT
 adds (B @ A)ᵀ there (``fan_in_fan_out``), and an embedding is stored (vocab, dim) with PEFT's
-``lora_embedding_B @ lora_embedding_A`` of shape (dim, vocab): both factor ΔWᵀ.
+``lora_embedding_B @ lora_embedding_A`` of shape (dim, vocab): both factor ΔWᵀ. So does an
+input-major expert slice (gpt-oss stores each expert (in, out), PEFT's ParamWrapper B @ A is (out, in)).
 
 Example::
 
@@ -32,7 +33,7 @@ from deltakit.spectral.svd import randomized_svd
 # and 4 power iterations kept the Frobenius error within 0.6% of the exact truncated SVD's;
 # 16 extra columns and 3 iterations went up to 2.6% (tests/test_surgery_ranks.py keeps the 1% promise).
 POWER_ITERATIONS = 4
-KINDS = ("linear", "conv1d", "embedding")
+KINDS = ("linear", "conv1d", "embedding", "input_major")
 
 
 def oversample(rank: int) -> int:

@@ -42,6 +42,11 @@ def model_card(report: Any, config: dict[str, Any]) -> str:
         + (f", {len(report.modules_to_save)} modules saved whole" if report.modules_to_save else ""),
         f"- relative error over the changed matrices, sqrt(Σ‖ΔW − BA‖²_F / Σ‖ΔW‖²_F): {report.relative_error:.4g}",
         f"- unchanged matrices (no LoRA): {len(report.unchanged)}",
+    ] + [
+        f"- fused expert tensor `{e['name']}`: LoRA on the parameter (target_parameters), rank {e['rank']} "
+        f"per expert, {len(e['factored_experts'])} of {e['experts']} experts changed"
+        for e in getattr(report, "expert_parameters", [])
+    ] + [
         "",
         "## Use",
         "",

@@ -8,6 +8,12 @@ changed (norms, biases, 1-D tensors, embeddings that grew rows, embeddings not e
 only be carried whole, as PEFT ``modules_to_save`` (the whole module) or, for the bias of a
 LoRA layer, as PEFT's ``bias="lora_only"`` key ``<module>.base_layer.bias``.
 
+A fused MoE expert tensor (experts × a × b, gpt-oss ``mlp.experts.gate_up_proj``) is LoRA
+material expert by expert (``experts=True``, the default): each expert's slice is factored on
+its own and the factors are laid out as PEFT's LoRA on parameters (``target_parameters``,
+:mod:`deltakit.lora.expert_params`). Fused expert biases cannot be carried: PEFT's ParamWrapper
+has no bias term, and ``modules_to_save`` would replace the whole experts module.
+
 Example::
 
     targets = plan_extraction(pair_plan, ft_config, embeddings=False)
@@ -31,12 +37,13 @@ class LoraTarget:
     """One matrix to factor: its pair, PEFT module path (base naming) and orientation kind."""
 
     pair: TensorPair
-    module: str
-    kind: str  # "linear" (B @ A is the weight), "conv1d" or "embedding" (B @ A is its transpose)
+    module: str  # for an expert slice: ``<fused parameter>[<expert>]`` (its factors' own name)
+    kind: str  # "linear" (B @ A is the weight), "conv1d", "embedding", "input_major" (B @ A is its transpose)
+    parameter: str | None = None  # a fused expert tensor's base name (PEFT target_parameters); None for modules
 
     @property
     def out_in(self) -> tuple[int, int]:
-        """Shape of B @ A: (out, in) for linear, the stored shape transposed for conv1d / embedding."""
+        """Shape of B @ A: (out, in) for linear, the stored shape transposed for conv1d / embedding / input-major."""
         rows, cols = self.pair.shape
         return (rows, cols) if self.kind == "linear" else (cols, rows)
 
@@ -83,21 +90,25 @@ def tied_output_module(config: Mapping[str, Any] | None, stored_names: set[str])
     return None if f"{head}.weight" in stored_names else head
 
 
-def plan_extraction(plan: PairPlan, config: Mapping[str, Any] | None, embeddings: bool = False) -> ExtractionTargets:
-    """Sort the paired tensors into LoRA targets and whole-tensor candidates; report the rest."""
+def plan_extraction(plan: PairPlan, config: Mapping[str, Any] | None, embeddings: bool = False,
+                    experts: bool = True) -> ExtractionTargets:
+    """Sort the paired tensors into LoRA targets and whole-tensor candidates; report the rest.
+
+    ``experts``: slices of fused expert tensors are LoRA targets (LoRA on parameters); with
+    False they are whole candidates that can never be carried, as fused expert biases always are
+    (``whole_reasons`` says why; extract reports them when they changed).
+    """
     targets = ExtractionTargets()
     stored = {p.name for p in plan.pairs} | {s.name for s in plan.skipped}
     targets.tied_output = tied_output_module(config, stored)
     tied = targets.tied_output is not None
-    fused_experts: set[str] = set()
     for pair in plan.pairs:
-        if pair.expert_slice:  # a slice of a fused expert tensor: not a module PEFT's target_modules can wrap
-            if pair.ft_tensor not in fused_experts:
-                fused_experts.add(pair.ft_tensor)
-                targets.not_carried.append({"name": pair.ft_tensor, "reason": "fused MoE expert tensor: "
-                                            "extraction to LoRA on parameters is not supported yet"})
+        if pair.expert_slice and experts and pair.is_matrix:  # LoRA on the fused parameter, one expert's factors
+            kind = "input_major" if pair.layout == "input_major" else "linear"
+            targets.lora.append(LoraTarget(pair=pair, module=f"{pair.base_name}[{pair.expert}]",
+                                           kind=kind, parameter=pair.base_name))
             continue
-        reason = _not_lora_reason(pair, embeddings, tied)
+        reason = _expert_reason(pair) if pair.expert_slice else _not_lora_reason(pair, embeddings, tied)
         if reason is None:
             kind = "embedding" if pair.layout == "embedding" and pair.module_type == "embed" else (
                 "conv1d" if pair.layout == "conv1d" else "linear")
@@ -113,6 +124,16 @@ def plan_extraction(plan: PairPlan, config: Mapping[str, Any] | None, embeddings
     targets.not_carried += [{"name": n, "reason": "only in the base: removed by the fine-tune, no adapter can remove it"}
                             for n in plan.only_base]
     return targets
+
+
+EXPERTS_LEFT_OUT = "fused MoE expert tensor: left out by --no-experts"
+EXPERT_BIAS = ("fused MoE expert bias: PEFT's LoRA on parameters has no bias term, and modules_to_save would "
+               "replace the whole experts module")
+
+
+def _expert_reason(pair: TensorPair) -> str:
+    """Why a slice of a fused expert tensor is no LoRA target (it is never carried whole either)."""
+    return EXPERTS_LEFT_OUT if pair.is_matrix else EXPERT_BIAS
 
 
 def _not_lora_reason(pair: TensorPair, embeddings: bool, tied: bool) -> str | None:

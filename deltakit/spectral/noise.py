@@ -16,6 +16,18 @@ rather than blurred. The model used here (docs/metrics.md, "storage noise"):
   their own scale.
 * different dtypes ("independent"): each side's rounding is independent of the other and of δ,
   variance (u_base² + u_ft²)/12.
+* both sides quantized ("quantized": fp8 with block / channel / tensor scales, MXFP4). Assumed:
+  the fine-tune started from the dequantized base and was re-quantized to the same format, so
+  the base is the exact starting point and only the fine-tune rounds, once. The grid step of
+  an entry is a property of its stored code and scale, u = spacing(q)·s
+  (``Checkpoint.quantization_step``), passed in per entry for both sides. Where the two steps
+  differ by a power of two (the same scale, or one doubled) the grids coincide and the base
+  sits on the fine-tune's grid: the rounding part is u·(round(t) − t), t = δ/u, of variance
+  u²·E[(t − round t)²] (:func:`requantization_variance`: → u²/12 for updates much larger than
+  a step; ≈ δ² below one, where the update is erased). Where the fine-tune's scale changed
+  (an amax recomputed after training) the grids are offset by an unknown fraction of a step
+  and even unchanged entries move: u_ft²/12. The bf16 rounding of the dequantized values (2⁻⁹
+  relative, against fp8's 2⁻⁴) is left out.
 
 Example::
 
@@ -42,7 +54,8 @@ class StorageNoise:
     ``row_energy_max`` / ``col_energy_max``: the largest expected squared norm of one row / one
     column of N; their square roots bound N's spectral norm (Bandeira & van Handel 2016).
     ``unchanged_fraction``: the exact fraction of entries with W_ft == W_base.
-    ``model``: "shared-grid", "independent" or "exact" (no rounding: an adapter's ΔW).
+    ``model``: "shared-grid", "independent", "quantized" (both sides on a quantized grid with
+    per-entry steps) or "exact" (no rounding: an adapter's ΔW).
     """
 
     energy: float
@@ -107,6 +120,35 @@ def dither_variance(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale < SMALL_SCALE, small, large)
 
 
+def requantization_variance(scale: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """E[(t − round t)²] with t = c + z, z ~ N(0, scale²): the rounding variance, in grid steps², of
+    an entry that starts ``offset`` = c steps off the grid it is rounded to once, moved by a true
+    update of spread ``scale`` steps (c = 0: the start is on that grid).
+
+    (t − round t)² has the Fourier series 1/12 + Σ_k (−1)^k cos(2πkt)/(π²k²), and
+    E cos(2πk(c + z)) = cos(2πkc)·exp(−2π²k²s²): five terms reach 1e-7 for s ≥ 0.15. Below,
+    t stays within (−1.5, 1.5) but for a 6.7σ tail, where (t − round t)² = t² − (2|t| − 1)·[|t| > ½],
+    whose Gaussian mean is closed-form (c′ = c − round c):
+    c′² + s² − 2Σ_± [s·φ(d±) + (±c′ − ½)·Φ(d±)], d± = (±c′ − ½)/s. For c = 0 and s → 0 it is s²:
+    the update is erased.
+    """
+    if offset is None:
+        offset = torch.zeros_like(scale)
+    centred = offset - torch.round(offset)
+    large = torch.full_like(scale, 1.0 / 12.0)
+    for k in range(1, REQUANTIZATION_TERMS + 1):
+        large += ((-1) ** k * torch.cos(2.0 * math.pi * k * centred)
+                  * torch.exp(-2.0 * math.pi**2 * k * k * scale * scale) / (math.pi**2 * k * k))
+    s = scale.clamp_min(1e-30)
+    small = centred.square() + scale.square()
+    for sign in (1.0, -1.0):
+        d = (sign * centred - 0.5) / s
+        small -= 2.0 * (s * torch.exp(-0.5 * d * d) / math.sqrt(2.0 * math.pi) + (sign * centred - 0.5) * torch.special.ndtr(d))
+    return torch.where(scale < REQUANTIZATION_SMALL, small, large)
+
+
+REQUANTIZATION_SMALL = 0.15  # below it the closed form for |t| < 1.5 is exact to < 1e-10
+REQUANTIZATION_TERMS = 5  # above it the terms k > 5 add < 1e-7 (relative 1e-6)
 BLOCK_ELEMENTS = 1 << 24  # entries per row block of elementwise work: bounded temporaries (64 MiB in fp32)
 
 
@@ -145,13 +187,17 @@ def update_scale(delta: torch.Tensor) -> UpdateScale:
 
 
 def rounding_variance(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype,
-                      ft_dtype: torch.dtype, scale: torch.Tensor | None = None) -> torch.Tensor:
+                      ft_dtype: torch.dtype, scale: torch.Tensor | None = None,
+                      steps: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Expected squared rounding part of each entry of the stored ΔW (same shape and dtype as ``delta``).
 
     ``base`` holds the stored base values and ``delta`` the stored ΔW, both exactly, in a wider
     dtype (float32 or float64); ``scale`` is E|δ| per entry (default: the rank-1 fit of this
-    ``delta``). See the module docstring for the two models.
+    ``delta``). ``steps``: (base, fine-tune) quantization steps per entry, shaped like ``delta``,
+    when both sides are quantized; they replace the dtypes' grids. See the module docstring.
     """
+    if steps is not None:
+        return _requantized_variance(base, delta, *(step.to(delta.dtype) for step in steps), scale)
     ft = base + delta
     base_step, ft_step = grid_step(base, base_dtype), grid_step(ft, ft_dtype)
     if base_dtype != ft_dtype:
@@ -163,22 +209,48 @@ def rounding_variance(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch
     return step.square() * dither_variance(spread)
 
 
+def _requantized_variance(base: torch.Tensor, delta: torch.Tensor, base_step: torch.Tensor, ft_step: torch.Tensor,
+                          scale: torch.Tensor | None) -> torch.Tensor:
+    """Model "quantized" (module docstring): the base, exact, rounded once onto the fine-tune's grid.
+
+    Where the steps differ by a power of two (the same scale, or a doubled one) the base sits on
+    that grid (offset 0, the larger step, as for shared dtypes); elsewhere its offset from the
+    fine-tune's grid, base / u_ft − round(base / u_ft), is known from the stored values.
+    """
+    mantissa, _ = torch.frexp(base_step / ft_step.clamp_min(torch.finfo(ft_step.dtype).tiny))
+    same_grid = mantissa == 0.5
+    if scale is None:
+        scale = update_scale(delta).at(slice(None))
+    step = torch.where(same_grid, torch.maximum(base_step, ft_step), ft_step)
+    offset = torch.where(same_grid, torch.zeros_like(base), base / step)
+    spread = math.sqrt(math.pi / 2.0) * scale / step  # Gaussian: E|t| = s·√(2/π)
+    return step.square() * requantization_variance(spread, offset)
+
+
 def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype,
-                  ft_dtype: torch.dtype) -> StorageNoise:
-    """The :class:`StorageNoise` of a stored ΔW (2-D, on any device), computed by row blocks."""
+                  ft_dtype: torch.dtype, steps: tuple[torch.Tensor, torch.Tensor] | None = None) -> StorageNoise:
+    """The :class:`StorageNoise` of a stored ΔW (2-D, on any device), computed by row blocks.
+
+    ``steps``: the (base, fine-tune) per-entry quantization steps (m×n, e.g.
+    ``Checkpoint.quantization_step``) when both sides are stored quantized; model "quantized".
+    """
     if delta.ndim != 2:
         raise ValueError(f"expected a 2-D ΔW, got shape {tuple(delta.shape)}")
     m, n = delta.shape
     if delta.numel() == 0:
         return StorageNoise(0.0, 0.0, 0.0, 0.0, 0, "exact")
-    scale = update_scale(delta) if base_dtype == ft_dtype else None
+    if steps is not None and any(tuple(step.shape) != (m, n) for step in steps):
+        raise ValueError(f"quantization steps {[tuple(s.shape) for s in steps]} do not match ΔW {(m, n)}")
+    shared = steps is not None or base_dtype == ft_dtype
+    scale = update_scale(delta) if shared else None
     # Sums stay on the device until the end: one synchronisation per matrix, not one per block.
     row_energy = torch.empty(m, dtype=torch.float64, device=delta.device)
     col_energy = torch.zeros(n, dtype=torch.float64, device=delta.device)
     unchanged = torch.zeros((), dtype=torch.int64, device=delta.device)
     for block in row_blocks((m, n)):
         variance = rounding_variance(base[block], delta[block], base_dtype, ft_dtype,
-                                     scale.at(block) if scale is not None else None)
+                                     scale.at(block) if scale is not None else None,
+                                     (steps[0][block], steps[1][block]) if steps is not None else None)
         row_energy[block] = variance.sum(dim=1, dtype=torch.float64)
         col_energy += variance.sum(dim=0, dtype=torch.float64)
         unchanged += (delta[block] == 0).sum()
@@ -187,5 +259,5 @@ def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dty
     return StorageNoise(
         energy=energy, row_energy_max=row_max, col_energy_max=col_max,
         unchanged_fraction=unchanged_count / delta.numel(), numel=delta.numel(),
-        model="shared-grid" if base_dtype == ft_dtype else "independent",
+        model="quantized" if steps is not None else "shared-grid" if shared else "independent",
     )
