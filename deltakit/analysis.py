@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
-from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_device
+from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device
+from deltakit.pairing import TensorPair
 from deltakit.errors import DeltakitError
 from deltakit.report_meta import PairReportMeta
 from deltakit.spectral import metrics
@@ -274,9 +275,24 @@ def _fro(tensor: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
 
 
+def quantization_steps(source: DeltaSource, pair: TensorPair, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-entry quantization steps of both sides when both store ``pair`` quantized (fp8 with scales,
+    MXFP4), as stored and analysed alike; None otherwise (the dtype's grid is the noise model then)."""
+    if source.ft is None or pair.base_name not in source.base.quantized or pair.ft_tensor not in source.ft.quantized:
+        return None
+    steps = (source.base.quantization_step(pair.base_name, device, pair.rows),
+             source.ft.quantization_step(pair.ft_tensor, device, pair.rows))
+    shape = tuple(pair.shape)
+    if any(step is None or step.numel() != math.prod(shape) for step in steps) or pair.layout == "conv1d":
+        return None
+    return steps[0].reshape(shape), steps[1].reshape(shape)
+
+
 def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = True,
                     base_fro: float | None = None, fractions: Sequence[float] = (),
-                    adaptive: bool = False) -> tuple[Spectrum, str | None]:
+                    adaptive: bool = False, steps: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[Spectrum, str | None]:
     """The :class:`Spectrum` of one ΔW, with its storage rounding estimated (``rounding``) or known to be absent.
 
     With ``adaptive``, only the top of the spectrum that settles rank@``fractions`` is computed
@@ -286,7 +302,8 @@ def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = 
     pair, delta = item.pair, item.delta
     delta_fro = _fro(delta)
     _require_finite(pair.name, delta_fro, _fro(item.base) if base_fro is None else base_fro)
-    noise = storage_noise(item.base, delta, pair.base_dtype, pair.ft_dtype) if rounding else exact_noise(delta)
+    noise = (storage_noise(item.base, delta, pair.base_dtype, pair.ft_dtype, steps=steps) if rounding
+             else exact_noise(delta))
     energy = delta_fro ** 2
     if energy == 0.0:
         shape = (int(pair.shape[0]), int(pair.shape[1]))
@@ -302,13 +319,14 @@ def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = 
 
 
 def analyse_matrix(
-    item: DeltaItem, energy: Sequence[float], options: SpectralOptions, rounding: bool = True, adaptive: bool = False
+    item: DeltaItem, energy: Sequence[float], options: SpectralOptions, rounding: bool = True, adaptive: bool = False,
+    steps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[MatrixResult, Spectrum]:
     """Metrics and the spectrum of one ΔW (``rounding``: estimate the storage rounding in it;
     ``adaptive``: compute only the top of the spectrum where that settles the metrics)."""
     pair = item.pair
     base_fro = _fro(item.base)
-    spectrum, fallback = matrix_spectrum(item, options, rounding, base_fro, energy, adaptive)
+    spectrum, fallback = matrix_spectrum(item, options, rounding, base_fro, energy, adaptive, steps)
     delta_fro = math.sqrt(spectrum.total_energy)
     shape = spectrum.shape
     noise = spectrum.noise
@@ -399,7 +417,8 @@ def rank(
             found = []
             for one in per_expert(item):
                 if one.pair.is_matrix and one.pair.layout != "vector":
-                    result, spectrum = analyse_matrix(one, energy, options, rounding, adaptive)
+                    steps = quantization_steps(source, one.pair, device) if rounding else None
+                    result, spectrum = analyse_matrix(one, energy, options, rounding, adaptive, steps)
                     kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
                     found.append((result, kept))
                 else:
