@@ -24,6 +24,7 @@ from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_dev
 from deltakit.errors import DeltakitError
 from deltakit.spectral import metrics
 from deltakit.spectral.noise import exact_noise, storage_noise
+from deltakit.spectral.norms import frobenius_norm
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.spectrum import Spectrum, compute_spectrum, method_name
 from deltakit.spectral.subspace import amplification
@@ -279,7 +280,7 @@ def _mean_known(values: Iterable[float | None]) -> float | None:
 
 
 def _fro(tensor: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    return frobenius_norm(tensor)  # float64 sums by row blocks: no float64 copy of a large W_base or ΔW
 
 
 def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = True,
@@ -396,6 +397,7 @@ def rank(
                 else:
                     found.append((analyse_vector(one), None))
             local.append((index, found))
+            del item, one  # the stream reads a pair too large to read ahead only once this one is dropped
         everything = [entry for found in gather_in_order(local, parallel) for entry in found]
     for result, spectrum in everything:
         if isinstance(result, MatrixResult):

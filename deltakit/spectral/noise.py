@@ -165,7 +165,10 @@ def rounding_variance(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch
 
 def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype,
                   ft_dtype: torch.dtype) -> StorageNoise:
-    """The :class:`StorageNoise` of a stored ΔW (2-D, on any device), computed by row blocks."""
+    """The :class:`StorageNoise` of a stored ΔW (2-D, on any device), computed by row blocks.
+
+    ``base`` may be held in its stored dtype or in ``delta``'s (the same numbers either way).
+    """
     if delta.ndim != 2:
         raise ValueError(f"expected a 2-D ΔW, got shape {tuple(delta.shape)}")
     m, n = delta.shape
@@ -177,7 +180,8 @@ def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dty
     col_energy = torch.zeros(n, dtype=torch.float64, device=delta.device)
     unchanged = torch.zeros((), dtype=torch.int64, device=delta.device)
     for block in row_blocks((m, n)):
-        variance = rounding_variance(base[block], delta[block], base_dtype, ft_dtype,
+        # the base may be held as stored (bf16): its values are exact in delta's dtype, converted a block at a time
+        variance = rounding_variance(base[block].to(delta.dtype), delta[block], base_dtype, ft_dtype,
                                      scale.at(block) if scale is not None else None)
         row_energy[block] = variance.sum(dim=1, dtype=torch.float64)
         col_energy += variance.sum(dim=0, dtype=torch.float64)
