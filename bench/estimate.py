@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -94,7 +94,7 @@ TARGET_BYTES = 8 * 10**9  # issue 14: rank / extract under 8 GB of GPU memory
 def memory_layout(shapes: LlamaShapes, layers: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
     """Tensor names and shapes in the order deltakit streams them (names sorted within a layer, as stored)."""
     h, i, kv = shapes.hidden, shapes.intermediate, shapes.kv
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (shapes.vocab, h))]
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (shapes.vocab, h))] if shapes.vocab else []
     for layer in range(shapes.layers if layers is None else layers):
         p = f"model.layers.{layer}"
         out += [(f"{p}.input_layernorm.weight", (h,)), (f"{p}.mlp.down_proj.weight", (h, i)),
@@ -102,12 +102,12 @@ def memory_layout(shapes: LlamaShapes, layers: int | None = None) -> list[tuple[
                 (f"{p}.post_attention_layernorm.weight", (h,)), (f"{p}.self_attn.k_proj.weight", (kv, h)),
                 (f"{p}.self_attn.o_proj.weight", (h, h)), (f"{p}.self_attn.q_proj.weight", (h, h)),
                 (f"{p}.self_attn.v_proj.weight", (kv, h))]
-    return out + [("model.norm.weight", (h,)), ("lm_head.weight", (shapes.vocab, h))]
+    return out + [("model.norm.weight", (h,))] + ([("lm_head.weight", (shapes.vocab, h))] if shapes.vocab else [])
 
 
 def matrix_workspace(command: str, shape: tuple[int, ...], stored: int, compute: int, rank: int) -> dict[str, int]:
     """Bytes each step of ``command`` holds for one tensor beyond the pair and ΔW (see :func:`memory_model`)."""
-    from deltakit.lora.factors import POWER_ITERATIONS, oversample
+    from deltakit.lora.factors import oversample
     from deltakit.spectral import noise, norms
 
     entries = math.prod(shape)
@@ -117,23 +117,27 @@ def matrix_workspace(command: str, shape: tuple[int, ...], stored: int, compute:
     k = min(m, n)
     block = min(norms.BLOCK_ELEMENTS, entries)
     steps = {"norm": block * 8}
-    gram = 2 * k * k * compute  # G = MᵀM (or MMᵀ) and the eigensolver's copy of it; values only: O(k) more
+    gram = 2 * k * k * compute + 4 * k * compute  # G = MᵀM (or MMᵀ), the eigensolver's copy of it, the values
     if command in ("rank", "intruders"):
-        steps["noise"] = NOISE_BLOCKS * min(noise.BLOCK_ELEMENTS, entries) * compute + (m + n) * (compute + 8)
+        steps["noise"] = NOISE_BLOCKS * min(noise.BLOCK_ELEMENTS, entries) * compute + (m + n) * (compute + 8) + 64
         steps["spectrum"] = gram
         width = min(64 + AMPLIFICATION_OVERSAMPLE, k)  # amplification: top-64 directions, one power iteration
-        steps["amplification"] = (3 * m + 3 * n) * width * compute + width * n * 8 + block * compute + 64 * n * compute
+        steps["amplification"] = _randomized(m, n, width, compute) + block * compute + 64 * n * compute
     else:  # extract
         if command == "extract-energy":
             steps["spectrum"] = gram
-        width = min(rank + oversample(rank), k)
-        # sketch, range basis and power-iteration bases (CholeskyQR2 in float64 on a GPU), B = QᵀM in float64
-        steps["factors"] = (m + n) * width * (3 * compute + 2 * 8) + width * n * 8 + 0 * POWER_ITERATIONS
+        steps["factors"] = _randomized(m, n, min(rank + oversample(rank), k), compute)
         steps["error"] = block * (2 * compute + 8)  # a block of B@A, of the residual, and its float64 copy
     return steps
 
 
-def memory_model(preset: str, command: str = "rank", stored: str = "bf16", precision: str = "fp32",
+def _randomized(m: int, n: int, width: int, compute: int) -> int:
+    """spectral.svd.randomized_svd of an m×n matrix with ``width`` sketch columns: the sketch, the range
+    and power-iteration bases with their float64 copies (QR / CholeskyQR2), B = QᵀM and its float64 products."""
+    return (m + n) * width * (3 * compute + 2 * 8) + 2 * width * n * 8
+
+
+def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str = "bf16", precision: str = "fp32",
                  prefetch: int = 2, prefetch_bytes: float | None = None, rank: int = 64,
                  layers: int | None = 2) -> dict[str, object]:
     """Predicted peak bytes on the compute device for ``command`` on ``preset``, tensor by tensor.
@@ -148,7 +152,8 @@ def memory_model(preset: str, command: str = "rank", stored: str = "bf16", preci
 
     budget = PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
     s, c = DTYPE_BYTES[stored], DTYPE_BYTES[precision]
-    layout = memory_layout(MEMORY_PRESETS[preset], layers)
+    shapes = MEMORY_PRESETS[preset] if isinstance(preset, str) else preset
+    layout = memory_layout(shapes, layers)  # vocab 0: no embedding or lm_head
     reads = [math.prod(shape) * 2 * s for _, shape in layout]
     ahead_of = _simulate_read_ahead(reads, prefetch, budget, may_read_ahead)
     rows = []
@@ -163,7 +168,7 @@ def memory_model(preset: str, command: str = "rank", stored: str = "bf16", preci
     worst = max(rows, key=lambda r: r["peak"])
     matrices = [r for r in rows if len(r["shape"]) == 2 and "embed" not in r["name"] and "lm_head" not in r["name"]]
     worst_layer = max(matrices, key=lambda r: r["peak"]) if matrices else worst
-    return {"preset": preset, "command": command, "stored": stored, "precision": precision, "prefetch": prefetch,
+    return {"preset": preset if isinstance(preset, str) else asdict(preset), "command": command, "stored": stored, "precision": precision, "prefetch": prefetch,
             "prefetch_bytes": budget, "peak": worst["peak"], "peak_tensor": worst["name"],
             "peak_layers": worst_layer["peak"], "peak_layers_tensor": worst_layer["name"],
             "target": TARGET_BYTES, "tensors": rows}
