@@ -86,7 +86,7 @@ MEMORY_PRESETS = {
     "405b": LlamaShapes(hidden=16384, intermediate=53248, kv=1024, vocab=128256, layers=126),  # Llama 3.1 405B
 }
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
-NOISE_BLOCKS = 13  # block-sized temporaries alive at once in spectral.noise.storage_noise (counted: tests/test_memory.py)
+NOISE_BLOCKS = 13  # block-sized temporaries alive at once in spectral.noise.storage_noise (tests/test_memory.py)
 AMPLIFICATION_OVERSAMPLE = 16  # randomized_svd's default oversampling, used by spectral.subspace.top_directions
 TARGET_BYTES = 8 * 10**9  # issue 14: rank / extract under 8 GB of GPU memory
 
@@ -168,7 +168,8 @@ def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str =
     worst = max(rows, key=lambda r: r["peak"])
     matrices = [r for r in rows if len(r["shape"]) == 2 and "embed" not in r["name"] and "lm_head" not in r["name"]]
     worst_layer = max(matrices, key=lambda r: r["peak"]) if matrices else worst
-    return {"preset": preset if isinstance(preset, str) else asdict(preset), "command": command, "stored": stored, "precision": precision, "prefetch": prefetch,
+    return {"preset": preset if isinstance(preset, str) else asdict(preset), "command": command, "stored": stored,
+            "precision": precision, "prefetch": prefetch,
             "prefetch_bytes": budget, "peak": worst["peak"], "peak_tensor": worst["name"],
             "peak_layers": worst_layer["peak"], "peak_layers_tensor": worst_layer["name"],
             "target": TARGET_BYTES, "tensors": rows}

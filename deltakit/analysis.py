@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
-from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_device
+from deltakit.delta import DeltaItem, ProgressFn, open_delta_source, resolve_device, zip_released
 from deltakit.errors import DeltakitError
 from deltakit.spectral import metrics
 from deltakit.spectral.noise import exact_noise, storage_noise
@@ -387,7 +387,7 @@ def rank(
         items = progress(items, len(mine), "ΔW spectra")
     local: list[tuple[int, Any]] = []
     with fail_together(parallel):
-        for index, item in zip(mine, items):
+        for index, item in zip_released(mine, items):
             found = []
             for one in per_expert(item):
                 if one.pair.is_matrix and one.pair.layout != "vector":
@@ -397,7 +397,7 @@ def rank(
                 else:
                     found.append((analyse_vector(one), None))
             local.append((index, found))
-            del item, one  # the stream reads a pair too large to read ahead only once this one is dropped
+            item = one = None  # dropped before the next read: a pair too large to read ahead is read only then
         everything = [entry for found in gather_in_order(local, parallel) for entry in found]
     for result, spectrum in everything:
         if isinstance(result, MatrixResult):

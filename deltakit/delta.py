@@ -148,6 +148,19 @@ def pair_bytes(pair: TensorPair) -> int:
     return entries * pair.base_dtype.itemsize + ft_entries * pair.ft_dtype.itemsize
 
 
+def zip_released(first: Iterable[Any], second: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    """``zip(first, second)`` that keeps nothing it yielded: CPython's zip reuses its result tuple, which
+    so holds the previous item (a whole ΔW on the device) while the next one is read. Stops at the shorter."""
+    rest = iter(second)
+    for left in first:
+        try:
+            right = next(rest)
+        except StopIteration:
+            return
+        yield left, right
+        del left, right
+
+
 _copy_streams = threading.local()
 
 
@@ -243,7 +256,7 @@ def stream_deltas(
 
     loaded_all = prefetched([reader(p) for p in pairs], prefetch, read_threads(prefetch),
                             [pair_bytes(p) for p in pairs], prefetch_bytes)
-    for pair, loaded in zip(pairs, loaded_all):
+    for pair, loaded in zip_released(pairs, loaded_all):
         base_stored, ft_stored = (adopt(t).to(device) for t in loaded)  # type: ignore[union-attr]
         del loaded
         delta = _shared_rows(ft_stored, pair).to(dtype, copy=True)
@@ -313,11 +326,11 @@ def stream_adapter_deltas(
     loaders = [reader(pair, module) for pair, module in pairs]
     sizes = [math.prod(pair.shape) * pair.base_dtype.itemsize for pair, _ in pairs]
     loaded_all = prefetched(loaders, prefetch, read_threads(prefetch), sizes, prefetch_bytes)
-    for (pair, module), loaded in zip(pairs, loaded_all):
+    for (pair, module), loaded in zip_released(pairs, loaded_all):
         base_stored, tensors = loaded  # type: ignore[misc]
         del loaded
         base_stored = adopt(base_stored).to(device)
-        # the module forms ΔW in the dtype of the base it is given (DoRA reads W0): a ``dtype`` copy, for this call only
+        # the module forms ΔW in the dtype of the base it is given (DoRA reads W0): a ``dtype`` copy for this call
         delta = module.delta(tensors, base_stored.to(dtype), stored_transposed(pair, module))
         del tensors
         yield DeltaItem(pair=pair, base=base_stored, delta=delta)
@@ -446,7 +459,7 @@ def stream_many(
 
     loaded_all = prefetched([reader(r) for r in rows], prefetch, read_threads(prefetch), [row_bytes(r) for r in rows],
                             prefetch_bytes)
-    for row, loaded in zip(rows, loaded_all):
+    for row, loaded in zip_released(rows, loaded_all):
         base_stored, *stored = loaded  # type: ignore[misc]
         del loaded
         base_w = adopt(base_stored).to(device)

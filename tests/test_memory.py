@@ -142,6 +142,30 @@ def test_the_estimate_simulates_the_stream_policy(monkeypatch):
         assert estimate._simulate_read_ahead(sizes, depth, budget, delta_module.may_read_ahead) == ahead
 
 
+def test_zip_released_keeps_no_reference_to_what_it_yielded():
+    from deltakit.delta import zip_released
+
+    class Big:
+        pass
+
+    refs: list[weakref.ref] = []
+
+    def produce():
+        for _ in range(4):
+            assert all(ref() is None for ref in refs)  # the previous one is gone when the next is made
+            big = Big()
+            refs.append(weakref.ref(big))
+            yield big
+            del big
+
+    seen = []
+    for index, item in zip_released(range(10), produce()):
+        seen.append(index)
+        del item
+    assert seen == [0, 1, 2, 3]
+    assert list(zip_released("ab", [1, 2, 3])) == [("a", 1), ("b", 2)]
+
+
 # ---------------------------------------------------------------- W_base as stored, same numbers
 
 
@@ -369,3 +393,46 @@ def test_memory_bench_tiny_preset_runs_on_the_cpu(tmp_path):
         assert entry["result"] == 14  # 2 layers × 7 matrices (norms are vectors: rank lists them apart)
         assert entry["predicted_peak"] > 0 and entry["seconds"] >= 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_rank_and_extract_drop_each_item_before_the_next_read(bf16_pair, monkeypatch, tmp_path):
+    """With a budget below one pair, each pair is read only once the consumer has dropped the previous
+    ΔW: the device then holds one pair at a time (the reason rank and extract drop their item)."""
+    import deltakit.lora.extract as extract_module
+    from deltakit.analysis import rank
+    from deltakit.lora.extract import extract_lora
+
+    original_stream, original_fetch = delta_module.stream_deltas, delta_module.fetch_pair
+    yielded: list[weakref.ref] = []
+    alive_at_read: list[int] = []
+
+    def tracking_stream(pairs, base, ft, device="cpu", dtype=torch.float32, prefetch=2, prefetch_bytes=None):
+        for item in original_stream(pairs, base, ft, device, dtype, prefetch, 1):  # budget: 1 byte
+            yielded.append(weakref.ref(item.delta))
+            yield item
+            del item
+
+    def tracking_fetch(ckpt, name, pair, device):
+        if ckpt is sides["base"]:
+            alive_at_read.append(sum(ref() is not None for ref in yielded))
+        return original_fetch(ckpt, name, pair, device)
+
+    monkeypatch.setattr(delta_module, "stream_deltas", tracking_stream)
+    monkeypatch.setattr(extract_module, "stream_deltas", tracking_stream)
+    monkeypatch.setattr(delta_module, "fetch_pair", tracking_fetch)
+    sides: dict[str, object] = {}
+    real_open = delta_module.open_checkpoint
+
+    def remembering_open(path, **kwargs):
+        ckpt = real_open(path, **kwargs)
+        if str(path) == str(bf16_pair[0]):
+            sides["base"] = ckpt
+        return ckpt
+
+    monkeypatch.setattr(delta_module, "open_checkpoint", remembering_open)
+    monkeypatch.setattr(extract_module, "open_checkpoint", remembering_open)
+    report = rank(*bf16_pair, options=SpectralOptions(device="cpu"))
+    assert len(report.matrices) == 2 and len(alive_at_read) == 3 and alive_at_read == [0, 0, 0]
+    yielded.clear(), alive_at_read.clear()
+    extracted = extract_lora(*bf16_pair, tmp_path / "adapter", rank=2, options=SpectralOptions(device="cpu"))
+    assert len(extracted.matrices) == 2 and len(alive_at_read) == 3 and alive_at_read == [0, 0, 0]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import ProgressFn, resolve_device, stream_deltas, tensor_metas
+from deltakit.delta import ProgressFn, resolve_device, stream_deltas, tensor_metas, zip_released
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, shared_directory
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
@@ -338,7 +338,7 @@ class _Extraction:
         mine = self._share(self.pairs)
         local: list[tuple[int, _Outcome]] = []
         with fail_together(self.parallel):
-            for index, item in zip(mine, self._stream([self.pairs[i] for i in mine], label)):
+            for index, item in zip_released(mine, self._stream([self.pairs[i] for i in mine], label)):
                 local.append((index, self._survey_one(stage, item.pair, item.delta)))
                 del item  # before the next read (see deltakit.delta)
             everything = self._gather(stage, local)
@@ -418,7 +418,7 @@ class _Extraction:
         mine = self._share(pairs)
         local: list[tuple[int, _Outcome]] = []
         with fail_together(self.parallel):
-            for index, item in zip(mine, self._stream([pairs[i] for i in mine], "pass 2/2: factors")):
+            for index, item in zip_released(mine, self._stream([pairs[i] for i in mine], "pass 2/2: factors")):
                 target = self.by_name[item.pair.name]
                 name = target.pair.name
                 matrix = peft_orientation(item.delta, target.kind)
