@@ -7,7 +7,8 @@ which bounds host and device memory whatever the model size. W_base stays in its
 dtype (bf16: 2 bytes an entry); the delta is formed in fp32 (or fp64), once, from the stored
 values: the difference of two bf16/fp16 values is exact there, so ΔW carries no rounding of
 its own. A consumer should drop its item before asking for the next (``del item`` at the end
-of the loop body): the read of a pair too large for the budget starts only then.
+of the loop body, and :func:`zip_released` rather than ``zip``, which keeps its last tuple): the
+read of a pair too large for the budget starts only then.
 
 Example::
 
