@@ -1,11 +1,18 @@
-"""Estimate, in seconds, what the plain loop's linear algebra will cost for a preset, before running it.
+"""Estimate a preset's cost before running it: seconds of linear algebra, or peak memory.
 
-    python -m bench.estimate --preset 7b --device cuda
+    python -m bench.estimate --preset 7b --device cuda          # seconds (times one SVD per shape)
+    python -m bench.estimate --memory --preset 405b             # predicted peak bytes, no device needed
 
-Times ``torch.linalg.svdvals`` and ``torch.linalg.svd`` (fp32, full_matrices=False) once per
-distinct matrix shape of the preset, after one warm-up, and multiplies by how many matrices
-have that shape. The result bounds baseline (a)'s compute time (and mergekit's, which runs
-the same svd per matrix) so a run can be split to fit a time limit (run_bench --only/--append).
+Seconds: times ``torch.linalg.svdvals`` and ``torch.linalg.svd`` (fp32, full_matrices=False)
+once per distinct matrix shape of the preset, after one warm-up, and multiplies by how many
+matrices have that shape. The result bounds baseline (a)'s compute time (and mergekit's, which
+runs the same svd per matrix) so a run can be split to fit a time limit (run_bench --only/--append).
+
+Memory (``--memory``): a model of what deltakit's ``rank``, ``extract`` and ``merge`` hold at
+once on the compute device (see :func:`memory_model`), from the shapes and dtypes alone: per
+matrix the pair as read, ΔW, the largest workspace of the steps that follow, and what the
+stream reads ahead meanwhile (simulated with the stream's own policy,
+:func:`deltakit.delta.may_read_ahead`). bench/memory_bench.py measures the same on a GPU.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import argparse
 import collections
 import functools
 import json
+import math
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,11 +66,189 @@ def estimate(preset: str, device: torch.device, ops: tuple[str, ...] = ("svdvals
             "total_s": totals, "note": "linear algebra only; reading, ΔW and writing come on top"}
 
 
+# ---------------------------------------------------------------- memory: a model of what the code holds
+
+@dataclass(frozen=True)
+class LlamaShapes:
+    """A Llama-style decoder with grouped-query attention: k/v projections have ``kv`` rows."""
+
+    hidden: int
+    intermediate: int
+    kv: int
+    vocab: int
+    layers: int
+
+
+MEMORY_PRESETS = {
+    "tiny": LlamaShapes(hidden=128, intermediate=344, kv=32, vocab=1024, layers=2),
+    "7b": LlamaShapes(hidden=4096, intermediate=11008, kv=4096, vocab=32000, layers=32),  # Llama 2 7B
+    "70b": LlamaShapes(hidden=8192, intermediate=28672, kv=1024, vocab=128256, layers=80),  # Llama 3 70B
+    "405b": LlamaShapes(hidden=16384, intermediate=53248, kv=1024, vocab=128256, layers=126),  # Llama 3.1 405B
+}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
+NOISE_BLOCKS = 13  # block-sized temporaries alive at once in spectral.noise.storage_noise (tests/test_memory.py)
+AMPLIFICATION_OVERSAMPLE = 16  # randomized_svd's default oversampling, used by spectral.subspace.top_directions
+TARGET_BYTES = 8 * 10**9  # issue 14: rank / extract under 8 GB of GPU memory
+
+
+def memory_layout(shapes: LlamaShapes, layers: int | None = None) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes in the order deltakit streams them (names sorted within a layer, as stored)."""
+    h, i, kv = shapes.hidden, shapes.intermediate, shapes.kv
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (shapes.vocab, h))] if shapes.vocab else []
+    for layer in range(shapes.layers if layers is None else layers):
+        p = f"model.layers.{layer}"
+        out += [(f"{p}.input_layernorm.weight", (h,)), (f"{p}.mlp.down_proj.weight", (h, i)),
+                (f"{p}.mlp.gate_proj.weight", (i, h)), (f"{p}.mlp.up_proj.weight", (i, h)),
+                (f"{p}.post_attention_layernorm.weight", (h,)), (f"{p}.self_attn.k_proj.weight", (kv, h)),
+                (f"{p}.self_attn.o_proj.weight", (h, h)), (f"{p}.self_attn.q_proj.weight", (h, h)),
+                (f"{p}.self_attn.v_proj.weight", (kv, h))]
+    return out + [("model.norm.weight", (h,))] + ([("lm_head.weight", (shapes.vocab, h))] if shapes.vocab else [])
+
+
+def matrix_workspace(command: str, shape: tuple[int, ...], stored: int, compute: int, rank: int) -> dict[str, int]:
+    """Bytes each step of ``command`` holds for one tensor beyond the pair and ΔW (see :func:`memory_model`)."""
+    from deltakit.lora.factors import oversample
+    from deltakit.spectral import noise, norms
+
+    entries = math.prod(shape)
+    if len(shape) != 2:
+        return {"norm": min(norms.BLOCK_ELEMENTS, entries) * 8}
+    m, n = shape
+    k = min(m, n)
+    block = min(norms.BLOCK_ELEMENTS, entries)
+    steps = {"norm": block * 8}
+    gram = 2 * k * k * compute + 4 * k * compute  # G = MᵀM (or MMᵀ), the eigensolver's copy of it, the values
+    if command in ("rank", "intruders"):
+        steps["noise"] = NOISE_BLOCKS * min(noise.BLOCK_ELEMENTS, entries) * compute + (m + n) * (compute + 8) + 64
+        steps["spectrum"] = gram
+        width = min(64 + AMPLIFICATION_OVERSAMPLE, k)  # amplification: top-64 directions, one power iteration
+        steps["amplification"] = _randomized(m, n, width, compute) + block * compute + 64 * n * compute
+    else:  # extract
+        if command == "extract-energy":
+            steps["spectrum"] = gram
+        steps["factors"] = _randomized(m, n, min(rank + oversample(rank), k), compute)
+        steps["error"] = block * (2 * compute + 8)  # a block of B@A, of the residual, and its float64 copy
+    return steps
+
+
+def _randomized(m: int, n: int, width: int, compute: int) -> int:
+    """spectral.svd.randomized_svd of an m×n matrix with ``width`` sketch columns: the sketch, the range
+    and power-iteration bases with their float64 copies (QR / CholeskyQR2), B = QᵀM and its float64 products."""
+    return (m + n) * width * (3 * compute + 2 * 8) + 2 * width * n * 8
+
+
+def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str = "bf16", precision: str = "fp32",
+                 prefetch: int = 2, prefetch_bytes: float | None = None, rank: int = 64,
+                 layers: int | None = 2) -> dict[str, object]:
+    """Predicted peak bytes on the compute device for ``command`` on ``preset``, tensor by tensor.
+
+    Per tensor: while ΔW is formed the device holds W_base and W_ft as stored and ΔW in the
+    compute dtype (``form``); then W_base as stored and ΔW (``item``) plus the largest step
+    workspace; throughout, the pairs the stream has read ahead by the policy of
+    :func:`deltakit.delta.prefetched` (``ahead``). ``layers`` (default 2) limits the layers
+    listed: every layer is the same, so the peak does not depend on it.
+    """
+    from deltakit.delta import PREFETCH_BYTES, may_read_ahead
+
+    budget = PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
+    s, c = DTYPE_BYTES[stored], DTYPE_BYTES[precision]
+    shapes = MEMORY_PRESETS[preset] if isinstance(preset, str) else preset
+    layout = memory_layout(shapes, layers)  # vocab 0: no embedding or lm_head
+    reads = [math.prod(shape) * 2 * s for _, shape in layout]
+    ahead_of = _simulate_read_ahead(reads, prefetch, budget, may_read_ahead)
+    rows = []
+    for (name, shape), ahead in zip(layout, ahead_of):
+        entries = math.prod(shape)
+        steps = matrix_workspace(command, shape, s, c, rank)
+        form = entries * (2 * s + c)
+        item = entries * (s + c)
+        peak = max(form, item + max(steps.values())) + ahead
+        rows.append({"name": name, "shape": list(shape), "form": form, "item": item, "steps": steps,
+                     "ahead": ahead, "peak": peak})
+    worst = max(rows, key=lambda r: r["peak"])
+    matrices = [r for r in rows if len(r["shape"]) == 2 and "embed" not in r["name"] and "lm_head" not in r["name"]]
+    worst_layer = max(matrices, key=lambda r: r["peak"]) if matrices else worst
+    return {"preset": preset if isinstance(preset, str) else asdict(preset), "command": command, "stored": stored,
+            "precision": precision, "prefetch": prefetch,
+            "prefetch_bytes": budget, "peak": worst["peak"], "peak_tensor": worst["name"],
+            "peak_layers": worst_layer["peak"], "peak_layers_tensor": worst_layer["name"],
+            "target": TARGET_BYTES, "tensors": rows}
+
+
+def _simulate_read_ahead(reads: list[int], depth: int, budget: float, may_read_ahead) -> list[int]:
+    """Bytes read ahead while each tensor is the consumer's, by the stream's own rule."""
+    if depth <= 0:
+        return [0] * len(reads)
+    out, following, ahead = [], 0, []
+    for index, size in enumerate(reads):
+        if not ahead:  # the consumer asks: started whatever its size
+            ahead.append(following)
+            following += 1
+        current = ahead.pop(0)
+        assert current == index
+        held = size + sum(reads[j] for j in ahead)
+        while following < len(reads) and may_read_ahead(held, reads[following], len(ahead), depth, budget):
+            ahead.append(following)
+            held += reads[following]
+            following += 1
+        out.append(sum(reads[j] for j in ahead))
+    return out
+
+
+def merge_model(stored: str = "bf16", prefetch: int = 2) -> dict[str, object]:
+    """Merge works on row pieces of PIECE_BYTES whatever the model: pieces read ahead, the one
+    being merged (stored + fp32 copy) and the writer's queue; the same for every preset."""
+    from deltakit.io.writer import IO_THREADS
+    from deltakit.lora.merge import PIECE_BYTES
+
+    s = DTYPE_BYTES[stored]
+    depth = max(prefetch, IO_THREADS)
+    device = (depth + 1) * PIECE_BYTES + PIECE_BYTES * 4 // s + IO_THREADS * PIECE_BYTES
+    return {"command": "merge", "piece_bytes": PIECE_BYTES, "read_ahead": depth, "peak": device}
+
+
+def _gb(value: float) -> str:
+    return f"{value / 1e9:.2f} GB"
+
+
+def print_memory(preset: str, precision: str, prefetch: int, prefetch_bytes: float | None, rank: int) -> dict:
+    results = {}
+    for command in ("rank", "extract", "extract-energy"):
+        model = memory_model(preset, command, precision=precision, prefetch=prefetch,
+                             prefetch_bytes=prefetch_bytes, rank=rank)
+        results[command] = model
+        layer = next(r for r in model["tensors"] if r["name"] == model["peak_layers_tensor"])
+        verdict = "under" if model["peak_layers"] < TARGET_BYTES else "OVER"
+        print(f"{preset} {command:15s} layers: {_gb(model['peak_layers'])} ({verdict} 8 GB) at "
+              f"{model['peak_layers_tensor']} {layer['shape']}: form {_gb(layer['form'])}, item {_gb(layer['item'])}, "
+              + ", ".join(f"{k} {_gb(v)}" for k, v in layer["steps"].items()) + f", ahead {_gb(layer['ahead'])}")
+        print(f"{'':{len(preset) + 17}s}with embeddings: {_gb(model['peak'])} at {model['peak_tensor']}")
+    merge = merge_model(prefetch=prefetch)
+    results["merge"] = merge
+    print(f"{preset} merge           {_gb(merge['peak'])} (row pieces of {merge['piece_bytes'] >> 20} MiB; any size)")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.estimate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="7b")
+    parser.add_argument("--preset", choices=sorted(set(PRESETS) | set(MEMORY_PRESETS)), default="7b")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--memory", action="store_true", help="predict peak device memory instead of timing SVDs")
+    parser.add_argument("--precision", choices=("fp32", "fp64"), default="fp32")
+    parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--prefetch-bytes", type=float, default=None, help="read-ahead budget (default: deltakit's)")
+    parser.add_argument("--rank", type=int, default=64, help="extract's LoRA rank")
+    parser.add_argument("--json", type=Path, default=None, help="also write the memory model here")
     args = parser.parse_args(argv)
+    if args.memory:
+        if args.preset not in MEMORY_PRESETS:
+            parser.error(f"--memory presets: {', '.join(MEMORY_PRESETS)}")
+        results = print_memory(args.preset, args.precision, args.prefetch, args.prefetch_bytes, args.rank)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
+    if args.preset not in PRESETS:
+        parser.error(f"timing presets: {', '.join(PRESETS)}")
     print(json.dumps(estimate(args.preset, pick_device(args.device)), indent=1))
     return 0
 

@@ -170,9 +170,12 @@ def progress(items: Iterable[T], length: int, label: str) -> Iterator[T]:
     if not sys.stderr.isatty():
         yield from items
         return
-    with click.progressbar(items, length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True,
+    with click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True, show_eta=True,
                            item_show_func=None) as bar:
-        yield from bar
+        for item in items:
+            yield item
+            del item  # hold no item while the next is read (deltakit.delta bounds memory by what is held)
+            bar.update(1)
 
 
 def write_json(path: str, payload: Any, force: bool = True) -> None:

@@ -20,19 +20,20 @@ import numpy as np
 import torch
 
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
-from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device
+from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device, zip_released
 from deltakit.pairing import TensorPair
 from deltakit.errors import DeltakitError
 from deltakit.report_meta import PairReportMeta
 from deltakit.spectral import metrics
 from deltakit.spectral.noise import exact_noise, storage_noise
+from deltakit.spectral.norms import frobenius_norm
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.spectrum import (
     SMALL_OR_ZERO, AdaptivePlan, Spectrum, adaptive_spectrum, compute_spectrum, method_name,
 )
+from deltakit.spectral.subspace import amplification
 
 ADAPTIVE_PLAN = AdaptivePlan()  # how far `rank`'s adaptive path goes (tests set a smaller one)
-from deltakit.spectral.subspace import amplification
 
 
 def energy_key(fraction: float) -> str:
@@ -272,7 +273,7 @@ def _mean_known(values: Iterable[float | None]) -> float | None:
 
 
 def _fro(tensor: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    return frobenius_norm(tensor)  # float64 sums by row blocks: no float64 copy of a large W_base or ΔW
 
 
 def quantization_steps(source: DeltaSource, pair: TensorPair, device: torch.device
@@ -413,7 +414,7 @@ def rank(
         items = progress(items, len(mine), "ΔW spectra")
     local: list[tuple[int, Any]] = []
     with fail_together(parallel):
-        for index, item in zip(mine, items):
+        for index, item in zip_released(mine, items):
             found = []
             for one in per_expert(item):
                 if one.pair.is_matrix and one.pair.layout != "vector":
@@ -424,6 +425,7 @@ def rank(
                 else:
                     found.append((analyse_vector(one), None))
             local.append((index, found))
+            item = one = None  # dropped before the next read: a pair too large to read ahead is read only then
         everything = [entry for found in gather_in_order(local, parallel) for entry in found]
     for result, spectrum in everything:
         if isinstance(result, MatrixResult):

@@ -1,10 +1,14 @@
 """ΔW = W_ft − W_base, one pair at a time, streamed onto the compute device.
 
 A background thread reads the next tensors from disk while the device works on the
-current ones, so reading and linear algebra overlap; at most ``prefetch`` pairs wait in
-memory, which bounds host RAM whatever the model size. The delta is formed in fp32 (or
-fp64): the difference of two bf16/fp16 values is exact there, so ΔW carries no rounding
-of its own.
+current ones, so reading and linear algebra overlap; at most ``prefetch`` pairs, and at most
+``prefetch_bytes`` of stored tensors counting the pair being worked on, are held at once,
+which bounds host and device memory whatever the model size. W_base stays in its stored
+dtype (bf16: 2 bytes an entry); the delta is formed in fp32 (or fp64), once, from the stored
+values: the difference of two bf16/fp16 values is exact there, so ΔW carries no rounding of
+its own. A consumer should drop its item before asking for the next (``del item`` at the end
+of the loop body, and :func:`zip_released` rather than ``zip``, which keeps its last tuple): the
+read of a pair too large for the budget starts only then.
 
 Example::
 
@@ -15,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import collections
-import itertools
+import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,11 +44,12 @@ class DeltaItem:
     """One compared pair on the compute device: base and fine-tune weights and their delta."""
 
     pair: TensorPair
-    base: torch.Tensor  # analysed shape, compute dtype
+    base: torch.Tensor  # analysed shape, as stored (bf16 stays bf16: only its norm, noise grid and SVD read it)
     delta: torch.Tensor  # ft - base, analysed shape, compute dtype
 
     @property
     def ft(self) -> torch.Tensor:
+        """W_ft in the compute dtype (a new matrix; the stored base values are exact there)."""
         return self.base + self.delta
 
 
@@ -68,31 +73,93 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2, workers: int = 1) -> Iterator[object]:
+def may_read_ahead(held: int, size: int, ahead: int, depth: int, budget: float) -> bool:
+    """Whether a value of ``size`` bytes may be started ahead of the consumer, which (with the
+    ``ahead`` values already started) holds ``held`` bytes: :func:`prefetched`'s whole policy,
+    also what bench/estimate.py simulates."""
+    return ahead < depth and held + size <= budget
+
+
+def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2, workers: int = 1,
+               sizes: Sequence[int] | None = None, budget: float | None = None) -> Iterator[object]:
     """Yield ``producer()`` for each producer in order, running up to ``depth`` ahead on ``workers`` threads.
 
-    An exception in a producer is re-raised in the consumer at its position. Several workers
-    help where one thread cannot read as fast as the machine can (copies out of the page cache
-    are bound by one core per thread).
+    ``sizes[i]`` is the bytes producer i's value holds; with a ``budget`` the value the consumer
+    holds (the last one yielded, until it asks for the next) and those ahead add up to at most
+    ``budget`` bytes, except that the next value is always produced once the consumer asks for
+    it, so a value larger than the budget is produced alone, one at a time. An exception in a
+    producer is re-raised in the consumer at its position. Several workers help where one
+    thread cannot read as fast as the machine can (copies out of the page cache are bound by
+    one core per thread).
     """
     if depth <= 0:
         for produce in producers:
             yield produce()
         return
+    count = len(producers)
+    nbytes = [0] * count if sizes is None else [int(size) for size in sizes]
+    if len(nbytes) != count:
+        raise ValueError(f"{count} producers but {len(nbytes)} sizes")
+    limit = math.inf if budget is None else budget
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="deltakit-prefetch")
-    waiting = iter(producers)
-    ahead: collections.deque[Future] = collections.deque(pool.submit(p) for p in itertools.islice(waiting, depth))
+    ahead: collections.deque[tuple[Future, int]] = collections.deque()
+    following = 0  # index of the next producer to start
+    held = 0  # bytes of the value with the consumer and of those ahead
+
+    def start() -> None:
+        nonlocal following, held
+        ahead.append((pool.submit(producers[following]), nbytes[following]))
+        held += nbytes[following]
+        following += 1
+
     try:
-        while ahead:
-            value = ahead.popleft().result()
-            following = next(waiting, None)
-            if following is not None:
-                ahead.append(pool.submit(following))
+        while True:
+            if not ahead:  # the consumer waits: start the next whatever its size
+                if following == count:
+                    return
+                start()
+            future, size = ahead.popleft()
+            while following < count and may_read_ahead(held, nbytes[following], len(ahead), depth, limit):
+                start()
+            value = future.result()
+            del future  # a done future holds its value: only the consumer should
             yield value
+            del value
+            held -= size  # the consumer asked for the next one: it is done with this one
     finally:
-        for future in ahead:  # the consumer stopped early: start nothing new
+        for future, _ in ahead:  # the consumer stopped early: start nothing new
             future.cancel()
         pool.shutdown(wait=True)
+
+
+PREFETCH_BYTES = 4 * 10**9
+"""Default read-ahead budget: stored bytes of the pair being worked on plus those read ahead.
+
+At 70B shapes (a 28672×8192 bf16 pair is 0.94 GB) it lets ``prefetch=2`` pairs be read ahead
+as before; at 405B shapes (a 53248×16384 bf16 pair is 3.5 GB) the MLP pairs are read one at a
+time, so the device holds one pair (W_base bf16 + ΔW fp32, 5.2 GB) plus the spectral workspace
+and at most 0.5 GB read ahead: under 8 GB (``python -m bench.estimate --memory``)."""
+
+
+def pair_bytes(pair: TensorPair) -> int:
+    """Bytes a pair's two stored tensors take once read (base rows + fine-tune rows, stored dtypes)."""
+    entries = math.prod(pair.shape)
+    rows = int(pair.shape[0]) if pair.shape else 0
+    ft_entries = entries + (entries // rows * pair.added_rows if rows and pair.added_rows else 0)
+    return entries * pair.base_dtype.itemsize + ft_entries * pair.ft_dtype.itemsize
+
+
+def zip_released(first: Iterable[Any], second: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    """``zip(first, second)`` that keeps nothing it yielded: CPython's zip reuses its result tuple, which
+    so holds the previous item (a whole ΔW on the device) while the next one is read. Stops at the shorter."""
+    rest = iter(second)
+    for left in first:
+        try:
+            right = next(rest)
+        except StopIteration:
+            return
+        yield left, right
+        del left, right
 
 
 _copy_streams = threading.local()
@@ -175,22 +242,29 @@ def stream_deltas(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     prefetch: int = 2,
+    prefetch_bytes: float | None = PREFETCH_BYTES,
 ) -> Iterator[DeltaItem]:
-    """ΔW for each pair, in order, computed on ``device`` in ``dtype`` (reads overlap compute)."""
+    """ΔW for each pair, in order, computed on ``device`` in ``dtype`` (reads overlap compute).
+
+    Per pair the device holds W_base and W_ft as stored while ΔW = W_ft − W_base is formed in
+    ``dtype`` (no ``dtype`` copy of W_base), then W_base as stored and ΔW.
+    """
     device = torch.device(device)
     pairs = list(pairs)
 
     def reader(pair: TensorPair) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         return lambda: (fetch_pair(base, pair.base_name, pair, device), fetch_pair(ft, pair.ft_tensor, pair, device))
 
-    for pair, loaded in zip(pairs, prefetched([reader(p) for p in pairs], prefetch, read_threads(prefetch))):
-        base_stored, ft_stored = (adopt(t) for t in loaded)  # type: ignore[union-attr]
-        base_w = base_stored.to(device).to(dtype)
-        delta = _shared_rows(ft_stored.to(device), pair).to(dtype, copy=True)
-        del loaded, base_stored, ft_stored  # device memory: the stored copies are not needed any more
-        delta.sub_(base_w)  # in place: one compute-dtype matrix fewer at the peak
-        yield DeltaItem(pair=pair, base=base_w, delta=delta)
-        del base_w, delta
+    loaded_all = prefetched([reader(p) for p in pairs], prefetch, read_threads(prefetch),
+                            [pair_bytes(p) for p in pairs], prefetch_bytes)
+    for pair, loaded in zip_released(pairs, loaded_all):
+        base_stored, ft_stored = (adopt(t).to(device) for t in loaded)  # type: ignore[union-attr]
+        del loaded
+        delta = _shared_rows(ft_stored, pair).to(dtype, copy=True)
+        del ft_stored  # device memory: the stored fine-tune is not needed any more
+        delta.sub_(base_stored)  # in place, in ``dtype``: the stored base values are exact there
+        yield DeltaItem(pair=pair, base=base_stored, delta=delta)
+        del base_stored, delta
 
 
 def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, AdapterModule]]:
@@ -242,19 +316,26 @@ def stream_adapter_deltas(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     prefetch: int = 2,
+    prefetch_bytes: float | None = PREFETCH_BYTES,
 ) -> Iterator[DeltaItem]:
-    """ΔW of each adapted tensor (any adapter type), with its base weight, on ``device``."""
+    """ΔW of each adapted tensor (any adapter type), with its base weight as stored, on ``device``."""
     device = torch.device(device)
 
     def reader(pair: TensorPair, module: AdapterModule) -> Callable[[], tuple]:
         return lambda: (fetch_pair(base, pair.base_name, pair, device), adapter.load(module))
 
     loaders = [reader(pair, module) for pair, module in pairs]
-    for (pair, module), loaded in zip(pairs, prefetched(loaders, prefetch, read_threads(prefetch))):
+    sizes = [math.prod(pair.shape) * pair.base_dtype.itemsize for pair, _ in pairs]
+    loaded_all = prefetched(loaders, prefetch, read_threads(prefetch), sizes, prefetch_bytes)
+    for (pair, module), loaded in zip_released(pairs, loaded_all):
         base_stored, tensors = loaded  # type: ignore[misc]
-        base_w = adopt(base_stored).to(device).to(dtype)
-        delta = module.delta(tensors, base_w, stored_transposed(pair, module))
-        yield DeltaItem(pair=pair, base=base_w, delta=delta)
+        del loaded
+        base_stored = adopt(base_stored).to(device)
+        # the module forms ΔW in the dtype of the base it is given (DoRA reads W0): a ``dtype`` copy for this call
+        delta = module.delta(tensors, base_stored.to(dtype), stored_transposed(pair, module))
+        del tensors
+        yield DeltaItem(pair=pair, base=base_stored, delta=delta)
+        del base_stored, delta
 
 
 def tensor_metas(ckpt: Checkpoint) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -287,14 +368,16 @@ class DeltaSource:
         return self.adapter is not None
 
     def stream(self, indices: Sequence[int] | None = None, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32, prefetch: int = 2) -> Iterator[DeltaItem]:
+               dtype: torch.dtype = torch.float32, prefetch: int = 2,
+               prefetch_bytes: float | None = PREFETCH_BYTES) -> Iterator[DeltaItem]:
         """ΔW of ``pairs[i]`` for each i in ``indices`` (default: all), in that order."""
         chosen = range(len(self.pairs)) if indices is None else indices
         if self.adapter is not None:
             adapted = [(self.pairs[i], self.modules[i]) for i in chosen]
-            return stream_adapter_deltas(adapted, self.adapter, self.base, device, dtype, prefetch)
+            return stream_adapter_deltas(adapted, self.adapter, self.base, device, dtype, prefetch, prefetch_bytes)
         assert self.ft is not None
-        return stream_deltas([self.pairs[i] for i in chosen], self.base, self.ft, device, dtype, prefetch)
+        return stream_deltas([self.pairs[i] for i in chosen], self.base, self.ft, device, dtype, prefetch,
+                             prefetch_bytes)
 
 
 def open_delta_source(
@@ -336,7 +419,7 @@ class MultiDeltaItem:
     """One matrix's base weight and its ΔW in each of several fine-tunes, on the compute device."""
 
     pairs: list[TensorPair]  # one per source, same base tensor
-    base: torch.Tensor  # analysed shape, compute dtype
+    base: torch.Tensor  # analysed shape, as stored
     deltas: list[torch.Tensor]  # ft_i − base, one per source, each as its source stores the weight
 
 
@@ -346,12 +429,13 @@ def stream_many(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     prefetch: int = 2,
+    prefetch_bytes: float | None = PREFETCH_BYTES,
 ) -> Iterator[MultiDeltaItem]:
     """ΔW of the same base tensor in N sources: ``rows[r][i]`` indexes ``sources[i].pairs``.
 
-    The base tensor is read once per row (from ``sources[0].base``), each fine-tune's tensor (or
-    adapter factors) once; the next ``prefetch`` rows are read on background threads while the
-    device works, as in :func:`stream_deltas`.
+    The base tensor is read once per row (from ``sources[0].base``) and kept as stored, each
+    fine-tune's tensor (or adapter factors) once; the next rows are read on background threads
+    while the device works, within ``prefetch`` rows and ``prefetch_bytes``, as in :func:`stream_deltas`.
     """
     device = torch.device(device)
     base = sources[0].base
@@ -368,19 +452,30 @@ def stream_many(
         return lambda: (fetch_pair(base, first.base_name, first, device),
                         *(read_source(s, i) for s, i in zip(sources, row)))
 
-    for row, loaded in zip(rows, prefetched([reader(r) for r in rows], prefetch, read_threads(prefetch))):
+    def row_bytes(row: Sequence[int]) -> int:
+        first = sources[0].pairs[row[0]]
+        return math.prod(first.shape) * first.base_dtype.itemsize + sum(
+            pair_bytes(s.pairs[i]) - math.prod(s.pairs[i].shape) * s.pairs[i].base_dtype.itemsize
+            for s, i in zip(sources, row) if s.adapter is None)
+
+    loaded_all = prefetched([reader(r) for r in rows], prefetch, read_threads(prefetch), [row_bytes(r) for r in rows],
+                            prefetch_bytes)
+    for row, loaded in zip_released(rows, loaded_all):
         base_stored, *stored = loaded  # type: ignore[misc]
-        base_w = adopt(base_stored).to(device).to(dtype)
+        del loaded
+        base_w = adopt(base_stored).to(device)
+        # adapters form ΔW in the dtype of the base they are given (DoRA reads W0): one ``dtype`` copy per row
+        base_c = base_w.to(dtype) if any(s.adapter is not None for s in sources) else None
         deltas, pairs = [], []
         for source, index, tensors in zip(sources, row, stored):
             pair = source.pairs[index]
             if source.adapter is not None:  # any adapter type: its module forms ΔW (DoRA reads W0)
                 module = source.modules[index]
-                deltas.append(module.delta(tensors, base_w, stored_transposed(pair, module)))
+                deltas.append(module.delta(tensors, base_c, stored_transposed(pair, module)))
             else:
                 delta = _shared_rows(adopt(tensors).to(device), pair).to(dtype, copy=True)
                 deltas.append(delta.sub_(base_w))
             pairs.append(pair)
-        del loaded, base_stored, stored
+        del base_stored, stored, base_c
         yield MultiDeltaItem(pairs=pairs, base=base_w, deltas=deltas)
         del base_w, deltas

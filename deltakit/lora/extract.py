@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import ProgressFn, resolve_device, stream_deltas, tensor_metas
+from deltakit.delta import ProgressFn, resolve_device, stream_deltas, tensor_metas, zip_released
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, shared_directory
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
@@ -62,6 +62,7 @@ from deltakit.lora.resize import LowRankDelta
 from deltakit.lora.targets import WORD_EMBEDDING, ExtractionTargets, LoraTarget, module_of, plan_extraction
 from deltakit.pairing import TensorPair, pair_tensors
 from deltakit.spectral.metrics import as_sorted_spectrum
+from deltakit.spectral.norms import frobenius_norm
 from deltakit.spectral.spectrum import build_spectrum, compute_spectrum
 from deltakit.spectral.svd import method_noise_floor
 
@@ -361,8 +362,9 @@ class _Extraction:
         mine = self._share(self.pairs)
         local: list[tuple[int, _Outcome]] = []
         with fail_together(self.parallel):
-            for index, item in zip(mine, self._stream([self.pairs[i] for i in mine], label)):
+            for index, item in zip_released(mine, self._stream([self.pairs[i] for i in mine], label)):
                 local.append((index, self._survey_one(stage, item.pair, item.delta)))
+                del item  # before the next read (see deltakit.delta)
             everything = self._gather(stage, local)
         survey = _Survey()
         for pair, outcome in zip(self.pairs, everything):
@@ -384,7 +386,7 @@ class _Extraction:
         if isinstance(delta, LowRankDelta):
             delta_fro = delta.frobenius()
         else:
-            delta_fro = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+            delta_fro = frobenius_norm(delta)  # no float64 copy of a large ΔW
         target = self.by_name.get(pair.name)
         if target is None:
             return _Outcome(changed_whole=delta_fro > 0 or bool(pair.added_rows))
@@ -471,12 +473,13 @@ class _Extraction:
         mine = self._share(pairs)
         local: list[tuple[int, _Outcome]] = []
         with fail_together(self.parallel):
-            for index, item in zip(mine, self._stream([pairs[i] for i in mine], "pass 2/2: factors")):
+            for index, item in zip_released(mine, self._stream([pairs[i] for i in mine], "pass 2/2: factors")):
                 target = self.by_name[item.pair.name]
                 name = target.pair.name
                 matrix = peft_orientation(item.delta, target.kind)
                 factored = self._factor(stage, target, matrix, ranks[name], survey.delta_fro[name], survey.spectra[name])
                 local.append((index, self._factored(stage, factored)))
+                del item, matrix  # before the next read (see deltakit.delta)
             everything = self._gather(stage, local)
         for outcome in everything:
             assert outcome.matrix is not None

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deltakit.spectral.norms import dim0_blocks
 from deltakit.spectral.svd import randomized_svd
 
 # Measured on 512×1536 and 1024×1024 matrices with flat spectra σ_i = i^-d, d in 0.02..0.2
@@ -90,5 +91,10 @@ def reconstruction_error(matrix: torch.Tensor, factors: LoraFactors, dtype: torc
     b, a = factors.b, factors.a
     if dtype is not None:
         b, a = b.to(dtype), a.to(dtype)
-    residual = matrix - b.to(matrix.dtype) @ a.to(matrix.dtype)
-    return float(torch.linalg.vector_norm(residual, dtype=torch.float64))
+    b, a = b.to(matrix.dtype), a.to(matrix.dtype)
+    blocks = dim0_blocks(matrix)
+    if len(blocks) == 1:
+        return float(torch.linalg.vector_norm(matrix - b @ a, dtype=torch.float64))
+    # a block of rows at a time: no m×n residual, no float64 copy of it (see deltakit.spectral.norms)
+    parts = torch.stack([torch.linalg.vector_norm(matrix[rows] - b[rows] @ a, dtype=torch.float64) for rows in blocks])
+    return float(torch.linalg.vector_norm(parts))

@@ -233,6 +233,7 @@ def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dty
 
     ``steps``: the (base, fine-tune) per-entry quantization steps (m×n, e.g.
     ``Checkpoint.quantization_step``) when both sides are stored quantized; model "quantized".
+    ``base`` may be held in its stored dtype or in ``delta``'s (the same numbers either way).
     """
     if delta.ndim != 2:
         raise ValueError(f"expected a 2-D ΔW, got shape {tuple(delta.shape)}")
@@ -248,7 +249,8 @@ def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dty
     col_energy = torch.zeros(n, dtype=torch.float64, device=delta.device)
     unchanged = torch.zeros((), dtype=torch.int64, device=delta.device)
     for block in row_blocks((m, n)):
-        variance = rounding_variance(base[block], delta[block], base_dtype, ft_dtype,
+        # the base may be held as stored (bf16): its values are exact in delta's dtype, converted a block at a time
+        variance = rounding_variance(base[block].to(delta.dtype), delta[block], base_dtype, ft_dtype,
                                      scale.at(block) if scale is not None else None,
                                      (steps[0][block], steps[1][block]) if steps is not None else None)
         row_energy[block] = variance.sum(dim=1, dtype=torch.float64)

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from deltakit.spectral.norms import dim0_blocks
 from deltakit.spectral.svd import method_noise_floor, randomized_svd
 
 
@@ -93,8 +94,14 @@ def amplification_factor(weight: torch.Tensor, delta_fro: float, u: torch.Tensor
     """
     if u.shape[1] == 0:
         return None
-    # U_rᵀ W in the vectors' dtype (k×n; W is never copied whole to float64), the k×k rest in float64
-    projected = (u.T @ weight.to(u.dtype)).to(torch.float64) @ vh.T.to(torch.float64)
+    # U_rᵀ W in the vectors' dtype (k×n), the k×k rest in float64. W may be held as stored (bf16):
+    # it is converted a block of rows at a time, never copied whole to the vectors' dtype or to float64.
+    blocks = dim0_blocks(weight)
+    if len(blocks) == 1:
+        left = u.T @ weight.to(u.dtype)
+    else:
+        left = sum(u[rows].T @ weight[rows].to(u.dtype) for rows in blocks)
+    projected = left.to(torch.float64) @ vh.T.to(torch.float64)
     denominator = float(torch.linalg.vector_norm(projected))
     if denominator == 0.0 or not math.isfinite(denominator):
         return None
