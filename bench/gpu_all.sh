@@ -6,6 +6,7 @@
 #   bash bench/gpu_all.sh compare # compare on two fine-tunes vs rank on one pair (reuses the 7B pair)
 #   bash bench/gpu_all.sh rankab  # rank before (.old) and after on one machine, nothing else
 #   bash bench/gpu_all.sh adaptive # adaptive vs full spectra: per-matrix probe (7B, 70B shapes), 7B rank rows
+#   bash bench/gpu_all.sh final   # rank before (.old) / adaptive / full, the 70B-shaped memory slice, CUDA tests
 # Results land in $OUT (the device tool's output folder; any folder elsewhere). "Before" is the
 # tree in .old/ (git archive of the commit before, carried beside the repo; skipped if absent).
 set -uo pipefail
@@ -61,6 +62,21 @@ adaptive)
     python3 -m bench.probes.adaptive_probe --device cuda --out "$OUT/probe" --repeats 2
     log "rank (adaptive) and rank --full-spectrum on the 7B pair"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    ;;
+final)
+    if [ -d .old ]; then
+        log "rank before (.old: the tree before the noise-aware spectra)"
+        (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
+    fi
+    log "rank (adaptive) and rank --full-spectrum"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    log "70B-shaped slice: memory and time"
+    python3 bench/memory_bench.py --preset 70b --workdir /tmp/dk-mem --out "$OUT/memory"
+    rm -rf /tmp/dk-mem
+    log "CUDA paths against the CPU"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_spectral.py tests/test_metrics.py \
+        tests/test_adaptive.py tests/test_memory.py tests/test_quantized_noise.py 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
     ;;
 compare)
     if [ -d .old ]; then
