@@ -18,7 +18,7 @@ def keys(*argv: str) -> list[str]:
 
 
 def test_without_processes_no_multi_process_rows():
-    assert keys() == ["deltakit-rank", "plain-rank", "deltakit-extract", "plain-extract", "mergekit-extract",
+    assert keys() == ["deltakit-rank", "deltakit-rank-full", "plain-rank", "deltakit-extract", "plain-extract", "mergekit-extract",
                       "deltakit-merge", "plain-merge"]
     with pytest.raises(SystemExit, match="needs --processes"):
         keys("--only", "deltakit-rank-x2")
