@@ -78,6 +78,23 @@ final)
     python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_spectral.py tests/test_metrics.py \
         tests/test_adaptive.py tests/test_memory.py tests/test_quantized_noise.py 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
     ;;
+tune)
+    log "the adaptive path's pieces"
+    python3 -m bench.probes.adaptive_parts --device cuda --out "$OUT/parts"
+    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    log "where rank's time goes"
+    python3 -m bench.probes.rank_profile "$W/base" "$W/ft" --device cuda --out "$OUT/profile"
+    log "CUDA paths of the adaptive spectrum"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    python3 -m pytest -q -p no:cacheprovider tests/test_adaptive.py tests/test_devices.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
+    ;;
+profile)
+    log "rank on the 7B pair (makes the pair)"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 240
+    log "where rank's time goes: stream alone, parts, rank"
+    python3 -m bench.probes.rank_profile "$W/base" "$W/ft" --device cuda --out "$OUT/profile"
+    ;;
 compare)
     if [ -d .old ]; then
         log "rank before (.old), again"

@@ -351,7 +351,8 @@ def analyse_matrix(
         spectrum_fallback=fallback,
     )
     known_rank = result.rank if result.rank is not None else result.lower_bounds.get("rank", 0)
-    result.amplification = amplification(item.base, item.delta, delta_fro, known_rank)
+    result.amplification = amplification(item.base, item.delta, delta_fro, known_rank,
+                                         directions=getattr(spectrum, "directions", None))
     return result, spectrum
 
 

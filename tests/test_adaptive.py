@@ -24,6 +24,7 @@ from deltakit.spectral.spectrum import AdaptivePlan, adaptive_spectrum, compute_
 from deltakit_cli.main import cli
 
 PLAN = AdaptivePlan(min_side=256, start_width=32, probes=16, steps=32)
+DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # GPU runs: bench/gpu_all.sh
 FRACTIONS = (0.5, 0.9, 0.99)
 
 
@@ -42,9 +43,10 @@ def both_paths(delta: torch.Tensor, noise, fractions=FRACTIONS):
     return full, part
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sigma", [np.ones(4), 1.0 / np.arange(1, 17)], ids=["rank4-equal", "rank16-decaying"])
-def test_exact_low_rank_reads_the_same_on_both_paths(sigma):
-    delta = low_rank(768, 512, sigma, seed=1)
+def test_exact_low_rank_reads_the_same_on_both_paths(sigma, device):
+    delta = low_rank(768, 512, sigma, seed=1).to(device)
     full, part = both_paths(delta, exact_noise(delta), FRACTIONS + (1.0,))
     assert part.method.startswith("adaptive")
     assert part.rank == full.rank == sigma.size
@@ -66,9 +68,10 @@ def noisy_bf16_pair(seed: int = 2, noise_rms: float = 2e-4):
     return delta, storage_noise(base, delta, torch.bfloat16, torch.bfloat16)
 
 
-def test_noisy_bf16_delta_agrees_with_the_full_path_and_fp64_truth():
+@pytest.mark.parametrize("device", DEVICES)
+def test_noisy_bf16_delta_agrees_with_the_full_path_and_fp64_truth(device):
     delta, noise = noisy_bf16_pair()
-    full, part = both_paths(delta, noise, (0.5, 0.9))
+    full, part = both_paths(delta.to(device), noise, (0.5, 0.9))
     assert part.tail is not None  # the noise holds energy: the effective rank is estimated
     assert [part.rank_at(x) for x in (0.5, 0.9)] == [full.rank_at(x) for x in (0.5, 0.9)]
     assert [part.signal_rank_at(x) for x in (0.5, 0.9)] == [full.signal_rank_at(x) for x in (0.5, 0.9)]
@@ -171,3 +174,21 @@ def test_adaptive_probe_runs_on_the_cpu(tmp_path):
     assert adaptive_probe.main(["--device", "cpu", "--preset", "tiny", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "adaptive_probe.json").read_text())["rows"]
     assert rows[0]["adaptive"]["method"].startswith("adaptive") and rows[0]["agree"]["rank_at"]
+
+
+def test_amplification_from_the_adaptive_directions_matches_the_exact_svd():
+    from deltakit.spectral.subspace import amplification, amplification_factor
+
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(768, 512, generator=gen) * 0.02
+    delta = low_rank(768, 512, 0.5 * np.arange(1, 65) ** -1.2, seed=7)
+    energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    for matrix, base in ((delta, weight), (delta.T.contiguous(), weight.T.contiguous())):  # wide and tall
+        part, why = adaptive_spectrum(matrix, exact_noise(matrix), energy, (0.9,), PLAN)
+        assert part is not None, why
+        u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        exact = amplification_factor(base.double(), energy ** 0.5, u[:, :16], vh[:16])
+        found = amplification(base, matrix, energy ** 0.5, 16, directions=part.directions)
+        randomized = amplification(base, matrix, energy ** 0.5, 16)  # what runs without the directions
+        assert found["k"] == 16 and found["value"] == pytest.approx(exact, rel=1e-3)
+        assert abs(found["value"] - exact) <= abs(randomized["value"] - exact) + 1e-6 * exact

@@ -59,7 +59,8 @@ class SubspaceIteration:
         block = it.round()   # one more power iteration
     """
 
-    def __init__(self, matrix: torch.Tensor, width: int, seed: int = 0, start: torch.Tensor | None = None):
+    def __init__(self, matrix: torch.Tensor, width: int, seed: int = 0, start: torch.Tensor | None = None,
+                 warmup: int = 0):
         self.matrix = matrix
         m, n = matrix.shape
         self.width = min(width, n)
@@ -68,7 +69,9 @@ class SubspaceIteration:
         if start is not None:  # keep what an earlier, narrower block found
             sketch[:, : start.shape[1]] = start
         self.basis = orthonormal_basis(matrix @ sketch)
-        self.iterations = 0
+        for _ in range(warmup):  # power iterations without Rayleigh–Ritz: the first rounds never settle anything
+            self.basis = orthonormal_basis(matrix @ orthonormal_basis(matrix.T @ self.basis))
+        self.iterations = warmup
         self.ritz_basis = self.basis  # the block the last Ritz values came from
         self._vectors: torch.Tensor | None = None
         self._right: torch.Tensor | None = None
@@ -77,7 +80,7 @@ class SubspaceIteration:
         """Rayleigh–Ritz on the current block, its residuals, and the block for the next round."""
         matrix, basis = self.matrix, self.basis
         projected = (basis.T @ matrix).double()  # b × n
-        eigenvalues, vectors = torch.linalg.eigh(projected @ projected.T)
+        eigenvalues, vectors = small_eigh(projected @ projected.T)
         eigenvalues, vectors = eigenvalues.flip(0).clamp_min(0.0), vectors.flip(1)
         theta = eigenvalues.sqrt()
         positive = theta > theta[0] * 1e-12 if theta[0] > 0 else torch.zeros_like(theta, dtype=torch.bool)
@@ -90,9 +93,8 @@ class SubspaceIteration:
         self.ritz_basis, self.basis = basis, orthonormal_basis(image)
         self._vectors, self._right = vectors, right
         self.iterations += 1
-        values = theta.cpu().numpy()
-        return RitzBlock(values, value_errors(values, rho.cpu().numpy(), positive.cpu().numpy()),
-                         self.width, self.iterations)
+        host = torch.stack([theta, rho, positive.double()]).cpu().numpy()  # one transfer, one synchronisation
+        return RitzBlock(host[0], value_errors(host[0], host[1], host[2] > 0), self.width, self.iterations)
 
 
     def left_vectors(self, count: int) -> torch.Tensor:
@@ -102,6 +104,19 @@ class SubspaceIteration:
     def right_vectors(self) -> torch.Tensor:
         """The right Ritz vectors of the last round (n×b): a start for a wider block."""
         return self._right
+
+
+def small_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of a small symmetric float64 matrix (the b×b Rayleigh–Ritz problem), on the host.
+
+    A GPU eigensolver spends milliseconds on launches for b ≈ 128; LAPACK on the host takes a
+    fraction of that, and the values have to come to the host anyway.
+    """
+    if gram.device.type == "cpu":
+        return torch.linalg.eigh(gram)
+    values, vectors = np.linalg.eigh(gram.cpu().numpy())
+    return (torch.from_numpy(values).to(gram.device, non_blocking=True),
+            torch.from_numpy(vectors).to(gram.device, non_blocking=True))
 
 
 def value_errors(theta: np.ndarray, rho: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -140,44 +155,48 @@ class TailSums:
 
 
 def lanczos_tridiagonals(apply, dim: int, probes: int, steps: int, device: torch.device, dtype: torch.dtype,
-                         seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """α (steps×probes) and β (steps×probes) of Lanczos on a symmetric operator from Rademacher starts.
+                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """α (steps×probes) and β (steps×probes), on ``device``, of Lanczos on a symmetric operator from Rademacher starts.
 
-    All probes run together as the columns of one block (one product per step), with full
-    reorthogonalisation against the earlier vectors of the same probe.
+    All probes run together as the columns of one block (one product per step). Only the
+    three-term recurrence is kept, as in stochastic Lanczos quadrature (Ubaru, Chen & Saad
+    2017): lost orthogonality repeats converged Ritz values, which shares their quadrature
+    weight among the copies rather than changing the sum.
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     start = torch.randint(0, 2, (dim, probes), device=device, generator=generator, dtype=torch.int8)
     vector = (start.to(dtype) * 2 - 1) / math.sqrt(dim)
     steps = min(steps, dim)
-    basis = torch.empty(steps, dim, probes, device=device, dtype=dtype)
     alphas = torch.zeros(steps, probes, device=device, dtype=dtype)
     betas = torch.zeros(steps, probes, device=device, dtype=dtype)
     previous = torch.zeros_like(vector)
     beta = torch.zeros(probes, device=device, dtype=dtype)
     for j in range(steps):
-        basis[j] = vector
-        w = apply(vector) - beta * previous
+        w = apply(vector)
+        w.sub_(beta * previous)
         alpha = (w * vector).sum(0)
-        w = w - alpha * vector
-        known = basis[: j + 1]
-        w = w - torch.einsum("jnp,jp->np", known, torch.einsum("jnp,np->jp", known, w))
+        w.sub_(alpha * vector)
         beta = torch.linalg.vector_norm(w, dim=0)
         alphas[j], betas[j] = alpha, beta
-        previous, vector = vector, w / torch.where(beta > 0, beta, torch.ones_like(beta))
-    return alphas.double().cpu().numpy(), betas.double().cpu().numpy()
+        previous, vector = vector, w.div_(torch.where(beta > 0, beta, torch.ones_like(beta)))
+    return alphas, betas
 
 
-def quadrature(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss nodes and weights per probe from its Lanczos tridiagonal: (probes×steps) each."""
+def quadrature(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauss nodes and weights per probe from its Lanczos tridiagonal: (probes×steps) each.
+
+    Golub–Welsch: the nodes are the tridiagonal's eigenvalues, the weights the squared first
+    components of its eigenvectors. One batched eigensolve on the tensors' device (on a GPU
+    the batch of small problems costs a fraction of a host LAPACK loop).
+    """
     steps, probes = alphas.shape
-    tri = np.zeros((probes, steps, steps))
-    idx = np.arange(steps)
-    tri[:, idx, idx] = alphas.T
-    tri[:, idx[:-1], idx[1:]] = betas[:-1].T
-    tri[:, idx[1:], idx[:-1]] = betas[:-1].T
-    nodes, vectors = np.linalg.eigh(tri)
-    return np.clip(nodes, 0.0, None), vectors[:, 0, :] ** 2
+    tri = torch.zeros(probes, steps, steps, dtype=torch.float64, device=alphas.device)
+    idx = torch.arange(steps, device=alphas.device)
+    tri[:, idx, idx] = alphas.T.double()
+    tri[:, idx[:-1], idx[1:]] = betas[:-1].T.double()
+    tri[:, idx[1:], idx[:-1]] = betas[:-1].T.double()
+    nodes, vectors = torch.linalg.eigh(tri)
+    return nodes.clamp_min(0.0), vectors[:, 0, :] ** 2
 
 
 def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
@@ -185,25 +204,28 @@ def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: i
     """SLQ estimates of Σσ and Σσ ln σ of R = (I − QQᵀ)M, M tall (m×n), Q = ``basis`` (m×b).
 
     ΔWᵀΔW = BᵀB + RᵀR with B = QᵀM, so once Q holds the top of the spectrum the rest of it is
-    R's; Lanczos runs on RᵀR/scale² (n×n, never formed).
+    R's; Lanczos runs on RᵀR (n×n, never formed) and its coefficients are scaled by 1/scale².
     """
     def apply(v: torch.Tensor) -> torch.Tensor:
         y = matrix @ v
-        y = y - basis @ (basis.T @ y)
-        return (matrix.T @ y) / (scale * scale)
+        y.sub_(basis @ (basis.T @ y))
+        return matrix.T @ y
 
     dim = matrix.shape[1]
     alphas, betas = lanczos_tridiagonals(apply, dim, probes, steps, matrix.device, matrix.dtype, seed)
-    fine, coarse = quadrature_sums(alphas, betas, dim), quadrature_sums(alphas[: steps // 2], betas[: steps // 2], dim)
-    return TailSums(fine[0], fine[1], scale, alphas.shape[0], coarse[0], coarse[1])
+    alphas, betas = alphas.double() / (scale * scale), betas.double() / (scale * scale)
+    sums = torch.stack(quadrature_sums(alphas, betas, dim) + quadrature_sums(alphas[: steps // 2], betas[: steps // 2], dim))
+    host = sums.cpu().numpy()  # one transfer for the four per-probe arrays
+    return TailSums(host[0], host[1], scale, alphas.shape[0], host[2], host[3])
 
 
-def quadrature_sums(alphas: np.ndarray, betas: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def quadrature_sums(alphas: torch.Tensor, betas: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per probe: the quadrature estimates of Σσ and Σσ ln σ (σ = √λ of the operator's eigenvalues λ)."""
     nodes, weights = quadrature(alphas, betas)
-    sigma = np.sqrt(nodes)
-    xlogx = np.where(sigma > 0, sigma * np.log(np.where(sigma > 0, sigma, 1.0)), 0.0)
-    return dim * np.sum(weights * sigma, axis=1), dim * np.sum(weights * xlogx, axis=1)
+    sigma = nodes.sqrt()
+    xlogx = torch.where(sigma > 0, sigma * torch.log(torch.where(sigma > 0, sigma, torch.ones_like(sigma))),
+                        torch.zeros_like(sigma))
+    return dim * (weights * sigma).sum(1), dim * (weights * xlogx).sum(1)
 
 
 def entropy_rank(nuclear: float, entropy: float) -> float:

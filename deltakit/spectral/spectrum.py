@@ -257,6 +257,7 @@ class AdaptivePlan:
     start_width: int = 128
     crossover: float = 0.25
     rounds: int = 8
+    warmup: int = 2  # power iterations before the first Rayleigh–Ritz round
     probes: int = 32
     steps: int = 64
     settled_relative: float = 1e-3  # a top value counts as converged (and deflates the tail) below this error
@@ -281,6 +282,7 @@ class PartialSpectrum(Spectrum):
     signal_count: int | None = None
     bounds: dict[str, int] = field(default_factory=dict)
     width: int = 0
+    directions: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
@@ -426,7 +428,7 @@ def adaptive_spectrum(matrix: torch.Tensor, noise: StorageNoise | None, delta_en
     matters = rounding_matters(noise, 0.0, delta_energy)
     signal_energy = max(delta_energy - noise.energy, 0.0) if matters and noise is not None else None
     while width <= plan.crossover * small:
-        iteration = SubspaceIteration(tall, width, seed=seed, start=start)
+        iteration = SubspaceIteration(tall, width, seed=seed, start=start, warmup=plan.warmup if start is None else 0)
         for _ in range(plan.rounds):
             block = iteration.round()
             verdict = settle(block, delta_energy, fractions, signal_energy, noise if matters else None, shape)
@@ -470,4 +472,16 @@ def _partial(iteration: SubspaceIteration, block: RitzBlock, shape: tuple[int, i
         signal_energy = max(energy - noise.energy, float(np.sum(signal * signal)))
     return PartialSpectrum(values, shape, f"adaptive({block.width})", method_floor, noise, signal, signal_energy, energy,
                            upper=block.upper, tail=tail, tail_energy=max(tail_energy, 0.0), deflated=deflated,
-                           rank_count=rank_count, signal_count=signal_count, bounds=bounds, width=block.width)
+                           rank_count=rank_count, signal_count=signal_count, bounds=bounds, width=block.width,
+                           directions=top_directions_of(iteration, shape, DIRECTIONS_KEPT))
+
+
+DIRECTIONS_KEPT = 64  # top singular vectors a partial spectrum keeps for the amplification factor
+
+
+def top_directions_of(iteration: SubspaceIteration, shape: tuple[int, int], count: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (m×k) and Vh (k×n) of ΔW (m×n) from the Ritz vectors of its tall orientation."""
+    count = min(count, iteration.width)
+    left, right = iteration.left_vectors(count), iteration.right_vectors()[:, :count]
+    return (left, right.T) if shape[0] >= shape[1] else (right, left.T)

@@ -112,17 +112,23 @@ AMPLIFICATION_MAX_K = 64  # Hu et al. report r = 4 and r = 64
 
 
 def amplification(
-    weight: torch.Tensor, delta: torch.Tensor, delta_fro: float, rank: int, max_k: int = AMPLIFICATION_MAX_K
+    weight: torch.Tensor, delta: torch.Tensor, delta_fro: float, rank: int, max_k: int = AMPLIFICATION_MAX_K,
+    directions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, float | int | None] | None:
     """``{"k": r, "value": ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F}`` with r = min(numerical rank of ΔW, ``max_k``).
 
     For a LoRA r is its rank (Hu et al.'s r); for a full fine-tune ``max_k``. The top-r
-    directions come from the randomized SVD in fp32 with one power iteration: exact for a
+    directions are ``directions`` (U m×k', Vh k'×n, k' ≥ r: the adaptive spectrum's Ritz vectors)
+    when given, else from the randomized SVD in fp32 with one power iteration: exact for a
     low-rank ΔW, and for a full fine-tune the projection of W onto a slightly rotated top-64
     subspace barely moves the ratio; it runs on every matrix `rank` sees, so it is kept cheap
     (bench/probes/rank_parts.py). None for an unchanged matrix.
     """
     if rank <= 0 or delta_fro == 0.0:
         return None
-    u, _, vh = top_directions(delta, min(rank, max_k), power_iterations=1)
+    k = min(rank, max_k)
+    if directions is not None and directions[0].shape[1] >= k:
+        u, vh = directions[0][:, :k], directions[1][:k]
+    else:
+        u, _, vh = top_directions(delta, k, power_iterations=1)
     return {"k": int(u.shape[1]), "value": amplification_factor(weight, delta_fro, u, vh)}

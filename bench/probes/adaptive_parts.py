@@ -1,0 +1,87 @@
+"""The adaptive path's pieces timed one by one on the device (synchronised, median of 5).
+
+    python -m bench.probes.adaptive_parts --device cuda --out OUT
+
+For a 4096² and an 11008×4096 fp32 matrix: the products of one round, its small eigenproblem,
+the orthonormalisation, one Lanczos step and the whole quadrature, so the next optimisation
+goes where the time is. Writes ``adaptive_parts.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deltakit.spectral.partial import SubspaceIteration, effective_rank_estimate, quadrature, small_eigh, tail_sums
+from deltakit.spectral.svd import orthonormal_basis
+
+
+def timed(fn, device: torch.device, repeats: int = 5) -> float:
+    times = []
+    for i in range(repeats + 2):
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device) if device.type == "cuda" else None
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shapes", default="4096x4096,11008x4096")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    for text in args.shapes.split(","):
+        m, n = (int(v) for v in text.split("x"))
+        gen = torch.Generator(device=device).manual_seed(0)
+        matrix = torch.randn(m, n, device=device, generator=gen)
+        q = orthonormal_basis(torch.randn(m, 128, device=device, generator=gen))
+        v = torch.randn(n, 128, device=device, generator=gen)
+        probes = torch.randn(n, 32, device=device, generator=gen)
+        gram = (q.T @ matrix).double()
+        gram = gram @ gram.T
+        it = SubspaceIteration(matrix, 128, warmup=2)
+        it.round()
+        left = it.left_vectors(100)
+        tridiag_a = torch.rand(64, 32, device=device, dtype=torch.float64)
+        tridiag_b = torch.rand(64, 32, device=device, dtype=torch.float64)
+        row = {
+            "shape": [m, n],
+            "gemm_QtM_128": timed(lambda: q.T @ matrix, device),
+            "gemm_MV_128": timed(lambda: matrix @ v, device),
+            "gemm_MV_32": timed(lambda: matrix @ probes, device),
+            "gram_fp64_128": timed(lambda: (q.T @ matrix).double() @ (q.T @ matrix).double().T, device),
+            "small_eigh_host_128": timed(lambda: small_eigh(gram), device),
+            "eigh_device_128": timed(lambda: torch.linalg.eigh(gram), device),
+            "orthonormal_128": timed(lambda: orthonormal_basis(matrix @ v), device),
+            "round": timed(lambda: it.round(), device),
+            "init_warmup2": timed(lambda: SubspaceIteration(matrix, 128, warmup=2), device),
+            "tail_sums_32x64": timed(lambda: tail_sums(matrix, left, 1.0, 32, 64), device),
+            "tail_sums_32x32": timed(lambda: tail_sums(matrix, left, 1.0, 32, 32), device),
+            "tail_sums_16x64": timed(lambda: tail_sums(matrix, left, 1.0, 16, 64), device),
+            "quadrature_32x64": timed(lambda: quadrature(tridiag_a, tridiag_b), device),
+            "quadrature_host_32x64": timed(lambda: quadrature(tridiag_a.cpu(), tridiag_b.cpu()), device),
+        }
+        tail = tail_sums(matrix, left, 1.0, 32, 64)
+        row["effective_rank_estimate"] = timed(lambda: effective_rank_estimate(np.linspace(2, 1, 100), tail), device)
+        rows.append(row)
+        print(json.dumps({k: (round(v * 1e3, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adaptive_parts.json").write_text(json.dumps({"device": str(device), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
