@@ -77,7 +77,8 @@ def test_noisy_bf16_delta_agrees_with_the_full_path_and_fp64_truth(device):
     assert [part.signal_rank_at(x) for x in (0.5, 0.9)] == [full.signal_rank_at(x) for x in (0.5, 0.9)]
     assert part.stable_rank() == pytest.approx(full.stable_rank(), rel=1e-4)
     truth = metrics.effective_rank(torch.linalg.svdvals(delta.double()).numpy())
-    assert full.effective_rank() == pytest.approx(truth, rel=2e-3)  # the values under the gram floor are counted
+    # the values under the gram floor are counted (0.03% off on the CPU; 0.3% with the H200's fp32 eigensolver)
+    assert full.effective_rank() == pytest.approx(truth, rel=5e-3)
     error = part.effective_rank_error
     assert error is not None and 0 < error < 0.02 * truth
     assert abs(part.effective_rank() - truth) <= max(3 * error, 0.015 * truth)
