@@ -182,22 +182,23 @@ def lanczos_tridiagonals(apply, dim: int, probes: int, steps: int, device: torch
     return alphas, betas
 
 
-def quadrature(alphas: torch.Tensor, betas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gauss nodes and weights per probe from its Lanczos tridiagonal: (probes×steps) each.
+def quadrature(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss nodes and weights per probe from its Lanczos tridiagonal: (probes×steps) each, on the host.
 
     Golub–Welsch: the nodes are the tridiagonal's eigenvalues, the weights the squared first
-    components of its eigenvectors. One batched eigensolve on the host: for 32 problems of
-    64×64 it took 8 ms there against 23 ms on an H200 (bench/probes/adaptive_parts.py).
+    components of its eigenvectors, from one batched LAPACK call. Measured on an H200 host
+    (bench/probes/adaptive_parts.py, bench/measured/2026-11-29-h200): the batch on the GPU took
+    23 ms against 15 ms here, and torch's own host eigensolver, 8 ms alone, made a whole `rank`
+    run 70 % slower next to the reading threads.
     """
-    alphas, betas = alphas.cpu(), betas.cpu()
     steps, probes = alphas.shape
-    tri = torch.zeros(probes, steps, steps, dtype=torch.float64)
-    idx = torch.arange(steps)
-    tri[:, idx, idx] = alphas.T.double()
-    tri[:, idx[:-1], idx[1:]] = betas[:-1].T.double()
-    tri[:, idx[1:], idx[:-1]] = betas[:-1].T.double()
-    nodes, vectors = torch.linalg.eigh(tri)
-    return nodes.clamp_min(0.0), vectors[:, 0, :] ** 2
+    tri = np.zeros((probes, steps, steps))
+    idx = np.arange(steps)
+    tri[:, idx, idx] = alphas.T
+    tri[:, idx[:-1], idx[1:]] = betas[:-1].T
+    tri[:, idx[1:], idx[:-1]] = betas[:-1].T
+    nodes, vectors = np.linalg.eigh(tri)
+    return np.clip(nodes, 0.0, None), vectors[:, 0, :] ** 2
 
 
 def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
@@ -214,20 +215,18 @@ def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: i
 
     dim = matrix.shape[1]
     alphas, betas = lanczos_tridiagonals(apply, dim, probes, steps, matrix.device, matrix.dtype, seed)
-    host = torch.stack([alphas, betas]).double().cpu() / (scale * scale)  # one transfer
+    host = torch.stack([alphas, betas]).double().cpu().numpy() / (scale * scale)  # one transfer
     alphas, betas = host[0], host[1]
-    sums = torch.stack(quadrature_sums(alphas, betas, dim) + quadrature_sums(alphas[: steps // 2], betas[: steps // 2], dim))
-    host = sums.numpy()
+    host = np.stack(quadrature_sums(alphas, betas, dim) + quadrature_sums(alphas[: steps // 2], betas[: steps // 2], dim))
     return TailSums(host[0], host[1], scale, alphas.shape[0], host[2], host[3])
 
 
-def quadrature_sums(alphas: torch.Tensor, betas: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quadrature_sums(alphas: np.ndarray, betas: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Per probe: the quadrature estimates of Σσ and Σσ ln σ (σ = √λ of the operator's eigenvalues λ)."""
     nodes, weights = quadrature(alphas, betas)
-    sigma = nodes.sqrt()
-    xlogx = torch.where(sigma > 0, sigma * torch.log(torch.where(sigma > 0, sigma, torch.ones_like(sigma))),
-                        torch.zeros_like(sigma))
-    return dim * (weights * sigma).sum(1), dim * (weights * xlogx).sum(1)
+    sigma = np.sqrt(nodes)
+    xlogx = np.where(sigma > 0, sigma * np.log(np.where(sigma > 0, sigma, 1.0)), 0.0)
+    return dim * np.sum(weights * sigma, axis=1), dim * np.sum(weights * xlogx, axis=1)
 
 
 def entropy_rank(nuclear: float, entropy: float) -> float:
