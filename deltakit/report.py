@@ -153,7 +153,9 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
         f"{summary['changed_matrices']} of {summary['matrices']} matrices changed; "
         f"{len(changed)} of {len(report.vectors)} 1-D tensors (norms, biases) changed"
     )
-    return "\n".join(parts + report.footer_lines(f"{report.method} spectra"))
+    adaptive = any(m.spectrum_method.startswith("adaptive") for m in report.matrices)
+    what = f"adaptive spectra ({report.method} where whole)" if adaptive else f"{report.method} spectra"
+    return "\n".join(parts + report.footer_lines(what))
 
 
 CSV_FIELDS = ["name", "shape", "dtype", "module_type", "layer", "layout", "added_rows", "delta_fro", "rel_delta",

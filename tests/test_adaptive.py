@@ -142,8 +142,10 @@ def test_cli_adaptive_and_full_spectrum_flags(monkeypatch, tmp_path):
     for flag in ("--adaptive", "--full-spectrum"):
         out = tmp_path / f"{flag.strip('-')}.json"
         result = runner.invoke(cli, ["rank", str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"),
-                                     "--device", "cpu", flag, "--json", str(out), "-q"])
+                                     "--device", "cpu", flag, "--json", str(out)])
         assert result.exit_code == 0, result.output
+        assert ("computed in part (adaptive)" in result.output) == (flag == "--adaptive")
+        assert ("adaptive spectra (gram where whole)" in result.output) == (flag == "--adaptive")
         found[flag] = json.loads(out.read_text())["matrices"]
     adaptive, full = found["--adaptive"][0], found["--full-spectrum"][0]
     assert adaptive["spectrum_method"].startswith("adaptive(") and full["spectrum_method"] == "gram"
