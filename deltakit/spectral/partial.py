@@ -168,18 +168,20 @@ def lanczos_tridiagonals(apply, dim: int, probes: int, steps: int, device: torch
     start = torch.randint(0, 2, (dim, probes), device=device, generator=generator, dtype=torch.int8)
     vector = (start.to(dtype) * 2 - 1) / math.sqrt(dim)
     steps = min(steps, dim)
-    alphas = torch.zeros(steps, probes, device=device, dtype=dtype)
-    betas = torch.zeros(steps, probes, device=device, dtype=dtype)
+    alphas, betas = [], []
     previous = torch.zeros_like(vector)
     beta = torch.zeros(probes, device=device, dtype=dtype)
-    for j in range(steps):
+    tiny = torch.finfo(dtype).tiny
+    for _ in range(steps):  # few kernels a step: the loop is bound by launches, not by its products
         w = apply(vector)
-        w.sub_(beta * previous)
-        alpha = (w * vector).sum(0)
-        w.sub_(alpha * vector)
+        w.addcmul_(previous, beta, value=-1.0)
+        alpha = torch.linalg.vecdot(w, vector, dim=0)
+        w.addcmul_(vector, alpha, value=-1.0)
         beta = torch.linalg.vector_norm(w, dim=0)
-        alphas[j], betas[j] = alpha, beta
-        previous, vector = vector, w.div_(torch.where(beta > 0, beta, torch.ones_like(beta)))
+        alphas.append(alpha)
+        betas.append(beta)
+        previous, vector = vector, w.div_(beta.clamp_min(tiny))  # β = 0 only where w is 0
+    alphas, betas = torch.stack(alphas), torch.stack(betas)
     return alphas, betas
 
 
@@ -211,7 +213,7 @@ def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: i
     """
     def apply(v: torch.Tensor) -> torch.Tensor:
         y = matrix @ v
-        y.sub_(basis @ (basis.T @ y))
+        y = torch.addmm(y, basis, basis.T @ y, alpha=-1.0)  # (I − QQᵀ)·M·v in one product
         return matrix.T @ y
 
     dim = matrix.shape[1]
