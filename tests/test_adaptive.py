@@ -44,9 +44,10 @@ def both_paths(delta: torch.Tensor, noise, fractions=FRACTIONS):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [1, 11, 21])
 @pytest.mark.parametrize("sigma", [np.ones(4), 1.0 / np.arange(1, 17)], ids=["rank4-equal", "rank16-decaying"])
-def test_exact_low_rank_reads_the_same_on_both_paths(sigma, device):
-    delta = low_rank(768, 512, sigma, seed=1).to(device)
+def test_exact_low_rank_reads_the_same_on_both_paths(sigma, seed, device):
+    delta = low_rank(768, 512, sigma, seed=seed).to(device)
     full, part = both_paths(delta, exact_noise(delta), FRACTIONS + (1.0,))
     assert part.method.startswith("adaptive")
     assert part.rank == full.rank == sigma.size

@@ -384,11 +384,19 @@ def settle(block: RitzBlock, energy: float, fractions: Sequence[float], signal_e
     trusted = block.width - max(8, block.width // 8)
     if block.values.size and block.values[0] > 0 and block.errors[0] > 2.5e-5 * block.values[0]:
         return Settlement(False, reason="σ₁")
+    lower, upper = block.values, block.upper
+    sigma_max = float(lower[0]) if lower.size else 0.0
+    if energy - float(np.sum(lower * lower)) <= unresolved_threshold(shape, sigma_max, torch.float32):
+        # the rest is rounding (an exactly low-rank ΔW): as on the full path, the values under the
+        # method's floor are dropped and the fractions are of what remains
+        kept = lower > method_noise_floor(sigma_max, shape, "gram", torch.float32)
+        lower, upper = np.where(kept, lower, 0.0), np.where(kept, upper, 0.0)
+        energy = float(np.sum(lower * lower))
     for fraction in fractions:
-        late = crossing(block.values, fraction * energy)
+        late = crossing(lower, fraction * energy)
         if late is None or late > trusted:
             return Settlement(False, wider=True, reason=f"rank@{fraction:g}")
-        if crossing(block.upper, fraction * energy) != late:
+        if crossing(upper, fraction * energy) != late:
             return Settlement(False, reason=f"rank@{fraction:g}")
     if signal_energy is None or noise is None:
         return Settlement(True)
