@@ -41,7 +41,13 @@ from deltakit.spectral.norms import dim0_blocks
 from deltakit.spectral.spectrum import Spectrum, build_spectrum
 from deltakit.spectral.svd import gram_singular_values, method_noise_floor
 
-BLOCKED_BYTES = 2 * 1024**3  # a pair whose ΔW in the compute dtype is larger is analysed by row blocks
+BLOCKED_BYTES = 7 * 2**29
+"""A pair whose ΔW in the compute dtype is over this (3.5 GiB) is analysed by row blocks.
+
+Forming a ΔW of X bytes (fp32) from bf16 holds W_base, W_ft and ΔW, 2X: at 3.5 GiB that is
+7.5 GB, the most the whole path can take under issue 14's 8 GB. 405B's MLP matrices (53248×16384,
+3.25 GiB) stay on the whole path (adaptive spectrum, amplification; 7.45 GB predicted by
+``python -m bench.estimate --memory --preset 405b``); its embedding and lm_head (7.8 GiB) do not."""
 BLOCK_BYTES = 256 * 1024**2  # ΔW bytes (compute dtype) per row block read
 METHOD = "gram-blocked"  # ``spectrum_method`` of a matrix analysed here
 
