@@ -417,7 +417,7 @@ def rank(
     adaptive = options.adaptive_on(device) and not keep_spectra  # saved spectra are whole ones
     mine = parallel.share([matrix_cost(p.shape) for p in source.pairs])
     blocked = [i for i in mine if blocked_pair(source, source.pairs[i], options.dtype)]  # too large to hold whole
-    streamed = [i for i in mine if i not in set(blocked)]
+    streamed = [i for i in mine if i not in blocked] if blocked else mine  # blocked: a few (embeddings, lm_head)
     # the blocked pairs come after the stream has finished, so nothing is read ahead while they run
     work = chain(zip_released(streamed, source.stream(streamed, device, options.dtype, options.prefetch)),
                  ((i, None) for i in blocked))
