@@ -131,6 +131,32 @@ def matrix_workspace(command: str, shape: tuple[int, ...], stored: int, compute:
     return steps
 
 
+def is_blocked(shape: tuple[int, ...], compute: int) -> bool:
+    """Whether ``rank`` reads this matrix by row blocks (deltakit.blocked.blocked_pair, from the shape alone)."""
+    from deltakit.blocked import BLOCKED_BYTES
+
+    return len(shape) == 2 and shape[0] >= shape[1] and math.prod(shape) * compute > BLOCKED_BYTES
+
+
+def blocked_workspace(shape: tuple[int, int], stored: int, compute: int) -> dict[str, int]:
+    """Bytes ``rank``'s row-blocked path (deltakit.blocked) holds for one tall m×n matrix.
+
+    While the blocks are read: G (n×n), two row blocks of the pair as stored (one worked on, one
+    read ahead) and the ΔW block, and the noise sums' workspace over a block; then the eigensolve
+    (G, the eigensolver's copy of it, the values), once the blocks are gone.
+    """
+    from deltakit.blocked import block_rows
+    from deltakit.spectral import noise, norms
+
+    m, n = shape
+    dtype = {4: torch.float32, 8: torch.float64}[compute]
+    block = min(block_rows((m, n), dtype), m) * n
+    return {"gram": n * n * compute,
+            "blocks": 2 * block * 2 * stored + block * compute + min(norms.BLOCK_ELEMENTS, block) * 8,  # + a norm block in float64
+            "noise": NOISE_BLOCKS * min(noise.BLOCK_ELEMENTS, block) * compute + (m + n) * (compute + 8) + 64,
+            "spectrum": 2 * n * n * compute + 4 * n * compute}
+
+
 def _randomized(m: int, n: int, width: int, compute: int) -> int:
     """spectral.svd.randomized_svd of an m×n matrix with ``width`` sketch columns: the sketch, the range
     and power-iteration bases with their float64 copies (QR / CholeskyQR2), B = QᵀM and its float64 products."""
@@ -145,7 +171,8 @@ def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str =
     Per tensor: while ΔW is formed the device holds W_base and W_ft as stored and ΔW in the
     compute dtype (``form``); then W_base as stored and ΔW (``item``) plus the largest step
     workspace; throughout, the pairs the stream has read ahead by the policy of
-    :func:`deltakit.delta.prefetched` (``ahead``). ``layers`` (default 2) limits the layers
+    :func:`deltakit.delta.prefetched` (``ahead``). ``rank`` reads a tall matrix whose ΔW is over
+    deltakit.blocked.BLOCKED_BYTES by row blocks (``path: "gram-blocked"``, :func:`blocked_workspace`). ``layers`` (default 2) limits the layers
     listed: every layer is the same, so the peak does not depend on it.
     """
     from deltakit.delta import PREFETCH_BYTES, may_read_ahead
@@ -154,11 +181,20 @@ def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str =
     s, c = DTYPE_BYTES[stored], DTYPE_BYTES[precision]
     shapes = MEMORY_PRESETS[preset] if isinstance(preset, str) else preset
     layout = memory_layout(shapes, layers)  # vocab 0: no embedding or lm_head
-    reads = [math.prod(shape) * 2 * s for _, shape in layout]
-    ahead_of = _simulate_read_ahead(reads, prefetch, budget, may_read_ahead)
+    blocked = [command == "rank" and is_blocked(shape, c) for _, shape in layout]
+    # blocked pairs are not streamed (rank reads them by row blocks once the stream is done): nothing ahead then
+    reads = [math.prod(shape) * 2 * s for (_, shape), whole in zip(layout, blocked) if not whole]
+    streamed_ahead = iter(_simulate_read_ahead(reads, prefetch, budget, may_read_ahead))
+    ahead_of = [0 if whole else next(streamed_ahead) for whole in blocked]
     rows = []
-    for (name, shape), ahead in zip(layout, ahead_of):
+    for (name, shape), ahead, whole in zip(layout, ahead_of, blocked):
         entries = math.prod(shape)
+        if whole:
+            steps = blocked_workspace(shape, s, c)
+            peak = max(steps["gram"] + steps["blocks"] + steps["noise"], steps["spectrum"])
+            rows.append({"name": name, "shape": list(shape), "form": 0, "item": 0, "steps": steps,
+                         "ahead": 0, "peak": peak, "path": "gram-blocked"})
+            continue
         steps = matrix_workspace(command, shape, s, c, rank)
         form = entries * (2 * s + c)
         item = entries * (s + c)
@@ -223,6 +259,9 @@ def print_memory(preset: str, precision: str, prefetch: int, prefetch_bytes: flo
               f"{model['peak_layers_tensor']} {layer['shape']}: form {_gb(layer['form'])}, item {_gb(layer['item'])}, "
               + ", ".join(f"{k} {_gb(v)}" for k, v in layer["steps"].items()) + f", ahead {_gb(layer['ahead'])}")
         print(f"{'':{len(preset) + 17}s}with embeddings: {_gb(model['peak'])} at {model['peak_tensor']}")
+        for row in (r for r in model["tensors"] if r.get("path") == "gram-blocked"):
+            print(f"{'':{len(preset) + 17}s}{row['name']} {row['shape']} by row blocks (gram-blocked): "
+                  f"{_gb(row['peak'])}: " + ", ".join(f"{k} {_gb(v)}" for k, v in row["steps"].items()))
     merge = merge_model(prefetch=prefetch)
     results["merge"] = merge
     print(f"{preset} merge           {_gb(merge['peak'])} (row pieces of {merge['piece_bytes'] >> 20} MiB; any size)")

@@ -14,11 +14,13 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from itertools import chain
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
 
+from deltakit.blocked import blocked_pair, blocked_spectrum
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
 from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device, zip_released
 from deltakit.pairing import TensorPair
@@ -325,13 +327,22 @@ def analyse_matrix(
 ) -> tuple[MatrixResult, Spectrum]:
     """Metrics and the spectrum of one ΔW (``rounding``: estimate the storage rounding in it;
     ``adaptive``: compute only the top of the spectrum where that settles the metrics)."""
-    pair = item.pair
     base_fro = _fro(item.base)
     spectrum, fallback = matrix_spectrum(item, options, rounding, base_fro, energy, adaptive, steps)
+    result = matrix_result(item.pair, spectrum, base_fro, energy, fallback)
+    known_rank = result.rank if result.rank is not None else result.lower_bounds.get("rank", 0)
+    result.amplification = amplification(item.base, item.delta, result.delta_fro, known_rank,
+                                         directions=getattr(spectrum, "directions", None))
+    return result, spectrum
+
+
+def matrix_result(pair: TensorPair, spectrum: Spectrum, base_fro: float, energy: Sequence[float],
+                  fallback: str | None = None) -> MatrixResult:
+    """The :class:`MatrixResult` of one ΔW from its spectrum and ‖W_base‖_F (amplification left None)."""
     delta_fro = math.sqrt(spectrum.total_energy)
     shape = spectrum.shape
     noise = spectrum.noise
-    result = MatrixResult(
+    return MatrixResult(
         name=pair.name, shape=shape, dtype=str(pair.ft_dtype).removeprefix("torch."),
         module_type=pair.module_type, layer=pair.layer, layout=pair.layout, fused=pair.fused,
         added_rows=pair.added_rows, delta_fro=delta_fro, rel_delta=relative_change(delta_fro, base_fro),
@@ -350,10 +361,6 @@ def analyse_matrix(
         effective_rank_error=spectrum.effective_rank_error, lower_bounds=spectrum.lower_bounds,
         spectrum_fallback=fallback,
     )
-    known_rank = result.rank if result.rank is not None else result.lower_bounds.get("rank", 0)
-    result.amplification = amplification(item.base, item.delta, delta_fro, known_rank,
-                                         directions=getattr(spectrum, "directions", None))
-    return result, spectrum
 
 
 def per_expert(item: DeltaItem) -> list[DeltaItem]:
@@ -409,13 +416,23 @@ def rank(
                         only_ft=source.only_ft)
     adaptive = options.adaptive_on(device) and not keep_spectra  # saved spectra are whole ones
     mine = parallel.share([matrix_cost(p.shape) for p in source.pairs])
-    items = source.stream(mine, device, options.dtype, options.prefetch)
+    blocked = [i for i in mine if blocked_pair(source, source.pairs[i], options.dtype)]  # too large to hold whole
+    streamed = [i for i in mine if i not in blocked] if blocked else mine  # blocked: a few (embeddings, lm_head)
+    # the blocked pairs come after the stream has finished, so nothing is read ahead while they run
+    work = chain(zip_released(streamed, source.stream(streamed, device, options.dtype, options.prefetch)),
+                 ((i, None) for i in blocked))
     rounding = not source.is_adapter  # an adapter's ΔW is exact: no storage rounding in it
     if progress is not None:
-        items = progress(items, len(mine), "ΔW spectra")
+        work = progress(work, len(mine), "ΔW spectra")
     local: list[tuple[int, Any]] = []
     with fail_together(parallel):
-        for index, item in zip_released(mine, items):
+        for index, item in work:
+            if item is None:
+                pair = source.pairs[index]
+                spectrum, base_fro = blocked_spectrum(source, pair, device, options.dtype)
+                kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
+                local.append((index, [(matrix_result(pair, spectrum, base_fro, energy), kept)]))
+                continue
             found = []
             for one in per_expert(item):
                 if one.pair.is_matrix and one.pair.layout != "vector":

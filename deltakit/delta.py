@@ -267,6 +267,41 @@ def stream_deltas(
         del base_stored, delta
 
 
+def delta_row_blocks(
+    base: Checkpoint,
+    ft: Checkpoint,
+    pair: TensorPair,
+    block_rows: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prefetch: int = 1,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """ΔW of one 2-D pair by row blocks: (first row, W_base rows as stored, ΔW rows in ``dtype``) on ``device``.
+
+    For a matrix whose whole ΔW would not fit the device: only ``block_rows`` rows of each side
+    are read at a time (the next block on a background thread while the device works on this
+    one), so the device holds at most ``prefetch + 1`` blocks. Rows past the base's (vocabulary
+    added in the fine-tune) are not read. Drop each block before asking for the next.
+    """
+    device = torch.device(device)
+    rows, step = int(pair.shape[0]), max(1, int(block_rows))
+    starts = list(range(0, rows, step))
+
+    def reader(start: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        span = (start, min(rows, start + step))
+        return lambda: (fetch(base, pair.base_name, device, span), fetch(ft, pair.ft_tensor, device, span))
+
+    loaded_all = prefetched([reader(start) for start in starts], prefetch, 1)
+    for start, loaded in zip_released(starts, loaded_all):
+        base_stored, ft_stored = (adopt(t).to(device) for t in loaded)  # type: ignore[union-attr]
+        del loaded
+        delta = ft_stored.to(dtype, copy=True)
+        del ft_stored
+        delta.sub_(base_stored)  # in place, in ``dtype``: the stored base values are exact there
+        yield start, base_stored, delta
+        del base_stored, delta
+
+
 def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, AdapterModule]]:
     """Pair each adapter module with the base tensor it changes; refuse an adapter that does not fit the base.
 

@@ -173,17 +173,33 @@ class UpdateScale:
         return self.rows[block] * self.cols / self.overall
 
 
+class ScaleSums:
+    """:func:`update_scale` gathered a row block at a time, so ΔW never needs to be held whole."""
+
+    def __init__(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device | str) -> None:
+        m, n = shape
+        self.shape = (m, n)
+        self.rows = torch.empty((m, 1), dtype=dtype, device=device)
+        self.col_sums = torch.zeros((1, n), dtype=torch.float64, device=device)
+
+    def add(self, start: int, delta: torch.Tensor) -> None:
+        """Rows ``start:start + len(delta)`` of ΔW (b×n, the accumulator's dtype)."""
+        for block in row_blocks(tuple(delta.shape)):
+            magnitude = delta[block].abs()
+            self.rows[start + block.start:start + block.stop] = magnitude.mean(dim=1, keepdim=True)
+            self.col_sums += magnitude.sum(dim=0, keepdim=True, dtype=torch.float64)
+
+    def result(self) -> UpdateScale:
+        m = self.shape[0]
+        cols = (self.col_sums / max(m, 1)).to(self.rows.dtype)
+        return UpdateScale(self.rows, cols, float(self.rows.double().mean()) if m else 0.0)
+
+
 def update_scale(delta: torch.Tensor) -> UpdateScale:
     """The :class:`UpdateScale` of a stored ΔW, by row blocks."""
-    m, n = delta.shape
-    rows = torch.empty((m, 1), dtype=delta.dtype, device=delta.device)
-    col_sums = torch.zeros((1, n), dtype=torch.float64, device=delta.device)
-    for block in row_blocks((m, n)):
-        magnitude = delta[block].abs()
-        rows[block] = magnitude.mean(dim=1, keepdim=True)
-        col_sums += magnitude.sum(dim=0, keepdim=True, dtype=torch.float64)
-    cols = (col_sums / max(m, 1)).to(delta.dtype)
-    return UpdateScale(rows, cols, float(rows.double().mean()) if m else 0.0)
+    sums = ScaleSums(tuple(delta.shape), delta.dtype, delta.device)
+    sums.add(0, delta)
+    return sums.result()
 
 
 def rounding_variance(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype,
@@ -227,6 +243,46 @@ def _requantized_variance(base: torch.Tensor, delta: torch.Tensor, base_step: to
     return step.square() * requantization_variance(spread, offset)
 
 
+class NoiseSums:
+    """The sums behind a :class:`StorageNoise`, gathered a row block at a time (``storage_noise``'s loop,
+    also what rank's blocked path feeds with blocks it reads from disk). Sums stay on the device until
+    :meth:`result`: one synchronisation per matrix, not one per block."""
+
+    def __init__(self, shape: tuple[int, int], base_dtype: torch.dtype, ft_dtype: torch.dtype,
+                 device: torch.device | str, quantized: bool = False) -> None:
+        m, n = shape
+        self.shape = (m, n)
+        self.base_dtype, self.ft_dtype, self.quantized = base_dtype, ft_dtype, quantized
+        self.shared = quantized or base_dtype == ft_dtype
+        self.row_energy = torch.empty(m, dtype=torch.float64, device=device)
+        self.col_energy = torch.zeros(n, dtype=torch.float64, device=device)
+        self.unchanged = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, start: int, base: torch.Tensor, delta: torch.Tensor, scale: UpdateScale | None,
+            steps: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Rows ``start:start + len(delta)``: the stored base (as stored or in ``delta``'s dtype), ΔW (b×n),
+        the whole matrix's :class:`UpdateScale` (None unless shared) and the rows' quantization steps."""
+        for block in row_blocks(tuple(delta.shape)):
+            rows = slice(start + block.start, start + block.stop)
+            # the base may be held as stored (bf16): its values are exact in delta's dtype, converted a block at a time
+            variance = rounding_variance(base[block].to(delta.dtype), delta[block], self.base_dtype, self.ft_dtype,
+                                         scale.at(rows) if scale is not None else None,
+                                         (steps[0][block], steps[1][block]) if steps is not None else None)
+            self.row_energy[rows] = variance.sum(dim=1, dtype=torch.float64)
+            self.col_energy += variance.sum(dim=0, dtype=torch.float64)
+            self.unchanged += (delta[block] == 0).sum()
+
+    def result(self) -> StorageNoise:
+        numel = self.shape[0] * self.shape[1]
+        energy, row_max, col_max, unchanged_count = torch.stack(
+            [self.row_energy.sum(), self.row_energy.max(), self.col_energy.max(), self.unchanged.double()]).tolist()
+        return StorageNoise(
+            energy=energy, row_energy_max=row_max, col_energy_max=col_max,
+            unchanged_fraction=unchanged_count / numel, numel=numel,
+            model="quantized" if self.quantized else "shared-grid" if self.shared else "independent",
+        )
+
+
 def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype,
                   ft_dtype: torch.dtype, steps: tuple[torch.Tensor, torch.Tensor] | None = None) -> StorageNoise:
     """The :class:`StorageNoise` of a stored ΔW (2-D, on any device), computed by row blocks.
@@ -242,24 +298,6 @@ def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dty
         return StorageNoise(0.0, 0.0, 0.0, 0.0, 0, "exact")
     if steps is not None and any(tuple(step.shape) != (m, n) for step in steps):
         raise ValueError(f"quantization steps {[tuple(s.shape) for s in steps]} do not match ΔW {(m, n)}")
-    shared = steps is not None or base_dtype == ft_dtype
-    scale = update_scale(delta) if shared else None
-    # Sums stay on the device until the end: one synchronisation per matrix, not one per block.
-    row_energy = torch.empty(m, dtype=torch.float64, device=delta.device)
-    col_energy = torch.zeros(n, dtype=torch.float64, device=delta.device)
-    unchanged = torch.zeros((), dtype=torch.int64, device=delta.device)
-    for block in row_blocks((m, n)):
-        # the base may be held as stored (bf16): its values are exact in delta's dtype, converted a block at a time
-        variance = rounding_variance(base[block].to(delta.dtype), delta[block], base_dtype, ft_dtype,
-                                     scale.at(block) if scale is not None else None,
-                                     (steps[0][block], steps[1][block]) if steps is not None else None)
-        row_energy[block] = variance.sum(dim=1, dtype=torch.float64)
-        col_energy += variance.sum(dim=0, dtype=torch.float64)
-        unchanged += (delta[block] == 0).sum()
-    energy, row_max, col_max, unchanged_count = torch.stack(
-        [row_energy.sum(), row_energy.max(), col_energy.max(), unchanged.double()]).tolist()
-    return StorageNoise(
-        energy=energy, row_energy_max=row_max, col_energy_max=col_max,
-        unchanged_fraction=unchanged_count / delta.numel(), numel=delta.numel(),
-        model="quantized" if steps is not None else "shared-grid" if shared else "independent",
-    )
+    sums = NoiseSums((m, n), base_dtype, ft_dtype, delta.device, quantized=steps is not None)
+    sums.add(0, base, delta, update_scale(delta) if sums.shared else None, steps)
+    return sums.result()

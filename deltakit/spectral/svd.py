@@ -42,6 +42,11 @@ def singular_values(matrix: torch.Tensor, method: str = "gram", dtype: torch.dty
     if method != "gram":
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
     gram, _ = _gram(matrix)
+    return gram_singular_values(gram)
+
+
+def gram_singular_values(gram: torch.Tensor) -> torch.Tensor:
+    """Singular values of M, descending, from its Gram matrix G = MᵀM or MMᵀ (k×k, symmetric): √eig(G)."""
     eigenvalues = torch.linalg.eigvalsh(gram)
     return eigenvalues.clamp_min(0).sqrt().flip(0)
 
