@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.estimate import LlamaShapes, memory_layout, memory_model  # noqa: E402
-from bench.synth import DeltaSpec, make_delta  # noqa: E402
+from bench.synth import DeltaSpec, pair_tensors  # noqa: E402
 from deltakit.io import ShardedWriter  # noqa: E402
 
 PRESETS = {
@@ -64,13 +64,7 @@ def write_slice(workdir: Path, shapes: LlamaShapes, device: torch.device, spec: 
     started = time.perf_counter()
     gen = torch.Generator(device=device)
     for index, (name, shape) in enumerate(layout):
-        gen.manual_seed(spec.seed * 1_000_003 + index)
-        if len(shape) == 1:
-            weight = torch.ones(shape, device=device)
-            tuned = weight + torch.randn(shape, generator=gen, device=device) * (spec.scale * 0.1)
-        else:
-            weight = torch.randn(shape, generator=gen, device=device) * spec.init_std
-            tuned = weight + make_delta(weight, spec, gen)
+        weight, tuned = pair_tensors(shape, index, spec, gen, device)
         writers["base"].write(name, weight.to(torch.bfloat16))
         writers["ft"].write(name, tuned.to(torch.bfloat16))
         del weight, tuned

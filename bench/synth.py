@@ -140,6 +140,21 @@ def make_delta(weight: torch.Tensor, spec: DeltaSpec, gen: torch.Generator) -> t
     return delta
 
 
+def pair_tensors(dims: tuple[int, ...], index: int, spec: DeltaSpec, gen: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Base and fine-tuned fp32 values of the ``index``-th tensor of a layout (seeded by its index).
+
+    A 1-D tensor (RMSNorm gains) is ones nudged by the fine-tune; a matrix is a Gaussian init
+    plus :func:`make_delta`.
+    """
+    gen.manual_seed(spec.seed * 1_000_003 + index)
+    if len(dims) == 1:
+        weight = torch.ones(dims, device=device)
+        return weight, weight + torch.randn(dims, generator=gen, device=device) * (spec.scale * 0.1)
+    weight = torch.randn(dims, generator=gen, device=device) * spec.init_std
+    return weight, weight + make_delta(weight, spec, gen)
+
+
 def _pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -196,13 +211,7 @@ def write_pair(workdir: Path, shape: ModelShape, delta: DeltaSpec, device: str =
     start = time.perf_counter()
     gen = torch.Generator(device=dev)
     for index, (name, dims) in enumerate(layout):
-        gen.manual_seed(delta.seed * 1_000_003 + index)
-        if len(dims) == 1:  # RMSNorm gains: ones, nudged by the fine-tune
-            weight = torch.ones(dims, device=dev)
-            tuned = weight + torch.randn(dims, generator=gen, device=dev) * (delta.scale * 0.1)
-        else:
-            weight = torch.randn(dims, generator=gen, device=dev) * delta.init_std
-            tuned = weight + make_delta(weight, delta, gen)
+        weight, tuned = pair_tensors(dims, index, delta, gen, dev)
         writers["base"].write(name, weight.to(torch.bfloat16))
         writers["ft"].write(name, tuned.to(torch.bfloat16))
         del weight, tuned
