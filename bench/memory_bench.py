@@ -29,8 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.estimate import LlamaShapes, memory_layout, memory_model  # noqa: E402
-from bench.synth import DeltaSpec, pair_tensors  # noqa: E402
-from deltakit.io import ShardedWriter  # noqa: E402
+from bench.synth import DeltaSpec, write_layout  # noqa: E402
 
 PRESETS = {
     "tiny": LlamaShapes(hidden=128, intermediate=344, kv=32, vocab=0, layers=2),
@@ -54,22 +53,8 @@ def write_slice(workdir: Path, shapes: LlamaShapes, device: torch.device, spec: 
     marker = workdir / "spec.json"
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return {"reused": True}
-    layout = memory_layout(shapes)
-    plan = [(name, shape, torch.bfloat16) for name, shape in layout]
-    writers = {}
-    for kind in ("base", "ft"):
-        (workdir / kind).mkdir(parents=True, exist_ok=True)
-        (workdir / kind / "config.json").write_text(json.dumps(config(shapes), indent=1) + "\n")
-        writers[kind] = ShardedWriter(workdir / kind, plan, max_shard_bytes=SHARD_BYTES)
     started = time.perf_counter()
-    gen = torch.Generator(device=device)
-    for index, (name, shape) in enumerate(layout):
-        weight, tuned = pair_tensors(shape, index, spec, gen, device)
-        writers["base"].write(name, weight.to(torch.bfloat16))
-        writers["ft"].write(name, tuned.to(torch.bfloat16))
-        del weight, tuned
-    for writer in writers.values():
-        writer.finish()
+    write_layout(workdir, memory_layout(shapes), config(shapes), spec, device, SHARD_BYTES)
     marker.write_text(json.dumps(wanted, indent=1) + "\n")
     return {"reused": False, "seconds": time.perf_counter() - started}
 

@@ -199,29 +199,35 @@ def write_pair(workdir: Path, shape: ModelShape, delta: DeltaSpec, device: str =
         log(f"reusing the pair already in {workdir}")
         return {"reused": True, **_sizes(workdir)}
     dev = _pick_device(device)
-    layout = llama_layout(shape)
-    plan = [(name, dims, torch.bfloat16) for name, dims in layout]
-    folders = {kind: workdir / kind for kind in ("base", "ft")}
-    writers = {}
-    for kind, folder in folders.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(llama_config(shape), indent=2) + "\n")
-        writers[kind] = ShardedWriter(folder, plan, max_shard_bytes=shard_bytes)
     (workdir / SPEC_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
-    gen = torch.Generator(device=dev)
-    for index, (name, dims) in enumerate(layout):
-        weight, tuned = pair_tensors(dims, index, delta, gen, dev)
-        writers["base"].write(name, weight.to(torch.bfloat16))
-        writers["ft"].write(name, tuned.to(torch.bfloat16))
-        del weight, tuned
-        if (index + 1) % 50 == 0:
-            log(f"  generated {index + 1}/{len(layout)} tensors ({time.perf_counter() - start:.1f} s)")
-    for writer in writers.values():
-        writer.finish()
+    write_layout(workdir, llama_layout(shape), llama_config(shape), delta, dev, shard_bytes, log)
     seconds = time.perf_counter() - start
     (workdir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
     return {"reused": False, "seconds": seconds, "device": str(dev), **_sizes(workdir)}
+
+
+def write_layout(workdir: Path, layout: list[tuple[str, tuple[int, ...]]], config: dict[str, object],
+                 delta: DeltaSpec, device: torch.device, shard_bytes: int, log=None) -> None:
+    """``workdir/base`` and ``workdir/ft``: every tensor of ``layout`` (:func:`pair_tensors`) in bf16,
+    sharded at ``shard_bytes``, with ``config`` as config.json; progress to ``log`` every 50 tensors."""
+    plan = [(name, dims, torch.bfloat16) for name, dims in layout]
+    writers = {}
+    for kind in ("base", "ft"):
+        (workdir / kind).mkdir(parents=True, exist_ok=True)
+        (workdir / kind / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        writers[kind] = ShardedWriter(workdir / kind, plan, max_shard_bytes=shard_bytes)
+    start = time.perf_counter()
+    gen = torch.Generator(device=device)
+    for index, (name, dims) in enumerate(layout):
+        weight, tuned = pair_tensors(dims, index, delta, gen, device)
+        writers["base"].write(name, weight.to(torch.bfloat16))
+        writers["ft"].write(name, tuned.to(torch.bfloat16))
+        del weight, tuned
+        if log is not None and (index + 1) % 50 == 0:
+            log(f"  generated {index + 1}/{len(layout)} tensors ({time.perf_counter() - start:.1f} s)")
+    for writer in writers.values():
+        writer.finish()
 
 
 def _sizes(workdir: Path) -> dict[str, object]:
