@@ -6,14 +6,15 @@ values hold X·‖ΔW‖²_F (and ‖ΔW‖²_F is known without any spectrum), 
 eigendecomposition of the Gram matrix costs O(n³) whatever the metrics need; a block of b
 vectors iterated a few times costs O(m·n·b) in matrix products. This module computes
 
-* :func:`ritz_block`: Ritz values θ₁ ≥ … ≥ θ_b of ΔW from subspace iteration (Halko, Martinsson
+* :class:`SubspaceIteration`: Ritz values θ₁ ≥ … ≥ θ_b of ΔW from subspace iteration (Halko, Martinsson
   & Tropp 2011, Alg. 4.4 with Rayleigh–Ritz after each round) and, per value, an error estimate
   from the residual of its Ritz vector. θᵢ ≤ σᵢ always (Cauchy interlacing: they are singular
   values of QᵀΔW for an orthonormal Q), so sums of θ² are lower bounds of sums of σ²; the
   residual gives the upper side.
 * :func:`tail_sums`: Σσ and Σσ·ln σ over the part of ΔW the block does not hold, by stochastic
   Lanczos quadrature (Ubaru, Chen & Saad 2017) with Rademacher probes, for the effective rank.
-  The spread over probes gives the error estimate (jackknife).
+  The spread over probes (jackknife) and the change from half the Lanczos steps give the
+  error estimate (:func:`effective_rank_estimate`).
 
 Nothing here decides which metric is settled; :mod:`deltakit.spectral.spectrum` does. Every
 function takes the matrix on its device and moves only small arrays to the host.
@@ -240,7 +241,8 @@ def entropy_rank(nuclear: float, entropy: float) -> float:
 
 
 def effective_rank_estimate(top: np.ndarray, tail: TailSums | None) -> tuple[float, float | None]:
-    """Effective rank from exact top values plus a tail estimate, and its jackknife standard error."""
+    """Effective rank from exact top values plus a tail estimate, and its error (jackknife over probes and the
+    quadrature's own step, see below); the error is None where nothing is estimated."""
     if tail is None:
         positive = top[top > 0]
         if positive.size == 0:
