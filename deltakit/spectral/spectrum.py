@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -314,16 +315,18 @@ class PartialSpectrum(Spectrum):
     def stable_rank(self) -> float:
         return self._normalizer / float(self.values[0]) ** 2 if self.values.size and self.values[0] > 0 else 0.0
 
+    @cached_property
     def _effective(self) -> tuple[float, float | None]:
+        """The estimate and its error, computed once (the jackknife is over every probe)."""
         top = self.values[: self.deflated] if self.tail is not None else self.values
         return effective_rank_estimate(top, self.tail)
 
     def effective_rank(self) -> float:
-        return self._effective()[0]
+        return self._effective[0]
 
     @property
     def effective_rank_error(self) -> float | None:
-        return self._effective()[1]
+        return self._effective[1]
 
     def signal_rank_at(self, fraction: float) -> int | None:
         if self.signal_is_raw:
@@ -400,18 +403,18 @@ def settle(block: RitzBlock, energy: float, fractions: Sequence[float], signal_e
             return Settlement(False, reason=f"rank@{fraction:g}")
     if signal_energy is None or noise is None:
         return Settlement(True)
-    edge, unit = noise.spectral_edge, noise.rms
+    signal_lower = debiased_values(block.values, shape, noise.rms, noise.spectral_edge)
+    signal_upper = debiased_values(block.upper, shape, noise.rms, noise.spectral_edge)
     for fraction in fractions:
-        lower = debiased_values(block.values, shape, unit, edge)
-        late = crossing(lower, fraction * signal_energy)
+        late = crossing(signal_lower, fraction * signal_energy)
         if late is None:
             count = count_above(block, signal_threshold(noise, shape), trusted)
-            if count is not None and crossing(debiased_values(block.upper, shape, unit, edge), fraction * signal_energy) is None:
+            if count is not None and crossing(signal_upper, fraction * signal_energy) is None:
                 continue  # every signal value is in the block and they do not reach X: None, as on the full path
             return Settlement(False, wider=True, reason=f"signal_rank@{fraction:g}")
         if late > trusted:
             return Settlement(False, wider=True, reason=f"signal_rank@{fraction:g}")
-        if crossing(debiased_values(block.upper, shape, unit, edge), fraction * signal_energy) != late:
+        if crossing(signal_upper, fraction * signal_energy) != late:
             return Settlement(False, reason=f"signal_rank@{fraction:g}")
     return Settlement(True)
 
