@@ -19,15 +19,18 @@ mkdir -p "$OUT" "$FINAL"
 trap 'tar czf "$FINAL/$PART.tgz" -C /tmp/dk-gpu-results "$PART"' EXIT
 cd "$(dirname "$0")/.."
 log() { echo "== $(date +%T) $*"; }
+rank_before() {  # the 7B rank row of the tree in .old/ (the commit before), when it was carried along
+    if [ -d .old ]; then
+        log "rank before (.old)"
+        (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
+    fi
+}
 nvidia-smi -L 2>/dev/null
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 
 case "$PART" in
 bench)
-    if [ -d .old ]; then
-        log "rank before (.old)"
-        (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
-    fi
+    rank_before
     log "rank, extract, merge (this tree)"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-extract,deltakit-merge --timeout 240
     log "DoRA vs LoRA merge"
@@ -50,10 +53,7 @@ more)
     rm -rf /tmp/dk-durability
     ;;
 rankab)
-    if [ -d .old ]; then
-        log "rank before (.old)"
-        (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
-    fi
+    rank_before
     log "rank after"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 200
     ;;
@@ -64,10 +64,7 @@ adaptive)
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
     ;;
 final)
-    if [ -d .old ]; then
-        log "rank before (.old: the tree before the noise-aware spectra)"
-        (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
-    fi
+    rank_before
     log "rank (adaptive) and rank --full-spectrum"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
     log "70B-shaped slice: memory and time"
@@ -96,10 +93,7 @@ profile)
     python3 -m bench.probes.rank_profile "$W/base" "$W/ft" --device cuda --out "$OUT/profile"
     ;;
 compare)
-    if [ -d .old ]; then
-        log "rank before (.old), again"
-        (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
-    fi
+    rank_before
     log "rank after, again"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 200
     log "compare vs rank"
