@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ NOTEBOOK = REPO / "notebooks" / "02_lora_learns_less.ipynb"
 sys.path.insert(0, str(REPO / "notebooks"))
 
 import lora_learns_less as lll  # noqa: E402
-from conftest import fast_notebook_env, run_notebook  # noqa: E402
+from conftest import environment, fast_notebook_env, run_notebook  # noqa: E402
 
 # The prose set comes from the machine's manual pages; a machine without them cannot run this test.
 assert any(Path("/usr/share/man/man1").glob("*.gz")), "no man pages in /usr/share/man/man1 for the prose set"
@@ -37,16 +36,8 @@ def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict, di
     out = work / "out"
     env = fast_notebook_env(out, blank=("DELTAKIT_NB_PRECOMPUTED", "DELTAKIT_NB_DATA", "DELTAKIT_NB_MODEL", "DELTAKIT_NB_SWEEP",
                                         "DELTAKIT_NB_CONFIG"))
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
         assert lll.main(["sweep", "1e-4"]) == 0  # the command line, into the notebook's output folder
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     notebook = run_notebook(NOTEBOOK, work, env)
     return notebook, json.loads((out / "results.json").read_text()), json.loads((out / lll.SWEEP_FILE).read_text())
 
