@@ -59,9 +59,10 @@ def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str |
 @click.option("--save-spectra", "spectra_path", metavar="PATH",
               help="Save every singular value of every ΔW (safetensors) for `deltakit plot`.")
 @click.option("--full-spectrum", "spectrum", flag_value="full",
-              help="Compute every singular value of every ΔW. By default, matrices with both sides ≥ 2048 get "
-                   "only the top that settles rank@X, the effective rank is estimated (± its error) and "
-                   "numerical ranks may read ≥bound.")
+              help="Compute every singular value of every ΔW (the default on a GPU computes only the top that "
+                   "settles rank@X and estimates the effective rank; numerical ranks may then read ≥bound).")
+@click.option("--adaptive", "spectrum", flag_value="adaptive",
+              help="Compute only the top of each spectrum on the CPU too (the default there is the full one).")
 @click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
 @allow_pickle_option
 @force_option
@@ -78,8 +79,8 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
     (above the rounding-noise floor), stable and effective rank, the rank that explains
     each --energy fraction, and that rank for a random matrix of the same shape.
 
-    For large matrices only the top of each spectrum is computed, as far as rank@X needs
-    (the adaptive path; --full-spectrum, --exact, --fp64 and --save-spectra compute all of it).
+    On a GPU only the top of each spectrum is computed, as far as rank@X needs (the
+    adaptive path; --full-spectrum, --exact, --fp64 and --save-spectra compute all of it).
     """
     from deltakit.analysis import rank
     from deltakit.io import check_output_path

@@ -131,7 +131,7 @@ def test_rank_at_past_the_crossover_falls_back_and_says_so(monkeypatch, tmp_path
     assert json.loads(json.dumps(report.to_dict()))["matrices"][0]["spectrum_fallback"] == matrix.spectrum_fallback
 
 
-def test_cli_default_is_adaptive_and_full_spectrum_computes_everything(monkeypatch, tmp_path):
+def test_cli_adaptive_and_full_spectrum_flags(monkeypatch, tmp_path):
     delta, _ = noisy_bf16_pair(seed=6)
     gen = torch.Generator().manual_seed(6)
     weight = (torch.randn(768, 512, generator=gen) * 0.02).bfloat16()
@@ -140,14 +140,14 @@ def test_cli_default_is_adaptive_and_full_spectrum_computes_everything(monkeypat
     monkeypatch.setattr(analysis, "ADAPTIVE_PLAN", PLAN)
     runner = CliRunner()
     found = {}
-    for flag in ("", "--full-spectrum"):  # the default is adaptive on the CPU too
-        out = tmp_path / f"{flag.strip('-') or 'default'}.json"
+    for flag in ("--adaptive", "--full-spectrum"):
+        out = tmp_path / f"{flag.strip('-')}.json"
         result = runner.invoke(cli, ["rank", str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"),
-                                     "--device", "cpu", "--json", str(out)] + ([flag] if flag else []))
+                                     "--device", "cpu", flag, "--json", str(out)])
         assert result.exit_code == 0, result.output
-        assert ("computed in part (adaptive)" in result.output) == (flag == "")
-        assert ("adaptive spectra (gram where whole)" in result.output) == (flag == "")
-        found[flag or "--adaptive"] = json.loads(out.read_text())["matrices"]
+        assert ("computed in part (adaptive)" in result.output) == (flag == "--adaptive")
+        assert ("adaptive spectra (gram where whole)" in result.output) == (flag == "--adaptive")
+        found[flag] = json.loads(out.read_text())["matrices"]
     adaptive, full = found["--adaptive"][0], found["--full-spectrum"][0]
     assert adaptive["spectrum_method"].startswith("adaptive(") and full["spectrum_method"] == "gram"
     assert adaptive["effective_rank_error"] > 0 and full["effective_rank_error"] is None

@@ -8,6 +8,7 @@ The 70B-shaped rows (8192², 28672×8192, 1024×8192) give the projection in doc
 
     python -m bench.probes.adaptive_probe --device cuda --out /tmp/adaptive        # 7B and 70B shapes
     python -m bench.probes.adaptive_probe --device cpu --preset tiny --out /tmp/a  # seconds, for the tests
+    python -m bench.probes.adaptive_probe --device cpu --preset cpu --repeats 1 --exact-reference --out /tmp/a
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.synth import DeltaSpec, make_delta
+from deltakit.spectral import metrics
 from deltakit.spectral.noise import storage_noise
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.spectrum import AdaptivePlan, adaptive_spectrum, compute_spectrum
@@ -27,6 +29,7 @@ from deltakit.spectral.spectrum import AdaptivePlan, adaptive_spectrum, compute_
 PLANS = {"tiny": AdaptivePlan(min_side=256, start_width=64, probes=8, steps=16)}
 PRESETS = {
     "tiny": [(768, 512, 64)],
+    "cpu": [(2048, 2048, 256)],  # the CPU figures of docs/metrics.md, with --exact-reference
     "7b70b": [(4096, 4096, 512), (11008, 4096, 512), (4096, 11008, 512),
               (8192, 8192, 512), (1024, 8192, 512), (28672, 8192, 512), (8192, 28672, 512)],
 }
@@ -48,7 +51,7 @@ def metrics_of(spectrum) -> dict[str, object]:
 
 
 def one_shape(m: int, n: int, width: int, device: torch.device, repeats: int, seed: int,
-              plan: AdaptivePlan = AdaptivePlan()) -> dict[str, object]:
+              plan: AdaptivePlan = AdaptivePlan(), exact_reference: bool = False) -> dict[str, object]:
     gen = torch.Generator(device=device).manual_seed(seed)
     weight = torch.randn(m, n, generator=gen, device=device) * 0.02
     delta = make_delta(weight, DeltaSpec(width=width), gen)
@@ -74,6 +77,16 @@ def one_shape(m: int, n: int, width: int, device: torch.device, repeats: int, se
             times.append(time.perf_counter() - start)
             del stored
         row[path] = {"seconds": min(times), "all_seconds": times, "fallback": why or None, **found}
+    if exact_reference:  # fp64 SVD truth, and the full path with its floor's values dropped (before the fix)
+        stored = ft.float() - base.float()
+        truth = torch.linalg.svdvals(stored.double()).cpu().numpy()
+        energy = float(torch.linalg.vector_norm(stored, dtype=torch.float64)) ** 2
+        full_spectrum = compute_spectrum(stored, SpectralOptions(), storage_noise(base, stored, torch.bfloat16,
+                                                                                  torch.bfloat16), energy)
+        row["exact"] = {"effective_rank": metrics.effective_rank(truth),
+                        "rank_at": [metrics.rank_at_energy(truth, x) for x in FRACTIONS],
+                        "full_floor_dropped_effective_rank": metrics.effective_rank(full_spectrum.values),
+                        "full_floor_dropped_rank_at": [metrics.rank_at_energy(full_spectrum.values, x) for x in FRACTIONS]}
     full, part = row["full"], row["adaptive"]
     row["agree"] = {
         "rank_at": full["rank_at"] == part["rank_at"],
@@ -92,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="7b70b")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--exact-reference", action="store_true", help="also the fp64 SVD's metrics (slow)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []
     for index, (m, n, width) in enumerate(PRESETS[args.preset]):
-        row = one_shape(m, n, width, device, args.repeats, seed=index, plan=PLANS.get(args.preset, AdaptivePlan()))
+        row = one_shape(m, n, width, device, args.repeats, seed=index, plan=PLANS.get(args.preset, AdaptivePlan()),
+                        exact_reference=args.exact_reference)
         rows.append(row)
         print(json.dumps({k: row[k] for k in ("shape", "speedup", "agree")}), {p: (row[p]["seconds"], row[p]["method"],
               row[p]["effective_rank"], row[p]["effective_rank_error"]) for p in ("full", "adaptive")}, flush=True)

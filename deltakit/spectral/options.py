@@ -35,11 +35,14 @@ class SpectralOptions:
     def adaptive_on(self, device: torch.device) -> bool:
         """Whether `rank` computes only the top of each spectrum (the adaptive path) on ``device``.
 
-        "auto" (= "adaptive") does in fp32 without --exact, on any device: for a matrix with both
-        sides ≥ 2048 a block of matrix products costs a fraction of a full eigendecomposition
-        (2048², bench-like: 0.45 s against 1.19 s on the 2-core development VM; 4096² on an H200:
-        53 against 97 ms), and smaller matrices take the full path anyway. "full" never.
+        "auto" does on a GPU, in fp32, without --exact: there a block of matrix products costs a
+        fraction of a full eigendecomposition (4096² on an H200: 53 against 97 ms). On the CPU the
+        full path stays the default (2048² on the 2-core development VM: 0.69 s full against
+        0.85 s adaptive, bench/probes/adaptive_probe.py --preset cpu); "adaptive" forces it
+        anywhere, "full" never.
         """
         if self.spectrum not in SPECTRUM_CHOICES:
             raise DeltakitError(f"unknown spectrum mode {self.spectrum!r}; use one of {', '.join(SPECTRUM_CHOICES)}")
-        return self.spectrum != "full" and not self.exact and self.precision == "fp32"
+        if self.spectrum == "full" or self.exact or self.precision != "fp32":
+            return False
+        return self.spectrum == "adaptive" or device.type == "cuda"
