@@ -6,6 +6,9 @@
 #   bash bench/gpu_all.sh compare # compare on two fine-tunes vs rank on one pair (reuses the 7B pair)
 #   bash bench/gpu_all.sh rankab  # rank before (.old) and after on one machine, nothing else
 #   bash bench/gpu_all.sh adaptive # adaptive vs full spectra: per-matrix probe (7B, 70B shapes), 7B rank rows
+#   bash bench/gpu_all.sh quick   # adaptive pieces, the 7B rank row, its profile, the adaptive CUDA tests
+#   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests
+#   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
 #   bash bench/gpu_all.sh final   # rank before (.old) / adaptive / full, the 70B-shaped memory slice, CUDA tests
 # Results land in $OUT (the device tool's output folder; any folder elsewhere). "Before" is the
 # tree in .old/ (git archive of the commit before, carried beside the repo; skipped if absent).
@@ -85,6 +88,40 @@ tune)
     log "CUDA paths of the adaptive spectrum"
     python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
     python3 -m pytest -q -p no:cacheprovider tests/test_adaptive.py tests/test_devices.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
+    ;;
+quick)
+    log "the adaptive path's pieces"
+    python3 -m bench.probes.adaptive_parts --device cuda --out "$OUT/parts"
+    log "rank (adaptive) on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 240
+    log "the CLI around rank(): its own elapsed_s, and the interpreter, imports and CUDA start alone"
+    python3 -c "import json; print('rank() elapsed_s', json.load(open('$W/runs/deltakit-rank.json'))['elapsed_s'])"
+    python3 -c "import time; t = time.perf_counter(); import deltakit.analysis, deltakit.report, torch; a = time.perf_counter(); torch.zeros(1, device='cuda'); print(f'imports {a - t:.2f} s, CUDA start {time.perf_counter() - a:.2f} s')"
+    log "where rank's time goes"
+    python3 -m bench.probes.rank_profile "$W/base" "$W/ft" --device cuda --out "$OUT/profile"
+    log "CUDA paths of the adaptive spectrum"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    python3 -m pytest -q -p no:cacheprovider tests/test_adaptive.py tests/test_spectral.py tests/test_devices.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
+    ;;
+final2)
+    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    python3 -c "import json; print('rank() elapsed_s', json.load(open('$W/runs/deltakit-rank.json'))['elapsed_s'])"
+    python3 -c "import time; t = time.perf_counter(); import deltakit.analysis, deltakit.report, torch; a = time.perf_counter(); torch.zeros(1, device='cuda'); print(f'imports {a - t:.2f} s, CUDA start {time.perf_counter() - a:.2f} s')"
+    log "the same rank without CUDA graphs (DELTAKIT_CUDA_GRAPHS=0)"
+    DELTAKIT_CUDA_GRAPHS=0 python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/nographs" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
+    log "CUDA paths"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    python3 -m pytest -q -p no:cacheprovider tests/test_adaptive.py tests/test_spectral.py tests/test_devices.py \
+        tests/test_metrics.py tests/test_memory.py tests/test_quantized_noise.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
+    ;;
+trace)
+    log "6 layers of the 7B pair"
+    python3 -m bench.synth --preset 7b --layers 6 --workdir /tmp/dk-trace >/dev/null
+    log "a profiler trace of rank on them"
+    python3 -m bench.probes.rank_trace /tmp/dk-trace/base /tmp/dk-trace/ft --layers 6 --out "$OUT/trace"
+    log "what import torch costs here"
+    python3 -X importtime -c "import torch" 2>&1 | sort -t'|' -k2 -n | tail -12
     ;;
 profile)
     log "rank on the 7B pair (makes the pair)"

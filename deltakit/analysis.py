@@ -327,13 +327,31 @@ def analyse_matrix(
 ) -> tuple[MatrixResult, Spectrum]:
     """Metrics and the spectrum of one ΔW (``rounding``: estimate the storage rounding in it;
     ``adaptive``: compute only the top of the spectrum where that settles the metrics)."""
+    finish, spectrum = start_matrix(item, energy, options, rounding, adaptive, steps)
+    return finish(), spectrum
+
+
+def start_matrix(
+    item: DeltaItem, energy: Sequence[float], options: SpectralOptions, rounding: bool = True, adaptive: bool = False,
+    steps: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[Callable[[], MatrixResult], Spectrum]:
+    """:func:`analyse_matrix` in two halves: everything that needs ΔW now, and ``finish()`` for the
+    metrics that may wait for work still running on the device (the adaptive path's tail
+    quadrature). Calling ``finish()`` after starting the next matrix keeps the device busy while
+    the host solves; ``item`` may be dropped before ``finish()``."""
     base_fro = _fro(item.base)
     spectrum, fallback = matrix_spectrum(item, options, rounding, base_fro, energy, adaptive, steps)
-    result = matrix_result(item.pair, spectrum, base_fro, energy, fallback)
-    known_rank = result.rank if result.rank is not None else result.lower_bounds.get("rank", 0)
-    result.amplification = amplification(item.base, item.delta, result.delta_fro, known_rank,
-                                         directions=getattr(spectrum, "directions", None))
-    return result, spectrum
+    known_rank = spectrum.rank if spectrum.rank is not None else spectrum.lower_bounds.get("rank", 0)
+    amplified = amplification(item.base, item.delta, math.sqrt(spectrum.total_energy), known_rank,
+                              directions=getattr(spectrum, "directions", None))
+    pair = item.pair  # the closure must not hold the item's tensors
+
+    def finish() -> MatrixResult:
+        result = matrix_result(pair, spectrum, base_fro, energy, fallback)
+        result.amplification = amplified
+        return result
+
+    return finish, spectrum
 
 
 def matrix_result(pair: TensorPair, spectrum: Spectrum, base_fro: float, energy: Sequence[float],
@@ -373,6 +391,17 @@ def per_expert(item: DeltaItem) -> list[DeltaItem]:
                                    expert_slice=True),
                       base=item.base[e], delta=item.delta[e])
             for e in range(pair.shape[0])]
+
+
+FINISH_BEHIND = 2  # items started before the oldest is finished: its tail's Lanczos and quadrature are done by then
+
+
+def finished(unfinished: list[tuple[int, list[tuple[Any, Any]]]]) -> list[tuple[int, list[tuple[Any, Any]]]]:
+    """The items with every ``finish`` called (:func:`start_matrix`), in order; ``unfinished`` is emptied."""
+    done = [(index, [(entry() if callable(entry) else entry, kept) for entry, kept in found])
+            for index, found in unfinished]
+    unfinished.clear()
+    return done
 
 
 def analyse_vector(item: DeltaItem) -> VectorResult:
@@ -425,25 +454,30 @@ def rank(
     if progress is not None:
         work = progress(work, len(mine), "ΔW spectra")
     local: list[tuple[int, Any]] = []
+    unfinished: list[tuple[int, list[tuple[Any, Any]]]] = []  # the last item's results, finished after the next starts
     with fail_together(parallel):
         for index, item in work:
             if item is None:
                 pair = source.pairs[index]
                 spectrum, base_fro = blocked_spectrum(source, pair, device, options.dtype)
                 kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
+                local.extend(finished(unfinished))
                 local.append((index, [(matrix_result(pair, spectrum, base_fro, energy), kept)]))
                 continue
-            found = []
+            found: list[tuple[Any, Any]] = []
             for one in per_expert(item):
                 if one.pair.is_matrix and one.pair.layout != "vector":
                     steps = quantization_steps(source, one.pair, device) if rounding else None
-                    result, spectrum = analyse_matrix(one, energy, options, rounding, adaptive, steps)
+                    finish, spectrum = start_matrix(one, energy, options, rounding, adaptive, steps)
                     kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
-                    found.append((result, kept))
+                    found.append((finish, kept))
                 else:
                     found.append((analyse_vector(one), None))
-            local.append((index, found))
             item = one = None  # dropped before the next read: a pair too large to read ahead is read only then
+            unfinished.append((index, found))
+            if len(unfinished) > FINISH_BEHIND:  # the host work of items started earlier runs beside this one's
+                local.extend(finished([unfinished.pop(0)]))
+        local.extend(finished(unfinished))
         everything = [entry for found in gather_in_order(local, parallel) for entry in found]
     for result, spectrum in everything:
         if isinstance(result, MatrixResult):

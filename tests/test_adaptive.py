@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import deltakit.analysis as analysis
 from bench.run_bench import spectrum_paths_agree
-from deltakit.spectral import metrics
+from deltakit.spectral import graphs, metrics, partial
 from deltakit.spectral.noise import exact_noise, storage_noise
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.partial import SubspaceIteration
@@ -196,3 +196,98 @@ def test_amplification_from_the_adaptive_directions_matches_the_exact_svd():
         randomized = amplification(base, matrix, energy ** 0.5, 16)  # what runs without the directions
         assert found["k"] == 16 and found["value"] == pytest.approx(exact, rel=1e-3)
         assert abs(found["value"] - exact) <= abs(randomized["value"] - exact) + 1e-6 * exact
+
+
+def test_quadrature_nodes_and_weights_are_the_tridiagonals_eigenpairs():
+    """Golub–Welsch from LAPACK's tridiagonal solver against a dense fp64 eigh of the same tridiagonals."""
+    rng = np.random.default_rng(3)
+    steps, probes = 24, 5
+    alphas, betas = rng.random((steps, probes)) + 0.5, rng.random((steps, probes)) * 0.4
+    nodes, weights = partial.quadrature(alphas, betas)
+    for p in range(probes):
+        dense = np.diag(alphas[:, p]) + np.diag(betas[:-1, p], 1) + np.diag(betas[:-1, p], -1)
+        values, vectors = np.linalg.eigh(dense)
+        np.testing.assert_allclose(nodes[p], values, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(weights[p], vectors[0] ** 2, atol=1e-12)
+        assert weights[p].sum() == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_replayed_lanczos_equals_the_plain_loop_for_new_inputs(device, monkeypatch):
+    """The captured loop (CUDA) gives the plain loop's coefficients, also for a second matrix and a
+    narrower deflation block replayed through the same graph (its inputs are copied in each call)."""
+    graphs.clear()
+    results = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(graphs, "ENABLED", enabled)
+        for seed, deflated in ((1, 12), (2, 5)):
+            gen = torch.Generator().manual_seed(seed)
+            matrix = torch.randn(600, 400, generator=gen).to(device)
+            basis = torch.linalg.qr(matrix @ torch.randn(400, deflated, generator=gen).to(device))[0]
+            sums = partial.tail_sums(matrix, basis, 10.0, probes=8, steps=16, padded_width=16)
+            results[enabled, seed] = np.concatenate([sums.nuclear, sums.entropy, sums.coarse_nuclear])
+    for seed in (1, 2):
+        np.testing.assert_allclose(results[True, seed], results[False, seed], rtol=2e-5)
+    assert (len(graphs._graphs) == 1) == device.startswith("cuda")  # one graph served both matrices
+    graphs.clear()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pending_tails_started_back_to_back_equal_the_plain_loop(device, monkeypatch):
+    """Tails started before any is resolved (on CUDA: each loads the graph's buffers
+    while the first may still run beside it), their inputs dropped at once, give what the plain
+    loop gives for each."""
+    graphs.clear()
+    inputs = []
+    for seed in (3, 4, 5):  # the first captures the graph, the next two replay it
+        gen = torch.Generator().manual_seed(seed)
+        matrix = torch.randn(500, 300, generator=gen) * seed
+        basis = torch.linalg.qr(matrix @ torch.randn(300, 6, generator=gen))[0]
+        inputs.append((matrix, basis))
+    pending = [partial.start_tail_sums(m.to(device), b.to(device), 5.0, probes=8, steps=16, padded_width=8)
+               for m, b in inputs]  # the device copies are dropped here
+    monkeypatch.setattr(graphs, "ENABLED", False)
+    for (matrix, basis), started in zip(inputs, pending):
+        plain = partial.tail_sums(matrix.to(device), basis.to(device), 5.0, probes=8, steps=16)
+        np.testing.assert_allclose(started.result().nuclear, plain.nuclear, rtol=2e-5)
+        np.testing.assert_allclose(started.result().entropy, plain.entropy, rtol=2e-5, atol=1e-9)
+    graphs.clear()
+
+
+def test_deflation_takes_settled_spans_not_just_settled_values():
+    """A value settled long before its vector is: only a span within the angle bound deflates the tail
+    (Davis–Kahan), and a cluster of equal values deflates as a whole though its single vectors are not defined."""
+    def block(values, residuals):
+        values, residuals = np.asarray(values, float), np.asarray(residuals, float)
+        return partial.RitzBlock(values, partial.value_errors(values, residuals, values > 0), values.size, 1, residuals)
+
+    cluster = block([2.0, 2.0, 2.0, 2.0, 0.01, 0.005], [1e-9] * 4 + [1e-11, 1e-11])
+    assert partial.deflatable(cluster, 1e-3, 1e-3) == 6
+    # the third value's error (ρ²/gap ≈ 1e-4 relative) is settled, its vector (ρ/gap ≈ 0.02) is not
+    loose = block([3.0, 2.0, 1.5, 1.4, 0.1], [1e-9, 1e-9, 0.02, 1e-9, 1e-9])
+    assert loose.errors[2] <= 1e-3 * loose.values[2]
+    assert partial.deflatable(loose, 1e-3, 1e-3) == 2
+    assert partial.deflatable(loose, 1e-3, 0.1) == 4  # the span of the top four is sound to 0.01; the fifth gap is small
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graphs_dropped_for_new_shapes_while_tails_are_pending(device, monkeypatch):
+    """With room for one graph, a new shape's capture drops the last graph while its replay may still
+    run beside the caller (on CUDA); every result still equals the plain loop's (a graph's buffers
+    must not be reused before its replays are done)."""
+    graphs.clear()
+    monkeypatch.setattr(graphs, "KEPT_GRAPHS", 1)
+    inputs = []
+    shapes = [(500, 300), (500, 300), (400, 260), (400, 260), (500, 300), (500, 300)]  # capture, replay, ...
+    for seed, (m, n) in enumerate(shapes):
+        gen = torch.Generator().manual_seed(seed)
+        matrix = torch.randn(m, n, generator=gen)
+        inputs.append((matrix, torch.linalg.qr(matrix @ torch.randn(n, 6, generator=gen))[0]))
+    pending = [partial.start_tail_sums(m.to(device), b.to(device), 3.0, probes=8, steps=16, padded_width=8)
+               for m, b in inputs]
+    monkeypatch.setattr(graphs, "ENABLED", False)
+    for (matrix, basis), started in zip(inputs, pending):
+        plain = partial.tail_sums(matrix.to(device), basis.to(device), 3.0, probes=8, steps=16)
+        assert np.isfinite(started.result().nuclear).all()
+        np.testing.assert_allclose(started.result().nuclear, plain.nuclear, rtol=2e-5)
+    graphs.clear()

@@ -4,7 +4,7 @@
 
 For a 4096² and an 11008×4096 fp32 matrix: the products of one round, its small eigenproblem,
 the orthonormalisation, one Lanczos step and the whole quadrature, so the next optimisation
-goes where the time is. Writes ``adaptive_parts.json``.
+goes where the time is. The tail's sums are timed with and without the CUDA graph. Writes ``adaptive_parts.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltakit.spectral.partial import SubspaceIteration, effective_rank_estimate, quadrature, small_eigh, tail_sums
+from deltakit.spectral import graphs
+from deltakit.spectral.partial import (
+    SubspaceIteration, deflated_lanczos, effective_rank_estimate, quadrature, rademacher, small_eigh, tail_sums,
+)
 from deltakit.spectral.svd import orthonormal_basis
 
 
@@ -43,6 +46,35 @@ def dense_batched(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np
     tri[:, idx[:-1], idx[1:]] = betas[:-1].T
     tri[:, idx[1:], idx[:-1]] = betas[:-1].T
     return np.linalg.eigh(tri)
+
+
+def rows_lanczos(matrix: torch.Tensor, basis: torch.Tensor, start: torch.Tensor, steps: int):
+    """The Lanczos of :func:`deflated_lanczos` with the probes as rows (probes×n): every reduction runs
+    along contiguous memory. Timed against it to see whether the layout matters."""
+    vector = start.T.contiguous()
+    previous = torch.zeros_like(vector)
+    beta = torch.zeros(vector.shape[0], 1, device=vector.device, dtype=vector.dtype)
+    alphas, betas = [], []
+    for _ in range(steps):
+        y = vector @ matrix.T  # p×m
+        y = torch.addmm(y, y @ basis, basis.T, alpha=-1.0)
+        w = y @ matrix  # p×n
+        w.addcmul_(previous, beta, value=-1.0)
+        alpha = torch.linalg.vecdot(w, vector, dim=1).unsqueeze(1)
+        w.addcmul_(vector, alpha, value=-1.0)
+        beta = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+        alphas.append(alpha)
+        betas.append(beta)
+        previous, vector = vector, w / beta.clamp_min(torch.finfo(w.dtype).tiny)
+    return torch.cat(alphas, 1).T, torch.cat(betas, 1).T
+
+
+def without_graphs(fn):
+    graphs.ENABLED = False
+    try:
+        return fn()
+    finally:
+        graphs.ENABLED = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,13 +110,28 @@ def main(argv: list[str] | None = None) -> int:
             "orthonormal_128": timed(lambda: orthonormal_basis(matrix @ v), device),
             "round": timed(lambda: it.round(), device),
             "init_warmup2": timed(lambda: SubspaceIteration(matrix, 128, warmup=2), device),
-            "tail_sums_32x64": timed(lambda: tail_sums(matrix, left, 1.0, 32, 64), device),
+            "init_warmup4": timed(lambda: SubspaceIteration(matrix, 128, warmup=4), device),
+            "tail_sums_32x64": timed(lambda: tail_sums(matrix, left, 1.0, 32, 64, padded_width=128), device),
+            "tail_sums_32x64_no_graph": timed(lambda: without_graphs(lambda: tail_sums(matrix, left, 1.0, 32, 64)), device),
             "tail_sums_32x32": timed(lambda: tail_sums(matrix, left, 1.0, 32, 32), device),
             "tail_sums_16x64": timed(lambda: tail_sums(matrix, left, 1.0, 16, 64), device),
             "quadrature_host_32x64": timed(lambda: quadrature(tridiag_a.cpu().numpy(), tridiag_b.cpu().numpy()), device),
             "quadrature_dense_batched_32x64": timed(lambda: dense_batched(tridiag_a.cpu().numpy(),
                                                                           tridiag_b.cpu().numpy()), device),
         }
+        start = rademacher(n, 32, 2, device, matrix.dtype)
+        padded = torch.zeros(m, 128, device=device)
+        padded[:, :100] = left
+        lanczos_inputs = (matrix, padded, start)
+        row["lanczos_replay_32x64"] = timed(lambda: graphs.replay("parts", lambda *x: deflated_lanczos(*x, 64),
+                                                                  lanczos_inputs), device)
+        row["lanczos_rows_replay_32x64"] = timed(lambda: graphs.replay("parts-rows", lambda *x: rows_lanczos(*x, 64),
+                                                                       lanczos_inputs), device)
+        row["lanczos_eager_32x64"] = timed(lambda: deflated_lanczos(*lanczos_inputs, 64), device)
+        same = graphs.replay("parts-rows", lambda *x: rows_lanczos(*x, 64), lanczos_inputs)[0]
+        # the first steps only: without reorthogonalisation the late coefficients follow the rounding
+        row["rows_layout_alpha_max_rel_diff_8_steps"] = float(
+            ((same[:8] - deflated_lanczos(*lanczos_inputs, 64)[0][:8]).abs().max() / same[:8].abs().max()))
         tail = tail_sums(matrix, left, 1.0, 32, 64)
         row["effective_rank_estimate"] = timed(lambda: effective_rank_estimate(np.linspace(2, 1, 100), tail), device)
         rows.append(row)

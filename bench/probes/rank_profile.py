@@ -74,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     result["stream_only_s"] = time.perf_counter() - start
 
     parts = Clock(device)
-    originals = (partial.SubspaceIteration.round, partial.tail_sums, spectrum_module.tail_sums)
+    originals = (partial.SubspaceIteration.round, partial.SubspaceIteration.__init__, spectrum_module.start_tail_sums,
+                 partial.PendingTail.result)
     partial.SubspaceIteration.round = parts.wrap("adaptive_rounds", originals[0])
-    spectrum_module.tail_sums = parts.wrap("tail_quadrature", originals[2])
+    partial.SubspaceIteration.__init__ = parts.wrap("adaptive_warmup", originals[1])
+    spectrum_module.start_tail_sums = parts.wrap("tail_lanczos_start", originals[2])
+    partial.PendingTail.result = parts.wrap("tail_lanczos_wait_and_quadrature", originals[3])
     import deltakit.analysis as analysis
     saved = (analysis.storage_noise, analysis.amplification, analysis.adaptive_spectrum, analysis.compute_spectrum)
     analysis.storage_noise = parts.wrap("storage_noise", storage_noise)
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         result["instrumented_s"] = time.perf_counter() - start
         result["waiting_for_stream_s"] = waited
     finally:
-        partial.SubspaceIteration.round, _, spectrum_module.tail_sums = originals
+        (partial.SubspaceIteration.round, partial.SubspaceIteration.__init__, spectrum_module.start_tail_sums,
+         partial.PendingTail.result) = originals
         analysis.storage_noise, analysis.amplification, analysis.adaptive_spectrum, analysis.compute_spectrum = saved
     result["parts_s"] = dict(parts.totals)
     result["parts_calls"] = dict(parts.counts)

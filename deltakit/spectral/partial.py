@@ -22,13 +22,19 @@ function takes the matrix on its device and moves only small arrays to the host.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from scipy.linalg import eigh_tridiagonal
+from threadpoolctl import ThreadpoolController
 
+from deltakit.spectral import graphs
 from deltakit.spectral.svd import orthonormal_basis
 
 
@@ -44,6 +50,7 @@ class RitzBlock:
     errors: np.ndarray
     width: int
     iterations: int
+    residuals: np.ndarray | None = None  # per value: ρᵢ = ‖ΔW·ΔWᵀuᵢ − θᵢ²uᵢ‖ of its left Ritz vector
 
     @property
     def upper(self) -> np.ndarray:
@@ -70,9 +77,10 @@ class SubspaceIteration:
         sketch = torch.randn(n, self.width, device=matrix.device, dtype=matrix.dtype, generator=generator)
         if start is not None:  # keep what an earlier, narrower block found
             sketch[:, : start.shape[1]] = start
-        self.basis = orthonormal_basis(matrix @ sketch)
-        for _ in range(warmup):  # power iterations without Rayleigh–Ritz: the first rounds never settle anything
-            self.basis = orthonormal_basis(matrix @ orthonormal_basis(matrix.T @ self.basis))
+        # the same fixed kernels for every matrix of this shape: replayed from a CUDA graph
+        self.basis = graphs.replay(f"power{warmup}", lambda *x: (power_iterations(*x, warmup),), (matrix, sketch))[0]
+        if graphs.capturable((matrix, sketch)):
+            self.basis = self.basis.clone()  # the graph's output is overwritten by the next matrix
         self.iterations = warmup
         self.ritz_basis = self.basis  # the block the last Ritz values came from
         self._vectors: torch.Tensor | None = None
@@ -92,11 +100,11 @@ class SubspaceIteration:
         left = basis @ vectors.to(matrix.dtype)  # uᵢ = Q·Uᵢ
         # the Ritz pair (θᵢ², uᵢ) of M·Mᵀ has residual θᵢ·(M·vᵢ − θᵢ·uᵢ)
         rho = theta * torch.linalg.vector_norm((image - left * theta.to(matrix.dtype)).double(), dim=0)
-        self.ritz_basis, self.basis = basis, orthonormal_basis(image)
+        self.ritz_basis, self.basis = basis, orthonormal_basis(image, "shifted")
         self._vectors, self._right = vectors, right
         self.iterations += 1
         host = torch.stack([theta, rho, positive.double()]).cpu().numpy()  # one transfer, one synchronisation
-        return RitzBlock(host[0], value_errors(host[0], host[1], host[2] > 0), self.width, self.iterations)
+        return RitzBlock(host[0], value_errors(host[0], host[1], host[2] > 0), self.width, self.iterations, host[1])
 
 
     def left_vectors(self, count: int) -> torch.Tensor:
@@ -108,6 +116,48 @@ class SubspaceIteration:
         return self._right
 
 
+_controller: ThreadpoolController | None = None
+_single_threaded = 0  # contexts open in any thread
+_single_lock = threading.Lock()
+_restore: Any = None
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """A context in which the host's BLAS and LAPACK (numpy's, scipy's) run on one thread.
+
+    The host problems here are tiny (128×128, 64×64). With a thread per core, OpenBLAS spent
+    more time waking and spinning its threads than solving, and the spinning threads starved
+    the threads reading the checkpoints: on a 16-core H200 host `rank` on the 7B pair went from
+    25 s to 57 s. The limit is process-wide, so it is counted: set by the first context to
+    open (in any thread) and lifted when the last one closes.
+    """
+    global _controller, _single_threaded, _restore
+    with _single_lock:
+        if _single_threaded == 0:
+            if _controller is None:
+                _controller = ThreadpoolController()
+            _restore = _controller.limit(limits=1, user_api="blas")
+        _single_threaded += 1
+    try:
+        yield
+    finally:
+        with _single_lock:
+            _single_threaded -= 1
+            if _single_threaded == 0:
+                _restore.restore_original_limits()
+
+
+def power_iterations(matrix: torch.Tensor, sketch: torch.Tensor, count: int) -> torch.Tensor:
+    """An orthonormal basis of (M·Mᵀ)^count·M·sketch: ``count`` power iterations without Rayleigh–Ritz
+    (the first rounds never settle anything). Between them one pass of orthonormalisation keeps
+    the span; the last one is complete. No host synchronisation (shifted CholeskyQR on a GPU)."""
+    basis = matrix @ sketch
+    for _ in range(count):
+        basis = matrix @ orthonormal_basis(matrix.T @ orthonormal_basis(basis, "shifted", 1), "shifted", 1)
+    return orthonormal_basis(basis, "shifted")
+
+
 def small_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """eigh of a small symmetric float64 matrix (the b×b Rayleigh–Ritz problem), on the host.
 
@@ -116,7 +166,9 @@ def small_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if gram.device.type == "cpu":
         return torch.linalg.eigh(gram)
-    values, vectors = np.linalg.eigh(gram.cpu().numpy())
+    host = gram.cpu().numpy()
+    with one_blas_thread():
+        values, vectors = np.linalg.eigh(host)
     return (torch.from_numpy(values).to(gram.device, non_blocking=True),
             torch.from_numpy(vectors).to(gram.device, non_blocking=True))
 
@@ -141,6 +193,29 @@ def value_errors(theta: np.ndarray, rho: np.ndarray, positive: np.ndarray) -> np
     return np.sqrt(lam + bound) - theta
 
 
+def deflatable(block: RitzBlock, value_tolerance: float, angle_tolerance: float) -> int:
+    """How many top Ritz vectors may deflate the tail: the largest d whose values are settled (error
+    ≤ ``value_tolerance``·θ) and whose span is within ``angle_tolerance`` of the true top-d subspace.
+
+    A value is accurate long before its vector is (its error is quadratic in the angle), and a
+    tail deflated by a span that is off by an angle keeps ~angle·σ of the top directions, which
+    the top's exact sum then counts twice. The Davis–Kahan sin Θ theorem bounds the angle by
+    ‖(ρ₁ … ρ_d)‖ / (θ_d² − λ_{d+1}), with λ_{d+1} at most the next value's upper estimate; the span
+    of a cluster of equal values is sound although its single vectors are not.
+    """
+    values, errors = block.values, block.errors
+    settled = errors <= value_tolerance * values
+    count = int(np.argmin(settled)) if not settled.all() else values.size
+    if block.residuals is None or count == 0:
+        return count
+    residual = np.sqrt(np.cumsum(block.residuals[:count] ** 2))
+    following = np.append((values + errors)[1:], 0.0)[:count]  # upper estimates of the next values
+    gaps = values[:count] ** 2 - following ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sound = (gaps > 0) & (residual <= angle_tolerance * gaps)
+    return int(np.flatnonzero(sound)[-1]) + 1 if sound.any() else 0
+
+
 @dataclass(frozen=True)
 class TailSums:
     """Σσ and Σσ·ln σ over the singular values outside a computed block, in units of ``scale``.
@@ -156,23 +231,32 @@ class TailSums:
     coarse_entropy: np.ndarray | None = None  # quadrature's own error is about their difference
 
 
-def lanczos_tridiagonals(apply, dim: int, probes: int, steps: int, device: torch.device, dtype: torch.dtype,
-                         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """α (steps×probes) and β (steps×probes), on ``device``, of Lanczos on a symmetric operator from Rademacher starts.
+@functools.lru_cache(maxsize=8)
+def rademacher(dim: int, probes: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``probes`` seeded random ±1/√dim columns (dim×probes): the Lanczos starts, the same for every
+    matrix of a width (kept: read-only)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    start = torch.randint(0, 2, (dim, probes), device=device, generator=generator, dtype=torch.int8)
+    return (start.to(dtype) * 2 - 1) / math.sqrt(dim)
+
+
+def lanczos_tridiagonals(apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """α (steps×probes) and β (steps×probes), on the device, of Lanczos on a symmetric operator from
+    the unit columns of ``start`` (dim×probes).
 
     All probes run together as the columns of one block (one product per step). Only the
     three-term recurrence is kept, as in stochastic Lanczos quadrature (Ubaru, Chen & Saad
     2017): lost orthogonality repeats converged Ritz values, which shares their quadrature
-    weight among the copies rather than changing the sum.
+    weight among the copies rather than changing the sum. No step synchronises with the host,
+    so the loop can be captured in a CUDA graph (:mod:`deltakit.spectral.graphs`).
     """
-    generator = torch.Generator(device=device).manual_seed(seed)
-    start = torch.randint(0, 2, (dim, probes), device=device, generator=generator, dtype=torch.int8)
-    vector = (start.to(dtype) * 2 - 1) / math.sqrt(dim)
-    steps = min(steps, dim)
+    vector = start
+    steps = min(steps, start.shape[0])
     alphas, betas = [], []
     previous = torch.zeros_like(vector)
-    beta = torch.zeros(probes, device=device, dtype=dtype)
-    tiny = torch.finfo(dtype).tiny
+    beta = torch.zeros(start.shape[1], device=start.device, dtype=start.dtype)
+    tiny = torch.finfo(start.dtype).tiny
     for _ in range(steps):  # few kernels a step: the loop is bound by launches, not by its products
         w = apply(vector)
         w.addcmul_(previous, beta, value=-1.0)
@@ -181,48 +265,104 @@ def lanczos_tridiagonals(apply, dim: int, probes: int, steps: int, device: torch
         beta = torch.linalg.vector_norm(w, dim=0)
         alphas.append(alpha)
         betas.append(beta)
-        previous, vector = vector, w.div_(beta.clamp_min(tiny))  # β = 0 only where w is 0
-    alphas, betas = torch.stack(alphas), torch.stack(betas)
-    return alphas, betas
+        previous, vector = vector, w / beta.clamp_min(tiny)  # β = 0 only where w is 0
+    return torch.stack(alphas), torch.stack(betas)
+
+
+def deflated_lanczos(matrix: torch.Tensor, basis: torch.Tensor, start: torch.Tensor, steps: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lanczos coefficients of RᵀR, R = (I − QQᵀ)M (M = ``matrix`` m×n, Q = ``basis`` m×b, orthonormal
+    columns or zero ones), from ``start`` (n×probes). A pure function of its tensors: replayable."""
+    def apply(v: torch.Tensor) -> torch.Tensor:
+        y = matrix @ v
+        y = torch.addmm(y, basis, basis.T @ y, alpha=-1.0)  # (I − QQᵀ)·M·v in one product
+        return matrix.T @ y
+
+    return lanczos_tridiagonals(apply, start, steps)
 
 
 def quadrature(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Gauss nodes and weights per probe from its Lanczos tridiagonal: (probes×steps) each, on the host.
 
     Golub–Welsch: the nodes are the tridiagonal's eigenvalues, the weights the squared first
-    components of its eigenvectors. LAPACK's tridiagonal solver (stemr) one probe at a time:
-    for 32 probes of 64 steps it took 11 ms on the development VM against 48 ms for numpy's
-    batched dense eigh, and the batch on an H200 took 23 ms (bench/probes/adaptive_parts.py).
+    components of its eigenvectors; one batched float64 eigh of the dense tridiagonals on one
+    BLAS thread. Per-probe LAPACK tridiagonal calls (stevd) were faster alone, but they hold
+    Python's lock, and this runs on a worker thread beside the main one (:class:`PendingTail`);
+    bench/probes/host_solvers.py times the ways on a host.
     """
     steps, probes = alphas.shape
-    nodes, weights = np.empty((probes, steps)), np.empty((probes, steps))
-    for p in range(probes):
-        if steps == 1:
-            nodes[p], weights[p] = alphas[0, p], 1.0
-            continue
-        values, vectors = eigh_tridiagonal(alphas[:, p], betas[:-1, p], lapack_driver="stemr")
-        nodes[p], weights[p] = values, vectors[0] ** 2
-    return np.clip(nodes, 0.0, None), weights
+    dense = np.zeros((probes, steps, steps))
+    index = np.arange(steps)
+    dense[:, index, index] = alphas.T
+    dense[:, index[:-1], index[1:]] = betas[:-1].T
+    dense[:, index[1:], index[:-1]] = betas[:-1].T
+    with one_blas_thread():
+        values, vectors = np.linalg.eigh(dense)
+    return np.clip(values, 0.0, None), vectors[:, 0, :] ** 2
 
 
 def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
-              seed: int = 1) -> TailSums:
+              seed: int = 1, padded_width: int = 0) -> TailSums:
     """SLQ estimates of Σσ and Σσ ln σ of R = (I − QQᵀ)M, M tall (m×n), Q = ``basis`` (m×b).
 
     ΔWᵀΔW = BᵀB + RᵀR with B = QᵀM, so once Q holds the top of the spectrum the rest of it is
     R's; Lanczos runs on RᵀR (n×n, never formed) and its coefficients are scaled by 1/scale².
     """
-    def apply(v: torch.Tensor) -> torch.Tensor:
-        y = matrix @ v
-        y = torch.addmm(y, basis, basis.T @ y, alpha=-1.0)  # (I − QQᵀ)·M·v in one product
-        return matrix.T @ y
+    return start_tail_sums(matrix, basis, scale, probes, steps, seed, padded_width).result()
 
+
+@dataclass
+class PendingTail:
+    """:func:`tail_sums` whose Lanczos may still be running on the device: the quadrature runs on a
+    worker thread once the coefficients arrive, and ``result()`` waits for it, so that the
+    caller can start the next matrix meanwhile."""
+
+    coefficients: graphs.OnTheWay  # α and β (steps×probes each)
+    scale: float
+    dim: int
+    _sums: Future | None = None
+
+    def __post_init__(self) -> None:
+        self._sums = quadrature_worker().submit(self._solve)
+
+    def _solve(self) -> TailSums:
+        alphas, betas = (x.double().numpy() / (self.scale * self.scale) for x in self.coefficients.done())
+        steps = alphas.shape[0]
+        sums = np.stack(quadrature_sums(alphas, betas, self.dim)
+                        + quadrature_sums(alphas[: steps // 2], betas[: steps // 2], self.dim))
+        return TailSums(sums[0], sums[1], self.scale, steps, sums[2], sums[3])
+
+    def result(self) -> TailSums:
+        return self._sums.result()
+
+
+_worker: ThreadPoolExecutor | None = None
+
+
+def quadrature_worker() -> ThreadPoolExecutor:
+    """The one thread that solves the tails' quadratures (numpy's eigh lets go of Python's lock)."""
+    global _worker
+    if _worker is None:
+        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-quadrature")
+    return _worker
+
+
+def start_tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
+                    seed: int = 1, padded_width: int = 0) -> PendingTail:
+    """:func:`tail_sums`, returned before its Lanczos has finished where a CUDA graph runs it
+    (:func:`deltakit.spectral.graphs.replay_to_host`); ``padded_width`` pads Q with zero columns
+    so that blocks of any deflated width share one graph. ``matrix`` and ``basis`` may be freed
+    as soon as this returns."""
     dim = matrix.shape[1]
-    alphas, betas = lanczos_tridiagonals(apply, dim, probes, steps, matrix.device, matrix.dtype, seed)
-    host = torch.stack([alphas, betas]).double().cpu().numpy() / (scale * scale)  # one transfer
-    alphas, betas = host[0], host[1]
-    host = np.stack(quadrature_sums(alphas, betas, dim) + quadrature_sums(alphas[: steps // 2], betas[: steps // 2], dim))
-    return TailSums(host[0], host[1], scale, alphas.shape[0], host[2], host[3])
+    start = rademacher(dim, probes, seed, matrix.device, matrix.dtype)
+    if graphs.capturable((matrix, basis, start)):  # fixed shapes for the graph: the block padded with zero columns
+        padded = basis.new_zeros(basis.shape[0], max(basis.shape[1], padded_width))
+        padded[:, : basis.shape[1]] = basis
+        basis = padded
+    steps = min(steps, dim)
+    coefficients = graphs.replay_to_host(f"lanczos{steps}", lambda *x: deflated_lanczos(*x, steps),
+                                         (matrix, basis, start))
+    return PendingTail(coefficients, scale, dim)
 
 
 def quadrature_sums(alphas: np.ndarray, betas: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,9 +380,11 @@ def entropy_rank(nuclear: float, entropy: float) -> float:
     return math.exp(math.log(nuclear) - entropy / nuclear)
 
 
-def effective_rank_estimate(top: np.ndarray, tail: TailSums | None) -> tuple[float, float | None]:
+def effective_rank_estimate(top: np.ndarray, tail: TailSums | PendingTail | None) -> tuple[float, float | None]:
     """Effective rank from exact top values plus a tail estimate, and its error (jackknife over probes and the
     quadrature's own step, see below); the error is None where nothing is estimated."""
+    if isinstance(tail, PendingTail):
+        tail = tail.result()
     if tail is None:
         positive = top[top > 0]
         if positive.size == 0:

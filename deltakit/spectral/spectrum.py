@@ -33,7 +33,9 @@ import torch
 from deltakit.spectral import metrics
 from deltakit.spectral.noise import StorageNoise
 from deltakit.spectral.options import SpectralOptions
-from deltakit.spectral.partial import RitzBlock, SubspaceIteration, TailSums, effective_rank_estimate, tail_sums
+from deltakit.spectral.partial import (
+    PendingTail, RitzBlock, SubspaceIteration, TailSums, deflatable, effective_rank_estimate, start_tail_sums,
+)
 from deltakit.spectral.svd import method_noise_floor, singular_values
 
 STORAGE_FLOOR_SAFETY = 2.0  # numerical rank counts values above 2× the rounding's spectral edge
@@ -258,10 +260,11 @@ class AdaptivePlan:
     start_width: int = 128
     crossover: float = 0.25
     rounds: int = 8
-    warmup: int = 2  # power iterations before the first Rayleigh–Ritz round
+    warmup: int = 5  # power iterations before the first Rayleigh–Ritz round (bench-like ΔW then settle in one)
     probes: int = 32
     steps: int = 64
     settled_relative: float = 1e-3  # a top value counts as converged (and deflates the tail) below this error
+    deflation_angle: float = 1e-3  # ... and the span of those within this angle (sin) of the true one
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,7 @@ class PartialSpectrum(Spectrum):
     """
 
     upper: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    tail: TailSums | None = None
+    tail: TailSums | PendingTail | None = None  # pending: the quadrature runs when a metric first needs it
     tail_energy: float = 0.0
     deflated: int = 0
     rank_count: int | None = None
@@ -459,12 +462,12 @@ def _partial(iteration: SubspaceIteration, block: RitzBlock, shape: tuple[int, i
     sigma_max = float(values[0])
     method_floor = method_noise_floor(sigma_max, shape, "gram", torch.float32)
     trusted = block.width - max(8, block.width // 8)
-    good = block.errors <= plan.settled_relative * values
-    deflated = max(int(np.argmin(good)) if not good.all() else values.size, 1)
+    deflated = deflatable(block, plan.settled_relative, plan.deflation_angle)
     tail_energy = energy - float(np.sum(values[:deflated] ** 2))
     tail = None
     if tail_energy > unresolved_threshold(shape, sigma_max, torch.float32):
-        tail = tail_sums(iteration.matrix, iteration.left_vectors(deflated), sigma_max, plan.probes, plan.steps, seed + 1)
+        tail = start_tail_sums(iteration.matrix, iteration.left_vectors(deflated), sigma_max, plan.probes, plan.steps,
+                               seed + 1, padded_width=block.width)
     else:  # the rest is rounding of an (exactly) low-rank ΔW: drop it as the full path does
         values[values <= method_floor] = 0.0
         tail_energy = 0.0

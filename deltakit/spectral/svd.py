@@ -110,7 +110,7 @@ def spectral_norm(matrix: torch.Tensor, iterations: int = 40, seed: int = 0) -> 
     return norm
 
 
-def orthonormal_basis(columns: torch.Tensor, method: str = "auto") -> torch.Tensor:
+def orthonormal_basis(columns: torch.Tensor, method: str = "auto", passes: int = 2) -> torch.Tensor:
     """An orthonormal basis of the span of tall ``columns`` (m×k, m ≥ k), by CholeskyQR2.
 
     Two rounds of Q = Y·R⁻¹ with R from the Cholesky factor of the float64 Gram matrix YᵀY:
@@ -119,9 +119,13 @@ def orthonormal_basis(columns: torch.Tensor, method: str = "auto") -> torch.Tens
     matrix is formed in float64 so conditioning up to ~1e7 survives; beyond that, or when
     Cholesky fails, Householder QR is used. On the CPU, where LAPACK's Householder QR is the
     faster of the two (bench/linalg_probe.py), it is used directly. ``method``: "auto",
-    "cholesky" or "householder".
+    "cholesky", "householder" or "shifted" (:func:`shifted_cholesky_qr`: never waits for the
+    device; ``passes`` rounds of it).
     """
-    if method == "householder" or (method == "auto" and not columns.is_cuda):
+    if method == "householder" or (method in ("auto", "shifted") and not columns.is_cuda):
+        return torch.linalg.qr(columns)[0]
+    if method == "shifted":
+        return shifted_cholesky_qr(columns, passes)
         return torch.linalg.qr(columns)[0]
     basis = columns
     for _ in range(2):
@@ -131,6 +135,27 @@ def orthonormal_basis(columns: torch.Tensor, method: str = "auto") -> torch.Tens
             return torch.linalg.qr(columns)[0]
         # basis · L⁻ᵀ, solved as L · Xᵀ = basisᵀ
         basis = torch.linalg.solve_triangular(lower, basis.T.double(), upper=False).T.to(columns.dtype)
+    return basis
+
+
+GRAM_SHIFT = 1e-12  # relative to trace(YᵀY): above the float64 Gram's rounding (~k·1e-16), far below float32's
+
+
+def shifted_cholesky_qr(columns: torch.Tensor, passes: int = 2) -> torch.Tensor:
+    """CholeskyQR with the Gram matrix shifted by ``GRAM_SHIFT``·trace, so that the factorisation
+    cannot fail and nothing has to be checked on the host (Fukaya et al. 2020, shifted CholeskyQR).
+
+    The shift costs orthogonality of ~shift/σ_min² in one pass, which the next pass removes;
+    ``passes`` = 1 suffices between power iterations, where only the span matters. Columns that
+    are numerically dependent come out as small, not as NaN.
+    """
+    basis = columns
+    for _ in range(passes):
+        wide = basis.double()
+        gram = wide.T @ wide
+        gram.diagonal().add_(gram.diagonal().sum() * GRAM_SHIFT + torch.finfo(torch.float64).tiny)
+        lower = torch.linalg.cholesky_ex(gram, check_errors=False).L
+        basis = torch.linalg.solve_triangular(lower, wide.T, upper=False).T.to(columns.dtype)
     return basis
 
 

@@ -1,0 +1,98 @@
+"""The tail quadrature's host eigenproblems timed several ways (32 tridiagonals of 64 steps).
+
+    python -m bench.probes.host_solvers --out OUT
+
+Per-probe LAPACK calls (stevd, stemr) with the BLAS on one thread and on all of them, scipy's
+eigh_tridiagonal, numpy's and torch's batched dense eigh, and the 128×128 Rayleigh–Ritz eigh:
+the fastest way differs between hosts (a 2-core VM and a 16-core GPU host disagreed by 8×).
+Writes ``host_solvers.json`` with the BLAS libraries threadpoolctl found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal, lapack
+from threadpoolctl import threadpool_info
+
+from deltakit.spectral.partial import one_blas_thread, quadrature
+
+
+def timed(fn, repeats: int = 7) -> float:
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        fn()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def per_probe(solver, diagonal: np.ndarray, off: np.ndarray) -> None:
+    for p in range(diagonal.shape[0]):
+        solver(diagonal[p], off[p])
+
+
+def dense(diagonal: np.ndarray, off: np.ndarray) -> np.ndarray:
+    probes, steps = diagonal.shape
+    tri = np.zeros((probes, steps, steps))
+    idx = np.arange(steps)
+    tri[:, idx, idx] = diagonal
+    tri[:, idx[:-1], idx[1:]] = off
+    tri[:, idx[1:], idx[:-1]] = off
+    return tri
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(0)
+    probes, steps = 32, 64
+    diagonal, off = rng.random((probes, steps)) + 0.5, rng.random((probes, steps - 1)) * 0.4
+    tri = dense(diagonal, off)
+    gram = rng.standard_normal((128, 128))
+    gram = gram @ gram.T
+    stevd = lambda d, e: lapack.dstevd(d, e)
+    stemr = lambda d, e: eigh_tridiagonal(d, e, lapack_driver="stemr")
+
+    def on_one_thread(fn):
+        def run():
+            with one_blas_thread():
+                fn()
+        return run
+
+    rows = {
+        "quadrature_32x64": timed(lambda: quadrature(diagonal.T.copy(), np.vstack([off.T, np.zeros((1, probes))]))),
+        "stevd_all_threads": timed(lambda: per_probe(stevd, diagonal, off)),
+        "stevd_one_thread": timed(on_one_thread(lambda: per_probe(stevd, diagonal, off))),
+        "stevd_values_only": timed(lambda: per_probe(lambda d, e: lapack.dstevd(d, e, compute_v=0), diagonal, off)),
+        "sterf_values_only": timed(lambda: per_probe(lambda d, e: lapack.dsterf(d, e), diagonal, off)),
+        "stemr_all_threads": timed(lambda: per_probe(stemr, diagonal, off)),
+        "stemr_one_thread": timed(on_one_thread(lambda: per_probe(stemr, diagonal, off))),
+        "numpy_batched_eigh": timed(lambda: np.linalg.eigh(tri)),
+        "numpy_batched_eigh_one_thread": timed(on_one_thread(lambda: np.linalg.eigh(tri))),
+        "torch_batched_eigh": timed(lambda: torch.linalg.eigh(torch.from_numpy(tri))),
+        "eigh_128_all_threads": timed(lambda: np.linalg.eigh(gram)),
+        "eigh_128_one_thread": timed(on_one_thread(lambda: np.linalg.eigh(gram))),
+        "one_blas_thread_enter_exit": timed(on_one_thread(lambda: None)),
+    }
+    print(json.dumps({k: round(v * 1e3, 3) for k, v in rows.items()}), flush=True)
+    libraries = [{k: v for k, v in info.items() if k in ("internal_api", "num_threads", "version", "filepath")}
+                 for info in threadpool_info()]
+    print(json.dumps(libraries), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "host_solvers.json").write_text(json.dumps({"seconds": rows, "blas": libraries,
+                                                       "torch_threads": torch.get_num_threads()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""Fixed-shape GPU work replayed from CUDA graphs.
+
+A loop of small kernels is bound by their launches, not by their work: one step of the tail's
+Lanczos quadrature (:mod:`deltakit.spectral.partial`) on a 4096-wide block of 32 vectors took
+~0.28 ms on an H200 against ~0.06 ms for its products (bench/probes/adaptive_parts.py). A CUDA
+graph launches the whole loop at once. A graph fixes the addresses of its tensors, so each call
+copies its inputs into the graph's own buffers first: one copy of the matrix, which is why only
+inputs up to :data:`MAX_GRAPH_BYTES` are captured (larger matrices are bound by their products,
+where launches no longer matter), and why at most :data:`KEPT_GRAPHS` graphs holding at most
+:data:`KEPT_BYTES` of buffers are kept. A graph is dropped only after the device has finished
+every replay of it (a replay may still run beside the caller, :func:`replay_to_host`): its
+buffers go back to the allocator, and a new graph captured over them while an old replay still
+read them gave NaN on an H200.
+
+Use :func:`replay` (or :func:`replay_to_host`, which lets the graph run beside the caller's next
+kernels) with a pure function of tensors; both fall back to calling the function directly on
+the CPU, for large inputs, when graphs are switched off (``ENABLED``), or when a capture fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+ENABLED = os.environ.get("DELTAKIT_CUDA_GRAPHS", "1") != "0"  # DELTAKIT_CUDA_GRAPHS=0: plain calls (tests switch it too)
+MAX_GRAPH_BYTES = 320 << 20  # inputs this large or smaller are captured: 8192² fp32 (256 MiB) fits
+KEPT_GRAPHS = 8  # the least recently used graph (with its buffers) is dropped beyond this many,
+KEPT_BYTES = 1536 << 20  # or beyond this many bytes of input buffers (rank at 7B keeps four graphs, ~0.5 GB)
+
+Outputs = tuple[torch.Tensor, ...]
+
+
+class CapturedCall:
+    """``function(*inputs)`` captured once for inputs of these shapes, replayed on new values.
+
+    The returned tensors are the graph's own: they hold the last call's result until the next
+    replay, so copy what must outlive it.
+    """
+
+    def __init__(self, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]):
+        device = inputs[0].device
+        self.inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device=device) for x in inputs)
+        for buffer, value in zip(self.inputs, inputs):
+            buffer.copy_(value)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # cuBLAS picks its kernels and workspaces outside the capture
+            self.first = function(*self.inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the read-ahead threads keep copying to the device while this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = function(*self.inputs)
+        self.released: torch.cuda.Event | None = None  # recorded when an asynchronous replay is done with the buffers
+
+    def load(self, inputs: tuple[torch.Tensor, ...]) -> None:
+        """Copy ``inputs`` into the graph's buffers on the current stream, once the last replay is done with them."""
+        if self.released is not None:
+            torch.cuda.current_stream(self.inputs[0].device).wait_event(self.released)  # on the device, not the host
+        for buffer, value in zip(self.inputs, inputs):
+            buffer.copy_(value)
+
+    def __call__(self, *inputs: torch.Tensor) -> Outputs:
+        self.load(inputs)
+        self.graph.replay()
+        return self.outputs
+
+
+_graphs: OrderedDict[tuple, CapturedCall] = OrderedDict()
+_failed: set[tuple] = set()
+
+
+def capturable(inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether :func:`replay` would use a graph for these inputs."""
+    return (ENABLED and all(x.is_cuda for x in inputs)
+            and sum(x.numel() * x.element_size() for x in inputs) <= MAX_GRAPH_BYTES)
+
+
+def replay(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]) -> Outputs:
+    """``function(*inputs)``, from a CUDA graph captured for ``name`` and these shapes where possible.
+
+    ``function`` must be pure (its result depends on its inputs only), launch a fixed sequence
+    of kernels for given shapes, and never synchronise with the host. The result's tensors are
+    valid until the next call with the same name and shapes.
+    """
+    captured, first = _captured(name, function, inputs)
+    if captured is None:
+        return function(*inputs)
+    return first if first is not None else captured(*inputs)
+
+
+def _captured(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]
+              ) -> tuple[CapturedCall | None, Outputs | None]:
+    """The kept graph for ``name`` and these shapes, captured now if need be (then with the warm-up's
+    outputs for these very inputs); (None, None) where no graph is used."""
+    if not capturable(inputs):
+        return None, None
+    key = (name, inputs[0].device, tuple((tuple(x.shape), x.dtype) for x in inputs))
+    if key in _failed:
+        return None, None
+    captured = _graphs.get(key)
+    if captured is not None:
+        _graphs.move_to_end(key)
+        return captured, None
+    incoming = sum(x.numel() * x.element_size() for x in inputs)
+    while _graphs and (len(_graphs) >= KEPT_GRAPHS or kept_bytes() + incoming > KEPT_BYTES):
+        drop(_graphs.popitem(last=False)[1])
+    try:
+        captured = CapturedCall(function, inputs)
+    except RuntimeError:  # a capture this build or driver refuses: plain calls from now on
+        _failed.add(key)
+        torch.cuda.synchronize(inputs[0].device)
+        return None, None
+    _graphs[key] = captured
+    first, captured.first = captured.first, None
+    return captured, first
+
+
+@dataclass
+class OnTheWay:
+    """Outputs on their way to the host: ``values`` (host tensors) are complete once ``done()`` returns."""
+
+    values: Outputs
+    event: torch.cuda.Event | None = None
+
+    def done(self) -> Outputs:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.values
+
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def replay_to_host(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]) -> OnTheWay:
+    """``function(*inputs)`` copied to the host, without waiting for it where a graph runs it.
+
+    The inputs are copied into the graph's buffers on the current stream; the graph then runs
+    on a side stream, and its outputs go to pinned host memory there, so the caller's next
+    kernels (the next matrix) run beside it and the host waits only in ``done()``. The
+    inputs may be freed as soon as this returns. Without a graph: computed and copied now.
+    """
+    captured, first = _captured(name, function, inputs)
+    if captured is None or first is not None:
+        outputs = function(*inputs) if captured is None else first
+        return OnTheWay(tuple(x.cpu() for x in outputs))
+    device = inputs[0].device
+    captured.load(inputs)
+    side = _side_streams.get(device)
+    if side is None:
+        side = _side_streams[device] = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        captured.graph.replay()
+        host = tuple(torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
+                     for x in captured.outputs)
+        event = torch.cuda.Event()
+        event.record(side)
+    captured.released = event
+    return OnTheWay(host, event)
+
+
+def kept_bytes() -> int:
+    return sum(x.numel() * x.element_size() for captured in _graphs.values() for x in captured.inputs)
+
+
+def drop(captured: CapturedCall) -> None:
+    """Release a graph once the device is done with it (no replay of it may still be running)."""
+    torch.cuda.synchronize(captured.inputs[0].device)
+    del captured
+
+
+def clear() -> None:
+    """Drop every kept graph and its buffers."""
+    while _graphs:
+        drop(_graphs.popitem(last=False)[1])
+    _failed.clear()
