@@ -9,8 +9,16 @@ inputs up to :data:`MAX_GRAPH_BYTES` are captured (larger matrices are bound by 
 where launches no longer matter), and why at most :data:`KEPT_GRAPHS` graphs holding at most
 :data:`KEPT_BYTES` of buffers are kept. A graph is dropped only after the device has finished
 every replay of it (a replay may still run beside the caller, :func:`replay_to_host`): its
-buffers go back to the allocator, and a new graph captured over them while an old replay still
-read them gave NaN on an H200.
+buffers go back to the allocator, which may hand them to a new graph while an old replay still
+reads them.
+
+One graph runs at a time. Graphs captured on torch's shared capture stream share the cuBLAS
+workspace of that stream, so two of them replayed at once on two streams would likely write the
+same workspace. In an H200 run where the warm-up power iterations were a second graph, replayed
+on the main stream while the previous matrix's Lanczos graph ran on the side stream (and where
+graphs were also dropped while in use), `rank` read NaN and 32 matrices failed to settle. The
+power iterations are plain calls again; replays on the side stream (:func:`replay_to_host`)
+follow each other there, and :func:`replay` waits for the last of them.
 
 Use :func:`replay` (or :func:`replay_to_host`, which lets the graph run beside the caller's next
 kernels) with a pure function of tensors; both fall back to calling the function directly on
@@ -90,7 +98,11 @@ def replay(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tens
     captured, first = _captured(name, function, inputs)
     if captured is None:
         return function(*inputs)
-    return first if first is not None else captured(*inputs)
+    if first is not None:
+        return first
+    if _last_replay is not None:  # one graph at a time (module docstring)
+        torch.cuda.current_stream(inputs[0].device).wait_event(_last_replay)
+    return captured(*inputs)
 
 
 def _captured(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]
@@ -135,6 +147,7 @@ class OnTheWay:
 
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
+_last_replay: torch.cuda.Event | None = None  # recorded after the last replay on a side stream
 
 
 def replay_to_host(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]) -> OnTheWay:
@@ -150,7 +163,7 @@ def replay_to_host(name: str, function: Callable[..., Outputs], inputs: tuple[to
         outputs = function(*inputs) if captured is None else first
         return OnTheWay(tuple(x.cpu() for x in outputs))
     device = inputs[0].device
-    captured.load(inputs)
+    captured.load(inputs)  # waits (on the device) for this graph's last replay
     side = _side_streams.get(device)
     if side is None:
         side = _side_streams[device] = torch.cuda.Stream(device)
@@ -161,7 +174,8 @@ def replay_to_host(name: str, function: Callable[..., Outputs], inputs: tuple[to
                      for x in captured.outputs)
         event = torch.cuda.Event()
         event.record(side)
-    captured.released = event
+    global _last_replay
+    captured.released = _last_replay = event
     return OnTheWay(host, event)
 
 

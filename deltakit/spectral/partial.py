@@ -77,10 +77,7 @@ class SubspaceIteration:
         sketch = torch.randn(n, self.width, device=matrix.device, dtype=matrix.dtype, generator=generator)
         if start is not None:  # keep what an earlier, narrower block found
             sketch[:, : start.shape[1]] = start
-        # the same fixed kernels for every matrix of this shape: replayed from a CUDA graph
-        self.basis = graphs.replay(f"power{warmup}", lambda *x: (power_iterations(*x, warmup),), (matrix, sketch))[0]
-        if graphs.capturable((matrix, sketch)):
-            self.basis = self.basis.clone()  # the graph's output is overwritten by the next matrix
+        self.basis = power_iterations(matrix, sketch, warmup)
         self.iterations = warmup
         self.ritz_basis = self.basis  # the block the last Ritz values came from
         self._vectors: torch.Tensor | None = None
