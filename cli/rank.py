@@ -57,7 +57,8 @@ def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str |
 @click.option("--json", "json_path", metavar="PATH", help="Write the full report as JSON ('-' for stdout).")
 @click.option("--csv", "csv_path", metavar="PATH", help="Write one CSV row per matrix.")
 @click.option("--save-spectra", "spectra_path", metavar="PATH",
-              help="Save every singular value of every ΔW (safetensors) for `deltakit plot`.")
+              help="Save every singular value of every ΔW (safetensors) for `deltakit plot`; with --adaptive only "
+                   "the computed top values, which the plots mark as partial.")
 @click.option("--full-spectrum", "spectrum", flag_value="full",
               help="Compute every singular value of every ΔW (the default on a GPU computes only the top that "
                    "settles rank@X and estimates the effective rank; numerical ranks may then read ≥bound).")

@@ -192,7 +192,8 @@ class RankReport(PairReportMeta):
                 m.name: {"shape": list(m.shape), "module_type": m.module_type, "layer": m.layer,
                          "rank_at": {energy_key(k): v for k, v in m.rank_at.items()},
                          "signal_rank_at": {energy_key(k): v for k, v in m.signal_rank_at.items()},
-                         "noise_share": m.noise_share, "signal_energy": m.signal_energy}
+                         "noise_share": m.noise_share, "signal_energy": m.signal_energy,
+                         "energy": m.delta_fro ** 2, "partial": m.spectrum_method.startswith("adaptive")}
                 for m in self.matrices
             },
         }
@@ -443,7 +444,8 @@ def rank(
     report = RankReport(base=str(base), fts=[str(ft)], energy=energy, device=str(device), method=options.method,
                         precision=options.precision, skipped=source.skipped, only_base=source.only_base,
                         only_ft=source.only_ft)
-    adaptive = options.adaptive_on(device) and not keep_spectra  # saved spectra are whole ones
+    # saved spectra are whole ones, unless the adaptive path was asked for (then the top values, marked partial)
+    adaptive = options.adaptive_on(device) and (not keep_spectra or options.spectrum == "adaptive")
     mine = parallel.share([matrix_cost(p.shape) for p in source.pairs])
     blocked = [i for i in mine if blocked_pair(source, source.pairs[i], options.dtype)]  # too large to hold whole
     streamed = [i for i in mine if i not in blocked] if blocked else mine  # blocked: a few (embeddings, lm_head)

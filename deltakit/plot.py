@@ -137,14 +137,23 @@ def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     return ax
 
 
+def partial_energy(info: Mapping[str, Any] | None, name: str) -> float | None:
+    """‖ΔW‖²_F of ``name`` when its spectrum in the file is partial (only the top values), else None."""
+    entry = (info or {}).get("matrices", {}).get(name, {})
+    return float(entry["energy"]) if entry.get("partial") and entry.get("energy") is not None else None
+
+
 def _draw_curves(ax: Axes, spectra: Spectra, groups: dict[str, list[MatrixMeta]],
-                 transform: Callable[[np.ndarray], np.ndarray]) -> None:
+                 transform: Callable[[np.ndarray, float | None], np.ndarray],
+                 info: Mapping[str, Any] | None = None) -> None:
     """Median curve and min–max band per group, and a dashed random-matrix twin per shape.
 
     The twin takes the colour of the first group of its shape (groups of one shape share it).
-    Matrices whose ΔW is exactly zero have no curve; the x label counts them.
+    Matrices whose ΔW is exactly zero have no curve; the x label counts them. A partial
+    spectrum (``partial_energy``) is drawn against the whole ‖ΔW‖² and stops at its last
+    computed value: past it nothing is known, so its band and median end there too.
     """
-    unchanged, k_max, banded = 0, 1, False
+    unchanged, k_max, banded, partial = 0, 1, False, False
     shape_colours: dict[tuple[int, int], str] = {}
     matrix_colours = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     for label, metas in groups.items():
@@ -152,20 +161,30 @@ def _draw_curves(ax: Axes, spectra: Spectra, groups: dict[str, list[MatrixMeta]]
         unchanged += len(metas) - len(live)
         if not live:
             continue
-        curves = [transform(spectra[m.name]) for m in live]
+        totals = [partial_energy(info, m.name) for m in live]
+        curves = [transform(spectra[m.name], total) for m, total in zip(live, totals)]
         length = max(len(c) for c in curves)
-        # Past its own rank a curve stays at its last value (all energy explained, zero error).
-        stack = np.stack([np.pad(c, (0, length - len(c)), mode="edge") for c in curves])
-        k = np.arange(1, length + 1)
+        # Past its own rank a whole curve stays at its last value (all energy explained, zero
+        # error); a partial one is unknown there.
+        stack = np.stack([np.pad(c, (0, length - len(c)), mode="edge") if total is None
+                          else np.pad(c, (0, length - len(c)), constant_values=np.nan)
+                          for c, total in zip(curves, totals)])
+        known = ~np.all(np.isnan(stack), axis=0)
+        stack = stack[:, known]
+        k = np.arange(1, length + 1)[known]
         colour = MODULE_COLOURS.get(label) or next(matrix_colours)
         shapes = {m.shape for m in live}
         details = [_shape_text(next(iter(shapes))) if len(shapes) == 1 else "mixed shapes"] if any(shapes) else []
         if len(live) > 1:
-            ax.fill_between(k, stack.min(axis=0), stack.max(axis=0), color=colour, alpha=0.15, linewidth=0)
+            ax.fill_between(k, np.nanmin(stack, axis=0), np.nanmax(stack, axis=0), color=colour, alpha=0.15,
+                            linewidth=0)
             details.append(f"median of {len(live)}")
             banded = True
+        if any(total is not None for total in totals):
+            details.append("top values only")
+            partial = True
         legend_label = f"{label}  ({', '.join(details)})" if details else label
-        ax.plot(k, np.median(stack, axis=0), color=colour, linewidth=1.8, label=legend_label, gid=label)
+        ax.plot(k, np.nanmedian(stack, axis=0), color=colour, linewidth=1.8, label=legend_label, gid=label)
         k_max = max(k_max, length)
         for shape in sorted(tuple(sorted(s)) for s in shapes if s):  # m×n and n×m: same spectrum
             shape_colours.setdefault(shape, colour)
@@ -182,7 +201,10 @@ def _draw_curves(ax: Axes, spectra: Spectra, groups: dict[str, list[MatrixMeta]]
     ax.set_xlim(1, max(k_max, 2))
     ax.xaxis.set_major_locator(LogLocator(base=10))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-    ax.set_xlabel("rank k" + (f"\n({unchanged} unchanged matrices, ΔW = 0, not shown)" if unchanged else ""))
+    notes = [f"{unchanged} unchanged matrices, ΔW = 0, not shown"] if unchanged else []
+    if partial:
+        notes.append("top values only: computed in part (rank --adaptive), each curve ends at its last value")
+    ax.set_xlabel("rank k" + "".join(f"\n({note})" for note in notes))
     ax.grid(True, which="major", alpha=0.3)
 
 
@@ -226,7 +248,7 @@ def plot_energy_curves(spectra: Spectra, info: Mapping[str, Any] | None = None, 
     _check_order("plot_energy_curves", spectra, info)
     ax = _new_axes(ax, (8, 5))
     groups = _groups(matrix_meta(spectra, info), group_by)
-    _draw_curves(ax, spectra, groups, energy_curve)
+    _draw_curves(ax, spectra, groups, energy_curve, info)
     _draw_signal_curves(ax, groups, info)
     ax.axhline(energy, color="0.5", linewidth=0.8, linestyle=(0, (1, 2)), label=f"{_percent(energy)} of the energy")
     ax.set_ylim(0, 1.02)
@@ -249,7 +271,8 @@ def plot_error_vs_rank(spectra: Spectra, info: Mapping[str, Any] | None = None, 
     if names is not None:
         wanted = set(check_names(spectra, names))
         metas = [m for m in metas if m.name in wanted]
-    _draw_curves(ax, spectra, _groups(metas, "matrix" if names is not None else "module_type"), lowrank_error_curve)
+    _draw_curves(ax, spectra, _groups(metas, "matrix" if names is not None else "module_type"), lowrank_error_curve,
+                 info)
     ax.axhline(np.sqrt(1 - energy), color="0.5", linewidth=0.8, linestyle=(0, (1, 2)),
                label=f"{_percent(energy)} of the energy")
     ax.set_ylim(0, 1.02)
@@ -297,7 +320,12 @@ def rank_grid(spectra: Spectra | None, info: Mapping[str, Any] | None, *, energy
                 known = ", ".join(sorted({k for e in recorded.values() for k in e.get("rank_at", {})})) or "none"
                 raise DeltakitError(f"the spectra file records no rank at energy {energy:g} (it has {known}), "
                                     "and no spectra were given to compute it")
-            rank = rank_at_energy(spectra[meta.name], energy)
+            found = rank_at_energy(spectra[meta.name], energy, partial_energy(info, meta.name))
+            if found is None:  # past the computed top of a partial spectrum: unknown (a blank cell)
+                if meta.layer is not None:
+                    cells.setdefault((meta.module_type, int(meta.layer)), [])
+                continue
+            rank = found
         if meta.layer is None:
             unlayered[meta.name] = rank
         else:
@@ -307,7 +335,8 @@ def rank_grid(spectra: Spectra | None, info: Mapping[str, Any] | None, *, energy
     layers = list(range(min(l for _, l in cells), max(l for _, l in cells) + 1)) if cells else []
     ranks = np.full((len(kinds), len(layers)), np.nan)
     for (kind, layer), values in cells.items():
-        ranks[kinds.index(kind), layer - layers[0]] = float(np.median(values))
+        if values:
+            ranks[kinds.index(kind), layer - layers[0]] = float(np.median(values))
     return RankGrid(ranks, kinds, layers, unlayered, max((len(v) for v in cells.values()), default=0))
 
 

@@ -291,3 +291,45 @@ def test_graphs_dropped_for_new_shapes_while_tails_are_pending(device, monkeypat
         assert np.isfinite(started.result().nuclear).all()
         np.testing.assert_allclose(started.result().nuclear, plain.nuclear, rtol=2e-5)
     graphs.clear()
+
+
+def test_partial_spectra_are_saved_as_such_and_plotted_against_the_whole_energy(monkeypatch, tmp_path):
+    """`rank --adaptive --save-spectra` keeps the computed top values, marked partial with ‖ΔW‖²; the
+    energy curve of such a file ends below 1 at the share they hold (not at 1, as a whole spectrum's
+    would), and rank_grid leaves a fraction past them unknown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deltakit.io.spectra import load_spectra
+    from deltakit.plot import plot_energy_curves, rank_grid
+
+    delta, _ = noisy_bf16_pair(seed=6)
+    gen = torch.Generator().manual_seed(6)
+    weight = (torch.randn(768, 512, generator=gen) * 0.02).bfloat16()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    save_file({name: weight}, tmp_path / "base.safetensors")
+    save_file({name: (weight.float() + delta).bfloat16()}, tmp_path / "ft.safetensors")
+    monkeypatch.setattr(analysis, "ADAPTIVE_PLAN", PLAN)
+    result = CliRunner().invoke(cli, ["rank", str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"),
+                                      "--device", "cpu", "--adaptive", "--save-spectra", str(tmp_path / "s.safetensors"),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    spectra, info = load_spectra(tmp_path / "s.safetensors")
+    entry = info["matrices"][name]
+    values = spectra[name]
+    assert entry["partial"] is True and values.size < 512
+    share = float(np.sum(values ** 2)) / entry["energy"]
+    stored = (weight.float() + delta).bfloat16().float() - weight.float()
+    assert entry["energy"] == pytest.approx(float(torch.sum(stored.double() ** 2)), rel=1e-9)
+    assert 0.9 <= share < 1.0
+    ax = plot_energy_curves(spectra, info)
+    (line,) = [line for line in ax.get_lines() if line.get_gid() == "q"]
+    assert line.get_ydata()[-1] == pytest.approx(share) and len(line.get_xdata()) == values.size
+    assert "top values only" in ax.get_xlabel()
+    plt.close(ax.figure)
+    recorded = dict(info, matrices={name: {k: v for k, v in entry.items() if k != "rank_at"}})
+    assert rank_grid(spectra, recorded, energy=0.9).ranks[0, 0] == entry["rank_at"]["0.9"]
+    past = rank_grid(spectra, recorded, energy=0.9999)  # past the computed values: a blank cell
+    assert past.ranks.shape == (1, 1) and np.isnan(past.ranks[0, 0])

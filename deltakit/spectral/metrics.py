@@ -29,32 +29,42 @@ def as_sorted_spectrum(s: ArrayLike) -> np.ndarray:
     return np.sort(arr)[::-1]
 
 
-def energy_curve(s: ArrayLike) -> np.ndarray:
-    """Cumulative explained energy: entry k-1 is sum(s[:k]^2) / sum(s^2) (all zeros if s is 0)."""
+def energy_curve(s: ArrayLike, total: float | None = None) -> np.ndarray:
+    """Cumulative explained energy: entry k-1 is sum(s[:k]^2) / sum(s^2) (all zeros if s is 0).
+
+    ``total``: ||Δ||_F^2 when ``s`` holds only the top values (a partial spectrum); the curve
+    then ends below 1, at the share the computed values hold.
+    """
     s = as_sorted_spectrum(s)
     sq = np.cumsum(s * s)
-    total = sq[-1] if sq.size else 0.0
+    if total is None:
+        total = sq[-1] if sq.size else 0.0
     return sq / total if total > 0 else np.zeros_like(sq)
 
 
-def lowrank_error_curve(s: ArrayLike) -> np.ndarray:
-    """Entry k-1: ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F for the best rank-k ΔW_k, = sqrt(1 − energy_curve[k-1]) (Eckart–Young)."""
-    return np.sqrt(np.clip(1.0 - energy_curve(s), 0.0, None))
+def lowrank_error_curve(s: ArrayLike, total: float | None = None) -> np.ndarray:
+    """Entry k-1: ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F for the best rank-k ΔW_k, = sqrt(1 − energy_curve[k-1]) (Eckart–Young);
+    ``total`` as for :func:`energy_curve`."""
+    return np.sqrt(np.clip(1.0 - energy_curve(s, total), 0.0, None))
 
 
-def rank_at_energy(s: ArrayLike, fraction: float) -> int:
+def rank_at_energy(s: ArrayLike, fraction: float, total: float | None = None) -> int | None:
     """Smallest k whose top-k singular values hold ``fraction`` of ||Δ||_F^2 (0 for a zero matrix).
 
     The paper's "rank needed to explain 90% of the variance" is ``rank_at_energy(s, 0.9)``.
+    ``total`` as for :func:`energy_curve`; None when the values given never hold ``fraction`` of it.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
-    curve = energy_curve(s)
-    if curve.size == 0 or curve[-1] == 0.0:
+    curve = energy_curve(s, total)
+    if curve.size == 0 or (curve[-1] == 0.0 and total is None) or (total is not None and total <= 0.0):
         return 0
     # A relative slack of a few ulps keeps an exact split (e.g. 0.5 of two equal values) from
     # being pushed one rank higher by rounding in the cumulative sum.
-    return int(np.searchsorted(curve, fraction - 4 * np.finfo(np.float64).eps, side="left") + 1)
+    goal = fraction - 4 * np.finfo(np.float64).eps
+    if curve[-1] < goal:
+        return None
+    return int(np.searchsorted(curve, goal, side="left") + 1)
 
 
 def stable_rank(s: ArrayLike) -> float:
