@@ -7,7 +7,7 @@
 #   bash bench/gpu_all.sh rankab  # rank before (.old) and after on one machine, nothing else
 #   bash bench/gpu_all.sh adaptive # adaptive vs full spectra: per-matrix probe (7B, 70B shapes), 7B rank rows
 #   bash bench/gpu_all.sh quick   # adaptive pieces, the 7B rank row, its profile, the adaptive CUDA tests
-#   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests
+#   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
 #   bash bench/gpu_all.sh final   # rank before (.old) / adaptive / full, the 70B-shaped memory slice, CUDA tests
 # Results land in $OUT (the device tool's output folder; any folder elsewhere). "Before" is the
@@ -28,6 +28,14 @@ rank_before() {  # the 7B rank row of the tree in .old/ (the commit before), whe
         (cd .old && python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/old" --only deltakit-rank --timeout 200)
     fi
 }
+cli_overhead() {  # rank()'s own elapsed_s in the last rank row, and what imports and CUDA's start cost alone
+    python3 -c "import json; print('rank() elapsed_s', json.load(open('$W/runs/deltakit-rank.json'))['elapsed_s'])"
+    python3 -c "import time; t = time.perf_counter(); import deltakit.analysis, deltakit.report, torch; a = time.perf_counter(); torch.zeros(1, device='cuda'); print(f'imports {a - t:.2f} s, CUDA start {time.perf_counter() - a:.2f} s')"
+}
+cuda_tests() {  # the named test files on this machine's GPU (and its CPU)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+}
 nvidia-smi -L 2>/dev/null
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 
@@ -43,9 +51,7 @@ bench)
     ;;
 more)
     log "CUDA paths against the CPU"
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
-    python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_spectral.py tests/test_metrics.py \
-        2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+    cuda_tests tests/test_devices.py tests/test_spectral.py tests/test_metrics.py
     log "where rank's time goes per matrix"
     python3 -m bench.probes.rank_parts --device cuda --out "$OUT/parts"
     log "MoE slice"
@@ -74,9 +80,8 @@ final)
     python3 bench/memory_bench.py --preset 70b --workdir /tmp/dk-mem --out "$OUT/memory"
     rm -rf /tmp/dk-mem
     log "CUDA paths against the CPU"
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
-    python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_spectral.py tests/test_metrics.py \
-        tests/test_adaptive.py tests/test_memory.py tests/test_quantized_noise.py 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+    cuda_tests tests/test_devices.py tests/test_spectral.py tests/test_metrics.py tests/test_adaptive.py \
+        tests/test_memory.py tests/test_quantized_noise.py
     ;;
 tune)
     log "the adaptive path's pieces"
@@ -86,8 +91,7 @@ tune)
     log "where rank's time goes"
     python3 -m bench.probes.rank_profile "$W/base" "$W/ft" --device cuda --out "$OUT/profile"
     log "CUDA paths of the adaptive spectrum"
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
-    python3 -m pytest -q -p no:cacheprovider tests/test_adaptive.py tests/test_devices.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
+    cuda_tests tests/test_adaptive.py tests/test_devices.py
     ;;
 quick)
     log "the adaptive path's pieces"
@@ -95,25 +99,21 @@ quick)
     log "rank (adaptive) on the 7B pair"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 240
     log "the CLI around rank(): its own elapsed_s, and the interpreter, imports and CUDA start alone"
-    python3 -c "import json; print('rank() elapsed_s', json.load(open('$W/runs/deltakit-rank.json'))['elapsed_s'])"
-    python3 -c "import time; t = time.perf_counter(); import deltakit.analysis, deltakit.report, torch; a = time.perf_counter(); torch.zeros(1, device='cuda'); print(f'imports {a - t:.2f} s, CUDA start {time.perf_counter() - a:.2f} s')"
+    cli_overhead
     log "where rank's time goes"
     python3 -m bench.probes.rank_profile "$W/base" "$W/ft" --device cuda --out "$OUT/profile"
     log "CUDA paths of the adaptive spectrum"
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
-    python3 -m pytest -q -p no:cacheprovider tests/test_adaptive.py tests/test_spectral.py tests/test_devices.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
+    cuda_tests tests/test_adaptive.py tests/test_spectral.py tests/test_devices.py
     ;;
 final2)
     log "rank (adaptive) and rank --full-spectrum on the 7B pair"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
-    python3 -c "import json; print('rank() elapsed_s', json.load(open('$W/runs/deltakit-rank.json'))['elapsed_s'])"
-    python3 -c "import time; t = time.perf_counter(); import deltakit.analysis, deltakit.report, torch; a = time.perf_counter(); torch.zeros(1, device='cuda'); print(f'imports {a - t:.2f} s, CUDA start {time.perf_counter() - a:.2f} s')"
+    cli_overhead
     log "the same rank without CUDA graphs (DELTAKIT_CUDA_GRAPHS=0)"
     DELTAKIT_CUDA_GRAPHS=0 python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/nographs" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
     log "CUDA paths"
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
-    python3 -m pytest -q -p no:cacheprovider tests/test_adaptive.py tests/test_spectral.py tests/test_devices.py \
-        tests/test_metrics.py tests/test_memory.py tests/test_quantized_noise.py 2>&1 | tail -5 | tee "$OUT/pytest_gpu.txt"
+    cuda_tests tests/test_adaptive.py tests/test_spectral.py tests/test_devices.py tests/test_metrics.py \
+        tests/test_memory.py tests/test_quantized_noise.py
     ;;
 trace)
     log "6 layers of the 7B pair"
