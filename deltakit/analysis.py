@@ -456,7 +456,7 @@ def rank(
     if progress is not None:
         work = progress(work, len(mine), "ΔW spectra")
     local: list[tuple[int, Any]] = []
-    unfinished: list[tuple[int, list[tuple[Any, Any]]]] = []  # the last item's results, finished after the next starts
+    unfinished: list[tuple[int, list[tuple[Any, Any]]]] = []  # the last FINISH_BEHIND items, not yet finished
     with fail_together(parallel):
         for index, item in work:
             if item is None:

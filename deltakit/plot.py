@@ -169,9 +169,7 @@ def _draw_curves(ax: Axes, spectra: Spectra, groups: dict[str, list[MatrixMeta]]
         stack = np.stack([np.pad(c, (0, length - len(c)), mode="edge") if total is None
                           else np.pad(c, (0, length - len(c)), constant_values=np.nan)
                           for c, total in zip(curves, totals)])
-        known = ~np.all(np.isnan(stack), axis=0)
-        stack = stack[:, known]
-        k = np.arange(1, length + 1)[known]
+        k = np.arange(1, length + 1)  # the longest curve covers every k, so no column is all NaN
         colour = MODULE_COLOURS.get(label) or next(matrix_colours)
         shapes = {m.shape for m in live}
         details = [_shape_text(next(iter(shapes))) if len(shapes) == 1 else "mixed shapes"] if any(shapes) else []

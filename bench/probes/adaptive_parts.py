@@ -37,17 +37,6 @@ def timed(fn, device: torch.device, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def dense_batched(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The alternative to :func:`quadrature` it is measured against: numpy's batched dense eigh."""
-    steps, probes = alphas.shape
-    tri = np.zeros((probes, steps, steps))
-    idx = np.arange(steps)
-    tri[:, idx, idx] = alphas.T
-    tri[:, idx[:-1], idx[1:]] = betas[:-1].T
-    tri[:, idx[1:], idx[:-1]] = betas[:-1].T
-    return np.linalg.eigh(tri)
-
-
 def rows_lanczos(matrix: torch.Tensor, basis: torch.Tensor, start: torch.Tensor, steps: int):
     """The Lanczos of :func:`deflated_lanczos` with the probes as rows (probes×n): every reduction runs
     along contiguous memory. Timed against it to see whether the layout matters."""
@@ -116,19 +105,18 @@ def main(argv: list[str] | None = None) -> int:
             "tail_sums_32x32": timed(lambda: tail_sums(matrix, left, 1.0, 32, 32), device),
             "tail_sums_16x64": timed(lambda: tail_sums(matrix, left, 1.0, 16, 64), device),
             "quadrature_host_32x64": timed(lambda: quadrature(tridiag_a.cpu().numpy(), tridiag_b.cpu().numpy()), device),
-            "quadrature_dense_batched_32x64": timed(lambda: dense_batched(tridiag_a.cpu().numpy(),
-                                                                          tridiag_b.cpu().numpy()), device),
         }
         start = rademacher(n, 32, 2, device, matrix.dtype)
         padded = torch.zeros(m, 128, device=device)
         padded[:, :100] = left
         lanczos_inputs = (matrix, padded, start)
-        row["lanczos_replay_32x64"] = timed(lambda: graphs.replay("parts", lambda *x: deflated_lanczos(*x, 64),
-                                                                  lanczos_inputs), device)
-        row["lanczos_rows_replay_32x64"] = timed(lambda: graphs.replay("parts-rows", lambda *x: rows_lanczos(*x, 64),
-                                                                       lanczos_inputs), device)
+        def replayed(name, lanczos):  # through the graph, to the host, as rank does (without a graph: plain)
+            return graphs.replay_to_host(name, lambda *x: lanczos(*x, 64), lanczos_inputs).done()
+
+        row["lanczos_replay_32x64"] = timed(lambda: replayed("parts", deflated_lanczos), device)
+        row["lanczos_rows_replay_32x64"] = timed(lambda: replayed("parts-rows", rows_lanczos), device)
         row["lanczos_eager_32x64"] = timed(lambda: deflated_lanczos(*lanczos_inputs, 64), device)
-        same = graphs.replay("parts-rows", lambda *x: rows_lanczos(*x, 64), lanczos_inputs)[0]
+        same = replayed("parts-rows", rows_lanczos)[0].to(device)
         # the first steps only: without reorthogonalisation the late coefficients follow the rounding
         row["rows_layout_alpha_max_rel_diff_8_steps"] = float(
             ((same[:8] - deflated_lanczos(*lanczos_inputs, 64)[0][:8]).abs().max() / same[:8].abs().max()))

@@ -21,7 +21,7 @@ import torch
 from scipy.linalg import eigh_tridiagonal, lapack
 from threadpoolctl import threadpool_info
 
-from deltakit.spectral.partial import one_blas_thread, quadrature
+from deltakit.spectral.partial import dense_tridiagonals, one_blas_thread, quadrature
 
 
 def timed(fn, repeats: int = 7) -> float:
@@ -34,19 +34,10 @@ def timed(fn, repeats: int = 7) -> float:
     return statistics.median(times)
 
 
-def per_probe(solver, diagonal: np.ndarray, off: np.ndarray) -> None:
-    for p in range(diagonal.shape[0]):
-        solver(diagonal[p], off[p])
-
-
-def dense(diagonal: np.ndarray, off: np.ndarray) -> np.ndarray:
-    probes, steps = diagonal.shape
-    tri = np.zeros((probes, steps, steps))
-    idx = np.arange(steps)
-    tri[:, idx, idx] = diagonal
-    tri[:, idx[:-1], idx[1:]] = off
-    tri[:, idx[1:], idx[:-1]] = off
-    return tri
+def per_probe(solver, alphas: np.ndarray, betas: np.ndarray) -> None:
+    """``solver(diagonal, off_diagonal)`` on each probe's tridiagonal (α, β: steps×probes)."""
+    for p in range(alphas.shape[1]):
+        solver(np.ascontiguousarray(alphas[:, p]), np.ascontiguousarray(betas[:-1, p]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     probes, steps = 32, 64
-    diagonal, off = rng.random((probes, steps)) + 0.5, rng.random((probes, steps - 1)) * 0.4
-    tri = dense(diagonal, off)
+    alphas, betas = rng.random((steps, probes)) + 0.5, rng.random((steps, probes)) * 0.4
+    tri = dense_tridiagonals(alphas, betas)
     gram = rng.standard_normal((128, 128))
     gram = gram @ gram.T
     stevd = lambda d, e: lapack.dstevd(d, e)
@@ -69,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     rows = {
-        "quadrature_32x64": timed(lambda: quadrature(diagonal.T.copy(), np.vstack([off.T, np.zeros((1, probes))]))),
-        "stevd_all_threads": timed(lambda: per_probe(stevd, diagonal, off)),
-        "stevd_one_thread": timed(on_one_thread(lambda: per_probe(stevd, diagonal, off))),
-        "stevd_values_only": timed(lambda: per_probe(lambda d, e: lapack.dstevd(d, e, compute_v=0), diagonal, off)),
-        "sterf_values_only": timed(lambda: per_probe(lambda d, e: lapack.dsterf(d, e), diagonal, off)),
-        "stemr_all_threads": timed(lambda: per_probe(stemr, diagonal, off)),
-        "stemr_one_thread": timed(on_one_thread(lambda: per_probe(stemr, diagonal, off))),
+        "quadrature_32x64": timed(lambda: quadrature(alphas, betas)),
+        "stevd_all_threads": timed(lambda: per_probe(stevd, alphas, betas)),
+        "stevd_one_thread": timed(on_one_thread(lambda: per_probe(stevd, alphas, betas))),
+        "stevd_values_only": timed(lambda: per_probe(lambda d, e: lapack.dstevd(d, e, compute_v=0), alphas, betas)),
+        "sterf_values_only": timed(lambda: per_probe(lambda d, e: lapack.dsterf(d, e), alphas, betas)),
+        "stemr_all_threads": timed(lambda: per_probe(stemr, alphas, betas)),
+        "stemr_one_thread": timed(on_one_thread(lambda: per_probe(stemr, alphas, betas))),
         "numpy_batched_eigh": timed(lambda: np.linalg.eigh(tri)),
         "numpy_batched_eigh_one_thread": timed(on_one_thread(lambda: np.linalg.eigh(tri))),
         "torch_batched_eigh": timed(lambda: torch.linalg.eigh(torch.from_numpy(tri))),

@@ -1,28 +1,28 @@
 """Fixed-shape GPU work replayed from CUDA graphs.
 
-A loop of small kernels is bound by their launches, not by their work: one step of the tail's
-Lanczos quadrature (:mod:`deltakit.spectral.partial`) on a 4096-wide block of 32 vectors took
-~0.28 ms on an H200 against ~0.06 ms for its products (bench/probes/adaptive_parts.py). A CUDA
-graph launches the whole loop at once. A graph fixes the addresses of its tensors, so each call
+A loop of small kernels is bound by their launches, not by their work: the tail's 64 Lanczos
+steps (:mod:`deltakit.spectral.partial`) on a 4096² ΔW with 32 probes took 16.5 ms launched one
+by one on an H200 and 8.4 ms replayed from a graph (``lanczos_eager_32x64`` and
+``lanczos_replay_32x64`` of ``python -m bench.probes.adaptive_parts``,
+bench/measured/2026-11-29-h200/s3-quick-4). A graph fixes the addresses of its tensors, so each call
 copies its inputs into the graph's own buffers first: one copy of the matrix, which is why only
 inputs up to :data:`MAX_GRAPH_BYTES` are captured (larger matrices are bound by their products,
 where launches no longer matter), and why at most :data:`KEPT_GRAPHS` graphs holding at most
 :data:`KEPT_BYTES` of buffers are kept. A graph is dropped only after the device has finished
-every replay of it (a replay may still run beside the caller, :func:`replay_to_host`): its
-buffers go back to the allocator, which may hand them to a new graph while an old replay still
-reads them.
+every replay of it (a replay may still run beside the caller): its buffers go back to the
+allocator, which may hand them to a new graph while an old replay still reads them.
 
-One graph runs at a time. Graphs captured on torch's shared capture stream share the cuBLAS
-workspace of that stream, so two of them replayed at once on two streams would likely write the
-same workspace. In an H200 run where the warm-up power iterations were a second graph, replayed
-on the main stream while the previous matrix's Lanczos graph ran on the side stream (and where
-graphs were also dropped while in use), `rank` read NaN and 32 matrices failed to settle. The
-power iterations are plain calls again; replays on the side stream (:func:`replay_to_host`)
-follow each other there, and :func:`replay` waits for the last of them.
+One graph runs at a time: every replay runs on one side stream per device, after the one before.
+Graphs captured on torch's shared capture stream share the cuBLAS workspace of that stream, so
+two of them replayed at once on two streams would likely write the same workspace. In an H200
+run where the warm-up power iterations were a second graph, replayed on the main stream while
+the previous matrix's Lanczos graph ran on the side stream (and where graphs were also dropped
+while in use), `rank` read NaN and 32 matrices failed to settle (s3-quick-7); the power
+iterations are plain calls again.
 
-Use :func:`replay` (or :func:`replay_to_host`, which lets the graph run beside the caller's next
-kernels) with a pure function of tensors; both fall back to calling the function directly on
-the CPU, for large inputs, when graphs are switched off (``ENABLED``), or when a capture fails.
+Use :func:`replay_to_host` with a pure function of tensors; it falls back to calling the
+function directly on the CPU, for large inputs, when graphs are switched off (``ENABLED``), or
+when a capture fails.
 """
 
 from __future__ import annotations
@@ -72,37 +72,15 @@ class CapturedCall:
         for buffer, value in zip(self.inputs, inputs):
             buffer.copy_(value)
 
-    def __call__(self, *inputs: torch.Tensor) -> Outputs:
-        self.load(inputs)
-        self.graph.replay()
-        return self.outputs
-
 
 _graphs: OrderedDict[tuple, CapturedCall] = OrderedDict()
 _failed: set[tuple] = set()
 
 
 def capturable(inputs: tuple[torch.Tensor, ...]) -> bool:
-    """Whether :func:`replay` would use a graph for these inputs."""
+    """Whether :func:`replay_to_host` would use a graph for these inputs."""
     return (ENABLED and all(x.is_cuda for x in inputs)
             and sum(x.numel() * x.element_size() for x in inputs) <= MAX_GRAPH_BYTES)
-
-
-def replay(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]) -> Outputs:
-    """``function(*inputs)``, from a CUDA graph captured for ``name`` and these shapes where possible.
-
-    ``function`` must be pure (its result depends on its inputs only), launch a fixed sequence
-    of kernels for given shapes, and never synchronise with the host. The result's tensors are
-    valid until the next call with the same name and shapes.
-    """
-    captured, first = _captured(name, function, inputs)
-    if captured is None:
-        return function(*inputs)
-    if first is not None:
-        return first
-    if _last_replay is not None:  # one graph at a time (module docstring)
-        torch.cuda.current_stream(inputs[0].device).wait_event(_last_replay)
-    return captured(*inputs)
 
 
 def _captured(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]
@@ -147,7 +125,6 @@ class OnTheWay:
 
 
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
-_last_replay: torch.cuda.Event | None = None  # recorded after the last replay on a side stream
 
 
 def replay_to_host(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]) -> OnTheWay:
@@ -174,8 +151,7 @@ def replay_to_host(name: str, function: Callable[..., Outputs], inputs: tuple[to
                      for x in captured.outputs)
         event = torch.cuda.Event()
         event.record(side)
-    global _last_replay
-    captured.released = _last_replay = event
+    captured.released = event
     return OnTheWay(host, event)
 
 

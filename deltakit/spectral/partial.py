@@ -27,7 +27,7 @@ import functools
 import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -287,15 +287,20 @@ def quadrature(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.nd
     Python's lock, and this runs on a worker thread beside the main one (:class:`PendingTail`);
     bench/probes/host_solvers.py times the ways on a host.
     """
+    with one_blas_thread():
+        values, vectors = np.linalg.eigh(dense_tridiagonals(alphas, betas))
+    return np.clip(values, 0.0, None), vectors[:, 0, :] ** 2
+
+
+def dense_tridiagonals(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """The Lanczos tridiagonals (α, β: steps×probes, β's last row unused) as dense probes×steps×steps matrices."""
     steps, probes = alphas.shape
     dense = np.zeros((probes, steps, steps))
     index = np.arange(steps)
     dense[:, index, index] = alphas.T
     dense[:, index[:-1], index[1:]] = betas[:-1].T
     dense[:, index[1:], index[:-1]] = betas[:-1].T
-    with one_blas_thread():
-        values, vectors = np.linalg.eigh(dense)
-    return np.clip(values, 0.0, None), vectors[:, 0, :] ** 2
+    return dense
 
 
 def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
@@ -317,7 +322,7 @@ class PendingTail:
     coefficients: graphs.OnTheWay  # α and β (steps×probes each)
     scale: float
     dim: int
-    _sums: Future | None = None
+    _sums: Future = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._sums = quadrature_worker().submit(self._solve)

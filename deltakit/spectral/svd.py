@@ -126,16 +126,24 @@ def orthonormal_basis(columns: torch.Tensor, method: str = "auto", passes: int =
         return torch.linalg.qr(columns)[0]
     if method == "shifted":
         return shifted_cholesky_qr(columns, passes)
-        return torch.linalg.qr(columns)[0]
     basis = columns
     for _ in range(2):
-        gram = basis.T.double() @ basis.double()
-        lower, info = torch.linalg.cholesky_ex(gram)
+        basis, info = cholesky_qr_pass(basis)
         if bool(info.any()):
             return torch.linalg.qr(columns)[0]
-        # basis · L⁻ᵀ, solved as L · Xᵀ = basisᵀ
-        basis = torch.linalg.solve_triangular(lower, basis.T.double(), upper=False).T.to(columns.dtype)
     return basis
+
+
+def cholesky_qr_pass(basis: torch.Tensor, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CholeskyQR pass, basis · L⁻ᵀ with L the Cholesky factor of the float64 Gram matrix (plus
+    ``shift``·trace on its diagonal), and Cholesky's ``info`` (non-zero where it failed, left on the device)."""
+    wide = basis.double()
+    gram = wide.T @ wide
+    if shift:
+        gram.diagonal().add_(gram.diagonal().sum() * shift + torch.finfo(torch.float64).tiny)
+    lower, info = torch.linalg.cholesky_ex(gram)
+    # basis · L⁻ᵀ, solved as L · Xᵀ = basisᵀ
+    return torch.linalg.solve_triangular(lower, wide.T, upper=False).T.to(basis.dtype), info
 
 
 GRAM_SHIFT = 1e-12  # relative to trace(YᵀY): above the float64 Gram's rounding (~k·1e-16), far below float32's
@@ -151,11 +159,7 @@ def shifted_cholesky_qr(columns: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """
     basis = columns
     for _ in range(passes):
-        wide = basis.double()
-        gram = wide.T @ wide
-        gram.diagonal().add_(gram.diagonal().sum() * GRAM_SHIFT + torch.finfo(torch.float64).tiny)
-        lower = torch.linalg.cholesky_ex(gram, check_errors=False).L
-        basis = torch.linalg.solve_triangular(lower, wide.T, upper=False).T.to(columns.dtype)
+        basis, _ = cholesky_qr_pass(basis, GRAM_SHIFT)
     return basis
 
 
