@@ -15,24 +15,17 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import deltakit.analysis as analysis
+from bench.probes.adaptive_accuracy import TEST_PLAN as PLAN, low_rank, noisy_bf16_pair
 from bench.run_bench import spectrum_paths_agree
 from deltakit.spectral import graphs, metrics, partial
 from deltakit.spectral.noise import exact_noise, storage_noise
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.partial import SubspaceIteration
-from deltakit.spectral.spectrum import AdaptivePlan, adaptive_spectrum, compute_spectrum
+from deltakit.spectral.spectrum import adaptive_spectrum, compute_spectrum
 from deltakit_cli.main import cli
 
-PLAN = AdaptivePlan(min_side=256, start_width=32, probes=16, steps=32)
 DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # GPU runs: bench/gpu_all.sh
 FRACTIONS = (0.5, 0.9, 0.99)
-
-
-def low_rank(m: int, n: int, sigma: np.ndarray, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    left, _ = torch.linalg.qr(torch.randn(m, sigma.size, generator=gen))
-    right, _ = torch.linalg.qr(torch.randn(n, sigma.size, generator=gen))
-    return (left * torch.tensor(sigma, dtype=torch.float32)) @ right.T
 
 
 def both_paths(delta: torch.Tensor, noise, fractions=FRACTIONS):
@@ -57,16 +50,6 @@ def test_exact_low_rank_reads_the_same_on_both_paths(sigma, seed, device):
     assert part.effective_rank() == pytest.approx(truth, abs=0.05)
     assert part.effective_rank_error is None  # nothing estimated: the rest is rounding
     assert part.signal_rank_at(0.9) == full.signal_rank_at(0.9)
-
-
-def noisy_bf16_pair(seed: int = 2, noise_rms: float = 2e-4):
-    """A bf16 base and fine-tune: fast-decaying update, dense noise, both sides rounded to bf16."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(768, 512, generator=gen) * 0.02
-    update = low_rank(768, 512, 0.5 * np.arange(1, 65) ** -1.2, seed) + noise_rms * torch.randn(768, 512, generator=gen)
-    base, ft = weight.bfloat16(), (weight + update).bfloat16()
-    delta = ft.float() - base.float()
-    return delta, storage_noise(base, delta, torch.bfloat16, torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)

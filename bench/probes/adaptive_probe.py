@@ -50,13 +50,17 @@ def metrics_of(spectrum) -> dict[str, object]:
             "noise_share": spectrum.noise_share}
 
 
-def one_shape(m: int, n: int, width: int, device: torch.device, repeats: int, seed: int,
-              plan: AdaptivePlan = AdaptivePlan(), exact_reference: bool = False) -> dict[str, object]:
+def bench_like_pair(m: int, n: int, width: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 base and fine-tune (m×n) made as bench/synth.py makes the 7B pair's matrices."""
     gen = torch.Generator(device=device).manual_seed(seed)
     weight = torch.randn(m, n, generator=gen, device=device) * 0.02
     delta = make_delta(weight, DeltaSpec(width=width), gen)
-    base, ft = weight.bfloat16(), (weight + delta).bfloat16()
-    del weight, delta
+    return weight.bfloat16(), (weight + delta).bfloat16()
+
+
+def one_shape(m: int, n: int, width: int, device: torch.device, repeats: int, seed: int,
+              plan: AdaptivePlan = AdaptivePlan(), exact_reference: bool = False) -> dict[str, object]:
+    base, ft = bench_like_pair(m, n, width, device, seed)
     row: dict[str, object] = {"shape": [m, n]}
     for path in ("full", "adaptive"):
         times = []
