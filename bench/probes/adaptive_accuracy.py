@@ -18,11 +18,11 @@ import argparse
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.probes import write_result
 from bench.probes.adaptive_probe import bench_like_pair
 from deltakit.spectral import partial
 from deltakit.spectral.noise import StorageNoise, storage_noise
@@ -94,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                        "relative": part.effective_rank() / full - 1}
                 result["deflation"].append(row)
                 print(json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adaptive_accuracy.json").write_text(json.dumps(result, indent=1))
+    write_result(args.out, "adaptive_accuracy.json", result)
     return 0
 
 

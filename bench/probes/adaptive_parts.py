@@ -13,11 +13,11 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.probes import write_result
 from deltakit.spectral import graphs
 from deltakit.spectral.partial import (
     SubspaceIteration, deflated_lanczos, effective_rank_estimate, quadrature, rademacher, small_eigh, tail_sums,
@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         row["effective_rank_estimate"] = timed(lambda: effective_rank_estimate(np.linspace(2, 1, 100), tail), device)
         rows.append(row)
         print(json.dumps({k: (round(v * 1e3, 3) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adaptive_parts.json").write_text(json.dumps({"device": str(device), "rows": rows}, indent=1))
+    write_result(args.out, "adaptive_parts.json", {"device": str(device), "rows": rows})
     return 0
 
 

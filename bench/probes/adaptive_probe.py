@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
+from bench.probes import write_result
 from bench.synth import DeltaSpec, make_delta
 from deltakit.spectral import metrics
 from deltakit.spectral.noise import storage_noise
@@ -121,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
               row[p]["effective_rank"], row[p]["effective_rank_error"]) for p in ("full", "adaptive")}, flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adaptive_probe.json").write_text(json.dumps({"device": str(device), "preset": args.preset, "rows": rows},
-                                                        indent=1))
+    write_result(args.out, "adaptive_probe.json", {"device": str(device), "preset": args.preset, "rows": rows})
     return 0
 
 

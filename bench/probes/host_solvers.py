@@ -14,13 +14,13 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal, lapack
 from threadpoolctl import threadpool_info
 
+from bench.probes import write_result
 from deltakit.spectral.partial import dense_tridiagonals, one_blas_thread, quadrature
 
 
@@ -78,10 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     libraries = [{k: v for k, v in info.items() if k in ("internal_api", "num_threads", "version", "filepath")}
                  for info in threadpool_info()]
     print(json.dumps(libraries), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "host_solvers.json").write_text(json.dumps({"seconds": rows, "blas": libraries,
-                                                       "torch_threads": torch.get_num_threads()}, indent=1))
+    write_result(args.out, "host_solvers.json", {"seconds": rows, "blas": libraries,
+                                                 "torch_threads": torch.get_num_threads()})
     return 0
 
 

@@ -9,13 +9,13 @@ shapes; writes ``rank_parts.json`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from bench.probes import write_result
 from deltakit.spectral.noise import storage_noise
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.spectrum import compute_spectrum
@@ -62,8 +62,7 @@ def main() -> None:
         }
         rows.append(row)
         print(row, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rank_parts.json").write_text(json.dumps({"device": str(device), "rows": rows}, indent=2) + "\n")
+    write_result(args.out, "rank_parts.json", {"device": str(device), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ import argparse
 import json
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
+from bench.probes import write_result
 import deltakit.spectral.partial as partial
 import deltakit.spectral.spectrum as spectrum_module
 from deltakit.analysis import ADAPTIVE_PLAN, _fro, analyse_matrix, rank
@@ -124,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     result["methods"] = dict(methods)
     result["plan"] = str(ADAPTIVE_PLAN)
     print(json.dumps(result, indent=1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rank_profile.json").write_text(json.dumps(result, indent=1))
+    write_result(args.out, "rank_profile.json", result)
     return 0
 
 

@@ -18,11 +18,11 @@ import json
 import pstats
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.probes import write_result
 from deltakit.analysis import rank
 from deltakit.spectral.options import SpectralOptions
 
@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "top_kernels_s": dict(sorted(by_name.items(), key=lambda kv: -kv[1])[:25]),
     }
     print(json.dumps(result, indent=1), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rank_trace.json").write_text(json.dumps(result, indent=1))
+    out = write_result(args.out, "rank_trace.json", result).parent
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
