@@ -7,6 +7,10 @@
 #   bash bench/gpu_all.sh rankab  # rank before (.old) and after on one machine, nothing else
 #   bash bench/gpu_all.sh adaptive # adaptive vs full spectra: per-matrix probe (7B, 70B shapes), 7B rank rows
 #   bash bench/gpu_all.sh quick   # adaptive pieces, the 7B rank row, its profile, the adaptive CUDA tests
+#   bash bench/gpu_all.sh s4      # rank adaptive/full with both reports kept, read_paths, adaptive_parts (~5 min)
+#   bash bench/gpu_all.sh s5      # rank adaptive/full/fp64 + extract, plan variants vs both references (~6 min)
+#   bash bench/gpu_all.sh s6      # adaptive_parts with sliced products, a rank trace on 6 layers (~2 min)
+#   bash bench/gpu_all.sh s7      # rank adaptive/full/fp64 + extract, then the whole test suite (~8 min)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
 #   bash bench/gpu_all.sh final   # rank before (.old) / adaptive / full, the 70B-shaped memory slice, CUDA tests
@@ -104,6 +108,48 @@ quick)
     python3 -m bench.probes.rank_profile "$W/base" "$W/ft" --device cuda --out "$OUT/profile"
     log "CUDA paths of the adaptive spectrum"
     cuda_tests tests/test_adaptive.py tests/test_spectral.py tests/test_devices.py
+    ;;
+s4)
+    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    cli_overhead
+    cp "$W"/runs/deltakit-rank.json "$W"/runs/deltakit-rank-full.json "$OUT/new/"
+    log "read and stream throughput by thread count"
+    python3 -m bench.probes.read_paths "$W/base" "$W/ft" --device cuda --out "$OUT/read"
+    log "the adaptive path's pieces"
+    python3 -m bench.probes.adaptive_parts --device cuda --out "$OUT/parts"
+    log "CUDA paths of the adaptive spectrum"
+    cuda_tests tests/test_adaptive.py
+    ;;
+s5)
+    log "rank adaptive, --full-spectrum and --full-spectrum --fp64, extract, on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" \
+        --only deltakit-rank,deltakit-rank-full,deltakit-rank-fp64,deltakit-extract --timeout 300
+    cli_overhead
+    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+    log "plan variants against both references"
+    python3 -m bench.probes.plan_variants "$W/base" "$W/ft" --device cuda --variant probes=64 --variant steps=96 \
+        --reference full="$W/runs/deltakit-rank-full.json" --reference fp64="$W/runs/deltakit-rank-fp64.json" \
+        --out "$OUT/variants" | cut -c1-1500
+    log "CUDA paths"
+    cuda_tests tests/test_adaptive.py tests/test_memory.py tests/test_spectral.py tests/test_devices.py
+    ;;
+s6)
+    log "the adaptive path's pieces, sliced products"
+    python3 -m bench.probes.adaptive_parts --device cuda --out "$OUT/parts"
+    log "6 layers of the 7B pair, a profiler trace of rank on them"
+    python3 -m bench.synth --preset 7b --layers 6 --workdir /tmp/dk-trace >/dev/null
+    python3 -m bench.probes.rank_trace /tmp/dk-trace/base /tmp/dk-trace/ft --layers 6 --out "$OUT/trace"
+    ;;
+s7)
+    log "rank adaptive, --full-spectrum, --full-spectrum --fp64 and extract on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" \
+        --only deltakit-rank,deltakit-rank-full,deltakit-rank-fp64,deltakit-extract --timeout 300
+    cli_overhead
+    log "the whole test suite on this machine (its GPU and CPU)"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    if python3 -c "import xdist" 2>/dev/null; then par="-n 8"; else par=""; fi
+    python3 -m pytest -q -p no:cacheprovider $par tests 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
     ;;
 final2)
     log "rank (adaptive) and rank --full-spectrum on the 7B pair"

@@ -102,6 +102,9 @@ def plan_jobs(work: Path, args: argparse.Namespace) -> list[Job]:
         Job("deltakit-rank-full", "deltakit rank --full-spectrum", "deltakit", "rank",
             ["deltakit", "rank", str(base), str(ft), "--json", str(runs / "deltakit-rank-full.json"), "--device", device,
              "--full-spectrum"], pair, [runs / "deltakit-rank-full.json"]),
+        Job("deltakit-rank-fp64", "deltakit rank --full-spectrum --fp64", "deltakit", "rank",
+            ["deltakit", "rank", str(base), str(ft), "--json", str(runs / "deltakit-rank-fp64.json"), "--device", device,
+             "--full-spectrum", "--fp64"], pair, [runs / "deltakit-rank-fp64.json"]),
         Job("plain-rank", "(a) plain loop: svdvals", "plain", "rank",
             ["python", "-m", "bench.baselines", "rank", str(base), str(ft), "--json", str(runs / "plain-rank.json"),
              "--device", device], pair, [runs / "plain-rank.json"]),
@@ -139,9 +142,12 @@ def plan_jobs(work: Path, args: argparse.Namespace) -> list[Job]:
             raise SystemExit(f"unknown row {name!r}{hint}; rows are: {', '.join(sorted(keys))}")
     if args.only:  # a deltakit row named there brings its -xN rows along
         jobs = [job for job in jobs if job.key in args.only or MULTI_KEY.sub(r"\1", job.key) in args.only]
+    else:  # rows that are references, slow where they matter, run only when named
+        jobs = [job for job in jobs if job.key not in ONLY_WHEN_NAMED]
     return [job for job in jobs if job.key not in (args.skip or [])]
 
 
+ONLY_WHEN_NAMED = {"deltakit-rank-fp64"}  # the fp64 full spectrum: an accuracy reference, slow without a GPU
 MULTI_KEY = re.compile(r"^(deltakit-(?:rank|extract|merge))-x(\d+)$")
 TORCHRUN = ["python", "-m", "torch.distributed.run", "--standalone"]
 WORKER = ["-m", "bench.measure", "--worker", "--"]
@@ -381,6 +387,7 @@ def spectrum_paths_agree(adaptive: list[dict], full: list[dict], tolerance: floa
               "effective_rank_1pct": 0, "effective_rank_within_2_errors": 0, "signal_rank_at_equal": 0,
               "rank_equal": 0, "rank_bounded": 0}
     worst = {"effective_rank_rel": 0.0, "stable_rank_rel": 0.0}
+    signed = []  # effective rank: ours / reference − 1, per matrix (a bias shows where |worst| does not)
     for ours in adaptive:
         ref = by_name.get(ours["name"])
         if ref is None:
@@ -392,6 +399,8 @@ def spectrum_paths_agree(adaptive: list[dict], full: list[dict], tolerance: floa
         counts["rank_at_within_1"] += all(abs(ours["rank_at"][k] - ref["rank_at"][k]) <= 1 for k in ref["rank_at"])
         stable = abs(ours["stable_rank"] - ref["stable_rank"]) / ref["stable_rank"] if ref["stable_rank"] else 0.0
         eff = abs(ours["effective_rank"] - ref["effective_rank"]) / ref["effective_rank"] if ref["effective_rank"] else 0.0
+        if ref["effective_rank"]:
+            signed.append(ours["effective_rank"] / ref["effective_rank"] - 1.0)
         counts["stable_rank_1e-4"] += stable <= 1e-4
         counts["effective_rank_1pct"] += eff <= tolerance
         error = ours.get("effective_rank_error") or 0.0
@@ -403,25 +412,34 @@ def spectrum_paths_agree(adaptive: list[dict], full: list[dict], tolerance: floa
             counts["rank_equal"] += ours["rank"] == ref["rank"]
         worst = {"effective_rank_rel": max(worst["effective_rank_rel"], eff),
                  "stable_rank_rel": max(worst["stable_rank_rel"], stable)}
-    return {**counts, "worst": worst}
+    return {**counts, "worst": worst, "effective_rank_mean_rel": sum(signed) / len(signed) if signed else 0.0}
+
+
+SPECTRUM_CHECKS = (  # (row checked, reference row, what the note calls the reference)
+    ("deltakit-rank", "deltakit-rank-full", "--full-spectrum"),
+    ("deltakit-rank", "deltakit-rank-fp64", "the fp64 full spectrum"),
+    ("deltakit-rank-full", "deltakit-rank-fp64", "the fp64 full spectrum"),
+)
 
 
 def cross_check_full_spectrum(work: Path, rows: list[dict[str, object]]) -> None:
-    """The deltakit-rank row (adaptive on a GPU) against deltakit-rank-full, matrix by matrix."""
+    """The deltakit-rank row (adaptive on a GPU) against deltakit-rank-full, matrix by matrix, and both
+    against the fp64 full spectrum where that row ran (the reference closest to the truth)."""
     by_key = {row["key"]: row for row in rows}
-    if any(by_key.get(key, {}).get("status") != "ok" for key in ("deltakit-rank", "deltakit-rank-full")):
-        return
-    adaptive = json.loads((work / "runs" / "deltakit-rank.json").read_text())["matrices"]
-    full = json.loads((work / "runs" / "deltakit-rank-full.json").read_text())["matrices"]
-    check = spectrum_paths_agree(adaptive, full)
-    row = by_key["deltakit-rank"]
-    row["full_spectrum_check"] = check
-    row["notes"].append(
-        f"against --full-spectrum on {check['matrices']} matrices ({check['adaptive']} adaptive): rank_at equal on "
-        f"{check['rank_at_equal']} (±1 on {check['rank_at_within_1']}), stable rank to 1e-4 on {check['stable_rank_1e-4']}, "
-        f"effective rank to 1% on {check['effective_rank_1pct']} (worst {check['worst']['effective_rank_rel']:.4f}), "
-        f"signal_rank_at equal on {check['signal_rank_at_equal']}, numerical rank equal on {check['rank_equal']} "
-        f"and a true lower bound on {check['rank_bounded']}")
+    for checked, reference, called in SPECTRUM_CHECKS:
+        if any(by_key.get(key, {}).get("status") != "ok" for key in (checked, reference)):
+            continue
+        ours = json.loads((work / "runs" / f"{checked}.json").read_text())["matrices"]
+        ref = json.loads((work / "runs" / f"{reference}.json").read_text())["matrices"]
+        check = spectrum_paths_agree(ours, ref)
+        row = by_key[checked]
+        row["full_spectrum_check" if reference == "deltakit-rank-full" else "fp64_check"] = check
+        row["notes"].append(
+            f"against {called} on {check['matrices']} matrices ({check['adaptive']} adaptive): rank_at equal on "
+            f"{check['rank_at_equal']} (±1 on {check['rank_at_within_1']}), stable rank to 1e-4 on {check['stable_rank_1e-4']}, "
+            f"effective rank to 1% on {check['effective_rank_1pct']} (worst {check['worst']['effective_rank_rel']:.4f}, "
+            f"signed mean {check['effective_rank_mean_rel']:+.4f}), signal_rank_at equal on {check['signal_rank_at_equal']}, "
+            f"numerical rank equal on {check['rank_equal']} and a true lower bound on {check['rank_bounded']}")
 
 
 def cross_check_multi_rank(work: Path, rows: list[dict[str, object]]) -> None:

@@ -450,7 +450,7 @@ def rank(
     blocked = [i for i in mine if blocked_pair(source, source.pairs[i], options.dtype)]  # too large to hold whole
     streamed = [i for i in mine if i not in blocked] if blocked else mine  # blocked: a few (embeddings, lm_head)
     # the blocked pairs come after the stream has finished, so nothing is read ahead while they run
-    work = chain(zip_released(streamed, source.stream(streamed, device, options.dtype, options.prefetch)),
+    work = chain(zip_released(streamed, source.stream(streamed, device, options.dtype, options.reads_ahead(device))),
                  ((i, None) for i in blocked))
     rounding = not source.is_adapter  # an adapter's ΔW is exact: no storage rounding in it
     if progress is not None:

@@ -250,7 +250,7 @@ def compare(
                            precision=options.precision, skipped=skipped, top=top)
     shapes = [sources[0].pairs[row[0]].shape for row in rows]
     mine = parallel.share([len(fts) * matrix_cost(shape) for shape in shapes])
-    items = stream_many([rows[i] for i in mine], sources, device, dtype, options.prefetch)
+    items = stream_many([rows[i] for i in mine], sources, device, dtype, options.reads_ahead(device))
     if progress is not None:
         items = progress(items, len(mine), "ΔW subspaces")
     local: list[tuple[int, Any]] = []

@@ -318,7 +318,7 @@ def intruders(
     report = new_report(base, ft, k, epsilons, device, options)
     source = open_source(base, ft, include, exclude, allow_pickle, report)
     mine = share_matrices(source, parallel)
-    items = source.stream(mine, device, options.dtype, options.prefetch)
+    items = source.stream(mine, device, options.dtype, options.reads_ahead(device))
     if progress is not None:
         items = progress(items, len(mine), "intruders")
     with fail_together(parallel):

@@ -199,7 +199,7 @@ def trajectory(
                               energy=energy, top=top, intruder_k=intruder_k, epsilon=float(epsilon))
     shapes = [sources[0].pairs[row[0]].shape for row in rows]
     mine = parallel.share([len(paths) * matrix_cost(shape) for shape in shapes])
-    items = stream_many([rows[i] for i in mine], sources, device, options.dtype, options.prefetch)
+    items = stream_many([rows[i] for i in mine], sources, device, options.dtype, options.reads_ahead(device))
     if progress is not None:
         items = progress(items, len(mine), "checkpoints")
     rounding = not any(s.is_adapter for s in sources)

@@ -181,18 +181,51 @@ def test_amplification_from_the_adaptive_directions_matches_the_exact_svd():
         assert abs(found["value"] - exact) <= abs(randomized["value"] - exact) + 1e-6 * exact
 
 
-def test_quadrature_nodes_and_weights_are_the_tridiagonals_eigenpairs():
-    """Golub–Welsch from LAPACK's tridiagonal solver against a dense fp64 eigh of the same tridiagonals."""
+def test_radau_rule_has_a_node_at_zero_and_keeps_the_gauss_moments():
+    """Gauss–Radau's Jacobi matrix (Golub's extension of the Lanczos tridiagonal) has 0 as a node,
+    and its first k+1 rows reproduce T's: the weights still sum to 1 and the first moment is α₁."""
     rng = np.random.default_rng(3)
     steps, probes = 24, 5
     alphas, betas = rng.random((steps, probes)) + 0.5, rng.random((steps, probes)) * 0.4
-    nodes, weights = partial.quadrature(alphas, betas)
-    for p in range(probes):
+    nodes, weights = partial.quadrature(partial.radau_tridiagonals(alphas, betas))
+    np.testing.assert_allclose(nodes[:, 0], 0.0, atol=1e-12)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-12)
+    np.testing.assert_allclose(np.sum(weights * nodes, axis=1), alphas[0], rtol=1e-12)
+    gauss_nodes, _ = partial.quadrature(partial.dense_tridiagonals(alphas, betas))
+    for p in range(probes):  # the Gauss nodes are the plain tridiagonal's eigenvalues
         dense = np.diag(alphas[:, p]) + np.diag(betas[:-1, p], 1) + np.diag(betas[:-1, p], -1)
-        values, vectors = np.linalg.eigh(dense)
-        np.testing.assert_allclose(nodes[p], values, rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(weights[p], vectors[0] ** 2, atol=1e-12)
-        assert weights[p].sum() == pytest.approx(1.0, abs=1e-12)
+        np.testing.assert_allclose(gauss_nodes[p], np.linalg.eigvalsh(dense), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gauss_and_radau_bracket_the_square_noise_tail_and_the_midpoint_is_within_1pct(device):
+    """The hard case of the tail: a square ΔW whose rest is dense noise, so its singular values run
+    down to 0 (quarter-circle law), where √λ is least smooth. Per probe Gauss overestimates vᵀ√(RᵀR)v
+    and Gauss–Radau underestimates it (exact values from an fp64 eigendecomposition); the
+    effective rank from their midpoint is within 1 % of the fp64 truth and within its error bar."""
+    gen = torch.Generator().manual_seed(11)
+    n = 768
+    signal = (torch.randn(n, 24, generator=gen) * torch.logspace(0, -1, 24)) @ torch.randn(24, n, generator=gen) / 8
+    delta = (signal + torch.randn(n, n, generator=gen) / n ** 0.5).double()
+    block = SubspaceIteration(delta.float().to(device), 64, warmup=5)
+    ritz = block.round()
+    deflated = partial.deflatable(ritz, 1e-3, 1e-3)
+    basis = block.left_vectors(deflated)
+    scale = float(ritz.values[0])
+    sums = partial.tail_sums(delta.float().to(device), basis, scale, probes=32, steps=64)
+    rest = delta - basis.double().cpu() @ (basis.double().cpu().T @ delta)
+    eigenvalues, vectors = torch.linalg.eigh(rest.T @ rest)
+    root = (vectors * eigenvalues.clamp_min(0).sqrt()) @ vectors.T / scale
+    start = partial.rademacher(n, 32, 1, torch.device(device), torch.float32).double().cpu()  # tail_sums' probes
+    exact_per_probe = n * torch.einsum("ip,ij,jp->p", start, root, start).numpy()
+    assert np.mean(sums.radau_nuclear) < np.mean(exact_per_probe) < np.mean(sums.nuclear)
+    # per probe too, up to the fp32 Lanczos's own error (~1e-3 here: fp64 brackets every probe)
+    assert np.all(sums.nuclear >= exact_per_probe * (1 - 1e-3))
+    assert np.all(sums.radau_nuclear <= exact_per_probe * (1 + 1e-3))
+    assert np.all(sums.nuclear > sums.radau_nuclear)  # two distinct rules, in the order the theory gives
+    truth = metrics.effective_rank(torch.linalg.svdvals(delta).numpy())
+    estimate, error = partial.effective_rank_estimate(ritz.values[:deflated], sums)
+    assert abs(estimate - truth) <= min(0.01 * truth, 2 * error)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -208,7 +241,7 @@ def test_replayed_lanczos_equals_the_plain_loop_for_new_inputs(device, monkeypat
             matrix = torch.randn(600, 400, generator=gen).to(device)
             basis = torch.linalg.qr(matrix @ torch.randn(400, deflated, generator=gen).to(device))[0]
             sums = partial.tail_sums(matrix, basis, 10.0, probes=8, steps=16, padded_width=16)
-            results[enabled, seed] = np.concatenate([sums.nuclear, sums.entropy, sums.coarse_nuclear])
+            results[enabled, seed] = np.concatenate([sums.nuclear, sums.entropy, sums.radau_nuclear])
     for seed in (1, 2):
         np.testing.assert_allclose(results[True, seed], results[False, seed], rtol=2e-5)
     assert (len(graphs._graphs) == 1) == device.startswith("cuda")  # one graph served both matrices
@@ -316,3 +349,13 @@ def test_partial_spectra_are_saved_as_such_and_plotted_against_the_whole_energy(
     assert rank_grid(spectra, recorded, energy=0.9).ranks[0, 0] == entry["rank_at"]["0.9"]
     past = rank_grid(spectra, recorded, energy=0.9999)  # past the computed values: a blank cell
     assert past.ranks.shape == (1, 1) and np.isnan(past.ranks[0, 0])
+
+
+def test_a_plan_whose_first_block_passes_the_crossover_takes_the_full_path():
+    """A matrix above min_side whose first block would already pass the crossover goes to the full path
+    (it used to reach the end of the growth loop without a verdict)."""
+    import dataclasses
+    matrix = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    plan = dataclasses.replace(PLAN, min_side=100, start_width=64, crossover=0.25)  # 64 > 0.25·200
+    spectrum, why = adaptive_spectrum(matrix, None, float(matrix.square().sum()), (0.9,), plan)
+    assert spectrum is None and why == "small matrix"

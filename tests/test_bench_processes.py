@@ -22,6 +22,7 @@ def test_without_processes_no_multi_process_rows():
                       "deltakit-merge", "plain-merge"]
     with pytest.raises(SystemExit, match="needs --processes"):
         keys("--only", "deltakit-rank-x2")
+    assert keys("--only", "deltakit-rank,deltakit-rank-fp64") == ["deltakit-rank", "deltakit-rank-fp64"]  # a reference row runs when named
 
 
 def test_processes_add_rows_after_their_one_process_row():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -14,3 +15,13 @@ def write_result(out: str | Path, name: str, result: Any) -> Path:
     path = folder / name
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
+
+
+def pair_parser(doc: str, device: str = "auto") -> argparse.ArgumentParser:
+    """The arguments every probe of a checkpoint pair takes: BASE FT --device --out (described by ``doc``'s first line)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("base")
+    parser.add_argument("ft")
+    parser.add_argument("--device", default=device)
+    parser.add_argument("--out", required=True)
+    return parser

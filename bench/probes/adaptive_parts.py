@@ -20,7 +20,8 @@ import torch
 from bench.probes import write_result
 from deltakit.spectral import graphs
 from deltakit.spectral.partial import (
-    SubspaceIteration, deflated_lanczos, effective_rank_estimate, quadrature, rademacher, small_eigh, tail_sums,
+    SubspaceIteration, deflated_lanczos, dense_tridiagonals, lanczos_tridiagonals, effective_rank_estimate, quadrature, rademacher, small_eigh,
+    tail_sums,
 )
 from deltakit.spectral.svd import orthonormal_basis
 
@@ -56,6 +57,36 @@ def rows_lanczos(matrix: torch.Tensor, basis: torch.Tensor, start: torch.Tensor,
         betas.append(beta)
         previous, vector = vector, w / beta.clamp_min(torch.finfo(w.dtype).tiny)
     return torch.cat(alphas, 1).T, torch.cat(betas, 1).T
+
+
+def with_tf32(fn):
+    """``fn()`` with TF32 matrix products allowed (the tensor cores' 10-bit mantissas)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return fn()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def sliced(matrix: torch.Tensor, block: torch.Tensor, parts: int, transposed: bool = False) -> torch.Tensor:
+    """matrix @ block (or matrix.T @ block) as one batched product over ``parts`` slices of the inner
+    dimension, summed: ``parts`` times the output tiles, for skinny products that leave SMs idle."""
+    m, n = matrix.shape
+    if transposed:  # Mᵀ·Y: slices of M's rows
+        return torch.bmm(matrix.view(parts, m // parts, n).transpose(1, 2), block.view(parts, m // parts, -1)).sum(0)
+    return torch.bmm(matrix.view(m, parts, n // parts).transpose(0, 1), block.view(parts, n // parts, -1)).sum(0)
+
+
+def sliced_lanczos(parts: int):
+    """deflated_lanczos with both products of each step sliced (:func:`sliced`)."""
+    def run(matrix, basis, start, steps):
+        def apply(v):
+            y = sliced(matrix, v, parts)
+            y = torch.addmm(y, basis, basis.T @ y, alpha=-1.0)
+            return sliced(matrix, y, parts, transposed=True)
+        return lanczos_tridiagonals(apply, start, steps)
+    return run
 
 
 def without_graphs(fn):
@@ -100,11 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             "round": timed(lambda: it.round(), device),
             "init_warmup2": timed(lambda: SubspaceIteration(matrix, 128, warmup=2), device),
             "init_warmup4": timed(lambda: SubspaceIteration(matrix, 128, warmup=4), device),
+            "init_warmup5": timed(lambda: SubspaceIteration(matrix, 128, warmup=5), device),
+            "init_warmup5_tf32": timed(lambda: with_tf32(lambda: SubspaceIteration(matrix, 128, warmup=5)), device),
             "tail_sums_32x64": timed(lambda: tail_sums(matrix, left, 1.0, 32, 64, padded_width=128), device),
             "tail_sums_32x64_no_graph": timed(lambda: without_graphs(lambda: tail_sums(matrix, left, 1.0, 32, 64)), device),
             "tail_sums_32x32": timed(lambda: tail_sums(matrix, left, 1.0, 32, 32), device),
             "tail_sums_16x64": timed(lambda: tail_sums(matrix, left, 1.0, 16, 64), device),
-            "quadrature_host_32x64": timed(lambda: quadrature(tridiag_a.cpu().numpy(), tridiag_b.cpu().numpy()), device),
+            "tail_sums_64x64": timed(lambda: tail_sums(matrix, left, 1.0, 64, 64, padded_width=128), device),
+            "quadrature_host_32x64": timed(lambda: quadrature(dense_tridiagonals(tridiag_a.cpu().numpy(), tridiag_b.cpu().numpy())), device),
         }
         start = rademacher(n, 32, 2, device, matrix.dtype)
         padded = torch.zeros(m, 128, device=device)
@@ -120,6 +154,18 @@ def main(argv: list[str] | None = None) -> int:
         # the first steps only: without reorthogonalisation the late coefficients follow the rounding
         row["rows_layout_alpha_max_rel_diff_8_steps"] = float(
             ((same[:8] - deflated_lanczos(*lanczos_inputs, 64)[0][:8]).abs().max() / same[:8].abs().max()))
+        y32 = torch.randn(m, 32, device=device, generator=gen)
+        row["gemm_MtY_32"] = timed(lambda: matrix.T @ y32, device)
+        for parts in (2, 4, 8, 16):
+            row[f"gemm_MV_32_sliced{parts}"] = timed(lambda: sliced(matrix, probes, parts), device)
+            row[f"gemm_MtY_32_sliced{parts}"] = timed(lambda: sliced(matrix, y32, parts, transposed=True), device)
+        for parts in (4, 8):
+            row[f"lanczos_sliced{parts}_replay_32x64"] = timed(lambda: replayed(f"parts-sliced{parts}", sliced_lanczos(parts)), device)
+        row["sliced8_alpha_max_rel_diff_8_steps"] = float(
+            ((replayed("parts-sliced8", sliced_lanczos(8))[0].to(device)[:8] - deflated_lanczos(*lanczos_inputs, 64)[0][:8]).abs().max()
+             / same[:8].abs().max()))
+        row["sliced8_product_max_rel_diff"] = float((sliced(matrix, probes, 8) - matrix @ probes).abs().max()
+                                                    / (matrix @ probes).abs().max())
         tail = tail_sums(matrix, left, 1.0, 32, 64)
         row["effective_rank_estimate"] = timed(lambda: effective_rank_estimate(np.linspace(2, 1, 100), tail), device)
         rows.append(row)

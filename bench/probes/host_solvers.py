@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     rows = {
-        "quadrature_32x64": timed(lambda: quadrature(alphas, betas)),
+        "quadrature_32x64": timed(lambda: quadrature(tri)),
         "stevd_all_threads": timed(lambda: per_probe(stevd, alphas, betas)),
         "stevd_one_thread": timed(on_one_thread(lambda: per_probe(stevd, alphas, betas))),
         "stevd_values_only": timed(lambda: per_probe(lambda d, e: lapack.dstevd(d, e, compute_v=0), alphas, betas)),

@@ -12,14 +12,13 @@ Writes ``rank_profile.json``; the parts' sum against (3) shows what overlaps and
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import defaultdict
 
 import torch
 
-from bench.probes import write_result
+from bench.probes import pair_parser, write_result
 import deltakit.spectral.partial as partial
 import deltakit.spectral.spectrum as spectrum_module
 from deltakit.analysis import ADAPTIVE_PLAN, _fro, analyse_matrix, rank
@@ -52,11 +51,7 @@ class Clock:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base")
-    parser.add_argument("ft")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", required=True)
+    parser = pair_parser(__doc__)
     parser.add_argument("--limit", type=int, default=0, help="only the first N pairs (0: all)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -68,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(device)
     clock.sync()
     start = time.perf_counter()
-    for item in source.stream(chosen, device, options.dtype, options.prefetch):
+    for item in source.stream(chosen, device, options.dtype, options.reads_ahead(device)):
         clock.sync()
         del item
     result["stream_only_s"] = time.perf_counter() - start
@@ -91,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         clock.sync()
         start = time.perf_counter()
         waited = 0.0
-        stream = source.stream(chosen, device, options.dtype, options.prefetch)
+        stream = source.stream(chosen, device, options.dtype, options.reads_ahead(device))
         while True:
             before = time.perf_counter()
             item = next(stream, None)

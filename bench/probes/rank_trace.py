@@ -11,7 +11,6 @@ host's main thread spends its time (``rank_cprofile.txt``).
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import io
 import json
@@ -22,7 +21,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.probes import write_result
+from bench.probes import pair_parser, write_result
 from deltakit.analysis import rank
 from deltakit.spectral.options import SpectralOptions
 
@@ -39,12 +38,8 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base")
-    parser.add_argument("ft")
+    parser = pair_parser(__doc__, device='cuda')
     parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     include = [f"model.layers.{layer}.*" for layer in range(args.layers)]
     options = SpectralOptions(device=args.device)

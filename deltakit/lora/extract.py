@@ -315,10 +315,10 @@ class _Extraction:
 
     def _stream(self, pairs: list[TensorPair], label: str):
         if self.adapters is not None:
-            items = self.adapters.stream(pairs, self.device, self.compute_dtype, self.options.prefetch, self.factored)
+            items = self.adapters.stream(pairs, self.device, self.compute_dtype, self.options.reads_ahead(self.device), self.factored)
         else:
             assert self.ft is not None
-            items = stream_deltas(pairs, self.base, self.ft, self.device, self.compute_dtype, self.options.prefetch)
+            items = stream_deltas(pairs, self.base, self.ft, self.device, self.compute_dtype, self.options.reads_ahead(self.device))
         return self.progress(items, len(pairs), label) if self.progress else items
 
     def _gather(self, stage: FactorStage, local: list[tuple[int, _Outcome]]) -> list[_Outcome]:

@@ -136,7 +136,7 @@ def scale_intruders(
     base_ckpt, ft_ckpt, pairs = source.base, source.ft, source.pairs
     assert ft_ckpt is not None
     mine = share_matrices(source, parallel)
-    items = source.stream(mine, device, options.dtype, options.prefetch)
+    items = source.stream(mine, device, options.dtype, options.reads_ahead(device))
     scaling = report.scaling = Scaling(scale=scale, epsilon=epsilons[0], output=str(output))
     if progress is not None:
         items = progress(items, len(mine), "intruders")

@@ -13,8 +13,9 @@ vectors iterated a few times costs O(m·n·b) in matrix products. This module co
   residual gives the upper side.
 * :func:`tail_sums`: Σσ and Σσ·ln σ over the part of ΔW the block does not hold, by stochastic
   Lanczos quadrature (Ubaru, Chen & Saad 2017) with Rademacher probes, for the effective rank.
-  The spread over probes (jackknife) and the change from half the Lanczos steps give the
-  error estimate (:func:`effective_rank_estimate`).
+  Each probe gets two quadrature rules from one Lanczos run, Gauss and Gauss–Radau with a node
+  fixed at 0, which bracket its value; the estimate is their midpoint, and half their gap plus
+  the spread over probes (jackknife) is its error (:func:`effective_rank_estimate`).
 
 Nothing here decides which metric is settled; :mod:`deltakit.spectral.spectrum` does. Every
 function takes the matrix on its device and moves only small arrays to the host.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -218,14 +220,18 @@ class TailSums:
     """Σσ and Σσ·ln σ over the singular values outside a computed block, in units of ``scale``.
 
     Per-probe estimates are kept so that every quantity derived from them gets a jackknife error.
+    Each comes from two rules: Gauss (``nuclear``, ``entropy``) and Gauss–Radau with a node at 0
+    (``radau_*``). For Σσ the first is an upper and the second a lower bound of the probe's value
+    (the derivatives of √λ alternate in sign), and for the bench's square noisy deltas they
+    bracketed the effective rank from both sides (bench/probes/tail_quadrature.py).
     """
 
-    nuclear: np.ndarray  # per probe: estimate of Σ (σ/scale)
-    entropy: np.ndarray  # per probe: estimate of Σ (σ/scale)·ln(σ/scale)
+    nuclear: np.ndarray  # per probe, Gauss: estimate of Σ (σ/scale)
+    entropy: np.ndarray  # per probe, Gauss: estimate of Σ (σ/scale)·ln(σ/scale)
     scale: float
     steps: int
-    coarse_nuclear: np.ndarray | None = None  # the same from the first steps/2 Lanczos steps: the
-    coarse_entropy: np.ndarray | None = None  # quadrature's own error is about their difference
+    radau_nuclear: np.ndarray | None = None  # the same by Gauss–Radau (a node fixed at 0)
+    radau_entropy: np.ndarray | None = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -278,22 +284,23 @@ def deflated_lanczos(matrix: torch.Tensor, basis: torch.Tensor, start: torch.Ten
     return lanczos_tridiagonals(apply, start, steps)
 
 
-def quadrature(alphas: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Gauss nodes and weights per probe from its Lanczos tridiagonal: (probes×steps) each, on the host.
+def quadrature(tridiagonals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and weights per probe from its Jacobi matrix (probes×k×k): (probes×k) each, on the host.
 
-    Golub–Welsch: the nodes are the tridiagonal's eigenvalues, the weights the squared first
-    components of its eigenvectors; one batched float64 eigh of the dense tridiagonals on one
-    BLAS thread. Per-probe LAPACK tridiagonal calls (stevd) were faster alone, but they hold
-    Python's lock, and this runs on a worker thread beside the main one (:class:`PendingTail`);
+    Golub–Welsch: the nodes are the matrix's eigenvalues, the weights the squared first
+    components of its eigenvectors; one batched float64 eigh on one BLAS thread. Per-probe
+    LAPACK tridiagonal calls (stevd) were faster alone, but they hold Python's lock, and this
+    runs on a worker thread beside the main one (:class:`PendingTail`);
     bench/probes/host_solvers.py times the ways on a host.
     """
     with one_blas_thread():
-        values, vectors = np.linalg.eigh(dense_tridiagonals(alphas, betas))
+        values, vectors = np.linalg.eigh(tridiagonals)
     return np.clip(values, 0.0, None), vectors[:, 0, :] ** 2
 
 
 def dense_tridiagonals(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
-    """The Lanczos tridiagonals (α, β: steps×probes, β's last row unused) as dense probes×steps×steps matrices."""
+    """The Lanczos tridiagonals (α, β: steps×probes, β's last row unused) as dense probes×steps×steps
+    matrices: the Jacobi matrices of Gauss quadrature."""
     steps, probes = alphas.shape
     dense = np.zeros((probes, steps, steps))
     index = np.arange(steps)
@@ -301,6 +308,31 @@ def dense_tridiagonals(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
     dense[:, index[:-1], index[1:]] = betas[:-1].T
     dense[:, index[1:], index[:-1]] = betas[:-1].T
     return dense
+
+
+def radau_tridiagonals(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """The Jacobi matrices (probes×(k+1)×(k+1)) of Gauss–Radau quadrature with a node fixed at 0.
+
+    Golub's construction: extend the k-step tridiagonal T by β_k (β's last row) and a last
+    diagonal entry chosen so that 0 is an eigenvalue, β_k²·[T⁻¹]_kk = β_k²/d_k with d_k the last
+    pivot of T's LDLᵀ factorisation. The operator is positive semi-definite, but in fp32 T can
+    hold a Ritz value a hair below 0 (a deflated square ΔW has exact zeros): a pivot may then be
+    negative, which the construction allows; only an exact zero is nudged.
+    """
+    steps, probes = alphas.shape
+    tiny = np.finfo(np.float64).tiny
+
+    def nonzero(x: np.ndarray) -> np.ndarray:
+        return np.where(x == 0.0, tiny, x)
+
+    pivot = nonzero(alphas[0])
+    for j in range(1, steps):
+        pivot = nonzero(alphas[j] - betas[j - 1] ** 2 / pivot)
+    extended = np.zeros((probes, steps + 1, steps + 1))
+    extended[:, :steps, :steps] = dense_tridiagonals(alphas, betas)
+    extended[:, steps - 1, steps] = extended[:, steps, steps - 1] = betas[-1]
+    extended[:, steps, steps] = betas[-1] ** 2 / pivot
+    return extended
 
 
 def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
@@ -329,23 +361,26 @@ class PendingTail:
 
     def _solve(self) -> TailSums:
         alphas, betas = (x.double().numpy() / (self.scale * self.scale) for x in self.coefficients.done())
-        steps = alphas.shape[0]
-        sums = np.stack(quadrature_sums(alphas, betas, self.dim)
-                        + quadrature_sums(alphas[: steps // 2], betas[: steps // 2], self.dim))
-        return TailSums(sums[0], sums[1], self.scale, steps, sums[2], sums[3])
+        gauss = quadrature_sums(dense_tridiagonals(alphas, betas), self.dim)
+        radau = quadrature_sums(radau_tridiagonals(alphas, betas), self.dim)
+        return TailSums(gauss[0], gauss[1], self.scale, alphas.shape[0], radau[0], radau[1])
 
     def result(self) -> TailSums:
         return self._sums.result()
 
 
 _worker: ThreadPoolExecutor | None = None
+QUADRATURE_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+"""Threads solving the tails' quadratures: two batched eighs of 32 tridiagonals per matrix took
+~32 ms on one core of the H200 host (bench/probes/adaptive_parts.py), more than the device's
+~25 ms per matrix, so one thread fell behind; a quarter of the cores leaves the rest to the readers."""
 
 
 def quadrature_worker() -> ThreadPoolExecutor:
-    """The one thread that solves the tails' quadratures (numpy's eigh lets go of Python's lock)."""
+    """The threads that solve the tails' quadratures (numpy's eigh lets go of Python's lock)."""
     global _worker
     if _worker is None:
-        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltakit-quadrature")
+        _worker = ThreadPoolExecutor(max_workers=QUADRATURE_THREADS, thread_name_prefix="deltakit-quadrature")
     return _worker
 
 
@@ -367,9 +402,9 @@ def start_tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, pro
     return PendingTail(coefficients, scale, dim)
 
 
-def quadrature_sums(alphas: np.ndarray, betas: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+def quadrature_sums(tridiagonals: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Per probe: the quadrature estimates of Σσ and Σσ ln σ (σ = √λ of the operator's eigenvalues λ)."""
-    nodes, weights = quadrature(alphas, betas)
+    nodes, weights = quadrature(tridiagonals)
     sigma = np.sqrt(nodes)
     xlogx = np.where(sigma > 0, sigma * np.log(np.where(sigma > 0, sigma, 1.0)), 0.0)
     return dim * np.sum(weights * sigma, axis=1), dim * np.sum(weights * xlogx, axis=1)
@@ -383,8 +418,14 @@ def entropy_rank(nuclear: float, entropy: float) -> float:
 
 
 def effective_rank_estimate(top: np.ndarray, tail: TailSums | PendingTail | None) -> tuple[float, float | None]:
-    """Effective rank from exact top values plus a tail estimate, and its error (jackknife over probes and the
-    quadrature's own step, see below); the error is None where nothing is estimated."""
+    """Effective rank from exact top values plus a tail estimate, and its error; the error is None
+    where nothing is estimated.
+
+    The tail's sums are the midpoint of the Gauss and Gauss–Radau rules, which bracket them: half
+    their gap is the quadrature's error (on the bench's square deltas Gauss ran ~0.6 % high and
+    Radau ~1.2 % low at 64 steps, where the old extrapolation from half the steps ran ~0.6 % low).
+    The spread over probes (jackknife) is the sampling error; the two add in quadrature.
+    """
     if isinstance(tail, PendingTail):
         tail = tail.result()
     if tail is None:
@@ -395,7 +436,10 @@ def effective_rank_estimate(top: np.ndarray, tail: TailSums | PendingTail | None
         return entropy_rank(float(units.sum()), float(np.sum(units * np.log(units)))), None
     units = top[top > 0] / tail.scale
     s_top, t_top = float(units.sum()), float(np.sum(units * np.log(units)))
-    s, t = s_top + tail.nuclear, t_top + tail.entropy
+    radau_nuclear = tail.nuclear if tail.radau_nuclear is None else tail.radau_nuclear
+    radau_entropy = tail.entropy if tail.radau_entropy is None else tail.radau_entropy
+    s = s_top + (tail.nuclear + radau_nuclear) / 2
+    t = t_top + (tail.entropy + radau_entropy) / 2
     estimate = entropy_rank(float(s.mean()), float(t.mean()))
     count = s.size
     spread = 0.0
@@ -403,10 +447,6 @@ def effective_rank_estimate(top: np.ndarray, tail: TailSums | PendingTail | None
         leave_one_out = np.array([entropy_rank(float((s.sum() - s[i]) / (count - 1)), float((t.sum() - t[i]) / (count - 1)))
                                   for i in range(count)])
         spread = (count - 1) / count * float(np.sum((leave_one_out - leave_one_out.mean()) ** 2))
-    if tail.coarse_nuclear is None or tail.coarse_entropy is None:
-        return estimate, math.sqrt(spread)
-    # The quadrature's error falls about as 1/steps (√λ is not smooth at 0), so the estimate from
-    # half the steps is about twice as far off: step once more in the same direction, and count
-    # the whole step as error.
-    coarse = entropy_rank(float((s_top + tail.coarse_nuclear).mean()), float((t_top + tail.coarse_entropy).mean()))
-    return 2.0 * estimate - coarse, math.sqrt(spread + (coarse - estimate) ** 2)
+    gauss = entropy_rank(s_top + float(tail.nuclear.mean()), t_top + float(tail.entropy.mean()))
+    radau = entropy_rank(s_top + float(radau_nuclear.mean()), t_top + float(radau_entropy.mean()))
+    return estimate, math.sqrt(spread + ((gauss - radau) / 2) ** 2)

@@ -432,7 +432,7 @@ def adaptive_spectrum(matrix: torch.Tensor, noise: StorageNoise | None, delta_en
     """
     shape = (int(matrix.shape[0]), int(matrix.shape[1]))
     small = min(shape)
-    if small < plan.min_side:
+    if small < plan.min_side or plan.start_width > plan.crossover * small:
         return None, SMALL_OR_ZERO[0]
     if delta_energy == 0.0:
         return None, SMALL_OR_ZERO[1]
