@@ -10,7 +10,8 @@
 #   bash bench/gpu_all.sh s4      # rank adaptive/full with both reports kept, read_paths, adaptive_parts (~5 min)
 #   bash bench/gpu_all.sh s5      # rank adaptive/full/fp64 + extract, plan variants vs both references (~6 min)
 #   bash bench/gpu_all.sh s6      # adaptive_parts with sliced products, a rank trace on 6 layers (~2 min)
-#   bash bench/gpu_all.sh s7      # rank adaptive/full/fp64 + extract, then the whole test suite (~8 min)
+#   bash bench/gpu_all.sh s7      # the whole test suite on the GPU machine, 8 groups of files at once
+#   bash bench/gpu_all.sh s8      # rank adaptive and --full-spectrum on a 70B-shaped slice (8 layers)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
 #   bash bench/gpu_all.sh final   # rank before (.old) / adaptive / full, the 70B-shaped memory slice, CUDA tests
@@ -142,14 +143,22 @@ s6)
     python3 -m bench.probes.rank_trace /tmp/dk-trace/base /tmp/dk-trace/ft --layers 6 --out "$OUT/trace"
     ;;
 s7)
-    log "rank adaptive, --full-spectrum, --full-spectrum --fp64 and extract on the 7B pair"
-    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" \
-        --only deltakit-rank,deltakit-rank-full,deltakit-rank-fp64,deltakit-extract --timeout 300
-    cli_overhead
-    log "the whole test suite on this machine (its GPU and CPU)"
+    log "the whole test suite on this machine (its GPU and CPU), in 8 groups of files at once"
     python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
-    if python3 -c "import xdist" 2>/dev/null; then par="-n 8"; else par=""; fi
-    python3 -m pytest -q -p no:cacheprovider $par tests 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+    files=(tests/test_*.py)
+    for g in 0 1 2 3 4 5 6 7; do
+        group=()
+        for i in "${!files[@]}"; do [ $((i % 8)) -eq $g ] && group+=("${files[$i]}"); done
+        python3 -m pytest -q -p no:cacheprovider "${group[@]}" > "$OUT/pytest_group_$g.txt" 2>&1 &
+    done
+    wait
+    for g in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/pytest_group_$g.txt"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_group_$g.txt"; done \
+        | tee "$OUT/pytest_gpu.txt"
+    ;;
+s8)
+    log "a 70B-shaped slice: 8 layers of hidden 8192, intermediate 28672 (MHA), vocab 32000"
+    python3 bench/run_bench.py --preset 7b --hidden 8192 --intermediate 28672 --layers 8 --workdir /tmp/dk-70b \
+        --out "$OUT/slice70b" --only deltakit-rank,deltakit-rank-full --timeout 400
     ;;
 final2)
     log "rank (adaptive) and rank --full-spectrum on the 7B pair"
