@@ -149,11 +149,15 @@ s7)
     for g in 0 1 2 3 4 5 6 7; do
         group=()
         for i in "${!files[@]}"; do [ $((i % 8)) -eq $g ] && group+=("${files[$i]}"); done
-        python3 -m pytest -q -p no:cacheprovider "${group[@]}" > "$OUT/pytest_group_$g.txt" 2>&1 &
+        python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors "${group[@]}" > "$OUT/pytest_group_$g.txt" 2>&1 &
     done
     wait
     for g in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/pytest_group_$g.txt"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_group_$g.txt"; done \
         | tee "$OUT/pytest_gpu.txt"
+    ;;
+s78)
+    bash "$0" s7
+    bash "$0" s8
     ;;
 s8)
     log "a 70B-shaped slice: 8 layers of hidden 8192, intermediate 28672 (MHA), vocab 32000"
