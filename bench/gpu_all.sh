@@ -11,6 +11,7 @@
 #   bash bench/gpu_all.sh s5      # rank adaptive/full/fp64 + extract, plan variants vs both references (~6 min)
 #   bash bench/gpu_all.sh s6      # adaptive_parts with sliced products, a rank trace on 6 layers (~2 min)
 #   bash bench/gpu_all.sh s7      # the whole test suite on the GPU machine, 8 groups of files at once
+#   bash bench/gpu_all.sh s9      # s8, then rank on the 7B pair and the CUDA tests of the adaptive path and I/O
 #   bash bench/gpu_all.sh s8      # rank adaptive and --full-spectrum on a 70B-shaped slice (8 layers)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
@@ -154,6 +155,15 @@ s7)
     wait
     for g in 0 1 2 3 4 5 6 7; do tail -1 "$OUT/pytest_group_$g.txt"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_group_$g.txt"; done \
         | tee "$OUT/pytest_gpu.txt"
+    ;;
+s9)
+    bash "$0" s8
+    rm -rf /tmp/dk-70b
+    log "rank (adaptive) on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 200
+    cli_overhead
+    log "CUDA paths"
+    cuda_tests tests/test_adaptive.py tests/test_memory.py tests/test_devices.py tests/test_hub.py tests/test_io.py
     ;;
 s78)
     bash "$0" s7

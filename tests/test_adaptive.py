@@ -359,3 +359,9 @@ def test_a_plan_whose_first_block_passes_the_crossover_takes_the_full_path():
     plan = dataclasses.replace(PLAN, min_side=100, start_width=64, crossover=0.25)  # 64 > 0.25·200
     spectrum, why = adaptive_spectrum(matrix, None, float(matrix.square().sum()), (0.9,), plan)
     assert spectrum is None and why == "small matrix"
+
+
+def test_lanczos_steps_grow_with_the_side_as_the_quadrature_bias_does():
+    """64 steps up to a side of 4096, then ∝ √side in multiples of 32 (the figures are in steps_for's docstring)."""
+    plan = analysis.ADAPTIVE_PLAN
+    assert [plan.steps_for(side) for side in (512, 2048, 4096, 4097, 6000, 8192, 16384)] == [64, 64, 64, 96, 96, 96, 128]

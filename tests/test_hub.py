@@ -157,8 +157,10 @@ def test_rank_downloads_safetensors_and_configs_only_then_reads_the_cache(online
     assert len(fetched) == 6 and not any(p.endswith((".bin", ".md", "tokenizer.json", ".onnx")) for p in fetched)
     # The same report as on local folders holding the same weights.
     from deltakit.analysis import rank
+    from deltakit.spectral.options import SpectralOptions
 
-    from_disk = rank(*local_pair(tmp_path / "local", ft_tensors(2, 3)), (0.9,)).to_dict()
+    # on the CPU as the command above ran: on a GPU machine "auto" would compare two devices' rounding
+    from_disk = rank(*local_pair(tmp_path / "local", ft_tensors(2, 3)), (0.9,), SpectralOptions(device="cpu")).to_dict()
     from_hub = json.loads((tmp_path / "hub.json").read_text())
     assert matrices(from_hub) == matrices(from_disk) and rounded(from_hub["summary"]) == rounded(from_disk["summary"])
     assert matrices(from_hub)[Q]["rank"] == 2 and matrices(from_hub)[UP]["rank"] == 3

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", default="4096x4096")
     parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--steps", type=lambda t: [int(v) for v in t.split(",")], default=[32, 48, 64],
+                        help="Lanczos step counts to compare (one run of the largest; the others are its prefixes)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -54,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, list[float]] = {}
     for seed in range(1, args.seeds + 1):
         start = rademacher(dim, 64, seed, device, torch.float32)
-        alphas, betas = (x.double().cpu().numpy() / scale ** 2 for x in deflated_lanczos(matrix, basis, start, 64))
+        alphas, betas = (x.double().cpu().numpy() / scale ** 2
+                         for x in deflated_lanczos(matrix, basis, start, max(args.steps)))
         gauss_32 = quadrature_sums(dense_tridiagonals(alphas[:32], betas[:32]), dim)
-        for steps in (32, 48, 64):
+        for steps in args.steps:
             gauss = quadrature_sums(dense_tridiagonals(alphas[:steps], betas[:steps]), dim)
             radau = quadrature_sums(radau_tridiagonals(alphas[:steps], betas[:steps]), dim)
             for probes in (16, 32, 64):

@@ -262,9 +262,17 @@ class AdaptivePlan:
     rounds: int = 8
     warmup: int = 5  # power iterations before the first Rayleigh–Ritz round (bench-like ΔW then settle in one)
     probes: int = 32
-    steps: int = 64
+    steps: int = 64  # Lanczos steps at a side of 4096 or less; more above it (steps_for)
     settled_relative: float = 1e-3  # a top value counts as converged (and deflates the tail) below this error
     deflation_angle: float = 1e-3  # ... and the span of those within this angle (sin) of the true one
+
+    def steps_for(self, side: int) -> int:
+        """Lanczos steps for a tail whose operator is side×side: ``steps`` up to 4096, then ∝ √side in
+        multiples of 32 (8192: 96, 16384: 128). The quadrature's bias on square noisy deltas grows with
+        the side at a fixed step count: −0.27 % at 4096² and −0.58 % at 8192² with 64 steps, −0.30 %
+        at 8192² with 96 (fp64 truth, bench.probes.tail_quadrature, bench/measured/2026-11-29-dev-vm)."""
+        scaled = self.steps * math.sqrt(max(side, 1) / 4096)
+        return max(self.steps, 32 * math.ceil(scaled / 32 - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -466,7 +474,8 @@ def _partial(iteration: SubspaceIteration, block: RitzBlock, shape: tuple[int, i
     tail_energy = energy - float(np.sum(values[:deflated] ** 2))
     tail = None
     if tail_energy > unresolved_threshold(shape, sigma_max, torch.float32):
-        tail = start_tail_sums(iteration.matrix, iteration.left_vectors(deflated), sigma_max, plan.probes, plan.steps,
+        tail = start_tail_sums(iteration.matrix, iteration.left_vectors(deflated), sigma_max, plan.probes,
+                               plan.steps_for(min(shape)),
                                seed + 1, padded_width=block.width)
     else:  # the rest is rounding of an (exactly) low-rank ΔW: drop it as the full path does
         values[values <= method_floor] = 0.0
