@@ -423,7 +423,7 @@ def effective_rank_estimate(top: np.ndarray, tail: TailSums | PendingTail | None
 
     The tail's sums are the midpoint of the Gauss and Gauss–Radau rules, which bracket them: half
     their gap is the quadrature's error (on the bench's square deltas Gauss ran ~0.6 % high and
-    Radau ~1.2 % low at 64 steps, where the old extrapolation from half the steps ran ~0.6 % low).
+    Radau ~1.1 % low at 64 steps, where the old extrapolation from half the steps ran ~0.6 % low).
     The spread over probes (jackknife) is the sampling error; the two add in quadrature.
     """
     if isinstance(tail, PendingTail):
