@@ -75,6 +75,9 @@ def test_version_is_the_package_version(runner):
 
     result = invoke(runner, "--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"deltakit, version {deltakit.__version__}"
+    import importlib.metadata
+
+    assert importlib.metadata.version("deltakit") == deltakit.__version__  # pyproject reads it from there
 
 
 @pytest.mark.parametrize("command, flags", [
