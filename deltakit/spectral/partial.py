@@ -230,8 +230,8 @@ class TailSums:
     entropy: np.ndarray  # per probe, Gauss: estimate of Σ (σ/scale)·ln(σ/scale)
     scale: float
     steps: int
-    radau_nuclear: np.ndarray | None = None  # the same by Gauss–Radau (a node fixed at 0)
-    radau_entropy: np.ndarray | None = None
+    radau_nuclear: np.ndarray  # the same by Gauss–Radau (a node fixed at 0)
+    radau_entropy: np.ndarray
 
 
 @functools.lru_cache(maxsize=8)
@@ -319,7 +319,7 @@ def radau_tridiagonals(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
     hold a Ritz value a hair below 0 (a deflated square ΔW has exact zeros): a pivot may then be
     negative, which the construction allows; only an exact zero is nudged.
     """
-    steps, probes = alphas.shape
+    steps = alphas.shape[0]
     tiny = np.finfo(np.float64).tiny
 
     def nonzero(x: np.ndarray) -> np.ndarray:
@@ -328,11 +328,9 @@ def radau_tridiagonals(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
     pivot = nonzero(alphas[0])
     for j in range(1, steps):
         pivot = nonzero(alphas[j] - betas[j - 1] ** 2 / pivot)
-    extended = np.zeros((probes, steps + 1, steps + 1))
-    extended[:, :steps, :steps] = dense_tridiagonals(alphas, betas)
-    extended[:, steps - 1, steps] = extended[:, steps, steps - 1] = betas[-1]
-    extended[:, steps, steps] = betas[-1] ** 2 / pivot
-    return extended
+    last = betas[-1] ** 2 / pivot
+    # one more step whose coupling is β_k (β's last row, unused by the plain tridiagonal)
+    return dense_tridiagonals(np.vstack([alphas, last]), np.vstack([betas, np.zeros_like(last)]))
 
 
 def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
@@ -436,10 +434,8 @@ def effective_rank_estimate(top: np.ndarray, tail: TailSums | PendingTail | None
         return entropy_rank(float(units.sum()), float(np.sum(units * np.log(units)))), None
     units = top[top > 0] / tail.scale
     s_top, t_top = float(units.sum()), float(np.sum(units * np.log(units)))
-    radau_nuclear = tail.nuclear if tail.radau_nuclear is None else tail.radau_nuclear
-    radau_entropy = tail.entropy if tail.radau_entropy is None else tail.radau_entropy
-    s = s_top + (tail.nuclear + radau_nuclear) / 2
-    t = t_top + (tail.entropy + radau_entropy) / 2
+    s = s_top + (tail.nuclear + tail.radau_nuclear) / 2
+    t = t_top + (tail.entropy + tail.radau_entropy) / 2
     estimate = entropy_rank(float(s.mean()), float(t.mean()))
     count = s.size
     spread = 0.0
@@ -448,5 +444,5 @@ def effective_rank_estimate(top: np.ndarray, tail: TailSums | PendingTail | None
                                   for i in range(count)])
         spread = (count - 1) / count * float(np.sum((leave_one_out - leave_one_out.mean()) ** 2))
     gauss = entropy_rank(s_top + float(tail.nuclear.mean()), t_top + float(tail.entropy.mean()))
-    radau = entropy_rank(s_top + float(radau_nuclear.mean()), t_top + float(radau_entropy.mean()))
+    radau = entropy_rank(s_top + float(tail.radau_nuclear.mean()), t_top + float(tail.radau_entropy.mean()))
     return estimate, math.sqrt(spread + ((gauss - radau) / 2) ** 2)
