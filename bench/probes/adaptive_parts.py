@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from bench.probes import write_result
+from bench.probes import shapes_arg, write_result
 from deltakit.spectral import graphs
 from deltakit.spectral.partial import (
     SubspaceIteration, deflated_lanczos, dense_tridiagonals, lanczos_tridiagonals, effective_rank_estimate, quadrature, rademacher, small_eigh,
@@ -101,12 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--shapes", default="4096x4096,11008x4096")
+    parser.add_argument("--shapes", type=shapes_arg, default="4096x4096,11008x4096")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []
-    for text in args.shapes.split(","):
-        m, n = (int(v) for v in text.split("x"))
+    for m, n in args.shapes:
         gen = torch.Generator(device=device).manual_seed(0)
         matrix = torch.randn(m, n, device=device, generator=gen)
         q = orthonormal_basis(torch.randn(m, 128, device=device, generator=gen))

@@ -12,40 +12,58 @@ Writes ``plan_variants.json``.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import time
 
 import deltakit.analysis as analysis
-from bench.probes import pair_parser, write_result
+from bench.probes import existing_path, pair_parser, write_result
 from bench.run_bench import spectrum_paths_agree
 from deltakit.spectral.options import SpectralOptions
+from deltakit.spectral.spectrum import AdaptivePlan
 
 
 def parse_variant(text: str) -> dict[str, float | int]:
-    """``probes=64,steps=96`` → {"probes": 64, "steps": 96} (ints where they parse as ints)."""
+    """An argparse type: ``probes=64,steps=96`` → {"probes": 64, "steps": 96} (ints where they parse as
+    ints), each key a field of :class:`deltakit.spectral.spectrum.AdaptivePlan`."""
+    known = {f.name for f in dataclasses.fields(AdaptivePlan)}
     fields: dict[str, float | int] = {}
     for item in text.split(","):
-        key, value = item.split("=")
-        fields[key] = int(value) if value.isdigit() else float(value)
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise argparse.ArgumentTypeError(f"{key!r} is not an AdaptivePlan field ({', '.join(sorted(known))})")
+        try:
+            fields[key] = int(value) if value.isdigit() else float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: the value is not a number") from None
     return fields
+
+
+def reference_report(text: str) -> tuple[str, list[dict]]:
+    """An argparse type: ``NAME=PATH`` of a `deltakit rank --json` report → (NAME, its matrices)."""
+    name, _, path = text.partition("=")
+    try:
+        with open(existing_path(path)) as fh:
+            return name, json.load(fh)["matrices"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a rank --json report ({error})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = pair_parser(__doc__)
-    parser.add_argument("--variant", action="append", default=[], help="plan fields, e.g. probes=64,steps=96")
-    parser.add_argument("--reference", action="append", default=[], help="NAME=PATH of a rank --json report")
+    parser.add_argument("--variant", type=parse_variant, action="append", default=[],
+                        help="plan fields, e.g. probes=64,steps=96")
+    parser.add_argument("--reference", type=reference_report, action="append", default=[],
+                        help="NAME=PATH of a rank --json report")
     args = parser.parse_args(argv)
-    references = {}
-    for item in args.reference:
-        name, path = item.split("=", 1)
-        with open(path) as fh:
-            references[name] = json.load(fh)["matrices"]
+    references = dict(args.reference)
     default = analysis.ADAPTIVE_PLAN
     rows = []
     try:
-        for text in ["default"] + args.variant:
-            plan = default if text == "default" else dataclasses.replace(default, **parse_variant(text))
+        for fields in [{}] + args.variant:
+            plan = dataclasses.replace(default, **fields)
+            text = ",".join(f"{k}={v}" for k, v in fields.items()) or "default"
             analysis.ADAPTIVE_PLAN = plan
             start = time.perf_counter()
             report = analysis.rank(args.base, args.ft, (0.9,), SpectralOptions(device=args.device, spectrum="adaptive"))

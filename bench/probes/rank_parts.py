@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench.probes import write_result
+from bench.probes import shapes_arg, write_result
 from deltakit.spectral.noise import storage_noise
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.spectrum import compute_spectrum
@@ -40,12 +40,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--shapes", default="4096x4096,11008x4096")
+    parser.add_argument("--shapes", type=shapes_arg, default="4096x4096,11008x4096")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = []
-    for text in args.shapes.split(","):
-        m, n = (int(v) for v in text.split("x"))
+    for m, n in args.shapes:
         gen = torch.Generator(device=device).manual_seed(0)
         w = (torch.randn(m, n, device=device, generator=gen) * 0.02).bfloat16()
         ft = (w.float() + torch.randn(m, n, device=device, generator=gen) * 4e-4).bfloat16()

@@ -20,7 +20,7 @@ import json
 import numpy as np
 import torch
 
-from bench.probes import write_result
+from bench.probes import shape_arg, write_result
 from bench.probes.adaptive_probe import bench_like_pair
 from deltakit.spectral import metrics
 from deltakit.spectral.partial import (
@@ -30,17 +30,25 @@ from deltakit.spectral.partial import (
 from deltakit.spectral.spectrum import AdaptivePlan
 
 
+def step_counts(text: str) -> list[int]:
+    """An argparse type: ``32,48,64`` → [32, 48, 64], each at least 2."""
+    counts = [int(v) for v in text.split(",") if v.isdigit()]
+    if len(counts) != len(text.split(",")) or min(counts) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of step counts like 32,48,64")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--shape", default="4096x4096")
+    parser.add_argument("--shape", type=shape_arg, default="4096x4096")
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--steps", type=lambda t: [int(v) for v in t.split(",")], default=[32, 48, 64],
+    parser.add_argument("--steps", type=step_counts, default=[32, 48, 64],
                         help="Lanczos step counts to compare (one run of the largest; the others are its prefixes)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    m, n = (int(v) for v in args.shape.split("x"))
+    m, n = args.shape
     base, ft = bench_like_pair(m, n, 512, device, seed=0)
     delta = (ft.double() - base.double())
     delta = delta if m >= n else delta.T

@@ -1,0 +1,41 @@
+"""The bench probes refuse malformed arguments with argparse's one-line error (exit 2), not a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.probes import plan_variants, read_paths, tail_quadrature
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shape", "4096", "--out", "OUT"], "is not a shape like 4096x4096"),
+    (["--steps", "32,a", "--out", "OUT"], "is not a list of step counts"),
+])
+def test_tail_quadrature_refuses_malformed_shapes_and_steps(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        tail_quadrature.main([a.replace("OUT", str(tmp_path)) for a in argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_pair_probes_refuse_a_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        read_paths.main([str(tmp_path / "missing"), str(tmp_path), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--variant", "nosuch=3", "is not an AdaptivePlan field"),
+    ("--variant", "probes=many", "the value is not a number"),
+    ("--reference", "full=REPORT", "not a rank --json report"),
+])
+def test_plan_variants_refuses_unknown_fields_and_non_reports(flag, value, message, tmp_path, capsys):
+    report = tmp_path / "config.json"
+    report.write_text(json.dumps({"hidden_size": 8}))  # JSON, but not a rank report
+    argv = [str(tmp_path), str(tmp_path), flag, value.replace("REPORT", str(report)), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as stop:
+        plan_variants.main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
