@@ -165,7 +165,7 @@ def _randomized(m: int, n: int, width: int, compute: int) -> int:
 
 def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str = "bf16", precision: str = "fp32",
                  prefetch: int = 2, prefetch_bytes: float | None = None, rank: int = 64,
-                 layers: int | None = 2) -> dict[str, object]:
+                 layers: int | None = 2, threads: int | None = None) -> dict[str, object]:
     """Predicted peak bytes on the compute device for ``command`` on ``preset``, tensor by tensor.
 
     Per tensor: while ΔW is formed the device holds W_base and W_ft as stored and ΔW in the
@@ -173,9 +173,16 @@ def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str =
     workspace; throughout, the pairs the stream has read ahead by the policy of
     :func:`deltakit.delta.prefetched` (``ahead``). ``rank`` reads a tall matrix whose ΔW is over
     deltakit.blocked.BLOCKED_BYTES by row blocks (``path: "gram-blocked"``, :func:`blocked_workspace`). ``layers`` (default 2) limits the layers
-    listed: every layer is the same, so the peak does not depend on it.
+    listed: every layer is the same, so the peak does not depend on it. ``threads``: matrices
+    `rank` computes at once (default: as on a GPU, deltakit.spectral.options.GPU_MATRIX_THREADS);
+    the others hold items (with their workspaces) up to deltakit.workers.IN_FLIGHT_BYTES together
+    (``others``), none beside an item larger than that.
     """
     from deltakit.delta import PREFETCH_BYTES, may_read_ahead
+    from deltakit.spectral.options import GPU_MATRIX_THREADS
+    from deltakit.workers import IN_FLIGHT_BYTES
+
+    threads = (GPU_MATRIX_THREADS if command == "rank" else 1) if threads is None else threads
 
     budget = PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
     s, c = DTYPE_BYTES[stored], DTYPE_BYTES[precision]
@@ -198,9 +205,11 @@ def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str =
         steps = matrix_workspace(command, shape, s, c, rank)
         form = entries * (2 * s + c)
         item = entries * (s + c)
-        peak = max(form, item + max(steps.values())) + ahead
+        others = max(0, min((threads - 1) * item, IN_FLIGHT_BYTES - item))  # items on the other threads
+        others += others * max(steps.values()) // item if item else 0  # and their workspaces
+        peak = max(form, item + max(steps.values())) + ahead + others
         rows.append({"name": name, "shape": list(shape), "form": form, "item": item, "steps": steps,
-                     "ahead": ahead, "peak": peak})
+                     "ahead": ahead, "others": others, "peak": peak})
     worst = max(rows, key=lambda r: r["peak"])
     matrices = [r for r in rows if len(r["shape"]) == 2 and "embed" not in r["name"] and "lm_head" not in r["name"]]
     worst_layer = max(matrices, key=lambda r: r["peak"]) if matrices else worst

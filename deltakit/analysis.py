@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from itertools import chain
@@ -34,6 +35,7 @@ from deltakit.spectral.spectrum import (
     SMALL_OR_ZERO, AdaptivePlan, Spectrum, adaptive_spectrum, compute_spectrum, method_name,
 )
 from deltakit.spectral.subspace import amplification
+from deltakit.workers import MatrixWorkers, pair_device_bytes
 
 ADAPTIVE_PLAN = AdaptivePlan()  # how far `rank`'s adaptive path goes (tests set a smaller one)
 
@@ -397,12 +399,26 @@ def per_expert(item: DeltaItem) -> list[DeltaItem]:
 FINISH_BEHIND = 2  # items started before the oldest is finished: its tail's Lanczos and quadrature are done by then
 
 
-def finished(unfinished: list[tuple[int, list[tuple[Any, Any]]]]) -> list[tuple[int, list[tuple[Any, Any]]]]:
-    """The items with every ``finish`` called (:func:`start_matrix`), in order; ``unfinished`` is emptied."""
-    done = [(index, [(entry() if callable(entry) else entry, kept) for entry, kept in found])
-            for index, found in unfinished]
+def finished(unfinished: list[tuple[int, list[Any]]]) -> list[tuple[int, list[tuple[Any, Any]]]]:
+    """The items with every ``finish`` called, in order; ``unfinished`` is emptied. An entry is
+    (result, kept), or a future of (finish, kept) from :func:`start_kept` on a worker."""
+    def done(entry: Any) -> tuple[Any, Any]:
+        if isinstance(entry, Future):
+            finish, kept = entry.result()
+            return finish(), kept
+        return entry
+
+    out = [(index, [done(entry) for entry in found]) for index, found in unfinished]
     unfinished.clear()
-    return done
+    return out
+
+
+def start_kept(item: DeltaItem, energy: Sequence[float], options: SpectralOptions, rounding: bool, adaptive: bool,
+               steps: tuple[torch.Tensor, torch.Tensor] | None, keep: bool) -> tuple[Callable[[], MatrixResult], Any]:
+    """:func:`start_matrix`, and the values a spectra file keeps (None unless ``keep``)."""
+    finish, spectrum = start_matrix(item, energy, options, rounding, adaptive, steps)
+    kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep else None
+    return finish, kept
 
 
 def analyse_vector(item: DeltaItem) -> VectorResult:
@@ -450,34 +466,37 @@ def rank(
     blocked = [i for i in mine if blocked_pair(source, source.pairs[i], options.dtype)]  # too large to hold whole
     streamed = [i for i in mine if i not in blocked] if blocked else mine  # blocked: a few (embeddings, lm_head)
     # the blocked pairs come after the stream has finished, so nothing is read ahead while they run
-    work = chain(zip_released(streamed, source.stream(streamed, device, options.dtype, options.reads_ahead(device))),
-                 ((i, None) for i in blocked))
+    workers = MatrixWorkers(device, options.matrix_threads(device, adaptive))
+    stream = source.stream(streamed, device, options.dtype, options.reads_ahead(device))
+    sizes = [pair_device_bytes(source.pairs[i], options.dtype) for i in streamed]
+    work = chain(zip_released(streamed, workers.paced(stream, sizes)), ((i, None) for i in blocked))
     rounding = not source.is_adapter  # an adapter's ΔW is exact: no storage rounding in it
     if progress is not None:
         work = progress(work, len(mine), "ΔW spectra")
     local: list[tuple[int, Any]] = []
-    unfinished: list[tuple[int, list[tuple[Any, Any]]]] = []  # the last FINISH_BEHIND items, not yet finished
-    with fail_together(parallel):
+    unfinished: list[tuple[int, list[Any]]] = []  # items started, not yet finished
+    behind = FINISH_BEHIND + workers.threads - 1
+    with fail_together(parallel), workers:
         for index, item in work:
             if item is None:
                 pair = source.pairs[index]
+                local.extend(finished(unfinished))  # the workers' pairs leave the device first
                 spectrum, base_fro = blocked_spectrum(source, pair, device, options.dtype)
                 kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
-                local.extend(finished(unfinished))
                 local.append((index, [(matrix_result(pair, spectrum, base_fro, energy), kept)]))
                 continue
-            found: list[tuple[Any, Any]] = []
+            found: list[Any] = []
             for one in per_expert(item):
                 if one.pair.is_matrix and one.pair.layout != "vector":
                     steps = quantization_steps(source, one.pair, device) if rounding else None
-                    finish, spectrum = start_matrix(one, energy, options, rounding, adaptive, steps)
-                    kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
-                    found.append((finish, kept))
+                    found.append(workers.submit(start_kept, one, energy, options, rounding, adaptive, steps,
+                                                keep_spectra))
+                    steps = None
                 else:
                     found.append((analyse_vector(one), None))
             item = one = None  # dropped before the next read: a pair too large to read ahead is read only then
             unfinished.append((index, found))
-            if len(unfinished) > FINISH_BEHIND:  # the host work of items started earlier runs beside this one's
+            if len(unfinished) > behind:  # the host work of items started earlier runs beside this one's
                 local.extend(finished([unfinished.pop(0)]))
         local.extend(finished(unfinished))
         everything = [entry for found in gather_in_order(local, parallel) for entry in found]

@@ -10,6 +10,7 @@ from deltakit.errors import DeltakitError
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 SPECTRUM_CHOICES = ("auto", "adaptive", "full")
+GPU_MATRIX_THREADS = 3  # bench/probes/rank_workers.py times `rank` with 1, 2 and 3
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class SpectralOptions:
     exact: bool = False  # full SVD instead of the Gram/eigh fast path
     prefetch: int | None = None  # tensor pairs read ahead on background threads; None: by device (reads_ahead)
     spectrum: str = "auto"  # auto | adaptive | full: how much of each spectrum `rank` computes (docs/metrics.md)
+    workers: int | None = None  # matrices `rank` computes at once, each on a thread; None: by device (matrix_threads)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -36,6 +38,19 @@ class SpectralOptions:
         if self.prefetch is not None:
             return self.prefetch
         return 8 if device.type == "cuda" else 2
+
+    def matrix_threads(self, device: torch.device, adaptive: bool = True) -> int:
+        """Matrices `rank` works on at once (``workers``, else by path and device): three for the
+        adaptive path on a GPU, each thread with its own stream, so that one's host work overlaps
+        the others' kernels (:mod:`deltakit.workers`); one on the full path, bound by the device's
+        eigensolver, where more threads only hold more workspace (a 70B-shaped slice with
+        --full-spectrum reserved 13.9 GB on three threads, 7.8 GB on one); one on the CPU, whose
+        BLAS already uses every core."""
+        if self.workers is not None:
+            if self.workers < 1:
+                raise DeltakitError(f"workers must be at least 1, not {self.workers}")
+            return self.workers
+        return GPU_MATRIX_THREADS if device.type == "cuda" and adaptive else 1
 
     @property
     def method(self) -> str:

@@ -240,7 +240,10 @@ def rademacher(dim: int, probes: int, seed: int, device: torch.device, dtype: to
     matrix of a width (kept: read-only)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     start = torch.randint(0, 2, (dim, probes), device=device, generator=generator, dtype=torch.int8)
-    return (start.to(dtype) * 2 - 1) / math.sqrt(dim)
+    start = (start.to(dtype) * 2 - 1) / math.sqrt(dim)
+    if start.is_cuda:  # other threads' streams read it too (deltakit.workers): complete before it is shared
+        torch.cuda.current_stream(start.device).synchronize()
+    return start
 
 
 def lanczos_tridiagonals(apply: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int
@@ -377,9 +380,10 @@ QUADRATURE_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 def quadrature_worker() -> ThreadPoolExecutor:
     """The threads that solve the tails' quadratures (numpy's eigh lets go of Python's lock)."""
     global _worker
-    if _worker is None:
-        _worker = ThreadPoolExecutor(max_workers=QUADRATURE_THREADS, thread_name_prefix="deltakit-quadrature")
-    return _worker
+    with _single_lock:
+        if _worker is None:
+            _worker = ThreadPoolExecutor(max_workers=QUADRATURE_THREADS, thread_name_prefix="deltakit-quadrature")
+        return _worker
 
 
 def start_tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
@@ -390,6 +394,8 @@ def start_tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, pro
     as soon as this returns."""
     dim = matrix.shape[1]
     start = rademacher(dim, probes, seed, matrix.device, matrix.dtype)
+    if start.is_cuda:  # shared by the threads' streams: freed (off the cache) only once each is done with it
+        start.record_stream(torch.cuda.current_stream(start.device))
     if graphs.capturable((matrix, basis, start)):  # fixed shapes for the graph: the block padded with zero columns
         padded = basis.new_zeros(basis.shape[0], max(basis.shape[1], padded_width))
         padded[:, : basis.shape[1]] = basis
