@@ -12,7 +12,9 @@ where launches no longer matter), and why at most :data:`KEPT_GRAPHS` graphs hol
 every replay of it (a replay may still run beside the caller): its buffers go back to the
 allocator, which may hand them to a new graph while an old replay still reads them.
 
-One graph runs at a time: every replay runs on one side stream per device, after the one before.
+One graph runs at a time: every replay runs on one side stream per device, after the one before,
+and one thread at a time captures, loads or replays (``_lock``: `rank` computes matrices on
+several threads, :mod:`deltakit.workers`).
 Graphs captured on torch's shared capture stream share the cuBLAS workspace of that stream, so
 two of them replayed at once on two streams would likely write the same workspace. In an H200
 run where the warm-up power iterations were a second graph, replayed on the main stream while
@@ -28,6 +30,7 @@ when a capture fails.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -54,15 +57,22 @@ class CapturedCall:
         self.inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device=device) for x in inputs)
         for buffer, value in zip(self.inputs, inputs):
             buffer.copy_(value)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # cuBLAS picks its kernels and workspaces outside the capture
+        warm, capture = kept_stream(device, "warm-up"), kept_stream(device, "capture")
+        warm.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(warm):  # cuBLAS picks its kernels and workspaces outside the capture
             self.first = function(*self.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(warm)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the read-ahead threads keep copying to the device while this thread captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.outputs = function(*self.inputs)
+        # Not torch.cuda.graph(): on entering it synchronises the device and empties torch's caches
+        # of device and pinned host memory, which the readers and the other threads then allocate
+        # again (a capture took 0.36 s and a replay 0.036 s on an H200, bench/probes/cold_start.py).
+        # thread_local: the read-ahead threads keep copying to the device while this thread captures.
+        with torch.cuda.stream(capture):
+            self.graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.outputs = function(*self.inputs)
+            finally:
+                self.graph.capture_end()
         self.released: torch.cuda.Event | None = None  # recorded when an asynchronous replay is done with the buffers
 
     def load(self, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -75,6 +85,7 @@ class CapturedCall:
 
 _graphs: OrderedDict[tuple, CapturedCall] = OrderedDict()
 _failed: set[tuple] = set()
+_lock = threading.RLock()  # around everything that touches the kept graphs
 
 
 def capturable(inputs: tuple[torch.Tensor, ...]) -> bool:
@@ -124,7 +135,17 @@ class OnTheWay:
         return self.values
 
 
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+_kept_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
+
+
+def kept_stream(device: torch.device, role: str) -> torch.cuda.Stream:
+    """One stream per device and ``role`` (capture, warm-up, replay), made once: the graphs'
+    cuBLAS workspaces are those of the streams they were captured on, and a warm-up on the
+    capture stream could write one while a replay reads it (see the module's text)."""
+    key = (device, role)
+    if key not in _kept_streams:
+        _kept_streams[key] = torch.cuda.Stream(device)
+    return _kept_streams[key]
 
 
 def replay_to_host(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]) -> OnTheWay:
@@ -135,15 +156,20 @@ def replay_to_host(name: str, function: Callable[..., Outputs], inputs: tuple[to
     kernels (the next matrix) run beside it and the host waits only in ``done()``. The
     inputs may be freed as soon as this returns. Without a graph: computed and copied now.
     """
-    captured, first = _captured(name, function, inputs)
-    if captured is None or first is not None:
-        outputs = function(*inputs) if captured is None else first
-        return OnTheWay(tuple(x.cpu() for x in outputs))
+    if not capturable(inputs):
+        return OnTheWay(tuple(x.cpu() for x in function(*inputs)))
+    with _lock:
+        captured, first = _captured(name, function, inputs)
+        if captured is not None and first is None:
+            return _replay(captured, inputs)
+    outputs = function(*inputs) if captured is None else first
+    return OnTheWay(tuple(x.cpu() for x in outputs))
+
+
+def _replay(captured: CapturedCall, inputs: tuple[torch.Tensor, ...]) -> OnTheWay:
     device = inputs[0].device
     captured.load(inputs)  # waits (on the device) for this graph's last replay
-    side = _side_streams.get(device)
-    if side is None:
-        side = _side_streams[device] = torch.cuda.Stream(device)
+    side = kept_stream(device, "replay")
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         captured.graph.replay()
@@ -167,6 +193,7 @@ def drop(captured: CapturedCall) -> None:
 
 def clear() -> None:
     """Drop every kept graph and its buffers."""
-    while _graphs:
-        drop(_graphs.popitem(last=False)[1])
-    _failed.clear()
+    with _lock:
+        while _graphs:
+            drop(_graphs.popitem(last=False)[1])
+        _failed.clear()
