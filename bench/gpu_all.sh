@@ -12,6 +12,11 @@
 #   bash bench/gpu_all.sh s6      # adaptive_parts with sliced products, a rank trace on 6 layers (~2 min)
 #   bash bench/gpu_all.sh s7      # the whole test suite on the GPU machine, 8 groups of files at once
 #   bash bench/gpu_all.sh s9      # s8, then rank on the 7B pair and the CUDA tests of the adaptive path and I/O
+#   bash bench/gpu_all.sh s10     # rank adaptive/full on 7B, rank() by thread count, a trace on 2 threads, CUDA tests
+#   bash bench/gpu_all.sh s11     # rank adaptive/full on 7B (3 threads), rank() by threads, split-bf16 Lanczos products
+#   bash bench/gpu_all.sh s12     # a fresh process's start, piece by piece; rank three times; torch's import by module
+#   bash bench/gpu_all.sh s13     # rank adaptive/full on 7B (agreement), twice more, a fresh process's start, CUDA tests
+#   bash bench/gpu_all.sh s14     # s8, then rank adaptive/full on 7B (agreement, memory), CUDA tests of the threads
 #   bash bench/gpu_all.sh s8      # rank adaptive and --full-spectrum on a 70B-shaped slice (8 layers)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
@@ -164,6 +169,75 @@ s9)
     cli_overhead
     log "CUDA paths"
     cuda_tests tests/test_adaptive.py tests/test_memory.py tests/test_devices.py tests/test_hub.py tests/test_io.py
+    ;;
+s10)
+    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    cli_overhead
+    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+    log "what rank's imports cost here, by module"
+    python3 -X importtime -c "import deltakit.analysis, deltakit.report" 2>&1 | sort -t'|' -k2 -n | tail -12
+    log "rank() by threads computing spectra"
+    python3 -m bench.probes.rank_workers "$W/base" "$W/ft" --threads 1,2,3 --repeat 2 --out "$OUT/workers"
+    log "a profiler trace of 6 layers on 2 threads"
+    python3 -m bench.probes.rank_trace "$W/base" "$W/ft" --layers 6 --workers 2 --out "$OUT/trace" | head -40
+    log "CUDA paths"
+    cuda_tests tests/test_workers.py tests/test_adaptive.py tests/test_devices.py
+    ;;
+s11)
+    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    cli_overhead
+    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+    log "rank() by threads computing spectra"
+    python3 -m bench.probes.rank_workers "$W/base" "$W/ft" --threads 2,3,4 --repeat 2 --out "$OUT/workers"
+    log "the tail's products: fp32 against a bf16 split"
+    python3 -m bench.probes.split_products --out "$OUT/split"
+    log "CUDA paths"
+    cuda_tests tests/test_workers.py tests/test_adaptive.py
+    ;;
+s12)
+    log "rank (adaptive) on the 7B pair (makes it)"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank --timeout 240
+    cli_overhead
+    log "a fresh process's start, piece by piece, then rank() twice"
+    python3 -m bench.probes.cold_start --base "$W/base" --ft "$W/ft" --out "$OUT/cold"
+    log "the CLI three times more"
+    for i in 1 2 3; do
+        TIMEFORMAT="wall %R s"
+        time deltakit rank "$W/base" "$W/ft" --json "$W/runs/again.json" --force -q
+        python3 -c "import json; print('rank() elapsed_s', json.load(open('$W/runs/again.json'))['elapsed_s'])"
+    done
+    log "torch's import by module (cumulative, top 25)"
+    python3 -X importtime -c "import deltakit.analysis, deltakit.report" 2> "$OUT/importtime.txt"
+    sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -25
+    ;;
+s13)
+    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    cli_overhead
+    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+    for i in 2 3; do
+        log "rank (adaptive) again, run $i"
+        python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/again$i" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
+        cli_overhead
+    done
+    log "a fresh process's start, piece by piece, then rank() twice"
+    python3 -m bench.probes.cold_start --base "$W/base" --ft "$W/ft" --out "$OUT/cold"
+    log "CUDA paths"
+    cuda_tests tests/test_workers.py tests/test_adaptive.py tests/test_devices.py tests/test_memory.py tests/test_spectral.py \
+        tests/test_io.py tests/test_cli_rank.py
+    ;;
+s14)
+    bash "$0" s8
+    python3 -c "import json; print('slice rank() elapsed_s', json.load(open('/tmp/dk-70b/runs/deltakit-rank.json'))['elapsed_s'])"
+    rm -rf /tmp/dk-70b
+    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    cli_overhead
+    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+    log "CUDA paths"
+    cuda_tests tests/test_workers.py tests/test_adaptive.py tests/test_devices.py
     ;;
 s78)
     bash "$0" s7

@@ -40,9 +40,10 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = pair_parser(__doc__, device='cuda')
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--workers", type=int, default=None, help="threads computing spectra (default: by device)")
     args = parser.parse_args(argv)
     include = [f"model.layers.{layer}.*" for layer in range(args.layers)]
-    options = SpectralOptions(device=args.device)
+    options = SpectralOptions(device=args.device, workers=args.workers)
     rank(args.base, args.ft, (0.9,), options, include=include)  # warm-up
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
