@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.probes import plan_variants, read_paths, tail_quadrature
+from bench.probes import plan_variants, rank_workers, read_paths, tail_quadrature
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -38,4 +38,11 @@ def test_plan_variants_refuses_unknown_fields_and_non_reports(flag, value, messa
     with pytest.raises(SystemExit) as stop:
         plan_variants.main(argv)
     assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_workers_refuses_bad_thread_counts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        rank_workers.main([str(tmp_path), str(tmp_path), "--threads", "2,0", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "is not a list of thread counts" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
