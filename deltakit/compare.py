@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from deltakit.analysis import by_layer, by_module_type
-from deltakit.delta import DeltaSource, ProgressFn, open_delta_source, resolve_device, stream_many
+from deltakit.delta import DeltaSource, ProgressFn, open_delta_source, resolve_device, stream_many, zip_released
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
 from deltakit.errors import DeltakitError
 from deltakit.pairing import TensorPair
@@ -255,8 +255,9 @@ def compare(
         items = progress(items, len(mine), "ΔW subspaces")
     local: list[tuple[int, Any]] = []
     with fail_together(parallel):
-        for index, item in zip(mine, items):
+        for index, item in zip_released(mine, items):
             local.append((index, compare_matrix(item.pairs[0], item.deltas, top, options.exact, dtype)))
+            del item  # before the next read: the stream counts these deltas as released once the next is asked for
         everything = gather_in_order(local, parallel)
     report.matrices = [result for results in everything for result in results]
     report.elapsed_s = time.perf_counter() - started

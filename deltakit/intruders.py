@@ -29,7 +29,7 @@ import torch
 from deltakit.analysis import by_layer, by_module_type, check_fractions, energy_key
 from deltakit.compare import oriented
 from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device
+from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device, zip_released
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
 from deltakit.errors import DeltakitError
 from deltakit.report_meta import PairReportMeta
@@ -321,9 +321,11 @@ def intruders(
     items = source.stream(mine, device, options.dtype, options.reads_ahead(device))
     if progress is not None:
         items = progress(items, len(mine), "intruders")
+    local: list[tuple[int, Any]] = []
     with fail_together(parallel):
-        local = [(index, analyse_matrix(item, k, epsilons, options, not source.is_adapter)[0])
-                 for index, item in zip(mine, items)]
+        for index, item in zip_released(mine, items):
+            local.append((index, analyse_matrix(item, k, epsilons, options, not source.is_adapter)[0]))
+            del item  # before the next read: the stream counts this pair as released once the next is asked for
         report.matrices = gather_in_order(local, parallel)
     report.elapsed_s = time.perf_counter() - started
     return report

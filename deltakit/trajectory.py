@@ -26,7 +26,7 @@ import numpy as np
 
 from deltakit.analysis import analyse_matrix, by_module_type, check_energies, energy_key
 from deltakit.compare import check_fts, check_top, oriented, open_sources
-from deltakit.delta import DeltaItem, MultiDeltaItem, ProgressFn, resolve_device, stream_many
+from deltakit.delta import DeltaItem, MultiDeltaItem, ProgressFn, resolve_device, stream_many, zip_released
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
 from deltakit.errors import DeltakitError
 from deltakit.intruders import DEFAULT_EPSILON, DEFAULT_K, check_k, find_intruder_directions
@@ -205,8 +205,9 @@ def trajectory(
     rounding = not any(s.is_adapter for s in sources)
     local: list[tuple[int, Any]] = []
     with fail_together(parallel):
-        for index, item in zip(mine, items):
+        for index, item in zip_released(mine, items):
             local.append((index, trajectory_matrix(item, energy, top, intruder_k, float(epsilon), options, rounding)))
+            del item  # before the next read: the stream counts these deltas as released once the next is asked for
         report.matrices = gather_in_order(local, parallel)
     report.elapsed_s = time.perf_counter() - started
     return report

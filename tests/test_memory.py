@@ -436,3 +436,42 @@ def test_rank_and_extract_drop_each_item_before_the_next_read(bf16_pair, monkeyp
     yielded.clear(), alive_at_read.clear()
     extracted = extract_lora(*bf16_pair, tmp_path / "adapter", rank=2, options=SpectralOptions(device="cpu"))
     assert len(extracted.matrices) == 2 and len(alive_at_read) == 3 and alive_at_read == [0, 0, 0]
+
+
+def _tracked(items, yielded: list, alive_at_next: list):
+    """``items`` with, each time the consumer asks for the next one, how many of those yielded so
+    far it still holds (a weak reference to each item's first tensor)."""
+    for item in items:
+        alive_at_next.append(sum(ref() is not None for ref in yielded))
+        tensors = getattr(item, "deltas", None) or [item.delta]
+        yielded.append(weakref.ref(tensors[0]))
+        yield item
+        del item, tensors
+    alive_at_next.append(sum(ref() is not None for ref in yielded))
+
+
+def test_intruders_compare_and_trajectory_drop_each_item_before_asking_for_the_next(bf16_pair, monkeypatch, tmp_path):
+    """Like rank and extract: the stream counts a pair as released once the next is asked for, so the
+    loop must hold nothing of it then (a plain ``zip`` and its loop variable kept the last one)."""
+    import importlib
+
+    # the package exports functions of these names: the modules themselves, from importlib
+    compare_module, intruders_module, trajectory_module = (
+        importlib.import_module(f"deltakit.{name}") for name in ("compare", "intruders", "trajectory"))
+
+    yielded: list[weakref.ref] = []
+    alive: list[int] = []
+    real_stream, real_many = delta_module.DeltaSource.stream, delta_module.stream_many
+    monkeypatch.setattr(delta_module.DeltaSource, "stream",
+                        lambda self, *a, **k: _tracked(real_stream(self, *a, **k), yielded, alive))
+    for module in (compare_module, trajectory_module):
+        monkeypatch.setattr(module, "stream_many", lambda *a, **k: _tracked(real_many(*a, **k), yielded, alive))
+    base, ft = bf16_pair
+    options = SpectralOptions(device="cpu")
+    runs = [lambda: intruders_module.intruders(base, ft, options=options),
+            lambda: compare_module.compare(base, [ft, ft], options=options),
+            lambda: trajectory_module.trajectory(base, [ft, ft], options=options)]
+    for run in runs:
+        yielded.clear(), alive.clear()
+        run()
+        assert len(alive) >= 2 and alive == [0] * len(alive)  # at each matrix, and at the end of the stream
