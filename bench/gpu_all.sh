@@ -17,6 +17,7 @@
 #   bash bench/gpu_all.sh s12     # a fresh process's start, piece by piece; rank three times; torch's import by module
 #   bash bench/gpu_all.sh s13     # rank adaptive/full on 7B (agreement), twice more, a fresh process's start, CUDA tests
 #   bash bench/gpu_all.sh s14     # s8, then rank adaptive/full on 7B (agreement, memory), CUDA tests of the threads
+#   bash bench/gpu_all.sh s15     # the CUDA tests of the commands that stream pairs (MoE, quantized, models, hub, compare...)
 #   bash bench/gpu_all.sh s8      # rank adaptive and --full-spectrum on a 70B-shaped slice (8 layers)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
@@ -238,6 +239,18 @@ s14)
     cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
     log "CUDA paths"
     cuda_tests tests/test_workers.py tests/test_adaptive.py tests/test_devices.py
+    ;;
+s15)
+    log "CUDA paths of the streaming commands, 4 groups at once"
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    groups=("tests/test_moe_quantized.py tests/test_quantized_noise.py" "tests/test_rank_models.py tests/test_hub.py"
+            "tests/test_compare.py tests/test_intruders.py tests/test_trajectory.py" "tests/test_memory.py tests/test_workers.py tests/test_blocked.py")
+    for g in 0 1 2 3; do
+        python3 -m pytest -q -p no:cacheprovider ${groups[$g]} > "$OUT/pytest_group_$g.txt" 2>&1 &
+    done
+    wait
+    for g in 0 1 2 3; do tail -1 "$OUT/pytest_group_$g.txt"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_group_$g.txt"; done \
+        | tee "$OUT/pytest_gpu.txt"
     ;;
 s78)
     bash "$0" s7
