@@ -44,6 +44,12 @@ cli_overhead() {  # rank()'s own elapsed_s in the last rank row, and what import
     python3 -c "import json; print('rank() elapsed_s', json.load(open('$W/runs/deltakit-rank.json'))['elapsed_s'])"
     python3 -c "import time; t = time.perf_counter(); import deltakit.analysis, deltakit.report, torch; a = time.perf_counter(); torch.zeros(1, device='cuda'); print(f'imports {a - t:.2f} s, CUDA start {time.perf_counter() - a:.2f} s')"
 }
+rank_and_full() {  # the 7B rank rows, adaptive and --full-spectrum (their agreement), with both per-matrix reports
+    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
+    cli_overhead
+    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+}
 cuda_tests() {  # the named test files on this machine's GPU (and its CPU)
     python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
     python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
@@ -172,10 +178,7 @@ s9)
     cuda_tests tests/test_adaptive.py tests/test_memory.py tests/test_devices.py tests/test_hub.py tests/test_io.py
     ;;
 s10)
-    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
-    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
-    cli_overhead
-    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+    rank_and_full
     log "what rank's imports cost here, by module"
     python3 -X importtime -c "import deltakit.analysis, deltakit.report" 2>&1 | sort -t'|' -k2 -n | tail -12
     log "rank() by threads computing spectra"
@@ -186,10 +189,7 @@ s10)
     cuda_tests tests/test_workers.py tests/test_adaptive.py tests/test_devices.py
     ;;
 s11)
-    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
-    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
-    cli_overhead
-    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+    rank_and_full
     log "rank() by threads computing spectra"
     python3 -m bench.probes.rank_workers "$W/base" "$W/ft" --threads 2,3,4 --repeat 2 --out "$OUT/workers"
     log "the tail's products: fp32 against a bf16 split"
@@ -214,10 +214,7 @@ s12)
     sort -t'|' -k2 -n "$OUT/importtime.txt" | tail -25
     ;;
 s13)
-    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
-    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
-    cli_overhead
-    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+    rank_and_full
     for i in 2 3; do
         log "rank (adaptive) again, run $i"
         python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/again$i" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
@@ -233,10 +230,7 @@ s14)
     bash "$0" s8
     python3 -c "import json; print('slice rank() elapsed_s', json.load(open('/tmp/dk-70b/runs/deltakit-rank.json'))['elapsed_s'])"
     rm -rf /tmp/dk-70b
-    log "rank (adaptive) and rank --full-spectrum on the 7B pair"
-    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/new" --only deltakit-rank,deltakit-rank-full --timeout 240
-    cli_overhead
-    cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
+    rank_and_full
     log "CUDA paths"
     cuda_tests tests/test_workers.py tests/test_adaptive.py tests/test_devices.py
     ;;
