@@ -34,6 +34,9 @@ if __package__ in (None, ""):
 
 from bench.baselines import pick_device  # noqa: E402
 from bench.synth import PRESETS, llama_layout  # noqa: E402
+from deltakit.spectral.options import SpectralOptions  # noqa: E402
+
+GPU_READS_AHEAD = SpectralOptions().reads_ahead(torch.device("cuda"))  # the read-ahead the memory models assume
 
 
 def _time(fn, device: torch.device) -> float:
@@ -164,7 +167,7 @@ def _randomized(m: int, n: int, width: int, compute: int) -> int:
 
 
 def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str = "bf16", precision: str = "fp32",
-                 prefetch: int = 2, prefetch_bytes: float | None = None, rank: int = 64,
+                 prefetch: int | None = None, prefetch_bytes: float | None = None, rank: int = 64,
                  layers: int | None = 2, threads: int | None = None) -> dict[str, object]:
     """Predicted peak bytes on the compute device for ``command`` on ``preset``, tensor by tensor.
 
@@ -173,7 +176,8 @@ def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str =
     workspace; throughout, the pairs the stream has read ahead by the policy of
     :func:`deltakit.delta.prefetched` (``ahead``). ``rank`` reads a tall matrix whose ΔW is over
     deltakit.blocked.BLOCKED_BYTES by row blocks (``path: "gram-blocked"``, :func:`blocked_workspace`). ``layers`` (default 2) limits the layers
-    listed: every layer is the same, so the peak does not depend on it. ``threads``: matrices
+    listed: every layer is the same, so the peak does not depend on it. ``prefetch``: pairs read
+    ahead (default: as on a GPU, :data:`GPU_READS_AHEAD`). ``threads``: matrices
     `rank` computes at once (default: as on a GPU, deltakit.spectral.options.GPU_MATRIX_THREADS);
     the others hold items (with their workspaces) up to deltakit.workers.IN_FLIGHT_BYTES together
     (``others``), none beside an item larger than that.
@@ -185,6 +189,7 @@ def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str =
     threads = (GPU_MATRIX_THREADS if command == "rank" else 1) if threads is None else threads
 
     budget = PREFETCH_BYTES if prefetch_bytes is None else prefetch_bytes
+    prefetch = GPU_READS_AHEAD if prefetch is None else prefetch
     s, c = DTYPE_BYTES[stored], DTYPE_BYTES[precision]
     shapes = MEMORY_PRESETS[preset] if isinstance(preset, str) else preset
     layout = memory_layout(shapes, layers)  # vocab 0: no embedding or lm_head
@@ -240,14 +245,14 @@ def _simulate_read_ahead(reads: list[int], depth: int, budget: float, may_read_a
     return out
 
 
-def merge_model(stored: str = "bf16", prefetch: int = 2) -> dict[str, object]:
+def merge_model(stored: str = "bf16", prefetch: int | None = None) -> dict[str, object]:
     """Merge works on row pieces of PIECE_BYTES whatever the model: pieces read ahead, the one
     being merged (stored + fp32 copy) and the writer's queue; the same for every preset."""
     from deltakit.io.writer import IO_THREADS
     from deltakit.lora.merge import PIECE_BYTES
 
     s = DTYPE_BYTES[stored]
-    depth = max(prefetch, IO_THREADS)
+    depth = max(GPU_READS_AHEAD if prefetch is None else prefetch, IO_THREADS)
     device = (depth + 1) * PIECE_BYTES + PIECE_BYTES * 4 // s + IO_THREADS * PIECE_BYTES
     return {"command": "merge", "piece_bytes": PIECE_BYTES, "read_ahead": depth, "peak": device}
 
@@ -256,7 +261,7 @@ def _gb(value: float) -> str:
     return f"{value / 1e9:.2f} GB"
 
 
-def print_memory(preset: str, precision: str, prefetch: int, prefetch_bytes: float | None, rank: int) -> dict:
+def print_memory(preset: str, precision: str, prefetch: int | None, prefetch_bytes: float | None, rank: int) -> dict:
     results = {}
     for command in ("rank", "extract", "extract-energy"):
         model = memory_model(preset, command, precision=precision, prefetch=prefetch,
@@ -266,7 +271,8 @@ def print_memory(preset: str, precision: str, prefetch: int, prefetch_bytes: flo
         verdict = "under" if model["peak_layers"] < TARGET_BYTES else "OVER"
         print(f"{preset} {command:15s} layers: {_gb(model['peak_layers'])} ({verdict} 8 GB) at "
               f"{model['peak_layers_tensor']} {layer['shape']}: form {_gb(layer['form'])}, item {_gb(layer['item'])}, "
-              + ", ".join(f"{k} {_gb(v)}" for k, v in layer["steps"].items()) + f", ahead {_gb(layer['ahead'])}")
+              + ", ".join(f"{k} {_gb(v)}" for k, v in layer["steps"].items()) + f", ahead {_gb(layer['ahead'])}"
+              + (f", other threads (items, workspace) {_gb(layer['others'])}" if layer.get("others") else ""))
         print(f"{'':{len(preset) + 17}s}with embeddings: {_gb(model['peak'])} at {model['peak_tensor']}")
         for row in (r for r in model["tensors"] if r.get("path") == "gram-blocked"):
             print(f"{'':{len(preset) + 17}s}{row['name']} {row['shape']} by row blocks (gram-blocked): "
@@ -283,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--memory", action="store_true", help="predict peak device memory instead of timing SVDs")
     parser.add_argument("--precision", choices=("fp32", "fp64"), default="fp32")
-    parser.add_argument("--prefetch", type=int, default=2)
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help=f"pairs read ahead (default: {GPU_READS_AHEAD}, as deltakit reads on a GPU)")
     parser.add_argument("--prefetch-bytes", type=float, default=None, help="read-ahead budget (default: deltakit's)")
     parser.add_argument("--rank", type=int, default=64, help="extract's LoRA rank")
     parser.add_argument("--json", type=Path, default=None, help="also write the memory model here")
