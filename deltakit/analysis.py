@@ -414,8 +414,10 @@ def finished(unfinished: list[tuple[int, list[Any]]]) -> list[tuple[int, list[tu
 
 
 def start_kept(item: DeltaItem, energy: Sequence[float], options: SpectralOptions, rounding: bool, adaptive: bool,
-               steps: tuple[torch.Tensor, torch.Tensor] | None, keep: bool) -> tuple[Callable[[], MatrixResult], Any]:
-    """:func:`start_matrix`, and the values a spectra file keeps (None unless ``keep``)."""
+               source: DeltaSource, keep: bool) -> tuple[Callable[[], MatrixResult], Any]:
+    """:func:`start_matrix` (with the quantization steps of ``source``, read here: on a worker
+    thread, not the caller's), and the values a spectra file keeps (None unless ``keep``)."""
+    steps = quantization_steps(source, item.pair, item.delta.device) if rounding else None
     finish, spectrum = start_matrix(item, energy, options, rounding, adaptive, steps)
     kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep else None
     return finish, kept
@@ -488,10 +490,8 @@ def rank(
             found: list[Any] = []
             for one in per_expert(item):
                 if one.pair.is_matrix and one.pair.layout != "vector":
-                    steps = quantization_steps(source, one.pair, device) if rounding else None
-                    found.append(workers.submit(start_kept, one, energy, options, rounding, adaptive, steps,
+                    found.append(workers.submit(start_kept, one, energy, options, rounding, adaptive, source,
                                                 keep_spectra))
-                    steps = None
                 else:
                     found.append((analyse_vector(one), None))
             item = one = None  # dropped before the next read: a pair too large to read ahead is read only then

@@ -80,10 +80,12 @@ def test_requantized_fp8_pair_reads_rank_4_with_the_rounding_as_noise(tmp_path, 
     # `deltakit rank` reads the steps of both sides itself and applies the same model
     from deltakit.analysis import rank
 
-    matrix = rank(tmp_path / "base", tmp_path / "ft", (0.9,), SpectralOptions(device="cpu")).matrices[0]
-    assert matrix.noise_model == "quantized"
-    assert matrix.noise_share == pytest.approx(spectrum.noise_share, rel=1e-6)
-    assert matrix.rank == 4 and matrix.signal_rank_at[0.9] == 4
+    for threads in (1, 2):  # on several threads the steps are read on the worker threads
+        matrix = rank(tmp_path / "base", tmp_path / "ft", (0.9,),
+                      SpectralOptions(device="cpu", workers=threads)).matrices[0]
+        assert matrix.noise_model == "quantized"
+        assert matrix.noise_share == pytest.approx(spectrum.noise_share, rel=1e-6)
+        assert matrix.rank == 4 and matrix.signal_rank_at[0.9] == 4
 
 
 def test_requantization_variance_is_the_mean_squared_rounding_of_a_gaussian_update():
