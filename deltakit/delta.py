@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -34,6 +33,7 @@ from deltakit.adapters import Adapter, AdapterModule, base_info, open_adapter, s
 from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import IO_THREADS
 from deltakit.pairing import TensorPair, layer_index, match_names, module_type, nothing_left_message, pair_tensors, selected
+from deltakit.streams import kept_stream
 
 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]  # wraps an iterator: (items, length, label)
@@ -162,25 +162,6 @@ def zip_released(first: Iterable[Any], second: Iterable[Any]) -> Iterator[tuple[
         del left, right
 
 
-_copy_streams: dict[int, torch.cuda.Stream] = {}
-_copy_streams_lock = threading.Lock()
-
-
-def copy_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one stream per GPU that every reader thread copies on.
-
-    One stream, so one pool of torch's caching allocator: blocks are cached per stream, and with
-    a stream per reader thread each kept its own (on a 70B-shaped slice with four readers torch
-    reserved 11.6 GB for 5.8 GB allocated, bench/measured/2026-11-29-h200/s4-s78-6). The copies
-    queue behind each other; at ~50 GB/s they are not what bounds a read.
-    """
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _copy_streams_lock:
-        if index not in _copy_streams:
-            _copy_streams[index] = torch.cuda.Stream(index)
-        return _copy_streams[index]
-
-
 def read_threads(prefetch: int) -> int:
     """Threads reading the ``prefetch`` pairs ahead: all of them at once, up to IO_THREADS.
 
@@ -198,15 +179,17 @@ def fetch(ckpt: Checkpoint, name: str, device: torch.device, rows: tuple[int, in
     """Read one tensor (or its ``rows`` start:stop) onto ``device``; meant for the prefetch threads.
 
     For a GPU the bytes go from disk into pinned host memory, at most STAGING_BYTES at a time,
-    and on to the device on the readers' copy stream (:func:`copy_stream`), so the copy overlaps
-    the consumer's kernels and host memory stays bounded whatever the tensor's size; the stream
-    is synchronised before returning. The consumer must :func:`adopt` the tensor.
+    and on to the device on the one stream every reader copies on (``kept_stream(device, "copy")``:
+    one stream, one pool of cached blocks), so the copy overlaps the consumer's kernels and host
+    memory stays bounded whatever the tensor's size; the stream is synchronised before
+    returning. The copies queue behind each other; at ~50 GB/s they are not what bounds a read.
+    The consumer must :func:`adopt` the tensor.
     """
     shape = ckpt.shape(name)
     start, stop = rows if rows is not None else (0, shape[0] if shape else 0)
     if device.type != "cuda":
         return ckpt.get(name) if rows is None else ckpt.get_rows(name, start, stop)
-    stream = copy_stream(device)
+    stream = kept_stream(device, "copy")
     if name in ckpt.quantized:  # the stored bytes go to the device and are dequantized there
         with torch.cuda.stream(stream):
             on_device = ckpt.dequantized(name, device, rows, pin=True)

@@ -37,11 +37,13 @@ import torch
 
 from deltakit.delta import DeltaItem
 from deltakit.pairing import TensorPair
+from deltakit.streams import kept_stream
 
 IN_FLIGHT_BYTES = 2 * 10**9
 """Bytes of items (W_base + ΔW on the device) the threads hold at once, beyond which they take
 one at a time: three 11008×4096 pairs of a 7B model hold 0.8 GB; a 28672×8192 pair (70B) 1.4 GB,
 so those go one at a time; a 53248×16384 one (405B) 5.2 GB, alone as on one thread."""
+
 
 class MatrixWorkers:
     """Run ``function(item, ...)`` for DeltaItems on ``threads`` threads (each with one CUDA stream
@@ -70,7 +72,7 @@ class MatrixWorkers:
             self._pool = None
         if self.device.type == "cuda":
             for slot in range(self._slots):  # what the caller does next sees the workers' results
-                torch.cuda.current_stream(self.device).wait_stream(worker_stream(self.device, slot))
+                torch.cuda.current_stream(self.device).wait_stream(kept_stream(self.device, f"worker {slot}"))
 
     def held(self) -> int:
         """Bytes of the items queued or running now."""
@@ -121,12 +123,13 @@ class MatrixWorkers:
         return future
 
     def _stream(self) -> torch.cuda.Stream:
-        """This thread's stream: slot k of the device's kept worker streams (:func:`worker_stream`)."""
+        """This thread's stream: the k-th kept worker stream of the device (the same on every run, so
+        that a notebook calling `rank` again and again reuses its cached blocks)."""
         stream = getattr(self._local, "stream", None)
         if stream is None:
             with self._lock:
                 slot, self._slots = self._slots, self._slots + 1
-            stream = self._local.stream = worker_stream(self.device, slot)
+            stream = self._local.stream = kept_stream(self.device, f"worker {slot}")
         return stream
 
     def _run(self, function: Callable[..., Any], item: DeltaItem, ready: torch.cuda.Event | None,
@@ -149,22 +152,6 @@ def pair_device_bytes(pair: TensorPair, dtype: torch.dtype) -> int:
 def item_bytes(item: DeltaItem) -> int:
     """Bytes an item's tensors hold (W_base as stored, ΔW in the compute dtype)."""
     return sum(t.numel() * t.element_size() for t in (item.base, item.delta) if isinstance(t, torch.Tensor))
-
-
-_worker_streams: dict[int, list[torch.cuda.Stream]] = {}
-_worker_streams_lock = threading.Lock()
-
-
-def worker_stream(device: torch.device, slot: int) -> torch.cuda.Stream:
-    """The ``slot``-th worker stream of a GPU, made once per process and kept: torch's caching
-    allocator keeps blocks per stream, so new streams on every `rank` call would each reserve
-    their own (a notebook calling `rank` again and again would hold more each time)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _worker_streams_lock:
-        streams = _worker_streams.setdefault(index, [])
-        while len(streams) <= slot:
-            streams.append(torch.cuda.Stream(index))
-        return streams[slot]
 
 
 def load_linalg(device: torch.device) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 import deltakit.analysis as analysis
 from bench.probes.adaptive_accuracy import TEST_PLAN, low_rank
+from bench.probes.rank_workers import comparable
 from deltakit.delta import DeltaItem
 from deltakit.errors import DeltakitError
 from deltakit.spectral.options import SpectralOptions
@@ -47,12 +48,6 @@ def bf16_pair(folder, layers: int = 3):
     return folder / "base", folder / "ft"
 
 
-def report_without_time(report) -> dict:
-    data = report.to_dict()
-    data.pop("elapsed_s", None)
-    return data
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_rank_on_three_threads_reports_exactly_what_one_thread_does(monkeypatch, tmp_path, device):
     monkeypatch.setattr(analysis, "ADAPTIVE_PLAN", TEST_PLAN)
@@ -64,7 +59,7 @@ def test_rank_on_three_threads_reports_exactly_what_one_thread_does(monkeypatch,
     methods = [m.spectrum_method for m in one.matrices]
     assert any(m.startswith("adaptive") for m in methods) and "gram" in methods  # both paths ran
     assert [m.name for m in three.matrices] == [m.name for m in one.matrices]  # plan order kept
-    assert report_without_time(three) == report_without_time(one)
+    assert comparable(three) == comparable(one)
     assert one.spectra.keys() == three.spectra.keys()
     for name, values in one.spectra.items():
         np.testing.assert_array_equal(three.spectra[name], values)

@@ -30,6 +30,7 @@ def threads_arg(text: str) -> list[int]:
 
 
 def comparable(report) -> dict:
+    """A report's JSON without its elapsed time: what must not depend on the thread count."""
     data = report.to_dict()
     data.pop("elapsed_s", None)
     return data

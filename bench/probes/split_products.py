@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import numpy as np
 import torch
 
 from bench.probes import shapes_arg, write_result
+from bench.probes.adaptive_parts import timed
 from deltakit.spectral import graphs
 from deltakit.spectral.partial import (
     dense_tridiagonals, deflated_lanczos, lanczos_tridiagonals, quadrature_sums, rademacher,
@@ -57,18 +56,6 @@ def nuclear(alphas: torch.Tensor, betas: torch.Tensor, dim: int) -> np.ndarray:
     return quadrature_sums(dense_tridiagonals(a, b), dim)[0]
 
 
-def timed(fn, repeats: int = 5) -> float:
-    times = []
-    for i in range(repeats + 2):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -98,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             "shape": [m, n],
             "split_exact_share": exact_share,
             "fp32_ms": 1e3 * timed(lambda: graphs.replay_to_host(
-                f"p32-{m}", lambda *x: deflated_lanczos(*x, steps), (matrix, basis, start)).done()),
+                f"p32-{m}", lambda *x: deflated_lanczos(*x, steps), (matrix, basis, start)).done(), device),
             "split_ms": 1e3 * timed(lambda: graphs.replay_to_host(
-                f"split-{m}", lambda *x: split_lanczos(*x, steps), (hi, lo, basis, start)).done()),
-            "split_prepare_ms": 1e3 * timed(lambda: split(matrix)),
+                f"split-{m}", lambda *x: split_lanczos(*x, steps), (hi, lo, basis, start)).done(), device),
+            "split_prepare_ms": 1e3 * timed(lambda: split(matrix), device),
             "fp32_nuclear_rel_err_max": float(np.max(np.abs(nuclear(*fp32, n) / reference - 1))),
             "split_nuclear_rel_err_max": float(np.max(np.abs(nuclear(*both, n) / reference - 1))),
             "fp32_nuclear_rel_err_mean": float(np.mean(nuclear(*fp32, n)) / np.mean(reference) - 1),

@@ -37,6 +37,8 @@ from typing import Callable
 
 import torch
 
+from deltakit.streams import kept_stream
+
 ENABLED = os.environ.get("DELTAKIT_CUDA_GRAPHS", "1") != "0"  # DELTAKIT_CUDA_GRAPHS=0: plain calls (tests switch it too)
 MAX_GRAPH_BYTES = 320 << 20  # inputs this large or smaller are captured: 8192² fp32 (256 MiB) fits
 KEPT_GRAPHS = 8  # the least recently used graph (with its buffers) is dropped beyond this many,
@@ -57,6 +59,8 @@ class CapturedCall:
         self.inputs = tuple(torch.empty(x.shape, dtype=x.dtype, device=device) for x in inputs)
         for buffer, value in zip(self.inputs, inputs):
             buffer.copy_(value)
+        # kept streams: the graphs' cuBLAS workspaces are those of the stream they were captured
+        # on, and a warm-up on the capture stream could write one while a replay reads it
         warm, capture = kept_stream(device, "warm-up"), kept_stream(device, "capture")
         warm.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(warm):  # cuBLAS picks its kernels and workspaces outside the capture
@@ -97,9 +101,8 @@ def capturable(inputs: tuple[torch.Tensor, ...]) -> bool:
 def _captured(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]
               ) -> tuple[CapturedCall | None, Outputs | None]:
     """The kept graph for ``name`` and these shapes, captured now if need be (then with the warm-up's
-    outputs for these very inputs); (None, None) where no graph is used."""
-    if not capturable(inputs):
-        return None, None
+    outputs for these very inputs); (None, None) where no graph is used. The caller checks
+    :func:`capturable` and holds ``_lock``."""
     key = (name, inputs[0].device, tuple((tuple(x.shape), x.dtype) for x in inputs))
     if key in _failed:
         return None, None
@@ -133,19 +136,6 @@ class OnTheWay:
             self.event.synchronize()
             self.event = None
         return self.values
-
-
-_kept_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
-
-
-def kept_stream(device: torch.device, role: str) -> torch.cuda.Stream:
-    """One stream per device and ``role`` (capture, warm-up, replay), made once: the graphs'
-    cuBLAS workspaces are those of the streams they were captured on, and a warm-up on the
-    capture stream could write one while a replay reads it (see the module's text)."""
-    key = (device, role)
-    if key not in _kept_streams:
-        _kept_streams[key] = torch.cuda.Stream(device)
-    return _kept_streams[key]
 
 
 def replay_to_host(name: str, function: Callable[..., Outputs], inputs: tuple[torch.Tensor, ...]) -> OnTheWay:
