@@ -28,23 +28,23 @@ if __package__ in (None, ""):  # run as a file: make the repo root importable
 
 from safetensors.torch import save_file  # noqa: E402
 
-from bench.synth import PRESETS, DeltaSpec, ModelShape, llama_layout, write_pair  # noqa: E402
+from bench.synth import PRESETS, DeltaSpec, write_pair  # noqa: E402
 from deltakit.io import open_checkpoint  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def write_adapters(base: Path, shape: ModelShape, folder: Path, rank: int, seed: int = 0) -> dict[str, Path]:
+def write_adapters(base: Path, folder: Path, rank: int, seed: int = 0) -> dict[str, Path]:
     """A LoRA and a DoRA adapter (bf16, same factors, lora_alpha = 2r) on every projection of ``base``."""
     ckpt = open_checkpoint(base)
     generator = torch.Generator().manual_seed(seed)
     lora: dict[str, torch.Tensor] = {}
     dora: dict[str, torch.Tensor] = {}
-    for name, dims in llama_layout(shape):
+    for name in sorted(ckpt.keys()):
         module = name.removesuffix(".weight")
-        if len(dims) != 2 or not module.endswith(TARGETS):
+        if len(ckpt.shape(name)) != 2 or not module.endswith(TARGETS):
             continue
-        out_dim, in_dim = dims
+        out_dim, in_dim = ckpt.shape(name)
         key = f"base_model.model.{module}"
         a = torch.randn(rank, in_dim, generator=generator) / in_dim**0.5
         b = torch.randn(out_dim, rank, generator=generator) * 1e-3
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     write_pair(args.workdir, shape, DeltaSpec(), args.device, log=log)
     base = args.workdir / "base"
-    adapters = write_adapters(base, shape, args.workdir / "adapters", args.rank)
+    adapters = write_adapters(base, args.workdir / "adapters", args.rank)
     results = {}
     for kind in ("lora", "dora"):  # LoRA first: the page cache is warm for both after the pair was read once
         log(f"merging {kind} ...")

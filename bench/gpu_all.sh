@@ -18,6 +18,9 @@
 #   bash bench/gpu_all.sh s13     # rank adaptive/full on 7B (agreement), twice more, a fresh process's start, CUDA tests
 #   bash bench/gpu_all.sh s14     # s8, then rank adaptive/full on 7B (agreement, memory), CUDA tests of the threads
 #   bash bench/gpu_all.sh s15     # the CUDA tests of the commands that stream pairs (MoE, quantized, models, hub, compare...)
+#   bash bench/gpu_all.sh x2      # on 2 GPUs: the 7B rows in 1 and 2 processes, then rank/extract/merge/compare/DoRA
+#                                 # merge in 1 process and under torchrun, compared byte for byte (bench/torchrun_compare.py)
+#   bash bench/gpu_all.sh x2b     # on 2 GPUs: the NCCL test, extract --budget and intruders --scale 1 vs 2 processes
 #   bash bench/gpu_all.sh s8      # rank adaptive and --full-spectrum on a 70B-shaped slice (8 layers)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
@@ -55,6 +58,8 @@ cuda_tests() {  # the named test files on this machine's GPU (and its CPU)
     python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
 }
 nvidia-smi -L 2>/dev/null
+# NVLink multicast stays off on shared hosts (the device tool's KINDS.md), also for torchrun's workers
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())'
 
 case "$PART" in
@@ -245,6 +250,27 @@ s15)
     wait
     for g in 0 1 2 3; do tail -1 "$OUT/pytest_group_$g.txt"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_group_$g.txt"; done \
         | tee "$OUT/pytest_gpu.txt"
+    ;;
+x2)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    log "the 7B rows in 1 and 2 processes"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/x2" --only deltakit-rank,deltakit-extract,deltakit-merge \
+        --processes 2 --timeout 300 2>&1 | grep -E "floor|scaling"
+    python3 -c "import json; [print(s) for s in json.load(open('$OUT/x2/results.json'))['scaling']]"
+    log "rank, extract, merge, compare, DoRA merge: 1 process vs torchrun 2, compared"
+    python3 -m bench.torchrun_compare --workdir /tmp/dk-x2 --pair "$W" --processes 2 --out "$OUT/compare" \
+        --ops rank,extract,merge,compare,dora-merge 2>"$OUT/torchrun_compare.err" | grep '^{"op"'
+    grep -E "Error|Traceback" "$OUT/torchrun_compare.err" | head -5
+    ;;
+x2b)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    log "the distributed tests, NCCL's included"
+    python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | tail -4 | tee "$OUT/pytest_x2.txt"
+    log "extract --budget and intruders --scale: 1 process vs torchrun 2, compared"
+    python3 -m bench.synth --preset 7b --workdir "$W" >/dev/null
+    python3 -m bench.torchrun_compare --workdir /tmp/dk-x2 --pair "$W" --processes 2 --out "$OUT/compare" \
+        --ops extract-budget,intruders 2>"$OUT/torchrun_compare.err" | grep '^{"op"'
+    grep -E "Error|Traceback" "$OUT/torchrun_compare.err" | head -5
     ;;
 s78)
     bash "$0" s7

@@ -206,3 +206,34 @@ def test_sigterm_under_torchrun_stops_every_process_and_leaves_nothing(tmp_path)
     assert len(errors) == 2, err[-3000:]  # one line from each worker
     assert all("interrupted (SIGTERM)" in line for line in errors), errors
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs: one process per GPU")
+def test_nccl_two_gpus_write_and_report_what_one_gpu_does(tmp_path, demo):
+    """torchrun on two GPUs (NCCL, cuda:0 and cuda:1) against one process on cuda:0: the same bytes and JSON.
+
+    Each matrix is computed by one process on one GPU of the same model, with the same kernels
+    and seeds, so nothing may differ; the gloo tests above cannot reach NCCL's collectives on
+    CUDA tensors or the per-process device placement.
+    """
+    base, ft = demo
+    for processes in (1, 2):
+        out = tmp_path / f"p{processes}"
+        out.mkdir()
+        common = ("--device", "cuda", "-q")
+        ok(deltakit("rank", base, ft, *common, "-e", "0.5", "-e", "0.9", "--json", out / "rank.json",
+                    processes=processes))
+        ok(deltakit("extract", base, ft, "-o", out / "adapter", "--rank", "4", *common, "--json", out / "extract.json",
+                    processes=processes))
+        ok(deltakit("merge", base, tmp_path / "p1" / "adapter", "-o", out / "merged", *common,
+                    "--json", out / "merge.json", processes=processes))
+        ok(deltakit("compare", base, ft, tmp_path / "p1" / "adapter", *common, "--json", out / "compare.json",
+                    processes=processes))
+    one, two = tmp_path / "p1", tmp_path / "p2"
+    same_files(one / "adapter", two / "adapter")
+    assert len(same_files(one / "merged", two / "merged")) > 3
+    assert report(one / "rank.json") == report(two / "rank.json")
+    assert report(one / "extract.json", "adapter") == report(two / "extract.json", "adapter")
+    assert report(one / "merge.json", "out", "adapter", "adapters", "model") == \
+        report(two / "merge.json", "out", "adapter", "adapters", "model")
+    assert report(one / "compare.json") == report(two / "compare.json")
