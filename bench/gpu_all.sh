@@ -20,7 +20,8 @@
 #   bash bench/gpu_all.sh s15     # the CUDA tests of the commands that stream pairs (MoE, quantized, models, hub, compare...)
 #   bash bench/gpu_all.sh x2      # on 2 GPUs: the 7B rows in 1 and 2 processes, then rank/extract/merge/compare/DoRA
 #                                 # merge in 1 process and under torchrun, compared byte for byte (bench/torchrun_compare.py)
-#   bash bench/gpu_all.sh x2b     # on 2 GPUs: the NCCL test, extract --budget and intruders --scale 1 vs 2 processes
+#   bash bench/gpu_all.sh x2b     # on 2 GPUs: the NCCL test; extract, merge, DoRA merge, extract --budget, intruders
+#                                 # --scale in 1 process vs torchrun 2
 #   bash bench/gpu_all.sh s8      # rank adaptive and --full-spectrum on a 70B-shaped slice (8 layers)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
@@ -264,12 +265,13 @@ x2)
     ;;
 x2b)
     python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    python3 -m bench.synth --preset 7b --workdir "$W" >/dev/null &  # the 7B pair, meanwhile
     log "the distributed tests, NCCL's included"
-    python3 -m pytest -q -p no:cacheprovider tests/test_distributed.py 2>&1 | tail -4 | tee "$OUT/pytest_x2.txt"
-    log "extract --budget and intruders --scale: 1 process vs torchrun 2, compared"
-    python3 -m bench.synth --preset 7b --workdir "$W" >/dev/null
+    python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_distributed.py 2>&1 | tail -4 | tee "$OUT/pytest_x2.txt"
+    wait
+    log "extract, merge, DoRA merge, extract --budget, intruders --scale: 1 process vs torchrun 2, compared"
     python3 -m bench.torchrun_compare --workdir /tmp/dk-x2 --pair "$W" --processes 2 --out "$OUT/compare" \
-        --ops extract-budget,intruders 2>"$OUT/torchrun_compare.err" | grep '^{"op"'
+        --ops extract,merge,dora-merge,extract-budget,intruders 2>"$OUT/torchrun_compare.err" | grep '^{"op"'
     grep -E "Error|Traceback" "$OUT/torchrun_compare.err" | head -5
     ;;
 s78)

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from deltakit.blocked import blocked_pair, blocked_spectrum
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
-from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device, zip_released
+from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
+from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, zip_released
 from deltakit.pairing import TensorPair
 from deltakit.errors import DeltakitError
 from deltakit.report_meta import PairReportMeta
@@ -455,11 +455,11 @@ def rank(
     Example: ``rank("base", "ft").matrices[0].rank_at[0.9]``.
     """
     energy = check_energies(energy)
-    device = resolve_device(parallel.device if parallel.active else options.device)
+    device = process_device(parallel, options.device)
     _ = options.dtype  # validate precision early
     started = time.perf_counter()
     source = open_delta_source(base, ft, include, exclude, allow_pickle)
-    report = RankReport(base=str(base), fts=[str(ft)], energy=energy, device=str(device), method=options.method,
+    report = RankReport(base=str(base), fts=[str(ft)], energy=energy, device=reported_device(parallel, device), method=options.method,
                         precision=options.precision, skipped=source.skipped, only_base=source.only_base,
                         only_ft=source.only_ft)
     # saved spectra are whole ones, unless the adaptive path was asked for (then the top values, marked partial)

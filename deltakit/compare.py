@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from deltakit.analysis import by_layer, by_module_type
-from deltakit.delta import DeltaSource, ProgressFn, open_delta_source, resolve_device, stream_many, zip_released
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
+from deltakit.delta import DeltaSource, ProgressFn, open_delta_source, stream_many, zip_released
+from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
 from deltakit.errors import DeltakitError
 from deltakit.pairing import TensorPair
 from deltakit.report_meta import ReportMeta
@@ -242,11 +242,11 @@ def compare(
     """
     fts = check_fts(fts, 2, "compare")
     top = check_top(top)
-    device = resolve_device(parallel.device if parallel.active else options.device)
+    device = process_device(parallel, options.device)
     dtype = options.dtype
     started = time.perf_counter()
     sources, rows, skipped = open_sources(base, fts, include, exclude, allow_pickle)
-    report = CompareReport(base=str(base), fts=fts, device=str(device), method="exact" if options.exact else "randomized",
+    report = CompareReport(base=str(base), fts=fts, device=reported_device(parallel, device), method="exact" if options.exact else "randomized",
                            precision=options.precision, skipped=skipped, top=top)
     shapes = [sources[0].pairs[row[0]].shape for row in rows]
     mine = parallel.share([len(fts) * matrix_cost(shape) for shape in shapes])

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from deltakit.delta import resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import TemporaryOutput, atomic_directory, check_output_path, explain_write_error
 from deltakit.io.writer import ShardedWriter
@@ -56,6 +57,17 @@ class Parallel:
     def share(self, costs: Sequence[float]) -> list[int]:
         """Indices of the items this process works on, of all items with these ``costs`` (see :func:`partition`)."""
         return partition(costs, self.world_size)[self.rank]
+
+
+def process_device(parallel: Parallel, asked: str | torch.device) -> torch.device:
+    """Where this process computes: its own device under torchrun, else ``asked`` resolved ("auto": a GPU if any)."""
+    return resolve_device(parallel.device if parallel.active else asked)
+
+
+def reported_device(parallel: Parallel, device: torch.device) -> str:
+    """The device a report names: under torchrun the kind every process used, one device each ("cuda"),
+    which is also what one process reports for ``--device cuda`` or ``auto``; the same JSON either way."""
+    return device.type if parallel.active else str(device)
 
 
 def launched_by_torchrun() -> bool:

@@ -29,8 +29,8 @@ import torch
 from deltakit.analysis import by_layer, by_module_type, check_fractions, energy_key
 from deltakit.compare import oriented
 from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, resolve_device, zip_released
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
+from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, zip_released
+from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
 from deltakit.errors import DeltakitError
 from deltakit.report_meta import PairReportMeta
 from deltakit.spectral.noise import storage_noise
@@ -286,10 +286,10 @@ def open_source(base: str | os.PathLike, ft: str | os.PathLike, include: Sequenc
     return source
 
 
-def new_report(base: Any, ft: Any, k: int, epsilons: tuple[float, ...], device: torch.device,
+def new_report(base: Any, ft: Any, k: int, epsilons: tuple[float, ...], device: str,
                options: SpectralOptions) -> IntruderReport:
     """An empty report of this run: its inputs and how it is computed."""
-    return IntruderReport(base=str(base), fts=[str(ft)], k=k, epsilon=epsilons, device=str(device),
+    return IntruderReport(base=str(base), fts=[str(ft)], k=k, epsilon=epsilons, device=device,
                           method=options.method, precision=options.precision)
 
 
@@ -312,10 +312,10 @@ def intruders(
     Example: ``intruders("base", "ft", epsilon=(0.5, 0.3)).summary()["intruders"]["0.5"]``.
     """
     k, epsilons = check_k(k), check_epsilons(epsilon)
-    device = resolve_device(parallel.device if parallel.active else options.device)
+    device = process_device(parallel, options.device)
     _ = options.dtype
     started = time.perf_counter()
-    report = new_report(base, ft, k, epsilons, device, options)
+    report = new_report(base, ft, k, epsilons, reported_device(parallel, device), options)
     source = open_source(base, ft, include, exclude, allow_pickle, report)
     mine = share_matrices(source, parallel)
     items = source.stream(mine, device, options.dtype, options.reads_ahead(device))

@@ -26,8 +26,8 @@ import numpy as np
 
 from deltakit.analysis import analyse_matrix, by_module_type, check_energies, energy_key
 from deltakit.compare import check_fts, check_top, oriented, open_sources
-from deltakit.delta import DeltaItem, MultiDeltaItem, ProgressFn, resolve_device, stream_many, zip_released
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost
+from deltakit.delta import DeltaItem, MultiDeltaItem, ProgressFn, stream_many, zip_released
+from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
 from deltakit.errors import DeltakitError
 from deltakit.intruders import DEFAULT_EPSILON, DEFAULT_K, check_k, find_intruder_directions
 from deltakit.report_meta import ReportMeta
@@ -189,12 +189,12 @@ def trajectory(
     energy, top, intruder_k = check_energies(energy), check_top(top), check_k(intruder_k)
     if not 0.0 < float(epsilon) <= 1.0:
         raise DeltakitError(f"epsilon = {epsilon} must be in (0, 1] (a cosine-similarity threshold)")
-    device = resolve_device(parallel.device if parallel.active else options.device)
+    device = process_device(parallel, options.device)
     options = SpectralOptions(device=str(device), precision=options.precision, exact=options.exact,
                               prefetch=options.prefetch)
     started = time.perf_counter()
     sources, rows, skipped = open_sources(base, paths, include, exclude, allow_pickle)
-    report = TrajectoryReport(base=str(base), fts=paths, device=str(device), method=options.method,
+    report = TrajectoryReport(base=str(base), fts=paths, device=reported_device(parallel, device), method=options.method,
                               precision=options.precision, skipped=skipped, steps=[checkpoint_step(p) for p in paths],
                               energy=energy, top=top, intruder_k=intruder_k, epsilon=float(epsilon))
     shapes = [sources[0].pairs[row[0]].shape for row in rows]

@@ -137,6 +137,40 @@ def test_intruders_two_processes_match_single_process(tmp_path, demo):
     assert len(same_files(tmp_path / "scaled1", tmp_path / "scaled2")) > 3
 
 
+def test_merge_splits_one_tensors_rows_between_processes(tmp_path):
+    """A tensor above merge's 64 MiB piece size is merged in row blocks that two processes share.
+
+    Each process checks only the rows it wrote: a check for whole tensors failed every 7B merge
+    on two GPUs ("planned tensors were never written": the embeddings were split).
+    """
+    from deltakit.lora.merge import PIECE_BYTES
+
+    rows, cols = PIECE_BYTES // (2 * 4096) + 64, 4096  # bf16: one 64 MiB block and a 64-row block
+    generator = torch.Generator().manual_seed(0)
+    base = tmp_path / "base"
+    base.mkdir()
+    name = "model.layers.0.mlp.down_proj.weight"
+    save_file({name: torch.randn(rows, cols, generator=generator).bfloat16(),
+               "model.norm.weight": torch.ones(cols, dtype=torch.bfloat16)}, str(base / "model.safetensors"))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["down_proj"]}))
+    prefix = "base_model.model." + name.removesuffix(".weight")
+    save_file({f"{prefix}.lora_A.weight": torch.randn(2, cols, generator=generator) * 0.01,
+               f"{prefix}.lora_B.weight": torch.randn(rows, 2, generator=generator) * 0.01},
+              str(adapter / "adapter_model.safetensors"))
+    for processes in (1, 2):
+        ok(deltakit("merge", base, adapter, "-o", tmp_path / f"merged{processes}", "--device", "cpu", "-q",
+                    processes=processes))
+    assert same_files(tmp_path / "merged1", tmp_path / "merged2") == ["model.safetensors"]
+    merged = load_file(tmp_path / "merged2" / "model.safetensors")[name]
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    expected = load_file(base / "model.safetensors")[name].float() + 2 * tensors[f"{prefix}.lora_B.weight"] @ \
+        tensors[f"{prefix}.lora_A.weight"]
+    assert torch.equal(merged[-64:], expected[-64:].bfloat16())  # the second process's block is there
+
+
 def test_a_failure_in_one_process_stops_all_and_leaves_nothing(tmp_path, demo):
     """One module's update overflows, so one process fails; the other must stop too, not hang."""
     base, ft = demo

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -198,10 +198,17 @@ class ShardedWriter:
         except OSError as exc:
             raise _write_error(exc, path, "its data to disk (fsync)") from None
 
-    def finish(self, extra_index_metadata: dict[str, object] | None = None, expected: Iterable[str] | None = None,
-               write_index: bool = True) -> list[Path]:
-        """Check every tensor (or every ``expected`` one) was written; write the index when there are several shards."""
-        missing = [name for name in (self._where if expected is None else expected) if name not in self._written]
+    def finish(self, extra_index_metadata: dict[str, object] | None = None,
+               expected: Iterable[str] | Mapping[str, int] | None = None, write_index: bool = True) -> list[Path]:
+        """Check every tensor (or every ``expected`` one) was written; write the index when there are several shards.
+
+        ``expected`` names the tensors this writer wrote whole or, as a mapping, how many rows of
+        each it wrote: processes that share a tensor's rows each check their own.
+        """
+        if isinstance(expected, Mapping):
+            missing = [name for name, rows in expected.items() if self._rows_written.get(name, 0) < rows]
+        else:
+            missing = [name for name in (self._where if expected is None else expected) if name not in self._written]
         if missing:
             raise DeltakitError(f"internal: {len(missing)} planned tensors were never written, first {missing[0]}")
         if fsync_enabled():  # every file this process wrote into (others fsync their own writes)

@@ -45,8 +45,10 @@ import numpy as np
 import torch
 
 from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import ProgressFn, resolve_device, stream_deltas, tensor_metas, zip_released
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, shared_directory
+from deltakit.delta import ProgressFn, stream_deltas, tensor_metas, zip_released
+from deltakit.distributed import (
+    Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device, shared_directory
+)
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
@@ -227,7 +229,7 @@ def extract_lora(
     started = time.perf_counter()
     choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank, ratio=ratio)
     out_dtype = output_dtype(dtype)
-    device = resolve_device(parallel.device if parallel.active else options.device)
+    device = process_device(parallel, options.device)
     compute_dtype = options.dtype
     check_output_path(out, force)
     adapter_paths, ft_path = _inputs(base, ft, weights, save_modules)
@@ -258,7 +260,7 @@ def extract_lora(
         base=str(base), ft=" + ".join(adapter_paths) if adapter_paths else str(ft_path), adapter=str(out),
         selection=choice.to_dict(), method=method,
         spectrum_method=(method if factored else options.method) if choice.needs_spectra else None,
-        device=str(device), precision=options.precision, passes=2 if choice.needs_spectra else 1,
+        device=reported_device(parallel, device), precision=options.precision, passes=2 if choice.needs_spectra else 1,
         adapters=list(adapter_paths or []), weights=list(adapters.weights) if adapters else [],
     )
     run = _Extraction(choice, targets, pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,

@@ -39,8 +39,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from deltakit.adapters import Adapter, AdapterModule, base_info, open_adapter, stored_transposed
-from deltakit.delta import ProgressFn, adapter_pairs, adopt, fetch, prefetched, resolve_device
-from deltakit.distributed import Parallel, gather_in_order, shared_directory, shared_writer
+from deltakit.delta import ProgressFn, adapter_pairs, adopt, fetch, prefetched
+from deltakit.distributed import (
+    Parallel, gather_in_order, process_device, reported_device, shared_directory, shared_writer
+)
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
@@ -184,13 +186,13 @@ def _apply(
     started = time.perf_counter()
     paths = [adapter_paths] if isinstance(adapter_paths, (str, os.PathLike)) else list(adapter_paths)
     factors = _weights(paths, weights, scale)
-    compute_device = resolve_device(parallel.device if parallel.active else device)
+    compute_device = process_device(parallel, device)
     check_output_path(out, force)
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
     info = base_info(ckpt)
     adapters = [open_adapter(path, allow_pickle=allow_pickle, base=info) for path in paths]
     report = MergeReport(operation=operation, model=str(model), adapter=", ".join(map(str, paths)), out=str(out),
-                         scale=float(scale), device=str(compute_device), adapters=[str(p) for p in paths],
+                         scale=float(scale), device=reported_device(parallel, compute_device), adapters=[str(p) for p in paths],
                          weights=factors, adapter_types=[a.label for a in adapters],
                          check=str(check) if check is not None else None,
                          base=str(original) if original is not None else None)
@@ -257,8 +259,8 @@ def _apply(
                     distances.append((index, _distance(step.name, result, reference, compute_device, ready)))
                     ready = None  # _distance waited for the copy and checked it
                 writer.write(step.name, result, ready, start_row=rows[0] if rows else None)
-            written = {steps[pieces[i].step].name for i in mine}
-            report.shards = len(writer.finish(expected=sorted(written), write_index=parallel.is_main))
+            written = _rows_written(steps, pieces, mine)
+            report.shards = len(writer.finish(expected=written, write_index=parallel.is_main))
         finally:
             writer.close()  # never leave a thread writing into a folder being removed
         if new_shapes:
@@ -320,6 +322,16 @@ def _pieces(steps: list[_Step]) -> list[_Piece]:
         pieces += [_Piece(index, (start, min(start + per_piece, step.shape[0])))
                    for start in range(0, step.shape[0], per_piece)]
     return pieces
+
+
+def _rows_written(steps: list[_Step], pieces: list[_Piece], mine: list[int]) -> dict[str, int]:
+    """How many rows of each tensor the pieces ``mine`` write (a tensor's pieces may be shared among processes)."""
+    rows: dict[str, int] = {}
+    for index in mine:
+        step, span = steps[pieces[index].step], pieces[index].rows
+        count = span[1] - span[0] if span else (step.shape[0] if step.shape else 1)
+        rows[step.name] = rows.get(step.name, 0) + count
+    return rows
 
 
 def _bytes(step: _Step, rows: tuple[int, int] | None = None) -> int:

@@ -22,8 +22,10 @@ from typing import Any, Sequence
 import torch
 
 from deltakit.compare import oriented
-from deltakit.delta import ProgressFn, resolve_device
-from deltakit.distributed import Parallel, exchange, gather_in_order, shared_directory, shared_writer
+from deltakit.delta import ProgressFn
+from deltakit.distributed import (
+    Parallel, exchange, gather_in_order, process_device, reported_device, shared_directory, shared_writer
+)
 from deltakit.errors import DeltakitError
 from deltakit.intruders import (
     DEFAULT_EPSILON, DEFAULT_K, IntruderReport, MatrixIntruders, TopDirections, analyse_matrix, check_epsilons,
@@ -119,10 +121,10 @@ def scale_intruders(
     if max_shard_bytes <= 0:
         raise DeltakitError("the maximum shard size must be positive")
     check_output_path(output, force)
-    device = resolve_device(parallel.device if parallel.active else options.device)
+    device = process_device(parallel, options.device)
     _ = options.dtype
     started = time.perf_counter()
-    report = new_report(base, ft, k, epsilons, device, options)
+    report = new_report(base, ft, k, epsilons, reported_device(parallel, device), options)
     if is_peft_adapter(ft):
         raise DeltakitError(f"{ft} is a LoRA adapter; scaling intruders writes a full model, so give the "
                             "merged fine-tune (W_base + B·A) as FT")
