@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -60,17 +59,11 @@ def commands(base: Path, ft: Path, out: Path, device: str, rank: int, budget: in
     return {op: [str(a) for a in args] for op, args in found.items()}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launcher(processes: int) -> list[str]:
+    """One interpreter, or torchrun with ``processes`` workers (--standalone: its store binds a free port itself)."""
     if processes == 1:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_port", str(free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
 
 
 def run_one(args: list[str], processes: int, env: dict[str, str], check: bool = True) -> tuple[float, int]:

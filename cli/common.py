@@ -149,10 +149,10 @@ class DeltakitGroup(click.Group):
 
 @contextlib.contextmanager
 def parallel_workers(device: str) -> Iterator["Parallel"]:
-    """Join torchrun's process group when launched by it (else a single worker); leave it after."""
-    from deltakit.distributed import Parallel, finish, init_parallel, launched_by_torchrun
+    """Join torchrun's process group when launched by it (else a single worker, its --device current); leave it after."""
+    from deltakit.distributed import finish, init_parallel
 
-    parallel = init_parallel(device) if launched_by_torchrun() else Parallel()
+    parallel = init_parallel(device)
     try:
         yield parallel
     finally:

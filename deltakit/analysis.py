@@ -35,6 +35,7 @@ from deltakit.spectral.spectrum import (
     SMALL_OR_ZERO, AdaptivePlan, Spectrum, adaptive_spectrum, compute_spectrum, method_name,
 )
 from deltakit.spectral.subspace import amplification
+from deltakit.streams import current_device
 from deltakit.workers import MatrixWorkers, pair_device_bytes
 
 ADAPTIVE_PLAN = AdaptivePlan()  # how far `rank`'s adaptive path goes (tests set a smaller one)
@@ -478,7 +479,7 @@ def rank(
     local: list[tuple[int, Any]] = []
     unfinished: list[tuple[int, list[Any]]] = []  # items started, not yet finished
     behind = FINISH_BEHIND + workers.threads - 1
-    with fail_together(parallel), workers:
+    with fail_together(parallel), current_device(device), workers:
         for index, item in work:
             if item is None:
                 pair = source.pairs[index]

@@ -33,7 +33,7 @@ from deltakit.adapters import Adapter, AdapterModule, base_info, open_adapter, s
 from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import IO_THREADS
 from deltakit.pairing import TensorPair, layer_index, match_names, module_type, nothing_left_message, pair_tensors, selected
-from deltakit.streams import kept_stream
+from deltakit.streams import kept_stream, make_current
 
 
 ProgressFn = Callable[[Iterable[Any], int, str], Iterator[Any]]  # wraps an iterator: (items, length, label)
@@ -81,7 +81,8 @@ def may_read_ahead(held: int, size: int, ahead: int, depth: int, budget: float) 
 
 
 def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2, workers: int = 1,
-               sizes: Sequence[int] | None = None, budget: float | None = None) -> Iterator[object]:
+               sizes: Sequence[int] | None = None, budget: float | None = None,
+               device: torch.device | None = None) -> Iterator[object]:
     """Yield ``producer()`` for each producer in order, running up to ``depth`` ahead on ``workers`` threads.
 
     ``sizes[i]`` is the bytes producer i's value holds; with a ``budget`` the value the consumer
@@ -90,7 +91,7 @@ def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2, worker
     it, so a value larger than the budget is produced alone, one at a time. An exception in a
     producer is re-raised in the consumer at its position. Several workers help where one
     thread cannot read as fast as the machine can (copies out of the page cache are bound by
-    one core per thread).
+    one core per thread). A CUDA ``device`` (cuda:N) is the worker threads' current device.
     """
     if depth <= 0:
         for produce in producers:
@@ -101,7 +102,8 @@ def prefetched(producers: Sequence[Callable[[], object]], depth: int = 2, worker
     if len(nbytes) != count:
         raise ValueError(f"{count} producers but {len(nbytes)} sizes")
     limit = math.inf if budget is None else budget
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="deltakit-prefetch")
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="deltakit-prefetch",
+                              initializer=make_current, initargs=(device or torch.device("cpu"),))
     ahead: collections.deque[tuple[Future, int]] = collections.deque()
     following = 0  # index of the next producer to start
     held = 0  # bytes of the value with the consumer and of those ahead
@@ -253,7 +255,7 @@ def stream_deltas(
         return lambda: (fetch_pair(base, pair.base_name, pair, device), fetch_pair(ft, pair.ft_tensor, pair, device))
 
     loaded_all = prefetched([reader(p) for p in pairs], prefetch, read_threads(prefetch),
-                            [pair_bytes(p) for p in pairs], prefetch_bytes)
+                            [pair_bytes(p) for p in pairs], prefetch_bytes, device)
     for pair, loaded in zip_released(pairs, loaded_all):
         base_stored, ft_stored = (adopt(t).to(device) for t in loaded)  # type: ignore[union-attr]
         del loaded

@@ -36,6 +36,7 @@ from deltakit.delta import resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import TemporaryOutput, atomic_directory, check_output_path, explain_write_error
 from deltakit.io.writer import ShardedWriter
+from deltakit.streams import make_current
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,14 @@ def launched_by_torchrun() -> bool:
 
 
 def init_parallel(device: str = "auto") -> Parallel:
-    """Join the process group torchrun set up; pick cuda:LOCAL_RANK (NCCL) or the CPU (gloo)."""
+    """Join the process group torchrun set up; pick cuda:LOCAL_RANK (NCCL) or the CPU (gloo).
+
+    Without torchrun: a single worker, with ``device`` (cuda:N) made the current CUDA device."""
     import torch.distributed as dist
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    if world_size <= 1:  # one process: its device is current from here on, as in each torchrun process
+        make_current(resolve_device(device))
         return Parallel()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()

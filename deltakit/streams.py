@@ -11,7 +11,9 @@ device copies, :func:`deltakit.delta.fetch`), "worker N" (the N-th thread comput
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from typing import ContextManager
 
 import torch
 
@@ -27,3 +29,21 @@ def kept_stream(device: torch.device, role: str) -> torch.cuda.Stream:
         if stream is None:
             stream = _streams[(index, role)] = torch.cuda.Stream(index)
         return stream
+
+
+def make_current(device: torch.device) -> None:
+    """Make ``device`` this thread's current CUDA device: a pool's initializer, so that whatever a
+    library call takes from the current device is ``device``'s (as in DataLoader's pinning
+    thread). Nothing for the CPU or a GPU without an index (the current one, cuda:0 in a new thread)."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
+def current_device(device: torch.device) -> ContextManager[object]:
+    """A context in which ``device`` is the current CUDA device (nothing for the CPU).
+
+    `rank` on cuda:1 of a 2-GPU host, with its matrix threads, failed with "an illegal memory
+    access" while the calling thread's current device was cuda:0; under torchrun, where each
+    process makes its GPU current first, the same threads on cuda:1 ran clean.
+    """
+    return torch.cuda.device(device) if device.type == "cuda" and device.index is not None else contextlib.nullcontext()

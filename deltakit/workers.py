@@ -37,7 +37,7 @@ import torch
 
 from deltakit.delta import DeltaItem
 from deltakit.pairing import TensorPair
-from deltakit.streams import kept_stream
+from deltakit.streams import kept_stream, make_current
 
 IN_FLIGHT_BYTES = 2 * 10**9
 """Bytes of items (W_base + ΔW on the device) the threads hold at once, beyond which they take
@@ -63,7 +63,8 @@ class MatrixWorkers:
         if self.threads > 1:
             if self.device.type == "cuda":
                 load_linalg(self.device)
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deltakit-matrix")
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="deltakit-matrix",
+                                            initializer=make_current, initargs=(self.device,))
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -71,3 +71,25 @@ def test_rank_in_two_processes_on_the_cpu(tmp_path, capsys):
     assert result["scaling"][0]["key"] == "deltakit-rank-x2" and result["scaling"][0]["speedup"] > 0
     assert "deltakit rank (2 processes)" in capsys.readouterr().out
     assert not [line for line in os.popen("ps -eo args").read().splitlines() if "deltakit-rank-x2.json" in line]
+
+
+def test_torchrun_compare_on_a_pair_times_and_compares_each_command(tmp_path):
+    """bench/torchrun_compare.py --pair: one process against torchrun 2 (gloo), outputs compared, then removed."""
+    import subprocess
+
+    from bench.synth import DeltaSpec, PRESETS, write_pair
+
+    write_pair(tmp_path / "pair", PRESETS["tiny"], DeltaSpec(), "cpu", log=lambda *a: None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "bench.torchrun_compare", "--workdir", str(tmp_path / "w"),
+                           "--pair", str(tmp_path / "pair"), "--device", "cpu", "--rank", "4", "--ops", "extract,merge",
+                           "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    extract, merge = json.loads((tmp_path / "out" / "torchrun_compare.json").read_text())
+    assert [extract["op"], merge["op"]] == ["extract", "merge"]
+    for entry in (extract, merge):
+        assert entry["x1"]["rc"] == entry["x2"]["rc"] == 0 and entry["speedup"] > 0
+    assert extract["reports"]["extract.json"]["non_float_differences"] == []  # ranks, names, shapes agree
+    assert merge["verdict"] == "identical"  # W + s·BA in row blocks: the same bytes from any split
+    assert set(merge["files"].values()) == {"same bytes"} and any(n.startswith("merged/") for n in merge["files"])
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["extract-x1"]  # the rest removed (merge read it)

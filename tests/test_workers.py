@@ -207,3 +207,36 @@ def test_the_rank_workers_probe_finds_every_thread_count_reporting_the_same(tmp_
     rows = json.loads((tmp_path / "out" / "rank_workers.json").read_text())["rows"]
     assert [row["threads"] for row in rows] == [1, 2]
     assert all(row["report_equal_to_first"] for row in rows)
+
+
+def test_threads_working_for_a_gpu_make_it_current(monkeypatch):
+    """The read-ahead threads and the matrix threads run with cuda:N current, as the caller does in
+    `rank` and a single-process CLI run: on cuda:1 of a 2-GPU host the threads failed with "an
+    illegal memory access" while cuda:0 was current. Recorded with torch.cuda.set_device stubbed,
+    so that this runs without a GPU; tests/test_workers.py runs rank itself on every GPU there is."""
+    from deltakit.delta import prefetched
+    from deltakit.distributed import init_parallel
+    from deltakit import workers as workers_module
+
+    made: list[tuple[str, torch.device]] = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: made.append((threading.current_thread().name, d)))
+    gpu = torch.device("cuda:1")
+    assert list(prefetched([lambda i=i: i for i in range(4)], depth=2, workers=2, device=gpu)) == [0, 1, 2, 3]
+    assert made and all(name.startswith("deltakit-prefetch") and d == gpu for name, d in made)
+
+    made.clear()
+    monkeypatch.setattr(workers_module, "load_linalg", lambda device: None)
+    with MatrixWorkers(gpu, threads=2) as pool:
+        list(pool._pool.map(lambda _: None, range(4)))
+    assert made and all(name.startswith("deltakit-matrix") and d == gpu for name, d in made)
+
+    made.clear()
+    list(prefetched([lambda: 0], depth=2, workers=1, device=torch.device("cuda")))  # no index: nothing changed
+    list(prefetched([lambda: 0], depth=2, workers=1))
+    assert made == []
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert not init_parallel("cuda:1").active
+    assert made == [(threading.current_thread().name, gpu)]  # one process: its --device is current
