@@ -39,8 +39,9 @@ from bench import estimate, memory_bench
 class _SubmitRunsNow:
     """An executor whose submit runs the producer at once: started == submitted, no threads."""
 
-    def __init__(self, max_workers: int = 1, thread_name_prefix: str = "") -> None:
-        pass
+    def __init__(self, max_workers: int = 1, thread_name_prefix: str = "", initializer=None, initargs=()) -> None:
+        if initializer is not None:  # as a pool's thread would, once, before its first task
+            initializer(*initargs)
 
     def submit(self, fn):
         future: Future = Future()
