@@ -22,6 +22,8 @@
 #                                 # merge in 1 process and under torchrun, compared byte for byte (bench/torchrun_compare.py)
 #   bash bench/gpu_all.sh x2b     # on 2 GPUs: the NCCL test; extract, merge, DoRA merge, extract --budget, intruders
 #                                 # --scale in 1 process vs torchrun 2
+#   bash bench/gpu_all.sh x2c     # on 2 GPUs: the CUDA tests of the threads on cuda:0 and cuda:1 (rank on cuda:1 failed
+#                                 # in s6-tests-4), the distributed tests, rank --device cuda:1 against cuda:0
 #   bash bench/gpu_all.sh s8      # rank adaptive and --full-spectrum on a 70B-shaped slice (8 layers)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
@@ -273,6 +275,18 @@ x2b)
     python3 -m bench.torchrun_compare --workdir /tmp/dk-x2 --pair "$W" --processes 2 --out "$OUT/compare" \
         --ops extract,merge,dora-merge,extract-budget,intruders 2>"$OUT/torchrun_compare.err" | grep '^{"op"'
     grep -E "Error|Traceback" "$OUT/torchrun_compare.err" | head -5
+    ;;
+x2c)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    log "the CUDA tests of the threads, on both GPUs"
+    cuda_tests tests/test_workers.py tests/test_adaptive.py tests/test_devices.py tests/test_memory.py tests/test_distributed.py
+    log "rank on the demo pair, --device cuda:1 against cuda:0"
+    python3 -c "from deltakit.demo import write_demo_pair; write_demo_pair('/tmp/dk-demo', force=True)"
+    for d in 0 1; do python3 -m deltakit_cli.main rank /tmp/dk-demo/base /tmp/dk-demo/ft -q --device cuda:$d --json "$OUT/rank-cuda$d.json"; done
+    python3 -c "
+import json; a, b = (json.load(open('$OUT/rank-cuda%d.json' % d)) for d in (0, 1))
+[x.pop(k) for x in (a, b) for k in ('elapsed_s', 'device')]
+print('rank on cuda:1 equals cuda:0:', a == b)"
     ;;
 s78)
     bash "$0" s7
