@@ -30,6 +30,19 @@ def test_matrix_cost_grows_with_size():
     assert matrix_cost((10,)) < matrix_cost((2, 2))
 
 
+def test_reports_name_the_device_as_one_process_would():
+    """Under torchrun each process computes on its own GPU; the report names the kind, like one
+    process asked for --device cuda (or auto), so the JSON is the same either way."""
+    from deltakit.distributed import Parallel, process_device, reported_device
+
+    two = Parallel(rank=1, world_size=2, device="cpu")
+    assert process_device(two, "cuda:0") == torch.device("cpu")  # the process's own device, not the asked one
+    assert reported_device(two, torch.device("cuda:1")) == "cuda"
+    assert reported_device(Parallel(), torch.device("cuda:1")) == "cuda:1"
+    assert reported_device(Parallel(), torch.device("cuda")) == "cuda"
+    assert reported_device(two, process_device(two, "auto")) == reported_device(Parallel(), torch.device("cpu")) == "cpu"
+
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # the same matmul order in every process
 
 
