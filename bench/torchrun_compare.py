@@ -55,7 +55,8 @@ def commands(base: Path, ft: Path, out: Path, device: str, rank: int, budget: in
         "compare": ["compare", base, ft, adapter, *common, "--json", out / "compare.json"],
     }
     if dora is not None:
-        found["dora-merge"] = ["merge", base, dora, "-o", out / "dora-merged", *common, "--json", out / "dora-merge.json"]
+        found["dora-merge"] = ["merge", base, dora, "-o", out / "dora-merged", *common,
+                               "--json", out / "dora-merge.json"]
     return {op: [str(a) for a in args] for op, args in found.items()}
 
 
@@ -163,9 +164,8 @@ def cpu_comparison(workdir: Path) -> list[dict]:
     for label, (env, processes) in runs.items():
         out = workdir / label
         out.mkdir(parents=True)
-        found = commands(base, ft, out, "cpu", 4, 20000, workdir / "A" / "adapter", None)
-        for op in OPS[:-1]:  # no DoRA adapter for the demo pair
-            run_one(found[op], processes, env)
+        for args in commands(base, ft, out, "cpu", 4, 20000, workdir / "A" / "adapter", None).values():
+            run_one(args, processes, env)  # every operation but the DoRA merge: no DoRA adapter here
     return [{"comparison": label, **compare(workdir / one, workdir / "C")}
             for label, one in (("one process, OMP_NUM_THREADS=1 vs torchrun 2", "B"),
                                ("one process, default threads vs torchrun 2", "A"))]
@@ -219,6 +219,16 @@ def main() -> None:
     unknown = [o for o in args.ops if o not in OPS]
     if unknown:
         parser.error(f"unknown --ops {unknown}; choose from {', '.join(OPS)}")
+    if args.pair and not all((args.pair / side).is_dir() for side in ("base", "ft")):
+        parser.error(f"--pair {args.pair}: needs the folders base/ and ft/ in it (bench.synth writes them)")
+    reader = next((i for i, op in enumerate(args.ops) if op in ("merge", "compare")), None)  # reads A's adapter
+    if (args.pair and reader is not None and "extract" not in args.ops[:reader]
+            and not (args.workdir / "extract-x1" / "adapter").is_dir()):
+        parser.error(f"--ops {args.ops[reader]} reads the adapter extract writes: put extract before them")
+    if not args.pair and args.workdir.exists() and any(args.workdir.iterdir()):
+        parser.error(f"--workdir {args.workdir} is not empty: the demo pair and three runs need a new folder")
+    if args.processes < 2:
+        parser.error("--processes must be 2 or more: one process is what torchrun is compared with")
     results = pair_comparison(args) if args.pair else cpu_comparison(args.workdir)
     text = json.dumps(results, indent=1)
     print(text)

@@ -420,8 +420,12 @@ def start_kept(item: DeltaItem, energy: Sequence[float], options: SpectralOption
     thread, not the caller's), and the values a spectra file keeps (None unless ``keep``)."""
     steps = quantization_steps(source, item.pair, item.delta.device) if rounding else None
     finish, spectrum = start_matrix(item, energy, options, rounding, adaptive, steps)
-    kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep else None
-    return finish, kept
+    return finish, kept_values(spectrum) if keep else None
+
+
+def kept_values(spectrum: Spectrum) -> tuple[Any, Any]:
+    """What a spectra file keeps of a matrix: all its values, and its signal values when they differ."""
+    return spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal
 
 
 def analyse_vector(item: DeltaItem) -> VectorResult:
@@ -460,8 +464,8 @@ def rank(
     _ = options.dtype  # validate precision early
     started = time.perf_counter()
     source = open_delta_source(base, ft, include, exclude, allow_pickle)
-    report = RankReport(base=str(base), fts=[str(ft)], energy=energy, device=reported_device(parallel, device), method=options.method,
-                        precision=options.precision, skipped=source.skipped, only_base=source.only_base,
+    report = RankReport(base=str(base), fts=[str(ft)], energy=energy, device=reported_device(parallel, device),
+                        method=options.method, precision=options.precision, skipped=source.skipped, only_base=source.only_base,
                         only_ft=source.only_ft)
     # saved spectra are whole ones, unless the adaptive path was asked for (then the top values, marked partial)
     adaptive = options.adaptive_on(device) and (not keep_spectra or options.spectrum == "adaptive")
@@ -485,7 +489,7 @@ def rank(
                 pair = source.pairs[index]
                 local.extend(finished(unfinished))  # the workers' pairs leave the device first
                 spectrum, base_fro = blocked_spectrum(source, pair, device, options.dtype)
-                kept = (spectrum.all_values, None if spectrum.signal_is_raw else spectrum.signal) if keep_spectra else None
+                kept = kept_values(spectrum) if keep_spectra else None
                 local.append((index, [(matrix_result(pair, spectrum, base_fro, energy), kept)]))
                 continue
             found: list[Any] = []

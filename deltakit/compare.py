@@ -246,8 +246,9 @@ def compare(
     dtype = options.dtype
     started = time.perf_counter()
     sources, rows, skipped = open_sources(base, fts, include, exclude, allow_pickle)
-    report = CompareReport(base=str(base), fts=fts, device=reported_device(parallel, device), method="exact" if options.exact else "randomized",
-                           precision=options.precision, skipped=skipped, top=top)
+    report = CompareReport(base=str(base), fts=fts, device=reported_device(parallel, device),
+                           method="exact" if options.exact else "randomized", precision=options.precision,
+                           skipped=skipped, top=top)
     shapes = [sources[0].pairs[row[0]].shape for row in rows]
     mine = parallel.share([len(fts) * matrix_cost(shape) for shape in shapes])
     items = stream_many([rows[i] for i in mine], sources, device, dtype, options.reads_ahead(device))

@@ -35,7 +35,7 @@ def make_current(device: torch.device) -> None:
     """Make ``device`` this thread's current CUDA device: a pool's initializer, so that whatever a
     library call takes from the current device is ``device``'s (as in DataLoader's pinning
     thread). Nothing for the CPU or a GPU without an index (the current one, cuda:0 in a new thread)."""
-    if device.type == "cuda" and device.index is not None:
+    if _numbered_gpu(device):
         torch.cuda.set_device(device)
 
 
@@ -46,4 +46,9 @@ def current_device(device: torch.device) -> ContextManager[object]:
     access" while the calling thread's current device was cuda:0; under torchrun, where each
     process makes its GPU current first, the same threads on cuda:1 ran clean.
     """
-    return torch.cuda.device(device) if device.type == "cuda" and device.index is not None else contextlib.nullcontext()
+    return torch.cuda.device(device) if _numbered_gpu(device) else contextlib.nullcontext()
+
+
+def _numbered_gpu(device: torch.device) -> bool:
+    """A GPU named by its index (cuda:N), which can be made current; "cuda" is whichever is."""
+    return device.type == "cuda" and device.index is not None

@@ -83,7 +83,8 @@ def test_torchrun_compare_on_a_pair_times_and_compares_each_command(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "bench.torchrun_compare", "--workdir", str(tmp_path / "w"),
                            "--pair", str(tmp_path / "pair"), "--device", "cpu", "--rank", "4", "--ops", "extract,merge",
-                           "--out", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "--out", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     extract, merge = json.loads((tmp_path / "out" / "torchrun_compare.json").read_text())
     assert [extract["op"], merge["op"]] == ["extract", "merge"]
@@ -93,3 +94,25 @@ def test_torchrun_compare_on_a_pair_times_and_compares_each_command(tmp_path):
     assert merge["verdict"] == "identical"  # W + s·BA in row blocks: the same bytes from any split
     assert set(merge["files"].values()) == {"same bytes"} and any(n.startswith("merged/") for n in merge["files"])
     assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["extract-x1"]  # the rest removed (merge read it)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pair", "{missing}"], "needs the folders base/ and ft/"),
+    (["--pair", "{pair}", "--processes", "1"], "--processes must be 2 or more"),
+    (["--pair", "{pair}", "--ops", "merge,extract"], "put extract before them"),
+    (["--ops", "rank,nope"], "unknown --ops"),
+    ([], "is not empty"),
+])
+def test_torchrun_compare_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
+    import subprocess
+
+    pair = tmp_path / "pair"
+    for side in ("base", "ft"):
+        (pair / side).mkdir(parents=True)
+    work = tmp_path / "work"
+    (work / "old").mkdir(parents=True)  # a used folder: the demo run needs a new one
+    argv = [a.format(missing=tmp_path / "missing", pair=pair) for a in argv]
+    done = subprocess.run([sys.executable, "-m", "bench.torchrun_compare", "--workdir", str(work), *argv],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and message in done.stderr.splitlines()[-1]

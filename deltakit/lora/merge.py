@@ -192,7 +192,8 @@ def _apply(
     info = base_info(ckpt)
     adapters = [open_adapter(path, allow_pickle=allow_pickle, base=info) for path in paths]
     report = MergeReport(operation=operation, model=str(model), adapter=", ".join(map(str, paths)), out=str(out),
-                         scale=float(scale), device=reported_device(parallel, compute_device), adapters=[str(p) for p in paths],
+                         scale=float(scale), device=reported_device(parallel, compute_device),
+                         adapters=[str(p) for p in paths],
                          weights=factors, adapter_types=[a.label for a in adapters],
                          check=str(check) if check is not None else None,
                          base=str(original) if original is not None else None)
