@@ -24,6 +24,12 @@
 #                                 # --scale in 1 process vs torchrun 2
 #   bash bench/gpu_all.sh x2c     # on 2 GPUs: the CUDA tests of the threads on cuda:0 and cuda:1 (rank on cuda:1 failed
 #                                 # in s6-tests-4), the distributed tests, rank --device cuda:1 against cuda:0
+#   bash bench/gpu_all.sh pyc     # is torch's bytecode cached on this machine, and what its import costs with and without
+#   bash bench/gpu_all.sh x2cp    # pyc, then x2c
+#   bash bench/gpu_all.sh g2      # library calls on cuda:1 with cuda:0 current: the probe, test_devices, a sanitizer
+#   bash bench/gpu_all.sh s17     # s16's tests and rows after the ldexp fix and the frozen exit, with a sanitizer run and
+#                                 # the CLI's timeline (bench/probes/cli_timeline.py) with and without bytecode
+#   bash bench/gpu_all.sh s16     # the threads' CUDA tests per file (both GPUs), 7B rank/full, rank with bytecode cached
 #   bash bench/gpu_all.sh s8      # rank adaptive and --full-spectrum on a 70B-shaped slice (8 layers)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
 #   bash bench/gpu_all.sh trace   # a profiler trace of rank on 6 layers of the 7B shape, and torch's import time
@@ -58,7 +64,15 @@ rank_and_full() {  # the 7B rank rows, adaptive and --full-spectrum (their agree
 }
 cuda_tests() {  # the named test files on this machine's GPU (and its CPU)
     python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
-    python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tail -15 | tee "$OUT/pytest_gpu.txt"
+    python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/pytest_gpu_full.txt" | tail -15 | tee -a "$OUT/pytest_gpu.txt"
+}
+cuda_tests_each() {  # cuda_tests on each named file in a process of its own, verbose: an abort stops one file only
+    for file in "$@"; do log "$file"; cuda_tests -v "$file"; done
+}
+bytecode_cached() {  # this image sets PYTHONDONTWRITEBYTECODE and ships torch without .pyc: every process compiles
+    unset PYTHONDONTWRITEBYTECODE  # torch's 2141 modules; a user's install (pip compiles at install) does not
+    export PYTHONPYCACHEPREFIX=/tmp/dk-pyc
+    python3 -c "import torch, deltakit.analysis, deltakit.report, deltakit_cli.main" 2>/dev/null || true
 }
 nvidia-smi -L 2>/dev/null
 # NVLink multicast stays off on shared hosts (the device tool's KINDS.md), also for torchrun's workers
@@ -287,6 +301,89 @@ x2c)
 import json; a, b = (json.load(open('$OUT/rank-cuda%d.json' % d)) for d in (0, 1))
 [x.pop(k) for x in (a, b) for k in ('elapsed_s', 'device')]
 print('rank on cuda:1 equals cuda:0:', a == b)"
+    ;;
+pyc)
+    log "is torch's bytecode cached? (a missing, unwritable __pycache__ compiles every module in every process)"
+    python3 - <<'PY'
+import importlib.util, os, sys, sysconfig
+spec = importlib.util.find_spec("torch")
+root = os.path.dirname(spec.origin)
+cache = os.path.join(root, "__pycache__")
+print("python", sys.version.split()[0], "torch at", root)
+print("dont_write_bytecode", sys.flags.dont_write_bytecode, "PYTHONDONTWRITEBYTECODE", os.environ.get("PYTHONDONTWRITEBYTECODE"),
+      "pycache_prefix", sys.pycache_prefix)
+print("torch/__pycache__ exists", os.path.isdir(cache), "writable", os.access(root, os.W_OK),
+      "entries", len(os.listdir(cache)) if os.path.isdir(cache) else 0)
+py = pyc = 0
+for d, _, files in os.walk(root):
+    py += sum(f.endswith(".py") for f in files)
+    pyc += sum(f.endswith(".pyc") for f in files)
+print(".py files", py, ".pyc files", pyc)
+PY
+    for i in 1 2; do
+        python3 -X importtime -c "import torch" 2>&1 | tail -1
+        /usr/bin/time -f "import torch: wall %e s, user %U s, sys %S s" python3 -c "import torch"
+    done
+    export PYTHONPYCACHEPREFIX=/tmp/dk-pyc
+    for i in 1 2 3; do
+        /usr/bin/time -f "import torch with PYTHONPYCACHEPREFIX, run $i: wall %e s, user %U s, sys %S s" python3 -c "import torch"
+    done
+    ;;
+x2cp)
+    bash "$0" pyc
+    bash "$0" x2c
+    ;;
+g2)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    log "library calls on cuda:1 with cuda:0 current (bench/probes/second_gpu.py)"
+    python3 -m bench.probes.second_gpu 2>&1 | tee "$OUT/second_gpu.txt"
+    python3 -m bench.probes.second_gpu --steps noise:cuda:1,noise:cuda:1,rank:cuda:1 2>&1 | tee "$OUT/second_gpu_noise_first.txt"
+    log "test_devices, cuda:1 only; then the two tests that failed in s16, blocking launches"
+    python3 -m pytest -q -p no:cacheprovider tests/test_devices.py -k "cuda:1" 2>&1 | tail -5
+    CUDA_LAUNCH_BLOCKING=1 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py \
+        -k "cuda:1 and (rank_report or storage_noise)" > "$OUT/blocking.txt" 2>&1; tail -5 "$OUT/blocking.txt"
+    SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+    echo "compute-sanitizer: ${SAN:-none}"
+    if [ -n "$SAN" ]; then
+        timeout 240 "$SAN" --print-limit 20 python3 -m bench.probes.second_gpu --steps rank:cuda:1,noise:cuda:1 \
+            > "$OUT/sanitizer.txt" 2>&1; head -60 "$OUT/sanitizer.txt"
+    fi
+    ;;
+s17)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    python3 -c "import setuptools; print('setuptools', setuptools.__version__)"
+    log "the CUDA tests that run on every GPU, both GPUs, one file per process"
+    cuda_tests_each tests/test_devices.py tests/test_workers.py tests/test_adaptive.py tests/test_noise.py \
+        tests/test_memory.py tests/test_distributed.py tests/test_quantized_noise.py
+    grep -E "passed|failed|Fatal|Error" "$OUT/pytest_gpu_full.txt" | head -30
+    log "library calls on cuda:1 with cuda:0 current, under compute-sanitizer"
+    compute-sanitizer --print-limit 5 python3 -m bench.probes.second_gpu > "$OUT/sanitizer.txt" 2>&1
+    grep -E "noise on|rank on|ERROR SUMMARY|Error" "$OUT/sanitizer.txt" | head -12
+    log "rank (adaptive) and --full-spectrum on the 7B pair, as the image runs Python (no bytecode written)"
+    rank_and_full
+    python3 -m bench.probes.cli_timeline "$W/base" "$W/ft" --out "$OUT/timeline-image" --repeat 2
+    log "the 7B rank row twice with bytecode cached, as after a pip install"
+    bytecode_cached
+    for i in 1 2; do
+        python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/pyc$i" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
+        cli_overhead
+    done
+    python3 -m bench.probes.cli_timeline "$W/base" "$W/ft" --out "$OUT/timeline-pyc" --repeat 2
+    ;;
+s16)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    log "the threads' CUDA tests on both GPUs, one file per process, verbose"
+    cuda_tests_each tests/test_workers.py tests/test_adaptive.py tests/test_devices.py tests/test_memory.py
+    grep -E "PASSED|FAILED|ERROR|Error|error:|Aborted|Fatal" "$OUT/pytest_gpu_full.txt" | grep -v PASSED | head -40
+    log "rank (adaptive) and --full-spectrum on the 7B pair, as the image runs Python (no bytecode written)"
+    rank_and_full
+    log "the 7B rank row twice with bytecode cached, as after a pip install"
+    bytecode_cached
+    for i in 1 2; do
+        python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/pyc$i" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
+        cli_overhead
+    done
+    /usr/bin/time -f "import torch with bytecode cached: wall %e s" python3 -c "import torch"
     ;;
 s78)
     bash "$0" s7

@@ -158,3 +158,21 @@ def test_console_script_demo_runs_without_arguments():
 def test_help_teaches(runner):
     result = invoke(runner, "rank", "--help")
     assert result.exit_code == 0 and "Examples:" in result.output and "--energy" in result.output
+
+
+def test_console_script_leaves_its_objects_to_the_os(monkeypatch):
+    """main() freezes the collector when the command is done, so the interpreter's shutdown does
+    not walk torch's objects (bench/probes/cli_timeline.py measures what that saves)."""
+    import gc
+
+    from deltakit_cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["deltakit", "--version"])
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main()
+        assert stop.value.code in (0, None)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

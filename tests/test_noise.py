@@ -42,6 +42,24 @@ def test_grid_step_is_the_spacing_to_the_next_number():
         assert torch.equal(grid_step(values.double(), dtype), expected), dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_grid_step_is_exact_at_the_edges_of_the_grid(dtype):
+    """Zeros, the smallest subnormal, the smallest normal, powers of two and the largest number, of
+    either sign, held in float32 (as rank holds them) and in float64: the spacing up from |v|."""
+    info = torch.finfo(dtype)
+    edges = [0.0, info.tiny * info.eps, info.tiny * info.eps * 3, info.tiny / 2, info.tiny, info.tiny * 1.5,
+             0.5, 1.0, 1.0 + info.eps, 3.0, 2.0 ** 10, info.max]
+    values = torch.tensor(edges + [-x for x in edges], dtype=torch.float64).to(dtype)
+    up = torch.nextafter(values.abs(), torch.tensor(float("inf"), dtype=dtype))
+    expected = up.double() - values.abs().double()
+    expected[values.abs().double() == info.max] = info.max - torch.nextafter(
+        torch.tensor(info.max, dtype=dtype), torch.tensor(0.0, dtype=dtype)).double()  # past max: the step below
+    for held in (torch.float32, torch.float64):
+        got = grid_step(values.to(held), dtype)
+        assert got.dtype == held
+        assert torch.equal(got.double(), expected), (held, got, expected)
+
+
 def test_dither_variance_matches_monte_carlo():
     generator = torch.Generator().manual_seed(0)
     samples = torch.randn(400_000, generator=generator, dtype=torch.float64)

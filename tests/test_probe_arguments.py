@@ -46,3 +46,52 @@ def test_rank_workers_refuses_bad_thread_counts(tmp_path, capsys):
         rank_workers.main([str(tmp_path), str(tmp_path), "--threads", "2,0", "--out", str(tmp_path / "out")])
     assert stop.value.code == 2 and "is not a list of thread counts" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_timeline_splits_a_rank_process_into_its_parts(tmp_path):
+    """One fresh `deltakit rank` process on the demo pair: rank()'s own time lies inside the command's."""
+    from bench.probes import cli_timeline
+    from deltakit.demo import write_demo_pair
+
+    base, ft = write_demo_pair(tmp_path / "demo")
+    cli_timeline.main([str(base), str(ft), "--out", str(tmp_path / "out"), "--repeat", "1"])
+    (row,) = json.loads((tmp_path / "out" / "cli_timeline.json").read_text())["rows"]
+    assert 0 < row["rank_elapsed_s"] <= row["command_s"] < row["wall_s"]
+    assert row["command_less_rank_s"] == pytest.approx(row["command_s"] - row["rank_elapsed_s"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["BASE", "FT", "--repeat", "0"], "--repeat must be at least 1"),
+    (["MISSING", "FT"], "no such file or folder"),
+])
+def test_cli_timeline_refuses_bad_arguments(argv, message, tmp_path, capsys):
+    from bench.probes import cli_timeline
+
+    paths = {"BASE": str(tmp_path), "FT": str(tmp_path), "MISSING": str(tmp_path / "missing")}
+    with pytest.raises(SystemExit) as stop:
+        cli_timeline.main([paths.get(a, a) for a in argv] + ["--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("steps, message", [
+    ("noise:cuda:1,svd:cuda:1", "each step is KIND:DEVICE"),
+    ("rank", "each step is KIND:DEVICE"),
+])
+def test_second_gpu_refuses_unknown_steps(steps, message, capsys):
+    from bench.probes import second_gpu
+
+    with pytest.raises(SystemExit) as stop:
+        second_gpu.main(["--steps", steps])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_second_gpu_needs_two_gpus(monkeypatch, capsys):
+    import torch
+
+    from bench.probes import second_gpu
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit) as stop:
+        second_gpu.main([])
+    assert stop.value.code == 2 and "needs two GPUs" in capsys.readouterr().err
