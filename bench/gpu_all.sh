@@ -29,6 +29,7 @@
 #   bash bench/gpu_all.sh g2      # library calls on cuda:1 with cuda:0 current: the probe, test_devices, a sanitizer
 #   bash bench/gpu_all.sh s17     # s16's tests and rows after the ldexp fix and the frozen exit, with a sanitizer run and
 #                                 # the CLI's timeline (bench/probes/cli_timeline.py) with and without bytecode
+#   bash bench/gpu_all.sh s18     # the 7B rank row with bytecode cached, the CLI's timeline with its usual and a hard exit
 #   bash bench/gpu_all.sh s16     # the threads' CUDA tests per file (both GPUs), 7B rank/full, rank with bytecode cached
 #   bash bench/gpu_all.sh s8      # rank adaptive and --full-spectrum on a 70B-shaped slice (8 layers)
 #   bash bench/gpu_all.sh final2  # rank adaptive/full (agreement), rank without CUDA graphs, the CUDA tests (~5 min)
@@ -369,6 +370,15 @@ s17)
         cli_overhead
     done
     python3 -m bench.probes.cli_timeline "$W/base" "$W/ft" --out "$OUT/timeline-pyc" --repeat 2
+    ;;
+s18)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    bytecode_cached
+    log "the 7B rank row with bytecode cached, then the CLI's timeline with its usual and a hard exit"
+    python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/pyc" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
+    cli_overhead
+    python3 -m bench.probes.cli_timeline "$W/base" "$W/ft" --out "$OUT/timeline" --repeat 2
+    python3 -m bench.probes.cli_timeline "$W/base" "$W/ft" --out "$OUT/timeline-hard" --repeat 2 --hard-exit
     ;;
 s16)
     python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD

@@ -42,9 +42,11 @@ def make_current(device: torch.device) -> None:
 def current_device(device: torch.device) -> ContextManager[object]:
     """A context in which ``device`` is the current CUDA device (nothing for the CPU).
 
-    `rank` on cuda:1 of a 2-GPU host, with its matrix threads, failed with "an illegal memory
-    access" while the calling thread's current device was cuda:0; under torchrun, where each
-    process makes its GPU current first, the same threads on cuda:1 ran clean.
+    `rank` on cuda:1 of a 2-GPU host failed with "an illegal memory access" while the calling
+    thread's current device was cuda:0, and ran clean under torchrun, where each process makes
+    its GPU current first. The cause was one torch kernel launched on the current GPU whatever its
+    tensors' (``torch.ldexp``, no longer used: :func:`deltakit.spectral.noise.grid_step`); work on a
+    GPU still runs with that GPU current, so that another such kernel does no harm.
     """
     return torch.cuda.device(device) if _numbered_gpu(device) else contextlib.nullcontext()
 

@@ -1,7 +1,7 @@
 """Where a `deltakit rank` process's wall time goes: interpreter start, the command (torch's import,
 CUDA's start, `rank()`, the report), and the process's exit after it.
 
-    python -m bench.probes.cli_timeline BASE FT --out OUT [--repeat 3]
+    python -m bench.probes.cli_timeline BASE FT --out OUT [--repeat 3] [--hard-exit]
 
 Each run is a fresh interpreter that stamps the time before importing the CLI, before and after
 the command; the parent times the whole process. `rank()`'s own time is the report's elapsed_s.
@@ -33,11 +33,15 @@ except SystemExit as exc:
 else:
     code = 0
 print("DK_STAMPS", started, imported, time.time(), code, flush=True)
+if HARD_EXIT:  # the variant: leave at once, as os._exit does (no interpreter shutdown, no C++ destructors)
+    import os
+    sys.stderr.flush()
+    os._exit(code or 0)
 """
 
 
-def one_run(base: Path, ft: Path, report: Path) -> dict[str, float]:
-    argv = [sys.executable, "-c", CHILD, "rank", str(base), str(ft), "--json", str(report), "--force", "-q"]
+def one_run(base: Path, ft: Path, report: Path, hard_exit: bool = False) -> dict[str, float]:
+    argv = [sys.executable, "-c", f"HARD_EXIT = {hard_exit}\n" + CHILD, "rank", str(base), str(ft), "--json", str(report), "--force", "-q"]
     spawned = time.time()
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     exited = time.time()
@@ -59,13 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("ft", type=existing_path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--hard-exit", action="store_true",
+                        help="the child leaves with os._exit once the command is done (what shutdown costs)")
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for _ in range(args.repeat):
-            row = one_run(args.base, args.ft, Path(work) / "report.json")
+            row = one_run(args.base, args.ft, Path(work) / "report.json", args.hard_exit)
             print("  ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
             rows.append(row)
     write_result(args.out, "cli_timeline.json", {"rows": rows})

@@ -15,7 +15,6 @@ the mean, spread and worst relative error over the seeds, in percent.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
