@@ -54,9 +54,13 @@ def check_top(top: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({int(k) for k in values}))
 
 
+INPUT_MAJOR_LAYOUTS = ("conv1d", "input_major")  # stored [in, out]
+
+
 def oriented(tensor: torch.Tensor, pair: TensorPair) -> torch.Tensor:
-    """[out, in]: GPT-2 Conv1D weights are stored [in, out] and are transposed to mean what Linear's do."""
-    return tensor.T if pair.layout == "conv1d" else tensor
+    """[out, in]: GPT-2's Conv1D weights and input-major expert slices (gpt-oss) are stored [in, out]
+    and are transposed to mean what Linear's do, so that left singular vectors are output directions."""
+    return tensor.T if pair.layout in INPUT_MAJOR_LAYOUTS else tensor
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

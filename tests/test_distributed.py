@@ -150,6 +150,21 @@ def test_intruders_two_processes_match_single_process(tmp_path, demo):
     assert len(same_files(tmp_path / "scaled1", tmp_path / "scaled2")) > 3
 
 
+def test_intruders_scale_a_fused_expert_tensor_split_between_processes(tmp_path):
+    """gpt-oss's fused expert slices are analysed by whichever process gets them, and each writes its
+    slices' rows of the one stored tensor: the same files and report as one process."""
+    from test_intruders import GATE_UP, gpt_oss_intruder_pair
+
+    base, ft = gpt_oss_intruder_pair(tmp_path)
+    for processes in (1, 2):
+        ok(deltakit("intruders", base, ft, "--device", "cpu", "-q", "--scale", "0", "-o", tmp_path / f"scaled{processes}",
+                    "--json", tmp_path / f"intruders{processes}.json", processes=processes))
+    one, two = report(tmp_path / "intruders1.json"), report(tmp_path / "intruders2.json")
+    one["scaling"].pop("output"), two["scaling"].pop("output")
+    assert one == two and [m["name"] for m in one["scaling"]["matrices"]] == [f"{GATE_UP}[2]"]
+    assert "model.safetensors" in same_files(tmp_path / "scaled1", tmp_path / "scaled2")
+
+
 def test_merge_splits_one_tensors_rows_between_processes(tmp_path):
     """A tensor above merge's 64 MiB piece size is merged in row blocks that two processes share.
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,3 +389,94 @@ def test_adapter_cannot_be_scaled(llama_lora, tmp_path, runner):
     result = invoke(runner, "intruders", base_dir, tmp_path / "adapter", "--scale", "0", "-o", tmp_path / "out")
     assert_one_line_error(result, "adapter")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- fused MoE experts (gpt-oss)
+
+GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"  # (experts 4, in 32, out 16): stored input-major
+
+
+def gpt_oss_intruder_pair(root: Path, expert: int = 2) -> tuple[Path, Path]:
+    """A tiny transformers gpt-oss and a fine-tune with one planted intruder in ``expert``'s gate_up slice.
+
+    In [out, in] terms the slice is B = U S Vᵀ (16×32). The fine-tune adds 5·S₁·u·vᵀ with u = Σ Uᵢ / 4
+    (an output direction with |cos| = 1/4 to every base one: an intruder at ε = 0.5) and v = V₁₆, one
+    of the base's input directions: read the other way round (stored [in, out]) the new top
+    direction is v, the base's own (|cos| ≈ 1), and no intruder would be found.
+    """
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=8, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"])
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "experts" in name:
+                param.normal_(0.0, 0.02)
+    model.save_pretrained(root / "base")
+    shutil.copytree(root / "base", root / "ft")
+    tensors = load_file(root / "base" / "model.safetensors")
+    linear = tensors[GATE_UP][expert].double().T  # [out 16, in 32]
+    u_base, s_base, vh_base = torch.linalg.svd(linear, full_matrices=False)
+    u = u_base.sum(dim=1) / 4
+    tensors[GATE_UP][expert] += (5 * s_base[0] * torch.outer(u, vh_base[-1])).T.float()
+    save_file(tensors, root / "ft" / "model.safetensors", metadata={"format": "pt"})
+    return root / "base", root / "ft"
+
+
+def test_an_input_major_expert_slice_is_analysed_in_output_directions(tmp_path):
+    base, ft = gpt_oss_intruder_pair(tmp_path)
+    report = intruders(base, ft, options=CPU)
+    by_name = {m.name: m for m in report.matrices}
+    planted = by_name[f"{GATE_UP}[2]"]
+    assert planted.shape == (16, 32) and planted.layout == "input_major"  # [out, in], as Linear's
+    assert [d.rank for d in planted.intruders[0.5]] == [1]
+    assert planted.similarities[0] < 0.4
+    assert all(by_name[f"{GATE_UP}[{e}]"].count(0.5) == 0 for e in (0, 1, 3))  # unchanged experts
+
+
+def test_scale_zero_removes_a_fused_experts_intruder_and_copies_every_other_slice(tmp_path, runner):
+    base, ft = gpt_oss_intruder_pair(tmp_path)
+    out, report_path = tmp_path / "scaled", tmp_path / "r.json"
+    result = invoke(runner, "intruders", base, ft, "--scale", "0", "-o", out, "--json", report_path, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(report_path.read_text())
+    assert [m["name"] for m in data["scaling"]["matrices"]] == [f"{GATE_UP}[2]"]
+    assert not [s for s in data["skipped"] if "expert" in s.get("reason", "")]
+    before, after = load_file(ft / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name in before:
+        if name != GATE_UP:
+            assert torch.equal(before[name], after[name]), name
+    for expert in (0, 1, 3):
+        assert torch.equal(before[GATE_UP][expert], after[GATE_UP][expert]), expert
+    # reference, float64: W_ft's top singular triplet removed, in [out, in] terms
+    linear = before[GATE_UP][2].double().T
+    u, s, vh = torch.linalg.svd(linear, full_matrices=False)
+    expected = (linear - s[0] * torch.outer(u[:, 0], vh[0])).T
+    assert torch.allclose(after[GATE_UP][2].double(), expected, atol=1e-6 * float(s[0]))
+    from transformers import AutoModelForCausalLM
+
+    state = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert torch.equal(state[GATE_UP], after[GATE_UP])
+
+
+def test_what_no_pair_writes_is_copied_whole_or_by_expert_slice():
+    """A fused tensor's slices that no pair covers are copied one by one; tensors no pair reads, whole."""
+    from deltakit.lora.scale_intruders import _copies
+    from deltakit.pairing import TensorPair
+
+    def expert(e: int) -> TensorPair:
+        return TensorPair(name=f"{GATE_UP}[{e}]", base_name=GATE_UP, shape=(32, 16), base_dtype=torch.float32,
+                          ft_dtype=torch.float32, module_type="experts.gate_up", layer=0, layout="input_major",
+                          expert=e, expert_slice=True)
+
+    q = TensorPair(name="q.weight", base_name="q.weight", shape=(16, 32), base_dtype=torch.float32,
+                   ft_dtype=torch.float32, module_type="q_proj", layer=0)
+    plan = [(GATE_UP, (4, 32, 16), torch.float32), ("q.weight", (16, 32), torch.float32),
+            ("norm.weight", (32,), torch.float32)]
+    assert _copies(plan, [expert(0), expert(2), q]) == [
+        (GATE_UP, (1, 2), 512.0), (GATE_UP, (3, 4), 512.0), ("norm.weight", None, 32.0)]
+    assert _copies(plan, [expert(e) for e in range(4)]) == [("q.weight", None, 512.0), ("norm.weight", None, 32.0)]

@@ -112,7 +112,8 @@ def scale_intruders(
 
     W_out = W_ft − (1 − λ)·σ·u·vᵀ for every intruder at the first ε (Shuttleworth et al., Sec. 5),
     in the fine-tune's dtype; every other tensor is copied byte for byte, with config and
-    tokenizer files, as a sharded safetensors model folder written atomically. λ = 1 returns the
+    tokenizer files, as a sharded safetensors model folder written atomically. A fused MoE
+    expert tensor is scaled slice by slice: each expert's rows are its own matrix's. λ = 1 returns the
     fine-tune unchanged; λ = 0 removes the intruders. Returns the analysis with ``scaling`` set.
     With ``parallel`` (under torchrun) each process analyses and writes its share of the matrices.
     Example: ``scale_intruders("base", "ft", "ft-scaled", scale=0.75)``.
@@ -129,12 +130,6 @@ def scale_intruders(
         raise DeltakitError(f"{ft} is a LoRA adapter; scaling intruders writes a full model, so give the "
                             "merged fine-tune (W_base + B·A) as FT")
     source = open_source(base, ft, include, exclude, allow_pickle, report)
-    fused = sorted({p.ft_tensor for p in source.pairs if p.expert_slice})
-    if fused:  # scaling writes whole stored tensors; a fused expert tensor is copied as it is
-        source.pairs = [p for p in source.pairs if not p.expert_slice]
-        report.skipped += [{"name": name, "reason": "fused MoE expert tensor: copied unscaled"} for name in fused]
-        if not source.pairs:
-            raise DeltakitError("no weight matrices left to scale: only fused MoE expert tensors changed")
     base_ckpt, ft_ckpt, pairs = source.base, source.ft, source.pairs
     assert ft_ckpt is not None
     mine = share_matrices(source, parallel)
@@ -143,31 +138,32 @@ def scale_intruders(
     if progress is not None:
         items = progress(items, len(mine), "intruders")
     plan = [(name, ft_ckpt.shape(name), ft_ckpt.dtype(name)) for name in ft_ckpt.keys()]
-    # Tensors that are not analysed (norms, biases, ...) are copied as they are, shared out by size.
-    others = [(name, shape, dtype) for name, shape, dtype in plan if name not in {p.name for p in pairs}]
-    costs = [float(math.prod(shape)) for _, shape, _ in others]
-    my_others = [others[i][0] for i in parallel.share(costs)]
+    # What is not analysed is copied as it is, shared out by size: whole tensors (norms, biases, ...)
+    # and any expert slice of a fused tensor that no pair covers.
+    copies = _copies(plan, pairs)
+    my_copies = [copies[i] for i in parallel.share([cost for _, _, cost in copies])]
     with shared_directory(output, force, parallel) as tmp:
         writer = shared_writer(parallel, tmp, plan, max_shard_bytes=max_shard_bytes,
                                metadata={"deltakit": "intruders"})
         local: list[tuple[int, tuple[MatrixIntruders, ScaledMatrix | None]]] = []
-        written: set[str] = set()
+        rows_written: dict[str, int] = {}
         for index, item in zip(mine, items):
             result, directions = analyse_matrix(item, k, epsilons, options)
             scaled = None
             if directions is not None and scale != 1.0 and result.count(scaling.epsilon):
                 mask = directions.intruder_mask(scaling.epsilon)
                 tensor, change_fro = _scaled_tensor(ft_ckpt, item.pair, directions, mask, scale, device, options.dtype)
-                writer.write(item.pair.name, tensor)
-                written.add(item.pair.name)
                 ranks = [d.rank for d in result.intruders[scaling.epsilon]]
                 before = [d.singular_value for d in result.intruders[scaling.epsilon]]
                 scaled = ScaledMatrix(item.pair.name, ranks, before, [scale * s for s in before], change_fro)
+            else:
+                tensor = _stored_ft(ft_ckpt, item.pair)
+            _write_stored(writer, ft_ckpt, item.pair.ft_tensor, tensor, item.pair.rows, rows_written)
             local.append((index, (result, scaled)))
-        unchanged = [pairs[i].name for i in mine if pairs[i].name not in written] + my_others
-        for name in unchanged:
-            writer.write(name, ft_ckpt.get(name))
-        files = writer.finish(expected=sorted(written) + unchanged, write_index=parallel.is_main)
+        for name, rows, _ in my_copies:
+            _write_stored(writer, ft_ckpt, name, ft_ckpt.get(name) if rows is None else ft_ckpt.get_rows(name, *rows),
+                          rows, rows_written)
+        files = writer.finish(expected=rows_written, write_index=parallel.is_main)
         copied: list[str] = []
         if parallel.is_main:
             copied = copy_model_files(ft_ckpt, tmp)
@@ -185,10 +181,48 @@ def scale_intruders(
     return report
 
 
+def _copies(plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]], pairs: Sequence[TensorPair]
+            ) -> list[tuple[str, tuple[int, int] | None, float]]:
+    """(tensor, rows or None for all of it, size) of what no pair writes: the tensors no pair reads,
+    and the slices of a fused expert tensor that no pair covers, should pairing leave any out (it
+    pairs every expert today), so that no row of the output is left unwritten."""
+    covered: dict[str, set[int]] = {}
+    for pair in pairs:
+        covered.setdefault(pair.ft_tensor, set()).update(range(*pair.rows) if pair.rows else ())
+    copies: list[tuple[str, tuple[int, int] | None, float]] = []
+    for name, shape, _ in plan:
+        if name not in covered:
+            copies.append((name, None, float(math.prod(shape))))
+        elif covered[name]:  # a fused tensor: the expert slices no pair covers
+            slice_size = float(math.prod(shape[1:]))
+            copies += [(name, (e, e + 1), slice_size) for e in range(shape[0]) if e not in covered[name]]
+    return copies
+
+
+def _stored_ft(ft_ckpt: Checkpoint, pair: TensorPair) -> torch.Tensor:
+    """The fine-tune's stored tensor of ``pair`` (its expert's slice, shaped ``pair.shape``), as stored."""
+    if pair.rows is None:
+        return ft_ckpt.get(pair.name)
+    return ft_ckpt.get_rows(pair.ft_tensor, *pair.rows).reshape(pair.shape)
+
+
+def _write_stored(writer: Any, ft_ckpt: Checkpoint, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None,
+                  rows_written: dict[str, int]) -> None:
+    """Write ``tensor`` as the stored tensor ``name``, or as its rows ``rows`` (an expert's slice), and count the rows."""
+    if rows is None:
+        writer.write(name, tensor)
+        count = tensor.shape[0] if tensor.ndim else 1
+    else:
+        count = rows[1] - rows[0]
+        writer.write(name, tensor.reshape(count, *ft_ckpt.shape(name)[1:]), start_row=rows[0])
+    rows_written[name] = rows_written.get(name, 0) + count
+
+
 def _scaled_tensor(ft_ckpt: Checkpoint, pair: TensorPair, directions: TopDirections, mask: torch.Tensor,
                    scale: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
-    """The stored fine-tune tensor plus the correction, back in its stored layout and dtype."""
-    stored = ft_ckpt.get(pair.name)
+    """The stored fine-tune tensor (an expert's slice: that slice) plus the correction, back in its
+    stored layout and dtype."""
+    stored = _stored_ft(ft_ckpt, pair)
     correction = oriented(intruder_correction(directions, mask, scale), pair)
     updated = stored.to(device=device, dtype=dtype, copy=True)
     rows = correction.shape[0]
