@@ -67,6 +67,14 @@ cuda_tests() {  # the named test files on this machine's GPU (and its CPU)
     python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
     python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/pytest_gpu_full.txt" | tail -15 | tee -a "$OUT/pytest_gpu.txt"
 }
+rank_twice_bytecode_cached() {  # the 7B rank row twice, in pyc1/ and pyc2/, as a pip-installed torch starts
+    log "the 7B rank row twice with bytecode cached, as after a pip install"
+    bytecode_cached
+    for i in 1 2; do
+        python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/pyc$i" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
+        cli_overhead
+    done
+}
 cuda_tests_each() {  # cuda_tests on each named file in a process of its own, verbose: an abort stops one file only
     for file in "$@"; do log "$file"; cuda_tests -v "$file"; done
 }
@@ -363,12 +371,7 @@ s17)
     log "rank (adaptive) and --full-spectrum on the 7B pair, as the image runs Python (no bytecode written)"
     rank_and_full
     python3 -m bench.probes.cli_timeline "$W/base" "$W/ft" --out "$OUT/timeline-image" --repeat 2
-    log "the 7B rank row twice with bytecode cached, as after a pip install"
-    bytecode_cached
-    for i in 1 2; do
-        python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/pyc$i" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
-        cli_overhead
-    done
+    rank_twice_bytecode_cached
     python3 -m bench.probes.cli_timeline "$W/base" "$W/ft" --out "$OUT/timeline-pyc" --repeat 2
     ;;
 s18)
@@ -387,12 +390,7 @@ s16)
     grep -E "PASSED|FAILED|ERROR|Error|error:|Aborted|Fatal" "$OUT/pytest_gpu_full.txt" | grep -v PASSED | head -40
     log "rank (adaptive) and --full-spectrum on the 7B pair, as the image runs Python (no bytecode written)"
     rank_and_full
-    log "the 7B rank row twice with bytecode cached, as after a pip install"
-    bytecode_cached
-    for i in 1 2; do
-        python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/pyc$i" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
-        cli_overhead
-    done
+    rank_twice_bytecode_cached
     /usr/bin/time -f "import torch with bytecode cached: wall %e s" python3 -c "import torch"
     ;;
 s78)

@@ -66,6 +66,23 @@ def tiny_gpt2(dtype: torch.dtype = torch.float32, seed: int = 0):
     return GPT2LMHeadModel(config).to(dtype).eval()
 
 
+def tiny_gpt_oss(layers: int = 2, seed: int = 0):
+    """A transformers gpt-oss (fused experts, stored input-major) of 4 experts, hidden 32; the experts'
+    weights are N(0, 0.02) (transformers leaves them at zero)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=8, num_hidden_layers=layers,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"] * layers)
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "experts" in name:
+                param.normal_(0.0, 0.02)
+    return model
+
+
 def tiny_bert(dtype: torch.dtype = torch.float32, seed: int = 0):
     from transformers import BertConfig, BertModel
 

@@ -19,7 +19,7 @@ from deltakit.lora import extract_lora
 from deltakit.lora.expert_params import nesting_order, parameter_keys, stack_factors
 from deltakit.spectral.options import SpectralOptions
 
-from conftest import invoke, low_rank
+from conftest import invoke, low_rank, tiny_gpt_oss
 
 GATE_UP = "model.layers.0.mlp.experts.gate_up_proj"  # (4, hidden 32, 2·inter 16): in = 32, out = 16
 DOWN0 = "model.layers.0.mlp.experts.down_proj"  # (4, inter 8, hidden 32): in = 8, out = 32
@@ -30,17 +30,7 @@ PLANTED = {(GATE_UP, 1): 2, (GATE_UP, 3): 3, (DOWN0, 0): 1, (DOWN1, 2): 2}
 
 
 def _gpt_oss(folder: Path):
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=8, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
-                          num_experts_per_tok=2, layer_types=["full_attention"] * 2)
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "experts" in name:
-                param.normal_(0.0, 0.02)
+    model = tiny_gpt_oss(layers=2)
     model.save_pretrained(folder)
     return model
 

@@ -18,7 +18,7 @@ from deltakit.intruders import (
     find_intruder_directions, intruder_correction, intruders, left_singular_basis, max_abs_cosine, scale_intruders,
 )
 
-from conftest import assert_one_line_error, invoke, merged_lora_copy, save, tiny_gpt2
+from conftest import assert_one_line_error, invoke, merged_lora_copy, save, tiny_gpt2, tiny_gpt_oss
 
 CPU = SpectralOptions(device="cpu")
 EXACT = SpectralOptions(device="cpu", exact=True, precision="fp64")
@@ -404,17 +404,7 @@ def gpt_oss_intruder_pair(root: Path, expert: int = 2) -> tuple[Path, Path]:
     of the base's input directions: read the other way round (stored [in, out]) the new top
     direction is v, the base's own (|cos| ≈ 1), and no intruder would be found.
     """
-    from transformers import GptOssConfig, GptOssForCausalLM
-
-    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=8, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
-                          num_experts_per_tok=2, layer_types=["full_attention"])
-    torch.manual_seed(0)
-    model = GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "experts" in name:
-                param.normal_(0.0, 0.02)
+    model = tiny_gpt_oss(layers=1)
     model.save_pretrained(root / "base")
     shutil.copytree(root / "base", root / "ft")
     tensors = load_file(root / "base" / "model.safetensors")
