@@ -280,6 +280,8 @@ def render_intruders(report: IntruderReport) -> str:
         done = sum(len(m.ranks) for m in s.matrices)
         parts.append(f"scaled {done} intruder singular values (ε={energy_key(s.epsilon)}) in {len(s.matrices)} "
                      f"matrices by λ={s.scale:g}; wrote {s.tensors_written} tensors to {s.output}")
+        if s.dequantized:
+            parts.append(f"note: {s.dequantized}")
     below = summary["below_rounding"]
     if below:
         parts.append(f"{below} matri{'x' if below == 1 else 'ces'} changed by no more than storage rounding: "

@@ -283,6 +283,23 @@ def test_merge_into_an_fp8_base_writes_bf16_and_says_so(fp8_model, tmp_path, run
     assert {t.dtype for t in load_file(tmp_path / "merged32" / "model.safetensors").values()} == {torch.float32}
 
 
+def test_scaling_intruders_of_an_fp8_fine_tune_writes_it_dequantized_and_says_so(fp8_model, tmp_path, runner):
+    """intruders --scale reads an fp8 fine-tune dequantized and writes bf16: config.json must stop
+    calling the weights fp8 (it kept its quantization_config, which loaders would apply again)."""
+    folder, logical = fp8_model
+    out, report_path = tmp_path / "scaled", tmp_path / "r.json"
+    result = invoke(runner, "intruders", folder, folder, "--scale", "0", "-o", out, "--json", report_path,
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "dequantized" in result.output and "not re-quantized" in result.output
+    assert "not re-quantized" in json.loads(report_path.read_text())["scaling"]["dequantized"]
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    written = load_file(out / "model.safetensors")
+    assert set(written) == set(logical) | {"model.norm.weight"}
+    for name, value in logical.items():  # W_ft = W_base: nothing scaled, each weight as read
+        assert torch.equal(written[name], value.to(torch.bfloat16)), name
+
+
 # --------------------------------------------------------------------------- MXFP4 (gpt-oss)
 
 def test_mxfp4_known_decode_and_transformers_agree(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -48,3 +49,13 @@ def _fetch_model_files(hub_id: str, only_config: bool) -> None:
     parsed = parse_hub_id(hub_id)
     if parsed is not None and not only_config:  # config.json came with the weights
         fetch_files(parsed, lambda name: bool(MODEL_FILE.match(name)) or name.endswith(".py"))
+
+
+def drop_quantization_config(folder: Path) -> None:
+    """The output holds dequantized weights: a quantization_config would make loaders expect quantized ones."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_path.write_text(json.dumps(config, indent=2) + "\n")

@@ -46,7 +46,7 @@ from deltakit.distributed import (
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
-from deltakit.io.model_files import copy_model_files
+from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
@@ -269,7 +269,7 @@ def _apply(
         if parallel.is_main:
             copy_model_files(ckpt, Path(tmp))
             if ckpt.quantized:
-                _drop_quantization_config(Path(tmp))
+                drop_quantization_config(Path(tmp))
             if new_shapes:
                 _update_vocab_size(Path(tmp), report.vocab_size)
         everyone = gather_in_order(distances, parallel)
@@ -558,7 +558,8 @@ def shard_size_of(ckpt: Checkpoint) -> int:
 
 
 def dequantized_note(ckpt: Checkpoint, out_dtype: torch.dtype | None) -> str | None:
-    """What a merge into a quantized model writes instead of quantized weights (None if it is not quantized)."""
+    """What a command that writes a quantized model (merge, intruders --scale) writes instead of quantized
+    weights (None if it is not quantized)."""
     if not ckpt.quantized:
         return None
     formats = sorted({spec.description for spec in ckpt.quantized.values()})
@@ -566,16 +567,6 @@ def dequantized_note(ckpt: Checkpoint, out_dtype: torch.dtype | None) -> str | N
     return (f"{ckpt.path} is quantized ({'; '.join(formats)}): its {len(ckpt.quantized)} quantized tensors were "
             f"dequantized and are written as {', '.join(dtypes)}, not re-quantized; config.json's "
             "quantization_config is removed")
-
-
-def _drop_quantization_config(folder: Path) -> None:
-    """The output holds dequantized weights: a quantization_config would make loaders expect quantized ones."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        return
-    config = json.loads(config_path.read_text())
-    if config.pop("quantization_config", None) is not None:
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _update_vocab_size(folder: Path, rows: int) -> None:

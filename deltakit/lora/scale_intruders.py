@@ -33,9 +33,10 @@ from deltakit.intruders import (
 )
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint
-from deltakit.io.model_files import copy_model_files
+from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES
+from deltakit.lora.merge import dequantized_note
 from deltakit.pairing import TensorPair
 from deltakit.spectral.options import SpectralOptions
 
@@ -73,13 +74,14 @@ class Scaling:
     matrices: list[ScaledMatrix] = field(default_factory=list)
     tensors_written: int = 0
     files: list[str] = field(default_factory=list)
+    dequantized: str | None = None  # the fine-tune was quantized: what was written instead (never re-quantized)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "scale": self.scale, "epsilon": self.epsilon, "output": self.output,
             "changed_matrices": len(self.matrices),
             "scaled_dimensions": sum(len(m.ranks) for m in self.matrices),
-            "tensors_written": self.tensors_written, "files": self.files,
+            "tensors_written": self.tensors_written, "files": self.files, "dequantized": self.dequantized,
             "matrices": [m.to_dict() for m in self.matrices],
         }
 
@@ -134,7 +136,8 @@ def scale_intruders(
     assert ft_ckpt is not None
     mine = share_matrices(source, parallel)
     items = source.stream(mine, device, options.dtype, options.reads_ahead(device))
-    scaling = report.scaling = Scaling(scale=scale, epsilon=epsilons[0], output=str(output))
+    scaling = report.scaling = Scaling(scale=scale, epsilon=epsilons[0], output=str(output),
+                                       dequantized=dequantized_note(ft_ckpt, None))
     if progress is not None:
         items = progress(items, len(mine), "intruders")
     plan = [(name, ft_ckpt.shape(name), ft_ckpt.dtype(name)) for name in ft_ckpt.keys()]
@@ -169,6 +172,8 @@ def scale_intruders(
             copied = copy_model_files(ft_ckpt, tmp)
             if "config.json" not in copied:  # a bare weights file: the base's config describes the same model
                 copied += copy_model_files(base_ckpt, tmp, only_config=True)
+            if ft_ckpt.quantized:  # the weights were read dequantized and are written so
+                drop_quantization_config(tmp)
         for result, scaled in gather_in_order(local, parallel):
             report.matrices.append(result)
             if scaled is not None:
