@@ -483,3 +483,13 @@ def test_mxfp4_gpt_oss_reads_as_transformers_dequantizes_it(tmp_path):
     for proj in ("gate_up_proj", "down_proj"):
         name = f"model.layers.0.mlp.experts.{proj}"
         torch.testing.assert_close(ckpt.get(name), theirs[name], rtol=0, atol=0)
+    # intruders --scale on it (W_ft = W_base: nothing to scale) writes the fused experts slice by slice,
+    # dequantized, and a config without MXFP4: transformers loads it as the same bf16 model
+    from deltakit.lora.scale_intruders import scale_intruders
+
+    report = scale_intruders(base, base, tmp_path / "scaled", 0.0, options=CPU)
+    assert report.scaling.dequantized and not report.scaling.matrices
+    again = GptOssForCausalLM.from_pretrained(tmp_path / "scaled", dtype=torch.bfloat16).state_dict()
+    assert again.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert torch.equal(again[name], value), name
