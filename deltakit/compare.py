@@ -35,7 +35,7 @@ from deltakit.analysis import by_layer, by_module_type
 from deltakit.delta import DeltaSource, ProgressFn, open_delta_source, stream_many, zip_released
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
 from deltakit.errors import DeltakitError
-from deltakit.pairing import TensorPair
+from deltakit.pairing import TensorPair, oriented
 from deltakit.report_meta import ReportMeta
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.subspace import delta_cosine, random_overlap, subspace_overlap, top_directions
@@ -52,15 +52,6 @@ def check_top(top: int | Sequence[int]) -> tuple[int, ...]:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise DeltakitError(f"--top {k} must be a positive integer (the number of top singular vectors compared)")
     return tuple(sorted({int(k) for k in values}))
-
-
-INPUT_MAJOR_LAYOUTS = ("conv1d", "input_major")  # stored [in, out]
-
-
-def oriented(tensor: torch.Tensor, pair: TensorPair) -> torch.Tensor:
-    """[out, in]: GPT-2's Conv1D weights and input-major expert slices (gpt-oss) are stored [in, out]
-    and are transposed to mean what Linear's do, so that left singular vectors are output directions."""
-    return tensor.T if pair.layout in INPUT_MAJOR_LAYOUTS else tensor
 
 
 def _mean(values: Sequence[float | None]) -> float | None:

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from deltakit.analysis import by_layer, by_module_type, check_fractions, energy_key
-from deltakit.compare import oriented
 from deltakit.spectral.options import SpectralOptions
 from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, zip_released
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
 from deltakit.errors import DeltakitError
+from deltakit.pairing import oriented
 from deltakit.report_meta import PairReportMeta
 from deltakit.spectral.noise import storage_noise
 from deltakit.spectral.spectrum import STORAGE_FLOOR_SAFETY

@@ -197,6 +197,16 @@ def selected(name: str, include: Iterable[str] = (), exclude: Iterable[str] = ()
     return not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
 
 
+INPUT_MAJOR_LAYOUTS = ("conv1d", "input_major")  # stored [in, out]
+
+
+def oriented(tensor: torch.Tensor, pair: TensorPair) -> torch.Tensor:
+    """``tensor`` (stored like ``pair``) as [out, in]: GPT-2's Conv1D weights and input-major expert
+    slices (gpt-oss) are stored [in, out] and are transposed to mean what Linear's do, so that left
+    singular vectors are output directions (intruders, compare, trajectory)."""
+    return tensor.T if pair.layout in INPUT_MAJOR_LAYOUTS else tensor
+
+
 def _is_conv1d(name: str, config: Mapping[str, Any] | None) -> bool:
     if config and config.get("model_type") in CONV1D_MODEL_TYPES:
         return bool(CONV1D_LEAF.search(name))

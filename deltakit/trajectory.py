@@ -25,11 +25,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from deltakit.analysis import analyse_matrix, by_module_type, check_energies, energy_key
-from deltakit.compare import check_fts, check_top, oriented, open_sources
+from deltakit.compare import check_fts, check_top, open_sources
 from deltakit.delta import DeltaItem, MultiDeltaItem, ProgressFn, stream_many, zip_released
 from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
 from deltakit.errors import DeltakitError
 from deltakit.intruders import DEFAULT_EPSILON, DEFAULT_K, check_k, find_intruder_directions
+from deltakit.pairing import oriented
 from deltakit.report_meta import ReportMeta
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.subspace import subspace_overlap, top_directions

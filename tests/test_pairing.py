@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deltakit.errors import DeltakitError
-from deltakit.pairing import canonical_name, layer_index, match_names, module_type, pair_tensors
+from deltakit.pairing import TensorPair, canonical_name, layer_index, match_names, module_type, oriented, pair_tensors
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -95,3 +95,12 @@ def test_module_types_and_layers(name, kind, layer):
 def test_canonical_name():
     assert canonical_name("base_model.model.model.layers.0.x.weight") == "layers.0.x.weight"
     assert canonical_name("bert.encoder.layer.0.x") == "encoder.layer.0.x"
+
+
+@pytest.mark.parametrize("layout, transposed", [("linear", False), ("embedding", False), ("conv1d", True),
+                                                 ("input_major", True)])
+def test_oriented_reads_every_layout_as_out_by_in(layout, transposed):
+    stored = torch.arange(6.0).reshape(2, 3)
+    pair = TensorPair(name="w", base_name="w", shape=(2, 3), base_dtype=torch.float32, ft_dtype=torch.float32,
+                      module_type="x", layer=None, layout=layout)
+    assert torch.equal(oriented(stored, pair), stored.T if transposed else stored)

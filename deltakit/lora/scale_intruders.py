@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import torch
 
-from deltakit.compare import oriented
 from deltakit.delta import ProgressFn
 from deltakit.distributed import (
     Parallel, exchange, gather_in_order, process_device, reported_device, shared_directory, shared_writer
@@ -37,7 +36,7 @@ from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES
 from deltakit.lora.merge import dequantized_note
-from deltakit.pairing import TensorPair
+from deltakit.pairing import TensorPair, oriented
 from deltakit.spectral.options import SpectralOptions
 
 
