@@ -17,17 +17,19 @@ called with ``standalone_mode=False``; a plain ``main()`` is called as the conso
 would call it, with sys.argv set and its SystemExit caught. ``--check`` looks the
 subcommand and flags up on the click group beside such a ``main()``.
 
-``--worker`` runs the command the same way and prints nothing of its own (its exit code is
-the command's): the entry point of torchrun's worker processes, so that they resolve
-``deltakit`` (and ``deltakit_cli``) exactly as above, installed or not. The outer
-``bench.measure`` around torchrun reports wall time and RSS; the workers' GPU memory is not
-reported by anyone.
+``--worker`` runs the command the same way (its exit code is the command's): the entry point
+of torchrun's worker processes, so that they resolve ``deltakit`` (and ``deltakit_cli``)
+exactly as above, installed or not. Each worker prints one line of its own,
+``{"bench_measure": 1, "worker": RANK, "gpu_peak_mb": .., "gpu_peak_allocated_mb": ..}``; the
+outer ``bench.measure`` around torchrun reports wall time and RSS, and the bench adds up the
+workers' GPU memory (:func:`bench.runner.worker_lines`).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import json
 import resource
 import runpy
@@ -201,10 +203,15 @@ def main(args: list[str]) -> int:
         return 2
     if worker:
         try:
-            return _invoke(args)
+            rc = _invoke(args)
         except NotAvailable as exc:
             print(f"not available: {exc}", file=sys.stderr)
             return 127
+        reserved, allocated = gpu_peak_mb()
+        sys.stdout.flush()
+        print(json.dumps({MARKER: 1, "worker": int(os.environ.get("RANK", "0")), "gpu_peak_mb": reserved,
+                          "gpu_peak_allocated_mb": allocated}), file=sys.__stdout__, flush=True)
+        return rc
     if check:
         try:
             check_available(args)

@@ -293,14 +293,22 @@ def worker_errors(log_path: Path) -> list[str]:
 
 
 def describe_processes(job: Job, row: dict[str, object], result: runner.ChildResult) -> None:
-    """What a torchrun row's numbers mean; GPU peak unknown (the outer bench.measure is torchrun's launcher)."""
+    """What a torchrun row's numbers mean. GPU peak: the sum of the workers' own (each measures its
+    GPU); unknown (None) unless every worker reported."""
     row["processes"] = job.processes
-    row["gpu_peak_mb"] = row["gpu_peak_allocated_mb"] = None
+    peaks = [w.get("gpu_peak_mb") for w in result.workers]
+    allocated = [w.get("gpu_peak_allocated_mb") for w in result.workers]
+    complete = len(result.workers) == job.processes and all(isinstance(p, (int, float)) for p in peaks + allocated)
+    row["gpu_peak_mb"] = sum(peaks) if complete else None  # type: ignore[arg-type]
+    row["gpu_peak_allocated_mb"] = sum(allocated) if complete else None  # type: ignore[arg-type]
+    row["gpu_peak_per_process_mb"] = peaks if complete else None
     row["peak_anon_total_mb"], row["peak_file_total_mb"] = result.peak_anon_total_mb, result.peak_file_total_mb
     row["max_processes_seen"] = result.max_processes
+    memory = (f"peak GPU memory is the sum over the processes (largest {max(peaks):.0f} MiB)" if complete else
+              f"peak GPU memory unknown: {len(result.workers)} of {job.processes} workers reported it")
     row["notes"].append(
         f"{job.processes} processes under torchrun (--standalone; each runs `python -m bench.measure --worker -- "
-        f"deltakit {job.op} ...`); peak GPU memory unknown: the workers' is not measured")
+        f"deltakit {job.op} ...`); {memory}")
     if isinstance(result.peak_anon_total_mb, (int, float)):
         row["notes"].append(
             f"peak RSS is the largest single process (wait4); summed over the launcher and its workers "

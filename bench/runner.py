@@ -51,6 +51,7 @@ class ChildResult:
     peak_anon_total_mb: float | None = None
     peak_file_total_mb: float | None = None
     max_processes: int | None = None
+    workers: list[dict[str, object]] = field(default_factory=list)  # torchrun workers' own lines, by rank
 
 
 def _proc_rss(pid: int) -> tuple[float, float] | None:
@@ -145,14 +146,9 @@ def run_measured(argv: list[str], log_prefix: Path, timeout_s: float | None = No
         done.set()
         watcher.join()
         proc.returncode = os.waitstatus_to_exitcode(status)
-    measure = {}
-    for line in out_path.read_text(errors="replace").splitlines()[::-1]:
-        if line.startswith("{") and MARKER in line:
-            try:
-                measure = json.loads(line)
-                break
-            except json.JSONDecodeError:
-                continue
+    lines = marker_lines(out_path.read_text(errors="replace"))
+    measure = next((line for line in lines[::-1] if "worker" not in line), {})
+    workers = worker_lines(lines)
     have_proc = peaks["anon"] > 0 or peaks["file"] > 0
     return ChildResult(
         rc=proc.returncode, wall_s=wall, timed_out=timed_out.is_set(), measure=measure,
@@ -162,7 +158,26 @@ def run_measured(argv: list[str], log_prefix: Path, timeout_s: float | None = No
         peak_anon_total_mb=peaks["anon_total"] if tree and have_proc else None,
         peak_file_total_mb=peaks["file_total"] if tree and have_proc else None,
         max_processes=int(peaks["processes"]) if tree and have_proc else None,
+        workers=workers,
     )
+
+
+def marker_lines(stdout: str) -> list[dict[str, object]]:
+    """Every ``bench.measure`` JSON line in a child's stdout, in order."""
+    found = []
+    for line in stdout.splitlines():
+        if line.startswith("{") and MARKER in line:
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
+def worker_lines(lines: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The torchrun workers' lines (``bench.measure --worker``), one per rank (the last if repeated), by rank."""
+    by_rank = {int(line["worker"]): line for line in lines if "worker" in line}  # type: ignore[arg-type]
+    return [by_rank[rank] for rank in sorted(by_rank)]
 
 
 def check_available(argv: list[str], python: str = sys.executable) -> tuple[bool, str]:

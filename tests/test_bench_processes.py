@@ -66,7 +66,8 @@ def test_rank_in_two_processes_on_the_cpu(tmp_path, capsys):
     one, two = result["rows"]
     assert (one["key"], one["status"]) == ("deltakit-rank", "ok")
     assert (two["key"], two["status"]) == ("deltakit-rank-x2", "ok"), two.get("stderr_tail")
-    assert two["gpu_peak_mb"] is None and two["processes"] == 2 and two["max_processes_seen"] >= 3
+    assert two["processes"] == 2 and two["max_processes_seen"] >= 3
+    assert two["gpu_peak_per_process_mb"] == [0.0, 0.0] and two["gpu_peak_mb"] == 0.0  # each worker's line, no GPU
     assert two["rank_check"]["equal_to_one_process"] == two["rank_check"]["matrices"] > 0
     assert result["scaling"][0]["key"] == "deltakit-rank-x2" and result["scaling"][0]["speedup"] > 0
     assert "deltakit rank (2 processes)" in capsys.readouterr().out
@@ -116,3 +117,26 @@ def test_torchrun_compare_refuses_bad_arguments_in_one_line(tmp_path, argv, mess
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and message in done.stderr.splitlines()[-1]
+
+
+def test_worker_lines_are_read_by_rank_and_a_missing_one_leaves_the_gpu_peak_unknown():
+    from bench import runner
+
+    stdout = "\n".join([
+        'log line', json.dumps({"bench_measure": 1, "worker": 1, "gpu_peak_mb": 300.0, "gpu_peak_allocated_mb": 200.0}),
+        json.dumps({"bench_measure": 1, "worker": 0, "gpu_peak_mb": 500.0, "gpu_peak_allocated_mb": 400.0}),
+        '{"bench_measure": 1, "broken', json.dumps({"bench_measure": 1, "rc": 0, "wall_s": 1.0}),
+    ])
+    lines = runner.marker_lines(stdout)
+    assert [line.get("worker") for line in lines] == [1, 0, None]
+    workers = runner.worker_lines(lines)
+    assert [w["worker"] for w in workers] == [0, 1]
+    job = run_bench.Job(key="deltakit-rank-x2", label="rank", tool="deltakit", op="rank", argv=[], reads=[], outputs=[],
+                        processes=2)
+    row: dict = {"notes": []}
+    run_bench.describe_processes(job, row, runner.ChildResult(rc=0, wall_s=1.0, workers=workers))
+    assert (row["gpu_peak_mb"], row["gpu_peak_allocated_mb"], row["gpu_peak_per_process_mb"]) == (800.0, 600.0,
+                                                                                                 [500.0, 300.0])
+    row = {"notes": []}
+    run_bench.describe_processes(job, row, runner.ChildResult(rc=0, wall_s=1.0, workers=workers[:1]))
+    assert row["gpu_peak_mb"] is None and any("1 of 2 workers reported" in note for note in row["notes"])

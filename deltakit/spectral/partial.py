@@ -371,6 +371,7 @@ class PendingTail:
 
 
 _worker: ThreadPoolExecutor | None = None
+_worker_lock = threading.Lock()  # around the pool's creation only
 QUADRATURE_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 """Threads solving the tails' quadratures: two batched eighs of 32 tridiagonals per matrix took
 ~32 ms on one core of the H200 host (bench/probes/adaptive_parts.py), more than the device's
@@ -380,7 +381,7 @@ QUADRATURE_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
 def quadrature_worker() -> ThreadPoolExecutor:
     """The threads that solve the tails' quadratures (numpy's eigh lets go of Python's lock)."""
     global _worker
-    with _single_lock:
+    with _worker_lock:
         if _worker is None:
             _worker = ThreadPoolExecutor(max_workers=QUADRATURE_THREADS, thread_name_prefix="deltakit-quadrature")
         return _worker
