@@ -34,7 +34,7 @@ from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.peft import is_peft_adapter
-from deltakit.io.writer import DEFAULT_SHARD_BYTES
+from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 from deltakit.lora.merge import dequantized_note
 from deltakit.pairing import TensorPair, oriented
 from deltakit.spectral.options import SpectralOptions
@@ -210,9 +210,10 @@ def _stored_ft(ft_ckpt: Checkpoint, pair: TensorPair) -> torch.Tensor:
     return ft_ckpt.get_rows(pair.ft_tensor, *pair.rows).reshape(pair.shape)
 
 
-def _write_stored(writer: Any, ft_ckpt: Checkpoint, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None,
-                  rows_written: dict[str, int]) -> None:
-    """Write ``tensor`` as the stored tensor ``name``, or as its rows ``rows`` (an expert's slice), and count the rows."""
+def _write_stored(writer: ShardedWriter, ft_ckpt: Checkpoint, name: str, tensor: torch.Tensor,
+                  rows: tuple[int, int] | None, rows_written: dict[str, int]) -> None:
+    """Write ``tensor`` as the stored tensor ``name``, or as its rows ``rows`` (an expert's slice),
+    and count the rows."""
     if rows is None:
         writer.write(name, tensor)
         count = tensor.shape[0] if tensor.ndim else 1
