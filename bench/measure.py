@@ -207,10 +207,7 @@ def main(args: list[str]) -> int:
         except NotAvailable as exc:
             print(f"not available: {exc}", file=sys.stderr)
             return 127
-        reserved, allocated = gpu_peak_mb()
-        sys.stdout.flush()
-        print(json.dumps({MARKER: 1, "worker": int(os.environ.get("RANK", "0")), "gpu_peak_mb": reserved,
-                          "gpu_peak_allocated_mb": allocated}), file=sys.__stdout__, flush=True)
+        _print_measurement({"worker": int(os.environ.get("RANK", "0"))})
         return rc
     if check:
         try:
@@ -231,13 +228,17 @@ def main(args: list[str]) -> int:
         traceback.print_exc()
         rc, error = 1, f"{type(exc).__name__}: {exc}"
     wall = time.perf_counter() - start
-    reserved, allocated = gpu_peak_mb()
-    payload = {MARKER: 1, "rc": rc, "wall_s": wall,
-               "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "gpu_peak_mb": reserved, "gpu_peak_allocated_mb": allocated, "error": error}
-    sys.stdout.flush()
-    print(json.dumps(payload), file=sys.__stdout__, flush=True)
+    _print_measurement({"rc": rc, "wall_s": wall, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "error": error})
     return rc
+
+
+def _print_measurement(fields: dict[str, object]) -> None:
+    """The marked JSON line, with this process's GPU peaks, on the real stdout after the command's own output."""
+    reserved, allocated = gpu_peak_mb()
+    sys.stdout.flush()
+    print(json.dumps({MARKER: 1, **fields, "gpu_peak_mb": reserved, "gpu_peak_allocated_mb": allocated}),
+          file=sys.__stdout__, flush=True)
 
 
 if __name__ == "__main__":

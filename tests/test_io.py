@@ -251,3 +251,14 @@ def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
     assert ckpt.root == snapshot and torch.equal(ckpt.get("b.weight"), tensors()["b.weight"])
     with pytest.raises(DeltakitError, match="not in the local Hugging Face cache"):
         open_checkpoint("some-org/absent-model")
+
+
+def test_rows_to_write_counts_whole_tensors_and_row_spans():
+    """What one process checks at finish where processes share tensors' rows: whole tensors count all
+    their rows (a 0-d one, 1), spans their own, repeated names add up."""
+    from deltakit.io.writer import rows_to_write
+
+    shapes = {"experts": (4, 32, 16), "norm": (32,), "scalar": ()}
+    writes = [("experts", (1, 2)), ("experts", (3, 4)), ("norm", None), ("scalar", None)]
+    assert rows_to_write(writes, shapes) == {"experts": 2, "norm": 32, "scalar": 1}
+    assert rows_to_write([("experts", None)], shapes) == {"experts": 4}

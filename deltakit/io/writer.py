@@ -227,6 +227,18 @@ class ShardedWriter:
         return paths
 
 
+def rows_to_write(writes: Iterable[tuple[str, tuple[int, int] | None]],
+                  shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """How many rows of each tensor ``writes`` cover, each (name, rows start:stop or None for all of
+    it) with ``shapes`` the planned ones: what one process checks with ``finish(expected=...)`` where
+    processes share a tensor's rows."""
+    rows: dict[str, int] = {}
+    for name, span in writes:
+        shape = shapes[name]
+        rows[name] = rows.get(name, 0) + (span[1] - span[0] if span else (shape[0] if shape else 1))
+    return rows
+
+
 def _write_error(exc: OSError, path: Path, what: str) -> OSError:
     """The same OSError (errno kept: full disk, quota, file-size limit...) saying what was being written."""
     return OSError(exc.errno, f"{exc.strerror or exc} (writing {what})", str(path))

@@ -47,7 +47,7 @@ from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
-from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter
+from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter, rows_to_write
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
 from deltakit.lora.targets import ties_embeddings
 from deltakit.lora.extract import output_dtype
@@ -260,7 +260,8 @@ def _apply(
                     distances.append((index, _distance(step.name, result, reference, compute_device, ready)))
                     ready = None  # _distance waited for the copy and checked it
                 writer.write(step.name, result, ready, start_row=rows[0] if rows else None)
-            written = _rows_written(steps, pieces, mine)
+            written = rows_to_write(((steps[pieces[i].step].name, pieces[i].rows) for i in mine),
+                                    {step.name: step.shape for step in steps})
             report.shards = len(writer.finish(expected=written, write_index=parallel.is_main))
         finally:
             writer.close()  # never leave a thread writing into a folder being removed
@@ -323,16 +324,6 @@ def _pieces(steps: list[_Step]) -> list[_Piece]:
         pieces += [_Piece(index, (start, min(start + per_piece, step.shape[0])))
                    for start in range(0, step.shape[0], per_piece)]
     return pieces
-
-
-def _rows_written(steps: list[_Step], pieces: list[_Piece], mine: list[int]) -> dict[str, int]:
-    """How many rows of each tensor the pieces ``mine`` write (a tensor's pieces may be shared among processes)."""
-    rows: dict[str, int] = {}
-    for index in mine:
-        step, span = steps[pieces[index].step], pieces[index].rows
-        count = span[1] - span[0] if span else (step.shape[0] if step.shape else 1)
-        rows[step.name] = rows.get(step.name, 0) + count
-    return rows
 
 
 def _bytes(step: _Step, rows: tuple[int, int] | None = None) -> int:

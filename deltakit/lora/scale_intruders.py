@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from deltakit.delta import ProgressFn
+from deltakit.delta import ProgressFn, fetch, fetch_pair
 from deltakit.distributed import (
     Parallel, exchange, gather_in_order, process_device, reported_device, shared_directory, shared_writer
 )
@@ -34,7 +34,7 @@ from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.peft import is_peft_adapter
-from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, rows_to_write
 from deltakit.lora.merge import dequantized_note
 from deltakit.pairing import TensorPair, oriented
 from deltakit.spectral.options import SpectralOptions
@@ -148,7 +148,6 @@ def scale_intruders(
         writer = shared_writer(parallel, tmp, plan, max_shard_bytes=max_shard_bytes,
                                metadata={"deltakit": "intruders"})
         local: list[tuple[int, tuple[MatrixIntruders, ScaledMatrix | None]]] = []
-        rows_written: dict[str, int] = {}
         for index, item in zip(mine, items):
             result, directions = analyse_matrix(item, k, epsilons, options)
             scaled = None
@@ -159,13 +158,15 @@ def scale_intruders(
                 before = [d.singular_value for d in result.intruders[scaling.epsilon]]
                 scaled = ScaledMatrix(item.pair.name, ranks, before, [scale * s for s in before], change_fro)
             else:
-                tensor = _stored_ft(ft_ckpt, item.pair)
-            _write_stored(writer, ft_ckpt, item.pair.ft_tensor, tensor, item.pair.rows, rows_written)
+                tensor = fetch_pair(ft_ckpt, item.pair.ft_tensor, item.pair, torch.device("cpu"))
+            _write_stored(writer, ft_ckpt, item.pair.ft_tensor, tensor, item.pair.rows)
             local.append((index, (result, scaled)))
         for name, rows, _ in my_copies:
-            _write_stored(writer, ft_ckpt, name, ft_ckpt.get(name) if rows is None else ft_ckpt.get_rows(name, *rows),
-                          rows, rows_written)
-        files = writer.finish(expected=rows_written, write_index=parallel.is_main)
+            _write_stored(writer, ft_ckpt, name, fetch(ft_ckpt, name, torch.device("cpu"), rows), rows)
+        expected = rows_to_write([(pairs[i].ft_tensor, pairs[i].rows) for i in mine]
+                                 + [(name, rows) for name, rows, _ in my_copies],
+                                 {name: shape for name, shape, _ in plan})
+        files = writer.finish(expected=expected, write_index=parallel.is_main)
         copied: list[str] = []
         if parallel.is_main:
             copied = copy_model_files(ft_ckpt, tmp)
@@ -203,31 +204,20 @@ def _copies(plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]], pairs: Seq
     return copies
 
 
-def _stored_ft(ft_ckpt: Checkpoint, pair: TensorPair) -> torch.Tensor:
-    """The fine-tune's stored tensor of ``pair`` (its expert's slice, shaped ``pair.shape``), as stored."""
-    if pair.rows is None:
-        return ft_ckpt.get(pair.name)
-    return ft_ckpt.get_rows(pair.ft_tensor, *pair.rows).reshape(pair.shape)
-
-
 def _write_stored(writer: ShardedWriter, ft_ckpt: Checkpoint, name: str, tensor: torch.Tensor,
-                  rows: tuple[int, int] | None, rows_written: dict[str, int]) -> None:
-    """Write ``tensor`` as the stored tensor ``name``, or as its rows ``rows`` (an expert's slice),
-    and count the rows."""
+                  rows: tuple[int, int] | None) -> None:
+    """Write ``tensor`` as the stored tensor ``name``, or as its rows ``rows`` (an expert's slice)."""
     if rows is None:
         writer.write(name, tensor)
-        count = tensor.shape[0] if tensor.ndim else 1
     else:
-        count = rows[1] - rows[0]
-        writer.write(name, tensor.reshape(count, *ft_ckpt.shape(name)[1:]), start_row=rows[0])
-    rows_written[name] = rows_written.get(name, 0) + count
+        writer.write(name, tensor.reshape(rows[1] - rows[0], *ft_ckpt.shape(name)[1:]), start_row=rows[0])
 
 
 def _scaled_tensor(ft_ckpt: Checkpoint, pair: TensorPair, directions: TopDirections, mask: torch.Tensor,
                    scale: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     """The stored fine-tune tensor (an expert's slice: that slice) plus the correction, back in its
     stored layout and dtype."""
-    stored = _stored_ft(ft_ckpt, pair)
+    stored = fetch_pair(ft_ckpt, pair.ft_tensor, pair, torch.device("cpu"))
     correction = oriented(intruder_correction(directions, mask, scale), pair)
     updated = stored.to(device=device, dtype=dtype, copy=True)
     rows = correction.shape[0]
