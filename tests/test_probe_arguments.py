@@ -95,3 +95,14 @@ def test_second_gpu_needs_two_gpus(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         second_gpu.main([])
     assert stop.value.code == 2 and "needs two GPUs" in capsys.readouterr().err
+
+
+def test_cli_timeline_reports_a_failed_rank_in_one_line(tmp_path):
+    """A folder that holds no checkpoint: rank's own Error line, nothing written."""
+    from bench.probes import cli_timeline
+
+    with pytest.raises(SystemExit) as stop:
+        cli_timeline.main([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "out"), "--repeat", "1"])
+    message = str(stop.value.code)
+    assert message.startswith("rank failed (rc 1): Error: no weights found") and "\n" not in message
+    assert not (tmp_path / "out").exists()

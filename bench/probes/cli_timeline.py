@@ -37,6 +37,7 @@ if HARD_EXIT:  # the variant: leave at once, as os._exit does (no interpreter sh
     import os
     sys.stderr.flush()
     os._exit(code or 0)
+sys.exit(code)
 """
 
 
@@ -47,10 +48,9 @@ def one_run(base: Path, ft: Path, report: Path, hard_exit: bool = False) -> dict
     exited = time.time()
     line = next((x for x in proc.stdout.splitlines() if x.startswith("DK_STAMPS")), None)
     if proc.returncode != 0 or line is None:
-        raise SystemExit(f"rank failed (rc {proc.returncode}): {proc.stderr.strip()[-400:]}")
-    started, imported, finished, code = (float(x) for x in line.split()[1:])
-    if code:
-        raise SystemExit(f"rank exited with {code}")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"rank failed (rc {proc.returncode}): {last}")
+    started, imported, finished = (float(x) for x in line.split()[1:4])
     elapsed = json.loads(report.read_text())["elapsed_s"]
     return {"wall_s": exited - spawned, "interpreter_s": started - spawned, "cli_import_s": imported - started,
             "command_s": finished - imported, "rank_elapsed_s": elapsed,

@@ -3,7 +3,7 @@
 Prints, step by step, whether each call gives the CPU's numbers and what the thread's current
 device and stream are afterwards: `rank` on cuda:1 followed by storage_noise on cuda:1 gave 0.0
 and then illegal memory accesses in tests/test_devices.py.
-    python -m bench.probes.second_gpu [--steps noise,rank,noise,...]
+    python -m bench.probes.second_gpu [--steps noise:cuda:1,rank:cuda:1,...]
 """
 
 from __future__ import annotations
@@ -58,16 +58,16 @@ def main(argv: list[str] | None = None) -> None:
     if torch.cuda.device_count() < 2:
         parser.error("this probe needs two GPUs (cuda:1 beside a current cuda:0)")
     torch.cuda.set_device(0)
-    folder = tempfile.mkdtemp(prefix="dk-second-gpu-")
-    write_demo_pair(folder)
-    state("start")
-    for kind, device in steps:
-        step = f"{kind}:{device}"
-        try:
-            (noise if kind == "noise" else lambda d: rank(d, folder))(device)
-        except Exception as exc:  # noqa: BLE001 - a probe: report and go on
-            print(f"{step}: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
-        state(step)
+    with tempfile.TemporaryDirectory(prefix="dk-second-gpu-") as folder:
+        write_demo_pair(folder)
+        state("start")
+        for kind, device in steps:
+            step = f"{kind}:{device}"
+            try:
+                (noise if kind == "noise" else lambda d: rank(d, folder))(device)
+            except Exception as exc:  # noqa: BLE001 - a probe: report and go on
+                print(f"{step}: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
+            state(step)
 
 
 if __name__ == "__main__":
