@@ -63,9 +63,15 @@ rank_and_full() {  # the 7B rank rows, adaptive and --full-spectrum (their agree
     cli_overhead
     cp "$W"/runs/deltakit-rank*.json "$OUT/new/"
 }
-cuda_tests() {  # the named test files on this machine's GPU (and its CPU)
+install_tree() {  # this tree, installed into the image's Python (else on PYTHONPATH)
     python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+}
+run_tests() {  # pytest on the named files, full output kept, its tail shown
     python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/pytest_gpu_full.txt" | tail -15 | tee -a "$OUT/pytest_gpu.txt"
+}
+cuda_tests() {  # the named test files on this machine's GPU (and its CPU)
+    install_tree
+    run_tests "$@"
 }
 rank_twice_bytecode_cached() {  # the 7B rank row twice, in pyc1/ and pyc2/, as a pip-installed torch starts
     log "the 7B rank row twice with bytecode cached, as after a pip install"
@@ -76,7 +82,8 @@ rank_twice_bytecode_cached() {  # the 7B rank row twice, in pyc1/ and pyc2/, as 
     done
 }
 cuda_tests_each() {  # cuda_tests on each named file in a process of its own, verbose: an abort stops one file only
-    for file in "$@"; do log "$file"; cuda_tests -v "$file"; done
+    install_tree
+    for file in "$@"; do log "$file"; run_tests -v "$file"; done
 }
 bytecode_cached() {  # this image sets PYTHONDONTWRITEBYTECODE and ships torch without .pyc: every process compiles
     unset PYTHONDONTWRITEBYTECODE  # torch's 2141 modules; a user's install (pip compiles at install) does not
@@ -188,7 +195,7 @@ s6)
     ;;
 s7)
     log "the whole test suite on this machine (its GPU and CPU), in 8 groups of files at once"
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    install_tree
     files=(tests/test_*.py)
     for g in 0 1 2 3 4 5 6 7; do
         group=()
@@ -267,7 +274,7 @@ s14)
     ;;
 s15)
     log "CUDA paths of the streaming commands, 4 groups at once"
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    install_tree
     groups=("tests/test_moe_quantized.py tests/test_quantized_noise.py" "tests/test_rank_models.py tests/test_hub.py"
             "tests/test_compare.py tests/test_intruders.py tests/test_trajectory.py" "tests/test_memory.py tests/test_workers.py tests/test_blocked.py")
     for g in 0 1 2 3; do
@@ -278,7 +285,7 @@ s15)
         | tee "$OUT/pytest_gpu.txt"
     ;;
 x2)
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    install_tree
     log "the 7B rows in 1 and 2 processes"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/x2" --only deltakit-rank,deltakit-extract,deltakit-merge \
         --processes 2 --timeout 300 2>&1 | grep -E "floor|scaling"
@@ -289,7 +296,7 @@ x2)
     grep -E "Error|Traceback" "$OUT/torchrun_compare.err" | head -5
     ;;
 x2b)
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    install_tree
     python3 -m bench.synth --preset 7b --workdir "$W" >/dev/null &  # the 7B pair, meanwhile
     log "the distributed tests, NCCL's included"
     python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_distributed.py 2>&1 | tail -4 | tee "$OUT/pytest_x2.txt"
@@ -300,7 +307,7 @@ x2b)
     grep -E "Error|Traceback" "$OUT/torchrun_compare.err" | head -5
     ;;
 x2c)
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    install_tree
     log "the CUDA tests of the threads, on both GPUs"
     cuda_tests tests/test_workers.py tests/test_adaptive.py tests/test_devices.py tests/test_memory.py tests/test_distributed.py
     log "rank on the demo pair, --device cuda:1 against cuda:0"
@@ -343,7 +350,7 @@ x2cp)
     bash "$0" x2c
     ;;
 g2)
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    install_tree
     log "library calls on cuda:1 with cuda:0 current (bench/probes/second_gpu.py)"
     python3 -m bench.probes.second_gpu 2>&1 | tee "$OUT/second_gpu.txt"
     python3 -m bench.probes.second_gpu --steps noise:cuda:1,noise:cuda:1,rank:cuda:1 2>&1 | tee "$OUT/second_gpu_noise_first.txt"
@@ -359,7 +366,7 @@ g2)
     fi
     ;;
 s17)
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    install_tree
     python3 -c "import setuptools; print('setuptools', setuptools.__version__)"
     log "the CUDA tests that run on every GPU, both GPUs, one file per process"
     cuda_tests_each tests/test_devices.py tests/test_workers.py tests/test_adaptive.py tests/test_noise.py \
@@ -375,7 +382,7 @@ s17)
     python3 -m bench.probes.cli_timeline "$W/base" "$W/ft" --out "$OUT/timeline-pyc" --repeat 2
     ;;
 s18)
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    install_tree
     bytecode_cached
     log "the 7B rank row with bytecode cached, then the CLI's timeline with its usual and a hard exit"
     python3 bench/run_bench.py --preset 7b --workdir "$W" --out "$OUT/pyc" --only deltakit-rank --timeout 240 | grep "deltakit-rank\]"
@@ -384,7 +391,7 @@ s18)
     python3 -m bench.probes.cli_timeline "$W/base" "$W/ft" --out "$OUT/timeline-hard" --repeat 2 --hard-exit
     ;;
 s16)
-    python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+    install_tree
     log "the threads' CUDA tests on both GPUs, one file per process, verbose"
     cuda_tests_each tests/test_workers.py tests/test_adaptive.py tests/test_devices.py tests/test_memory.py
     grep -E "PASSED|FAILED|ERROR|Error|error:|Aborted|Fatal" "$OUT/pytest_gpu_full.txt" | grep -v PASSED | head -40
