@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
@@ -21,6 +23,7 @@ import click
 
 if TYPE_CHECKING:
     from deltakit.distributed import Parallel
+    from deltakit.io.paths import InputFootprint
 
 T = TypeVar("T")
 
@@ -79,6 +82,24 @@ def stop_signals_raise() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """While the block runs, each :class:`~deltakit.errors.DeltakitWarning` is one ``warning: ...`` line on
+    stderr (every time it is raised); other warnings are shown as Python shows them."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+            if getattr(category, "__name__", "") == "DeltakitWarning":
+                click.echo(f"warning: {str(message).strip().splitlines()[0]}", err=True)
+            else:
+                shown(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        warnings.filterwarnings("always", message="", category=Warning, module="deltakit")
+        yield
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn DeltakitError (and a few OS errors) into ``Error: ...`` on stderr and exit 1.
 
@@ -89,7 +110,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with stop_signals_raise():
+            with stop_signals_raise(), warnings_as_lines():
                 return command(*args, **kwargs)
         except Interrupted as exc:
             _fail(str(exc), code=128 + exc.signum)
@@ -178,15 +199,30 @@ def progress(items: Iterable[T], length: int, label: str) -> Iterator[T]:
             bar.update(1)
 
 
-def write_json(path: str, payload: Any, force: bool = True) -> None:
-    """Write ``payload`` as JSON to ``path`` ("-" for stdout), atomically."""
+def protect_inputs(force: bool, outputs: Iterable[str | os.PathLike | None],
+                   inputs: Iterable[tuple[str, str | os.PathLike | None]]) -> list[InputFootprint]:
+    """What the command reads of its ``inputs`` ((label, path); None paths are absent), after refusing
+    every output path that is, holds or lies inside one of them (even with --force) or that exists
+    (without --force). None and "-" (stdout) outputs are passed over."""
+    from deltakit.io import check_output_path
+    from deltakit.io.paths import footprints
+
+    found = footprints(list(inputs))
+    for path in outputs:
+        if path is not None and str(path) != "-":
+            check_output_path(path, force, found)
+    return found
+
+
+def write_json(path: str, payload: Any, force: bool = True, inputs: Iterable[InputFootprint] = ()) -> None:
+    """Write ``payload`` as JSON to ``path`` ("-" for stdout), atomically, never over one of ``inputs``."""
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
     if path == "-":
         click.echo(text, nl=False)
         return
     from deltakit.io import atomic_file
 
-    with atomic_file(path, force=force) as tmp:
+    with atomic_file(path, force=force, inputs=inputs) as tmp:
         Path(tmp).write_text(text)
 
 

@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # the library is imported in command bodies only (fast --help
 
 from deltakit_cli.common import (
     allow_pickle_option, exclude_option, force_option, hub_options, include_option, parallel_workers, progress,
-    spectral_options, user_errors, write_json,
+    protect_inputs, spectral_options, user_errors, write_json,
 )
 
 COMPARE_EXAMPLES = """
@@ -29,14 +29,6 @@ Examples:
   deltakit trajectory ./base run/checkpoint-100 run/checkpoint-200 run/final --json traj.json
   deltakit trajectory ./base 'output/checkpoint-*' --plot trajectory.png -e 0.5 -e 0.9
 """
-
-
-def _check_outputs(force: bool, *paths: str | None) -> None:
-    from deltakit.io import check_output_path
-
-    for path in paths:
-        if path and path != "-":
-            check_output_path(path, force)
 
 
 def _options(device: str, exact: bool, fp64: bool) -> SpectralOptions:
@@ -73,18 +65,19 @@ def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_
     """
     from deltakit.compare import compare
 
-    _check_outputs(force, json_path, plot_path)
+    inputs = protect_inputs(force, (json_path, plot_path),
+                            [("base", base), *(("fine-tune", ft) for ft in fts)])
     with parallel_workers(device) as parallel:
         report = compare(base, fts, top, _options(device, exact, fp64), include, exclude, allow_pickle,
                          progress=progress if parallel.is_main else None, parallel=parallel)
     if not parallel.is_main:
         return
     if json_path:
-        write_json(json_path, report.to_dict(), force=force)
+        write_json(json_path, report.to_dict(), force=force, inputs=inputs)
     if plot_path:
         from deltakit.plot import plot_overlap_heatmap, save_figure
 
-        save_figure(plot_overlap_heatmap(report.to_dict()), plot_path, force=force)
+        save_figure(plot_overlap_heatmap(report.to_dict()), plot_path, force=force, inputs=inputs)
     if not quiet and json_path != "-":
         from deltakit.report import render_compare
 
@@ -124,19 +117,20 @@ def trajectory_command(base, checkpoints, energy, top, intruder_k, epsilon, incl
     """
     from deltakit.trajectory import checkpoint_paths, trajectory
 
-    _check_outputs(force, json_path, plot_path)
     paths = checkpoint_paths(checkpoints)
+    inputs = protect_inputs(force, (json_path, plot_path),
+                            [("base", base), *(("checkpoint", path) for path in paths)])
     with parallel_workers(device) as parallel:
         report = trajectory(base, paths, energy, top, intruder_k, epsilon, _options(device, exact, fp64), include,
                             exclude, allow_pickle, progress=progress if parallel.is_main else None, parallel=parallel)
     if not parallel.is_main:
         return
     if json_path:
-        write_json(json_path, report.to_dict(), force=force)
+        write_json(json_path, report.to_dict(), force=force, inputs=inputs)
     if plot_path:
         from deltakit.plot import plot_trajectory, save_figure
 
-        save_figure(plot_trajectory(report.to_dict()), plot_path, force=force)
+        save_figure(plot_trajectory(report.to_dict()), plot_path, force=force, inputs=inputs)
     if not quiet and json_path != "-":
         from deltakit.report import render_trajectory
 

@@ -6,7 +6,7 @@ import click
 
 from deltakit_cli.common import (
     allow_pickle_option, exclude_option, force_option, hub_options, include_option, out_option, parallel_workers, parse_size,
-    progress, spectral_options, user_errors, write_json,
+    progress, protect_inputs, spectral_options, user_errors, write_json,
 )
 
 EXAMPLES = """
@@ -54,15 +54,13 @@ def intruders_command(base, ft, k, epsilon, scale, out, max_shard_size, include,
     from deltakit.errors import DeltakitError
     from deltakit.intruders import intruders
     from deltakit.lora.scale_intruders import scale_intruders
-    from deltakit.io import check_output_path
     from deltakit.io.writer import DEFAULT_SHARD_BYTES
     from deltakit.report import render_intruders
     from deltakit.spectral.options import SpectralOptions
 
     if (scale is None) != (out is None):
         raise DeltakitError("--scale and -o/--out go together: --scale λ -o DIR writes the scaled model")
-    if json_path and json_path != "-":
-        check_output_path(json_path, force)
+    inputs = protect_inputs(force, (json_path,), [("base", base), ("fine-tune", ft)])
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
     shard_bytes = parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_BYTES
     with parallel_workers(device) as parallel:
@@ -76,7 +74,7 @@ def intruders_command(base, ft, k, epsilon, scale, out, max_shard_size, include,
     if not parallel.is_main:
         return
     if json_path:
-        write_json(json_path, report.to_dict(), force=force)
+        write_json(json_path, report.to_dict(), force=force, inputs=inputs)
     if not quiet and json_path != "-":
         click.echo(render_intruders(report))
 

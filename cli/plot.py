@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deltakit_cli.common import device_option, force_option, hub_options, user_errors
+from deltakit_cli.common import device_option, force_option, hub_options, protect_inputs, user_errors
 
 KINDS = ("overview", "energy", "heatmap", "error", "spectrum")
 
@@ -60,6 +60,7 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
     from deltakit.errors import DeltakitError
     from deltakit.io.spectra import load_spectra
 
+    inputs = protect_inputs(force, (output,), [("spectra file", spectra), ("base", base), ("fine-tune", ft)])
     values, info = load_spectra(spectra)
     if matrices and kind not in ("spectrum", "error"):
         raise DeltakitError("--matrix is used only with --kind spectrum or --kind error")
@@ -77,10 +78,11 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
         name = plot.check_names(values, matrices)[0]
         base_path = _checkpoint_path(base, info.get("base"), "--base")
         ft_path = _checkpoint_path(ft, info.get("ft"), "--ft")
+        inputs = protect_inputs(force, (output,), [("spectra file", spectra), ("base", base_path), ("fine-tune", ft_path)])
         by_label = plot.weight_spectra(base_path, ft_path, name, device=device)
         figure = plot.plot_spectra(by_label, title=f"Singular values of {name}").figure
     try:
-        plot.save_figure(figure, output, force=force)
+        plot.save_figure(figure, output, force=force, inputs=inputs)
     finally:
         plt.close(figure)
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import click
 
 from deltakit_cli.common import (
     allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
-    progress, spectral_options, user_errors, write_json,
+    progress, protect_inputs, spectral_options, user_errors, write_json,
 )
 
 if TYPE_CHECKING:
     from deltakit.analysis import RankReport
+    from deltakit.io.paths import InputFootprint
 
 RANK_EXAMPLES = """
 \b
@@ -28,20 +29,20 @@ Examples:
 
 
 def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str | None, spectra_path: str | None,
-                      quiet: bool, force: bool) -> None:
+                      quiet: bool, force: bool, inputs: Sequence[InputFootprint] = ()) -> None:
     from deltakit.io.spectra import save_spectra
     from deltakit.report import render_report, report_csv
 
     if json_path:
-        write_json(json_path, report.to_dict(), force=force)
+        write_json(json_path, report.to_dict(), force=force, inputs=inputs)
     if csv_path:
         from deltakit.io import atomic_file
 
-        with atomic_file(csv_path, force=force) as tmp:
+        with atomic_file(csv_path, force=force, inputs=inputs) as tmp:
             Path(tmp).write_text(report_csv(report))
     if spectra_path:
         save_spectra(spectra_path, report.spectra, report.spectra_info(), force=force,
-                     signal_spectra=report.signal_spectra)
+                     signal_spectra=report.signal_spectra, inputs=inputs)
     if not quiet and json_path != "-":
         click.echo(render_report(report))
 
@@ -84,19 +85,16 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
     adaptive path; --full-spectrum, --exact, --fp64 and --save-spectra compute all of it).
     """
     from deltakit.analysis import rank
-    from deltakit.io import check_output_path
     from deltakit.spectral.options import SpectralOptions
 
-    for path in (json_path, csv_path, spectra_path):
-        if path and path != "-":
-            check_output_path(path, force)
+    inputs = protect_inputs(force, (json_path, csv_path, spectra_path), [("base", base), ("fine-tune", ft)])
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact,
                               spectrum=spectrum or "auto")
     with parallel_workers(device) as parallel:
         report = rank(base, ft, energy, options, include, exclude, allow_pickle, keep_spectra=bool(spectra_path),
                       progress=progress if parallel.is_main else None, parallel=parallel)
         if parallel.is_main:
-            emit_rank_outputs(report, json_path, csv_path, spectra_path, quiet, force)
+            emit_rank_outputs(report, json_path, csv_path, spectra_path, quiet, force, inputs)
 
 
 DEMO_EXAMPLES = """

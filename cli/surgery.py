@@ -8,7 +8,7 @@ import click
 
 from deltakit_cli.common import (
     allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, out_option, parallel_workers,
-    progress, spectral_options, user_errors, write_json,
+    progress, protect_inputs, spectral_options, user_errors, write_json,
 )
 
 NOT_CARRIED_SHOWN = 5
@@ -44,13 +44,6 @@ def _output_options(f: Any) -> Any:
     f = allow_pickle_option(f)
     f = click.option("--quiet", "-q", is_flag=True, help="Print nothing on stdout.")(f)
     return click.option("--json", "json_path", metavar="PATH", help="Write the report as JSON ('-' for stdout).")(f)
-
-
-def _check_outputs(json_path: str | None, force: bool) -> None:
-    from deltakit.io import check_output_path
-
-    if json_path and json_path != "-":
-        check_output_path(json_path, force)
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -110,7 +103,7 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
     from deltakit.lora import extract_lora
     from deltakit.spectral.options import SpectralOptions
 
-    _check_outputs(json_path, force)
+    inputs = protect_inputs(force, (json_path,), [("base", base), *(("fine-tune", source) for source in ft)])
     options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
     sources = ft[0] if len(ft) == 1 else list(ft)
     with parallel_workers(device) as parallel:
@@ -120,12 +113,12 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
                               progress=progress if parallel.is_main else None, parallel=parallel, ratio=ratio,
                               weights=_weights(weights), experts=experts)
     if parallel.is_main:
-        _print_extract(report, out, json_path, quiet, force)
+        _print_extract(report, out, json_path, quiet, force, inputs)
 
 
-def _print_extract(report: Any, out: str, json_path: str | None, quiet: bool, force: bool) -> None:
+def _print_extract(report: Any, out: str, json_path: str | None, quiet: bool, force: bool, inputs: Any) -> None:
     if json_path:
-        write_json(json_path, report.to_dict(), force=force)
+        write_json(json_path, report.to_dict(), force=force, inputs=inputs)
     if quiet or json_path == "-":
         return
     width = max((len(m.name) for m in report.matrices), default=10)
@@ -198,7 +191,7 @@ def merge_command(base, adapters, out, weights, scale, dtype, device, json_path,
     """
     from deltakit.lora import merge
 
-    _check_outputs(json_path, force)
+    inputs = protect_inputs(force, (json_path,), [("base", base), *(("adapter", a) for a in adapters)])
     with parallel_workers(device) as parallel:
         report = merge(base, list(adapters), out, scale=scale, weights=_parse_weights(weights), device=device,
                        force=force, allow_pickle=allow_pickle, progress=progress if parallel.is_main else None,
@@ -206,7 +199,7 @@ def merge_command(base, adapters, out, weights, scale, dtype, device, json_path,
     if not parallel.is_main:
         return
     if json_path:
-        write_json(json_path, report.to_dict(), force=force)
+        write_json(json_path, report.to_dict(), force=force, inputs=inputs)
     if not quiet and json_path != "-":
         click.echo(_merge_summary(report))
 
@@ -237,7 +230,8 @@ def unmerge_command(merged, adapters, out, original, check, weights, scale, keep
     """
     from deltakit.lora import unmerge
 
-    _check_outputs(json_path, force)
+    inputs = protect_inputs(force, (json_path,), [("merged model", merged), *(("adapter", a) for a in adapters),
+                                                  ("base", original), ("check", check)])
     with parallel_workers(device) as parallel:
         report = unmerge(merged, list(adapters), out, scale=scale, weights=_parse_weights(weights), base=original,
                          check=check, keep_replaced=keep_replaced, device=device, force=force,
@@ -246,7 +240,7 @@ def unmerge_command(merged, adapters, out, original, check, weights, scale, keep
     if not parallel.is_main:
         return
     if json_path:
-        write_json(json_path, report.to_dict(), force=force)
+        write_json(json_path, report.to_dict(), force=force, inputs=inputs)
     if report.left_as_merged:
         click.echo(f"warning: {len(report.left_as_merged)} tensors the adapter replaced whole are left as merged "
                    f"(their base values are not in the adapter), first {report.left_as_merged[0]}", err=True)

@@ -22,7 +22,7 @@ import collections
 import math
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -32,7 +32,9 @@ from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.adapters import Adapter, AdapterModule, base_info, open_adapter, stored_transposed
 from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import IO_THREADS
-from deltakit.pairing import TensorPair, layer_index, match_names, module_type, nothing_left_message, pair_tensors, selected
+from deltakit.pairing import (
+    TensorPair, adapted_layout, layer_index, match_names, module_type, nothing_left_message, pair_tensors, selected,
+)
 from deltakit.streams import kept_stream, make_current
 
 
@@ -143,6 +145,33 @@ time, so the device holds one pair (W_base bf16 + ΔW fp32, 5.2 GB) plus the spe
 and at most 0.5 GB read ahead: under 8 GB (``python -m bench.estimate --memory``)."""
 
 
+CPU_PREFETCH_BYTES = 512 * 1024**2
+"""Read-ahead budget on the CPU, where what is read ahead sits in the process's own memory: a pair
+larger than this is read only once the one before it is done, so that analysing a pair holds that
+pair's stored tensors, its ΔW and a few bounded temporaries (peak RSS about one pair plus one ΔW)."""
+
+
+def read_ahead_budget(device: torch.device, budget: float | None) -> float | None:
+    """``budget`` for reads onto ``device``, capped at CPU_PREFETCH_BYTES where that is host memory."""
+    if device.type == "cuda" or budget is None:
+        return budget if device.type == "cuda" else CPU_PREFETCH_BYTES
+    return min(budget, CPU_PREFETCH_BYTES)
+
+
+SUBTRACT_BLOCK_ELEMENTS = 1 << 22  # entries of the base converted at a time by subtract_stored
+
+
+def subtract_stored(delta: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``delta -= base`` in place, ``base`` converted to ``delta``'s dtype a block of rows at a time (no
+    whole-size converted copy of a bf16 base); the stored values are exact in that dtype."""
+    if base.dtype == delta.dtype or base.ndim == 0 or delta.numel() <= SUBTRACT_BLOCK_ELEMENTS:
+        return delta.sub_(base)
+    step = max(1, SUBTRACT_BLOCK_ELEMENTS // max(1, delta.numel() // delta.shape[0]))
+    for start in range(0, delta.shape[0], step):
+        delta[start:start + step].sub_(base[start:start + step].to(delta.dtype))
+    return delta
+
+
 def pair_bytes(pair: TensorPair) -> int:
     """Bytes a pair's two stored tensors take once read (base rows + fine-tune rows, stored dtypes)."""
     entries = math.prod(pair.shape)
@@ -245,25 +274,59 @@ def stream_deltas(
 ) -> Iterator[DeltaItem]:
     """ΔW for each pair, in order, computed on ``device`` in ``dtype`` (reads overlap compute).
 
-    Per pair the device holds W_base and W_ft as stored while ΔW = W_ft − W_base is formed in
-    ``dtype`` (no ``dtype`` copy of W_base), then W_base as stored and ΔW.
+    On a GPU, per pair the device holds W_base and W_ft as stored while ΔW = W_ft − W_base is
+    formed in ``dtype`` (no ``dtype`` copy of W_base), then W_base as stored and ΔW. On the CPU
+    the reading thread forms ΔW itself, reading W_ft a block of rows at a time into it
+    (:func:`host_delta`), so host memory holds W_base as stored and ΔW, never W_ft whole.
     """
     device = torch.device(device)
     pairs = list(pairs)
+    on_host = device.type != "cuda"
 
     def reader(pair: TensorPair) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        return lambda: (fetch_pair(base, pair.base_name, pair, device), fetch_pair(ft, pair.ft_tensor, pair, device))
+        def read() -> tuple[torch.Tensor, torch.Tensor]:
+            base_stored = fetch_pair(base, pair.base_name, pair, device)
+            if on_host:
+                return base_stored, host_delta(ft, pair, base_stored, dtype)
+            return base_stored, fetch_pair(ft, pair.ft_tensor, pair, device)
+        return read
 
-    loaded_all = prefetched([reader(p) for p in pairs], prefetch, read_threads(prefetch),
-                            [pair_bytes(p) for p in pairs], prefetch_bytes, device)
+    sizes = [host_pair_bytes(p, dtype) if on_host else pair_bytes(p) for p in pairs]
+    loaded_all = prefetched([reader(p) for p in pairs], prefetch, read_threads(prefetch), sizes,
+                            read_ahead_budget(device, prefetch_bytes), device)
     for pair, loaded in zip_released(pairs, loaded_all):
-        base_stored, ft_stored = (adopt(t).to(device) for t in loaded)  # type: ignore[union-attr]
+        base_stored, second = (adopt(t).to(device) for t in loaded)  # type: ignore[union-attr]
         del loaded
-        delta = _shared_rows(ft_stored, pair).to(dtype, copy=True)
-        del ft_stored  # device memory: the stored fine-tune is not needed any more
-        delta.sub_(base_stored)  # in place, in ``dtype``: the stored base values are exact there
+        if on_host:
+            delta = second
+        else:
+            delta = _shared_rows(second, pair).to(dtype, copy=True)
+            subtract_stored(delta, base_stored)
+        del second  # device memory: the stored fine-tune is not needed any more
         yield DeltaItem(pair=pair, base=base_stored, delta=delta)
         del base_stored, delta
+
+
+def host_pair_bytes(pair: TensorPair, dtype: torch.dtype) -> int:
+    """Bytes a pair holds once read on the CPU: W_base as stored and ΔW in ``dtype``."""
+    return math.prod(pair.shape) * (pair.base_dtype.itemsize + dtype.itemsize)
+
+
+def host_delta(ft: Checkpoint, pair: TensorPair, base_stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ΔW = W_ft − W_base in ``dtype`` on the CPU, W_ft read straight into it a block of rows at a time
+    (a stored safetensors tensor), else read whole first (a quantized or pickled one, an expert's slice)."""
+    if pair.rows is not None or pair.ft_tensor in ft.quantized or ft.format != "safetensors" or len(pair.shape) == 0:
+        delta = _shared_rows(fetch_pair(ft, pair.ft_tensor, pair, torch.device("cpu")), pair).to(dtype, copy=True)
+        return subtract_stored(delta, base_stored)
+    delta = torch.empty(pair.shape, dtype=dtype)
+    rows = int(pair.shape[0])
+    step = max(1, SUBTRACT_BLOCK_ELEMENTS // max(1, math.prod(pair.shape[1:])))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = delta[start:stop]
+        block.copy_(ft.get_rows(pair.ft_tensor, start, stop))
+        block.sub_(base_stored[start:stop].to(dtype))
+    return delta
 
 
 def delta_row_blocks(
@@ -296,7 +359,7 @@ def delta_row_blocks(
         del loaded
         delta = ft_stored.to(dtype, copy=True)
         del ft_stored
-        delta.sub_(base_stored)  # in place, in ``dtype``: the stored base values are exact there
+        subtract_stored(delta, base_stored)
         yield start, base_stored, delta
         del base_stored, delta
 
@@ -304,8 +367,9 @@ def delta_row_blocks(
 def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, AdapterModule]]:
     """Pair each adapter module with the base tensor it changes; refuse an adapter that does not fit the base.
 
-    Orientation is decided here, once (:func:`~deltakit.adapters.stored_transposed`), and the
-    module's update must have the base tensor's shape in it.
+    Orientation is decided here, once, from the shapes, the model's config and the adapter's
+    ``fan_in_fan_out`` (:func:`~deltakit.pairing.adapted_layout`), and carried on the pair's
+    ``layout``; the module's update must have the base tensor's shape in it.
     """
     mapping = match_names(base.keys(), adapter.modules.keys())  # adapter target -> base name
     missing = [name for name in adapter.modules if name not in mapping]
@@ -326,8 +390,16 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
         raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {first.name}: {first.reason}")
     out: list[tuple[TensorPair, AdapterModule]] = []
     order = {name: index for index, name in enumerate(adapter.modules)}
+    oriented = [p for p in pairs if len(p.shape) == 2 and not adapter.modules[p.name].embedding
+                and not adapter.modules[p.name].own_layout]
+    shown = frozenset(_shape_layout(p, adapter.modules[p.name]) for p in oriented) - {None}
     for pair in sorted(pairs, key=lambda p: order[p.name]):
         module = adapter.modules[pair.name]
+        if pair in oriented:
+            layout = adapted_layout(pair, module.stored_shape(False), module.stored_shape(True),
+                                    module.fan_in_fan_out, base.config, shown)
+            if "conv1d" in (layout, pair.layout):  # other layouts (embedding-like heads, vectors) keep their name
+                pair = replace(pair, layout=layout or pair.layout)
         expected = module.stored_shape(stored_transposed(pair, module))
         if tuple(pair.shape) != tuple(expected):
             raise DeltakitError(
@@ -335,6 +407,13 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
                 f"{'×'.join(map(str, expected))} update, but {pair.base_name} is {'×'.join(map(str, pair.shape))}")
         out.append((pair, module))
     return out
+
+
+def _shape_layout(pair: TensorPair, module: AdapterModule) -> str | None:
+    """The layout a non-square weight's shape proves for ``module`` ("linear" or "conv1d"), None if it proves none."""
+    fits = [layout for layout, shape in (("linear", module.stored_shape(False)), ("conv1d", module.stored_shape(True)))
+            if tuple(shape) == tuple(pair.shape)]
+    return fits[0] if len(fits) == 1 else None
 
 
 def _nd_pair(name: str, base_name: str, shape: tuple[int, ...], base: Checkpoint) -> TensorPair:
@@ -360,7 +439,7 @@ def stream_adapter_deltas(
 
     loaders = [reader(pair, module) for pair, module in pairs]
     sizes = [math.prod(pair.shape) * pair.base_dtype.itemsize for pair, _ in pairs]
-    loaded_all = prefetched(loaders, prefetch, read_threads(prefetch), sizes, prefetch_bytes)
+    loaded_all = prefetched(loaders, prefetch, read_threads(prefetch), sizes, read_ahead_budget(device, prefetch_bytes))
     for (pair, module), loaded in zip_released(pairs, loaded_all):
         base_stored, tensors = loaded  # type: ignore[misc]
         del loaded
@@ -493,7 +572,7 @@ def stream_many(
             for s, i in zip(sources, row) if s.adapter is None)
 
     loaded_all = prefetched([reader(r) for r in rows], prefetch, read_threads(prefetch), [row_bytes(r) for r in rows],
-                            prefetch_bytes)
+                            read_ahead_budget(device, prefetch_bytes))
     for row, loaded in zip_released(rows, loaded_all):
         base_stored, *stored = loaded  # type: ignore[misc]
         del loaded
@@ -508,7 +587,7 @@ def stream_many(
                 deltas.append(module.delta(tensors, base_c, stored_transposed(pair, module)))
             else:
                 delta = _shared_rows(adopt(tensors).to(device), pair).to(dtype, copy=True)
-                deltas.append(delta.sub_(base_w))
+                deltas.append(subtract_stored(delta, base_w))
             pairs.append(pair)
         del base_stored, stored, base_c
         yield MultiDeltaItem(pairs=pairs, base=base_w, deltas=deltas)

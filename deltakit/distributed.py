@@ -28,13 +28,14 @@ import heapq
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 from deltakit.delta import resolve_device
 from deltakit.errors import DeltakitError
-from deltakit.io.atomic import TemporaryOutput, atomic_directory, check_output_path, explain_write_error
+from deltakit.io.atomic import atomic_directory, check_output_path, explain_write_error, temporary_output
+from deltakit.io.paths import InputFootprint
 from deltakit.io.writer import ShardedWriter
 from deltakit.streams import make_current
 
@@ -172,22 +173,24 @@ def fail_together(parallel: Parallel) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def shared_directory(target: str | os.PathLike, force: bool, parallel: Parallel) -> Iterator[Path]:
+def shared_directory(target: str | os.PathLike, force: bool, parallel: Parallel,
+                     inputs: Iterable[InputFootprint] = ()) -> Iterator[Path]:
     """:func:`~deltakit.io.atomic.atomic_directory` for all processes: one temporary folder, renamed once.
 
     Process 0 makes the folder (and owns it: see :mod:`deltakit.io.atomic`); every process gets
     its path. On leaving the block without error everywhere, process 0 publishes it onto
     ``target`` (fsync, rename) and every process returns after that; if any process fails, process
     0 removes it and every process raises. A write error inside the folder is reported with the
-    output's path, as :func:`~deltakit.io.atomic.atomic_directory` reports it.
+    output's path, as :func:`~deltakit.io.atomic.atomic_directory` reports it. A ``target`` that
+    is, holds or lies inside one of ``inputs`` is refused before anything is written.
     """
     if not parallel.active:
-        with atomic_directory(target, force) as tmp:
+        with atomic_directory(target, force, inputs) as tmp:
             yield tmp
         return
-    target = check_output_path(target, force)
+    target = check_output_path(target, force, inputs)
     with fail_together(parallel):
-        output = TemporaryOutput(target, directory=True, force=force) if parallel.is_main else None
+        output = temporary_output(target, directory=True, force=force) if parallel.is_main else None
         tmp = Path(exchange(parallel, str(output.path) if output else None)[0])
         if not tmp.is_dir():
             raise DeltakitError(f"process {parallel.rank} cannot see the output's temporary folder {tmp}: with "

@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
@@ -27,7 +28,8 @@ from deltakit.errors import DeltakitError
 
 # Wrapper prefixes that differ between saves of the same weights (outermost first).
 WRAPPER_PREFIXES = ("base_model.model.", "module.", "model.", "transformer.", "bert.", "roberta.", "gpt_neox.")
-CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+# transformers models whose CONV1D_LEAF layers are transformers.pytorch_utils.Conv1D (stored [in, out]).
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"}
 CONV1D_LEAF = re.compile(r"\.(c_attn|c_proj|c_fc|q_attn)\.weight$")
 FUSED_LEAF = re.compile(r"\.(c_attn|qkv_proj|query_key_value|Wqkv|qkv|gate_up_proj|w13)\.weight$")
 EMBEDDING_LEAF = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in|lm_head|embed_out|output)\.weight$")
@@ -205,6 +207,63 @@ def oriented(tensor: torch.Tensor, pair: TensorPair) -> torch.Tensor:
     slices (gpt-oss) are stored [in, out] and are transposed to mean what Linear's do, so that left
     singular vectors are output directions (intruders, compare, trajectory)."""
     return tensor.T if pair.layout in INPUT_MAJOR_LAYOUTS else tensor
+
+
+def adapted_layout(pair: TensorPair, as_stored: tuple[int, ...], transposed: tuple[int, ...], fan_in_fan_out: bool,
+                   config: Mapping[str, Any] | None, shown: frozenset[str] = frozenset()) -> str | None:
+    """How the model stores the 2-D weight an adapter module changes: "conv1d" (its (out, in) matrix
+    transposed, a transformers Conv1D) or "linear"; None when neither ``as_stored`` nor
+    ``transposed`` (the module's update shape either way) is the weight's shape.
+
+    PEFT decides by the layer's class and sets ``fan_in_fan_out`` to match it (True for a Conv1D,
+    False for an nn.Linear, whatever the config said; ``LoraModel._create_new_module``). The class
+    is not in the files, so: where the two shapes differ, the weight's shape decides. A square
+    weight is a Conv1D where the model type uses Conv1D there (GPT-2's family); an nn.Linear
+    where transformers defines the model type otherwise (a flag saying the opposite is one PEFT
+    would reset); and where the model's code is its own (``auto_map``, or a model type
+    transformers does not define, or transformers is not installed), as the adapter's
+    ``fan_in_fan_out`` says, which PEFT saved after looking at the real layer. PEFT saves the
+    flag of the last layer it wrapped, so where the adapter's other layers ``shown`` (the layouts
+    their shapes prove) include the kind the flag denies, the model mixes both and a square weight
+    is refused; so is a square weight named like a Conv1D layer of a model without a config whose
+    adapter says False: nothing tells which way it is stored.
+    """
+    fits = [layout for layout, shape in (("linear", as_stored), ("conv1d", transposed))
+            if tuple(shape) == tuple(pair.shape)]
+    if len(fits) <= 1:
+        return fits[0] if fits else None
+    model_type = config.get("model_type") if config else None
+    if model_type in CONV1D_MODEL_TYPES and CONV1D_LEAF.search(pair.name):
+        return "conv1d"
+    own_code = bool(config and config.get("auto_map")) or not transformers_defines(model_type)
+    if not own_code:
+        return "linear"
+    flagged = "conv1d" if fan_in_fan_out else "linear"
+    if shown - {flagged}:
+        raise DeltakitError(
+            f"cannot tell whether {pair.base_name} is stored [in, out] (a transformers Conv1D) or [out, in]: it is "
+            f"square, the model's code is its own, and the adapter changes layers of both kinds while its "
+            f"fan_in_fan_out (PEFT saves the last layer's) says {str(fan_in_fan_out).lower()}")
+    if fan_in_fan_out:
+        return "conv1d"
+    if not config and CONV1D_LEAF.search(pair.name):
+        raise DeltakitError(
+            f"cannot tell whether {pair.base_name} is stored [in, out] (a transformers Conv1D) or [out, in]: "
+            "it is square, the model has no config.json, and the adapter's fan_in_fan_out is false; "
+            "add the model's config.json to its folder")
+    return "linear"
+
+
+@functools.lru_cache(maxsize=64)
+def transformers_defines(model_type: Any) -> bool:
+    """Whether ``model_type`` is one of transformers' own model types (False if transformers is absent)."""
+    if not isinstance(model_type, str):
+        return False
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:
+        return False
+    return model_type in CONFIG_MAPPING_NAMES
 
 
 def _is_conv1d(name: str, config: Mapping[str, Any] | None) -> bool:

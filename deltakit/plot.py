@@ -32,6 +32,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from deltakit.errors import DeltakitError
 from deltakit.io import atomic_file, open_checkpoint
+from deltakit.io.paths import InputFootprint
 from deltakit.pairing import layer_index, match_names, module_type
 from deltakit.spectral.metrics import (
     as_sorted_spectrum, energy_curve, lowrank_error_curve, marchenko_pastur_spectrum, rank_at_energy,
@@ -452,8 +453,10 @@ def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None = None, *, en
     return fig
 
 
-def save_figure(fig: Figure | Axes, path: str | os.PathLike, force: bool = False, dpi: int = 150) -> Path:
-    """Write ``fig`` to ``path`` atomically, in the format its suffix names; refuse to overwrite unless ``force``."""
+def save_figure(fig: Figure | Axes, path: str | os.PathLike, force: bool = False, dpi: int = 150,
+                inputs: Iterable[InputFootprint] = ()) -> Path:
+    """Write ``fig`` to ``path`` atomically, in the format its suffix names; refuse to overwrite unless ``force``,
+    and ever to write over one of ``inputs``."""
     figure = fig
     while not isinstance(figure, Figure):  # Axes -> (SubFigure ->) Figure
         figure = figure.figure
@@ -463,7 +466,7 @@ def save_figure(fig: Figure | Axes, path: str | os.PathLike, force: bool = False
     if fmt not in supported:
         raise DeltakitError(f"cannot tell the figure format from {path.name!r}; "
                             f"use a suffix among {', '.join('.' + s for s in sorted(supported))}")
-    with atomic_file(path, force=force) as tmp:
+    with atomic_file(path, force=force, inputs=inputs) as tmp:
         figure.savefig(tmp, format=fmt, dpi=dpi)
     return path
 

@@ -32,7 +32,6 @@ class AdaloraModule(AdapterModule):
     rank: int = 0  # rank as stored (after rank_pattern)
     init_r: int = 0
     scaling: float = 1.0
-    fan_in_fan_out: bool = False
 
     def math_delta(self, tensors: dict[str, torch.Tensor], transposed: bool, rows: Rows) -> torch.Tensor:
         lora_a, lora_b = tensors["A"] * tensors["E"], tensors["B"]

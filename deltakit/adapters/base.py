@@ -40,8 +40,10 @@ class AdapterModule:
     out_features: int  # rows of the layer's (out, in) matrix
     in_features: int
     embedding: bool = False  # an nn.Embedding: stored (vocab, dim), the math matrix is (dim, vocab)
+    fan_in_fan_out: bool = False  # the adapter's config says the layer stores (in, out) (PEFT's flag for Conv1D)
 
     kind: ClassVar[str] = "additive"  # "additive" | "scaling" | "base"; see the module docstring
+    own_layout: ClassVar[bool] = False  # True: stored_shape ignores ``transposed`` (the type knows its layout)
 
     def load(self, checkpoint, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """This module's tensors from the adapter file, as stored (meant for the reading threads)."""
@@ -83,12 +85,9 @@ class AdapterModule:
 
 
 def stored_transposed(pair: TensorPair, module: AdapterModule) -> bool:
-    """Whether the model stores this module's (out, in) matrix transposed.
-
-    Decided from the layer, as PEFT does (it resets ``fan_in_fan_out`` by layer type): an
-    embedding (stored vocab × dim) and a GPT-2 Conv1D (stored in × out) are; an nn.Linear is,
-    whatever the adapter's ``fan_in_fan_out`` flag says.
-    """
+    """Whether the model stores this module's (out, in) matrix transposed: an embedding (stored
+    vocab × dim) and a transformers Conv1D (stored in × out, ``pair.layout == "conv1d"``, decided
+    once for the pair by :func:`deltakit.pairing.adapted_layout`) are."""
     return module.embedding or pair.layout == "conv1d"
 
 

@@ -80,7 +80,8 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]], base: BaseInf
         out_features, in_features = (other, length) if feedforward else (length, other)
         keys = {"ia3_l": kinds["ia3_l"]}
         built.append(Ia3Module(module=module, target=f"{module}.weight", keys=keys, out_features=out_features,
-                               in_features=in_features, feedforward=feedforward))
+                               in_features=in_features, feedforward=feedforward,
+                               fan_in_fan_out=bool(files.config.get("fan_in_fan_out", False))))
         if not feedforward and base.shape(f"{module}.bias") == (out_features,):
             built.append(Ia3Module(module=module, target=f"{module}.bias", keys=keys, out_features=out_features,
                                    in_features=1, bias=True))

@@ -44,7 +44,6 @@ class LoraModule(AdapterModule):
     rank: int = 0
     alpha: float = 0.0
     scaling: float = 1.0
-    fan_in_fan_out: bool = False  # as the adapter's config says; orientation is decided on the pair
 
     @property
     def a_key(self) -> str:

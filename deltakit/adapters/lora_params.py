@@ -19,6 +19,8 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from deltakit.adapters.base import AdapterModule, BaseInfo, Rows
@@ -39,7 +41,8 @@ class LoraParamModule(AdapterModule):
     scaling: float = 1.0
     experts: int = 1
     input_major: bool = False  # stored experts × in × out
-    fan_in_fan_out: bool = False
+
+    own_layout: ClassVar[bool] = True
 
     @property
     def a_key(self) -> str:

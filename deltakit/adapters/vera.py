@@ -71,5 +71,6 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]], base: BaseInf
             raise DeltakitError(f"{files.path}: VeRA module {module} (out {out_features}, in {in_features}, r {rank}) "
                                 f"does not fit the shared projections A {a_shape} and B {b_shape}")
         built.append(VeraModule(module=module, target=f"{module}.weight", keys={**kinds, **shared},
-                                out_features=out_features, in_features=in_features, rank=rank))
+                                out_features=out_features, in_features=in_features, rank=rank,
+                                fan_in_fan_out=bool(files.config.get("fan_in_fan_out", False))))
     return built

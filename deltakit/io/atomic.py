@@ -33,9 +33,10 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from deltakit.errors import DeltakitError
+from deltakit.io.paths import InputFootprint, refuse_input_overlap
 
 OWNER_FILE = ".deltakit-owner"
 # Write errors that mean "the output does not fit": a full disk, a quota, a file-size limit.
@@ -80,8 +81,10 @@ def fsync_tree(root: Path) -> None:
         fsync_path(folder)
 
 
-def check_output_path(target: str | os.PathLike, force: bool) -> Path:
-    """Refuse an existing ``target`` unless ``force``; return it as a Path."""
+def check_output_path(target: str | os.PathLike, force: bool, inputs: Iterable[InputFootprint] = ()) -> Path:
+    """Refuse a ``target`` that is, holds or lies inside one of ``inputs`` (even with ``force``), or that
+    exists already unless ``force``; return it as a Path."""
+    refuse_input_overlap(target, inputs)
     target = Path(target)
     if target.exists() and not force:
         raise DeltakitError(f"{target} already exists; pass force=True (--force) to overwrite it")
@@ -365,24 +368,38 @@ def explain_write_error(exc: BaseException, tmp: Path, target: Path) -> BaseExce
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, force: bool = False,
+                     inputs: Iterable[InputFootprint] = ()) -> Iterator[Path]:
     """Yield a temporary folder for ``target``; rename it into place on success.
 
-    On any exception the temporary folder is removed and ``target`` is untouched.
+    On any exception the temporary folder is removed and ``target`` is untouched. A ``target``
+    that is, holds or lies inside one of ``inputs`` is refused before anything is written.
     Example::
 
         with atomic_directory("out/merged", force=False) as tmp:
             save_file(tensors, tmp / "model.safetensors")
     """
-    with _published(target, force, directory=True) as path:
+    with _published(target, force, directory=True, inputs=inputs) as path:
         yield path
 
 
+def temporary_output(target: Path, directory: bool, force: bool) -> TemporaryOutput:
+    """:class:`TemporaryOutput` of ``target``; a failure to make it (a read-only or full folder) names ``target``."""
+    try:
+        return TemporaryOutput(target, directory=directory, force=force)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in SPACE_ERRORS:
+            reason += " (the output does not fit: a full disk, a quota or a file-size limit)"
+        raise DeltakitError(f"cannot write {target}: {reason}; nothing was left behind") from None
+
+
 @contextlib.contextmanager
-def _published(target: str | os.PathLike, force: bool, directory: bool) -> Iterator[Path]:
+def _published(target: str | os.PathLike, force: bool, directory: bool,
+               inputs: Iterable[InputFootprint] = ()) -> Iterator[Path]:
     """The temporary output of ``target``, published on success; removed, with the error explained, on failure."""
-    target = check_output_path(target, force)
-    output = TemporaryOutput(target, directory=directory, force=force)
+    target = check_output_path(target, force, inputs)
+    output = temporary_output(target, directory, force)
     try:
         yield output.path
         output.publish()
@@ -395,7 +412,8 @@ def _published(target: str | os.PathLike, force: bool, directory: bool) -> Itera
 
 
 @contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary file path for ``target`` (same name, inside a temporary folder); rename it into place on success."""
-    with _published(target, force, directory=False) as path:
+def atomic_file(target: str | os.PathLike, force: bool = False, inputs: Iterable[InputFootprint] = ()) -> Iterator[Path]:
+    """Yield a temporary file path for ``target`` (same name, inside a temporary folder); rename it into place on
+    success. A ``target`` that is, holds or lies inside one of ``inputs`` is refused before anything is written."""
+    with _published(target, force, directory=False, inputs=inputs) as path:
         yield path

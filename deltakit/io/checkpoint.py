@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from deltakit.errors import DeltakitError
+from deltakit.io.paths import contained_file, open_regular, refuse_escaping_link
 from deltakit.io.quantized import QuantizedTensor, dequantize, logical_tensors, quantization_step
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -206,7 +207,7 @@ class Checkpoint:
             with _OPEN_LOCK:  # several reader threads: one descriptor per file
                 fd = self._handles.get(info.file)
                 if fd is None:
-                    fd = os.open(info.file, os.O_RDONLY)
+                    fd = open_regular(info.file)
                     try:
                         _check_unchanged(info, fd, self._stamps)
                     except BaseException:
@@ -311,6 +312,8 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
     infos = _pickle_infos(files) if fmt == "pickle" else _safetensors_infos(files)
     if not infos:
         raise DeltakitError(f"{path} holds no tensors")
+    if os.path.lexists(root / "config.json"):
+        refuse_escaping_link(root / "config.json", root)
     config = _read_json_if_any(root / "config.json")
     infos, quantized = logical_tensors(infos, config if isinstance(config, dict) else None, path)
     return Checkpoint(path=path, root=root, format=fmt, infos=infos, config=config, quantized=quantized,
@@ -333,7 +336,14 @@ def _pickle_refusal(path: Path) -> str:
 
 
 def _weight_files_in_folder(folder: Path, allow_pickle: bool) -> tuple[list[Path], str]:
-    """Pick the weight files of a folder, in the order Hugging Face looks for them."""
+    """Pick the weight files of a folder, in the order Hugging Face looks for them; each must lie inside it."""
+    files, fmt = _weight_files_named_in(folder, allow_pickle)
+    for file in files:
+        refuse_escaping_link(file, folder)
+    return files, fmt
+
+
+def _weight_files_named_in(folder: Path, allow_pickle: bool) -> tuple[list[Path], str]:
     if (folder / SAFETENSORS_INDEX).is_file():
         return _files_from_index(folder / SAFETENSORS_INDEX, allow_pickle), "safetensors"
     for name in ("model.safetensors", "adapter_model.safetensors"):
@@ -357,7 +367,7 @@ def _files_from_index(index_path: Path, allow_pickle: bool) -> list[Path]:
     index = _read_json_if_any(index_path)
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
         raise DeltakitError(f"{index_path} is not a shard index (no weight_map)")
-    files = sorted({index_path.parent / f for f in index["weight_map"].values()})
+    files = sorted({contained_file(index_path.parent, f, index_path) for f in index["weight_map"].values()})
     for file in files:
         if not file.is_file():
             raise DeltakitError(f"{index_path} names shard {file.name}, which is missing")
@@ -422,7 +432,7 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str,
     before any tensor is read.
     """
     try:
-        with open(file, "rb") as fh:
+        with os.fdopen(open_regular(file), "rb") as fh:
             st = os.fstat(fh.fileno())
             size = st.st_size
             head = fh.read(8)
@@ -547,6 +557,9 @@ def _validate_header(file: Path, header: Any, data_len: int) -> dict[str, tuple[
         raise DeltakitError(f"{file} is corrupt: its safetensors header is not a JSON object")
     if "__metadata__" in header.duplicates:
         raise DeltakitError(f"{file} is corrupt: its safetensors header has __metadata__ twice")
+    if header.duplicates:  # which entry is the tensor? (the library keeps the last one if every entry is valid)
+        raise DeltakitError(f"{file} is corrupt: tensor {sorted(header.duplicates)[0]} appears twice in its "
+                            "safetensors header")
     metadata = header.get("__metadata__")
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise DeltakitError(f"{file} is corrupt: its __metadata__ is not an object of strings")
@@ -602,6 +615,7 @@ def _validate_header(file: Path, header: Any, data_len: int) -> dict[str, tuple[
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    os.close(open_regular(file))  # a FIFO would block torch.load
     try:
         try:
             obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)

@@ -292,6 +292,11 @@ def _repo_folder(repo_id: str) -> str:
     return "models--" + repo_id.replace("/", "--")
 
 
+def hub_cache_folder(hub_id: HubId) -> Path:
+    """The repository's folder in the local cache (every revision's snapshot and blob), whether or not it exists."""
+    return cache_dir() / _repo_folder(hub_id.repo_id)
+
+
 def _listing(hub_id: HubId) -> _Listing:
     """The commit the revision names now, and its files with sizes: one request per process and revision."""
     key = (_endpoint() or "", str(cache_dir()), hub_id.repo_id, hub_id.revision or "main")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
+import warnings
 from pathlib import Path
 
+from deltakit.errors import DeltakitWarning
 from deltakit.io.checkpoint import ADAPTER_CONFIG, Checkpoint
+from deltakit.io.paths import containment_root, is_inside
 
 # Files of a model folder that are weights (never copied: the output has its own).
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.msgpack|\.h5|\.onnx|\.gguf|\.index\.json)$")
@@ -24,22 +29,40 @@ def copy_model_files(ckpt: Checkpoint, folder: Path, only_config: bool = False) 
 
     From a model folder every regular, non-hidden, non-weight file is copied (custom code and
     README included); beside a single weight file only the files transformers reads.
-    ``only_config`` copies config.json alone. Returns the names copied.
+    ``only_config`` copies config.json alone. Returns the names copied. Only regular files
+    inside the checkpoint's folder are copied: a symbolic link that leaves it, a FIFO or a
+    device is left out with a :class:`~deltakit.errors.DeltakitWarning`.
     """
     if ckpt.hub_id:
         _fetch_model_files(ckpt.hub_id, only_config)
     from_folder = ckpt.path.is_dir()
+    root = containment_root(ckpt.root)
     copied = []
     for source in sorted(ckpt.root.iterdir()):
-        if not source.is_file() or source.name.startswith(".") or WEIGHT_FILE.search(source.name):
+        if source.name.startswith(".") or WEIGHT_FILE.search(source.name) or source.is_dir():
             continue
         if source.name == ADAPTER_CONFIG or (not from_folder and not MODEL_FILE.match(source.name)):
             continue
         if only_config and source.name != "config.json":
             continue
-        shutil.copy2(source, Path(folder) / source.name)
+        reason = _not_copyable(source, root)
+        if reason:
+            warnings.warn(f"{source} not copied into the output: {reason}", DeltakitWarning, stacklevel=2)
+            continue
+        shutil.copy2(source, Path(folder) / source.name, follow_symlinks=True)
         copied.append(source.name)
     return copied
+
+
+def _not_copyable(source: Path, root: Path) -> str | None:
+    """Why ``source`` is not copied (a link out of ``root``, not a regular file), or None."""
+    if not is_inside(source, root):
+        return f"it is a symbolic link to {os.path.realpath(source)}, outside {root}"
+    try:
+        mode = os.stat(source).st_mode
+    except OSError as exc:
+        return exc.strerror or "it cannot be read"
+    return None if stat.S_ISREG(mode) else "it is not a regular file"
 
 
 def _fetch_model_files(hub_id: str, only_config: bool) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import ADAPTER_CONFIG, Checkpoint, open_checkpoint, resolve_path
+from deltakit.io.paths import refuse_escaping_link
 
 PEFT_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."  # tensors shared by every layer (VeRA's projections) sit outside the model
@@ -66,6 +67,8 @@ def read_adapter_files(path: str | os.PathLike, allow_pickle: bool = False) -> A
     """Read an adapter folder's config and tensor headers (no tensor data)."""
     folder = resolve_path(path, allow_pickle=allow_pickle)
     config_path = folder / ADAPTER_CONFIG
+    if os.path.lexists(config_path):
+        refuse_escaping_link(config_path, folder)
     if not config_path.is_file():
         raise DeltakitError(f"{folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
     try:

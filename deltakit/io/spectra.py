@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_file
+from deltakit.io.paths import InputFootprint
 
 FORMAT_VERSION = "1"
 SIGNAL_PREFIX = "signal::"
@@ -35,13 +36,14 @@ SIGNAL_PREFIX = "signal::"
 
 def save_spectra(
     path: str | os.PathLike, spectra: dict[str, np.ndarray], info: dict[str, Any], force: bool = False,
-    signal_spectra: dict[str, np.ndarray] | None = None,
+    signal_spectra: dict[str, np.ndarray] | None = None, inputs: Iterable[InputFootprint] = (),
 ) -> None:
-    """Write singular values per matrix (and signal spectra where given) plus ``info`` (JSON-able) atomically."""
+    """Write singular values per matrix (and signal spectra where given) plus ``info`` (JSON-able) atomically,
+    never over one of ``inputs``."""
     named = dict(spectra) | {SIGNAL_PREFIX + name: s for name, s in (signal_spectra or {}).items()}
     tensors = {name: torch.as_tensor(np.ascontiguousarray(s, dtype=np.float64)) for name, s in named.items()}
     metadata = {"deltakit_spectra": FORMAT_VERSION, "info": json.dumps(info)}
-    with atomic_file(path, force=force) as tmp:
+    with atomic_file(path, force=force, inputs=inputs) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 

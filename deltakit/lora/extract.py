@@ -51,6 +51,7 @@ from deltakit.distributed import (
 )
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
+from deltakit.io.paths import footprints
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.hub import base_model_fields
 from deltakit.io.peft import adapter_config, adapter_keys, is_peft_adapter, whole_tensor_key
@@ -231,7 +232,9 @@ def extract_lora(
     out_dtype = output_dtype(dtype)
     device = process_device(parallel, options.device)
     compute_dtype = options.dtype
-    check_output_path(out, force)
+    sources = [ft] if isinstance(ft, (str, os.PathLike)) else list(ft)
+    inputs = footprints([("base", base)] + [("fine-tune", source) for source in sources])
+    check_output_path(out, force, inputs)
     adapter_paths, ft_path = _inputs(base, ft, weights, save_modules)
     adapters: AdapterSum | None = None
     ft_ckpt: Checkpoint | None = None
@@ -265,7 +268,7 @@ def extract_lora(
     )
     run = _Extraction(choice, targets, pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,
                       seed, progress, parallel, adapters=adapters, factored=factored)
-    with shared_directory(out, force, parallel) as tmp:
+    with shared_directory(out, force, parallel, inputs) as tmp:
         stage = FactorStage(Path(tmp) / f".staging-{parallel.rank}")
         survey = run.first_pass(stage, report)
         if choice.needs_spectra:

@@ -45,6 +45,7 @@ from deltakit.distributed import (
 )
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
+from deltakit.io.paths import footprints
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter, rows_to_write
@@ -187,7 +188,8 @@ def _apply(
     paths = [adapter_paths] if isinstance(adapter_paths, (str, os.PathLike)) else list(adapter_paths)
     factors = _weights(paths, weights, scale)
     compute_device = process_device(parallel, device)
-    check_output_path(out, force)
+    inputs = footprints([("base" if operation == "merge" else "merged model", model), *(("adapter", p) for p in paths), ("base", original), ("check", check)])
+    check_output_path(out, force, inputs)
     ckpt = open_checkpoint(model, allow_pickle=allow_pickle)
     info = base_info(ckpt)
     adapters = [open_adapter(path, allow_pickle=allow_pickle, base=info) for path in paths]
@@ -239,7 +241,7 @@ def _apply(
     pieces = _pieces(steps)
     # Each process merges and writes its share; the work is reading and writing bytes.
     mine = parallel.share([_bytes(steps[p.step], p.rows) for p in pieces])
-    with shared_directory(out, force, parallel) as tmp:
+    with shared_directory(out, force, parallel, inputs) as tmp:
         plan = [(s.name, s.shape, s.dtype) for s in steps]
         sharded = shared_writer(parallel, tmp, plan, max_shard_bytes=report.shard_bytes)
         writer = BackgroundWriter(sharded, depth=IO_THREADS, workers=IO_THREADS)

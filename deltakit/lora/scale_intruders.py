@@ -31,6 +31,7 @@ from deltakit.intruders import (
     check_k, new_report, open_source, share_matrices,
 )
 from deltakit.io.atomic import check_output_path
+from deltakit.io.paths import footprints
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.peft import is_peft_adapter
@@ -122,7 +123,8 @@ def scale_intruders(
     k, epsilons, scale = check_k(k), check_epsilons(epsilon), check_scale(scale)
     if max_shard_bytes <= 0:
         raise DeltakitError("the maximum shard size must be positive")
-    check_output_path(output, force)
+    inputs = footprints([("base", base), ("fine-tune", ft)])
+    check_output_path(output, force, inputs)
     device = process_device(parallel, options.device)
     _ = options.dtype
     started = time.perf_counter()
@@ -144,7 +146,7 @@ def scale_intruders(
     # and any expert slice of a fused tensor that no pair covers.
     copies = _copies(plan, pairs)
     my_copies = [copies[i] for i in parallel.share([cost for _, _, cost in copies])]
-    with shared_directory(output, force, parallel) as tmp:
+    with shared_directory(output, force, parallel, inputs) as tmp:
         writer = shared_writer(parallel, tmp, plan, max_shard_bytes=max_shard_bytes,
                                metadata={"deltakit": "intruders"})
         local: list[tuple[int, tuple[MatrixIntruders, ScaledMatrix | None]]] = []

@@ -154,7 +154,14 @@ def requantization_variance(scale: torch.Tensor, offset: torch.Tensor | None = N
 
 REQUANTIZATION_SMALL = 0.15  # below it the closed form for |t| < 1.5 is exact to < 1e-10
 REQUANTIZATION_TERMS = 5  # above it the terms k > 5 add < 1e-7 (relative 1e-6)
-BLOCK_ELEMENTS = 1 << 24  # entries per row block of elementwise work: bounded temporaries (64 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 24  # entries per row block of elementwise work on a GPU (64 MiB per fp32 temporary)
+CPU_BLOCK_ELEMENTS = 1 << 20  # on the CPU (4 MiB per temporary): host memory is the process's RSS, and
+                              # a dozen temporaries of a block stay within a few tens of MiB
+
+
+def block_elements(device: torch.device | str) -> int:
+    """Entries per row block of the noise model's elementwise work on ``device``."""
+    return BLOCK_ELEMENTS if torch.device(device).type == "cuda" else CPU_BLOCK_ELEMENTS
 
 
 def row_blocks(shape: tuple[int, int], block_elements: int = BLOCK_ELEMENTS) -> list[slice]:
@@ -189,7 +196,7 @@ class ScaleSums:
 
     def add(self, start: int, delta: torch.Tensor) -> None:
         """Rows ``start:start + len(delta)`` of ΔW (b×n, the accumulator's dtype)."""
-        for block in row_blocks(tuple(delta.shape)):
+        for block in row_blocks(tuple(delta.shape), block_elements(delta.device)):
             magnitude = delta[block].abs()
             self.rows[start + block.start:start + block.stop] = magnitude.mean(dim=1, keepdim=True)
             self.col_sums += magnitude.sum(dim=0, keepdim=True, dtype=torch.float64)
@@ -267,7 +274,7 @@ class NoiseSums:
             steps: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Rows ``start:start + len(delta)``: the stored base (as stored or in ``delta``'s dtype), ΔW (b×n),
         the whole matrix's :class:`UpdateScale` (None unless shared) and the rows' quantization steps."""
-        for block in row_blocks(tuple(delta.shape)):
+        for block in row_blocks(tuple(delta.shape), block_elements(delta.device)):
             rows = slice(start + block.start, start + block.stop)
             # the base may be held as stored (bf16): its values are exact in delta's dtype, converted a block at a time
             variance = rounding_variance(base[block].to(delta.dtype), delta[block], self.base_dtype, self.ft_dtype,

@@ -109,6 +109,37 @@ def amplification_factor(weight: torch.Tensor, delta_fro: float, u: torch.Tensor
 
 
 AMPLIFICATION_MAX_K = 64  # Hu et al. report r = 4 and r = 64
+SKETCH_OVERSAMPLE = 16  # randomized_svd's default
+NARROW_ELEMENTS = 1 << 24  # from this size on, a narrow ΔW's sketch temporaries are worth avoiding (64 MiB in fp32)
+
+
+def narrow_amplification(weight: torch.Tensor, delta: torch.Tensor, delta_fro: float,
+                         k: int) -> dict[str, float | int | None]:
+    """:func:`amplification_factor` of a matrix with a narrow side (n = min(m, n) small), from n×n products only.
+
+    With ΔW = U S Vᵀ (m ≥ n; a wide matrix is taken transposed), U_rᵀ W V_r = S_r⁻¹ V_rᵀ (ΔWᵀ W) V_r,
+    and V_r, S_r are the top eigenpairs of ΔWᵀΔW. Both n×n products are summed by row blocks in
+    float64, so nothing of ΔW's size is formed: a sketch of m × (k + oversample) columns would be
+    most of ΔW's own size when n is small (a 524288×256 ΔW).
+    """
+    if delta.shape[0] < delta.shape[1]:
+        delta, weight = delta.T, weight.T
+    n = int(delta.shape[1])
+    gram = torch.zeros((n, n), dtype=torch.float64, device=delta.device)
+    cross = torch.zeros((n, n), dtype=torch.float64, device=delta.device)
+    for rows in dim0_blocks(delta, 1 << 21):
+        block = delta[rows].to(torch.float64)
+        gram += block.T @ block
+        cross += block.T @ weight[rows].to(torch.float64)
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    values, vectors = eigenvalues.flip(0)[:k].clamp_min(0).sqrt(), eigenvectors.flip(1)[:, :k]
+    floor = method_noise_floor(float(values[0]), (int(delta.shape[0]), n), "gram", torch.float32) if k else 0.0
+    kept = values > floor
+    values, vectors = values[kept], vectors[:, kept]
+    projected = (vectors.T @ cross @ vectors) / values[:, None]
+    denominator = float(torch.linalg.vector_norm(projected)) if values.numel() else 0.0
+    value = delta_fro / denominator if denominator > 0.0 and math.isfinite(denominator) else None
+    return {"k": int(values.numel()), "value": value}
 
 
 def amplification(
@@ -127,6 +158,8 @@ def amplification(
     if rank <= 0 or delta_fro == 0.0:
         return None
     k = min(rank, max_k)
+    if directions is None and delta.numel() >= NARROW_ELEMENTS and min(delta.shape) <= 4 * (k + SKETCH_OVERSAMPLE):
+        return narrow_amplification(weight, delta, delta_fro, min(k, *delta.shape))
     if directions is not None and directions[0].shape[1] >= k:
         u, vh = directions[0][:, :k], directions[1][:k]
     else:
