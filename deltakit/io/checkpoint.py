@@ -386,6 +386,9 @@ def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
                 raise DeltakitError(f"{file}: tensor {name} has unsupported dtype {dtype_str}")
             if name in infos:
                 raise DeltakitError(f"tensor {name} appears in both {infos[name].file.name} and {file.name}")
+            if any(d > _TORCH_DIM_MAX for d in shape):  # valid safetensors when another dimension is 0
+                raise DeltakitError(f"{file}: tensor {name} has shape {list(shape)}, with a dimension beyond "
+                                    f"{_TORCH_DIM_MAX:,} (2^63 - 1), the largest torch can hold")
             infos[name] = TensorInfo(name, shape, dtype, file, offset)
     return infos
 
@@ -400,6 +403,7 @@ _SAFETENSORS_BITS = {
 }
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
 _USIZE_MAX = 2**64 - 1
+_TORCH_DIM_MAX = 2**63 - 1  # torch sizes are int64
 _TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
 
 # (device, inode, size, mtime) of each safetensors file when its header was read: a read that
