@@ -18,11 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from deltakit.adapters.base import AdapterModule, Rows
+from deltakit.adapters.lora import PEFT_DEFAULT_ALPHA
 from deltakit.errors import DeltakitError
 from deltakit.io.peft import AdapterFiles
 
 KINDS = ("lora_A", "lora_B", "lora_E")
 RANKNUM_EPS = 1e-5  # PEFT adds it to ranknum
+PEFT_DEFAULT_INIT_R = 12  # AdaLoraConfig
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,8 @@ class AdaloraModule(AdapterModule):
 
 def build(files: AdapterFiles, modules: dict[str, dict[str, str]]) -> list[AdapterModule]:
     config = files.config
-    init_r = int(config.get("init_r") or 12)
-    alpha = float(config.get("lora_alpha") or 0)
+    init_r = config.get("init_r", PEFT_DEFAULT_INIT_R)
+    alpha = float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
     scaling = alpha if alpha > 0 else float(init_r)
     built: list[AdapterModule] = []
     for module, kinds in sorted(modules.items()):
@@ -51,9 +53,13 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]]) -> list[Adapt
         if missing:
             raise DeltakitError(f"{files.path}: AdaLoRA module {module} lacks {missing}")
         a_shape, b_shape, e_shape = (files.checkpoint.shape(kinds[k]) for k in KINDS)
-        if len(a_shape) != 2 or len(b_shape) != 2 or not (a_shape[0] == b_shape[1] == e_shape[0]):
+        matrices = len(a_shape) == len(b_shape) == 2 and tuple(e_shape[1:]) == (1,)  # E is (r, 1)
+        if not matrices or not a_shape[0] == b_shape[1] == e_shape[0]:
             raise DeltakitError(f"{files.path}: AdaLoRA module {module} has A {a_shape}, B {b_shape}, E {e_shape}, "
                                 "which do not multiply")
+        if a_shape[0] > init_r:  # PEFT's budget only cuts a module's rank down from init_r
+            raise DeltakitError(f"{files.path}: AdaLoRA module {module} has rank {a_shape[0]} but the config says "
+                                f"init_r={init_r}")
         built.append(AdaloraModule(
             module=module, target=f"{module}.weight", keys={"A": kinds["lora_A"], "B": kinds["lora_B"],
                                                             "E": kinds["lora_E"]},

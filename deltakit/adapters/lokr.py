@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from deltakit.adapters.base import AdapterModule, Rows
-from deltakit.adapters.lora import lora_hyper
+from deltakit.adapters.lora import PEFT_DEFAULT_R, lora_hyper
 from deltakit.errors import DeltakitError
 from deltakit.io.peft import AdapterFiles, pattern_value
 
@@ -75,10 +75,13 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]]) -> list[Adapt
                                 "deltakit applies LoKr to linear layers only")
         (out_l, in_m), rank1 = _factor_shape(files, module, kinds, "lokr_w1")
         (out_k, in_n), rank2 = _factor_shape(files, module, kinds, "lokr_w2")
-        stored_rank = rank1 or rank2
+        stored_ranks = {r for r in (rank1, rank2) if r is not None}
+        if len(stored_ranks) > 1:
+            raise DeltakitError(f"{files.path}: LoKr module {module} stores W1 and W2 as products of ranks "
+                                f"{rank1} and {rank2}; PEFT gives both the module's r")
         # Both factors whole: the rank is the configured one (it still sets the scaling, as in PEFT).
-        rank = stored_rank or int(pattern_value(files.config.get("rank_pattern") or {}, module,
-                                                int(files.config.get("r") or 8)))
+        rank = stored_ranks.pop() if stored_ranks else pattern_value(files.config.get("rank_pattern", {}), module,
+                                                                      files.config.get("r", PEFT_DEFAULT_R))
         alpha, scaling = lora_hyper(files, module, rank, alpha_key="alpha")
         built.append(LokrModule(module=module, target=f"{module}.weight", keys=dict(kinds),
                                 out_features=out_l * out_k, in_features=in_m * in_n,

@@ -25,6 +25,8 @@ from deltakit.errors import DeltakitError
 from deltakit.io.peft import AdapterFiles, lora_scaling, pattern_value
 
 KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+PEFT_DEFAULT_R = 8  # LoraConfig, LoHaConfig and LoKrConfig: r = 8, lora_alpha / alpha = 8
+PEFT_DEFAULT_ALPHA = 8
 
 # Config switches that change the math in ways deltakit does not apply; refused rather than mis-applied.
 UNSUPPORTED_SWITCHES = {
@@ -85,14 +87,19 @@ def lora_factor_keys(files: AdapterFiles, module: str, kinds: dict[str, str]) ->
 
 def lora_hyper(files: AdapterFiles, module: str, rank: int, r_key: str = "r", alpha_key: str = "lora_alpha",
                check_rank: bool = True) -> tuple[float, float]:
-    """(alpha, scaling) of one module from the config's r / alpha and their per-module patterns."""
+    """(alpha, scaling) of one module from the config's r / alpha and their per-module patterns.
+
+    ``rank`` is the factors' rank: 0 is refused (PEFT refuses r <= 0), and with ``check_rank``
+    so is a rank the config does not declare for the module. Absent keys take PEFT's defaults
+    (r = alpha = 8); the config's types were checked when it was read (deltakit.io.json_files).
+    """
+    if rank <= 0:
+        raise DeltakitError(f"{files.path}: module {module} has factors of rank {rank}; PEFT refuses r <= 0")
     config = files.config
-    r_default = int(config.get(r_key) or 8)
-    alpha_default = float(config.get(alpha_key) if config.get(alpha_key) is not None else r_default)
-    declared = int(pattern_value(config.get("rank_pattern") or {}, module, r_default))
+    declared = pattern_value(config.get("rank_pattern", {}), module, config.get(r_key, PEFT_DEFAULT_R))
     if check_rank and declared != rank:
         raise DeltakitError(f"{files.path}: module {module} has rank {rank} but the config says r={declared}")
-    alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
+    alpha = float(pattern_value(config.get("alpha_pattern", {}), module, config.get(alpha_key, PEFT_DEFAULT_ALPHA)))
     return alpha, lora_scaling(alpha, rank, bool(config.get("use_rslora", False)))
 
 

@@ -23,6 +23,7 @@ from deltakit.io.peft import AdapterFiles
 
 KINDS = ("vera_lambda_b", "vera_lambda_d")
 SHARED = ("vera_A", "vera_B")
+PEFT_DEFAULT_R = 256  # VeraConfig
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]], base: BaseInf
           whole: dict[str, str]) -> list[AdapterModule]:
     shared = shared_keys(files, whole)
     a_shape, b_shape = files.checkpoint.shape(shared["vera_A_A"]), files.checkpoint.shape(shared["vera_A_B"])
+    r = files.config.get("r", PEFT_DEFAULT_R)
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
+        raise DeltakitError(f"{files.path}: the VeRA projections A {a_shape} and B {b_shape} are not of the "
+                            f"config's rank r={r}")
     built: list[AdapterModule] = []
     for module, kinds in sorted(modules.items()):
         missing = ", ".join(sorted(set(KINDS) - set(kinds)))

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from deltakit.errors import DeltakitError
+from deltakit.io.json_files import (MAX_NESTING, nesting_depth, read_json, short_json,
+                                    validate_model_config, validate_shard_index)
 from deltakit.io.paths import contained_file, open_regular, refuse_escaping_link
 from deltakit.io.quantized import QuantizedTensor, dequantize, logical_tensors, quantization_step
 
@@ -312,10 +314,8 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
     infos = _pickle_infos(files) if fmt == "pickle" else _safetensors_infos(files)
     if not infos:
         raise DeltakitError(f"{path} holds no tensors")
-    if os.path.lexists(root / "config.json"):
-        refuse_escaping_link(root / "config.json", root)
-    config = _read_json_if_any(root / "config.json")
-    infos, quantized = logical_tensors(infos, config if isinstance(config, dict) else None, path)
+    config = read_model_config(root / "config.json")
+    infos, quantized = logical_tensors(infos, config, path)
     return Checkpoint(path=path, root=root, format=fmt, infos=infos, config=config, quantized=quantized,
                       hub_id=hub_id)
 
@@ -364,10 +364,9 @@ def _weight_files_named_in(folder: Path, allow_pickle: bool) -> tuple[list[Path]
 
 
 def _files_from_index(index_path: Path, allow_pickle: bool) -> list[Path]:
-    index = _read_json_if_any(index_path)
-    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise DeltakitError(f"{index_path} is not a shard index (no weight_map)")
-    files = sorted({contained_file(index_path.parent, f, index_path) for f in index["weight_map"].values()})
+    """The shard files an index names, each inside the index's folder, present and of a format that may be read."""
+    weight_map = validate_shard_index(read_json(index_path), index_path)["weight_map"]
+    files = [contained_file(index_path.parent, name, index_path) for name in sorted(set(weight_map.values()))]
     for file in files:
         if not file.is_file():
             raise DeltakitError(f"{index_path} names shard {file.name}, which is missing")
@@ -376,13 +375,15 @@ def _files_from_index(index_path: Path, allow_pickle: bool) -> list[Path]:
     return files
 
 
-def _read_json_if_any(path: Path) -> Any:
-    if not path.is_file():
+def read_model_config(path: Path) -> dict[str, Any] | None:
+    """A model's validated ``config.json`` (see :func:`deltakit.io.json_files.validate_model_config`), None if absent.
+
+    A FIFO or device of that name is refused rather than read (see :func:`read_json`).
+    """
+    if not os.path.lexists(path):
         return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeltakitError(f"{path} is not valid JSON: {_first_line(exc)}") from None
+    refuse_escaping_link(path, path.parent)
+    return validate_model_config(read_json(path), path)
 
 
 def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
@@ -394,6 +395,9 @@ def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
                 raise DeltakitError(f"{file}: tensor {name} has unsupported dtype {dtype_str}")
             if name in infos:
                 raise DeltakitError(f"tensor {name} appears in both {infos[name].file.name} and {file.name}")
+            if any(d > _TORCH_DIM_MAX for d in shape):  # valid safetensors when another dimension is 0
+                raise DeltakitError(f"{file}: tensor {name} has shape {list(shape)}, with a dimension beyond "
+                                    f"{_TORCH_DIM_MAX:,} (2^63 - 1), the largest torch can hold")
             infos[name] = TensorInfo(name, shape, dtype, file, offset)
     return infos
 
@@ -407,8 +411,8 @@ _SAFETENSORS_BITS = {
     "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
-_MAX_NESTING = 127  # serde_json's recursion limit, which the safetensors library parses with
 _USIZE_MAX = 2**64 - 1
+_TORCH_DIM_MAX = 2**63 - 1  # torch sizes are int64
 _TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
 
 # (device, inode, size, mtime) of each safetensors file when its header was read: a read that
@@ -493,32 +497,14 @@ def _integer(text: str) -> int | float:
     return int(text)
 
 
-def _nesting_depth(text: bytes) -> int:
-    """The deepest nesting of [ and { in a JSON text, outside strings; vectorised (headers reach 100 MB)."""
-    import numpy as np
-
-    outside_strings = re.sub(rb'"[^"\\]*(?:\\.[^"\\]*)*"', b'""', text)
-    codes = np.frombuffer(outside_strings, dtype=np.uint8)
-    deepest, level = 0, 0
-    for begin in range(0, len(codes), 1 << 22):
-        chunk = codes[begin:begin + (1 << 22)]
-        steps = ((chunk == ord("[")) | (chunk == ord("{"))).astype(np.int64)
-        steps -= (chunk == ord("]")) | (chunk == ord("}"))
-        if not steps.any():
-            continue
-        levels = np.cumsum(steps) + level
-        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
-    return deepest
-
-
 def _parse_header_json(file: Path, raw: bytes) -> Any:
     """The header's JSON value, read as serde_json reads it (strict UTF-8, finite numbers, bounded nesting)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise DeltakitError(f"{file} is corrupt: its safetensors header is not UTF-8") from None
-    if _nesting_depth(raw) > _MAX_NESTING:
-        raise DeltakitError(f"{file} is corrupt: its safetensors header is nested more than {_MAX_NESTING} deep")
+    if nesting_depth(raw) > MAX_NESTING:
+        raise DeltakitError(f"{file} is corrupt: its safetensors header is nested more than {MAX_NESTING} deep")
     try:
         header = json.loads(text, object_pairs_hook=_object, parse_constant=_refuse_constant,
                             parse_float=_finite_float, parse_int=_integer)
@@ -534,11 +520,6 @@ def _parse_header_json(file: Path, raw: bytes) -> Any:
 
 def _usize(value: Any) -> bool:
     return type(value) is int and 0 <= value <= _USIZE_MAX
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _dtype_name(value: Any) -> str | None:
@@ -569,19 +550,19 @@ def _validate_header(file: Path, header: Any, data_len: int) -> dict[str, tuple[
             continue
         where = f"{file} is corrupt: tensor {name}"
         if not isinstance(entry, dict):
-            raise DeltakitError(f"{where}: its header entry is {_short(entry)}, not an object")
+            raise DeltakitError(f"{where}: its header entry is {short_json(entry)}, not an object")
         missing = [f for f in _TENSOR_FIELDS if f not in entry]
         if missing or entry.duplicates & set(_TENSOR_FIELDS):
             problem = f"has no {missing[0]}" if missing else f"gives {sorted(entry.duplicates & set(_TENSOR_FIELDS))[0]} twice"
             raise DeltakitError(f"{where}: its header entry {problem}")
         dtype = _dtype_name(entry["dtype"])
         if dtype is None:
-            raise DeltakitError(f"{where} has unknown dtype {_short(entry['dtype'])}")
+            raise DeltakitError(f"{where} has unknown dtype {short_json(entry['dtype'])}")
         shape, offsets = entry["shape"], entry["data_offsets"]
         if not isinstance(shape, list) or not all(_usize(d) for d in shape):
-            raise DeltakitError(f"{where}: shape {_short(shape)} is not a list of non-negative integers")
+            raise DeltakitError(f"{where}: shape {short_json(shape)} is not a list of non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_usize(o) for o in offsets):
-            raise DeltakitError(f"{where}: data_offsets {_short(offsets)} are not two non-negative integers")
+            raise DeltakitError(f"{where}: data_offsets {short_json(offsets)} are not two non-negative integers")
         entries.append((offsets[0], offsets[1], name, tuple(shape), dtype))
     entries.sort(key=lambda e: (e[0], e[1]))  # as safetensors: any order in the file, contiguous once sorted
     out: dict[str, tuple[tuple[int, ...], str, int]] = {}

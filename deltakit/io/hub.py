@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import re
@@ -30,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import ADAPTER_CONFIG, PICKLE_INDEX, PICKLE_SUFFIXES, SAFETENSORS_INDEX
+from deltakit.io.json_files import read_json, validate_shard_index
 
 CONFIG_FILES = ("config.json", ADAPTER_CONFIG)
 # Downloads at least this large are announced on stderr (files, bytes, where) before they start.
@@ -206,11 +206,7 @@ def choose_files(sizes: dict[str, int | None], allow_pickle: bool, weights: bool
 
 def shards_of(index_path: Path, sizes: dict[str, int | None], label: str) -> list[str]:
     """The shard files a downloaded index names, checked against the repository's listing."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise DeltakitError(f"{label}: {index_path.name} is not a shard index (no weight_map)") from None
+    shards = sorted(set(validate_shard_index(read_json(index_path), index_path)["weight_map"].values()))
     missing = [name for name in shards if name not in sizes]
     if missing:
         raise DeltakitError(f"{label}: {index_path.name} names shard {missing[0]}, which is missing")

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from deltakit.errors import DeltakitWarning
-from deltakit.io.checkpoint import ADAPTER_CONFIG, Checkpoint
+from deltakit.io.checkpoint import ADAPTER_CONFIG, Checkpoint, read_model_config
 from deltakit.io.paths import containment_root, is_inside
 
 # Files of a model folder that are weights (never copied: the output has its own).
@@ -76,9 +76,7 @@ def _fetch_model_files(hub_id: str, only_config: bool) -> None:
 
 def drop_quantization_config(folder: Path) -> None:
     """The output holds dequantized weights: a quantization_config would make loaders expect quantized ones."""
+    config = read_model_config(folder / "config.json")
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        return
-    config = json.loads(config_path.read_text())
-    if config.pop("quantization_config", None) is not None:
+    if config is not None and config.pop("quantization_config", None) is not None:
         config_path.write_text(json.dumps(config, indent=2) + "\n")

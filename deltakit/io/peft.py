@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Any, Iterable
 
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import ADAPTER_CONFIG, Checkpoint, open_checkpoint, resolve_path
+from deltakit.io.json_files import peft_pattern, read_json, validate_adapter_config
 from deltakit.io.paths import refuse_escaping_link
 
 PEFT_PREFIX = "base_model.model."
@@ -47,13 +47,13 @@ def is_peft_adapter(path: str | os.PathLike) -> bool:
         path = resolve_path(path, weights=False)
     except DeltakitError:
         return False
-    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+    return path.is_dir() and (path / ADAPTER_CONFIG).exists()  # a FIFO of that name is refused when read
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches the module name or a dotted suffix (regex)."""
     for key, value in patterns.items():
-        if key == module or re.match(rf"(.*\.)?({key})$", module):
+        if key == module or peft_pattern(key).match(module):
             return value
     return default
 
@@ -69,14 +69,9 @@ def read_adapter_files(path: str | os.PathLike, allow_pickle: bool = False) -> A
     config_path = folder / ADAPTER_CONFIG
     if os.path.lexists(config_path):
         refuse_escaping_link(config_path, folder)
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise DeltakitError(f"{folder} is not a PEFT adapter folder (no {ADAPTER_CONFIG})")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeltakitError(f"{config_path} is not valid JSON: {str(exc).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise DeltakitError(f"{config_path} is not a JSON object")
+    config = validate_adapter_config(read_json(config_path), config_path)
     peft_type = str(config.get("peft_type") or "LORA").upper()
     checkpoint = open_checkpoint(folder, allow_pickle=allow_pickle)
     return AdapterFiles(path=folder, config=config, checkpoint=checkpoint, peft_type=peft_type)

@@ -45,8 +45,8 @@ from deltakit.distributed import (
 )
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint, read_model_config
 from deltakit.io.paths import footprints
-from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter, rows_to_write
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type
@@ -565,9 +565,7 @@ def dequantized_note(ckpt: Checkpoint, out_dtype: torch.dtype | None) -> str | N
 def _update_vocab_size(folder: Path, rows: int) -> None:
     """A carried embedding grew the vocabulary to ``rows``: make config.json's vocab_size say so."""
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        return
-    config = json.loads(config_path.read_text())
-    if isinstance(config.get("vocab_size"), int) and config["vocab_size"] < rows:
+    config = read_model_config(config_path)
+    if config is not None and isinstance(config.get("vocab_size"), int) and config["vocab_size"] < rows:
         config["vocab_size"] = rows
         config_path.write_text(json.dumps(config, indent=2) + "\n")
