@@ -127,7 +127,7 @@ def test_blocked_path_allocates_less_than_one_whole_delta_and_what_the_model_say
 
     base, ft = _pair(tmp_path)
     _low_threshold(monkeypatch)
-    monkeypatch.setattr(noise, "row_blocks", functools.partial(noise.row_blocks, block_elements=4096))
+    monkeypatch.setattr(noise, "CPU_BLOCK_ELEMENTS", 4096)
     monkeypatch.setattr(noise, "BLOCK_ELEMENTS", 4096)
     source = delta.open_delta_source(base, ft)
     pair = next(p for p in source.pairs if p.name == EMBED)

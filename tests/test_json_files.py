@@ -249,7 +249,7 @@ def test_a_fifo_in_place_of_a_json_file_is_refused_without_waiting(folders, runn
     shutil.copytree(folder, given)
     (given / name).unlink()
     os.mkfifo(given / name)
-    words = f"{given / name} is not a regular file"
+    words = f"{given / name} is a FIFO, not a regular file"
     call = ((lambda: deltakit.rank(folders["base"], given)) if name == "adapter_config.json"
             else (lambda: deltakit.open_checkpoint(given)))
     error = finishes_within(30, call)

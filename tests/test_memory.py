@@ -219,7 +219,7 @@ def test_storage_noise_reads_a_stored_base_block_by_block(monkeypatch):
     ft = (base.float() + torch.randn(300, 70, generator=gen) * 1e-3).bfloat16()
     delta = ft.float() - base.float()
     whole = storage_noise(base.float(), delta, torch.bfloat16, torch.bfloat16)
-    monkeypatch.setattr(noise, "row_blocks", functools.partial(noise.row_blocks, block_elements=1000))
+    monkeypatch.setattr(noise, "CPU_BLOCK_ELEMENTS", 1000)  # rows of at most 1000 entries on the CPU
     blocked = storage_noise(base, delta, torch.bfloat16, torch.bfloat16)
     assert blocked.unchanged_fraction == whole.unchanged_fraction
     assert blocked.row_energy_max == pytest.approx(whole.row_energy_max, rel=1e-12)
@@ -356,7 +356,7 @@ def test_workspace_model_bounds_what_the_code_allocates(shape, monkeypatch):
         assert bytes_counted <= modelled <= 2.5 * bytes_counted, (step, bytes_counted, modelled)
     assert _counted(lambda: frobenius_norm(base)) <= rank_model["norm"]
     # the noise workspace: NOISE_BLOCKS blocks and the row / column vectors, with small blocks to count them
-    monkeypatch.setattr(noise, "row_blocks", functools.partial(noise.row_blocks, block_elements=4096))
+    monkeypatch.setattr(noise, "CPU_BLOCK_ELEMENTS", 4096)
     monkeypatch.setattr(noise, "BLOCK_ELEMENTS", 4096)
     counted_noise = _counted(lambda: storage_noise(base, delta, torch.bfloat16, torch.bfloat16))
     modelled_noise = estimate.matrix_workspace("rank", shape, 2, 4, 64)["noise"]
