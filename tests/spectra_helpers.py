@@ -25,7 +25,8 @@ def noisy_bf16_pair(seed: int = 2, noise_rms: float = 2e-4) -> tuple[torch.Tenso
     and its storage-noise model."""
     gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(768, 512, generator=gen) * 0.02
-    update = spectrum_matrix(768, 512, 0.5 * np.arange(1, 65) ** -1.2, seed) + noise_rms * torch.randn(768, 512, generator=gen)
+    update = spectrum_matrix(768, 512, 0.5 * np.arange(1, 65) ** -1.2, seed)
+    update += noise_rms * torch.randn(768, 512, generator=gen)
     base, ft = weight.bfloat16(), (weight + update).bfloat16()
     delta = ft.float() - base.float()
     return delta, storage_noise(base, delta, torch.bfloat16, torch.bfloat16)
