@@ -99,6 +99,7 @@ def write_pair(work: Path, preset: Preset, spec: DeltaSpec = DeltaSpec(), device
     """``work/base`` and ``work/ft`` (folders; single .safetensors files for a tall preset), reused when
     ``work/pair.json`` records the same preset and spec. Returns that record."""
     record = {"preset": dataclasses.asdict(preset), "delta": dataclasses.asdict(spec), "format": 2}
+    record = json.loads(json.dumps(record))  # as pair.json reads back (tuples become lists)
     marker = work / "pair.json"
     if marker.is_file() and json.loads(marker.read_text()).get("spec") == record:
         return json.loads(marker.read_text())

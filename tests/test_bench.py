@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives beside the package, not in it
 
 from bench import run  # noqa: E402
-from bench.pair import PRESETS, Checkpoint, Preset  # noqa: E402
+from bench.pair import PRESETS, Checkpoint, Preset, write_pair  # noqa: E402
 from bench.targets import (  # noqa: E402
     Run, Truth, check_adapter, check_compare, check_intruders, check_merge, check_rank,
 )
@@ -146,6 +146,9 @@ def test_tall_pair_row_reports_peak_rss_beside_one_tensors_fp32_size(tmp_path, m
     assert [Path(f).name for f in result["pair"]["files"]["base"]] == ["base.safetensors"]
     assert row["rss_source"] == ("/usr/bin/time -v" if run.TIME else "wait4 rusage (ru_maxrss)")
     assert "RSS ÷ largest fp32 tensor" in (tmp_path / "out" / "results.md").read_text()
+    written = (work / "pair" / "base.safetensors").stat().st_mtime_ns
+    assert write_pair(work / "pair", PRESETS["tall-test"]) == result["pair"]  # the same pair is reused, not rewritten
+    assert (work / "pair" / "base.safetensors").stat().st_mtime_ns == written
 
 
 def test_a_failing_command_is_a_failed_row_and_an_unknown_target_an_error(tmp_path):
