@@ -55,9 +55,11 @@ def tree_env(tree: Path, scratch: Path) -> dict[str, str]:
 
 
 def baseline_tree(spec: str, scratch: Path) -> tuple[Path, str]:
-    """A directory as it is, else ``git archive REV`` of this repository unpacked into ``scratch``."""
+    """A directory as it is (named by its REVISION file, if any), else ``git archive REV`` of this repository
+    unpacked into ``scratch``."""
     if Path(spec).is_dir():
-        return Path(spec).resolve(), f"{spec} (a tree)"
+        named = Path(spec) / "REVISION"
+        return Path(spec).resolve(), named.read_text().strip() if named.is_file() else spec
     rev = subprocess.run(["git", "rev-parse", "--short", spec], cwd=REPO, capture_output=True, text=True)
     if rev.returncode != 0:
         raise SystemExit(f"--baseline {spec}: not a folder, and git cannot resolve it: {rev.stderr.strip()}")
