@@ -330,11 +330,11 @@ def markdown(result: dict) -> str:
              f"{m.get('memory_gb')} GB; torch {m.get('torch')}, CUDA {m.get('cuda')}", "",
              f"Pair: {pair['bytes']['base'] / 1e9:.2f} + {pair['bytes']['ft'] / 1e9:.2f} GB in "
              f"{len(pair['files']['base'])} + {len(pair['files']['ft'])} files; largest tensor in fp32 "
-             f"{pair['largest_fp32_bytes'] / 1e9:.2f} GB. Read {read['bytes_per_s'] / 1e9:.2f} GB/s (one stream, "
+             f"{pair['largest_fp32_bytes'] / 2**30:.2f} GiB. Read {read['bytes_per_s'] / 1e9:.2f} GB/s (one stream, "
              f"{_num(read['resident_before'], '{:.0%}')} resident before), write {write['bytes_per_s'] / 1e9:.2f} "
              "GB/s buffered; floor = bytes read ÷ read + bytes written ÷ write.", "",
-             "| target | tree | status | wall s | floor s | wall/floor | peak RSS GB (anon) "
-             "| RSS ÷ largest fp32 tensor | peak GPU GB | vs deltakit | check |", "|" + " --- |" * 11]
+             "| target | tree | status | wall s | floor s | wall/floor | peak RSS GiB (anon) "
+             "| RSS ÷ largest fp32 tensor | peak GPU GiB | vs deltakit | check |", "|" + " --- |" * 11]
     for row in rows:
         own = next((r for r in rows if r["target"] == row["target"] and r["tree"] == row["tree"] and not r["peer"]), {})
         ok = row["status"] == own.get("status") == "ok"
@@ -357,7 +357,7 @@ def markdown(result: dict) -> str:
                          f"{agree['effective_rank_worst']:.2%}).")
     trees = list(dict.fromkeys(r["tree"] for r in rows))
     if len(trees) == 2:
-        lines += ["", f"| target | {trees[0]} s | {trees[1]} s | after ÷ before | peak GPU GB before → after |",
+        lines += ["", f"| target | {trees[0]} s | {trees[1]} s | after ÷ before | peak GPU GiB before → after |",
                   "| --- | --- | --- | --- | --- |"]
         for name in dict.fromkeys(r["target"] for r in rows):
             before, after = (next((r for r in rows if r["target"] == name and r["tree"] == tree and not r["peer"]), {})
