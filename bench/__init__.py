@@ -1,4 +1,1 @@
-"""deltakit's benchmark harness: synthetic Llama-shaped checkpoint pairs, timed commands, baselines.
-
-Run ``python bench/run_bench.py --help``; bench/README.md has the full-run recipe.
-"""
+"""deltakit's benchmark suite: named targets on named synthetic pairs, each checked; ``python -m bench run --help``."""

@@ -1,7 +1,7 @@
 """The adaptive (partial) spectrum against the full one and against fp64 truth, on constructed ΔW.
 
 Matrices are CPU-sized (768×512) with a plan that lets the adaptive path run there; the GPU sizes
-and timings are in bench/probes/adaptive_probe.py.
+and timings are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -15,16 +15,15 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import deltakit.analysis as analysis
-from bench.probes.adaptive_accuracy import TEST_PLAN as PLAN, low_rank, noisy_bf16_pair
-from bench.run_bench import spectrum_paths_agree
 from deltakit.spectral import graphs, metrics, partial
 from deltakit.spectral.noise import exact_noise, storage_noise
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.partial import SubspaceIteration
 from deltakit.spectral.spectrum import adaptive_spectrum, compute_spectrum
 from deltakit_cli.main import cli
+from spectra_helpers import TEST_PLAN as PLAN, noisy_bf16_pair, spectrum_matrix, spectrum_paths_agree
 
-DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # GPU runs: bench/gpu_all.sh
+DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # GPU runs: bash bench/gpu.sh cuda-tests
 FRACTIONS = (0.5, 0.9, 0.99)
 
 
@@ -40,7 +39,7 @@ def both_paths(delta: torch.Tensor, noise, fractions=FRACTIONS):
 @pytest.mark.parametrize("seed", [1, 11, 21])
 @pytest.mark.parametrize("sigma", [np.ones(4), 1.0 / np.arange(1, 17)], ids=["rank4-equal", "rank16-decaying"])
 def test_exact_low_rank_reads_the_same_on_both_paths(sigma, seed, device):
-    delta = low_rank(768, 512, sigma, seed=seed).to(device)
+    delta = spectrum_matrix(768, 512, sigma, seed=seed).to(device)
     full, part = both_paths(delta, exact_noise(delta), FRACTIONS + (1.0,))
     assert part.method.startswith("adaptive")
     assert part.rank == full.rank == sigma.size
@@ -76,7 +75,7 @@ def test_noisy_bf16_delta_agrees_with_the_full_path_and_fp64_truth(device):
 def test_merged_lora_in_bf16_reads_its_rank_on_both_paths():
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(768, 512, generator=gen) * 0.02
-    lora = low_rank(768, 512, np.full(8, 0.05), seed=3)
+    lora = spectrum_matrix(768, 512, np.full(8, 0.05), seed=3)
     base, ft = weight.bfloat16(), (weight + lora).bfloat16()
     delta = ft.float() - base.float()
     full, part = both_paths(delta, storage_noise(base, delta, torch.bfloat16, torch.bfloat16), (0.9,))
@@ -86,7 +85,7 @@ def test_merged_lora_in_bf16_reads_its_rank_on_both_paths():
 
 
 def test_ritz_values_are_lower_bounds_and_their_estimates_cover_the_truth():
-    delta = low_rank(768, 512, np.arange(1, 101) ** -0.8, seed=4)
+    delta = spectrum_matrix(768, 512, np.arange(1, 101) ** -0.8, seed=4)
     truth = torch.linalg.svdvals(delta.double()).numpy()
     iteration = SubspaceIteration(delta, 64)
     for _ in range(4):
@@ -155,20 +154,12 @@ def test_spectrum_paths_agree_counts_each_criterion():
             bad["signal_rank_at_equal"], bad["rank_equal"]) == (0, 0, 0, 0, 0, 0)
 
 
-def test_adaptive_probe_runs_on_the_cpu(tmp_path):
-    from bench.probes import adaptive_probe
-
-    assert adaptive_probe.main(["--device", "cpu", "--preset", "tiny", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "adaptive_probe.json").read_text())["rows"]
-    assert rows[0]["adaptive"]["method"].startswith("adaptive") and rows[0]["agree"]["rank_at"]
-
-
 def test_amplification_from_the_adaptive_directions_matches_the_exact_svd():
     from deltakit.spectral.subspace import amplification, amplification_factor
 
     gen = torch.Generator().manual_seed(7)
     weight = torch.randn(768, 512, generator=gen) * 0.02
-    delta = low_rank(768, 512, 0.5 * np.arange(1, 65) ** -1.2, seed=7)
+    delta = spectrum_matrix(768, 512, 0.5 * np.arange(1, 65) ** -1.2, seed=7)
     energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
     for matrix, base in ((delta, weight), (delta.T.contiguous(), weight.T.contiguous())):  # wide and tall
         part, why = adaptive_spectrum(matrix, exact_noise(matrix), energy, (0.9,), PLAN)

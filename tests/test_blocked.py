@@ -118,10 +118,10 @@ def test_blocked_pair_choice(tmp_path, monkeypatch):
 
 def test_blocked_path_allocates_less_than_one_whole_delta_and_what_the_model_says(tmp_path, monkeypatch):
     """Counted on the CPU (bytes aten allocates on this thread: not the blocks read ahead on the reading
-    thread): G, one ΔW block and the noise workspace, under one whole fp32 ΔW and under bench/estimate's model."""
+    thread): G, one ΔW block and the noise workspace, under one whole fp32 ΔW and under tests/memory_model.py's model."""
     import functools
 
-    from bench import estimate
+    import memory_model as estimate
     from deltakit.spectral import noise
     from test_memory import _counted
 
@@ -138,7 +138,7 @@ def test_blocked_path_allocates_less_than_one_whole_delta_and_what_the_model_say
 
 
 def test_memory_model_puts_405b_embeddings_under_8_gb():
-    from bench import estimate
+    import memory_model as estimate
 
     model = estimate.memory_model("405b", "rank")
     embed = next(r for r in model["tensors"] if r["name"] == EMBED)

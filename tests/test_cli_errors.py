@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,16 +222,3 @@ def test_plot_functions_take_spectra_then_info(tmp_path):
         assert plot.rank_grid(None, info, energy=0.9).ranks.tolist() == [[3.0, 3.0]]
     finally:
         plt.close("all")
-
-
-def test_startup_probe_times_the_cli_of_a_checkout(tmp_path):
-    """bench/startup_probe.py runs the CLI of a checkout in fresh processes and sees its exit codes."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    try:
-        from bench.startup_probe import REPO, cli_environment, time_cli
-    finally:
-        sys.path.pop(0)
-    env = cli_environment(REPO, tmp_path)
-    for args, expected in ((["--help"], 0), (["rank", "a", "b", "--bogus"], 1), (None, 0)):
-        wall, cpu, code = time_cli(args, env, 1)
-        assert code == expected and len(wall) == len(cpu) == 1 and wall[0] > 0 and cpu[0] >= 0

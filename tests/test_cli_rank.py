@@ -162,7 +162,7 @@ def test_help_teaches(runner):
 
 def test_console_script_leaves_its_objects_to_the_os(monkeypatch):
     """main() freezes the collector when the command is done, so the interpreter's shutdown does
-    not walk torch's objects (bench/probes/cli_timeline.py measures what that saves)."""
+    not walk torch's objects (docs/benchmarks.md has what that saves)."""
     import gc
 
     from deltakit_cli.main import main

@@ -1,5 +1,5 @@
 """Memory at any size (issue 14, item 8): read-ahead bounded by bytes, W_base kept as stored, norms and
-products by row blocks, and the memory model of bench/estimate.py against the code it models.
+products by row blocks, and the memory model of tests/memory_model.py against the code it models.
 
 No timing and no thread-scheduling assertions: the read-ahead schedule is checked with an executor that
 runs each producer when it is submitted, so what was started is exactly what the policy allowed.
@@ -8,7 +8,6 @@ runs each producer when it is submitted, so what was started is exactly what the
 from __future__ import annotations
 
 import functools
-import json
 import math
 import weakref
 from concurrent.futures import Future
@@ -30,7 +29,7 @@ from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.spectrum import compute_spectrum
 from deltakit.spectral.subspace import amplification, amplification_factor, top_directions
 
-from bench import estimate, memory_bench
+import memory_model as estimate
 
 
 # ---------------------------------------------------------------- read-ahead by bytes
@@ -135,7 +134,7 @@ def test_sizes_must_match_producers():
 
 
 def test_the_estimate_simulates_the_stream_policy(monkeypatch):
-    """bench/estimate.py's read-ahead simulation starts exactly what prefetched starts."""
+    """The memory model's read-ahead simulation starts exactly what prefetched starts."""
     sizes = [7, 300, 20, 20, 900, 5, 5, 5, 300, 40]
     for depth, budget in ((2, 400), (3, 1000), (1, 50), (4, math.inf)):
         _, counts = _schedule(monkeypatch, sizes, depth, budget)
@@ -373,27 +372,6 @@ def test_memory_model_grows_with_size_and_keeps_405b_layers_under_8_gb():
     assert mlp["item"] == 53248 * 16384 * (2 + 4)  # W_base bf16 + ΔW fp32
     # the default budget reads a 405B MLP pair alone; a larger one would read ahead and pass 8 GB
     assert estimate.memory_model("405b", "rank", prefetch_bytes=10 * 10**9)["peak_layers"] > estimate.TARGET_BYTES
-
-
-def test_estimate_cli_prints_and_writes_the_memory_model(tmp_path, capsys):
-    assert estimate.main(["--memory", "--preset", "405b", "--json", str(tmp_path / "m.json")]) == 0
-    printed = capsys.readouterr().out
-    assert "405b rank" in printed and "under 8 GB" in printed
-    written = json.loads((tmp_path / "m.json").read_text())
-    assert set(written) == {"rank", "extract", "extract-energy", "merge"}
-
-
-def test_memory_bench_tiny_preset_runs_on_the_cpu(tmp_path):
-    out = tmp_path / "out"
-    assert memory_bench.main(["--preset", "tiny", "--device", "cpu", "--workdir", str(tmp_path / "w"),
-                              "--out", str(out), "--rank", "8"]) == 0
-    result = json.loads((out / "memory_bench.json").read_text())
-    assert result["device"] == "cpu" and result["shapes"]["hidden"] == 128
-    for command in ("rank", "extract"):
-        entry = result["commands"][command]
-        assert entry["result"] == 14  # 2 layers × 7 matrices (norms are vectors: rank lists them apart)
-        assert entry["predicted_peak"] > 0 and entry["seconds"] >= 0
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_rank_and_extract_drop_each_item_before_the_next_read(bf16_pair, monkeypatch, tmp_path):

@@ -355,18 +355,6 @@ def test_unreadable_quantized_formats_are_one_error(tmp_path, runner, tensors, c
     assert_one_line_error(invoke(runner, "rank", good, bad, "--device", "cpu"), words)
 
 
-# --------------------------------------------------------------------------- bench
-
-@pytest.mark.parametrize("base_format", ["bf16", "mxfp4"])
-def test_moe_bench_tiny_preset_runs_and_checks_its_ranks(tmp_path, base_format):
-    from bench import moe_bench
-
-    assert moe_bench.main(["--preset", "tiny", "--device", "cpu", "--base", base_format, "--out", str(tmp_path)]) == 0
-    result = _strict_json((tmp_path / "moe_results.json").read_text())
-    assert result["check"] == "pass" and result["expert_matrices"] == 8 and result["base_format"] == base_format
-    assert result["io_floor_s"] > 0 and result["rank_s"] > 0
-
-
 def test_non_finite_weights_are_one_error_not_a_traceback(tmp_path, runner):
     weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     broken = weight.clone()

@@ -28,7 +28,6 @@ from deltakit.lora.resize import LowRankDelta, lowrank_frobenius, lowrank_svd
 from conftest import assert_one_line_error, invoke, low_rank, save, tiny_gpt2, tiny_llama
 
 CPU = SpectralOptions(device="cpu")
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --- factor space, by construction ------------------------------------------------------------
@@ -400,21 +399,3 @@ def test_two_gloo_processes_write_what_one_writes_from_adapters(llama, tmp_path)
     for report in (expected, two):
         report.pop("elapsed_s"), report.pop("adapter")
     assert two == expected and two["method"] == "factor-space" and len(two["matrices"]) == 8
-
-
-# --- bench --------------------------------------------------------------------------------------
-
-def test_resize_bench_tiny_preset_runs_and_checks_itself(tmp_path):
-    # One BLAS thread: on a shared, busy CPU spinning worker threads make small QRs many times slower.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "resize_bench.py"), "--preset", "tiny", "--device",
-                             "cpu", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--repeat",
-                             "1", "--check", "0"], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    results = json.loads((tmp_path / "out" / "resize_bench.json").read_text())
-    assert results["preset"] == "tiny" and results["from_rank"] == 64 and results["to_rank"] == 16
-    factored = results["rows"]["factor-space"]
-    assert factored["status"] == "ok" and factored["modules"] == 2 * 7 and factored["wall_s"] > 0
-    assert factored["checked"] == 14 and factored["max_error_ratio"] <= 1.0 + 1e-4  # fp64 SVD of each ΔW
-    dense = results["rows"]["dense"]
-    assert dense["method"] == "randomized" and dense["max_error_ratio"] <= 1.01

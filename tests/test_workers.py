@@ -12,14 +12,13 @@ import torch
 from safetensors.torch import save_file
 
 import deltakit.analysis as analysis
-from bench.probes.adaptive_accuracy import TEST_PLAN, low_rank
-from bench.probes.rank_workers import comparable
 from deltakit.delta import DeltaItem
 from deltakit.errors import DeltakitError
 from deltakit.spectral.options import SpectralOptions
 from deltakit.workers import MatrixWorkers, device_tensors
+from spectra_helpers import TEST_PLAN, comparable, spectrum_matrix
 
-DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # GPU runs: bench/gpu_all.sh
+DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # GPU runs: bash bench/gpu.sh cuda-tests
 
 
 def bf16_pair(folder, layers: int = 3):
@@ -30,13 +29,13 @@ def bf16_pair(folder, layers: int = 3):
     for layer in range(layers):
         prefix = f"model.layers.{layer}"
         weight = torch.randn(768, 512, generator=gen) * 0.02
-        update = (low_rank(768, 512, 0.5 * np.arange(1, 65) ** -1.2, layer)
+        update = (spectrum_matrix(768, 512, 0.5 * np.arange(1, 65) ** -1.2, layer)
                   + 2e-4 * torch.randn(768, 512, generator=gen))
         base[f"{prefix}.mlp.up_proj.weight"] = weight.bfloat16()
         ft[f"{prefix}.mlp.up_proj.weight"] = (weight + update).bfloat16()
         weight = torch.randn(512, 512, generator=gen) * 0.02
         base[f"{prefix}.self_attn.q_proj.weight"] = weight.bfloat16()
-        ft[f"{prefix}.self_attn.q_proj.weight"] = (weight + low_rank(512, 512, np.full(4, 0.05), 10 + layer)).bfloat16()
+        ft[f"{prefix}.self_attn.q_proj.weight"] = (weight + spectrum_matrix(512, 512, np.full(4, 0.05), 10 + layer)).bfloat16()
         weight = torch.randn(64, 48, generator=gen) * 0.02
         base[f"{prefix}.self_attn.k_proj.weight"] = weight.bfloat16()
         ft[f"{prefix}.self_attn.k_proj.weight"] = (weight + 1e-3 * torch.randn(64, 48, generator=gen)).bfloat16()
@@ -195,18 +194,6 @@ def test_threads_started_by_matrix_workers_factorise_at_once_in_a_fresh_process(
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "8"
-
-
-def test_the_rank_workers_probe_finds_every_thread_count_reporting_the_same(tmp_path):
-    import json
-
-    from bench.probes import rank_workers
-    base, ft = bf16_pair(tmp_path, layers=2)
-    rank_workers.main([str(base), str(ft), "--device", "cpu", "--threads", "1,2", "--repeat", "1",
-                       "--out", str(tmp_path / "out")])
-    rows = json.loads((tmp_path / "out" / "rank_workers.json").read_text())["rows"]
-    assert [row["threads"] for row in rows] == [1, 2]
-    assert all(row["report_equal_to_first"] for row in rows)
 
 
 def test_threads_working_for_a_gpu_make_it_current(monkeypatch):

@@ -1,0 +1,65 @@
+"""Peer rows: what a user would run without deltakit, timed like deltakit's rows (through bench/child.py).
+
+    peer svdvals BASE FT --json OUT [--device auto]      # the plain loop: ΔW in fp32, torch.linalg.svdvals
+    peer peft-merge BASE ADAPTER -o OUT [--device auto]  # transformers + PEFT: merge_and_unload, save_pretrained
+
+``svdvals`` writes ``{"matrices": [{"name", "shape", "rank_at": {"0.9": k}}]}``, the fields of deltakit
+rank's JSON that the rank check reads. mergekit-extract-lora, the third peer, is its own console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pair import Checkpoint, rank_at
+
+
+def _device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def svdvals(base_path: Path, ft_path: Path, out: Path, device: torch.device) -> None:
+    """Every 2-D tensor both hold: ΔW = ft − base in fp32 on ``device``, its singular values, rank@90%."""
+    base, ft = Checkpoint(base_path), Checkpoint(ft_path)
+    matrices = []
+    for name in base.names():
+        if name not in ft.files or len(base.shape(name)) != 2:
+            continue
+        delta = ft.get(name).to(device, torch.float32) - base.get(name).to(device, torch.float32)
+        squared = torch.linalg.svdvals(delta).double() ** 2
+        matrices.append({"name": name, "shape": list(delta.shape), "rank_at": {"0.9": rank_at(squared.cpu(), 0.9)}})
+    out.write_text(json.dumps({"device": str(device), "matrices": matrices}, indent=1) + "\n")
+
+
+def peft_merge(base: Path, adapter: Path, out: Path, device: torch.device) -> None:
+    """The PEFT way: load the model, wrap it with the adapter, merge_and_unload, save_pretrained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).to(device)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="bench/child.py peer", description=__doc__.splitlines()[0])
+    parser.add_argument("peer", choices=("svdvals", "peft-merge"))
+    parser.add_argument("base", type=Path)
+    parser.add_argument("other", type=Path, help="FT (svdvals) or ADAPTER (peft-merge)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("-o", "--out", type=Path)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(sys.argv[1:])
+    if args.peer == "svdvals":
+        svdvals(args.base, args.other, args.json, _device(args.device))
+    else:
+        peft_merge(args.base, args.other, args.out, _device(args.device))
+
+
+if __name__ == "__main__":
+    main()
