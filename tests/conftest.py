@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -38,6 +39,25 @@ def assert_one_line_error(result, contains: str = "") -> None:
     assert len(err_lines) == 1 and err_lines[0].startswith("Error: "), result.stderr
     assert "Traceback" not in result.output + result.stderr
     assert contains.lower() in err_lines[0].lower(), err_lines[0]
+
+
+def finishes_within(seconds: float, call) -> BaseException | None:
+    """Run ``call`` in a daemon thread; the exception it raised (None if none), or fail if it still blocks after
+    ``seconds`` (a hang detector: what it runs returns in milliseconds)."""
+    outcome: list[BaseException | None] = []
+
+    def target():
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 -- handed back to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still blocked after {seconds} s"
+    return outcome[0]
 
 
 def low_rank(m: int, n: int, rank: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ import deltakit
 from deltakit import DeltakitError
 from deltakit.adapters.registry import base_info
 
-from conftest import assert_one_line_error, invoke, save
+from conftest import assert_one_line_error, finishes_within, invoke, save
 
 RANK = 8
 DEEP = 100_000  # brackets: Python's json recurses on them (RecursionError), serde refuses past 127
@@ -222,24 +221,6 @@ def test_a_malformed_shard_index_is_one_error_line_naming_file_and_key(folders, 
             call()
         assert words in str(raised.value) and expected in str(raised.value) and "\n" not in str(raised.value)
     assert not (tmp_path / "merged").exists()
-
-
-def finishes_within(seconds: float, call) -> BaseException | None:
-    """Run ``call`` in a daemon thread; the exception it raised (None if none), or fail if it blocks."""
-    outcome: list[BaseException | None] = []
-
-    def target():
-        try:
-            call()
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 -- handed back to the test
-            outcome.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert outcome, f"still blocked after {seconds} s"
-    return outcome[0]
 
 
 @pytest.mark.parametrize("name", ["config.json", "adapter_config.json"])
