@@ -23,7 +23,7 @@ import click
 
 if TYPE_CHECKING:
     from deltakit.distributed import Parallel
-    from deltakit.io.paths import InputFootprint
+    from deltakit.io.inputs import InputFootprint
 
 T = TypeVar("T")
 
@@ -205,7 +205,7 @@ def protect_inputs(force: bool, outputs: Iterable[str | os.PathLike | None],
     every output path that is, holds or lies inside one of them (even with --force) or that exists
     (without --force). None and "-" (stdout) outputs are passed over."""
     from deltakit.io import check_output_path
-    from deltakit.io.paths import footprints
+    from deltakit.io.inputs import footprints
 
     found = footprints(list(inputs))
     for path in outputs:

@@ -15,7 +15,7 @@ from deltakit_cli.common import (
 
 if TYPE_CHECKING:
     from deltakit.analysis import RankReport
-    from deltakit.io.paths import InputFootprint
+    from deltakit.io.inputs import InputFootprint
 
 RANK_EXAMPLES = """
 \b

@@ -35,7 +35,7 @@ import torch
 from deltakit.delta import resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path, explain_write_error, temporary_output
-from deltakit.io.paths import InputFootprint
+from deltakit.io.inputs import InputFootprint
 from deltakit.io.writer import ShardedWriter
 from deltakit.streams import make_current
 

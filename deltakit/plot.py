@@ -32,7 +32,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from deltakit.errors import DeltakitError
 from deltakit.io import atomic_file, open_checkpoint
-from deltakit.io.paths import InputFootprint
+from deltakit.io.inputs import InputFootprint
 from deltakit.pairing import layer_index, match_names, module_type
 from deltakit.spectral.metrics import (
     as_sorted_spectrum, energy_curve, lowrank_error_curve, marchenko_pastur_spectrum, rank_at_energy,

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from deltakit.errors import DeltakitError
 from deltakit.io import ShardedWriter, atomic_directory, atomic_file, open_checkpoint
 from deltakit.io.atomic import OWNER_FILE, TemporaryOutput, owner_record, reclaim_stale
-from deltakit.io.checkpoint import read_safetensors_header
+from deltakit.io.safetensors_header import read_safetensors_header
 
 from conftest import assert_one_line_error, invoke
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 import deltakit
 from deltakit.errors import DeltakitError
 from deltakit.io import ShardedWriter, open_checkpoint
-from deltakit.io.checkpoint import read_safetensors_header
+from deltakit.io.safetensors_header import read_safetensors_header
 
 from conftest import assert_one_line_error, finishes_within, invoke
 

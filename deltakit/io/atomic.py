@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from deltakit.errors import DeltakitError
-from deltakit.io.paths import InputFootprint, refuse_input_overlap
+from deltakit.io.inputs import InputFootprint, refuse_input_overlap
 
 OWNER_FILE = ".deltakit-owner"
 # Write errors that mean "the output does not fit": a full disk, a quota, a file-size limit.

@@ -14,10 +14,8 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import re
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -27,48 +25,15 @@ from typing import Any
 import torch
 
 from deltakit.errors import DeltakitError
-from deltakit.io.json_files import (MAX_NESTING, nesting_depth, read_json, short_json,
-                                    validate_model_config, validate_shard_index)
+from deltakit.io.filenames import ADAPTER_CONFIG, ALLOW_PICKLE_FLAG, PICKLE_INDEX, PICKLE_SUFFIXES, SAFETENSORS_INDEX
+from deltakit.io.hub import resolve_path
+from deltakit.io.json_files import read_json, validate_model_config, validate_shard_index
 from deltakit.io.paths import contained_file, open_regular, refuse_escaping_link
 from deltakit.io.quantized import QuantizedTensor, dequantize, logical_tensors, quantization_step
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-ADAPTER_CONFIG = "adapter_config.json"
-ALLOW_PICKLE_FLAG = "allow_pickle=True (--allow-pickle)"  # Python and CLI spelling; the CLI keeps the flag
-
-# safetensors dtype strings -> torch dtypes (what the header says, before any read).
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
-}
+from deltakit.io.safetensors_header import Stamp, file_stamp, stamped_header
+from deltakit.io.tensor_info import SAFETENSORS_DTYPES, TensorInfo
 
 _OPEN_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives and what it is, known without reading its data."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    file: Path
-    offset: int = -1  # byte offset of the data in a safetensors file; -1 for pickles
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
 @dataclass
@@ -89,13 +54,7 @@ class Checkpoint:
     hub_id: str | None = None  # "org/name[@revision]" when opened from the Hub
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _pickles: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _stamps: dict[Path, tuple[int, int, int, int]] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        # What each file was when its header was read; a read that finds it changed stops.
-        for file in {info.file for info in self.infos.values()}:
-            if Path(file) in _FILE_STAMPS:
-                self._stamps.setdefault(Path(file), _FILE_STAMPS[Path(file)])
+    stamps: dict[Path, Stamp] = field(default_factory=dict, repr=False)  # each file as its header was read
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -211,7 +170,7 @@ class Checkpoint:
                 if fd is None:
                     fd = open_regular(info.file)
                     try:
-                        _check_unchanged(info, fd, self._stamps)
+                        _check_unchanged(info, fd, self.stamps)
                     except BaseException:
                         os.close(fd)
                         raise
@@ -225,7 +184,7 @@ class Checkpoint:
                     f"{info.file} ended at byte {info.offset + skip + done:,} while tensor {info.name} was being read: "
                     "it was truncated or replaced after deltakit opened it")
             done += count
-        _check_unchanged(info, fd, self._stamps)
+        _check_unchanged(info, fd, self.stamps)
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
         return buffer.view(info.dtype).reshape(shape)
@@ -254,12 +213,12 @@ class Checkpoint:
         self.close()
 
 
-def _check_unchanged(info: TensorInfo, fd: int, stamps: dict[Path, tuple[int, int, int, int]]) -> None:
+def _check_unchanged(info: TensorInfo, fd: int, stamps: dict[Path, Stamp]) -> None:
     """Refuse to go on with a file that is no longer the one whose header was read (rewritten, replaced)."""
     stamp = stamps.get(Path(info.file))
     if stamp is None:
         return
-    now = _stamp(os.fstat(fd))
+    now = file_stamp(os.fstat(fd))
     if now != stamp:
         what = (f"now {now[2]:,} bytes, {stamp[2]:,} when opened" if now[2] != stamp[2]
                 else "replaced" if now[:2] != stamp[:2] else "modified")
@@ -270,24 +229,6 @@ def _check_unchanged(info: TensorInfo, fd: int, stamps: dict[Path, tuple[int, in
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
-
-
-def resolve_path(path: str | os.PathLike, allow_pickle: bool = False, weights: bool = True) -> Path:
-    """Turn a local path, or a Hub id ``org/name[@revision]``, into a path on this machine.
-
-    A local file or folder wins over a hub id of the same name. A hub id resolves to its
-    snapshot in the Hugging Face cache, downloading the configs and (with ``weights``) the
-    weight files a command reads; see :mod:`deltakit.io.hub` (offline: the cache only).
-    """
-    local = Path(path).expanduser()
-    if local.exists():
-        return local
-    from deltakit.io.hub import parse_hub_id, resolve_hub_id
-
-    hub_id = parse_hub_id(path)
-    if hub_id is None:
-        raise DeltakitError(f"{path}: no such file or folder")
-    return resolve_hub_id(hub_id, allow_pickle=allow_pickle, weights=weights)
 
 
 def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Checkpoint:
@@ -311,13 +252,13 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> Chec
             files = [path]
         if fmt == "pickle" and not allow_pickle:
             raise DeltakitError(_pickle_refusal(path))
-    infos = _pickle_infos(files) if fmt == "pickle" else _safetensors_infos(files)
+    infos, stamps = (_pickle_infos(files), {}) if fmt == "pickle" else _safetensors_infos(files)
     if not infos:
         raise DeltakitError(f"{path} holds no tensors")
     config = read_model_config(root / "config.json")
     infos, quantized = logical_tensors(infos, config, path)
     return Checkpoint(path=path, root=root, format=fmt, infos=infos, config=config, quantized=quantized,
-                      hub_id=hub_id)
+                      hub_id=hub_id, stamps=stamps)
 
 
 def _format_of(filename: str) -> str:
@@ -386,213 +327,26 @@ def read_model_config(path: Path) -> dict[str, Any] | None:
     return validate_model_config(read_json(path), path)
 
 
-def _safetensors_infos(files: list[Path]) -> dict[str, TensorInfo]:
+TORCH_DIM_MAX = 2**63 - 1  # torch sizes are int64
+
+
+def _safetensors_infos(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[Path, Stamp]]:
+    """Every tensor of ``files`` from their headers, and each file's stamp when its header was read."""
     infos: dict[str, TensorInfo] = {}
+    stamps: dict[Path, Stamp] = {}
     for file in files:
-        for name, (shape, dtype_str, offset) in read_safetensors_header(file).items():
-            dtype = _SAFETENSORS_DTYPES.get(dtype_str)
+        entries, stamps[Path(file)] = stamped_header(file)
+        for name, (shape, dtype_str, offset) in entries.items():
+            dtype = SAFETENSORS_DTYPES.get(dtype_str)
             if dtype is None:
                 raise DeltakitError(f"{file}: tensor {name} has unsupported dtype {dtype_str}")
             if name in infos:
                 raise DeltakitError(f"tensor {name} appears in both {infos[name].file.name} and {file.name}")
-            if any(d > _TORCH_DIM_MAX for d in shape):  # valid safetensors when another dimension is 0
+            if any(d > TORCH_DIM_MAX for d in shape):  # valid safetensors when another dimension is 0
                 raise DeltakitError(f"{file}: tensor {name} has shape {list(shape)}, with a dimension beyond "
-                                    f"{_TORCH_DIM_MAX:,} (2^63 - 1), the largest torch can hold")
+                                    f"{TORCH_DIM_MAX:,} (2^63 - 1), the largest torch can hold")
             infos[name] = TensorInfo(name, shape, dtype, file, offset)
-    return infos
-
-
-# Bits per element of every dtype the safetensors format knows (0.8: its `Dtype` enum). The header
-# is validated against all of them, as the safetensors library does; which ones deltakit can read
-# is decided after (see _SAFETENSORS_DTYPES).
-_SAFETENSORS_BITS = {
-    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
-    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
-}
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
-_USIZE_MAX = 2**64 - 1
-_TORCH_DIM_MAX = 2**63 - 1  # torch sizes are int64
-_TENSOR_FIELDS = ("dtype", "shape", "data_offsets")
-
-# (device, inode, size, mtime) of each safetensors file when its header was read: a read that
-# finds the file different stops, rather than returning bytes the header does not describe.
-_FILE_STAMPS: dict[Path, tuple[int, int, int, int]] = {}
-
-
-def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def read_safetensors_header(file: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
-    """Name -> (shape, dtype string, absolute data offset) from a safetensors header, validated.
-
-    Refuses, with one :class:`DeltakitError` naming the file (and the tensor), everything the
-    safetensors library refuses: a header that is not UTF-8 JSON of the expected shape (an object
-    of tensor entries and an optional ``__metadata__`` of strings), nested deeper than serde_json
-    parses, unknown dtypes, shapes and ``data_offsets`` that are not non-negative integers,
-    offsets that overlap or leave gaps, a byte span that does not match shape × dtype size, and
-    data that does not end exactly at the end of the file. A truncated file is refused here,
-    before any tensor is read.
-    """
-    try:
-        with os.fdopen(open_regular(file), "rb") as fh:
-            st = os.fstat(fh.fileno())
-            size = st.st_size
-            head = fh.read(8)
-            if len(head) < 8:
-                raise DeltakitError(f"{file} is truncated or not a safetensors file ({size} bytes)")
-            header_len = int.from_bytes(head, "little")
-            if header_len > MAX_HEADER_BYTES:
-                raise DeltakitError(f"{file} is not a safetensors file: its header would be {header_len:,} bytes, "
-                                    f"more than the format's limit of {MAX_HEADER_BYTES:,}")
-            if header_len <= 0 or 8 + header_len > size:
-                raise DeltakitError(f"{file} is not a safetensors file, or its header is truncated")
-            raw = fh.read(header_len)
-    except OSError as exc:
-        raise DeltakitError(f"cannot read {file}: {_first_line(exc)}") from None
-    if len(raw) < header_len:
-        raise DeltakitError(f"{file} is truncated: it ended while its header was being read")
-    header = _parse_header_json(file, raw)
-    out = _validate_header(file, header, size - 8 - header_len)
-    _FILE_STAMPS[Path(file)] = _stamp(st)
-    return {name: (shape, dtype, 8 + header_len + begin) for name, (shape, dtype, begin) in out.items()}
-
-
-class _Pairs(dict):
-    """A JSON object; ``duplicates`` holds the keys that appeared more than once (the last value is kept)."""
-
-    duplicates: frozenset[str] = frozenset()
-
-
-def _object(pairs: list[tuple[str, Any]]) -> _Pairs:
-    obj = _Pairs(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        obj.duplicates = frozenset(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-    return obj
-
-
-class _NotJson(ValueError):
-    """A JSON value serde_json refuses although Python's json module reads it."""
-
-
-def _refuse_constant(text: str) -> Any:
-    raise _NotJson(f"{text} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise _NotJson(f"number out of range: {text[:20]}")
-    return value
-
-
-def _integer(text: str) -> int | float:
-    # serde_json reads "-0" as the float -0.0, and integers beyond 64 bits as floats.
-    if text == "-0":
-        return -0.0
-    if len(text.lstrip("-")) > 20:
-        return _finite_float(text)
-    return int(text)
-
-
-def _parse_header_json(file: Path, raw: bytes) -> Any:
-    """The header's JSON value, read as serde_json reads it (strict UTF-8, finite numbers, bounded nesting)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise DeltakitError(f"{file} is corrupt: its safetensors header is not UTF-8") from None
-    if nesting_depth(raw) > MAX_NESTING:
-        raise DeltakitError(f"{file} is corrupt: its safetensors header is nested more than {MAX_NESTING} deep")
-    try:
-        header = json.loads(text, object_pairs_hook=_object, parse_constant=_refuse_constant,
-                            parse_float=_finite_float, parse_int=_integer)
-    except (ValueError, RecursionError):  # JSONDecodeError and _NotJson are ValueErrors
-        raise DeltakitError(f"{file} is corrupt: its safetensors header is not valid JSON") from None
-    if "\\u" in text and re.search(r"\\u[dD][89a-fA-F]", text):
-        try:  # a lone surrogate escape, which Python keeps and serde_json refuses
-            json.dumps(header, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise DeltakitError(f"{file} is corrupt: its safetensors header has an unpaired \\u surrogate escape") from None
-    return header
-
-
-def _usize(value: Any) -> bool:
-    return type(value) is int and 0 <= value <= _USIZE_MAX
-
-
-def _dtype_name(value: Any) -> str | None:
-    """A dtype given as "F32", or as the unit-variant object {"F32": null} serde also accepts."""
-    if isinstance(value, str):
-        return value if value in _SAFETENSORS_BITS else None
-    if isinstance(value, dict) and len(value) == 1 and not value.duplicates:
-        (name, unit), = value.items()
-        return name if name in _SAFETENSORS_BITS and unit is None else None
-    return None
-
-
-def _validate_header(file: Path, header: Any, data_len: int) -> dict[str, tuple[tuple[int, ...], str, int]]:
-    """Name -> (shape, dtype, data offset relative to the data), checked as safetensors' Metadata::validate does."""
-    if not isinstance(header, dict):
-        raise DeltakitError(f"{file} is corrupt: its safetensors header is not a JSON object")
-    if "__metadata__" in header.duplicates:
-        raise DeltakitError(f"{file} is corrupt: its safetensors header has __metadata__ twice")
-    if header.duplicates:  # which entry is the tensor? (the library keeps the last one if every entry is valid)
-        raise DeltakitError(f"{file} is corrupt: tensor {sorted(header.duplicates)[0]} appears twice in its "
-                            "safetensors header")
-    metadata = header.get("__metadata__")
-    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise DeltakitError(f"{file} is corrupt: its __metadata__ is not an object of strings")
-    entries: list[tuple[int, int, str, tuple[int, ...], str]] = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        where = f"{file} is corrupt: tensor {name}"
-        if not isinstance(entry, dict):
-            raise DeltakitError(f"{where}: its header entry is {short_json(entry)}, not an object")
-        missing = [f for f in _TENSOR_FIELDS if f not in entry]
-        if missing or entry.duplicates & set(_TENSOR_FIELDS):
-            problem = f"has no {missing[0]}" if missing else f"gives {sorted(entry.duplicates & set(_TENSOR_FIELDS))[0]} twice"
-            raise DeltakitError(f"{where}: its header entry {problem}")
-        dtype = _dtype_name(entry["dtype"])
-        if dtype is None:
-            raise DeltakitError(f"{where} has unknown dtype {short_json(entry['dtype'])}")
-        shape, offsets = entry["shape"], entry["data_offsets"]
-        if not isinstance(shape, list) or not all(_usize(d) for d in shape):
-            raise DeltakitError(f"{where}: shape {short_json(shape)} is not a list of non-negative integers")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_usize(o) for o in offsets):
-            raise DeltakitError(f"{where}: data_offsets {short_json(offsets)} are not two non-negative integers")
-        entries.append((offsets[0], offsets[1], name, tuple(shape), dtype))
-    entries.sort(key=lambda e: (e[0], e[1]))  # as safetensors: any order in the file, contiguous once sorted
-    out: dict[str, tuple[tuple[int, ...], str, int]] = {}
-    covered = 0
-    for begin, end, name, shape, dtype in entries:
-        where = f"{file} is corrupt: tensor {name}"
-        if begin != covered or end < begin:
-            raise DeltakitError(
-                f"{where}: invalid data_offsets [{begin}, {end}] (the previous tensor's data ends at byte {covered}; "
-                "tensors must cover the data contiguously, without gaps or overlaps)")
-        covered = end
-        elements = 1
-        for d in shape:  # in order, overflowing as a 64-bit product would
-            elements *= d
-            if elements > _USIZE_MAX:
-                raise DeltakitError(f"{where}: shape {list(shape)} has more elements than 64 bits count")
-        bits = elements * _SAFETENSORS_BITS[dtype]
-        if bits > _USIZE_MAX:
-            raise DeltakitError(f"{where}: shape {list(shape)} {dtype} has more bits than 64 bits count")
-        if bits % 8:
-            raise DeltakitError(f"{where}: shape {list(shape)} {dtype} does not end on a byte boundary")
-        if bits // 8 != end - begin:
-            raise DeltakitError(f"{where} has {end - begin} bytes for shape {list(shape)} {dtype} ({bits // 8} expected)")
-        out[name] = (shape, dtype, begin)
-    if covered > data_len:
-        raise DeltakitError(f"{file} is truncated: its tensors need {covered:,} bytes of data, the file holds {data_len:,}")
-    if covered < data_len:
-        raise DeltakitError(f"{file} is corrupt: {data_len - covered:,} bytes after the last tensor's data "
-                            "(the header does not describe the whole file)")
-    return out
+    return infos, stamps
 
 
 def _load_pickle(file: Path) -> dict[str, torch.Tensor]:

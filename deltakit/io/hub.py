@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from deltakit.errors import DeltakitError
-from deltakit.io.checkpoint import ADAPTER_CONFIG, PICKLE_INDEX, PICKLE_SUFFIXES, SAFETENSORS_INDEX
+from deltakit.io.filenames import ADAPTER_CONFIG, PICKLE_INDEX, PICKLE_SUFFIXES, SAFETENSORS_INDEX
 from deltakit.io.json_files import read_json, validate_shard_index
 
 CONFIG_FILES = ("config.json", ADAPTER_CONFIG)
@@ -98,6 +98,22 @@ def parse_hub_id(text: str | os.PathLike) -> HubId | None:
     if repo.endswith((".safetensors", ".json") + PICKLE_SUFFIXES) or ".." in repo or "--" in repo:
         return None
     return HubId(repo, match["revision"])
+
+
+def resolve_path(path: str | os.PathLike, allow_pickle: bool = False, weights: bool = True) -> Path:
+    """Turn a local path, or a Hub id ``org/name[@revision]``, into a path on this machine.
+
+    A local file or folder wins over a hub id of the same name. A hub id resolves to its
+    snapshot in the Hugging Face cache, downloading the configs and (with ``weights``) the
+    weight files a command reads; see :mod:`deltakit.io.hub` (offline: the cache only).
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    hub_id = parse_hub_id(path)
+    if hub_id is None:
+        raise DeltakitError(f"{path}: no such file or folder")
+    return resolve_hub_id(hub_id, allow_pickle=allow_pickle, weights=weights)
 
 
 def base_model_fields(path: str | os.PathLike) -> dict[str, str]:

@@ -11,7 +11,8 @@ import warnings
 from pathlib import Path
 
 from deltakit.errors import DeltakitWarning
-from deltakit.io.checkpoint import ADAPTER_CONFIG, Checkpoint, read_model_config
+from deltakit.io.checkpoint import Checkpoint, read_model_config
+from deltakit.io.filenames import ADAPTER_CONFIG
 from deltakit.io.paths import containment_root, is_inside
 
 # Files of a model folder that are weights (never copied: the output has its own).

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from deltakit.errors import DeltakitError
-from deltakit.io.checkpoint import ADAPTER_CONFIG, Checkpoint, open_checkpoint, resolve_path
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.hub import resolve_path
+from deltakit.io.filenames import ADAPTER_CONFIG
 from deltakit.io.json_files import peft_pattern, read_json, validate_adapter_config
 from deltakit.io.paths import refuse_escaping_link
 

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from deltakit.errors import DeltakitError
+from deltakit.io.tensor_info import TensorInfo
 
-if TYPE_CHECKING:
-    from deltakit.io.checkpoint import TensorInfo
 
 FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
 DEFAULT_FP8_BLOCK = (128, 128)
@@ -72,8 +71,8 @@ class QuantizedTensor:
     format: str  # "fp8" | "mxfp4"
     shape: tuple[int, ...]  # logical shape
     dtype: torch.dtype  # logical dtype (what dequantize returns)
-    data: "TensorInfo"  # fp8 values, or MXFP4 blocks
-    scale: "TensorInfo"  # fp8 scale (multiplied), or MXFP4 e8m0 exponents
+    data: TensorInfo  # fp8 values, or MXFP4 blocks
+    scale: TensorInfo  # fp8 scale (multiplied), or MXFP4 e8m0 exponents
     block: tuple[int, int] = DEFAULT_FP8_BLOCK  # fp8 block (rows, cols) when the scale is per block
 
     @property
@@ -84,7 +83,7 @@ class QuantizedTensor:
         return f"{kind} with {scale_granularity(self)} scales"
 
 
-ReadFn = Callable[["TensorInfo", int | None, int | None, bool], torch.Tensor]  # (info, start, stop, pin)
+ReadFn = Callable[[TensorInfo, int | None, int | None, bool], torch.Tensor]  # (info, start, stop, pin)
 
 
 def quant_method(config: Mapping[str, Any] | None) -> str | None:
@@ -121,15 +120,13 @@ def refuse_unreadable(names: list[str], config: Mapping[str, Any] | None, where:
 
 
 def logical_tensors(
-    infos: Mapping[str, "TensorInfo"], config: Mapping[str, Any] | None, where: object = "checkpoint",
-) -> tuple[dict[str, "TensorInfo"], dict[str, QuantizedTensor]]:
+    infos: Mapping[str, TensorInfo], config: Mapping[str, Any] | None, where: object = "checkpoint",
+) -> tuple[dict[str, TensorInfo], dict[str, QuantizedTensor]]:
     """The checkpoint as its logical tensors: quantized ones under their logical names, companions hidden.
 
     Returns (name -> info with the logical shape and dtype, logical name -> QuantizedTensor).
     Refuses an fp8 tensor without a scale, MXFP4 blocks without scales, and unreadable formats.
     """
-    from deltakit.io.checkpoint import TensorInfo
-
     refuse_unreadable(list(infos), config, where)
     dtype = logical_dtype(config)
     block = fp8_block(config)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_file
-from deltakit.io.paths import InputFootprint
+from deltakit.io.inputs import InputFootprint
 
 FORMAT_VERSION = "1"
 SIGNAL_PREFIX = "signal::"

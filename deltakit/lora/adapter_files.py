@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from deltakit.distributed import Parallel, shared_writer
-from deltakit.io.checkpoint import ADAPTER_CONFIG
+from deltakit.io.filenames import ADAPTER_CONFIG
 
 ADAPTER_WEIGHTS_PREFIX = "adapter_model"
 

@@ -51,7 +51,7 @@ from deltakit.distributed import (
 )
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
-from deltakit.io.paths import footprints
+from deltakit.io.inputs import footprints
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.hub import base_model_fields
 from deltakit.io.peft import adapter_config, adapter_keys, is_peft_adapter, whole_tensor_key

@@ -46,7 +46,7 @@ from deltakit.distributed import (
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, read_model_config
-from deltakit.io.paths import footprints
+from deltakit.io.inputs import footprints
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter, rows_to_write
 from deltakit.pairing import EMBEDDING_LEAF, TensorPair, match_names, module_type

@@ -31,7 +31,7 @@ from deltakit.intruders import (
     check_k, new_report, open_source, share_matrices,
 )
 from deltakit.io.atomic import check_output_path
-from deltakit.io.paths import footprints
+from deltakit.io.inputs import footprints
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.peft import is_peft_adapter
