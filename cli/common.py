@@ -264,6 +264,14 @@ def hub_options(command: Callable[..., Any]) -> Callable[..., Any]:
                         help="No network: hub ids (org/name[@revision]) must already be in the local cache.")(wrapper)
 
 
+def build_spectral_options(device: str = "auto", exact: bool = False, fp64: bool = False,
+                           spectrum: str | None = None) -> Any:
+    """The one :class:`~deltakit.spectral.options.SpectralOptions` of a command, from its flags."""
+    from deltakit.spectral.options import SpectralOptions
+
+    return SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact, spectrum=spectrum or "auto")
+
+
 def spectral_options(f):
     """--device, --exact, --fp64: how spectra are computed (shared with extract and intruders)."""
     f = click.option("--fp64", is_flag=True, help="Compute ΔW and its spectrum in float64 instead of float32.")(f)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import click
-
-if TYPE_CHECKING:  # the library is imported in command bodies only (fast --help)
-    from deltakit.spectral.options import SpectralOptions
 
 from deltakit_cli.common import (
     allow_pickle_option, exclude_option, force_option, hub_options, include_option, parallel_workers, progress,
-    protect_inputs, spectral_options, user_errors, write_json,
+    build_spectral_options, protect_inputs, spectral_options, user_errors, write_json,
 )
 
 COMPARE_EXAMPLES = """
@@ -29,12 +24,6 @@ Examples:
   deltakit trajectory ./base run/checkpoint-100 run/checkpoint-200 run/final --json traj.json
   deltakit trajectory ./base 'output/checkpoint-*' --plot trajectory.png -e 0.5 -e 0.9
 """
-
-
-def _options(device: str, exact: bool, fp64: bool) -> SpectralOptions:
-    from deltakit.spectral.options import SpectralOptions
-
-    return SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
 
 
 @click.command("compare", epilog=COMPARE_EXAMPLES)
@@ -63,12 +52,12 @@ def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_
     subspaces (Hu et al. 2021, §7) beside that of random subspaces (k/m), and ‖ΔW_A‖/‖ΔW_B‖.
     Top-k vectors come from a randomized SVD (--exact: full SVD).
     """
-    from deltakit.compare import compare
+    from deltakit.analyses.compare import compare
 
     inputs = protect_inputs(force, (json_path, plot_path),
                             [("base", base), *(("fine-tune", ft) for ft in fts)])
     with parallel_workers(device) as parallel:
-        report = compare(base, fts, top, _options(device, exact, fp64), include, exclude, allow_pickle,
+        report = compare(base, fts, top, build_spectral_options(device, exact, fp64), include, exclude, allow_pickle,
                          progress=progress if parallel.is_main else None, parallel=parallel)
     if not parallel.is_main:
         return
@@ -115,13 +104,13 @@ def trajectory_command(base, checkpoints, energy, top, intruder_k, epsilon, incl
     intruder dimensions (as `deltakit intruders`), and the overlap of ΔW's top-k left singular
     subspace with the final checkpoint's.
     """
-    from deltakit.trajectory import checkpoint_paths, trajectory
+    from deltakit.analyses.trajectory import checkpoint_paths, trajectory
 
     paths = checkpoint_paths(checkpoints)
     inputs = protect_inputs(force, (json_path, plot_path),
                             [("base", base), *(("checkpoint", path) for path in paths)])
     with parallel_workers(device) as parallel:
-        report = trajectory(base, paths, energy, top, intruder_k, epsilon, _options(device, exact, fp64), include,
+        report = trajectory(base, paths, energy, top, intruder_k, epsilon, build_spectral_options(device, exact, fp64), include,
                             exclude, allow_pickle, progress=progress if parallel.is_main else None, parallel=parallel)
     if not parallel.is_main:
         return

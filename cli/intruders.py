@@ -6,7 +6,7 @@ import click
 
 from deltakit_cli.common import (
     allow_pickle_option, exclude_option, force_option, hub_options, include_option, out_option, parallel_workers, parse_size,
-    progress, protect_inputs, spectral_options, user_errors, write_json,
+    build_spectral_options, progress, protect_inputs, spectral_options, user_errors, write_json,
 )
 
 EXAMPLES = """
@@ -52,16 +52,15 @@ def intruders_command(base, ft, k, epsilon, scale, out, max_shard_size, include,
     complete model is written in which each intruder's singular value is multiplied by λ.
     """
     from deltakit.errors import DeltakitError
-    from deltakit.intruders import intruders
-    from deltakit.lora.scale_intruders import scale_intruders
+    from deltakit.analyses.intruders import intruders
+    from deltakit.lora.intruder_scaling import scale_intruders
     from deltakit.io.writer import DEFAULT_SHARD_BYTES
     from deltakit.report import render_intruders
-    from deltakit.spectral.options import SpectralOptions
 
     if (scale is None) != (out is None):
         raise DeltakitError("--scale and -o/--out go together: --scale λ -o DIR writes the scaled model")
     inputs = protect_inputs(force, (json_path,), [("base", base), ("fine-tune", ft)])
-    options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
+    options = build_spectral_options(device, exact, fp64)
     shard_bytes = parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_BYTES
     with parallel_workers(device) as parallel:
         shown = progress if parallel.is_main else None

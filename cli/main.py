@@ -59,10 +59,9 @@ def main() -> None:
     try:
         cli(prog_name="deltakit")
     finally:
-        # The interpreter's shutdown would walk every object torch made: 0.39-0.43 s of the exit after
-        # `rank` on the demo pair on the development VM, 0.11 s with the freeze (bench/probes/cli_timeline.py),
-        # all of it after the report is written. Frozen objects are left to the OS; files are closed,
-        # atexit handlers still run.
+        # The interpreter's shutdown would walk every object torch made (about 0.4 s of the exit after
+        # `rank`, 0.1 s with the freeze; docs/benchmarks.md), all of it after the report is written.
+        # Frozen objects are left to the OS; files are closed, atexit handlers still run.
         gc.freeze()
 
 

@@ -57,6 +57,7 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
     import matplotlib.pyplot as plt
 
     from deltakit import plot
+    from deltakit.analyses.weights import weight_spectra
     from deltakit.errors import DeltakitError
     from deltakit.io.spectra import load_spectra
 
@@ -79,7 +80,7 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
         base_path = _checkpoint_path(base, info.get("base"), "--base")
         ft_path = _checkpoint_path(ft, info.get("ft"), "--ft")
         inputs = protect_inputs(force, (output,), [("spectra file", spectra), ("base", base_path), ("fine-tune", ft_path)])
-        by_label = plot.weight_spectra(base_path, ft_path, name, device=device)
+        by_label = weight_spectra(base_path, ft_path, name, device=device)
         figure = plot.plot_spectra(by_label, title=f"Singular values of {name}").figure
     try:
         plot.save_figure(figure, output, force=force, inputs=inputs)

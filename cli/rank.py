@@ -10,11 +10,11 @@ import click
 
 from deltakit_cli.common import (
     allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
-    progress, protect_inputs, spectral_options, user_errors, write_json,
+    build_spectral_options, progress, protect_inputs, spectral_options, user_errors, write_json,
 )
 
 if TYPE_CHECKING:
-    from deltakit.analysis import RankReport
+    from deltakit.analyses.rank_report import RankReport
     from deltakit.io.inputs import InputFootprint
 
 RANK_EXAMPLES = """
@@ -84,12 +84,10 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
     On a GPU only the top of each spectrum is computed, as far as rank@X needs (the
     adaptive path; --full-spectrum, --exact, --fp64 and --save-spectra compute all of it).
     """
-    from deltakit.analysis import rank
-    from deltakit.spectral.options import SpectralOptions
+    from deltakit.analyses.rank import rank
 
     inputs = protect_inputs(force, (json_path, csv_path, spectra_path), [("base", base), ("fine-tune", ft)])
-    options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact,
-                              spectrum=spectrum or "auto")
+    options = build_spectral_options(device, exact, fp64, spectrum)
     with parallel_workers(device) as parallel:
         report = rank(base, ft, energy, options, include, exclude, allow_pickle, keep_spectra=bool(spectra_path),
                       progress=progress if parallel.is_main else None, parallel=parallel)
@@ -120,10 +118,9 @@ def demo_command(keep, device, force):
     update with a decaying spectrum, everything else is unchanged (rank 0). Nothing is
     downloaded.
     """
-    from deltakit.analysis import rank
+    from deltakit.analyses.rank import rank
     from deltakit.demo import DEMO_LORA_RANK, write_demo_pair
     from deltakit.report import render_report
-    from deltakit.spectral.options import SpectralOptions
 
     with tempfile.TemporaryDirectory(prefix="deltakit-demo-") as tmp:
         folder = Path(keep) if keep else Path(tmp)
@@ -132,7 +129,7 @@ def demo_command(keep, device, force):
                  else "to a temporary folder, deleted when this command ends (--keep DIR keeps it)")
         click.echo(f"demo pair written {where}; q_proj, v_proj: merged rank-{DEMO_LORA_RANK} LoRA; "
                    "MLP: dense update; rest unchanged", err=True)
-        report = rank(base, ft, (0.5, 0.9, 0.99), SpectralOptions(device=device), progress=progress)
+        report = rank(base, ft, (0.5, 0.9, 0.99), build_spectral_options(device), progress=progress)
         click.echo(render_report(report))
         if keep:
             click.echo(f"\nnext: deltakit rank {base} {ft} --json report.json", err=True)

@@ -8,7 +8,7 @@ import click
 
 from deltakit_cli.common import (
     allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, out_option, parallel_workers,
-    progress, protect_inputs, spectral_options, user_errors, write_json,
+    build_spectral_options, progress, protect_inputs, spectral_options, user_errors, write_json,
 )
 
 NOT_CARRIED_SHOWN = 5
@@ -101,10 +101,9 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
     factor space (exact, without forming ΔW or reading BASE's weights).
     """
     from deltakit.lora import extract_lora
-    from deltakit.spectral.options import SpectralOptions
 
     inputs = protect_inputs(force, (json_path,), [("base", base), *(("fine-tune", source) for source in ft)])
-    options = SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact)
+    options = build_spectral_options(device, exact, fp64)
     sources = ft[0] if len(ft) == 1 else list(ft)
     with parallel_workers(device) as parallel:
         report = extract_lora(base, sources, out, rank=rank, energy=energy, budget=budget, max_rank=max_rank,

@@ -9,18 +9,21 @@ Example::
     deltakit.merge("base-model", "adapter", "merged")
 """
 
-from deltakit.analysis import RankReport, rank
-from deltakit.spectral.options import SpectralOptions
-from deltakit.errors import DeltakitError
-from deltakit.intruders import intruders
-from deltakit.io import open_checkpoint
 from deltakit.adapters import open_adapter
+from deltakit.analyses.compare import compare
+from deltakit.analyses.intruders import intruders
+from deltakit.analyses.rank import rank
+from deltakit.analyses.rank_report import RankReport
+from deltakit.analyses.trajectory import trajectory
+from deltakit.errors import DeltakitError, DeltakitWarning
+from deltakit.io import open_checkpoint
 from deltakit.lora import extract_lora, merge, unmerge
-from deltakit.lora.scale_intruders import scale_intruders
+from deltakit.lora.intruder_scaling import scale_intruders
+from deltakit.spectral.options import SpectralOptions
+from deltakit.version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "rank", "RankReport", "SpectralOptions", "extract_lora", "merge", "unmerge", "intruders", "scale_intruders",
-    "DeltakitError", "open_checkpoint", "open_adapter", "__version__",
+    "compare", "trajectory", "DeltakitError", "DeltakitWarning", "open_checkpoint", "open_adapter", "__version__",
 ]

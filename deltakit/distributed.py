@@ -32,12 +32,12 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from deltakit.delta import resolve_device
+from deltakit.device.placement import resolve_device
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_directory, check_output_path, explain_write_error, temporary_output
 from deltakit.io.inputs import InputFootprint
 from deltakit.io.writer import ShardedWriter
-from deltakit.streams import make_current
+from deltakit.device.placement import make_current
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import functools
 import re
@@ -79,6 +80,14 @@ class TensorPair:
 
     ``shape`` is the analysed shape: for an embedding that gained vocabulary rows it is the
     base's (the shared rows), and ``added_rows`` counts the new ones.
+
+    ``transposed`` is the one orientation every command asks: the model stores this weight as the
+    transpose of its layer's (out, in) matrix (a transformers Conv1D [in, out], an input-major
+    expert slice, an nn.Embedding table [vocab, dim] whose (out, in) matrix is (dim, vocab)). It is
+    decided once, here from the names, shapes and config (:func:`pair_tensors`), and for an adapter's
+    pairs from the adapter's module as well (:func:`adapted_layout`, ``deltakit.adapters.adapter_pairs``).
+    Surgery factors and applies the (out, in) matrix (:meth:`to_out_in`); the analyses read
+    :meth:`analysed`, which keeps embedding tables as stored (a row per token).
     """
 
     name: str  # as stored in the fine-tune
@@ -89,6 +98,7 @@ class TensorPair:
     module_type: str
     layer: int | None
     layout: str = "linear"  # "linear" [out, in], "conv1d" / "input_major" [in, out], "embedding" [vocab, dim], "vector"
+    transposed: bool = False  # stored as the transpose of the layer's (out, in) matrix: see the class docstring
     fused: bool = False
     added_rows: int = 0
     expert: int | None = None  # MoE expert index (a slice of a fused tensor, or a per-expert module)
@@ -97,6 +107,16 @@ class TensorPair:
     @property
     def is_matrix(self) -> bool:
         return len(self.shape) == 2
+
+    def to_out_in(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (stored like this pair) as its layer's (out, in) matrix, or back (the transpose is its
+        own inverse): what a LoRA's B @ A is (PEFT's ``fan_in_fan_out``, embedding LoRA)."""
+        return tensor.T if self.transposed else tensor
+
+    def analysed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as the analyses read it: [out, in], so that left singular vectors are output
+        directions; an embedding table stays [vocab, dim], a row per token (docs/intruders.md)."""
+        return tensor.T if self.transposed and self.layout != "embedding" else tensor
 
     @property
     def ft_tensor(self) -> str:
@@ -199,14 +219,17 @@ def selected(name: str, include: Iterable[str] = (), exclude: Iterable[str] = ()
     return not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
 
 
-INPUT_MAJOR_LAYOUTS = ("conv1d", "input_major")  # stored [in, out]
-
-
-def oriented(tensor: torch.Tensor, pair: TensorPair) -> torch.Tensor:
-    """``tensor`` (stored like ``pair``) as [out, in]: GPT-2's Conv1D weights and input-major expert
-    slices (gpt-oss) are stored [in, out] and are transposed to mean what Linear's do, so that left
-    singular vectors are output directions (intruders, compare, trajectory)."""
-    return tensor.T if pair.layout in INPUT_MAJOR_LAYOUTS else tensor
+def check_names(known: Iterable[str], names: Iterable[str], where: str = "the spectra file") -> list[str]:
+    """``names`` as a list, or a DeltakitError naming the closest match for one not in ``known``."""
+    known, names = list(known), list(names)
+    present = set(known)
+    for name in names:
+        if name not in present:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            example = known[0] if known else "(none)"
+            hint = f"; did you mean {close[0]}?" if close else f"; it has e.g. {example}"
+            raise DeltakitError(f"no matrix named {name} in {where}{hint}")
+    return names
 
 
 def adapted_layout(pair: TensorPair, as_stored: tuple[int, ...], transposed: tuple[int, ...], fan_in_fan_out: bool,
@@ -386,9 +409,10 @@ def _pair_one(
     expert_index = EXPERT_INDEX.search(ft_name)
     expert = int(expert_index.group(2)) if expert_index else None
     if added_rows == 0 and len(shape) == 3 and FUSED_EXPERTS.search(ft_name):
+        layout = _expert_layout(ft_name, shape, config)
         return TensorPair(
             name=ft_name, base_name=base_name, shape=shape[1:], base_dtype=base_dtype, ft_dtype=ft_dtype,
-            module_type=kind, layer=layer_index(ft_name), layout=_expert_layout(ft_name, shape, config),
+            module_type=kind, layer=layer_index(ft_name), layout=layout, transposed=layout == "input_major",
             expert_slice=True,
         )
     if added_rows == 0 and len(shape) == 2 and EXPERT_BIAS.search(ft_name):
@@ -407,5 +431,6 @@ def _pair_one(
     return TensorPair(
         name=ft_name, base_name=base_name, shape=shape, base_dtype=base_dtype, ft_dtype=ft_dtype,
         module_type=kind, layer=layer_index(ft_name), layout=layout,
+        transposed=layout == "conv1d" or (layout == "embedding" and kind == "embed"),
         fused=bool(FUSED_LEAF.search(ft_name)), added_rows=added_rows, expert=expert,
     )

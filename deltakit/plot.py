@@ -6,6 +6,10 @@ and an optional matplotlib ``ax``; it draws there
 (or on a new figure) and returns the Axes, or the Figure for :func:`plot_overview`. Nothing
 here calls ``plt.show()`` or picks a backend, so it behaves the same in a notebook and in the CLI.
 
+Longer than ~450 lines: every figure of the spectra file (energy curves, error against rank, the
+rank heatmap, the overview) and of compare and trajectory reports shares one set of axes helpers,
+colours and grouping; the module is the drawing layer, no numerics beyond reading the file.
+
 Example::
 
     spectra, info = load_spectra("spectra.safetensors")
@@ -15,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import os
 from dataclasses import dataclass
@@ -31,9 +34,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator
 
 from deltakit.errors import DeltakitError
-from deltakit.io import atomic_file, open_checkpoint
+from deltakit.io import atomic_file
 from deltakit.io.inputs import InputFootprint
-from deltakit.pairing import layer_index, match_names, module_type
+from deltakit.pairing import check_names, layer_index, module_type
 from deltakit.spectral.metrics import (
     as_sorted_spectrum, energy_curve, lowrank_error_curve, marchenko_pastur_spectrum, rank_at_energy,
 )
@@ -91,19 +94,6 @@ def _check_order(function: str, spectra: Any, info: Any) -> None:
                                     and all(isinstance(v, np.ndarray) for v in info.values())):
         raise TypeError(f"{function}(spectra, info, ...): spectra first, then info, as load_spectra returns them; "
                         "these two look swapped")
-
-
-def check_names(known: Iterable[str], names: Iterable[str], where: str = "the spectra file") -> list[str]:
-    """``names`` as a list, or a DeltakitError naming the closest match for one not in ``known``."""
-    known, names = list(known), list(names)
-    present = set(known)
-    for name in names:
-        if name not in present:
-            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-            example = known[0] if known else "(none)"
-            hint = f"; did you mean {close[0]}?" if close else f"; it has e.g. {example}"
-            raise DeltakitError(f"no matrix named {name} in {where}{hint}")
-    return names
 
 
 def _percent(fraction: float) -> str:
@@ -403,37 +393,6 @@ def plot_spectra(spectra_by_label: Mapping[str, np.ndarray], *, title: str = "Si
     return ax
 
 
-def weight_spectra(base_ckpt_path: str | os.PathLike, ft_ckpt_path: str | os.PathLike, name: str, *,
-                   device: str = "cpu") -> dict[str, np.ndarray]:
-    """Singular values of W_base, W_ft and ΔW for one tensor ``name`` (as stored in the fine-tune).
-
-    Exact SVD, in float64 up to 1M entries and float32 above. For an embedding that gained
-    vocabulary rows, ΔW covers the shared rows only. Returns {"W_base", "W_ft", "ΔW"} -> float64.
-    """
-    import torch
-
-    from deltakit.delta import resolve_device
-    from deltakit.spectral.svd import singular_values
-
-    compute_device = resolve_device(device)
-    with open_checkpoint(ft_ckpt_path) as ft, open_checkpoint(base_ckpt_path) as base:
-        check_names(ft.keys(), [name], where=f"the fine-tune {ft_ckpt_path}")
-        base_name = match_names(base.keys(), [name]).get(name)
-        if base_name is None:
-            raise DeltakitError(f"{name} has no counterpart in the base checkpoint {base_ckpt_path}")
-        w_ft, w_base = ft.get(name, compute_device), base.get(base_name, compute_device)
-    if w_ft.ndim != 2 or w_base.ndim != 2:
-        raise DeltakitError(f"{name} has shape {tuple(w_ft.shape)}; only 2-D matrices have a spectrum")
-    rows = w_base.shape[0]
-    if w_ft.shape[1] != w_base.shape[1] or w_ft.shape[0] < rows:
-        raise DeltakitError(f"{name}: base shape {tuple(w_base.shape)} and fine-tune shape {tuple(w_ft.shape)} differ")
-    dtype = torch.float64 if w_ft.numel() <= 1 << 20 else torch.float32
-    w_base, w_ft = w_base.to(dtype), w_ft.to(dtype)
-    matrices = {"W_base": w_base, "W_ft": w_ft, "ΔW": w_ft[:rows] - w_base}
-    return {label: singular_values(m, method="exact", dtype=dtype).cpu().double().numpy()
-            for label, m in matrices.items()}
-
-
 def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None = None, *, energy: float = 0.9) -> Figure:
     """The default figure: energy curves and LoRA error vs rank side by side, rank heatmap below."""
     _check_order("plot_overview", spectra, info)
@@ -511,7 +470,7 @@ def plot_overlap_heatmap(report: Mapping[str, Any], k: int | None = None, pairs:
                          cosine: bool = True) -> Figure:
     """φ@k (left top-k subspace overlap) by layer × module type, one row of panels per pair of fine-tunes.
 
-    ``report`` is :meth:`deltakit.compare.CompareReport.to_dict`; ``k`` defaults to the middle
+    ``report`` is :meth:`deltakit.analyses.compare.CompareReport.to_dict`; ``k`` defaults to the middle
     --top value. With ``cosine``, a second panel per pair shows cos(vec ΔW_A, vec ΔW_B).
     """
     top = [int(t) for t in report["top"]]
@@ -541,7 +500,7 @@ def plot_overlap_heatmap(report: Mapping[str, Any], k: int | None = None, pairs:
 def plot_trajectory(report: Mapping[str, Any], energy: float | None = None, k: int | None = None) -> Figure:
     """Each trajectory metric vs training step, one line per module type (mean over layers).
 
-    ``report`` is :meth:`deltakit.trajectory.TrajectoryReport.to_dict`. Panels: relative ΔW,
+    ``report`` is :meth:`deltakit.analyses.trajectory.TrajectoryReport.to_dict`. Panels: relative ΔW,
     rank@energy, intruder dimensions (summed), φ@k with the final checkpoint.
     """
     energy_key = f"{energy if energy is not None else report['energy'][-1]:g}"

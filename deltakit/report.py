@@ -1,7 +1,7 @@
 """Tables for people and CSV for spreadsheets: `rank`, `intruders`, `compare` and `trajectory` reports.
 
 Every report shares its header (base, fine-tunes) and footer (what was skipped, where and how it
-ran) through :class:`~deltakit.report_meta.ReportMeta`."""
+ran) through :class:`~deltakit.analyses.meta.ReportMeta`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import csv
 import io
 from typing import Any, Sequence
 
-from deltakit.analysis import MatrixResult, RankReport, energy_key
-from deltakit.compare import CompareReport
-from deltakit.intruders import Intruder, IntruderReport
-from deltakit.trajectory import TrajectoryReport
+from deltakit.analyses.meta import energy_key
+from deltakit.analyses.rank_report import MatrixResult, RankReport
+from deltakit.analyses.compare import CompareReport
+from deltakit.analyses.intruders import Intruder, IntruderReport
+from deltakit.analyses.trajectory import TrajectoryReport
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align_left: int = 1) -> str:

@@ -81,20 +81,20 @@ def matrix_workspace(command: str, shape: tuple[int, ...], stored: int, compute:
 
 
 def is_blocked(shape: tuple[int, ...], compute: int) -> bool:
-    """Whether ``rank`` reads this matrix by row blocks (deltakit.blocked.blocked_pair, from the shape alone)."""
-    from deltakit.blocked import BLOCKED_BYTES
+    """Whether ``rank`` reads this matrix by row blocks (deltakit.spectral.blocked.blocked_pair, from the shape alone)."""
+    from deltakit.spectral.options import BLOCKED_BYTES
 
     return len(shape) == 2 and shape[0] >= shape[1] and math.prod(shape) * compute > BLOCKED_BYTES
 
 
 def blocked_workspace(shape: tuple[int, int], stored: int, compute: int) -> dict[str, int]:
-    """Bytes ``rank``'s row-blocked path (deltakit.blocked) holds for one tall m×n matrix.
+    """Bytes ``rank``'s row-blocked path (deltakit.spectral.blocked) holds for one tall m×n matrix.
 
     While the blocks are read: G (n×n), two row blocks of the pair as stored (one worked on, one
     read ahead) and the ΔW block, and the noise sums' workspace over a block; then the eigensolve
     (G, the eigensolver's copy of it, the values), once the blocks are gone.
     """
-    from deltakit.blocked import block_rows
+    from deltakit.spectral.blocked import block_rows
     from deltakit.spectral import noise, norms
 
     m, n = shape
@@ -121,16 +121,16 @@ def memory_model(preset: str | LlamaShapes, command: str = "rank", stored: str =
     compute dtype (``form``); then W_base as stored and ΔW (``item``) plus the largest step
     workspace; throughout, the pairs the stream has read ahead by the policy of
     :func:`deltakit.delta.prefetched` (``ahead``). ``rank`` reads a tall matrix whose ΔW is over
-    deltakit.blocked.BLOCKED_BYTES by row blocks (``path: "gram-blocked"``, :func:`blocked_workspace`). ``layers`` (default 2) limits the layers
+    deltakit.spectral.options.BLOCKED_BYTES by row blocks (``path: "gram-blocked"``, :func:`blocked_workspace`). ``layers`` (default 2) limits the layers
     listed: every layer is the same, so the peak does not depend on it. ``prefetch``: pairs read
     ahead (default: as on a GPU, :data:`GPU_READS_AHEAD`). ``threads``: matrices
     `rank` computes at once (default: as on a GPU, deltakit.spectral.options.GPU_MATRIX_THREADS);
-    the others hold items (with their workspaces) up to deltakit.workers.IN_FLIGHT_BYTES together
+    the others hold items (with their workspaces) up to deltakit.device.workers.IN_FLIGHT_BYTES together
     (``others``), none beside an item larger than that.
     """
-    from deltakit.delta import PREFETCH_BYTES, may_read_ahead
+    from deltakit.device.reads import PREFETCH_BYTES, may_read_ahead
     from deltakit.spectral.options import GPU_MATRIX_THREADS
-    from deltakit.workers import IN_FLIGHT_BYTES
+    from deltakit.device.workers import IN_FLIGHT_BYTES
 
     threads = (GPU_MATRIX_THREADS if command == "rank" else 1) if threads is None else threads
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from deltakit.spectral.noise import StorageNoise, storage_noise
-from deltakit.spectral.spectrum import AdaptivePlan
+from deltakit.spectral.options import AdaptivePlan
 
 TEST_PLAN = AdaptivePlan(min_side=256, start_width=32, probes=16, steps=32)  # lets 768×512 take the adaptive path
 
@@ -20,13 +20,15 @@ def spectrum_matrix(m: int, n: int, sigma: np.ndarray, seed: int) -> torch.Tenso
     return (left * torch.tensor(sigma, dtype=torch.float32)) @ right.T
 
 
-def noisy_bf16_pair(seed: int = 2, noise_rms: float = 2e-4) -> tuple[torch.Tensor, StorageNoise]:
+def noisy_bf16_pair(seed: int = 2, noise_rms: float = 2e-4, shape: tuple[int, int] = (768, 512)
+                    ) -> tuple[torch.Tensor, StorageNoise]:
     """ΔW of a bf16 base and fine-tune (fast-decaying update, dense noise, both sides rounded to bf16)
     and its storage-noise model."""
     gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(768, 512, generator=gen) * 0.02
-    update = spectrum_matrix(768, 512, 0.5 * np.arange(1, 65) ** -1.2, seed)
-    update += noise_rms * torch.randn(768, 512, generator=gen)
+    m, n = shape
+    weight = torch.randn(m, n, generator=gen) * 0.02
+    update = spectrum_matrix(m, n, 0.5 * np.arange(1, 65) ** -1.2, seed)
+    update += noise_rms * torch.randn(m, n, generator=gen)
     base, ft = weight.bfloat16(), (weight + update).bfloat16()
     delta = ft.float() - base.float()
     return delta, storage_noise(base, delta, torch.bfloat16, torch.bfloat16)

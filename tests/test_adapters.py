@@ -9,7 +9,6 @@ initial values).
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 
 import numpy as np
@@ -333,11 +332,11 @@ def test_lora_on_fused_expert_parameters(runner, tmp_path):
 def test_merge_in_row_blocks_equals_whole_tensors(adapters, tmp_path, monkeypatch, name):
     """Merge cuts tensors above PIECE_BYTES into row blocks; each type's rows of ΔW must be its ΔW's rows
     (DoRA on an embedding, whose norms need every row, stays whole)."""
-    merge_module = importlib.import_module("deltakit.lora.merge")
+    from deltakit.lora.merging import MergePlan, apply_plan
 
     base_folder, _, adapter, reference = adapters[name]
-    monkeypatch.setattr(merge_module, "PIECE_BYTES", 2048)  # 8 rows of a 64-wide fp32 matrix
-    merge_module.merge(base_folder, adapter, tmp_path / "merged", device="cpu")
+    apply_plan(MergePlan("merge", str(base_folder), (str(adapter),), str(tmp_path / "merged"), device="cpu",
+                         piece_bytes=2048))  # 8 rows of a 64-wide fp32 matrix
     assert_same_model(read_model(tmp_path / "merged"), reference)
 
 

@@ -14,12 +14,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-import deltakit.analysis as analysis
-from deltakit.spectral import graphs, metrics, partial
+import deltakit.analyses.rank as analysis
+from deltakit.device.graphs import GraphCache
+from deltakit.spectral import adaptive, metrics, partial
 from deltakit.spectral.noise import exact_noise, storage_noise
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.partial import SubspaceIteration
-from deltakit.spectral.spectrum import adaptive_spectrum, compute_spectrum
+from deltakit.spectral.adaptive import adaptive_spectrum
+from deltakit.spectral.options import AdaptivePlan
+from deltakit.spectral.spectrum import compute_spectrum
 from deltakit_cli.main import cli
 from spectra_helpers import TEST_PLAN as PLAN, noisy_bf16_pair, spectrum_matrix, spectrum_paths_agree
 
@@ -96,7 +99,7 @@ def test_ritz_values_are_lower_bounds_and_their_estimates_cover_the_truth():
     assert np.all(block.upper[converged] >= truth[:64][converged] * (1 - 1e-6))
 
 
-def test_rank_at_past_the_crossover_falls_back_and_says_so(monkeypatch, tmp_path):
+def test_rank_at_past_the_crossover_falls_back_and_says_so(tmp_path):
     # a flat spectrum: rank@0.9 needs ~ 0.8 of all values, far past 0.25·min(m, n)
     delta = torch.randn(768, 512, generator=torch.Generator().manual_seed(5))
     energy = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
@@ -104,22 +107,22 @@ def test_rank_at_past_the_crossover_falls_back_and_says_so(monkeypatch, tmp_path
     assert spectrum is None and "rank@0.9" in why and "0.25" in why
     save_file({"layers.0.mlp.up_proj.weight": torch.zeros(768, 512)}, tmp_path / "base.safetensors")
     save_file({"layers.0.mlp.up_proj.weight": delta}, tmp_path / "ft.safetensors")
-    monkeypatch.setattr(analysis, "ADAPTIVE_PLAN", PLAN)
     report = analysis.rank(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", (0.9,),
-                           SpectralOptions(device="cpu", spectrum="adaptive"))
+                           SpectralOptions(device="cpu", spectrum="adaptive", adaptive_plan=PLAN))
     matrix = report.matrices[0]
     assert matrix.spectrum_method == "gram"
     assert "rank@0.9" in matrix.spectrum_fallback
     assert json.loads(json.dumps(report.to_dict()))["matrices"][0]["spectrum_fallback"] == matrix.spectrum_fallback
 
 
-def test_cli_adaptive_and_full_spectrum_flags(monkeypatch, tmp_path):
-    delta, _ = noisy_bf16_pair(seed=6)
+def test_cli_adaptive_and_full_spectrum_flags(tmp_path):
+    """The CLI runs the default plan: a matrix whose smaller side reaches its min_side."""
+    side = AdaptivePlan().min_side
+    delta, _ = noisy_bf16_pair(seed=6, noise_rms=2e-5, shape=(side, side))
     gen = torch.Generator().manual_seed(6)
-    weight = (torch.randn(768, 512, generator=gen) * 0.02).bfloat16()
+    weight = (torch.randn(side, side, generator=gen) * 0.02).bfloat16()
     save_file({"model.layers.0.self_attn.q_proj.weight": weight}, tmp_path / "base.safetensors")
     save_file({"model.layers.0.self_attn.q_proj.weight": (weight.float() + delta).bfloat16()}, tmp_path / "ft.safetensors")
-    monkeypatch.setattr(analysis, "ADAPTIVE_PLAN", PLAN)
     runner = CliRunner()
     found = {}
     for flag in ("--adaptive", "--full-spectrum"):
@@ -203,7 +206,7 @@ def test_gauss_and_radau_bracket_the_square_noise_tail_and_the_midpoint_is_withi
     deflated = partial.deflatable(ritz, 1e-3, 1e-3)
     basis = block.left_vectors(deflated)
     scale = float(ritz.values[0])
-    sums = partial.tail_sums(delta.float().to(device), basis, scale, probes=32, steps=64)
+    sums = adaptive.tail_sums(delta.float().to(device), basis, scale, probes=32, steps=64)
     rest = delta - basis.double().cpu() @ (basis.double().cpu().T @ delta)
     eigenvalues, vectors = torch.linalg.eigh(rest.T @ rest)
     root = (vectors * eigenvalues.clamp_min(0).sqrt()) @ vectors.T / scale
@@ -220,42 +223,42 @@ def test_gauss_and_radau_bracket_the_square_noise_tail_and_the_midpoint_is_withi
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_replayed_lanczos_equals_the_plain_loop_for_new_inputs(device, monkeypatch):
+def test_replayed_lanczos_equals_the_plain_loop_for_new_inputs(device):
     """The captured loop (CUDA) gives the plain loop's coefficients, also for a second matrix and a
     narrower deflation block replayed through the same graph (its inputs are copied in each call)."""
-    graphs.clear()
     results = {}
-    for enabled in (False, True):
-        monkeypatch.setattr(graphs, "ENABLED", enabled)
+    caches = {enabled: GraphCache(enabled=enabled) for enabled in (False, True)}
+    for enabled, graphs in caches.items():
         for seed, deflated in ((1, 12), (2, 5)):
             gen = torch.Generator().manual_seed(seed)
             matrix = torch.randn(600, 400, generator=gen).to(device)
             basis = torch.linalg.qr(matrix @ torch.randn(400, deflated, generator=gen).to(device))[0]
-            sums = partial.tail_sums(matrix, basis, 10.0, probes=8, steps=16, padded_width=16)
+            sums = adaptive.tail_sums(matrix, basis, 10.0, probes=8, steps=16, padded_width=16, graphs=graphs)
             results[enabled, seed] = np.concatenate([sums.nuclear, sums.entropy, sums.radau_nuclear])
     for seed in (1, 2):
         np.testing.assert_allclose(results[True, seed], results[False, seed], rtol=2e-5)
-    assert (len(graphs._graphs) == 1) == device.startswith("cuda")  # one graph served both matrices
-    graphs.clear()
+    assert (len(caches[True]) == 1) == device.startswith("cuda")  # one graph served both matrices
+    caches[True].clear()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pending_tails_started_back_to_back_equal_the_plain_loop(device, monkeypatch):
+def test_pending_tails_started_back_to_back_equal_the_plain_loop(device):
     """Tails started before any is resolved (on CUDA: each loads the graph's buffers
     while the first may still run beside it), their inputs dropped at once, give what the plain
     loop gives for each."""
-    graphs.clear()
+    graphs = GraphCache()
     inputs = []
     for seed in (3, 4, 5):  # the first captures the graph, the next two replay it
         gen = torch.Generator().manual_seed(seed)
         matrix = torch.randn(500, 300, generator=gen) * seed
         basis = torch.linalg.qr(matrix @ torch.randn(300, 6, generator=gen))[0]
         inputs.append((matrix, basis))
-    pending = [partial.start_tail_sums(m.to(device), b.to(device), 5.0, probes=8, steps=16, padded_width=8)
+    pending = [adaptive.start_tail_sums(m.to(device), b.to(device), 5.0, probes=8, steps=16, padded_width=8,
+                                        graphs=graphs)
                for m, b in inputs]  # the device copies are dropped here
-    monkeypatch.setattr(graphs, "ENABLED", False)
+    plain_calls = GraphCache(enabled=False)
     for (matrix, basis), started in zip(inputs, pending):
-        plain = partial.tail_sums(matrix.to(device), basis.to(device), 5.0, probes=8, steps=16)
+        plain = adaptive.tail_sums(matrix.to(device), basis.to(device), 5.0, probes=8, steps=16, graphs=plain_calls)
         np.testing.assert_allclose(started.result().nuclear, plain.nuclear, rtol=2e-5)
         np.testing.assert_allclose(started.result().entropy, plain.entropy, rtol=2e-5, atol=1e-9)
     graphs.clear()
@@ -278,29 +281,29 @@ def test_deflation_takes_settled_spans_not_just_settled_values():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_graphs_dropped_for_new_shapes_while_tails_are_pending(device, monkeypatch):
+def test_graphs_dropped_for_new_shapes_while_tails_are_pending(device):
     """With room for one graph, a new shape's capture drops the last graph while its replay may still
     run beside the caller (on CUDA); every result still equals the plain loop's (a graph's buffers
     must not be reused before its replays are done)."""
-    graphs.clear()
-    monkeypatch.setattr(graphs, "KEPT_GRAPHS", 1)
+    graphs = GraphCache(kept=1)
     inputs = []
     shapes = [(500, 300), (500, 300), (400, 260), (400, 260), (500, 300), (500, 300)]  # capture, replay, ...
     for seed, (m, n) in enumerate(shapes):
         gen = torch.Generator().manual_seed(seed)
         matrix = torch.randn(m, n, generator=gen)
         inputs.append((matrix, torch.linalg.qr(matrix @ torch.randn(n, 6, generator=gen))[0]))
-    pending = [partial.start_tail_sums(m.to(device), b.to(device), 3.0, probes=8, steps=16, padded_width=8)
+    pending = [adaptive.start_tail_sums(m.to(device), b.to(device), 3.0, probes=8, steps=16, padded_width=8,
+                                        graphs=graphs)
                for m, b in inputs]
-    monkeypatch.setattr(graphs, "ENABLED", False)
+    plain_calls = GraphCache(enabled=False)
     for (matrix, basis), started in zip(inputs, pending):
-        plain = partial.tail_sums(matrix.to(device), basis.to(device), 3.0, probes=8, steps=16)
+        plain = adaptive.tail_sums(matrix.to(device), basis.to(device), 3.0, probes=8, steps=16, graphs=plain_calls)
         assert np.isfinite(started.result().nuclear).all()
         np.testing.assert_allclose(started.result().nuclear, plain.nuclear, rtol=2e-5)
     graphs.clear()
 
 
-def test_partial_spectra_are_saved_as_such_and_plotted_against_the_whole_energy(monkeypatch, tmp_path):
+def test_partial_spectra_are_saved_as_such_and_plotted_against_the_whole_energy(tmp_path):
     """`rank --adaptive --save-spectra` keeps the computed top values, marked partial with ‖ΔW‖²; the
     energy curve of such a file ends below 1 at the share they hold (not at 1, as a whole spectrum's
     would), and rank_grid leaves a fraction past them unknown."""
@@ -318,11 +321,11 @@ def test_partial_spectra_are_saved_as_such_and_plotted_against_the_whole_energy(
     name = "model.layers.0.self_attn.q_proj.weight"
     save_file({name: weight}, tmp_path / "base.safetensors")
     save_file({name: (weight.float() + delta).bfloat16()}, tmp_path / "ft.safetensors")
-    monkeypatch.setattr(analysis, "ADAPTIVE_PLAN", PLAN)
-    result = CliRunner().invoke(cli, ["rank", str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"),
-                                      "--device", "cpu", "--adaptive", "--save-spectra", str(tmp_path / "s.safetensors"),
-                                      "--quiet"])
-    assert result.exit_code == 0, result.output
+    from deltakit_cli.rank import emit_rank_outputs  # what `rank --adaptive --save-spectra` writes, from its report
+
+    report = analysis.rank(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", (0.9,),
+                           SpectralOptions(device="cpu", spectrum="adaptive", adaptive_plan=PLAN), keep_spectra=True)
+    emit_rank_outputs(report, None, None, str(tmp_path / "s.safetensors"), quiet=True, force=False)
     spectra, info = load_spectra(tmp_path / "s.safetensors")
     entry = info["matrices"][name]
     values = spectra[name]
@@ -354,5 +357,5 @@ def test_a_plan_whose_first_block_passes_the_crossover_takes_the_full_path():
 
 def test_lanczos_steps_grow_with_the_side_as_the_quadrature_bias_does():
     """64 steps up to a side of 4096, then ∝ √side in multiples of 32 (the figures are in steps_for's docstring)."""
-    plan = analysis.ADAPTIVE_PLAN
+    plan = AdaptivePlan()
     assert [plan.steps_for(side) for side in (512, 2048, 4096, 4097, 6000, 8192, 16384)] == [64, 64, 64, 96, 96, 96, 128]

@@ -1,4 +1,4 @@
-"""rank's row-blocked path (deltakit.blocked): the same metrics as the whole-matrix Gram path, never a whole ΔW."""
+"""rank's row-blocked path (deltakit.spectral.blocked): the same metrics as the whole-matrix Gram path, never a whole ΔW."""
 
 import math
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from deltakit import analysis, blocked, delta
+import deltakit.analyses.rank as analysis
+from deltakit import delta
+from deltakit.spectral import blocked
 from deltakit.spectral.options import SpectralOptions
 
 from conftest import low_rank
@@ -34,10 +36,8 @@ def _pair(tmp_path, base_dtype=torch.bfloat16, ft_dtype=torch.bfloat16, added=0)
     return tmp_path / "base", tmp_path / "ft"
 
 
-def _low_threshold(monkeypatch):
-    """Blocked above 1 MB of ΔW (the 3 MB tall and wide pairs, not the small one), blocks of 700 rows."""
-    monkeypatch.setattr(blocked, "BLOCKED_BYTES", 1 << 20)
-    monkeypatch.setattr(blocked, "BLOCK_BYTES", 700 * 256 * 4)
+LOW = dict(blocked_bytes=1 << 20, block_bytes=700 * 256 * 4)  # blocked above 1 MB of ΔW (the 3 MB tall and
+# wide pairs, not the small one), blocks of 700 rows
 
 
 FIELDS = ("rank", "rank_at", "signal_rank_at", "unchanged_fraction", "noise_model", "signal_rank", "random_rank_at",
@@ -49,14 +49,12 @@ CLOSE = ("stable_rank", "effective_rank", "noise_share", "delta_fro", "rel_delta
 @pytest.mark.parametrize("dtypes, added", [((torch.bfloat16, torch.bfloat16), 0),
                                            ((torch.bfloat16, torch.bfloat16), 10),
                                            ((torch.float16, torch.bfloat16), 0)])
-def test_blocked_path_gives_the_whole_paths_metrics(tmp_path, monkeypatch, dtypes, added):
+def test_blocked_path_gives_the_whole_paths_metrics(tmp_path, dtypes, added):
     base, ft = _pair(tmp_path, *dtypes, added=added)
     energy = (0.5, 0.9, 0.99)
-    options = SpectralOptions(device="cpu")
-    reference = analysis.rank(base, ft, energy, options, keep_spectra=True)
+    reference = analysis.rank(base, ft, energy, SpectralOptions(device="cpu"), keep_spectra=True)
     whole = {m.name: m for m in reference.matrices}
-    _low_threshold(monkeypatch)
-    report = analysis.rank(base, ft, energy, options, keep_spectra=True)
+    report = analysis.rank(base, ft, energy, SpectralOptions(device="cpu", **LOW), keep_spectra=True)
     parts = {m.name: m for m in report.matrices}
     assert [m.name for m in report.matrices] == list(whole)  # the blocked pair keeps its place
     one, other = parts[EMBED], whole[EMBED]
@@ -75,26 +73,27 @@ def test_blocked_path_gives_the_whole_paths_metrics(tmp_path, monkeypatch, dtype
 
 
 def test_blocked_path_never_holds_a_whole_delta(tmp_path, monkeypatch):
+    from deltakit.device import reads as reads_module
+
     base, ft = _pair(tmp_path)
-    _low_threshold(monkeypatch)
     reads, blocks = [], []
-    fetch = delta.fetch
+    fetch = reads_module.fetch
 
     def recording_fetch(ckpt, name, device, rows=None):
         tensor = fetch(ckpt, name, device, rows)
         reads.append((name, tuple(tensor.shape)))
         return tensor
 
-    row_blocks = blocked.delta_row_blocks
+    row_blocks = analysis.delta_row_blocks
 
     def recording_blocks(*args, **kwargs):
         for start, base_block, delta_block in row_blocks(*args, **kwargs):
             blocks.append(tuple(delta_block.shape))
             yield start, base_block, delta_block
 
-    monkeypatch.setattr(delta, "fetch", recording_fetch)
-    monkeypatch.setattr(blocked, "delta_row_blocks", recording_blocks)
-    report = analysis.rank(base, ft, (0.9,), SpectralOptions(device="cpu"))
+    monkeypatch.setattr(delta, "fetch", recording_fetch)  # spies on the reads, which delta makes
+    monkeypatch.setattr(analysis, "delta_row_blocks", recording_blocks)
+    report = analysis.rank(base, ft, (0.9,), SpectralOptions(device="cpu", **LOW))
     assert {m.name: m.spectrum_method for m in report.matrices}[EMBED] == "gram-blocked"
     embed_reads = [shape for name, shape in reads if name == EMBED]
     # five blocks of ≤ 700 rows, each side, read twice (the shared grid's update scale needs a first pass)
@@ -104,34 +103,38 @@ def test_blocked_path_never_holds_a_whole_delta(tmp_path, monkeypatch):
     assert max(math.prod(b) for b in blocks) < 3000 * 256
 
 
-def test_blocked_pair_choice(tmp_path, monkeypatch):
+def test_blocked_pair_choice(tmp_path):
     base, ft = _pair(tmp_path)
     source = delta.open_delta_source(base, ft)
     by_name = {p.name: p for p in source.pairs}
-    assert not blocked.blocked_pair(source, by_name[EMBED], torch.float32)  # 3 MB: under the default 3.5 GiB
-    _low_threshold(monkeypatch)
-    assert blocked.blocked_pair(source, by_name[EMBED], torch.float32)
-    assert not blocked.blocked_pair(source, by_name[WIDE], torch.float32)  # wide: the whole path
-    assert not blocked.blocked_pair(source, by_name[SMALL], torch.float32)
-    assert blocked.block_rows((3000, 256), torch.float32) == 700
+    assert not analysis.read_by_blocks(source, by_name[EMBED], SpectralOptions())  # 3 MB: under the default 3.5 GiB
+    low = SpectralOptions(**LOW)
+    assert analysis.read_by_blocks(source, by_name[EMBED], low)
+    assert not analysis.read_by_blocks(source, by_name[WIDE], low)  # wide: the whole path
+    assert not analysis.read_by_blocks(source, by_name[SMALL], low)
+    assert blocked.block_rows((3000, 256), torch.float32, low.block_bytes) == 700
 
 
 def test_blocked_path_allocates_less_than_one_whole_delta_and_what_the_model_says(tmp_path, monkeypatch):
     """Counted on the CPU (bytes aten allocates on this thread: not the blocks read ahead on the reading
     thread): G, one ΔW block and the noise workspace, under one whole fp32 ΔW and under tests/memory_model.py's model."""
-    import functools
 
     import memory_model as estimate
     from deltakit.spectral import noise
     from test_memory import _counted
 
     base, ft = _pair(tmp_path)
-    _low_threshold(monkeypatch)
     monkeypatch.setattr(noise, "CPU_BLOCK_ELEMENTS", 4096)
     monkeypatch.setattr(noise, "BLOCK_ELEMENTS", 4096)
     source = delta.open_delta_source(base, ft)
     pair = next(p for p in source.pairs if p.name == EMBED)
-    counted = _counted(lambda: blocked.blocked_spectrum(source, pair, torch.device("cpu")))
+    cpu = torch.device("cpu")
+
+    def blocks(rows):
+        return delta.delta_row_blocks(source.base, source.ft, pair, rows, cpu, torch.float32)
+
+    counted = _counted(lambda: blocked.blocked_spectrum(blocks, pair.shape, pair.base_dtype, pair.ft_dtype, cpu,
+                                                        block_bytes=LOW["block_bytes"]))
     steps = estimate.blocked_workspace((3000, 256), 2, 4)
     assert counted < 3000 * 256 * 4
     assert counted <= max(steps["gram"] + steps["blocks"] + steps["noise"], steps["spectrum"])

@@ -189,7 +189,7 @@ def test_api_errors_speak_python_and_the_cli_speaks_flags(runner, tmp_path, monk
     with pytest.raises(DeltakitError, match=r"pass force=True \(--force\) to overwrite it"):
         check_output_path(target, force=False)
 
-    from deltakit.delta import resolve_device
+    from deltakit.device.placement import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeltakitError, match=r"use device='cpu' \(--device cpu\)"):

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from conftest import assert_one_line_error, invoke, merged_lora_copy, save, tiny_gpt2, tiny_llama
 
-from deltakit.compare import compare, compare_matrix
+from deltakit.analyses.compare import compare, compare_matrix
 from deltakit.errors import DeltakitError
 from deltakit.pairing import TensorPair
 from deltakit.spectral.options import SpectralOptions

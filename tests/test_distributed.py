@@ -171,7 +171,7 @@ def test_merge_splits_one_tensors_rows_between_processes(tmp_path):
     Each process checks only the rows it wrote: a check for whole tensors failed every 7B merge
     on two GPUs ("planned tensors were never written": the embeddings were split).
     """
-    from deltakit.lora.merge import PIECE_BYTES
+    from deltakit.lora.tensor_merge import PIECE_BYTES
 
     rows, cols = PIECE_BYTES // (2 * 4096) + 64, 4096  # bf16: one 64 MiB block and a 64-row block
     generator = torch.Generator().manual_seed(0)

@@ -156,7 +156,7 @@ def test_rank_downloads_safetensors_and_configs_only_then_reads_the_cache(online
     fetched = online.file_gets()
     assert len(fetched) == 6 and not any(p.endswith((".bin", ".md", "tokenizer.json", ".onnx")) for p in fetched)
     # The same report as on local folders holding the same weights.
-    from deltakit.analysis import rank
+    from deltakit.analyses.rank import rank
     from deltakit.spectral.options import SpectralOptions
 
     # on the CPU as the command above ran: on a GPU machine "auto" would compare two devices' rounding

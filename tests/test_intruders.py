@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltakit import SpectralOptions
-from deltakit.intruders import (
-    find_intruder_directions, intruder_correction, intruders, left_singular_basis, max_abs_cosine, scale_intruders,
-)
+from deltakit.analyses.intruders import find_intruder_directions, intruders, left_singular_basis, max_abs_cosine
+from deltakit.lora.intruder_scaling import intruder_correction, scale_intruders
 
 from conftest import assert_one_line_error, invoke, merged_lora_copy, save, tiny_gpt2, tiny_gpt_oss
 
@@ -455,7 +454,7 @@ def test_scale_zero_removes_a_fused_experts_intruder_and_copies_every_other_slic
 
 def test_what_no_pair_writes_is_copied_whole_or_by_expert_slice():
     """A fused tensor's slices that no pair covers are copied one by one; tensors no pair reads, whole."""
-    from deltakit.lora.scale_intruders import _copies
+    from deltakit.lora.intruder_scaling import _copies
     from deltakit.pairing import TensorPair
 
     def expert(e: int) -> TensorPair:

@@ -210,7 +210,7 @@ def test_prefetched_keeps_order_and_raises_at_the_failing_position():
     of passing by luck; no timing assumption beyond the barrier's generous timeout."""
     import threading
 
-    from deltakit.delta import prefetched
+    from deltakit.device.reads import prefetched
 
     def producers(count, together, fail_at=None):
         barrier = threading.Barrier(together, timeout=60)

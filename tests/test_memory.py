@@ -19,8 +19,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import deltakit.delta as delta_module
-from deltakit.analysis import analyse_matrix
-from deltakit.delta import DeltaItem, open_delta_source, pair_bytes, prefetched
+import deltakit.device.reads as reads_module
+from deltakit.analyses.rank import rank_matrix
+from deltakit.delta import DeltaItem, open_delta_source, pair_bytes
+from deltakit.device.reads import prefetched
 from deltakit.lora.factors import reconstruction_error, svd_factors
 from deltakit.spectral import noise, subspace
 from deltakit.spectral.noise import storage_noise
@@ -56,7 +58,7 @@ class _SubmitRunsNow:
 
 def _schedule(monkeypatch, sizes, depth, budget, fail_at=None):
     """(values seen, how many producers had been started when the consumer got each value)."""
-    monkeypatch.setattr(delta_module, "ThreadPoolExecutor", _SubmitRunsNow)
+    monkeypatch.setattr(reads_module, "ThreadPoolExecutor", _SubmitRunsNow)
     started: list[int] = []
 
     def producer(i):
@@ -100,7 +102,7 @@ def test_a_large_value_is_read_alone_and_small_ones_around_it_ahead(monkeypatch)
 
 @pytest.mark.parametrize("budget", [1, 150, None])
 def test_order_kept_and_error_raised_at_its_position_under_a_budget(monkeypatch, budget):
-    monkeypatch.setattr(delta_module, "ThreadPoolExecutor", _SubmitRunsNow)
+    monkeypatch.setattr(reads_module, "ThreadPoolExecutor", _SubmitRunsNow)
     seen = []
     with pytest.raises(KeyError):
         for value in _failing(7, fail_at=4, budget=budget):
@@ -139,11 +141,11 @@ def test_the_estimate_simulates_the_stream_policy(monkeypatch):
     for depth, budget in ((2, 400), (3, 1000), (1, 50), (4, math.inf)):
         _, counts = _schedule(monkeypatch, sizes, depth, budget)
         ahead = [sum(sizes[i + 1:count]) for i, count in enumerate(counts)]
-        assert estimate._simulate_read_ahead(sizes, depth, budget, delta_module.may_read_ahead) == ahead
+        assert estimate._simulate_read_ahead(sizes, depth, budget, reads_module.may_read_ahead) == ahead
 
 
 def test_zip_released_keeps_no_reference_to_what_it_yielded():
-    from deltakit.delta import zip_released
+    from deltakit.device.reads import released_pairs
 
     class Big:
         pass
@@ -159,11 +161,11 @@ def test_zip_released_keeps_no_reference_to_what_it_yielded():
             del big
 
     seen = []
-    for index, item in zip_released(range(10), produce()):
+    for index, item in released_pairs(range(10), produce()):
         seen.append(index)
         del item
     assert seen == [0, 1, 2, 3]
-    assert list(zip_released("ab", [1, 2, 3])) == [("a", 1), ("b", 2)]
+    assert list(released_pairs("ab", [1, 2, 3])) == [("a", 1), ("b", 2)]
 
 
 # ---------------------------------------------------------------- W_base as stored, same numbers
@@ -207,8 +209,8 @@ def test_rank_metrics_are_the_same_to_the_bit_with_the_base_as_stored(bf16_pair)
     for item in source.stream():
         if not item.pair.is_matrix:
             continue
-        stored, _ = analyse_matrix(item, (0.5, 0.9), options)
-        widened, _ = analyse_matrix(DeltaItem(item.pair, item.base.float(), item.delta), (0.5, 0.9), options)
+        stored, _ = rank_matrix(item, (0.5, 0.9), options)
+        widened, _ = rank_matrix(DeltaItem(item.pair, item.base.float(), item.delta), (0.5, 0.9), options)
         assert stored.to_dict() == widened.to_dict()
 
 
@@ -377,9 +379,10 @@ def test_memory_model_grows_with_size_and_keeps_405b_layers_under_8_gb():
 def test_rank_and_extract_drop_each_item_before_the_next_read(bf16_pair, monkeypatch, tmp_path):
     """With a budget below one pair, each pair is read only once the consumer has dropped the previous
     ΔW: the device then holds one pair at a time (the reason rank and extract drop their item)."""
-    import deltakit.lora.extract as extract_module
-    from deltakit.analysis import rank
-    from deltakit.lora.extract import extract_lora
+    import deltakit.lora.extraction as extract_module
+    import deltakit.lora.extraction_passes as passes_module
+    from deltakit.analyses.rank import rank
+    from deltakit.lora.extraction import extract_lora
 
     original_stream, original_fetch = delta_module.stream_deltas, delta_module.fetch_pair
     yielded: list[weakref.ref] = []
@@ -397,7 +400,7 @@ def test_rank_and_extract_drop_each_item_before_the_next_read(bf16_pair, monkeyp
         return original_fetch(ckpt, name, pair, device)
 
     monkeypatch.setattr(delta_module, "stream_deltas", tracking_stream)
-    monkeypatch.setattr(extract_module, "stream_deltas", tracking_stream)
+    monkeypatch.setattr(passes_module, "stream_deltas", tracking_stream)
     monkeypatch.setattr(delta_module, "fetch_pair", tracking_fetch)
     sides: dict[str, object] = {}
     real_open = delta_module.open_checkpoint
@@ -432,11 +435,9 @@ def _tracked(items, yielded: list, alive_at_next: list):
 def test_intruders_compare_and_trajectory_drop_each_item_before_asking_for_the_next(bf16_pair, monkeypatch, tmp_path):
     """Like rank and extract: the stream counts a pair as released once the next is asked for, so the
     loop must hold nothing of it then (a plain ``zip`` and its loop variable kept the last one)."""
-    import importlib
-
-    # the package exports functions of these names: the modules themselves, from importlib
-    compare_module, intruders_module, trajectory_module = (
-        importlib.import_module(f"deltakit.{name}") for name in ("compare", "intruders", "trajectory"))
+    import deltakit.analyses.compare as compare_module
+    import deltakit.analyses.intruders as intruders_module
+    import deltakit.analyses.trajectory as trajectory_module
 
     yielded: list[weakref.ref] = []
     alive: list[int] = []

@@ -473,7 +473,7 @@ def test_mxfp4_gpt_oss_reads_as_transformers_dequantizes_it(tmp_path):
         torch.testing.assert_close(ckpt.get(name), theirs[name], rtol=0, atol=0)
     # intruders --scale on it (W_ft = W_base: nothing to scale) writes the fused experts slice by slice,
     # dequantized, and a config without MXFP4: transformers loads it as the same bf16 model
-    from deltakit.lora.scale_intruders import scale_intruders
+    from deltakit.lora.intruder_scaling import scale_intruders
 
     report = scale_intruders(base, base, tmp_path / "scaled", 0.0, options=CPU)
     assert report.scaling.dequantized and not report.scaling.matrices

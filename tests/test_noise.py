@@ -232,7 +232,7 @@ def test_mixed_dtypes_use_independent_rounding():
 
 
 def test_without_a_noise_model_signal_is_raw():
-    spectrum = build_spectrum(np.array([3.0, 2.0, 1.0]), (3, 3), "gram", 0.0)
+    spectrum = build_spectrum(np.array([3.0, 2.0, 1.0]), (3, 3), "gram", "exact")
     assert spectrum.noise_share == 0.0 and spectrum.signal_rank_at(0.9) == spectrum.rank_at(0.9) == 2
     assert math.isclose(spectrum.signal_effective_rank(), spectrum.effective_rank())
 

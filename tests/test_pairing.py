@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deltakit.errors import DeltakitError
-from deltakit.pairing import TensorPair, canonical_name, layer_index, match_names, module_type, oriented, pair_tensors
+from deltakit.pairing import TensorPair, canonical_name, layer_index, match_names, module_type, pair_tensors
 
 F32, BF16 = torch.float32, torch.bfloat16
 
@@ -102,5 +102,5 @@ def test_canonical_name():
 def test_oriented_reads_every_layout_as_out_by_in(layout, transposed):
     stored = torch.arange(6.0).reshape(2, 3)
     pair = TensorPair(name="w", base_name="w", shape=(2, 3), base_dtype=torch.float32, ft_dtype=torch.float32,
-                      module_type="x", layer=None, layout=layout)
-    assert torch.equal(oriented(stored, pair), stored.T if transposed else stored)
+                      module_type="x", layer=None, layout=layout, transposed=layout != "linear")
+    assert torch.equal(pair.analysed(stored), stored.T if transposed else stored)

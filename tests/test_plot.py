@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from deltakit import plot  # noqa: E402
+from deltakit.analyses.weights import weight_spectra  # noqa: E402
 from deltakit.errors import DeltakitError  # noqa: E402
 from deltakit.io.spectra import load_spectra, save_spectra  # noqa: E402
 from deltakit.spectral.metrics import energy_curve, marchenko_pastur_spectrum, rank_at_energy  # noqa: E402
@@ -207,7 +208,7 @@ def test_plot_spectra_log_axes_and_zeros_hidden():
 
 def test_weight_spectra_match_numpy(checkpoints):
     base_path, ft_path = checkpoints
-    result = plot.weight_spectra(base_path, ft_path, name_of("q", 0))
+    result = weight_spectra(base_path, ft_path, name_of("q", 0))
     from safetensors.numpy import load_file
 
     base = load_file(str(base_path))[name_of("q", 0)].astype(np.float64)
@@ -216,7 +217,7 @@ def test_weight_spectra_match_numpy(checkpoints):
         np.testing.assert_allclose(result[label], np.linalg.svd(matrix, compute_uv=False), rtol=1e-10, atol=1e-12)
     assert rank_at_energy(result["ΔW"], 0.999999) == 3
     with pytest.raises(DeltakitError, match="did you mean"):
-        plot.weight_spectra(base_path, ft_path, name_of("q", 0).replace("q_proj", "q_prj"))
+        weight_spectra(base_path, ft_path, name_of("q", 0).replace("q_proj", "q_prj"))
 
 
 def test_weight_spectra_shared_rows_of_a_grown_embedding(tmp_path):
@@ -224,7 +225,7 @@ def test_weight_spectra_shared_rows_of_a_grown_embedding(tmp_path):
     ft = torch.cat([base + 0.01 * low_rank(10, 6, 2), torch.randn(3, 6, dtype=torch.float64)])
     save_file({EMBED: base.float()}, str(tmp_path / "b.safetensors"))
     save_file({EMBED: ft.float()}, str(tmp_path / "f.safetensors"))
-    result = plot.weight_spectra(tmp_path / "b.safetensors", tmp_path / "f.safetensors", EMBED)
+    result = weight_spectra(tmp_path / "b.safetensors", tmp_path / "f.safetensors", EMBED)
     assert len(result["W_ft"]) == 6 and rank_at_energy(result["ΔW"], 0.99999) == 2
 
 
@@ -244,7 +245,7 @@ def test_every_function_renders_a_png(built, checkpoints, tmp_path):
         "energy": plot.plot_energy_curves(spectra, info),
         "heatmap": plot.plot_rank_heatmap(spectra, info),
         "error": plot.plot_error_vs_rank(spectra, info=info),
-        "spectrum": plot.plot_spectra(plot.weight_spectra(*checkpoints, name_of("q", 0))),
+        "spectrum": plot.plot_spectra(weight_spectra(*checkpoints, name_of("q", 0))),
         "overview": plot.plot_overview(spectra, info),
     }
     for kind, figure in figures.items():

@@ -78,7 +78,7 @@ def test_requantized_fp8_pair_reads_rank_4_with_the_rounding_as_noise(tmp_path, 
     assert dtype_only.signal_rank_at(0.9) > 10
 
     # `deltakit rank` reads the steps of both sides itself and applies the same model
-    from deltakit.analysis import rank
+    from deltakit.analyses.rank import rank
 
     for threads in (1, 2):  # on several threads the steps are read on the worker threads
         matrix = rank(tmp_path / "base", tmp_path / "ft", (0.9,),

@@ -1,10 +1,8 @@
 """One report shape: `rank`, `intruders`, `compare` and `trajectory` share their metadata
-(deltakit.report_meta) in JSON and in their tables; the split of deltakit/intruders.py keeps the
-dependency direction (detection below the surgery and the tables) and its old import names."""
+(deltakit.analyses.meta) in JSON and in their tables."""
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -14,9 +12,9 @@ from safetensors.torch import save_file
 
 import deltakit
 from deltakit import SpectralOptions
-from deltakit.compare import compare
+from deltakit.analyses.compare import compare
 from deltakit.report import render_compare, render_intruders, render_report, render_trajectory
-from deltakit.trajectory import trajectory
+from deltakit.analyses.trajectory import trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = SpectralOptions(device="cpu")
@@ -108,35 +106,3 @@ def test_every_table_has_the_shared_header_and_footer(reports, checkpoints):
         assert lines[-1].startswith(f"{report.method}") and lines[-1].endswith(" s"), name
         assert f" in fp32 on cpu, {report.elapsed_s:.2f} s" in lines[-1], name
         assert lines.index(skipped[0]) > len(lines) - 5, name  # with the footer, after the tables
-
-
-def _runtime_imports(path: Path) -> set[str]:
-    """Modules a file imports when it is loaded (top level, outside ``if TYPE_CHECKING:``)."""
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-    return found
-
-
-def test_detection_imports_neither_the_surgery_nor_the_tables():
-    detection = _runtime_imports(REPO / "deltakit" / "intruders.py")
-    assert "deltakit.pairing" in detection  # the check reads the imports at all
-    assert not [m for m in detection if m.startswith(("deltakit.lora", "deltakit.report", "deltakit.plot",
-                                                      "deltakit.compare")) and m != "deltakit.report_meta"]
-    assert "deltakit.intruders" in _runtime_imports(REPO / "deltakit" / "lora" / "scale_intruders.py")
-    assert not [m for m in _runtime_imports(REPO / "deltakit" / "report_meta.py") if m.startswith("deltakit")]
-
-
-def test_moved_names_still_import_from_deltakit_intruders():
-    import deltakit.intruders as detection
-    import deltakit.lora.scale_intruders as scaling
-    from deltakit.intruders import intruder_correction, render_report, scale_intruders
-
-    assert scale_intruders is scaling.scale_intruders is deltakit.scale_intruders
-    assert intruder_correction is scaling.intruder_correction
-    assert render_report is render_intruders
-    with pytest.raises(AttributeError):
-        detection.no_such_name  # noqa: B018

@@ -565,7 +565,7 @@ def test_the_cpu_stream_reads_the_fine_tune_by_row_blocks_and_forms_the_exact_de
 
 
 def test_the_cpu_read_ahead_budget_is_capped():
-    from deltakit.delta import CPU_PREFETCH_BYTES, PREFETCH_BYTES, read_ahead_budget
+    from deltakit.device.reads import CPU_PREFETCH_BYTES, PREFETCH_BYTES, read_ahead_budget
 
     assert read_ahead_budget(torch.device("cpu"), PREFETCH_BYTES) == CPU_PREFETCH_BYTES
     assert read_ahead_budget(torch.device("cpu"), None) == CPU_PREFETCH_BYTES

@@ -6,7 +6,6 @@ and saved with ``save_pretrained``; the adapters deltakit writes are loaded back
 """
 
 import copy
-import importlib
 import json
 import warnings
 from pathlib import Path
@@ -386,23 +385,24 @@ def _same_model(one: Path, two: Path) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_merge_in_row_blocks_writes_the_same_bytes(cases, arch, tmp_path, monkeypatch):
+def test_merge_in_row_blocks_writes_the_same_bytes(cases, arch, tmp_path):
     """Tensors merged a few rows at a time (bounded memory) equal whole-tensor merges (to fp32 rounding).
 
     GPT-2's Conv1D weights are stored transposed, so their row blocks take columns of A.
     """
-    merging = importlib.import_module("deltakit.lora.merge")  # the module, not deltakit.lora.merge()
+    from deltakit.lora.merging import MergePlan, apply_plan
+    from deltakit.lora.tensor_merge import Step, pieces
 
     case = cases(arch)
     whole = merge(case.base_dir, case.adapter_dir, tmp_path / "whole", device="cpu")
-    monkeypatch.setattr(merging, "PIECE_BYTES", 700)  # a few rows of every matrix at a time
-    pieces = merging._pieces([merging._Step(n, (64, 48), torch.float32) for n in ("a", "b")])
-    assert len(pieces) == 2 * 22 and pieces[0].rows == (0, 3) and pieces[21].rows == (63, 64)
-    blocks = merge(case.base_dir, case.adapter_dir, tmp_path / "blocks", device="cpu")
+    cut = pieces([Step(n, (64, 48), torch.float32) for n in ("a", "b")], 700)  # a few rows of every matrix at a time
+    assert len(cut) == 2 * 22 and cut[0].rows == (0, 3) and cut[21].rows == (63, 64)
+    blocks = apply_plan(MergePlan("merge", str(case.base_dir), (str(case.adapter_dir),), str(tmp_path / "blocks"),
+                                  device="cpu", piece_bytes=700))
     _same_model(tmp_path / "whole", tmp_path / "blocks")
     assert blocks.lora_modules == whole.lora_modules and blocks.shards == whole.shards
-    back = unmerge(tmp_path / "blocks", case.adapter_dir, tmp_path / "back", check=case.base_dir, device="cpu")
-    monkeypatch.setattr(merging, "PIECE_BYTES", 64 * 1024**2)
+    back = apply_plan(MergePlan("unmerge", str(tmp_path / "blocks"), (str(case.adapter_dir),), str(tmp_path / "back"),
+                                check=str(case.base_dir), device="cpu", piece_bytes=700))
     back_whole = unmerge(tmp_path / "whole", case.adapter_dir, tmp_path / "back-whole", check=case.base_dir,
                          device="cpu")
     _same_model(tmp_path / "back", tmp_path / "back-whole")
@@ -410,11 +410,11 @@ def test_merge_in_row_blocks_writes_the_same_bytes(cases, arch, tmp_path, monkey
     assert back.check_rel_fro == pytest.approx(back_whole.check_rel_fro, rel=0.05, abs=1e-9)
 
 
-def test_embedding_lora_and_grown_vocabulary_merge_in_row_blocks(tmp_path, monkeypatch):
+def test_embedding_lora_and_grown_vocabulary_merge_in_row_blocks(tmp_path):
     """Embedding LoRA (stored transposed) and an adapter whose whole embedding grew the vocabulary."""
     from conftest import merged_lora_copy as lora_on
 
-    merging = importlib.import_module("deltakit.lora.merge")
+    from deltakit.lora.merging import MergePlan, apply_plan
 
     case = Case(tmp_path / "case", "llama")
     _, peft_model = lora_on(case.base, ["embed_tokens", "q_proj"], RANK)
@@ -426,8 +426,7 @@ def test_embedding_lora_and_grown_vocabulary_merge_in_row_blocks(tmp_path, monke
     extract_lora(case.base_dir, save(grown, tmp_path / "grown"), tmp_path / "grown-adapter", rank=RANK,
                  save_modules=True, options=CPU)
     for adapter in ("emb-adapter", "grown-adapter"):
-        monkeypatch.setattr(merging, "PIECE_BYTES", 64 * 1024**2)
         merge(case.base_dir, tmp_path / adapter, tmp_path / f"{adapter}-whole", device="cpu")
-        monkeypatch.setattr(merging, "PIECE_BYTES", 1000)
-        merge(case.base_dir, tmp_path / adapter, tmp_path / f"{adapter}-blocks", device="cpu")
+        apply_plan(MergePlan("merge", str(case.base_dir), (str(tmp_path / adapter),), str(tmp_path / f"{adapter}-blocks"),
+                             device="cpu", piece_bytes=1000))
         _same_model(tmp_path / f"{adapter}-whole", tmp_path / f"{adapter}-blocks")

@@ -204,7 +204,7 @@ def test_failure_midway_leaves_no_partial_folder(llama, runner, tmp_path, monkey
     monkeypatch.setattr(ShardedWriter, "write", failing_write)
     # One writer thread, so "nothing is written after the failure" is exact: with several, a write
     # another thread had already started when the third failed could still finish.
-    monkeypatch.setattr(importlib.import_module("deltakit.lora.merge"), "IO_THREADS", 1)
+    monkeypatch.setattr(importlib.import_module("deltakit.lora.merging"), "IO_THREADS", 1)
     args = {
         "extract": ["extract", folder / "base", folder / "ft", "--rank", "2"],
         "extract-energy": ["extract", folder / "base", folder / "ft", "--energy", "0.5"],

@@ -9,7 +9,8 @@ import torch
 
 from deltakit.errors import DeltakitError
 from deltakit.lora import RankChoice, allocate_budget, energy_rank, kept_energy, svd_factors, total_squared_error
-from deltakit.lora.factors import peft_orientation, reconstruction_error, split_singular_values
+from deltakit.lora.factors import reconstruction_error, split_singular_values
+from deltakit.pairing import TensorPair
 
 
 def brute_force(spectra, costs, budget, caps):
@@ -185,7 +186,10 @@ def test_exact_low_rank_is_recovered_and_oriented():
     generator = torch.Generator().manual_seed(0)
     delta = torch.randn(24, 3, generator=generator) @ torch.randn(3, 40, generator=generator)
     for kind in ("linear", "conv1d", "embedding"):
-        oriented = peft_orientation(delta, kind)
+        pair = TensorPair(name="w", base_name="w", shape=(24, 40), base_dtype=torch.float32, ft_dtype=torch.float32,
+                          module_type="embed" if kind == "embedding" else "x", layer=None, layout=kind,
+                          transposed=kind != "linear")
+        oriented = pair.to_out_in(delta)
         factors = svd_factors(oriented, 3)
         rebuilt = factors.b @ factors.a
         stored = rebuilt if kind == "linear" else rebuilt.T

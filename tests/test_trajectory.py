@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from conftest import assert_one_line_error, invoke
 
 from deltakit.spectral.metrics import rank_at_energy
-from deltakit.trajectory import checkpoint_paths
+from deltakit.analyses.trajectory import checkpoint_paths
 
 SENTENCES = [
     ("open a file for reading", "def read(path): return open(path).read()"),
@@ -104,7 +104,7 @@ def test_trajectory_matches_numpy_float64(run, tmp_path, runner):
 
 def test_default_path_runs_and_agrees_on_the_final_checkpoint(run):
     from deltakit.spectral.options import SpectralOptions
-    from deltakit.trajectory import trajectory
+    from deltakit.analyses.trajectory import trajectory
 
     base, out = run
     report = trajectory(base, checkpoint_paths([out / "checkpoint-*"]), energy=(0.5, 0.9), top=(1, 8),

@@ -1,4 +1,4 @@
-"""`rank` on several threads (deltakit.workers): the same report as on one, errors kept, memory bounded."""
+"""`rank` on several threads (deltakit.device.workers): the same report as on one, errors kept, memory bounded."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import deltakit.analysis as analysis
+import deltakit.analyses.rank as analysis
 from deltakit.delta import DeltaItem
 from deltakit.errors import DeltakitError
 from deltakit.spectral.options import SpectralOptions
-from deltakit.workers import MatrixWorkers, device_tensors
+from deltakit.device.workers import MatrixWorkers, device_tensors
 from spectra_helpers import TEST_PLAN, comparable, spectrum_matrix
 
 DEVICES = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # GPU runs: bash bench/gpu.sh cuda-tests
@@ -48,11 +48,11 @@ def bf16_pair(folder, layers: int = 3):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rank_on_three_threads_reports_exactly_what_one_thread_does(monkeypatch, tmp_path, device):
-    monkeypatch.setattr(analysis, "ADAPTIVE_PLAN", TEST_PLAN)
+def test_rank_on_three_threads_reports_exactly_what_one_thread_does(tmp_path, device):
     base, ft = bf16_pair(tmp_path)
     reports = {threads: analysis.rank(base, ft, (0.5, 0.9), SpectralOptions(device=device, spectrum="adaptive",
-                                                                          workers=threads), keep_spectra=True)
+                                                                          workers=threads, adaptive_plan=TEST_PLAN),
+                                      keep_spectra=True)
                for threads in (1, 3)}
     one, three = reports[1], reports[3]
     methods = [m.spectrum_method for m in one.matrices]
@@ -182,7 +182,7 @@ def test_threads_started_by_matrix_workers_factorise_at_once_in_a_fresh_process(
     script = (
         "import torch\n"
         "from deltakit.delta import DeltaItem\n"
-        "from deltakit.workers import MatrixWorkers\n"
+        "from deltakit.device.workers import MatrixWorkers\n"
         "def work(item):\n"
         "    g = item.delta.double() @ item.delta.double().T + torch.eye(8, device='cuda', dtype=torch.float64)\n"
         "    return float(torch.linalg.cholesky_ex(g)[0].sum() + torch.linalg.eigh(g)[0].sum())\n"
@@ -201,9 +201,9 @@ def test_threads_working_for_a_gpu_make_it_current(monkeypatch):
     `rank` and a single-process CLI run: on cuda:1 of a 2-GPU host the threads failed with "an
     illegal memory access" while cuda:0 was current. Recorded with torch.cuda.set_device stubbed,
     so that this runs without a GPU; tests/test_workers.py runs rank itself on every GPU there is."""
-    from deltakit.delta import prefetched
+    from deltakit.device.reads import prefetched
     from deltakit.distributed import init_parallel
-    from deltakit import workers as workers_module
+    from deltakit.device import workers as workers_module
 
     made: list[tuple[str, torch.device]] = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: made.append((threading.current_thread().name, d)))

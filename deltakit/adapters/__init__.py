@@ -7,8 +7,9 @@ Example::
     adapter.peft_type, sorted(adapter.modules)
 """
 
-from deltakit.adapters.base import AdapterModule, BaseInfo, stored_transposed
+from deltakit.adapters.base import AdapterModule, BaseInfo
+from deltakit.adapters.pairs import adapter_pairs
 from deltakit.adapters.registry import ACTIVATION_ONLY, TYPES, Adapter, base_info, open_adapter
 
-__all__ = ["AdapterModule", "BaseInfo", "stored_transposed", "Adapter", "open_adapter", "base_info", "TYPES",
+__all__ = ["AdapterModule", "BaseInfo", "adapter_pairs", "Adapter", "open_adapter", "base_info", "TYPES",
            "ACTIVATION_ONLY"]

@@ -2,8 +2,8 @@
 
 A module adapts one tensor of the model (its ``target``, e.g. ``model.layers.0.mlp.down_proj.weight``).
 Its math is written, as in PEFT, for the layer's (out, in) matrix; the tensor may be stored
-transposed (GPT-2 Conv1D, embeddings, input-major experts). That is decided once, on the pair,
-by :func:`stored_transposed`, and every type returns ΔW in the stored orientation, for all rows
+transposed (GPT-2 Conv1D, embeddings, input-major experts). That is decided once, on the pair
+(:attr:`deltakit.pairing.TensorPair.transposed`), and every type returns ΔW in the stored orientation, for all rows
 or for stored rows ``start:stop`` (merge works on row blocks of large tensors).
 
 How ΔW depends on the original weight W0, which unmerge needs to know:
@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from deltakit.pairing import TensorPair, canonical_name
+from deltakit.pairing import canonical_name
 
 Rows = tuple[int, int] | None
 
@@ -82,13 +82,6 @@ class AdapterModule:
              device: torch.device) -> torch.Tensor:
         """For ``scaling`` types: g, broadcastable to the stored rows, with ΔW = W0 ⊙ g."""
         raise NotImplementedError(f"{type(self).__name__} is not a scaling adapter")
-
-
-def stored_transposed(pair: TensorPair, module: AdapterModule) -> bool:
-    """Whether the model stores this module's (out, in) matrix transposed: an embedding (stored
-    vocab × dim) and a transformers Conv1D (stored in × out, ``pair.layout == "conv1d"``, decided
-    once for the pair by :func:`deltakit.pairing.adapted_layout`) are."""
-    return module.embedding or pair.layout == "conv1d"
 
 
 def row_slice(matrix: torch.Tensor, rows: Rows, transposed: bool) -> torch.Tensor:

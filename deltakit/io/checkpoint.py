@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from deltakit.errors import DeltakitError
-from deltakit.io.filenames import ADAPTER_CONFIG, ALLOW_PICKLE_FLAG, PICKLE_INDEX, PICKLE_SUFFIXES, SAFETENSORS_INDEX
+from deltakit.io.filenames import ALLOW_PICKLE_FLAG, PICKLE_INDEX, PICKLE_SUFFIXES, SAFETENSORS_INDEX
 from deltakit.io.hub import resolve_path
 from deltakit.io.json_files import read_json, validate_model_config, validate_shard_index
 from deltakit.io.paths import contained_file, open_regular, refuse_escaping_link
@@ -73,6 +73,10 @@ class Checkpoint:
 
     def dtype(self, name: str) -> torch.dtype:
         return self.infos[name].dtype
+
+    def metas(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor: what pairing needs, from the headers."""
+        return {name: (info.shape, info.dtype) for name, info in self.infos.items()}
 
     @property
     def total_bytes(self) -> int:

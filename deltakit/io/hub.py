@@ -7,6 +7,11 @@ files; pickles only with ``allow_pickle``. Every file comes from one commit, so 
 moves during a download cannot mix two versions. A second run only asks the Hub which commit
 the revision names (one small request); with ``offline`` it asks nothing.
 
+Longer than ~450 lines: resolving a Hub id is one concern whose parts must agree (which files a
+command needs, one commit for all of them, the offline cache's rules, the download's progress and
+free-space check, and the one-line errors for each way it fails); split, each part would import
+the others.
+
 Example::
 
     folder = resolve_hub_id(parse_hub_id("meta-llama/Llama-2-7b-hf"))   # a snapshot folder

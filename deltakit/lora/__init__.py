@@ -9,9 +9,9 @@ Example::
     unmerge("merged", "adapter", "base-again", check="base")
 """
 
-from deltakit.lora.extract import ExtractedMatrix, ExtractReport, extract_lora
+from deltakit.lora.extraction import ExtractedMatrix, ExtractReport, extract_lora
 from deltakit.lora.factors import LoraFactors, split_singular_values, svd_factors
-from deltakit.lora.merge import MergeReport, merge, unmerge
+from deltakit.lora.merging import MergeReport, merge, unmerge
 from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank, kept_energy, ratio_rank, total_squared_error
 from deltakit.lora.resize import LowRankDelta, lowrank_svd
 

@@ -27,10 +27,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from deltakit.delta import DeltaSource, open_delta_source, prefetched, read_threads
+from deltakit.delta import DeltaSource, Selection, open_delta_source
+from deltakit.device.reads import prefetched, read_threads
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint
-from deltakit.adapters import Adapter, stored_transposed
+from deltakit.adapters import Adapter
 from deltakit.adapters.lora import LoraModule
 from deltakit.lora.resize import LowRankDelta
 from deltakit.pairing import PairPlan, TensorPair
@@ -130,7 +131,7 @@ class AdapterSum:
                 module = self.sources[a].modules[j]
                 term = LowRankDelta(lora_b, lora_a).to(device, dtype)  # B @ A: out × in
                 pair = self.sources[a].pairs[j]
-                terms.append((self.weights[a] * module.scaling, term.T if stored_transposed(pair, module) else term))
+                terms.append((self.weights[a] * module.scaling, term.T if pair.transposed else term))
             yield SumItem(self.pairs[i], LowRankDelta.stack(terms))
 
 
@@ -172,7 +173,7 @@ def open_adapter_sum(
     if not paths:
         raise DeltakitError("give at least one adapter")
     values = check_weights(weights, len(paths))
-    sources = [open_delta_source(base, path, include, exclude, allow_pickle) for path in paths]
+    sources = [open_delta_source(base, path, Selection(tuple(include), tuple(exclude), allow_pickle)) for path in paths]
     order = {name: i for i, name in enumerate(sources[0].base.keys())}
     holders: dict[str, list[tuple[int, int]]] = {}
     for k, source in enumerate(sources):

@@ -13,6 +13,7 @@ Orientation: a Linear weight is stored (out, in) = B @ A. GPT-2's Conv1D stores 
 adds (B @ A)ᵀ there (``fan_in_fan_out``), and an embedding is stored (vocab, dim) with PEFT's
 ``lora_embedding_B @ lora_embedding_A`` of shape (dim, vocab): both factor ΔWᵀ. So does an
 input-major expert slice (gpt-oss stores each expert (in, out), PEFT's ParamWrapper B @ A is (out, in)).
+Which is which is the pair's one orientation, :meth:`deltakit.pairing.TensorPair.to_out_in`.
 
 Example::
 
@@ -34,7 +35,6 @@ from deltakit.spectral.svd import randomized_svd
 # and 4 power iterations kept the Frobenius error within 0.6% of the exact truncated SVD's;
 # 16 extra columns and 3 iterations went up to 2.6% (tests/test_surgery_ranks.py keeps the 1% promise).
 POWER_ITERATIONS = 4
-KINDS = ("linear", "conv1d", "embedding", "input_major")
 
 
 def oversample(rank: int) -> int:
@@ -77,13 +77,6 @@ def svd_factors(
     u, s, vh = randomized_svd(matrix, rank, oversample=oversample(rank), power_iterations=POWER_ITERATIONS,
                               seed=seed, dtype=dtype)
     return split_singular_values(u, s, vh)
-
-
-def peft_orientation(delta: torch.Tensor, kind: str) -> torch.Tensor:
-    """ΔW as stored -> the (out × in) matrix whose factors PEFT stores as B @ A."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown LoRA kind {kind!r}; use one of {KINDS}")
-    return delta if kind == "linear" else delta.T
 
 
 def reconstruction_error(matrix: torch.Tensor, factors: LoraFactors, dtype: torch.dtype | None = None) -> float:

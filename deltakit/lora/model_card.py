@@ -13,11 +13,11 @@ from typing import Any
 def model_card(report: Any, config: dict[str, Any]) -> str:
     """README.md text for an adapter written by `deltakit extract`.
 
-    ``report`` is the :class:`~deltakit.lora.extract.ExtractReport` (base, ft, selection, method,
+    ``report`` is the :class:`~deltakit.lora.extraction.ExtractReport` (base, ft, selection, method,
     matrices, relative_error); ``config`` the adapter_config.json written beside it.
     """
-    from deltakit import __version__
     from deltakit.io.hub import base_model_fields
+    from deltakit.version import __version__
 
     on_hub = bool(base_model_fields(report.base))
     base = config.get("base_model_name_or_path") or report.base

@@ -43,9 +43,9 @@ class LoraTarget:
 
     @property
     def out_in(self) -> tuple[int, int]:
-        """Shape of B @ A: (out, in) for linear, the stored shape transposed for conv1d / embedding / input-major."""
+        """Shape of B @ A: the layer's (out, in), the stored shape transposed where the pair is stored transposed."""
         rows, cols = self.pair.shape
-        return (rows, cols) if self.kind == "linear" else (cols, rows)
+        return (cols, rows) if self.pair.transposed else (rows, cols)
 
     @property
     def cost(self) -> int:

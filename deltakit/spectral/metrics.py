@@ -48,6 +48,26 @@ def lowrank_error_curve(s: ArrayLike, total: float | None = None) -> np.ndarray:
     return np.sqrt(np.clip(1.0 - energy_curve(s, total), 0.0, None))
 
 
+CROSSING_SLACK = 4 * float(np.finfo(np.float64).eps)
+
+
+def crossing(values: ArrayLike, target: float) -> int | None:
+    """Smallest k with Σ_{i≤k} values_i² ≥ ``target`` (values descending); 0 for a target ≤ 0, None when
+    the values never get there. Every "rank that holds X of the energy" is decided here.
+
+    A relative slack of a few ulps keeps an exact split (0.5 of two equal values) from being pushed
+    one rank higher by rounding in the cumulative sum.
+    """
+    if target <= 0.0:
+        return 0
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    cumulative = np.cumsum(values * values)
+    goal = target * (1.0 - CROSSING_SLACK)
+    if cumulative.size == 0 or cumulative[-1] < goal:
+        return None
+    return int(np.searchsorted(cumulative, goal, side="left") + 1)
+
+
 def rank_at_energy(s: ArrayLike, fraction: float, total: float | None = None) -> int | None:
     """Smallest k whose top-k singular values hold ``fraction`` of ||Δ||_F^2 (0 for a zero matrix).
 
@@ -56,15 +76,9 @@ def rank_at_energy(s: ArrayLike, fraction: float, total: float | None = None) ->
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"energy fraction must be in (0, 1], got {fraction}")
-    curve = energy_curve(s, total)
-    if curve.size == 0 or (curve[-1] == 0.0 and total is None) or (total is not None and total <= 0.0):
-        return 0
-    # A relative slack of a few ulps keeps an exact split (e.g. 0.5 of two equal values) from
-    # being pushed one rank higher by rounding in the cumulative sum.
-    goal = fraction - 4 * np.finfo(np.float64).eps
-    if curve[-1] < goal:
-        return None
-    return int(np.searchsorted(curve, goal, side="left") + 1)
+    s = as_sorted_spectrum(s)
+    total = float(np.sum(s * s)) if total is None else total
+    return crossing(s, fraction * total) if total > 0.0 else 0
 
 
 def stable_rank(s: ArrayLike) -> float:

@@ -103,9 +103,8 @@ def grid_step(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mantissa, _ = torch.frexp(values)  # v = mantissa · 2^exponent, |mantissa| in [0.5, 1)
     # 2^(exponent−1) is v / (2·mantissa) exactly: a correctly rounded quotient that is representable
     # (2^exponent itself overflows at bf16's top binade held in float32). Not torch.ldexp: with an
-    # integer exponent on a GPU that is not the current one, torch 2.11 launched its kernel on the
-    # current GPU (cuda:1's tensors read from cuda:0: zeros, then an illegal memory access;
-    # compute-sanitizer in bench/gpu_all.sh g2)
+    # integer exponent on a GPU that is not the current one, torch 2.11 launches its kernel on the
+    # current GPU (reading another device's memory)
     half_power = torch.where(mantissa == 0, torch.zeros_like(values), values / (2 * mantissa))
     return (half_power * info.eps).clamp_min(info.tiny * info.eps)
 

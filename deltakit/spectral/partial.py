@@ -26,17 +26,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
-from deltakit.spectral import graphs
 from deltakit.spectral.svd import orthonormal_basis
 
 
@@ -125,11 +122,10 @@ _restore: Any = None
 def one_blas_thread() -> Iterator[None]:
     """A context in which the host's BLAS and LAPACK (numpy's, scipy's) run on one thread.
 
-    The host problems here are tiny (128×128, 64×64). With a thread per core, OpenBLAS spent
-    more time waking and spinning its threads than solving, and the spinning threads starved
-    the threads reading the checkpoints: on a 16-core H200 host `rank` on the 7B pair went from
-    25 s to 57 s. The limit is process-wide, so it is counted: set by the first context to
-    open (in any thread) and lifted when the last one closes.
+    The host problems here are tiny (128×128, 64×64): a thread per core spends longer waking and
+    spinning than solving, and spinning threads starve the threads reading the checkpoints
+    (docs/benchmarks.md has the cost). The limit is process-wide, so it is counted: set by the
+    first context to open (in any thread) and lifted when the last one closes.
     """
     global _controller, _single_threaded, _restore
     with _single_lock:
@@ -222,8 +218,8 @@ class TailSums:
     Per-probe estimates are kept so that every quantity derived from them gets a jackknife error.
     Each comes from two rules: Gauss (``nuclear``, ``entropy``) and Gauss–Radau with a node at 0
     (``radau_*``). For Σσ the first is an upper and the second a lower bound of the probe's value
-    (the derivatives of √λ alternate in sign), and for the bench's square noisy deltas they
-    bracketed the effective rank from both sides (bench/probes/tail_quadrature.py).
+    (the derivatives of √λ alternate in sign), and for square noisy deltas they bracket the
+    effective rank from both sides.
     """
 
     nuclear: np.ndarray  # per probe, Gauss: estimate of Σ (σ/scale)
@@ -241,7 +237,7 @@ def rademacher(dim: int, probes: int, seed: int, device: torch.device, dtype: to
     generator = torch.Generator(device=device).manual_seed(seed)
     start = torch.randint(0, 2, (dim, probes), device=device, generator=generator, dtype=torch.int8)
     start = (start.to(dtype) * 2 - 1) / math.sqrt(dim)
-    if start.is_cuda:  # other threads' streams read it too (deltakit.workers): complete before it is shared
+    if start.is_cuda:  # other threads' streams read it too (deltakit.device.workers): complete before it is shared
         torch.cuda.current_stream(start.device).synchronize()
     return start
 
@@ -255,7 +251,7 @@ def lanczos_tridiagonals(apply: Callable[[torch.Tensor], torch.Tensor], start: t
     three-term recurrence is kept, as in stochastic Lanczos quadrature (Ubaru, Chen & Saad
     2017): lost orthogonality repeats converged Ritz values, which shares their quadrature
     weight among the copies rather than changing the sum. No step synchronises with the host,
-    so the loop can be captured in a CUDA graph (:mod:`deltakit.spectral.graphs`).
+    so the loop can be captured in a CUDA graph (:mod:`deltakit.device.graphs`).
     """
     vector = start
     steps = min(steps, start.shape[0])
@@ -293,8 +289,7 @@ def quadrature(tridiagonals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Golub–Welsch: the nodes are the matrix's eigenvalues, the weights the squared first
     components of its eigenvectors; one batched float64 eigh on one BLAS thread. Per-probe
     LAPACK tridiagonal calls (stevd) were faster alone, but they hold Python's lock, and this
-    runs on a worker thread beside the main one (:class:`PendingTail`);
-    bench/probes/host_solvers.py times the ways on a host.
+    runs on a host thread beside the main one (:class:`deltakit.spectral.adaptive.PendingTail`).
     """
     with one_blas_thread():
         values, vectors = np.linalg.eigh(tridiagonals)
@@ -336,77 +331,6 @@ def radau_tridiagonals(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
     return dense_tridiagonals(np.vstack([alphas, last]), np.vstack([betas, np.zeros_like(last)]))
 
 
-def tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
-              seed: int = 1, padded_width: int = 0) -> TailSums:
-    """SLQ estimates of Σσ and Σσ ln σ of R = (I − QQᵀ)M, M tall (m×n), Q = ``basis`` (m×b).
-
-    ΔWᵀΔW = BᵀB + RᵀR with B = QᵀM, so once Q holds the top of the spectrum the rest of it is
-    R's; Lanczos runs on RᵀR (n×n, never formed) and its coefficients are scaled by 1/scale².
-    """
-    return start_tail_sums(matrix, basis, scale, probes, steps, seed, padded_width).result()
-
-
-@dataclass
-class PendingTail:
-    """:func:`tail_sums` whose Lanczos may still be running on the device: the quadrature runs on a
-    worker thread once the coefficients arrive, and ``result()`` waits for it, so that the
-    caller can start the next matrix meanwhile."""
-
-    coefficients: graphs.OnTheWay  # α and β (steps×probes each)
-    scale: float
-    dim: int
-    _sums: Future = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._sums = quadrature_worker().submit(self._solve)
-
-    def _solve(self) -> TailSums:
-        alphas, betas = (x.double().numpy() / (self.scale * self.scale) for x in self.coefficients.done())
-        gauss = quadrature_sums(dense_tridiagonals(alphas, betas), self.dim)
-        radau = quadrature_sums(radau_tridiagonals(alphas, betas), self.dim)
-        return TailSums(gauss[0], gauss[1], self.scale, alphas.shape[0], radau[0], radau[1])
-
-    def result(self) -> TailSums:
-        return self._sums.result()
-
-
-_worker: ThreadPoolExecutor | None = None
-_worker_lock = threading.Lock()  # around the pool's creation only
-QUADRATURE_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
-"""Threads solving the tails' quadratures: two batched eighs of 32 tridiagonals per matrix took
-~32 ms on one core of the H200 host (bench/probes/adaptive_parts.py), more than the device's
-~25 ms per matrix, so one thread fell behind; a quarter of the cores leaves the rest to the readers."""
-
-
-def quadrature_worker() -> ThreadPoolExecutor:
-    """The threads that solve the tails' quadratures (numpy's eigh lets go of Python's lock)."""
-    global _worker
-    with _worker_lock:
-        if _worker is None:
-            _worker = ThreadPoolExecutor(max_workers=QUADRATURE_THREADS, thread_name_prefix="deltakit-quadrature")
-        return _worker
-
-
-def start_tail_sums(matrix: torch.Tensor, basis: torch.Tensor, scale: float, probes: int = 16, steps: int = 32,
-                    seed: int = 1, padded_width: int = 0) -> PendingTail:
-    """:func:`tail_sums`, returned before its Lanczos has finished where a CUDA graph runs it
-    (:func:`deltakit.spectral.graphs.replay_to_host`); ``padded_width`` pads Q with zero columns
-    so that blocks of any deflated width share one graph. ``matrix`` and ``basis`` may be freed
-    as soon as this returns."""
-    dim = matrix.shape[1]
-    start = rademacher(dim, probes, seed, matrix.device, matrix.dtype)
-    if start.is_cuda:  # shared by the threads' streams: freed (off the cache) only once each is done with it
-        start.record_stream(torch.cuda.current_stream(start.device))
-    if graphs.capturable((matrix, basis, start)):  # fixed shapes for the graph: the block padded with zero columns
-        padded = basis.new_zeros(basis.shape[0], max(basis.shape[1], padded_width))
-        padded[:, : basis.shape[1]] = basis
-        basis = padded
-    steps = min(steps, dim)
-    coefficients = graphs.replay_to_host(f"lanczos{steps}", lambda *x: deflated_lanczos(*x, steps),
-                                         (matrix, basis, start))
-    return PendingTail(coefficients, scale, dim)
-
-
 def quadrature_sums(tridiagonals: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Per probe: the quadrature estimates of Σσ and Σσ ln σ (σ = √λ of the operator's eigenvalues λ)."""
     nodes, weights = quadrature(tridiagonals)
@@ -422,16 +346,17 @@ def entropy_rank(nuclear: float, entropy: float) -> float:
     return math.exp(math.log(nuclear) - entropy / nuclear)
 
 
-def effective_rank_estimate(top: np.ndarray, tail: TailSums | PendingTail | None) -> tuple[float, float | None]:
+def effective_rank_estimate(top: np.ndarray, tail: Any) -> tuple[float, float | None]:
     """Effective rank from exact top values plus a tail estimate, and its error; the error is None
     where nothing is estimated.
 
+    ``tail``: :class:`TailSums`, something whose ``result()`` gives them (a pending tail), or None.
     The tail's sums are the midpoint of the Gauss and Gauss–Radau rules, which bracket them: half
-    their gap is the quadrature's error (on the bench's square deltas Gauss ran ~0.6 % high and
-    Radau ~1.1 % low at 64 steps, where the old extrapolation from half the steps ran ~0.6 % low).
-    The spread over probes (jackknife) is the sampling error; the two add in quadrature.
+    their gap is the quadrature's error (on square noisy deltas Gauss ran ~0.6 % high and Radau
+    ~1.1 % low at 64 steps). The spread over probes (jackknife) is the sampling error; the two add
+    in quadrature.
     """
-    if isinstance(tail, PendingTail):
+    if tail is not None and not isinstance(tail, TailSums):
         tail = tail.result()
     if tail is None:
         positive = top[top > 0]

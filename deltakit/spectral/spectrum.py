@@ -24,19 +24,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Sequence
 
 import numpy as np
 import torch
 
+from deltakit.errors import DeltakitError
 from deltakit.spectral import metrics
 from deltakit.spectral.noise import StorageNoise
 from deltakit.spectral.options import SpectralOptions
-from deltakit.spectral.partial import (
-    PendingTail, RitzBlock, SubspaceIteration, TailSums, deflatable, effective_rank_estimate, start_tail_sums,
-)
-from deltakit.spectral.svd import method_noise_floor, singular_values
+from deltakit.spectral.svd import gram_singular_values, method_noise_floor, singular_values
 
 STORAGE_FLOOR_SAFETY = 2.0  # numerical rank counts values above 2× the rounding's spectral edge
 NEGLIGIBLE_SHARE = 1e-6  # rounding below this share of ‖ΔW‖² cannot move a metric: the signal spectrum is the raw one
@@ -166,11 +162,7 @@ class Spectrum:
             return self.rank_at(fraction)
         if self.signal_energy <= 0.0:
             return 0 if self.total_energy == 0 else None
-        cumulative = np.cumsum(self.signal * self.signal)
-        target = fraction * self.signal_energy * (1.0 - 4 * np.finfo(np.float64).eps)
-        if cumulative.size == 0 or cumulative[-1] < target:
-            return None
-        return int(np.searchsorted(cumulative, target, side="left") + 1)
+        return metrics.crossing(self.signal, fraction * self.signal_energy)
 
     def signal_effective_rank(self) -> float | None:
         return self.effective_rank() if self.signal_is_raw else metrics.effective_rank(self.signal)
@@ -212,21 +204,29 @@ def unresolved_values(raw: np.ndarray, floor: float, energy: float, resolved_ene
     return below * math.sqrt(missing / float(np.sum(below * below)))
 
 
-def build_spectrum(values: np.ndarray, shape: tuple[int, int], method: str, method_floor: float,
+def build_spectrum(values: np.ndarray | torch.Tensor | None, shape: tuple[int, int], method: str, floor_kind: str,
                    noise: StorageNoise | None = None, delta_energy: float | None = None,
-                   dtype: torch.dtype = torch.float32) -> Spectrum:
-    """A :class:`Spectrum` from computed singular values: floors applied, signal estimated.
+                   dtype: torch.dtype = torch.float32, gram: torch.Tensor | None = None) -> Spectrum:
+    """The one way to a :class:`Spectrum`: from computed singular values, or from a Gram matrix G = ΔWᵀΔW
+    (``gram``; its eigenvalues are their squares), with the method's floor applied and the signal estimated.
 
-    ``delta_energy`` is ‖ΔW‖²_F measured directly (defaults to Σσ² of the resolved values).
+    ``method`` names the path in reports ("gram", "exact", "gram-blocked", "factor-space"); ``floor_kind``
+    ("gram" or "exact") says how far its values are resolved (:func:`~deltakit.spectral.svd.method_noise_floor`
+    in ``dtype``). ``delta_energy`` is ‖ΔW‖²_F measured directly (default: Σσ² of the resolved values); a
+    zero ΔW gives the all-zero spectrum.
     """
-    raw = metrics.as_sorted_spectrum(values)
+    if gram is not None:
+        values = gram_singular_values(gram)
+    raw = metrics.as_sorted_spectrum(values if values is not None else np.zeros(0))
+    if delta_energy == 0.0 or not raw.size or raw[0] <= 0.0:
+        return zero_spectrum(shape, method, noise)
+    method_floor = method_noise_floor(float(raw[0]), shape, floor_kind, dtype)
     resolved = raw.copy()
     resolved[resolved <= method_floor] = 0.0
     resolved_energy = float(np.sum(resolved * resolved))
     energy = resolved_energy if delta_energy is None else delta_energy
-    sigma_max = float(raw[0]) if raw.size else 0.0
     unresolved = unresolved_values(raw, method_floor, energy, resolved_energy,
-                                   unresolved_threshold(shape, sigma_max, dtype))
+                                   unresolved_threshold(shape, float(raw[0]), dtype))
     if not rounding_matters(noise, method_floor, energy):
         return Spectrum(resolved, shape, method, method_floor, noise, resolved.copy(), energy, energy, unresolved)
     signal = debiased_values(resolved, shape, noise.rms, noise.spectral_edge)
@@ -234,277 +234,21 @@ def build_spectrum(values: np.ndarray, shape: tuple[int, int], method: str, meth
     return Spectrum(resolved, shape, method, method_floor, noise, signal, signal_energy, energy, unresolved)
 
 
+def zero_spectrum(shape: tuple[int, int], method: str, noise: StorageNoise | None = None) -> Spectrum:
+    """The spectrum of a zero ΔW: min(m, n) zeros, every metric 0."""
+    zeros = np.zeros(min(shape))
+    return Spectrum(zeros, shape, method, 0.0, noise, zeros.copy(), 0.0, 0.0)
+
+
 def compute_spectrum(matrix: torch.Tensor, options: SpectralOptions, noise: StorageNoise | None = None,
                      delta_energy: float | None = None) -> Spectrum:
     """All singular values of ``matrix`` (m×n, on its device) by ``options``, as a :class:`Spectrum`."""
     shape = (int(matrix.shape[0]), int(matrix.shape[1]))
-    values = metrics.as_sorted_spectrum(singular_values(matrix, options.method, options.dtype))
-    floor = method_noise_floor(float(values[0]), shape, options.method, options.dtype) if values.size else 0.0
-    return build_spectrum(values, shape, method_name(options), floor if values.size and values[0] > 0 else 0.0,
-                          noise, delta_energy, options.dtype)
+    values = singular_values(matrix, options.method, options.dtype)
+    return build_spectrum(values, shape, method_name(options), options.method, noise, delta_energy, options.dtype)
 
 
-SMALL_OR_ZERO = ("small matrix", "zero ΔW")  # reasons the full path runs that are no fallback
-
-
-@dataclass(frozen=True)
-class AdaptivePlan:
-    """How far the adaptive path goes before the full eigendecomposition is cheaper.
-
-    ``min_side``: matrices with a smaller side go straight to the full path (it is cheap there).
-    ``start_width`` doubles while the metrics need more values, up to ``crossover`` × min(m, n).
-    ``rounds``: power iterations per width. ``probes`` × ``steps``: the Lanczos quadrature of the tail.
-    """
-
-    min_side: int = 2048  # below it the full path is faster (bench/probes/adaptive_probe.py: 1024×8192 on an H200)
-    start_width: int = 128
-    crossover: float = 0.25
-    rounds: int = 8
-    warmup: int = 5  # power iterations before the first Rayleigh–Ritz round (bench-like ΔW then settle in one)
-    probes: int = 32
-    steps: int = 64  # Lanczos steps at a side of 4096 or less; more above it (steps_for)
-    settled_relative: float = 1e-3  # a top value counts as converged (and deflates the tail) below this error
-    deflation_angle: float = 1e-3  # ... and the span of those within this angle (sin) of the true one
-
-    def steps_for(self, side: int) -> int:
-        """Lanczos steps for a tail whose operator is side×side: ``steps`` up to 4096, then ∝ √side in
-        multiples of 32 (8192: 96, 16384: 128). The quadrature's bias on square noisy deltas grows with
-        the side at a fixed step count: −0.27 % at 4096² and −0.58 % at 8192² with 64 steps, −0.30 %
-        at 8192² with 96 (fp64 truth, bench.probes.tail_quadrature, bench/measured/2026-11-29-dev-vm)."""
-        scaled = self.steps * math.sqrt(max(side, 1) / 4096)
-        return max(self.steps, 32 * math.ceil(scaled / 32 - 1e-9))
-
-
-@dataclass(frozen=True)
-class PartialSpectrum(Spectrum):
-    """The top of a spectrum (adaptive path): every metric it reports is settled or marked.
-
-    ``values``: the top singular values (Ritz values, lower bounds, converged to the checks in
-    :func:`settle`); ``upper``: their upper estimates. ``tail``: Lanczos-quadrature sums of the
-    values below the first ``deflated`` (the converged ones), None when those hold no energy
-    beyond rounding; ``tail_energy``: their exact Σσ² (‖ΔW‖²_F − the top's). ``rank_count`` /
-    ``signal_count``: the counts above the two floors when settled, else None with ``bounds``.
-    """
-
-    upper: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    tail: TailSums | PendingTail | None = None  # pending: the quadrature runs when a metric first needs it
-    tail_energy: float = 0.0
-    deflated: int = 0
-    rank_count: int | None = None
-    signal_count: int | None = None
-    bounds: dict[str, int] = field(default_factory=dict)
-    width: int = 0
-    directions: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def complete(self) -> bool:
-        return False
-
-    @property
-    def all_values(self) -> np.ndarray:
-        return self.values
-
-    @property
-    def rank(self) -> int | None:
-        return self.rank_count if self.energy > 0 or self.tail_energy > 0 else 0
-
-    @property
-    def _normalizer(self) -> float:
-        """Σσ² over the whole spectrum: ‖ΔW‖²_F, or the top's own where the rest is rounding."""
-        return self.total_energy if self.tail is not None else self.energy
-
-    @property
-    def lower_bounds(self) -> dict[str, int]:
-        return dict(self.bounds)
-
-    def rank_at(self, fraction: float) -> int:
-        found = crossing(self.values, fraction * self._normalizer)
-        if found is None:  # settle() certified every requested crossing; another fraction may lie past the block
-            raise ValueError(f"rank@{fraction:g} lies past the {self.values.size} computed values")
-        return found
-
-    def stable_rank(self) -> float:
-        return self._normalizer / float(self.values[0]) ** 2 if self.values.size and self.values[0] > 0 else 0.0
-
-    @cached_property
-    def _effective(self) -> tuple[float, float | None]:
-        """The estimate and its error, computed once (the jackknife is over every probe)."""
-        top = self.values[: self.deflated] if self.tail is not None else self.values
-        return effective_rank_estimate(top, self.tail)
-
-    def effective_rank(self) -> float:
-        return self._effective[0]
-
-    @property
-    def effective_rank_error(self) -> float | None:
-        return self._effective[1]
-
-    def signal_rank_at(self, fraction: float) -> int | None:
-        if self.signal_is_raw:
-            return self.rank_at(fraction)
-        if self.signal_energy <= 0.0:
-            return 0 if self.total_energy == 0 else None
-        return crossing(self.signal, fraction * self.signal_energy)
-
-    def signal_effective_rank(self) -> float | None:
-        if self.signal_is_raw:
-            return self.effective_rank()
-        return metrics.effective_rank(self.signal) if self.signal_count is not None else None
-
-    @property
-    def signal_rank(self) -> int | None:
-        return self.signal_count if not self.signal_is_raw else self.rank_count
-
-
-def crossing(values: np.ndarray, target: float) -> int | None:
-    """Smallest k with Σ_{i≤k} values² ≥ target (a few ulps of slack), None when the values never get there."""
-    if target <= 0.0:
-        return 0
-    cumulative = np.cumsum(values * values)
-    goal = target * (1.0 - 4 * np.finfo(np.float64).eps)
-    if cumulative.size == 0 or cumulative[-1] < goal:
-        return None
-    return int(np.searchsorted(cumulative, goal, side="left") + 1)
-
-
-@dataclass(frozen=True)
-class Settlement:
-    """What one Ritz block decides: ``done``; else ``wider`` (the answers lie past the trusted values)
-    or more rounds; ``reason`` names what is not settled."""
-
-    done: bool
-    wider: bool = False
-    reason: str = ""
-
-
-def count_above(block: RitzBlock, threshold: float, trusted: int) -> int | None:
-    """Values above ``threshold`` when certain from the block (the next value's upper estimate is below it)."""
-    lower = int(np.count_nonzero(block.values > threshold))
-    if lower >= trusted:
-        return None
-    return lower if block.upper[lower] <= threshold else None
-
-
-def signal_threshold(noise: StorageNoise, shape: tuple[int, int]) -> float:
-    """The smallest observed value :func:`debiased_values` keeps: above the rounding's edge and its bulk edge."""
-    small, large = sorted(shape)
-    return max(noise.spectral_edge, noise.rms * math.sqrt(large) * (1.0 + math.sqrt(small / large)))
-
-
-def settle(block: RitzBlock, energy: float, fractions: Sequence[float], signal_energy: float | None,
-           noise: StorageNoise | None, shape: tuple[int, int]) -> Settlement:
-    """Whether the block settles rank@X for every X, σ₁ (stable rank to 1e-4) and, where rounding
-    matters, signal_rank@X: the crossing from the lower values equals the one from the upper estimates."""
-    trusted = block.width - max(8, block.width // 8)
-    if block.values.size and block.values[0] > 0 and block.errors[0] > 2.5e-5 * block.values[0]:
-        return Settlement(False, reason="σ₁")
-    lower, upper = block.values, block.upper
-    sigma_max = float(lower[0]) if lower.size else 0.0
-    if energy - float(np.sum(lower * lower)) <= unresolved_threshold(shape, sigma_max, torch.float32):
-        # the rest is rounding (an exactly low-rank ΔW): as on the full path, the values under the
-        # method's floor are dropped and the fractions are of what remains
-        kept = lower > method_noise_floor(sigma_max, shape, "gram", torch.float32)
-        lower, upper = np.where(kept, lower, 0.0), np.where(kept, upper, 0.0)
-        energy = float(np.sum(lower * lower))
-    for fraction in fractions:
-        late = crossing(lower, fraction * energy)
-        if late is None or late > trusted:
-            return Settlement(False, wider=True, reason=f"rank@{fraction:g}")
-        if crossing(upper, fraction * energy) != late:
-            return Settlement(False, reason=f"rank@{fraction:g}")
-    if signal_energy is None or noise is None:
-        return Settlement(True)
-    signal_lower = debiased_values(block.values, shape, noise.rms, noise.spectral_edge)
-    signal_upper = debiased_values(block.upper, shape, noise.rms, noise.spectral_edge)
-    for fraction in fractions:
-        late = crossing(signal_lower, fraction * signal_energy)
-        if late is None:
-            count = count_above(block, signal_threshold(noise, shape), trusted)
-            if count is not None and crossing(signal_upper, fraction * signal_energy) is None:
-                continue  # every signal value is in the block and they do not reach X: None, as on the full path
-            return Settlement(False, wider=True, reason=f"signal_rank@{fraction:g}")
-        if late > trusted:
-            return Settlement(False, wider=True, reason=f"signal_rank@{fraction:g}")
-        if crossing(signal_upper, fraction * signal_energy) != late:
-            return Settlement(False, reason=f"signal_rank@{fraction:g}")
-    return Settlement(True)
-
-
-def adaptive_spectrum(matrix: torch.Tensor, noise: StorageNoise | None, delta_energy: float,
-                      fractions: Sequence[float], plan: AdaptivePlan = AdaptivePlan(),
-                      seed: int = 0) -> tuple[Spectrum | None, str]:
-    """The top of ΔW's spectrum grown until rank@X (and signal_rank@X) for ``fractions`` are settled.
-
-    Returns (spectrum, "") or (None, why) when the full path should run instead: the matrix is
-    small, or a metric needs more values than ``plan.crossover`` of min(m, n).
-    """
-    shape = (int(matrix.shape[0]), int(matrix.shape[1]))
-    small = min(shape)
-    if small < plan.min_side or plan.start_width > plan.crossover * small:
-        return None, SMALL_OR_ZERO[0]
-    if delta_energy == 0.0:
-        return None, SMALL_OR_ZERO[1]
-    tall = matrix if shape[0] >= shape[1] else matrix.T
-    tall = tall.float()
-    width, start = plan.start_width, None
-    matters = rounding_matters(noise, 0.0, delta_energy)
-    signal_energy = max(delta_energy - noise.energy, 0.0) if matters and noise is not None else None
-    while width <= plan.crossover * small:
-        iteration = SubspaceIteration(tall, width, seed=seed, start=start, warmup=plan.warmup if start is None else 0)
-        for _ in range(plan.rounds):
-            block = iteration.round()
-            verdict = settle(block, delta_energy, fractions, signal_energy, noise if matters else None, shape)
-            if verdict.done or verdict.wider:
-                break
-        if verdict.done:
-            return _partial(iteration, block, shape, noise, delta_energy, plan, seed), ""
-        start = iteration.right_vectors()
-        width *= 2
-    return None, f"{verdict.reason} needs more than {plan.crossover:g}·min(m, n) singular values"
-
-
-def _partial(iteration: SubspaceIteration, block: RitzBlock, shape: tuple[int, int], noise: StorageNoise | None,
-             energy: float, plan: AdaptivePlan, seed: int) -> PartialSpectrum:
-    """A :class:`PartialSpectrum` from a settled block: floors, counts, signal values and the tail's sums."""
-    values = block.values.copy()
-    sigma_max = float(values[0])
-    method_floor = method_noise_floor(sigma_max, shape, "gram", torch.float32)
-    trusted = block.width - max(8, block.width // 8)
-    deflated = deflatable(block, plan.settled_relative, plan.deflation_angle)
-    tail_energy = energy - float(np.sum(values[:deflated] ** 2))
-    tail = None
-    if tail_energy > unresolved_threshold(shape, sigma_max, torch.float32):
-        tail = start_tail_sums(iteration.matrix, iteration.left_vectors(deflated), sigma_max, plan.probes,
-                               plan.steps_for(min(shape)),
-                               seed + 1, padded_width=block.width)
-    else:  # the rest is rounding of an (exactly) low-rank ΔW: drop it as the full path does
-        values[values <= method_floor] = 0.0
-        tail_energy = 0.0
-    matters = rounding_matters(noise, method_floor, energy)
-    storage = STORAGE_FLOOR_SAFETY * noise.spectral_edge if noise is not None else 0.0
-    bounds: dict[str, int] = {}
-    rank_count = count_above(block, max(method_floor, storage), trusted)
-    if rank_count is None:
-        bounds["rank"] = int(np.count_nonzero(values > max(method_floor, storage)))
-    signal_count, signal, signal_energy = rank_count, values, energy
-    if matters:
-        signal_count = count_above(block, signal_threshold(noise, shape), trusted)
-        signal = debiased_values(values, shape, noise.rms, noise.spectral_edge)
-        if signal_count is None:
-            bounds["signal_rank"] = int(np.count_nonzero(signal))
-        signal_energy = max(energy - noise.energy, float(np.sum(signal * signal)))
-    return PartialSpectrum(values, shape, f"adaptive({block.width})", method_floor, noise, signal, signal_energy, energy,
-                           upper=block.upper, tail=tail, tail_energy=max(tail_energy, 0.0), deflated=deflated,
-                           rank_count=rank_count, signal_count=signal_count, bounds=bounds, width=block.width,
-                           directions=top_directions_of(iteration, shape, DIRECTIONS_KEPT))
-
-
-DIRECTIONS_KEPT = 64  # top singular vectors a partial spectrum keeps for the amplification factor
-
-
-def top_directions_of(iteration: SubspaceIteration, shape: tuple[int, int], count: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """U (m×k) and Vh (k×n) of ΔW (m×n) from the Ritz vectors of its tall orientation."""
-    count = min(count, iteration.width)
-    left, right = iteration.left_vectors(count), iteration.right_vectors()[:, :count]
-    return (left, right.T) if shape[0] >= shape[1] else (right, left.T)
+def require_finite(name: str, *norms: float) -> None:
+    """A tensor holding inf / nan has no defined ΔW: one clear error, not a failed SVD or a nan in a report."""
+    if not all(math.isfinite(norm) for norm in norms):
+        raise DeltakitError(f"{name}: the base or the fine-tune holds inf or nan values; its ΔW is not defined")

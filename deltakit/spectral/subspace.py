@@ -152,8 +152,8 @@ def amplification(
     directions are ``directions`` (U m×k', Vh k'×n, k' ≥ r: the adaptive spectrum's Ritz vectors)
     when given, else from the randomized SVD in fp32 with one power iteration: exact for a
     low-rank ΔW, and for a full fine-tune the projection of W onto a slightly rotated top-64
-    subspace barely moves the ratio; it runs on every matrix `rank` sees, so it is kept cheap
-    (bench/probes/rank_parts.py). None for an unchanged matrix.
+    subspace barely moves the ratio; it runs on every matrix `rank` sees, so it is kept cheap.
+    None for an unchanged matrix.
     """
     if rank <= 0 or delta_fro == 0.0:
         return None

@@ -118,7 +118,7 @@ def orthonormal_basis(columns: torch.Tensor, method: str = "auto", passes: int =
     Householder QR, and as orthogonal after the second round (Fukaya et al. 2014). The Gram
     matrix is formed in float64 so conditioning up to ~1e7 survives; beyond that, or when
     Cholesky fails, Householder QR is used. On the CPU, where LAPACK's Householder QR is the
-    faster of the two (bench/linalg_probe.py), it is used directly. ``method``: "auto",
+    faster of the two, it is used directly. ``method``: "auto",
     "cholesky", "householder" or "shifted" (:func:`shifted_cholesky_qr`: never waits for the
     device; ``passes`` rounds of it).
     """

@@ -2,7 +2,7 @@
 
 Shuttleworth et al., "LoRA vs Full Fine-tuning: An Illusion of Equivalence" (NeurIPS 2025,
 arXiv 2410.21228), Section 5: multiplying each intruder's singular value by λ < 1 after
-training recovers pre-training behaviour. The intruders are found by :mod:`deltakit.intruders`
+training recovers pre-training behaviour. The intruders are found by :mod:`deltakit.analyses.intruders`
 (this module builds on it, never the reverse); the model is written as a sharded safetensors
 folder, atomically. See docs/intruders.md.
 
@@ -21,23 +21,23 @@ from typing import Any, Sequence
 
 import torch
 
-from deltakit.delta import ProgressFn, fetch, fetch_pair
-from deltakit.distributed import (
-    Parallel, exchange, gather_in_order, process_device, reported_device, shared_directory, shared_writer
+from deltakit.analyses.intruders import (
+    DEFAULT_EPSILON, DEFAULT_K, IntruderOptions, IntruderReport, MatrixIntruders, TopDirections,
+    intruders_of_matrix, matrix_costs, new_report, open_source,
 )
+from deltakit.delta import DeltaItem, Selection, fetch_pair
+from deltakit.device.reads import fetch
+from deltakit.distributed import Parallel, exchange, process_device, reported_device, shared_directory, shared_writer
 from deltakit.errors import DeltakitError
-from deltakit.intruders import (
-    DEFAULT_EPSILON, DEFAULT_K, IntruderReport, MatrixIntruders, TopDirections, analyse_matrix, check_epsilons,
-    check_k, new_report, open_source, share_matrices,
-)
 from deltakit.io.atomic import check_output_path
 from deltakit.io.inputs import footprints
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
 from deltakit.io.peft import is_peft_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, rows_to_write
-from deltakit.lora.merge import dequantized_note
-from deltakit.pairing import TensorPair, oriented
+from deltakit.lora.merging import dequantized_note
+from deltakit.pairing import TensorPair
+from deltakit.pipeline import ProgressFn, run, share
 from deltakit.spectral.options import SpectralOptions
 
 
@@ -120,28 +120,26 @@ def scale_intruders(
     With ``parallel`` (under torchrun) each process analyses and writes its share of the matrices.
     Example: ``scale_intruders("base", "ft", "ft-scaled", scale=0.75)``.
     """
-    k, epsilons, scale = check_k(k), check_epsilons(epsilon), check_scale(scale)
+    options = IntruderOptions(k, epsilon, options, Selection(tuple(include), tuple(exclude), allow_pickle))
+    scale = check_scale(scale)
     if max_shard_bytes <= 0:
         raise DeltakitError("the maximum shard size must be positive")
     inputs = footprints([("base", base), ("fine-tune", ft)])
     check_output_path(output, force, inputs)
-    device = process_device(parallel, options.device)
-    _ = options.dtype
+    spectral = options.spectral
+    device = process_device(parallel, spectral.device)
     started = time.perf_counter()
-    report = new_report(base, ft, k, epsilons, reported_device(parallel, device), options)
+    report = new_report(base, ft, options, reported_device(parallel, device))
     if is_peft_adapter(ft):
         raise DeltakitError(f"{ft} is a LoRA adapter; scaling intruders writes a full model, so give the "
                             "merged fine-tune (W_base + B·A) as FT")
-    source = open_source(base, ft, include, exclude, allow_pickle, report)
+    source = open_source(base, ft, options.selection, report)
     base_ckpt, ft_ckpt, pairs = source.base, source.ft, source.pairs
     assert ft_ckpt is not None
-    mine = share_matrices(source, parallel)
-    items = source.stream(mine, device, options.dtype, options.reads_ahead(device))
-    scaling = report.scaling = Scaling(scale=scale, epsilon=epsilons[0], output=str(output),
+    scaling = report.scaling = Scaling(scale=scale, epsilon=options.epsilon[0], output=str(output),
                                        dequantized=dequantized_note(ft_ckpt, None))
-    if progress is not None:
-        items = progress(items, len(mine), "intruders")
     plan = [(name, ft_ckpt.shape(name), ft_ckpt.dtype(name)) for name in ft_ckpt.keys()]
+    costs = matrix_costs(source)
     # What is not analysed is copied as it is, shared out by size: whole tensors (norms, biases, ...)
     # and any expert slice of a fused tensor that no pair covers.
     copies = _copies(plan, pairs)
@@ -149,23 +147,29 @@ def scale_intruders(
     with shared_directory(output, force, parallel, inputs) as tmp:
         writer = shared_writer(parallel, tmp, plan, max_shard_bytes=max_shard_bytes,
                                metadata={"deltakit": "intruders"})
-        local: list[tuple[int, tuple[MatrixIntruders, ScaledMatrix | None]]] = []
-        for index, item in zip(mine, items):
-            result, directions = analyse_matrix(item, k, epsilons, options)
+
+        def read(mine: list[int]) -> Any:
+            return source.stream(mine, device, spectral.dtype, spectral.reads_ahead(device))
+
+        def scale_matrix(_: int, item: DeltaItem) -> tuple[MatrixIntruders, ScaledMatrix | None]:
+            result, directions = intruders_of_matrix(item, options.k, options.epsilon, spectral)
             scaled = None
             if directions is not None and scale != 1.0 and result.count(scaling.epsilon):
                 mask = directions.intruder_mask(scaling.epsilon)
-                tensor, change_fro = _scaled_tensor(ft_ckpt, item.pair, directions, mask, scale, device, options.dtype)
+                tensor, change_fro = _scaled_tensor(ft_ckpt, item.pair, directions, mask, scale, device,
+                                                    spectral.dtype)
                 ranks = [d.rank for d in result.intruders[scaling.epsilon]]
                 before = [d.singular_value for d in result.intruders[scaling.epsilon]]
                 scaled = ScaledMatrix(item.pair.name, ranks, before, [scale * s for s in before], change_fro)
             else:
                 tensor = fetch_pair(ft_ckpt, item.pair.ft_tensor, item.pair, torch.device("cpu"))
             _write_stored(writer, ft_ckpt, item.pair.ft_tensor, tensor, item.pair.rows)
-            local.append((index, (result, scaled)))
+            return result, scaled
+
+        everything = run(costs, read, scale_matrix, parallel=parallel, progress=progress, label="intruders")
         for name, rows, _ in my_copies:
             _write_stored(writer, ft_ckpt, name, fetch(ft_ckpt, name, torch.device("cpu"), rows), rows)
-        expected = rows_to_write([(pairs[i].ft_tensor, pairs[i].rows) for i in mine]
+        expected = rows_to_write([(pairs[i].ft_tensor, pairs[i].rows) for i in share(costs, parallel)]
                                  + [(name, rows) for name, rows, _ in my_copies],
                                  {name: shape for name, shape, _ in plan})
         files = writer.finish(expected=expected, write_index=parallel.is_main)
@@ -176,7 +180,7 @@ def scale_intruders(
                 copied += copy_model_files(base_ckpt, tmp, only_config=True)
             if ft_ckpt.quantized:  # the weights were read dequantized and are written so
                 drop_quantization_config(tmp)
-        for result, scaled in gather_in_order(local, parallel):
+        for result, scaled in everything:
             report.matrices.append(result)
             if scaled is not None:
                 scaling.matrices.append(scaled)
@@ -220,7 +224,7 @@ def _scaled_tensor(ft_ckpt: Checkpoint, pair: TensorPair, directions: TopDirecti
     """The stored fine-tune tensor (an expert's slice: that slice) plus the correction, back in its
     stored layout and dtype."""
     stored = fetch_pair(ft_ckpt, pair.ft_tensor, pair, torch.device("cpu"))
-    correction = oriented(intruder_correction(directions, mask, scale), pair)
+    correction = pair.analysed(intruder_correction(directions, mask, scale))
     updated = stored.to(device=device, dtype=dtype, copy=True)
     rows = correction.shape[0]
     updated[:rows] += correction  # the shared rows only, when the fine-tune added vocabulary

@@ -2,16 +2,12 @@
 work (small eigensolvers, decisions, launches) runs while another's kernels keep the GPU busy.
 
 `rank`'s adaptive path waits for the device a few times per matrix (each Rayleigh–Ritz round
-ends on the host) and solves a 128×128 eigenproblem there each time: on one thread the GPU
-stood idle for 43 % of a 7B run (a profiler trace of `rank` on an H200,
-bench/measured/2026-11-29-h200/s4-s6-4). With more threads the waits of one overlap the
-kernels of the others: `rank()` on the 7B pair took 6.64 s on one thread, 5.81 s on two and
-5.19 s on three (warm, ``python -m bench.probes.rank_workers``, on an H200:
-bench/measured/2026-11-29-h200/s5-s10-2); four gained 0.2 s more and held more memory. Each
+ends on the host) and solves a 128×128 eigenproblem there each time; with several threads the
+waits of one overlap the kernels of the others (docs/benchmarks.md has what it buys). Each
 matrix is computed exactly as on one thread, from the same seeds and with the same kernels,
 so the report does not depend on the number of threads (tests/test_workers.py holds them equal).
 
-The consumer hands over a :class:`~deltakit.delta.DeltaItem` made on its own stream:
+The consumer hands over a item (a :class:`~deltakit.delta.DeltaItem`) made on its own stream:
 :meth:`MatrixWorkers.submit` records an event there, and the worker's stream waits for it
 and takes the item's tensors over (``record_stream``), so the caching allocator reuses their
 memory only once the worker's kernels are done with them (and so for tensors among the
@@ -28,16 +24,14 @@ Example::
 
 from __future__ import annotations
 
-import math
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from deltakit.delta import DeltaItem
-from deltakit.pairing import TensorPair
-from deltakit.streams import kept_stream, make_current
+from deltakit.device.placement import make_current
+from deltakit.device.streams import kept_stream
 
 IN_FLIGHT_BYTES = 2 * 10**9
 """Bytes of items (W_base + ΔW on the device) the threads hold at once, beyond which they take
@@ -103,7 +97,7 @@ class MatrixWorkers:
             yield item
             del item
 
-    def submit(self, function: Callable[..., Any], item: DeltaItem, *args: Any) -> Future:
+    def submit(self, function: Callable[..., Any], item: Any, *args: Any) -> Future:
         """A future of ``function(item, *args)``. Waits while ``threads`` items are queued or running,
         or while taking this one would hold more than ``budget`` bytes of items (one always runs)."""
         if self._pool is None:
@@ -133,7 +127,7 @@ class MatrixWorkers:
             stream = self._local.stream = kept_stream(self.device, f"worker {slot}")
         return stream
 
-    def _run(self, function: Callable[..., Any], item: DeltaItem, ready: torch.cuda.Event | None,
+    def _run(self, function: Callable[..., Any], item: Any, ready: torch.cuda.Event | None,
              args: tuple[Any, ...]) -> Any:
         if ready is None:
             return function(item, *args)
@@ -145,13 +139,8 @@ class MatrixWorkers:
             return function(item, *args)
 
 
-def pair_device_bytes(pair: TensorPair, dtype: torch.dtype) -> int:
-    """Bytes a pair's item holds on the device: W_base as stored and ΔW in ``dtype``."""
-    return math.prod(pair.shape) * (pair.base_dtype.itemsize + dtype.itemsize)
-
-
-def item_bytes(item: DeltaItem) -> int:
-    """Bytes an item's tensors hold (W_base as stored, ΔW in the compute dtype)."""
+def item_bytes(item: Any) -> int:
+    """Bytes an item's tensors hold (``item.base`` and ``item.delta``: W_base as stored, ΔW in the compute dtype)."""
     return sum(t.numel() * t.element_size() for t in (item.base, item.delta) if isinstance(t, torch.Tensor))
 
 
@@ -159,8 +148,8 @@ def load_linalg(device: torch.device) -> None:
     """Load torch's CUDA linear algebra (cuSOLVER) on this thread before other threads use it.
 
     torch loads it lazily at the first factorisation, and two threads doing that at once fail
-    with "lazy wrapper should be called at most once" (pytorch/pytorch#90613): `rank` on two
-    threads failed so on an H200 until this ran first. One tiny call of each kind `rank` makes.
+    with "lazy wrapper should be called at most once" (pytorch/pytorch#90613). One tiny call of
+    each kind `rank` makes.
     """
     one = torch.ones(1, 1, device=device, dtype=torch.float64)
     torch.linalg.cholesky_ex(one)

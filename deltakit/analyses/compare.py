@@ -31,12 +31,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from deltakit.analysis import by_layer, by_module_type
-from deltakit.delta import DeltaSource, ProgressFn, open_delta_source, stream_many, zip_released
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
+from deltakit.analyses.meta import ReportMeta, by_layer, by_module_type
+from deltakit.delta import DeltaSource, MultiDeltaItem, Selection, open_delta_source, stream_many
+from deltakit.distributed import Parallel, matrix_cost, process_device, reported_device
 from deltakit.errors import DeltakitError
-from deltakit.pairing import TensorPair, oriented
-from deltakit.report_meta import ReportMeta
+from deltakit.pairing import TensorPair
+from deltakit.pipeline import ProgressFn, run
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.subspace import delta_cosine, random_overlap, subspace_overlap, top_directions
 
@@ -94,7 +94,7 @@ def compare_matrix(
     dtype: torch.dtype = torch.float32,
 ) -> list[PairResult]:
     """Every pair (a < b) of the fine-tunes' ΔW of one matrix (``deltas`` as stored, analysed [out, in])."""
-    deltas = [oriented(d, pair) for d in deltas]
+    deltas = [pair.analysed(d) for d in deltas]
     shape = (int(deltas[0].shape[0]), int(deltas[0].shape[1]))
     ks = sorted(top)
     fro = [float(torch.linalg.vector_norm(d, dtype=torch.float64)) for d in deltas]
@@ -171,8 +171,7 @@ class CompareReport(ReportMeta):
 
 
 def open_sources(
-    base: str | os.PathLike, fts: Sequence[str | os.PathLike], include: Sequence[str] = (),
-    exclude: Sequence[str] = (), allow_pickle: bool = False,
+    base: str | os.PathLike, fts: Sequence[str | os.PathLike], selection: Selection = Selection(),
 ) -> tuple[list[DeltaSource], list[list[int]], list[dict[str, str]]]:
     """Open and pair every fine-tune (weight matrices only) against ``base``.
 
@@ -183,7 +182,7 @@ def open_sources(
     sources, skipped = [], []
     for index, ft in enumerate(fts):
         try:
-            source = open_delta_source(base, ft, include, exclude, allow_pickle, matrices_only=True)
+            source = open_delta_source(base, ft, selection, matrices_only=True)
         except DeltakitError as exc:
             raise DeltakitError(f"fine-tune {index} ({ft}): {exc}") from None
         sources.append(source)
@@ -217,6 +216,19 @@ def check_fts(fts: Sequence[str | os.PathLike], least: int, what: str) -> list[s
     return paths
 
 
+@dataclass(frozen=True)
+class CompareOptions:
+    """What `compare` measures: the sizes k of the top subspaces, how they are computed (randomized SVD, or
+    exact with ``spectral.exact``) and which tensors. Validated when made."""
+
+    top: tuple[int, ...] = DEFAULT_TOP
+    spectral: SpectralOptions = field(default_factory=SpectralOptions)
+    selection: Selection = field(default_factory=Selection)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "top", check_top(self.top))
+
+
 def compare(
     base: str | os.PathLike,
     fts: Sequence[str | os.PathLike],
@@ -235,27 +247,29 @@ def compare(
     process takes its share of matrices and every process returns the whole report.
     Example: ``compare("base", ["a", "b"]).summary()["pairs"][0]["mean_overlap_at"]["8"]``.
     """
-    fts = check_fts(fts, 2, "compare")
-    top = check_top(top)
-    device = process_device(parallel, options.device)
-    dtype = options.dtype
+    made = CompareOptions(top, options, Selection(tuple(include), tuple(exclude), allow_pickle))
+    return run_compare(base, check_fts(fts, 2, "compare"), made, progress, parallel)
+
+
+def run_compare(base: str | os.PathLike, fts: list[str], options: CompareOptions,
+                progress: ProgressFn | None = None, parallel: Parallel = Parallel()) -> CompareReport:
+    """:func:`compare` with its options made: one row (the same matrix in every fine-tune) per unit."""
+    spectral = options.spectral
+    device = process_device(parallel, spectral.device)
     started = time.perf_counter()
-    sources, rows, skipped = open_sources(base, fts, include, exclude, allow_pickle)
+    sources, rows, skipped = open_sources(base, fts, options.selection)
     report = CompareReport(base=str(base), fts=fts, device=reported_device(parallel, device),
-                           method="exact" if options.exact else "randomized", precision=options.precision,
-                           skipped=skipped, top=top)
-    shapes = [sources[0].pairs[row[0]].shape for row in rows]
-    mine = parallel.share([len(fts) * matrix_cost(shape) for shape in shapes])
-    items = stream_many([rows[i] for i in mine], sources, device, dtype, options.reads_ahead(device))
-    if progress is not None:
-        items = progress(items, len(mine), "ΔW subspaces")
-    local: list[tuple[int, Any]] = []
-    with fail_together(parallel):
-        for index, item in zip_released(mine, items):
-            local.append((index, compare_matrix(item.pairs[0], item.deltas, top, options.exact, dtype)))
-            del item  # before the next read: the stream counts these deltas as released once the next is asked for
-        everything = gather_in_order(local, parallel)
+                           method="exact" if spectral.exact else "randomized", precision=spectral.precision,
+                           skipped=skipped, top=options.top)
+    costs = [len(fts) * matrix_cost(sources[0].pairs[row[0]].shape) for row in rows]
+
+    def read(mine: list[int]) -> Any:
+        return stream_many([rows[i] for i in mine], sources, device, spectral.dtype, spectral.reads_ahead(device))
+
+    def measure(_: int, item: MultiDeltaItem) -> list[PairResult]:
+        return compare_matrix(item.pairs[0], item.deltas, options.top, spectral.exact, spectral.dtype)
+
+    everything = run(costs, read, measure, parallel=parallel, progress=progress, label="ΔW subspaces")
     report.matrices = [result for results in everything for result in results]
     report.elapsed_s = time.perf_counter() - started
     return report
-

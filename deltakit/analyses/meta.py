@@ -4,8 +4,8 @@ A report carries its inputs (``base``, the fine-tunes ``fts``), where and how it
 (``device``, ``method``, ``precision``, ``elapsed_s``) and what it left out (``skipped``; a
 pair report also ``only_base`` / ``only_ft``). :class:`ReportMeta` holds these once, writes
 them to JSON (:meth:`ReportMeta.meta_dict`) and renders the header and footer lines every
-table shares. It imports nothing from deltakit, so analyses, surgery and report.py can all
-build on it without a cycle.
+table shares. Beside it: the checks of the fractions reports take, and the groupings their
+summaries share (by module type, by layer, by tensor).
 
 Example::
 
@@ -17,8 +17,13 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+import numpy as np
+
+from deltakit.errors import DeltakitError
 
 
 def skipped_line(skipped: list[dict[str, str]], shown: int = 5) -> str:
@@ -118,3 +123,83 @@ class PairReportMeta(ReportMeta):
             if names:
                 lines.append(names_line(label, names))
         return lines
+
+
+# ---------------------------------------------------------------- options and groupings reports share
+
+def energy_key(fraction: float) -> str:
+    """JSON key of an energy fraction: 0.9 -> "0.9"."""
+    return f"{fraction:g}"
+
+
+def check_fractions(values: Sequence[float], label: str, hint: str, missing: str) -> tuple[float, ...]:
+    """Fractions each in (0, 1], at least one, duplicates dropped, order kept; else a DeltakitError."""
+    fractions = tuple(float(v) for v in values)
+    if not fractions:
+        raise DeltakitError(f"give at least one {missing}")
+    for value in fractions:
+        if math.isnan(value) or not 0.0 < value <= 1.0:
+            raise DeltakitError(f"{label} {value:g} is outside (0, 1]; {hint}")
+    return tuple(dict.fromkeys(fractions))
+
+
+def check_energies(energy: Sequence[float]) -> tuple[float, ...]:
+    """Validate energy fractions: each in (0, 1]; at least one."""
+    return check_fractions(energy, "energy fraction", "use e.g. --energy 0.9", "energy fraction")
+
+
+MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "router",
+                "experts.gate", "experts.up", "experts.gate_up", "experts.down", "lm_head")
+
+
+def group_order(group: str) -> tuple[int, int, str]:
+    """Layers numerically, module types in transformer order, anything else last."""
+    if group.isdigit():
+        return (0, int(group), "")
+    return (1, MODULE_ORDER.index(group) if group in MODULE_ORDER else len(MODULE_ORDER), group)
+
+
+T = TypeVar("T")
+
+
+def _grouped(items: Iterable[T], key: Callable[[T], str]) -> dict[str, list[T]]:
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return {name: groups[name] for name in sorted(groups, key=group_order)}
+
+
+def by_module_type(items: Iterable[T]) -> dict[str, list[T]]:
+    """Per-matrix results grouped by ``module_type``, in transformer order (q, k, v, o, gate, ...)."""
+    return _grouped(items, lambda m: m.module_type)  # type: ignore[attr-defined]
+
+
+def by_layer(items: Iterable[T]) -> dict[str, list[T]]:
+    """Per-matrix results grouped by layer index ("0", "1", ..., "none" for embeddings and heads)."""
+    return _grouped(items, lambda m: "none" if m.layer is None else str(m.layer))  # type: ignore[attr-defined]
+
+
+def median_known(values: Iterable[float | None]) -> float | None:
+    """Median of the values that are known (not None); None when none is."""
+    return of_known(values, np.median)
+
+
+def of_known(values: Iterable[float | None], reduce: Callable[[list[float]], Any]) -> float | None:
+    """``reduce`` (np.mean, np.median) of the values that are not None; None when there are none."""
+    known = [v for v in values if v is not None]
+    return float(reduce(known)) if known else None
+
+
+def by_tensor(items: Iterable[T]) -> dict[str, list[T]]:
+    """MoE experts' matrices grouped by the tensor they belong to (a fused 3-D tensor, or
+    ``...experts.*.gate_proj.weight`` for one expert per tensor); other matrices are left out."""
+    experts = [m for m in items if getattr(m, "expert", None) is not None]
+    groups: dict[str, list[T]] = {}
+    for m in experts:
+        groups.setdefault(m.tensor, []).append(m)  # type: ignore[attr-defined]
+    return groups
+
+
+def mean_known(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None (None if there are none)."""
+    return of_known(values, np.mean)

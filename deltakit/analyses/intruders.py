@@ -5,7 +5,7 @@ arXiv 2410.21228), Algorithm 1: take the top-k left singular vectors of W_ft; on
 largest absolute cosine similarity with every left singular vector of W_base is below ε is an
 *intruder dimension*. LoRA creates them, full fine-tuning does not, and multiplying their
 singular values by λ < 1 after training recovers pre-training behaviour (their Section 5):
-that write is :mod:`deltakit.lora.scale_intruders`; the tables are
+that write is :mod:`deltakit.lora.intruder_scaling`; the tables are
 :func:`deltakit.report.render_intruders`. See docs/intruders.md for the exact conventions.
 
 Example::
@@ -20,25 +20,20 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from importlib import import_module
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from deltakit.analysis import by_layer, by_module_type, check_fractions, energy_key
-from deltakit.spectral.options import SpectralOptions
-from deltakit.delta import DeltaItem, DeltaSource, ProgressFn, open_delta_source, zip_released
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
+from deltakit.analyses.meta import PairReportMeta, by_layer, by_module_type, check_fractions, energy_key
+from deltakit.delta import DeltaItem, DeltaSource, Selection, open_delta_source
+from deltakit.distributed import Parallel, matrix_cost, process_device, reported_device
 from deltakit.errors import DeltakitError
-from deltakit.pairing import oriented
-from deltakit.report_meta import PairReportMeta
+from deltakit.pipeline import ProgressFn, run
 from deltakit.spectral.noise import storage_noise
-from deltakit.spectral.spectrum import STORAGE_FLOOR_SAFETY
-from deltakit.spectral.svd import METHODS, method_noise_floor, singular_values, spectral_norm, top_singular_triplets
-
-if TYPE_CHECKING:  # the surgery builds on this module, never the reverse
-    from deltakit.lora.scale_intruders import Scaling
+from deltakit.spectral.options import SpectralOptions
+from deltakit.spectral.spectrum import STORAGE_FLOOR_SAFETY, compute_spectrum
+from deltakit.spectral.svd import METHODS, method_noise_floor, spectral_norm, top_singular_triplets
 
 DEFAULT_K = 10  # the paper's k (find_intruder_dimensions.py, k=10)
 DEFAULT_EPSILON = 0.5  # the paper's default threshold (--intruder_dimension_threshold=0.5)
@@ -176,13 +171,13 @@ class IntruderReport(PairReportMeta):
     """Everything `deltakit intruders` found; ``to_dict()`` is the JSON contract.
 
     base, ft (``fts[0]``), device, method, precision, skipped, only_base / only_ft, elapsed_s:
-    :class:`~deltakit.report_meta.PairReportMeta`; ``scaling``: set by
-    :func:`deltakit.lora.scale_intruders.scale_intruders`."""
+    :class:`~deltakit.analyses.meta.PairReportMeta`; ``scaling``: what
+    :func:`deltakit.lora.intruder_scaling.scale_intruders` wrote (its ``Scaling``), None otherwise."""
 
     k: int
     epsilon: tuple[float, ...]
     matrices: list[MatrixIntruders] = field(default_factory=list)
-    scaling: Scaling | None = None
+    scaling: Any = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -226,6 +221,21 @@ def check_epsilons(epsilon: float | Sequence[float]) -> tuple[float, ...]:
                            "--epsilon")
 
 
+@dataclass(frozen=True)
+class IntruderOptions:
+    """What `intruders` examines: the top ``k`` singular vectors of each W_ft, the thresholds ε (the
+    first is the one a scaling uses), how spectra are computed and which tensors. Validated when made."""
+
+    k: int = DEFAULT_K
+    epsilon: tuple[float, ...] = (DEFAULT_EPSILON,)
+    spectral: SpectralOptions = field(default_factory=SpectralOptions)
+    selection: Selection = field(default_factory=Selection)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k", check_k(self.k))
+        object.__setattr__(self, "epsilon", check_epsilons(self.epsilon))
+
+
 # ---------------------------------------------------------------- the analysis over a checkpoint pair
 
 def within_rounding(item: DeltaItem) -> bool:
@@ -237,7 +247,7 @@ def within_rounding(item: DeltaItem) -> bool:
     return spectral_norm(item.delta) <= STORAGE_FLOOR_SAFETY * noise.spectral_edge
 
 
-def analyse_matrix(
+def intruders_of_matrix(
     item: DeltaItem, k: int, epsilons: Sequence[float], options: SpectralOptions, rounding: bool = True
 ) -> tuple[MatrixIntruders, TopDirections | None]:
     """Intruders of one pair; the directions too when W_ft differs from W_base (for the scaling).
@@ -246,24 +256,23 @@ def analyse_matrix(
     storage rounding is reported as ``below_rounding`` with no intruders counted.
     """
     pair = item.pair
-    base = oriented(item.base, pair)
+    base = pair.analysed(item.base)
     shape = (int(base.shape[0]), int(base.shape[1]))
     changed = bool(torch.any(item.delta != 0))
     below = changed and rounding and within_rounding(item)
     if changed:
         directions: TopDirections | None = find_intruder_directions(
-            base, oriented(item.ft, pair), k, options.method, options.dtype)
+            base, pair.analysed(item.ft), k, options.method, options.dtype)
         sigma = directions.s.tolist()
         similarities = directions.similarity.tolist()
         closest = [int(i) + 1 for i in directions.closest.tolist()]
         base_norm = directions.base_sigma_max
     else:  # W_ft = W_base: each top vector is the base's own (|cos| = 1); only the values are needed
         directions = None
-        spectrum = singular_values(base, options.method, options.dtype)
-        floor = method_noise_floor(float(spectrum[0]), shape, options.method, options.dtype)
-        sigma = [float(v) for v in spectrum[:k] if v > floor]
+        values = compute_spectrum(base, options).values
+        sigma = [float(v) for v in values[:k] if v > 0]
         similarities, closest = [1.0] * len(sigma), list(range(1, len(sigma) + 1))
-        base_norm = float(spectrum[0])
+        base_norm = float(values[0]) if values.size else 0.0
     intruders = {
         e: [Intruder(rank=j + 1, singular_value=sigma[j], similarity=similarities[j])
             for j in range(len(sigma)) if similarities[j] < e and not below]
@@ -278,19 +287,18 @@ def analyse_matrix(
     return result, directions
 
 
-def open_source(base: str | os.PathLike, ft: str | os.PathLike, include: Sequence[str], exclude: Sequence[str],
-                allow_pickle: bool, report: IntruderReport) -> DeltaSource:
+def open_source(base: str | os.PathLike, ft: str | os.PathLike, selection: Selection,
+                report: IntruderReport) -> DeltaSource:
     """Open and pair both sides (weight matrices only); record what was left out in ``report``."""
-    source = open_delta_source(base, ft, include, exclude, allow_pickle, matrices_only=True)
+    source = open_delta_source(base, ft, selection, matrices_only=True)
     report.skipped, report.only_base, report.only_ft = source.skipped, source.only_base, source.only_ft
     return source
 
 
-def new_report(base: Any, ft: Any, k: int, epsilons: tuple[float, ...], device: str,
-               options: SpectralOptions) -> IntruderReport:
+def new_report(base: Any, ft: Any, options: IntruderOptions, device: str) -> IntruderReport:
     """An empty report of this run: its inputs and how it is computed."""
-    return IntruderReport(base=str(base), fts=[str(ft)], k=k, epsilon=epsilons, device=device,
-                          method=options.method, precision=options.precision)
+    return IntruderReport(base=str(base), fts=[str(ft)], k=options.k, epsilon=options.epsilon, device=device,
+                          method=options.spectral.method, precision=options.spectral.precision)
 
 
 def intruders(
@@ -311,42 +319,31 @@ def intruders(
     every process returns the whole report.
     Example: ``intruders("base", "ft", epsilon=(0.5, 0.3)).summary()["intruders"]["0.5"]``.
     """
-    k, epsilons = check_k(k), check_epsilons(epsilon)
-    device = process_device(parallel, options.device)
-    _ = options.dtype
+    made = IntruderOptions(k, epsilon, options, Selection(tuple(include), tuple(exclude), allow_pickle))
+    return run_intruders(base, ft, made, progress, parallel)
+
+
+def run_intruders(base: str | os.PathLike, ft: str | os.PathLike, options: IntruderOptions,
+                  progress: ProgressFn | None = None, parallel: Parallel = Parallel()) -> IntruderReport:
+    """:func:`intruders` with its options made: every matrix through the pipeline."""
+    spectral = options.spectral
+    device = process_device(parallel, spectral.device)
     started = time.perf_counter()
-    report = new_report(base, ft, k, epsilons, reported_device(parallel, device), options)
-    source = open_source(base, ft, include, exclude, allow_pickle, report)
-    mine = share_matrices(source, parallel)
-    items = source.stream(mine, device, options.dtype, options.reads_ahead(device))
-    if progress is not None:
-        items = progress(items, len(mine), "intruders")
-    local: list[tuple[int, Any]] = []
-    with fail_together(parallel):
-        for index, item in zip_released(mine, items):
-            local.append((index, analyse_matrix(item, k, epsilons, options, not source.is_adapter)[0]))
-            del item  # before the next read: the stream counts this pair as released once the next is asked for
-        report.matrices = gather_in_order(local, parallel)
+    report = new_report(base, ft, options, reported_device(parallel, device))
+    source = open_source(base, ft, options.selection, report)
+    rounding = not source.is_adapter
+
+    def read(mine: list[int]) -> Any:
+        return source.stream(mine, device, spectral.dtype, spectral.reads_ahead(device))
+
+    def analyse(_: int, item: DeltaItem) -> MatrixIntruders:
+        return intruders_of_matrix(item, options.k, options.epsilon, spectral, rounding)[0]
+
+    report.matrices = run(matrix_costs(source), read, analyse, parallel=parallel, progress=progress, label="intruders")
     report.elapsed_s = time.perf_counter() - started
     return report
 
 
-def share_matrices(source: DeltaSource, parallel: Parallel) -> list[int]:
-    """This process's pairs: two reduced SVDs per matrix, balanced by their cost."""
-    return parallel.share([matrix_cost(p.shape) for p in source.pairs])
-
-
-# Names that lived here before the scaling write moved to deltakit.lora.scale_intruders and the
-# tables to deltakit.report; resolved on first use, so this module never imports either.
-_MOVED = {
-    "scale_intruders": "deltakit.lora.scale_intruders", "intruder_correction": "deltakit.lora.scale_intruders",
-    "check_scale": "deltakit.lora.scale_intruders", "Scaling": "deltakit.lora.scale_intruders",
-    "ScaledMatrix": "deltakit.lora.scale_intruders", "render_report": "deltakit.report",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        module = import_module(_MOVED[name])
-        return getattr(module, "render_intruders" if name == "render_report" else name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def matrix_costs(source: DeltaSource) -> list[float]:
+    """What each pair costs: two reduced SVDs per matrix."""
+    return [matrix_cost(p.shape) for p in source.pairs]

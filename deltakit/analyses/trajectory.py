@@ -18,20 +18,20 @@ import glob
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from deltakit.analysis import analyse_matrix, by_module_type, check_energies, energy_key
-from deltakit.compare import check_fts, check_top, open_sources
-from deltakit.delta import DeltaItem, MultiDeltaItem, ProgressFn, stream_many, zip_released
-from deltakit.distributed import Parallel, fail_together, gather_in_order, matrix_cost, process_device, reported_device
+from deltakit.analyses.compare import check_fts, check_top, open_sources
+from deltakit.analyses.intruders import DEFAULT_EPSILON, DEFAULT_K, check_k, find_intruder_directions
+from deltakit.analyses.meta import ReportMeta, by_module_type, check_energies, energy_key
+from deltakit.analyses.rank import rank_matrix
+from deltakit.delta import DeltaItem, MultiDeltaItem, Selection, stream_many
+from deltakit.distributed import Parallel, matrix_cost, process_device, reported_device
 from deltakit.errors import DeltakitError
-from deltakit.intruders import DEFAULT_EPSILON, DEFAULT_K, check_k, find_intruder_directions
-from deltakit.pairing import oriented
-from deltakit.report_meta import ReportMeta
+from deltakit.pipeline import ProgressFn, run
 from deltakit.spectral.options import SpectralOptions
 from deltakit.spectral.subspace import subspace_overlap, top_directions
 
@@ -145,14 +145,14 @@ def trajectory_matrix(
 ) -> MatrixTrajectory:
     """The trajectory of one matrix over the checkpoints of ``item`` (the last one is the final)."""
     pair = item.pairs[0]
-    base = oriented(item.base, pair)
+    base = pair.analysed(item.base)
     ks = sorted(top)
-    final = oriented(item.deltas[-1], item.pairs[-1])
+    final = item.pairs[-1].analysed(item.deltas[-1])
     final_u = top_directions(final, ks[-1], options.exact, options.dtype)[0] if final.any() else None
     points = []
     for t, (ckpt_pair, delta) in enumerate(zip(item.pairs, item.deltas)):
-        result, _ = analyse_matrix(DeltaItem(ckpt_pair, item.base, delta), energy, options, rounding)
-        delta = oriented(delta, ckpt_pair)
+        result, _ = rank_matrix(DeltaItem(ckpt_pair, item.base, delta), energy, options, rounding)
+        delta = ckpt_pair.analysed(delta)
         if result.delta_fro > 0:
             directions = find_intruder_directions(base, base + delta, intruder_k, options.method, options.dtype)
             intruders = int(directions.intruder_mask(epsilon).sum())
@@ -168,10 +168,32 @@ def trajectory_matrix(
                             module_type=pair.module_type, layer=pair.layer, layout=pair.layout, points=points)
 
 
+@dataclass(frozen=True)
+class TrajectoryOptions:
+    """What `trajectory` follows: energy fractions, subspace sizes, the intruder count and threshold, how
+    spectra are computed and which tensors. Validated when made."""
+
+    energy: tuple[float, ...] = (0.9,)
+    top: tuple[int, ...] = DEFAULT_TRAJECTORY_TOP
+    intruder_k: int = DEFAULT_K
+    epsilon: float = DEFAULT_EPSILON
+    spectral: SpectralOptions = field(default_factory=SpectralOptions)
+    selection: Selection = field(default_factory=Selection)
+
+    def __post_init__(self) -> None:
+        energy = (self.energy,) if isinstance(self.energy, (int, float)) else self.energy
+        object.__setattr__(self, "energy", check_energies(energy))
+        object.__setattr__(self, "top", check_top(self.top))
+        object.__setattr__(self, "intruder_k", check_k(self.intruder_k))
+        if not 0.0 < float(self.epsilon) <= 1.0:
+            raise DeltakitError(f"epsilon = {self.epsilon} must be in (0, 1] (a cosine-similarity threshold)")
+        object.__setattr__(self, "epsilon", float(self.epsilon))
+
+
 def trajectory(
     base: str | os.PathLike,
     checkpoints: Sequence[str | os.PathLike],
-    energy: Sequence[float] = (0.9,),
+    energy: float | Sequence[float] = (0.9,),
     top: Sequence[int] = DEFAULT_TRAJECTORY_TOP,
     intruder_k: int = DEFAULT_K,
     epsilon: float = DEFAULT_EPSILON,
@@ -187,28 +209,32 @@ def trajectory(
     ``checkpoints`` are in training order (see :func:`checkpoint_paths`); the last is the final one.
     """
     paths = check_fts(checkpoints, 1, "trajectory")
-    energy, top, intruder_k = check_energies(energy), check_top(top), check_k(intruder_k)
-    if not 0.0 < float(epsilon) <= 1.0:
-        raise DeltakitError(f"epsilon = {epsilon} must be in (0, 1] (a cosine-similarity threshold)")
-    device = process_device(parallel, options.device)
-    options = SpectralOptions(device=str(device), precision=options.precision, exact=options.exact,
-                              prefetch=options.prefetch)
+    made = TrajectoryOptions(energy, top, intruder_k, epsilon, options,
+                             Selection(tuple(include), tuple(exclude), allow_pickle))
+    return run_trajectory(base, paths, made, progress, parallel)
+
+
+def run_trajectory(base: str | os.PathLike, paths: list[str], options: TrajectoryOptions,
+                   progress: ProgressFn | None = None, parallel: Parallel = Parallel()) -> TrajectoryReport:
+    """:func:`trajectory` with its options made: one row (a matrix in every checkpoint) per unit."""
+    device = process_device(parallel, options.spectral.device)
+    spectral = replace(options.spectral, device=str(device))
     started = time.perf_counter()
-    sources, rows, skipped = open_sources(base, paths, include, exclude, allow_pickle)
-    report = TrajectoryReport(base=str(base), fts=paths, device=reported_device(parallel, device), method=options.method,
-                              precision=options.precision, skipped=skipped, steps=[checkpoint_step(p) for p in paths],
-                              energy=energy, top=top, intruder_k=intruder_k, epsilon=float(epsilon))
-    shapes = [sources[0].pairs[row[0]].shape for row in rows]
-    mine = parallel.share([len(paths) * matrix_cost(shape) for shape in shapes])
-    items = stream_many([rows[i] for i in mine], sources, device, options.dtype, options.reads_ahead(device))
-    if progress is not None:
-        items = progress(items, len(mine), "checkpoints")
+    sources, rows, skipped = open_sources(base, paths, options.selection)
+    report = TrajectoryReport(base=str(base), fts=paths, device=reported_device(parallel, device),
+                              method=spectral.method, precision=spectral.precision, skipped=skipped,
+                              steps=[checkpoint_step(p) for p in paths], energy=options.energy, top=options.top,
+                              intruder_k=options.intruder_k, epsilon=options.epsilon)
+    costs = [len(paths) * matrix_cost(sources[0].pairs[row[0]].shape) for row in rows]
     rounding = not any(s.is_adapter for s in sources)
-    local: list[tuple[int, Any]] = []
-    with fail_together(parallel):
-        for index, item in zip_released(mine, items):
-            local.append((index, trajectory_matrix(item, energy, top, intruder_k, float(epsilon), options, rounding)))
-            del item  # before the next read: the stream counts these deltas as released once the next is asked for
-        report.matrices = gather_in_order(local, parallel)
+
+    def read(mine: list[int]) -> Any:
+        return stream_many([rows[i] for i in mine], sources, device, spectral.dtype, spectral.reads_ahead(device))
+
+    def follow(_: int, item: MultiDeltaItem) -> MatrixTrajectory:
+        return trajectory_matrix(item, options.energy, options.top, options.intruder_k, options.epsilon, spectral,
+                                 rounding)
+
+    report.matrices = run(costs, read, follow, parallel=parallel, progress=progress, label="checkpoints")
     report.elapsed_s = time.perf_counter() - started
     return report

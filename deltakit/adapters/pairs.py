@@ -1,0 +1,86 @@
+"""An adapter's modules paired with the base tensors they change, each pair's orientation decided.
+
+The pairing is the checkpoint pairing's (:func:`deltakit.pairing.pair_tensors`), with the adapter's
+update shapes for the fine-tune's: a fused expert tensor changed by LoRA on parameters becomes one
+3-D pair again, and a 2-D weight's orientation comes from the shapes, the model's config and the
+module's ``fan_in_fan_out`` (:func:`deltakit.pairing.adapted_layout`), or from the module itself for
+an embedding table; the pair carries it (``TensorPair.transposed``) from then on.
+
+Example::
+
+    for pair, module in adapter_pairs(adapter, base_checkpoint):
+        module.delta(adapter.load(module), base_weight, pair.transposed)
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from deltakit.adapters.base import AdapterModule
+from deltakit.adapters.registry import Adapter
+from deltakit.errors import DeltakitError
+from deltakit.io.checkpoint import Checkpoint
+from deltakit.pairing import TensorPair, adapted_layout, layer_index, match_names, module_type, pair_tensors
+
+
+def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, AdapterModule]]:
+    """Pair each adapter module with the base tensor it changes; refuse an adapter that does not fit the base.
+
+    Orientation is decided here, once, from the shapes, the model's config and the adapter's
+    ``fan_in_fan_out`` (:func:`~deltakit.pairing.adapted_layout`), and carried on the pair's
+    ``layout``; the module's update must have the base tensor's shape in it.
+    """
+    mapping = match_names(base.keys(), adapter.modules.keys())  # adapter target -> base name
+    missing = [name for name in adapter.modules if name not in mapping]
+    if missing:
+        what = "none of its modules exist there" if len(missing) == len(adapter.modules) else "no such tensor there"
+        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {what} (first: {missing[0]})")
+    ft_like = {name: (base.shape(mapping[name]), torch.float32) for name in adapter.modules}
+    plan = pair_tensors(base.metas(), ft_like, base.config)
+    # An adapter changes a fused expert tensor whole: the pairing's per-expert slices become one 3-D pair again.
+    fused = list(dict.fromkeys(p.ft_tensor for p in plan.pairs if p.expert_slice))
+    pairs = [p for p in plan.pairs if not p.expert_slice]
+    pairs += [_nd_pair(name, mapping[name], ft_like[name][0], base) for name in fused]
+    pairs += [_nd_pair(s.name, mapping[s.name], ft_like[s.name][0], base)
+              for s in plan.skipped if len(ft_like[s.name][0]) > 2]
+    skipped = [s for s in plan.skipped if len(ft_like[s.name][0]) <= 2]
+    if skipped:
+        first = skipped[0]
+        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {first.name}: {first.reason}")
+    out: list[tuple[TensorPair, AdapterModule]] = []
+    order = {name: index for index, name in enumerate(adapter.modules)}
+    undecided = [p for p in pairs if len(p.shape) == 2 and not adapter.modules[p.name].embedding
+                  and not adapter.modules[p.name].own_layout]
+    shown = frozenset(_shape_layout(p, adapter.modules[p.name]) for p in undecided) - {None}
+    for pair in sorted(pairs, key=lambda p: order[p.name]):
+        module = adapter.modules[pair.name]
+        layout = pair.layout
+        if pair in undecided:
+            decided = adapted_layout(pair, module.stored_shape(False), module.stored_shape(True),
+                                     module.fan_in_fan_out, base.config, shown)
+            if "conv1d" in (decided, pair.layout):  # other layouts (embedding-like heads, vectors) keep their name
+                layout = decided or pair.layout
+        # the module's own kind decides a table (PEFT's embedding LoRA), else the layout just decided
+        pair = replace(pair, layout=layout, transposed=module.embedding or layout == "conv1d")
+        expected = module.stored_shape(pair.transposed)
+        if tuple(pair.shape) != tuple(expected):
+            raise DeltakitError(
+                f"adapter {adapter.path} does not fit base {base.path}: {module.module} makes a "
+                f"{'×'.join(map(str, expected))} update, but {pair.base_name} is {'×'.join(map(str, pair.shape))}")
+        out.append((pair, module))
+    return out
+
+
+def _shape_layout(pair: TensorPair, module: AdapterModule) -> str | None:
+    """The layout a non-square weight's shape proves for ``module`` ("linear" or "conv1d"), None if it proves none."""
+    fits = [layout for layout, shape in (("linear", module.stored_shape(False)), ("conv1d", module.stored_shape(True)))
+            if tuple(shape) == tuple(pair.shape)]
+    return fits[0] if len(fits) == 1 else None
+
+
+def _nd_pair(name: str, base_name: str, shape: tuple[int, ...], base: Checkpoint) -> TensorPair:
+    """A pair for a tensor of more than two dimensions (fused experts), which pairing leaves out of analysis."""
+    return TensorPair(name=name, base_name=base_name, shape=tuple(shape), base_dtype=base.dtype(base_name),
+                      ft_dtype=torch.float32, module_type=module_type(name), layer=layer_index(name), layout="experts")

@@ -1,0 +1,197 @@
+"""`deltakit extract`: a PEFT LoRA adapter from a fine-tune, or from adapters, by truncated SVD of every ΔW.
+
+Each changed matrix ΔW = W_ft − W_base gets factors B = U_r √S_r, A = √S_r V_rᵀ (lora_alpha = r,
+so PEFT's scaling α/r is 1 and B @ A is the rank-r truncated SVD of ΔW). The rank comes from
+a :class:`~deltakit.lora.ranks.RankChoice`: fixed, per-matrix energy or σ ratio, or a global budget.
+
+Instead of a fine-tune, one or more PEFT adapters (with weights) give ΔW = Σ_i w_i·ΔW_i: this
+converts an adapter to a plain LoRA, resizes one, or merges several into one. Plain LoRA inputs
+are factored in factor space (:mod:`deltakit.lora.resize`: exact, no dense ΔW, the base's
+weights never read); other adapter types go through their dense ΔW like a fine-tune's.
+
+Fused MoE expert tensors (experts × a × b, gpt-oss ``mlp.experts.gate_up_proj``) are factored
+expert by expert and written as PEFT's LoRA on parameters (``target_parameters``): each
+expert's slice gets its own truncated SVD, and the experts' factors are laid out as PEFT's
+ParamWrapper reads them (:mod:`deltakit.lora.expert_params`); ``experts=False`` leaves them out.
+
+Passes and memory. Host and device memory hold one ΔW (plus ``prefetch`` pairs being read)
+at any time, whatever the model size:
+
+* ``rank=R``: one pass over the model. Each ΔW is factored as it streams by and its factors
+  are parked on disk inside the output's temporary folder; the adapter file is assembled
+  from them at the end (its layout must be known before it is written).
+* ``energy`` / ``budget``: two passes. Pass 1 keeps only the singular values of each ΔW
+  (min(m, n) numbers per matrix) and ‖ΔW‖; the ranks are chosen from all of them; pass 2
+  re-reads the model and factors each ΔW at its rank. Reading twice was preferred to keeping
+  factors up to --max-rank from one pass, which can hold min(m, n) × (m + n) numbers per
+  matrix when no --max-rank is given.
+
+Example::
+
+    report = extract_lora("base", "ft", "my-adapter", rank=16)
+    report.matrices[0].rel_error        # ‖ΔW − BA‖_F / ‖ΔW‖_F
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from deltakit.distributed import Parallel, process_device, reported_device, shared_directory
+from deltakit.errors import DeltakitError
+from deltakit.io.atomic import check_output_path
+from deltakit.io.checkpoint import Checkpoint, open_checkpoint
+from deltakit.io.hub import base_model_fields
+from deltakit.io.inputs import footprints
+from deltakit.io.peft import is_peft_adapter
+from deltakit.lora.adapter_files import FactorStage, write_adapter
+from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
+from deltakit.lora.extraction_passes import Extraction, check_budget
+from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport, output_dtype
+from deltakit.lora.model_card import model_card
+from deltakit.lora.ranks import RankChoice
+from deltakit.lora.targets import plan_extraction
+from deltakit.pairing import pair_tensors
+from deltakit.pipeline import ProgressFn
+from deltakit.spectral.options import SpectralOptions
+
+__all__ = ["extract_lora", "ExtractReport", "ExtractedMatrix", "output_dtype"]
+
+
+def extract_lora(
+    base: str | os.PathLike,
+    ft: str | os.PathLike | Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    rank: int | None = None,
+    energy: float | None = None,
+    budget: int | None = None,
+    max_rank: int | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    save_modules: bool = False,
+    embeddings: bool = False,
+    dtype: str | torch.dtype | None = None,
+    options: SpectralOptions = SpectralOptions(),
+    seed: int = 0,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: ProgressFn | None = None,
+    parallel: Parallel = Parallel(),
+    ratio: float | None = None,
+    weights: Sequence[float] | None = None,
+    factor_space: bool = True,
+    experts: bool = True,
+) -> ExtractReport:
+    """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
+
+    ``ft`` is a fine-tuned model, or one or more PEFT adapters of ``base`` (a path or a list)
+    whose deltas, times ``weights`` (default all 1), are summed. Plain LoRA inputs are resized
+    in factor space (exact); ``factor_space=False`` forms their dense ΔW instead, as for other
+    adapter types (for comparison). Give one of ``rank`` (every changed matrix), ``energy``
+    (per matrix, the smallest rank keeping that fraction of ‖ΔW‖_F²), ``ratio`` (per matrix,
+    every σ_i ≥ ratio·σ_1) or ``budget`` (total LoRA parameters, allocated to minimise the
+    total squared error); ``max_rank`` clamps them. ``save_modules`` carries
+    changed tensors that are not LoRA material whole (PEFT ``modules_to_save``; biases of LoRA
+    layers as ``bias="lora_only"``). ``embeddings`` adds PEFT embedding LoRA for embedding
+    tables. Fused MoE expert tensors that changed become LoRA on parameters (PEFT
+    ``target_parameters``), one rank per expert; ``experts=False`` leaves them out.
+    ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
+    ``parallel`` (under torchrun) each process factors its share of the matrices and writes
+    them into the adapter file; every process returns the whole report.
+
+    Example: ``extract_lora("base", "ft", "adapter", rank=16).relative_error``.
+    """
+    started = time.perf_counter()
+    choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank, ratio=ratio)
+    out_dtype = output_dtype(dtype)
+    device = process_device(parallel, options.device)
+    compute_dtype = options.dtype
+    sources = [ft] if isinstance(ft, (str, os.PathLike)) else list(ft)
+    inputs = footprints([("base", base)] + [("fine-tune", source) for source in sources])
+    check_output_path(out, force, inputs)
+    adapter_paths, ft_path = _inputs(base, ft, weights, save_modules)
+    adapters: AdapterSum | None = None
+    ft_ckpt: Checkpoint | None = None
+    if adapter_paths:
+        adapters = open_adapter_sum(base, adapter_paths, weights, include, exclude, allow_pickle)
+        base_ckpt = adapters.base
+        # An adapter's embedding LoRA stays one (--embeddings is for fine-tunes' tables).
+        targets = plan_extraction(adapters.plan(), base_ckpt.config, embeddings=True)
+        targets.not_carried += adapters.not_carried()
+        out_dtype = out_dtype or adapters.dtype
+        pairs = adapters.pairs
+    else:
+        base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
+        ft_ckpt = open_checkpoint(ft_path, allow_pickle=allow_pickle)  # type: ignore[arg-type]
+        config = ft_ckpt.config or base_ckpt.config
+        plan = pair_tensors(base_ckpt.metas(), ft_ckpt.metas(), config, include, exclude)
+        targets = plan_extraction(plan, config, embeddings, experts)
+        pairs = plan.pairs
+    factored = factor_space and adapters is not None and adapters.factored
+    if not targets.lora and not targets.whole:
+        raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")
+    if choice.mode == "budget":
+        check_budget(choice.budget, targets.lora, "")  # fail before reading anything
+    method = "factor-space" if factored else "exact" if options.exact else "randomized"
+    report = ExtractReport(
+        base=str(base), ft=" + ".join(adapter_paths) if adapter_paths else str(ft_path), adapter=str(out),
+        selection=choice.to_dict(), method=method,
+        spectrum_method=(method if factored else options.method) if choice.needs_spectra else None,
+        device=reported_device(parallel, device), precision=options.precision, passes=2 if choice.needs_spectra else 1,
+        adapters=list(adapter_paths or []), weights=list(adapters.weights) if adapters else [],
+    )
+    extraction = Extraction(choice, targets, pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,
+                      seed, progress, parallel, adapters=adapters, factored=factored)
+    with shared_directory(out, force, parallel, inputs) as tmp:
+        stage = FactorStage(Path(tmp) / f".staging-{parallel.rank}")
+        survey = extraction.first_pass(stage, report)
+        if choice.needs_spectra:
+            ranks = extraction.choose_ranks(survey)
+            extraction.second_pass(stage, survey, ranks, report)
+        report.matrices.sort(key=lambda m: extraction.order[m.name])
+        tensors, lora_config = extraction.assemble(stage, survey, report, save_modules, base_name=str(base))
+        lora_config.update(base_model_fields(base))  # the Hub id (and revision) when the base came from the Hub
+        if not tensors:
+            raise DeltakitError(_nothing_to_write(report))
+        write_adapter(Path(tmp), lora_config, tensors, progress, parallel, card=model_card(report, lora_config))
+        stage.remove()
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+def _inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[str | os.PathLike],
+            weights: Sequence[float] | None, save_modules: bool) -> tuple[list[str] | None, str | os.PathLike | None]:
+    """(adapter paths, None) when ``ft`` names PEFT adapters, (None, the fine-tune) for one model; refuse mixtures."""
+    given = [ft] if isinstance(ft, (str, os.PathLike)) else list(ft)
+    if not given:
+        raise DeltakitError("give a fine-tuned model or at least one adapter to extract from")
+    if is_peft_adapter(base):
+        raise DeltakitError(f"BASE {base} is a PEFT adapter; extract needs the full base model as BASE "
+                            f"(adapters go after it: deltakit extract BASE {base} -o OUT --rank R)")
+    is_adapter = [is_peft_adapter(path) for path in given]
+    if not any(is_adapter):
+        if len(given) > 1:
+            raise DeltakitError(f"{len(given)} fine-tuned models given; extract compares BASE with one fine-tune, "
+                                "or sums one or more PEFT adapters")
+        if weights is not None:
+            raise DeltakitError(f"--weights weighs adapters; {given[0]} is a full model")
+        return None, given[0]
+    if not all(is_adapter):
+        model = given[is_adapter.index(False)]
+        raise DeltakitError(f"{model} is not a PEFT adapter; extract takes one fine-tuned model, "
+                            "or one or more adapters, not both")
+    if save_modules:
+        raise DeltakitError("--save-modules carries tensors of a fine-tuned model; from adapters extract writes "
+                            "LoRA factors only")
+    return [str(path) for path in given], None
+
+
+def _nothing_to_write(report: ExtractReport) -> str:
+    if report.not_carried:
+        first = report.not_carried[0]
+        return f"nothing to extract: no matrix changed, and what did cannot be a LoRA (first: {first['name']}: {first['reason']})"
+    return "nothing to extract: the fine-tune does not differ from the base in any selected tensor"
