@@ -21,7 +21,8 @@ def _optional_commands() -> list[click.Command]:
     """Commands whose modules may be absent in a partial checkout are added when present."""
     found = []
     for module_name, attribute in (("deltakit_cli.surgery", "COMMANDS"), ("deltakit_cli.plot", "COMMANDS"),
-                                   ("deltakit_cli.intruders", "COMMANDS"), ("deltakit_cli.compare", "COMMANDS")):
+                                   ("deltakit_cli.intruders", "COMMANDS"), ("deltakit_cli.compare", "COMMANDS"),
+                                   ("deltakit_cli.check", "COMMANDS")):
         try:
             module = __import__(module_name, fromlist=[attribute])
         except ModuleNotFoundError as exc:

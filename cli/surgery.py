@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from deltakit_cli.check import fidelity_line, format_number
 from deltakit_cli.common import (
     allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, out_option, parallel_workers,
     build_spectral_options, progress, protect_inputs, spectral_options, user_errors, write_json,
@@ -19,6 +20,7 @@ Examples:
   deltakit extract ./base ./ft -o ./ft-lora --rank 16
   deltakit extract ./base ./ft -o ./ft-lora --energy 0.9 --max-rank 64 --json extract.json
   deltakit extract ./base ./ft -o ./ft-lora --budget 20000000 --save-modules --dtype bfloat16
+  deltakit extract ./base ./ft -o ./ft-lora --rank 16 --calibration calib.safetensors --activation-aware
   deltakit extract ./base ./lora-r64 -o ./lora-r16 --rank 16
   deltakit extract ./base ./lora-a ./lora-b --weights 0.7,0.3 -o ./lora-ab --ratio 0.05 --max-rank 32
 """
@@ -81,17 +83,25 @@ def _weights(text: str | None) -> list[float] | None:
                    "parameters (target_parameters), one rank per expert.")
 @click.option("--dtype", metavar="float32|bfloat16|float16", help="Adapter dtype (default: the fine-tune's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--calibration", metavar="PATH",
+              help="Run the fine-tune on these tokens (a .safetensors file with input_ids [batch, seq], or text) "
+                   "and report each matrix's output error and the KL of base + adapter to the fine-tune.")
+@click.option("--activation-aware", is_flag=True,
+              help="With --calibration: choose B·A to minimise the error of each layer's output on those inputs "
+                   "(whitened SVD) instead of the weight error.")
 @spectral_options
 @_output_options
 @hub_options
 @user_errors
 def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_rank, include, exclude, save_modules,
-                    embeddings, experts, dtype, seed, device, exact, fp64, json_path, quiet, allow_pickle, force):
+                    embeddings, experts, dtype, seed, calibration, activation_aware, device, exact, fp64, json_path,
+                    quiet, allow_pickle, force):
     """Extract a PEFT LoRA adapter from a fine-tune: truncated SVD of every ΔW = W_ft − W_base.
 
     Each changed matrix gets B = U√S (out×r) and A = √S·Vᵀ (r×in), lora_alpha = r, so that
     `PeftModel.from_pretrained(base_model, ADAPTER)` reproduces the fine-tune as far as the
-    rank allows. Give one of --rank, --energy, --budget or --ratio. Unchanged matrices get no
+    rank allows. With --calibration the fine-tune runs on those tokens (transformers): the report
+    adds each matrix's output error and the adapter's KL; --activation-aware minimises the former. Give one of --rank, --energy, --budget or --ratio. Unchanged matrices get no
     LoRA; changed norms, biases and embeddings are reported, and carried whole with --save-modules.
     Changed fused MoE expert tensors (gpt-oss) become LoRA on parameters, each expert factored
     on its own (--no-experts leaves them out).
@@ -102,7 +112,8 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
     """
     from deltakit.lora import extract_lora
 
-    inputs = protect_inputs(force, (json_path,), [("base", base), *(("fine-tune", source) for source in ft)])
+    inputs = protect_inputs(force, (json_path,), [("base", base), *(("fine-tune", source) for source in ft),
+                                                  ("calibration", calibration)])
     options = build_spectral_options(device, exact, fp64)
     sources = ft[0] if len(ft) == 1 else list(ft)
     with parallel_workers(device) as parallel:
@@ -110,7 +121,8 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
                               include=include, exclude=exclude, save_modules=save_modules, embeddings=embeddings,
                               dtype=dtype, options=options, seed=seed, force=force, allow_pickle=allow_pickle,
                               progress=progress if parallel.is_main else None, parallel=parallel, ratio=ratio,
-                              weights=_weights(weights), experts=experts)
+                              weights=_weights(weights), experts=experts, calibration=calibration,
+                              activation_aware=activation_aware)
     if parallel.is_main:
         _print_extract(report, out, json_path, quiet, force, inputs)
 
@@ -121,16 +133,21 @@ def _print_extract(report: Any, out: str, json_path: str | None, quiet: bool, fo
     if quiet or json_path == "-":
         return
     width = max((len(m.name) for m in report.matrices), default=10)
-    click.echo(f"{'matrix':<{width}}  {'shape':>11}  {'rank':>5}  {'kept energy':>11}  {'rel. error':>10}")
+    calibrated = report.calibration is not None
+    output = f"  {'output err.':>11}" if calibrated else ""
+    click.echo(f"{'matrix':<{width}}  {'shape':>11}  {'rank':>5}  {'kept energy':>11}  {'rel. error':>10}{output}")
     for m in report.matrices:
         shape = f"{m.shape[0]}×{m.shape[1]}"
-        click.echo(f"{m.name:<{width}}  {shape:>11}  {m.rank:>5}  {m.kept_energy:>11.4f}  {m.rel_error:>10.4f}")
+        output = f"  {format_number(m.output_error):>11}" if calibrated else ""
+        click.echo(f"{m.name:<{width}}  {shape:>11}  {m.rank:>5}  {m.kept_energy:>11.4f}  {m.rel_error:>10.4f}{output}")
     experts = report.expert_parameters
     modules = sum(m.rank > 0 and "[" not in m.module for m in report.matrices)  # an expert slice is module[e]
     parts = f"{modules} LoRA modules" + (f" and {len(experts)} fused expert tensors (target_parameters)" if experts else "")
     click.echo(f"\nadapter written to {out}: {parts}, "
                f"{report.parameters:,} parameters, overall relative error {report.relative_error:.4f}; "
                f"{len(report.unchanged)} unchanged matrices skipped")
+    if calibrated:
+        click.echo(fidelity_line(report.fidelity, report.mean_output_error, report.calibration["activation_aware"]))
     if report.carried_whole:
         click.echo(f"carried whole: {len(report.carried_whole)} tensors ({report.whole_parameters:,} parameters)")
     for entry in report.not_carried[:NOT_CARRIED_SHOWN]:

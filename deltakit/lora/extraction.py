@@ -35,12 +35,14 @@ Example::
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from deltakit.calibration import COVARIANCE_BYTES, CalibrationTokens, calibrate, measure_fidelity
 from deltakit.distributed import Parallel, process_device, reported_device, shared_directory
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
@@ -50,8 +52,9 @@ from deltakit.io.inputs import footprints
 from deltakit.io.peft import is_peft_adapter
 from deltakit.lora.adapter_files import FactorStage, write_adapter
 from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
-from deltakit.lora.extraction_passes import Extraction, check_budget
+from deltakit.lora.extraction_passes import Activations, Extraction, check_budget
 from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport, output_dtype
+from deltakit.lora.fidelity import adapter_edits, calibration_entry, fidelity_entry, open_calibration
 from deltakit.lora.model_card import model_card
 from deltakit.lora.ranks import RankChoice
 from deltakit.lora.targets import plan_extraction
@@ -85,6 +88,10 @@ def extract_lora(
     weights: Sequence[float] | None = None,
     factor_space: bool = True,
     experts: bool = True,
+    calibration: str | os.PathLike | None = None,
+    activation_aware: bool = False,
+    metric: str = "auto",
+    covariance_bytes: int = COVARIANCE_BYTES,
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
 
@@ -102,6 +109,13 @@ def extract_lora(
     ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
     ``parallel`` (under torchrun) each process factors its share of the matrices and writes
     them into the adapter file; every process returns the whole report.
+
+    ``calibration`` (token ids in a .safetensors file, or text): the fine-tune is run on it
+    (transformers) and every matrix's ``output_error`` on its layer inputs is reported, with the
+    ``fidelity`` of base + adapter (KL, or the hidden states' error: ``metric``); with
+    ``activation_aware`` the factors minimise that output error instead of the weight error
+    (:mod:`deltakit.lora.whitening`; the rank selectors then read the whitened spectra).
+    ``covariance_bytes`` bounds the device memory the covariances take at once.
 
     Example: ``extract_lora("base", "ft", "adapter", rank=16).relative_error``.
     """
@@ -136,6 +150,7 @@ def extract_lora(
         raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")
     if choice.mode == "budget":
         check_budget(choice.budget, targets.lora, "")  # fail before reading anything
+    tokens, metric = _calibration_inputs(calibration, activation_aware, metric, ft_ckpt, parallel)
     method = "factor-space" if factored else "exact" if options.exact else "randomized"
     report = ExtractReport(
         base=str(base), ft=" + ".join(adapter_paths) if adapter_paths else str(ft_path), adapter=str(out),
@@ -148,6 +163,14 @@ def extract_lora(
                       seed, progress, parallel, adapters=adapters, factored=factored)
     with shared_directory(out, force, parallel, inputs) as tmp:
         stage = FactorStage(Path(tmp) / f".staging-{parallel.rank}")
+        scratch = Path(tmp) / ".calibration"
+        made = None
+        if tokens is not None:
+            assert ft_ckpt is not None
+            modules = [t.module for t in targets.lora if t.parameter is None and t.kind != "embedding"]
+            made = calibrate(ft_ckpt.root, tokens, modules, device, scratch, metric, covariance_bytes, progress)
+            extraction.activations = Activations(made.covariances, activation_aware)
+            report.calibration = calibration_entry(made, activation_aware)
         survey = extraction.first_pass(stage, report)
         if choice.needs_spectra:
             ranks = extraction.choose_ranks(survey)
@@ -159,6 +182,11 @@ def extract_lora(
             raise DeltakitError(_nothing_to_write(report))
         write_adapter(Path(tmp), lora_config, tensors, progress, parallel, card=model_card(report, lora_config))
         stage.remove()
+        if made is not None:
+            before, after = measure_fidelity(base_ckpt.root, made, device,
+                                             lambda: adapter_edits(base_ckpt, tmp, allow_pickle))
+            report.fidelity = fidelity_entry(made, before, after)
+            shutil.rmtree(scratch)
     report.elapsed_s = time.perf_counter() - started
     return report
 
@@ -188,6 +216,21 @@ def _inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[str | os.P
         raise DeltakitError("--save-modules carries tensors of a fine-tuned model; from adapters extract writes "
                             "LoRA factors only")
     return [str(path) for path in given], None
+
+
+def _calibration_inputs(calibration: str | os.PathLike | None, activation_aware: bool, metric: str,
+                        ft: Checkpoint | None, parallel: Parallel) -> tuple[CalibrationTokens | None, str]:
+    """The calibration tokens and fidelity metric, or (None, metric) without a calibration; refuse what cannot run."""
+    if calibration is None:
+        if activation_aware:
+            raise DeltakitError("activation-aware extraction needs calibration tokens (--calibration PATH) to "
+                                "measure the layers' inputs on")
+        return None, metric
+    if ft is None:
+        raise DeltakitError("--calibration runs the fine-tuned model; it cannot be used when extracting from adapters")
+    if parallel.world_size > 1:
+        raise DeltakitError("--calibration runs the model on one device; run extract with it outside torchrun")
+    return open_calibration(calibration, ft, metric)
 
 
 def _nothing_to_write(report: ExtractReport) -> str:

@@ -28,6 +28,8 @@ from deltakit.lora.factors import reconstruction_error, svd_factors
 from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank, ratio_rank
 from deltakit.lora.resize import LowRankDelta
 from deltakit.lora.targets import WORD_EMBEDDING, ExtractionTargets, LoraTarget, module_of
+from deltakit.lora.whitening import InputCovariance
+from deltakit.calibration import Covariances
 from deltakit.delta import stream_deltas
 from deltakit.pairing import TensorPair
 from deltakit.pipeline import ProgressFn, run
@@ -49,6 +51,22 @@ class Outcome:
     owner: int = 0  # the process that staged the factors
 
 
+@dataclass(frozen=True)
+class Activations:
+    """The fine-tune's layer-input covariances, as extraction reads them: for output errors, and with
+    ``aware`` for the factors themselves (:mod:`deltakit.lora.whitening`)."""
+
+    covariances: Covariances
+    aware: bool = False
+
+    def of(self, target: LoraTarget, device: torch.device) -> InputCovariance | None:
+        """C of the target's layer input on ``device``; None for embeddings, experts and layers that never ran."""
+        if target.parameter is not None or target.kind == "embedding":
+            return None
+        covariance = self.covariances.get(target.module, device)
+        return InputCovariance(covariance) if covariance is not None else None
+
+
 @dataclass
 class Survey:
     """Pass 1: per target, ‖ΔW‖ and its spectrum (energy / budget); whole candidates that changed."""
@@ -64,8 +82,10 @@ class Extraction:
     def __init__(self, choice: RankChoice, targets: ExtractionTargets, pairs: list[TensorPair], base: Checkpoint,
                  ft: Checkpoint | None, device: torch.device, compute_dtype: torch.dtype, out_dtype: torch.dtype | None,
                  options: SpectralOptions, seed: int, progress: ProgressFn | None, parallel: Parallel,
-                 adapters: AdapterSum | None = None, factored: bool = False) -> None:
+                 adapters: AdapterSum | None = None, factored: bool = False,
+                 activations: Activations | None = None) -> None:
         self.choice, self.targets, self.base, self.ft = choice, targets, base, ft
+        self.activations = activations
         self.adapters, self.factored = adapters, factored  # ΔW from adapters (factored: as LowRankDelta)
         self.device, self.compute_dtype, self.out_dtype = device, compute_dtype, out_dtype
         self.options, self.seed, self.progress, self.parallel = options, seed, progress, parallel
@@ -107,27 +127,49 @@ class Extraction:
 
     def _factor(self, stage: FactorStage, target: LoraTarget, matrix: torch.Tensor | LowRankDelta, rank: int,
                 delta_fro: float, spectrum: np.ndarray | None) -> ExtractedMatrix:
-        """Factor one oriented ΔW at ``rank``, park the factors, measure what they keep."""
+        """Factor one oriented ΔW at ``rank``, park the factors, measure what they keep.
+
+        With activation-aware extraction the factors are the whitened SVD's and the kept energy is
+        that of ΔW·L (the output's); with a calibration the output error is measured either way.
+        """
         dtype = self.dtype_of(target.pair)
+        inputs = self._inputs(target)
+        norm = delta_fro
         if isinstance(matrix, LowRankDelta):  # exact, from the factors
             factors = matrix.factors(rank)
             error = matrix.residual_norm(factors, dtype)
         else:
-            factors = svd_factors(matrix, rank, exact=self.options.exact, seed=self.seed, dtype=self.compute_dtype)
+            if inputs is not None and self.activations.aware:  # type: ignore[union-attr]
+                whitened = inputs.whiten(matrix, self.compute_dtype)
+                norm = frobenius_norm(whitened)
+                factors = inputs.factors(matrix, rank, exact=self.options.exact, seed=self.seed,
+                                         dtype=self.compute_dtype, whitened=whitened)
+                del whitened
+            else:
+                factors = svd_factors(matrix, rank, exact=self.options.exact, seed=self.seed, dtype=self.compute_dtype)
             error = reconstruction_error(matrix.to(self.compute_dtype), factors, dtype)
-        stage.put(target.module, factors.a.to(dtype), factors.b.to(dtype))
+        a, b = factors.a.to(dtype), factors.b.to(dtype)
+        stage.put(target.module, a, b)
         # Σ_{i≤r} σ_i² over the exact ‖ΔW‖_F², so that kept ≈ 1 − rel_error² also when the
         # spectrum could not resolve the smallest values (see _spectrum).
         if spectrum is None:  # fixed rank: the factorisation's own singular values
             top = factors.singular_values.to("cpu", torch.float64).numpy()
         else:
             top = spectrum[: factors.rank]
-        kept = float(np.sum(top * top)) / delta_fro ** 2
+        kept = float(np.sum(top * top)) / norm ** 2 if norm > 0 else 1.0
+        output_error = inputs.output_error(matrix, b, a) if inputs is not None else None  # type: ignore[arg-type]
         return ExtractedMatrix(
             name=target.pair.name, module=target.module, shape=tuple(target.pair.shape), kind=target.kind,
             rank=factors.rank, delta_fro=delta_fro, kept_energy=min(kept, 1.0), rel_error=error / delta_fro,
-            parameters=factors.rank * target.cost,
+            parameters=factors.rank * target.cost, output_error=output_error,
         )
+
+    def _inputs(self, target: LoraTarget) -> InputCovariance | None:
+        return self.activations.of(target, self.device) if self.activations is not None else None
+
+    def _has_inputs(self, target: LoraTarget) -> bool:
+        return (self.activations is not None and target.parameter is None and target.kind != "embedding"
+                and target.module in self.activations.covariances.files)
 
     def _factored(self, stage: FactorStage, matrix: ExtractedMatrix) -> Outcome:
         return Outcome(matrix=matrix, staged=stage.shapes(matrix.module), owner=self.parallel.rank)
@@ -164,23 +206,27 @@ class Extraction:
             return Outcome(unchanged=True)
         matrix = target.pair.to_out_in(delta)
         if self.choice.needs_spectra:
-            return Outcome(delta_fro=delta_fro, spectrum=self._spectrum(matrix))
+            return Outcome(delta_fro=delta_fro, spectrum=self._spectrum(matrix, target))
         rank = min(self.choice.rank, self.choice.cap(target.out_in))  # type: ignore[type-var]
         return replace(self._factored(stage, self._factor(stage, target, matrix, rank, delta_fro, None)),
                        delta_fro=delta_fro)
 
-    def _spectrum(self, matrix: torch.Tensor | LowRankDelta) -> np.ndarray:
+    def _spectrum(self, matrix: torch.Tensor | LowRankDelta, target: LoraTarget) -> np.ndarray:
         """The resolved singular values of :class:`~deltakit.spectral.spectrum.Spectrum`, as `rank` reads them.
 
         Values below the method's own rounding floor are 0 there (without this, energy 1.0 of
         an exactly rank-8 ΔW would ask for full rank); energy fractions are of the energy
         resolved above that floor, the same fractions `rank` reports. In factor space (exact
         SVD of the factors) only the k singular values a product of rank k can have are listed.
+        Activation-aware: the values of ΔW·L, whose truncation error is the output's.
         """
         if isinstance(matrix, LowRankDelta):
             shape = (int(matrix.shape[0]), int(matrix.shape[1]))
             return build_spectrum(matrix.singular_values(), shape, "factor-space", "exact",
                                   dtype=self.compute_dtype).values
+        inputs = self._inputs(target) if self.activations is not None and self.activations.aware else None
+        if inputs is not None:
+            matrix = inputs.whiten(matrix, self.compute_dtype)
         return compute_spectrum(matrix, self.options).values
 
     def choose_ranks(self, survey: Survey) -> dict[str, int]:
@@ -237,7 +283,8 @@ class Extraction:
                 target = self.by_name[name]
                 report.matrices.append(ExtractedMatrix(
                     name=name, module=target.module, shape=tuple(target.pair.shape), kind=target.kind, rank=0,
-                    delta_fro=survey.delta_fro[name], kept_energy=0.0, rel_error=1.0, parameters=0))
+                    delta_fro=survey.delta_fro[name], kept_energy=0.0, rel_error=1.0, parameters=0,
+                    output_error=1.0 if self._has_inputs(target) else None))
         pairs = [self.by_name[n].pair for n, r in ranks.items() if r > 0]
 
         def factor(pair: TensorPair, delta: torch.Tensor | LowRankDelta) -> Outcome:

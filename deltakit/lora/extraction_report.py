@@ -31,10 +31,16 @@ class ExtractedMatrix:
     kept_energy: float  # Σ_{i≤r} σ_i² / ‖ΔW‖_F²
     rel_error: float  # ‖ΔW − BA‖_F / ‖ΔW‖_F, with B and A as stored
     parameters: int  # r · (m + n)
+    # ‖(ΔW − BA)·Xᵀ‖_F / ‖ΔW·Xᵀ‖_F on the calibration's layer inputs X (None: no calibration, or
+    # no inputs for this matrix: embeddings, fused experts)
+    output_error: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, calibrated: bool = False) -> dict[str, Any]:
+        """The JSON entry; ``output_error`` is there when the extraction had a calibration."""
         out = asdict(self)
         out["shape"] = list(self.shape)
+        if not calibrated:
+            del out["output_error"]
         return out
 
 
@@ -64,6 +70,12 @@ class ExtractReport:
     # Fused expert tensors written as LoRA on parameters: name, experts, rank (the largest
     # expert's), the experts with factors, and the parameters in the file (zero-padded to that rank).
     expert_parameters: list[dict[str, Any]] = field(default_factory=list)
+    # With a calibration (both only then in the JSON): what the model ran on and how the factors were
+    # chosen ({"path", "tokens", "sequences", "activation_aware", "ridge", "metric"}), and how far
+    # base + adapter is from the fine-tune: {"tokens", "kl", "kl_base"} for a causal language model,
+    # {"tokens", "hidden_error", "hidden_error_base"} otherwise (deltakit.calibration.outputs).
+    calibration: dict[str, Any] | None = None
+    fidelity: dict[str, Any] | None = None
 
     @property
     def parameters(self) -> int:
@@ -84,14 +96,23 @@ class ExtractReport:
         total = sum(m.delta_fro ** 2 for m in self.matrices)
         return math.sqrt(self.total_squared_error / total) if total > 0 else 0.0
 
+    @property
+    def mean_output_error(self) -> float | None:
+        """The mean of the matrices' output errors (those with calibration inputs); None without."""
+        measured = [m.output_error for m in self.matrices if m.output_error is not None]
+        return sum(measured) / len(measured) if measured else None
+
     def to_dict(self) -> dict[str, Any]:
+        calibrated = self.calibration is not None
+        extra = {"calibration": dict(self.calibration), "mean_output_error": self.mean_output_error,  # type: ignore[arg-type]
+                 "fidelity": dict(self.fidelity) if self.fidelity else None} if calibrated else {}
         return {
             "base": self.base, "ft": self.ft, "adapter": self.adapter, "selection": self.selection,
             "method": self.method, "spectrum_method": self.spectrum_method, "device": self.device,
             "precision": self.precision, "passes": self.passes, "elapsed_s": round(self.elapsed_s, 3),
             "parameters": self.parameters, "whole_parameters": self.whole_parameters,
             "total_squared_error": self.total_squared_error, "relative_error": self.relative_error,
-            "matrices": [m.to_dict() for m in self.matrices], "unchanged": list(self.unchanged),
+            **extra, "matrices": [m.to_dict(calibrated) for m in self.matrices], "unchanged": list(self.unchanged),
             "carried_whole": list(self.carried_whole), "not_carried": list(self.not_carried),
             "modules_to_save": list(self.modules_to_save), "lora_bias": self.lora_bias,
             "adapters": list(self.adapters), "weights": list(self.weights),
