@@ -5,6 +5,7 @@
 #
 #   7b          rank, rank-full, extract, merge on the 7B pair             (~4 min; ~6 with BASELINE)
 #   7b-more     compare, intruders on the 7B pair                         (~4 min; ~6 with BASELINE)
+#   aware       extract and extract --calibration --activation-aware (64 × 512 tokens) on the 7B pair
 #   tall        rank on the tall-thin pair: peak RSS against one tensor's fp32 size (~1 min)
 #   peer-rank   rank and the plain svdvals loop (7B)                      (~6 min)
 #   peer-extract extract and mergekit-extract-lora (7B; mergekit from .whl/) (~7 min)
@@ -47,6 +48,7 @@ case "$PART" in
 7b) bench 7b --target rank,rank-full,extract,merge --timeout 240 ${B[@]+"${B[@]}"} ;;
 7b-more) bench 7b --target compare,intruders --timeout 240 ${B[@]+"${B[@]}"} ;;
 tall) bench tall --target rank --timeout 240 ${B[@]+"${B[@]}"} ;;
+aware) bench 7b --target extract,extract-aware --timeout 420 ;;
 peer-rank) bench 7b --target rank --peers --timeout 420 ;;
 peer-extract) bench 7b --target extract --peers --timeout 420 ;;
 peer-merge) bench 7b --target merge --peers --timeout 300 ;;
@@ -54,7 +56,8 @@ x2) bench 7b --target rank,extract,merge --processes 2 --timeout 240 ;;
 tiny) bench tiny --peers --timeout 120 ${B[@]+"${B[@]}"} ;;
 cuda-tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_adaptive.py tests/test_workers.py \
-        tests/test_noise.py tests/test_memory.py tests/test_quantized_noise.py tests/test_distributed.py 2>&1 |
+        tests/test_noise.py tests/test_memory.py tests/test_quantized_noise.py tests/test_distributed.py \
+        tests/test_calibration.py 2>&1 |
         tee "$OUT/pytest.txt" | tail -15 ;;
 *) echo "unknown part $PART (see the top of bench/gpu.sh)"; exit 2 ;;
 esac

@@ -36,13 +36,15 @@ class Preset:
     vocab: int = 0
     tall_rows: int = 0
     extract_rank: int = 64  # extract --rank, merge's adapter rank
+    calibration: tuple[int, int] = (64, 512)  # sequences × tokens of extract --calibration (random ids)
     sample: int = 0         # matrices each check reads against the truth (0: all)
     targets: tuple[str, ...] = ("rank", "rank-full", "extract", "merge", "compare", "intruders")
     shard_bytes: int = 5 * 1000**3
 
 
 PRESETS = {
-    "tiny": Preset(hidden=128, intermediate=344, layers=2, vocab=1024, extract_rank=16, shard_bytes=400_000),
+    "tiny": Preset(hidden=128, intermediate=344, layers=2, vocab=1024, extract_rank=16, shard_bytes=400_000,
+                   calibration=(4, 32), targets=(*Preset.targets, "extract-aware")),
     "7b": Preset(hidden=4096, intermediate=11008, layers=32, vocab=32000, sample=8),  # Llama-2-7B, 13.5 GB
     "tall": Preset(hidden=256, layers=4, tall_rows=524288, targets=("rank",)),  # 2 × 1.07 GB, issue 28
 }
@@ -137,6 +139,16 @@ def write_pair(work: Path, preset: Preset, spec: DeltaSpec = DeltaSpec(), device
               "largest_fp32_bytes": max(4 * _numel(shape) for _, shape in tensors)}
     marker.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def write_calibration(work: Path, preset: Preset, seed: int = 0) -> Path:
+    """``work/calib.safetensors``: input_ids [sequences, tokens] drawn uniformly from the vocabulary (seeded)."""
+    from safetensors.torch import save_file
+
+    path = work / "calib.safetensors"
+    gen = torch.Generator().manual_seed(seed)
+    save_file({"input_ids": torch.randint(0, max(1, preset.vocab), preset.calibration, generator=gen)}, str(path))
+    return path
 
 
 def _numel(shape: tuple[int, ...]) -> int:

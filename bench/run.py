@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bench import machine
-from bench.pair import PRESETS, Checkpoint, DeltaSpec, weight_files, write_pair
+from bench.pair import PRESETS, Checkpoint, DeltaSpec, weight_files, write_calibration, write_pair
 from bench.targets import PEERS, TARGETS, Run, Target, Truth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                                 str(folder / "cli")], env=env, check=False, stdout=subprocess.DEVNULL)
         count = preset.sample if args.check_sample is None else args.check_sample
         truth = Truth(Checkpoint(base), Checkpoint(ft), count, device)
-        runs = {label: Run(work / "runs" / slug(label), base, ft, preset.extract_rank, args.device)
+        calibration = write_calibration(work / "pair", preset, args.seed) if not preset.tall_rows else None
+        runs = {label: Run(work / "runs" / slug(label), base, ft, preset.extract_rank, args.device, calibration)
                 for label, _, _ in trees}
         result = {"command": command, "revision": revision, "preset": args.preset, "device": args.device,
                   "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

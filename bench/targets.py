@@ -8,6 +8,7 @@ output and the pair's stored tensors (never deltakit) and says whether the outpu
 | rank | ``rank BASE FT --json`` | rank@90% of the exact fp64 spectrum of the stored ΔW |
 | rank-full | ``rank ... --full-spectrum`` | the same; and rank's report against this one (adaptive vs full) |
 | extract | ``extract BASE FT -o A --rank r --json`` | ‖ΔW − s·BA‖/‖ΔW‖ ÷ the truncated SVD's (Eckart–Young) |
+| extract-aware | ``extract ... --calibration C --activation-aware`` | layer 0's q/k/v output errors from its inputs |
 | merge | ``merge BASE ADAPTER -o MERGED`` | every base tensor there; round(W0 + s·BA) on sampled matrices |
 | compare | ``compare BASE FT ADAPTER --json`` | cos(ΔW, s·BA) computed from the files; top-k overlaps ≈ 1 |
 | intruders | ``intruders BASE FT --json`` | max cosines of W_ft's top-10 left singular vectors from fp64 SVDs |
@@ -29,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from bench.pair import Checkpoint, delta, energies, rank_at, sample
+from bench.pair import Checkpoint, delta, energies, rank_at, sample, weight_files
 
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\."
                       r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
@@ -44,6 +45,7 @@ class Run:
     ft: Path
     rank: int
     device: str
+    calibration: Path | None = None  # input_ids [sequences, tokens] for extract --calibration
 
     def out(self, name: str) -> Path:
         return self.folder / name
@@ -247,6 +249,49 @@ def check_intruders(truth: Truth, run: Run, output: Path) -> dict:
                    missing=missing[:5])
 
 
+def first_layer_inputs(truth: Truth, run: Run) -> torch.Tensor:
+    """X of layer 0's q/k/v on the calibration ids (tokens × hidden, float64), from the fine-tune's files:
+    Llama's input RMSNorm of the embedded tokens, x·(mean(x²) + ε)^-½·g."""
+    from safetensors.torch import load_file
+
+    ids = load_file(str(run.calibration))["input_ids"].reshape(-1)
+    eps = json.loads((run.ft / "config.json").read_text()).get("rms_norm_eps", 1e-6)
+    hidden = truth.ft.get("model.embed_tokens.weight")[ids].to(truth.device, torch.float64)
+    gain = truth.ft.get("model.layers.0.input_layernorm.weight").to(truth.device, torch.float64)
+    return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps) * gain
+
+
+def check_activation_aware(truth: Truth, run: Run, adapter: Path) -> dict:
+    """Layer 0's q/k/v: the reported output error ‖(ΔW − s·BA)Xᵀ‖/‖ΔW·Xᵀ‖ against one computed from X of the
+    files in float64 (±2 %: the model ran in bf16), and not above the plain truncated SVD's (1 % slack);
+    the adapter's KL below the base's."""
+    report = json.loads(run.out("extract-aware.json").read_text())
+    reported = {m["name"]: m.get("output_error") for m in report["matrices"]}
+    factors, x = read_adapter(adapter), first_layer_inputs(truth, run)
+    covariance = x.T @ x
+    del x
+
+    def output_error(error: torch.Tensor, change: torch.Tensor) -> float:
+        return math.sqrt(float(((error @ covariance) * error).sum() / ((change @ covariance) * change).sum()))
+
+    gaps, ratios = [], []
+    for name in (f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"):
+        change = truth.delta(name)
+        aware = output_error(change - lora_delta(factors[_module(name)], truth.device), change)
+        u, sigma, vh = torch.linalg.svd(change, full_matrices=False)
+        rank = factors[_module(name)][0].shape[0]
+        plain = output_error(change - (u[:, :rank] * sigma[:rank]) @ vh[:rank], change)
+        gaps.append(abs(reported[name] - aware) / aware)
+        ratios.append(aware / plain)
+    fidelity = report.get("fidelity") or {}
+    kl, kl_base = fidelity.get("kl", math.inf), fidelity.get("kl_base", 0.0)
+    return _result(max(gaps) <= 0.02 and max(ratios) <= 1.01 and kl < kl_base,
+                   f"layer 0 q/k/v output errors within {max(gaps):.1e} of fp64 ones; ÷ plain SVD's "
+                   f"{min(ratios):.3f}–{max(ratios):.3f}; KL {kl:.4g} (base {kl_base:.4g}); mean output error "
+                   f"{report.get('mean_output_error') or math.nan:.4f}", max_gap=max(gaps), ratios=ratios, kl=kl,
+                   kl_base=kl_base)
+
+
 def _no_module(*names: str) -> Callable[[Run], str | None]:
     def missing(run: Run) -> str | None:
         absent = [n for n in names if importlib.util.find_spec(n) is None]
@@ -270,6 +315,12 @@ TARGETS = {t.name: t for t in (
            lambda r: ["deltakit", "extract", r.base, r.ft, "-o", r.out("adapter"), "--rank", r.rank,
                       "--device", r.device, "--json", r.out("extract.json")],
            lambda r: r.out("adapter"), check_adapter),
+    Target("extract-aware", "deltakit extract --rank {rank} --calibration --activation-aware",
+           lambda r: ["deltakit", "extract", r.base, r.ft, "-o", r.out("adapter-aware"), "--rank", r.rank,
+                      "--calibration", r.calibration, "--activation-aware", "--device", r.device,
+                      "--json", r.out("extract-aware.json")], lambda r: r.out("adapter-aware"), check_activation_aware,
+           # the fine-tune is read again by transformers, the base once more for the fidelity
+           lambda r: weight_files(r.ft) + weight_files(r.base) + [r.calibration]),
     Target("merge", "deltakit merge", lambda r: ["deltakit", "merge", r.base, r.out("adapter"), "-o", r.out("merged"),
                                                  "--device", r.device],
            lambda r: r.out("merged"), check_merge, _adapter_files, needs_adapter=True, reads_ft=False),

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ lives bes
 from bench import run  # noqa: E402
 from bench.pair import PRESETS, Checkpoint, Preset, write_pair  # noqa: E402
 from bench.targets import (  # noqa: E402
-    Run, Truth, check_adapter, check_compare, check_intruders, check_merge, check_rank,
+    Run, Truth, check_activation_aware, check_adapter, check_compare, check_intruders, check_merge, check_rank,
 )
 
 
@@ -124,6 +124,24 @@ def test_surgery_targets_and_peers_run_and_checks_catch_wrong_outputs(tmp_path):
     rewrite(shard, lambda t: t.update({name: truth.base.get(name)}))  # that matrix's update left out
     assert check_merge(truth, the_run, merged)["max_deviation"] > 0.5
     assert not check_merge(truth, the_run, merged)["ok"]
+
+
+def test_activation_aware_extract_runs_and_its_check_catches_a_wrong_output_error(tmp_path):
+    pytest.importorskip("transformers")
+    code, result, work = run_suite(tmp_path, "--preset", "tiny", "--target", "extract,extract-aware")
+    rows = rows_by_name(result)
+    assert code == 0 and rows[("extract-aware", False)]["status"] == "ok", rows[("extract-aware", False)]
+    check = rows[("extract-aware", False)]["check"]
+    assert check["max_gap"] <= 0.02 and max(check["ratios"]) <= 1.01 and check["kl"] < check["kl_base"]
+    assert rows[("extract-aware", False)]["read_bytes"] > 2 * rows[("extract", False)]["read_bytes"] * 0.99
+    truth, the_run = truth_and_run(work)
+    the_run.calibration = work / "pair" / "calib.safetensors"
+    report = json.loads(the_run.out("extract-aware.json").read_text())
+    for matrix in report["matrices"]:
+        if matrix["name"] == "model.layers.0.self_attn.k_proj.weight":
+            matrix["output_error"] *= 1.05
+    the_run.out("extract-aware.json").write_text(json.dumps(report))
+    assert not check_activation_aware(truth, the_run, the_run.out("adapter-aware"))["ok"]
 
 
 def test_before_and_after_run_each_target_on_both_trees_in_one_run(tmp_path):

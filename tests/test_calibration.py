@@ -73,11 +73,12 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def extracted(pair):
-    """The same rank-4 extraction plain and activation-aware (exact SVDs), with their reports."""
+    """The same rank-4 extraction plain and activation-aware (exact SVDs; on the GPU where there is one), with
+    their reports."""
     from deltakit.lora import extract_lora
     from deltakit.spectral.options import SpectralOptions
 
-    options = SpectralOptions(device="cpu", exact=True)
+    options = SpectralOptions(device="auto", exact=True)
     calib = pair / "calib.safetensors"
     plain = extract_lora(pair / "base", pair / "ft", pair / "plain", rank=4, calibration=calib, options=options)
     aware = extract_lora(pair / "base", pair / "ft", pair / "aware", rank=4, calibration=calib, options=options,
@@ -333,7 +334,7 @@ def _calibration_error(runner, pair, tmp_path, path, *extra):
                   "--calibration", path, "--device", "cpu", *extra)
 
 
-def test_bad_calibration_input_is_one_error_line(pair, runner, tmp_path):
+def test_bad_calibration_input_is_one_error_line(pair, extracted, runner, tmp_path):
     empty_text = tmp_path / "empty.txt"
     empty_text.write_text("  \n")
     assert_one_line_error(_calibration_error(runner, pair, tmp_path, empty_text), "is empty")
@@ -358,6 +359,15 @@ def test_bad_calibration_input_is_one_error_line(pair, runner, tmp_path):
                                  "--activation-aware"), "needs calibration tokens")
     assert_one_line_error(invoke(runner, "extract", pair / "base", pair / "plain", "-o", tmp_path / "out", "--rank",
                                  "2", "--calibration", pair / "calib.safetensors"), "adapters")
+    unknown = tmp_path / "unknown-model"
+    unknown.mkdir()
+    for file in (pair / "ft").iterdir():
+        (unknown / file.name).write_bytes(file.read_bytes())
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    result = invoke(runner, "extract", pair / "base", unknown, "-o", tmp_path / "out", "--rank", "2",
+                    "--calibration", pair / "calib.safetensors", "--device", "cpu")
+    assert_one_line_error(result, "transformers cannot build")
     assert not (tmp_path / "out").exists()
 
 

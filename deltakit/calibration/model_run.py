@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from deltakit.calibration.tokens import first_line
 from deltakit.errors import DeltakitError
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -59,11 +60,18 @@ def load_model(folder: str | os.PathLike, device: torch.device, causal: bool) ->
     """
     with _quiet_transformers() as transformers:
         auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-        try:
-            model = auto.from_pretrained(str(folder), dtype="auto", local_files_only=True,
-                                         device_map={"": str(device)} if device.type == "cuda" else None)
-        except Exception as exc:  # noqa: BLE001 -- transformers raises many types for a model it cannot build
-            raise DeltakitError(f"transformers cannot build the model of {folder}: {_first_line(exc)}") from None
+        # transformers before 4.56 names the dtype argument torch_dtype
+        major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+        dtype = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": "auto"}
+        placements = [{"device_map": {"": str(device)}}, {}] if device.type == "cuda" else [{}]
+        for placement in placements:  # straight onto the GPU where transformers can (accelerate), else via the host
+            try:
+                model = auto.from_pretrained(str(folder), local_files_only=True, **dtype, **placement)
+                break
+            except Exception as exc:  # noqa: BLE001 -- transformers raises many types for a model it cannot build
+                if placement and "accelerate" in str(exc).lower():
+                    continue
+                raise DeltakitError(f"transformers cannot build the model of {folder}: {first_line(exc)}") from None
     return model.to(device).eval()
 
 
@@ -118,8 +126,3 @@ def edit_parameters(model: torch.nn.Module, edits: Iterable[tuple[str, Edit]]) -
                                 f"{tuple(param.shape)}")
         param.copy_(value.to(param.device, param.dtype))
         del value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

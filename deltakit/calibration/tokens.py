@@ -80,7 +80,7 @@ def _stored_ids(data: bytes, path: str | os.PathLike) -> torch.Tensor:
     try:
         tensors = load(data)
     except Exception as exc:  # noqa: BLE001 -- safetensors raises its own error types for a corrupt header
-        raise DeltakitError(f"calibration file {path} is not a readable safetensors file ({_first_line(exc)})") from None
+        raise DeltakitError(f"calibration file {path} is not a readable safetensors file ({first_line(exc)})") from None
     ids = tensors.get("input_ids")
     if ids is None:
         found = ", ".join(sorted(tensors)) or "no tensors"
@@ -128,7 +128,7 @@ def load_tokenizer(model_folder: str | os.PathLike | None, path: str | os.PathLi
     except ImportError:
         raise DeltakitError("tokenising a text calibration file needs transformers (pip install transformers)") from None
     except Exception as exc:  # noqa: BLE001 -- transformers raises many types for a broken tokenizer
-        raise DeltakitError(f"cannot load the tokenizer of {model_folder} for {path}: {_first_line(exc)}") from None
+        raise DeltakitError(f"cannot load the tokenizer of {model_folder} for {path}: {first_line(exc)}") from None
 
 
 def check_vocabulary(sequences: list[torch.Tensor], vocab_size: int | None, path: str | os.PathLike) -> None:
@@ -159,6 +159,7 @@ def batched(sequences: list[torch.Tensor], batch_tokens: int) -> list[torch.Tens
     return batches
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a one-line error."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
