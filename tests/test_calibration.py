@@ -398,3 +398,21 @@ def test_a_ridge_keeps_singular_covariances_factorable():
     assert inputs.output_error(delta, factors.b, factors.a) < 1e-3
     assert math.isfinite(inputs.output_error(delta, torch.zeros(8, 1, dtype=torch.float64),
                                              torch.zeros(1, 16, dtype=torch.float64)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bf16_inputs_accumulate_exactly_on_tf32_cores_and_the_setting_is_restored():
+    """XᵀX of bf16 activations on the GPU equals the float64 product to fp32 accumulation, and only that
+    product ran under TF32 (the model's own fp32 products, e.g. RoPE angles, must not)."""
+    from deltakit.calibration.covariances import _accumulate
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    x = torch.randn(4, 512, 256, device="cuda").bfloat16()
+    total = torch.zeros(256, 256, device="cuda")
+    _accumulate(total)(None, (x,))
+    rows = x.reshape(-1, 256).double()
+    expected = rows.T @ rows
+    assert torch.allclose(total.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    after = matmul.fp32_precision if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+    assert after == before

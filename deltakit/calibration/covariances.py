@@ -8,8 +8,8 @@ over the calibration batches per such set of groups, and parked on disk (one saf
 per group) as each run ends: device memory holds the model, one set and one batch's activations,
 host memory one covariance at a time, whatever the model's size.
 
-Activations stored in bf16 or fp16 are exact in TF32, so for such models the products of XᵀX
-run on TF32 tensor cores with fp32 accumulation, losing nothing against fp32.
+Activations in bf16 or fp16 are exact in TF32, so for them the products of XᵀX (and nothing else
+the model computes) run on TF32 tensor cores with fp32 accumulation, losing nothing against fp32.
 
 Example::
 
@@ -129,7 +129,6 @@ def record_covariances(model: torch.nn.Module, modules: dict[str, torch.nn.Modul
     groups = input_groups(model, modules, probe, run) if probe is not None and modules else []
     result.groups = groups
     sizes = [_in_features(modules[members[0]]) for members in groups]
-    dtype = next(model.parameters()).dtype
     runs = plan_runs(groups, sizes, budget_bytes) or [[]]
     for number, chosen in enumerate(runs):
         sums = {index: torch.zeros(sizes[index], sizes[index], dtype=torch.float32, device=_device(model))
@@ -138,12 +137,11 @@ def record_covariances(model: torch.nn.Module, modules: dict[str, torch.nn.Modul
         label = f"calibration {number + 1}/{len(runs)}"
         items = progress(enumerate(batches), len(batches), label) if progress else enumerate(batches)
         try:
-            with exact_tf32(dtype):
-                for index, batch in items:
-                    output = run(batch)
-                    if observe is not None and number == 0:
-                        observe(index, output)
-                    del output
+            for index, batch in items:
+                output = run(batch)
+                if observe is not None and number == 0:
+                    observe(index, output)
+                del output
         finally:
             for handle in handles:
                 handle.remove()
@@ -159,8 +157,10 @@ def record_covariances(model: torch.nn.Module, modules: dict[str, torch.nn.Modul
 def _accumulate(total: torch.Tensor) -> Callable[..., None]:
     def hook(module: torch.nn.Module, args: tuple) -> None:
         inputs = args[0].detach()
-        rows = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
-        total.addmm_(rows.T, rows)
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        with exact_tf32(rows.dtype):  # this product only: the model's own fp32 products (RoPE angles) stay fp32
+            rows = rows.to(torch.float32)
+            total.addmm_(rows.T, rows)
     return hook
 
 
