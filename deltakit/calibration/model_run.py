@@ -75,9 +75,9 @@ def load_model(folder: str | os.PathLike, device: torch.device, causal: bool) ->
     return model.to(device).eval()
 
 
-def release(model: torch.nn.Module | None) -> None:
-    """Let the model's memory go (host and device) before the next one is loaded."""
-    del model
+def free_memory() -> None:
+    """Collect what the last model left (its modules hold reference cycles) and return the device's cached
+    blocks, before the next model is loaded; call it once no frame holds the model any more."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from deltakit.errors import DeltakitError
+
 METRICS = ("kl", "hidden")
 
 
@@ -77,6 +79,9 @@ def divergence(run: Callable[[torch.Tensor], Any], batches: Sequence[torch.Tenso
     for index, batch in enumerate(batches):
         measured = output_of(run(batch), reference.metric)
         expected = reference.load(index, device)
+        if measured.shape != expected.shape:
+            raise DeltakitError(f"the fine-tune's outputs are {tuple(expected.shape)} per batch, this model's "
+                                f"{tuple(measured.shape)}: they must have the same vocabulary and width to be compared")
         if reference.metric == "kl":
             numerator += float(token_kl(expected, measured).sum(dtype=torch.float64))
             denominator += float(batch.numel())

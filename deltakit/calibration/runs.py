@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from deltakit.calibration.covariances import COVARIANCE_BYTES, Covariances, Progress, record_covariances
-from deltakit.calibration.model_run import Edit, edit_parameters, find_modules, is_causal_lm, load_model, release
+from deltakit.calibration.model_run import Edit, edit_parameters, find_modules, free_memory, is_causal_lm, load_model
 from deltakit.calibration.outputs import METRICS, ReferenceOutputs, divergence, output_of
 from deltakit.calibration.tokens import CalibrationTokens
 from deltakit.errors import DeltakitError
@@ -62,37 +62,48 @@ def forward(model: torch.nn.Module, metric: str) -> Callable[[torch.Tensor], Any
 def calibrate(ft: str | os.PathLike, tokens: CalibrationTokens, modules: Sequence[str], device: torch.device,
               scratch: Path, metric: str, budget_bytes: int = COVARIANCE_BYTES,
               progress: Progress | None = None) -> Calibration:
-    """Run the fine-tune on ``tokens``: C = XᵀX of each of ``modules``' inputs and the reference outputs."""
-    model = load_model(ft, device, causal=metric == "kl")
+    """Run the fine-tune on ``tokens``: C = XᵀX of each of ``modules``' inputs and the reference outputs.
+
+    The model is gone (host and device memory returned) when this returns or raises.
+    """
     try:
-        found = {name: module for name, module in find_modules(model, modules).items()
-                 if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"}
-        if modules and not found:
-            raise DeltakitError(f"none of the {len(modules)} adapted modules (first: {modules[0]}) is a linear layer "
-                                f"of the model transformers builds from {ft}")
-        reference = ReferenceOutputs(scratch / "reference", metric)
-        covariances = record_covariances(
-            model, found, tokens.batches, scratch / "covariances", forward(model, metric),
-            observe=lambda index, output: reference.save(index, output_of(output, metric)),
-            budget_bytes=budget_bytes, progress=progress)
+        return _record(ft, tokens, modules, device, scratch, metric, budget_bytes, progress)
     finally:
-        release(model)
-        model = None
+        free_memory()
+
+
+def _record(ft: str | os.PathLike, tokens: CalibrationTokens, modules: Sequence[str], device: torch.device,
+            scratch: Path, metric: str, budget_bytes: int, progress: Progress | None) -> Calibration:
+    model = load_model(ft, device, causal=metric == "kl")
+    found = {name: module for name, module in find_modules(model, modules).items()
+             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"}
+    if modules and not found:
+        raise DeltakitError(f"none of the {len(modules)} adapted modules (first: {modules[0]}) is a linear layer "
+                            f"of the model transformers builds from {ft}")
+    reference = ReferenceOutputs(scratch / "reference", metric)
+    covariances = record_covariances(
+        model, found, tokens.batches, scratch / "covariances", forward(model, metric),
+        observe=lambda index, output: reference.save(index, output_of(output, metric)),
+        budget_bytes=budget_bytes, progress=progress)
     missing = [name for name in modules if name not in covariances.files]
     return Calibration(tokens, metric, covariances, reference, missing)
 
 
 def measure_fidelity(base: str | os.PathLike, calibration: Calibration, device: torch.device,
                      edits: Callable[[], Iterable[tuple[str, Edit]]]) -> tuple[float, float]:
-    """(the base's metric, the base's after ``edits()``) against the fine-tune's outputs."""
-    model = load_model(base, device, causal=calibration.metric == "kl")
+    """(the base's metric, the base's after ``edits()``) against the fine-tune's outputs; the model is gone
+    when this returns or raises."""
     try:
-        run = forward(model, calibration.metric)
-        batches = calibration.tokens.batches
-        before = divergence(run, batches, calibration.reference, device)
-        edit_parameters(model, edits())
-        after = divergence(run, batches, calibration.reference, device)
+        return _measure(base, calibration, device, edits)
     finally:
-        release(model)
-        model = None
-    return before, after
+        free_memory()
+
+
+def _measure(base: str | os.PathLike, calibration: Calibration, device: torch.device,
+             edits: Callable[[], Iterable[tuple[str, Edit]]]) -> tuple[float, float]:
+    model = load_model(base, device, causal=calibration.metric == "kl")
+    run = forward(model, calibration.metric)
+    batches = calibration.tokens.batches
+    before = divergence(run, batches, calibration.reference, device)
+    edit_parameters(model, edits())
+    return before, divergence(run, batches, calibration.reference, device)

@@ -42,7 +42,7 @@ def model_card(report: Any, config: dict[str, Any]) -> str:
         + (f", {len(report.modules_to_save)} modules saved whole" if report.modules_to_save else ""),
         f"- relative error over the changed matrices, sqrt(Σ‖ΔW − BA‖²_F / Σ‖ΔW‖²_F): {report.relative_error:.4g}",
         f"- unchanged matrices (no LoRA): {len(report.unchanged)}",
-    ] + [
+    ] + _calibration_lines(getattr(report, "calibration", None)) + [
         f"- fused expert tensor `{e['name']}`: LoRA on the parameter (target_parameters), rank {e['rank']} "
         f"per expert, {len(e['factored_experts'])} of {e['experts']} experts changed"
         for e in getattr(report, "expert_parameters", [])
@@ -62,6 +62,16 @@ def model_card(report: Any, config: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(front + [""] + lines)
+
+
+def _calibration_lines(calibration: dict[str, Any] | None) -> list[str]:
+    """What a calibration adds: the tokens, and whether the factors minimise the output error."""
+    if not calibration:
+        return []
+    how = ("activation-aware: each B·A minimises the output error ‖(ΔW − BA)·Xᵀ‖_F on the fine-tune's layer inputs X "
+           f"(whitened truncated SVD, ridge {calibration['ridge']:g})") if calibration.get("activation_aware") else \
+        "factors minimise the weight error; output errors measured on the fine-tune's layer inputs"
+    return [f"- calibration: {calibration['tokens']:,} tokens of `{calibration['path']}`; {how}"]
 
 
 def _selection(selection: dict[str, Any]) -> str:
