@@ -246,7 +246,8 @@ def test_anisotropic_inputs_whitened_factors_reach_the_output_optimum():
 
 
 def test_covariances_are_shared_by_modules_reading_one_input_and_independent_of_the_budget(pair, tmp_path):
-    """q/k/v share one C and gate/up one; a budget that forces one run per group gives the same C."""
+    """q/k/v share one C and gate/up one; a budget that forces one run per group, and covariances parked on
+    disk instead of kept in memory, give the same C."""
     from deltakit.calibration import calibrate, read_calibration
 
     tokens = read_calibration(pair / "calib.safetensors", None, VOCAB, batch_tokens=48)
@@ -256,9 +257,11 @@ def test_covariances_are_shared_by_modules_reading_one_input_and_independent_of_
               "mlp.up_proj", "mlp.down_proj")]
     device = torch.device("cpu")
     one = calibrate(pair / "ft", tokens, names, device, tmp_path / "one", "kl")
-    many = calibrate(pair / "ft", tokens, names, device, tmp_path / "many", "kl", budget_bytes=1)
+    many = calibrate(pair / "ft", tokens, names, device, tmp_path / "many", "kl", budget_bytes=1, host_bytes=0)
+    assert all(isinstance(f, Path) and f.is_file() for f in many.covariances.files.values())
+    assert not any(isinstance(f, Path) for f in one.covariances.files.values())
     assert one.covariances.groups[:4] == [names[:3], [names[3]], names[4:6], [names[6]]]
-    assert len({one.covariances.files[n] for n in names}) == 8 and not one.missing
+    assert len({id(one.covariances.files[n]) for n in names}) == 8 and not one.missing
     with safe_open(str(pair / "calib.safetensors"), framework="pt") as handle:
         inputs = _layer_inputs(_load(pair / "ft"), handle.get_tensor("input_ids"))
     for name in names:

@@ -4,9 +4,10 @@ Modules that read the same input tensor (q, k and v projections; gate and up) sh
 covariance: which do is found by running one short probe sequence with hooks that note the
 tensor each module was given. The covariances are accumulated in fp32 on the model's device,
 as many groups at a time as ``budget_bytes`` holds (every group gets in² · 4 bytes), with one run
-over the calibration batches per such set of groups, and parked on disk (one safetensors file
-per group) as each run ends: device memory holds the model, one set and one batch's activations,
-host memory one covariance at a time, whatever the model's size.
+over the calibration batches per such set of groups. As each run ends they are kept in host memory
+while they fit ``host_bytes`` (a quarter of the machine's memory by default), and parked on disk
+beyond it (one safetensors file per group): device memory holds the model, one set and one
+batch's activations; host memory at most ``host_bytes`` of them, whatever the model's size.
 
 Activations in bf16 or fp16 are exact in TF32, so for them the products of XᵀX (and nothing else
 the model computes) run on TF32 tensor cores with fp32 accumulation, losing nothing against fp32.
@@ -20,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -27,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 COVARIANCE_BYTES = 4 * 1024**3  # device memory for covariances accumulated at once
+HOST_FRACTION = 0.25  # of the machine's memory, for covariances kept off disk
 PROBE_TOKENS = 8
 
 Observe = Callable[[int, Any], None]  # (batch index, the model's output) on the first run
@@ -35,19 +38,30 @@ Progress = Callable[[Iterable[Any], int, str], Iterator[Any]]  # deltakit.pipeli
 
 @dataclass
 class Covariances:
-    """Where each module's C = XᵀX lies (one file per distinct input), and over how many tokens."""
+    """Where each module's C = XᵀX lies (host memory or a file, one per distinct input), over how many tokens."""
 
     folder: Path
-    files: dict[str, Path] = field(default_factory=dict)  # module -> its group's file
+    files: dict[str, Path | torch.Tensor] = field(default_factory=dict)  # module -> its group's C or file
     groups: list[list[str]] = field(default_factory=list)  # modules sharing one input, in model order
     tokens: int = 0
 
     def get(self, module: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """C of ``module``'s input (fp32, in × in) on ``device``; None for a module that never ran."""
+        """C of ``module``'s input (fp32, in × in) on ``device``, not to be changed in place; None for a module
+        that never ran."""
         from safetensors.torch import load_file
 
-        path = self.files.get(module)
-        return None if path is None else load_file(str(path), device=str(device))["covariance"]
+        found = self.files.get(module)
+        if found is None or isinstance(found, torch.Tensor):
+            return found if found is None else found.to(device)
+        return load_file(str(found), device=str(device))["covariance"]
+
+
+def host_budget() -> int:
+    """Bytes of covariances kept in host memory: HOST_FRACTION of the machine's (0 where it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * HOST_FRACTION)
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def input_groups(model: torch.nn.Module, modules: dict[str, torch.nn.Module], probe: torch.Tensor,
@@ -115,7 +129,8 @@ def exact_tf32(dtype: torch.dtype) -> Iterator[None]:
 
 def record_covariances(model: torch.nn.Module, modules: dict[str, torch.nn.Module], batches: Sequence[torch.Tensor],
                        folder: Path, run: Callable[[torch.Tensor], Any], observe: Observe | None = None,
-                       budget_bytes: int = COVARIANCE_BYTES, progress: Progress | None = None) -> Covariances:
+                       budget_bytes: int = COVARIANCE_BYTES, progress: Progress | None = None,
+                       host_bytes: int | None = None) -> Covariances:
     """C = XᵀX of every module's input over all ``batches``, parked in ``folder`` (module docstring).
 
     ``run(batch)`` runs the model on one batch of token ids and returns its output; ``observe`` sees
@@ -125,6 +140,7 @@ def record_covariances(model: torch.nn.Module, modules: dict[str, torch.nn.Modul
 
     folder.mkdir(parents=True, exist_ok=True)
     result = Covariances(folder)
+    host_left = host_budget() if host_bytes is None else host_bytes
     probe = batches[0][:1, :PROBE_TOKENS] if batches else None
     groups = input_groups(model, modules, probe, run) if probe is not None and modules else []
     result.groups = groups
@@ -146,10 +162,16 @@ def record_covariances(model: torch.nn.Module, modules: dict[str, torch.nn.Modul
             for handle in handles:
                 handle.remove()
         for index in chosen:
-            path = folder / f"covariance-{index:05d}.safetensors"
-            save_file({"covariance": sums.pop(index).cpu()}, str(path))
+            covariance = sums.pop(index).cpu()
+            kept: Path | torch.Tensor = covariance
+            if covariance.numel() * covariance.element_size() <= host_left:
+                host_left -= covariance.numel() * covariance.element_size()
+            else:
+                kept = folder / f"covariance-{index:05d}.safetensors"
+                save_file({"covariance": covariance}, str(kept))
+            del covariance
             for name in groups[index]:
-                result.files[name] = path
+                result.files[name] = kept
     result.tokens = sum(int(batch.numel()) for batch in batches)
     return result
 

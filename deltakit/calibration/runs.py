@@ -61,19 +61,21 @@ def forward(model: torch.nn.Module, metric: str) -> Callable[[torch.Tensor], Any
 
 def calibrate(ft: str | os.PathLike, tokens: CalibrationTokens, modules: Sequence[str], device: torch.device,
               scratch: Path, metric: str, budget_bytes: int = COVARIANCE_BYTES,
-              progress: Progress | None = None) -> Calibration:
+              progress: Progress | None = None, host_bytes: int | None = None) -> Calibration:
     """Run the fine-tune on ``tokens``: C = XᵀX of each of ``modules``' inputs and the reference outputs.
 
+    ``budget_bytes`` / ``host_bytes``: see :func:`~deltakit.calibration.covariances.record_covariances`.
     The model is gone (host and device memory returned) when this returns or raises.
     """
     try:
-        return _record(ft, tokens, modules, device, scratch, metric, budget_bytes, progress)
+        return _record(ft, tokens, modules, device, scratch, metric, budget_bytes, progress, host_bytes)
     finally:
         free_memory()
 
 
 def _record(ft: str | os.PathLike, tokens: CalibrationTokens, modules: Sequence[str], device: torch.device,
-            scratch: Path, metric: str, budget_bytes: int, progress: Progress | None) -> Calibration:
+            scratch: Path, metric: str, budget_bytes: int, progress: Progress | None,
+            host_bytes: int | None) -> Calibration:
     model = load_model(ft, device, causal=metric == "kl")
     found = {name: module for name, module in find_modules(model, modules).items()
              if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"}
@@ -84,7 +86,7 @@ def _record(ft: str | os.PathLike, tokens: CalibrationTokens, modules: Sequence[
     covariances = record_covariances(
         model, found, tokens.batches, scratch / "covariances", forward(model, metric),
         observe=lambda index, output: reference.save(index, output_of(output, metric)),
-        budget_bytes=budget_bytes, progress=progress)
+        budget_bytes=budget_bytes, progress=progress, host_bytes=host_bytes)
     missing = [name for name in modules if name not in covariances.files]
     return Calibration(tokens, metric, covariances, reference, missing)
 
