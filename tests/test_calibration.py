@@ -286,6 +286,40 @@ def test_check_reports_the_same_fidelity_for_any_adapter(pair, extracted, runner
     assert "KL(ft ‖ base + adapter)" in result.output
 
 
+def test_check_of_a_trained_ia3_adapter_equals_peft(pair, tmp_path):
+    """Any adapter type: an IA3 adapter (scales rows of k/v, columns of down_proj) with trained-looking
+    gains; KL(ft ‖ base + adapter) equals the float64 KL of PEFT's own IA3 model, and each output error
+    the one computed from the hooked inputs and PEFT's merged weights."""
+    from peft import IA3Config, PeftModel, get_peft_model
+
+    from deltakit.lora.fidelity import check_adapter
+
+    model = get_peft_model(_load(pair / "base").float(), IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    model.save_pretrained(tmp_path / "ia3")
+    report = check_adapter(pair / "base", pair / "ft", tmp_path / "ia3", pair / "calib.safetensors")
+    with safe_open(str(pair / "calib.safetensors"), framework="pt") as handle:
+        ids = handle.get_tensor("input_ids")
+    ft_model = _load(pair / "ft")
+    inputs = _layer_inputs(ft_model, ids)
+    peft_model = PeftModel.from_pretrained(_load(pair / "base"), tmp_path / "ia3").double().eval()
+    with torch.no_grad():
+        expected = _mean_kl(ft_model(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+    assert report.fidelity["kl"] == pytest.approx(expected, rel=1e-3)
+    merged = peft_model.merge_and_unload().state_dict()
+    assert len(report.matrices) == 6
+    for m in report.matrices:
+        x = inputs[m.module]
+        delta = _tensor(pair / "ft", m.name) - _tensor(pair / "base", m.name)
+        adapter_delta = merged[m.name].double() - _tensor(pair / "base", m.name)
+        want = float(torch.linalg.vector_norm((delta - adapter_delta) @ x.T) / torch.linalg.vector_norm(delta @ x.T))
+        assert m.output_error == pytest.approx(want, rel=1e-5), m.name
+
+
 def test_text_calibration_is_tokenised_with_the_fine_tunes_tokenizer(pair, runner, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
