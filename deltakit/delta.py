@@ -73,9 +73,10 @@ def pair_bytes(pair: TensorPair) -> int:
 
 
 def fetch_pair(ckpt: Checkpoint, name: str, pair: TensorPair, device: torch.device) -> torch.Tensor:
-    """One side of a pair: the stored tensor ``name``, or its expert's slice (shaped ``pair.shape``)."""
+    """One side of a pair: the stored tensor ``name``, or its expert's slice (shaped ``pair.shape``); a
+    convolution as its analysed matrix."""
     if pair.rows is None:
-        return fetch(ckpt, name, device)
+        return pair.as_matrix(fetch(ckpt, name, device))
     return fetch(ckpt, name, device, pair.rows).reshape(pair.shape)
 
 
@@ -149,7 +150,7 @@ def host_delta(ft: Checkpoint, pair: TensorPair, base_stored: torch.Tensor, dtyp
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         block = delta[start:stop]
-        block.copy_(ft.get_rows(pair.ft_tensor, start, stop))
+        block.copy_(pair.as_matrix(ft.get_rows(pair.ft_tensor, start, stop)))
         block.sub_(base_stored[start:stop].to(dtype))
     return delta
 
@@ -176,7 +177,8 @@ def delta_row_blocks(
 
     def reader(start: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         span = (start, min(rows, start + step))
-        return lambda: (fetch(base, pair.base_name, device, span), fetch(ft, pair.ft_tensor, device, span))
+        return lambda: (pair.as_matrix(fetch(base, pair.base_name, device, span)),
+                        pair.as_matrix(fetch(ft, pair.ft_tensor, device, span)))
 
     loaded_all = prefetched([reader(start) for start in starts], prefetch, 1)
     for start, loaded in released_pairs(starts, loaded_all):

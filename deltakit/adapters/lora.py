@@ -4,7 +4,10 @@ scaling = lora_alpha / r, or lora_alpha / √r with ``use_rslora`` (Kalajdzievsk
 alpha per module from ``rank_pattern`` / ``alpha_pattern`` (PEFT ``LoraLayer.update_layer``). For
 an nn.Embedding PEFT stores A as r × vocab and B as dim × r under ``lora_embedding_A`` /
 ``lora_embedding_B``; the weight is vocab × dim, so ΔW is stored transposed (PEFT
-``Embedding.get_delta_weight``). DoRA and LoRA on parameters build on this module
+``Embedding.get_delta_weight``). On a convolution A is itself a convolution with the layer's
+kernel, (r, in, *kernel), and B a 1×1 one, (out, r, 1, ...): ΔW is B @ A of their matrices,
+(out, in·∏kernel) (PEFT ``_ConvNd.get_delta_weight``); PEFT cannot merge a grouped convolution
+(B is then (out, r/groups, 1, ...)), and neither does deltakit. DoRA and LoRA on parameters build on this module
 (:mod:`deltakit.adapters.dora`, :mod:`deltakit.adapters.lora_params`).
 
 Example::
@@ -15,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +64,16 @@ class LoraModule(AdapterModule):
         return self.target
 
     def math_delta(self, tensors: dict[str, torch.Tensor], transposed: bool, rows: Rows) -> torch.Tensor:
-        lora_a, lora_b = tensors["A"], tensors["B"]
+        lora_a, lora_b = factor_matrices(tensors["A"], tensors["B"])
         if rows is not None:  # rows of B·A are rows of B; columns of B·A are columns of A
             lora_a, lora_b = (lora_a[:, rows[0]:rows[1]], lora_b) if transposed else (lora_a, lora_b[rows[0]:rows[1]])
         return (lora_b @ lora_a) * self.scaling
+
+
+def factor_matrices(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as the matrices B @ A multiplies: a convolution's factors (r, in, *kernel) and (out, r, 1, ...)
+    as r × (in·∏kernel) and out × r; a matrix as it is."""
+    return lora_a.reshape(lora_a.shape[0], -1), lora_b.reshape(lora_b.shape[0], -1)
 
 
 def check_switches(files: AdapterFiles, switches: dict[str, str]) -> None:
@@ -79,7 +89,12 @@ def lora_factor_keys(files: AdapterFiles, module: str, kinds: dict[str, str]) ->
     if a_kind not in kinds or b_kind not in kinds:
         raise DeltakitError(f"{files.path}: module {module} has only one of its LoRA factors")
     a_shape, b_shape = files.checkpoint.shape(kinds[a_kind]), files.checkpoint.shape(kinds[b_kind])
-    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+    convolution = 3 <= len(a_shape) <= 5 and len(b_shape) == len(a_shape) and set(b_shape[2:]) == {1}
+    if convolution and b_shape[1] < a_shape[0] and b_shape[1] and a_shape[0] % b_shape[1] == 0:
+        raise DeltakitError(f"{files.path}: module {module} is a LoRA on a convolution with groups="
+                            f"{a_shape[0] // b_shape[1]} (A {tuple(a_shape)}, B {tuple(b_shape)}); PEFT cannot merge "
+                            "an adapter into a grouped convolution, and deltakit refuses it too")
+    if not (convolution or (len(a_shape) == 2 and len(b_shape) == 2)) or a_shape[0] != b_shape[1]:
         raise DeltakitError(f"{files.path}: module {module} has factors of shapes {a_shape} and {b_shape}, "
                             "which do not multiply")
     return {"A": kinds[a_kind], "B": kinds[b_kind]}, embedding
@@ -109,7 +124,8 @@ def lora_module_fields(files: AdapterFiles, module: str, kinds: dict[str, str]) 
     a_shape, b_shape = files.checkpoint.shape(keys["A"]), files.checkpoint.shape(keys["B"])
     rank = a_shape[0]
     alpha, scaling = lora_hyper(files, module, rank)
-    return dict(module=module, target=f"{module}.weight", keys=keys, out_features=b_shape[0], in_features=a_shape[1],
+    return dict(module=module, target=f"{module}.weight", keys=keys, out_features=b_shape[0],
+                in_features=math.prod(a_shape[1:]), kernel=tuple(a_shape[2:]),
                 embedding=embedding, rank=rank, alpha=alpha, scaling=scaling,
                 fan_in_fan_out=bool(files.config.get("fan_in_fan_out", False)) and not embedding)
 

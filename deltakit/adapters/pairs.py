@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -51,7 +52,7 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
         raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {first.name}: {first.reason}")
     out: list[tuple[TensorPair, AdapterModule]] = []
     order = {name: index for index, name in enumerate(adapter.modules)}
-    undecided = [p for p in pairs if len(p.shape) == 2 and not adapter.modules[p.name].embedding
+    undecided = [p for p in pairs if len(p.shape) == 2 and not p.kernel and not adapter.modules[p.name].embedding
                   and not adapter.modules[p.name].own_layout]
     shown = frozenset(_shape_layout(p, adapter.modules[p.name]) for p in undecided) - {None}
     for pair in sorted(pairs, key=lambda p: order[p.name]):
@@ -65,12 +66,29 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
         # the module's own kind decides a table (PEFT's embedding LoRA), else the layout just decided
         pair = replace(pair, layout=layout, transposed=module.embedding or layout == "conv1d")
         expected = module.stored_shape(pair.transposed)
+        if pair.kernel:
+            _check_convolution(adapter, pair, module)
         if tuple(pair.shape) != tuple(expected):
             raise DeltakitError(
                 f"adapter {adapter.path} does not fit base {base.path}: {module.module} makes a "
                 f"{'×'.join(map(str, expected))} update, but {pair.base_name} is {'×'.join(map(str, pair.shape))}")
         out.append((pair, module))
     return out
+
+
+def _check_convolution(adapter: Adapter, pair: TensorPair, module: AdapterModule) -> None:
+    """Refuse a module shaped for another kernel, or for a grouped convolution (its layer reads every
+    input channel, the weight only a group's: PEFT cannot merge LoRA there either, peft#2403)."""
+    stored = "×".join(map(str, pair.stored_shape))
+    if module.kernel and tuple(module.kernel) != tuple(pair.kernel):
+        raise DeltakitError(f"adapter {adapter.path}: {module.module} is shaped for a "
+                            f"{'×'.join(map(str, module.kernel))} kernel, but {pair.base_name} is {stored}")
+    rows, cols = module.stored_shape(False)
+    if rows == pair.shape[0] and cols > pair.shape[1] and cols % pair.shape[1] == 0:
+        raise DeltakitError(
+            f"adapter {adapter.path}: {module.module} is a convolution with groups={cols // pair.shape[1]} "
+            f"({pair.base_name} is {stored}, the adapter reads all {cols // math.prod(pair.kernel)} input "
+            "channels): PEFT cannot merge an adapter into a grouped convolution, and deltakit refuses it too")
 
 
 def _shape_layout(pair: TensorPair, module: AdapterModule) -> str | None:

@@ -23,6 +23,7 @@ import torch
 
 from deltakit.adapters import adalora, dora, ia3, loha, lokr, lora, lora_params, peft_layer, vera
 from deltakit.adapters.base import AdapterModule, BaseInfo
+from deltakit.adapters.lora import factor_matrices
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.peft import AdapterFiles, group_keys, read_adapter_files
@@ -92,8 +93,9 @@ class Adapter:
         return module.load(self.checkpoint, device)
 
     def factors(self, module: AdapterModule, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of a LoRA module as stored: A is r × in and B is out × r (embeddings: r × vocab, dim × r)."""
-        return self.checkpoint.get(module.keys["A"], device), self.checkpoint.get(module.keys["B"], device)
+        """(A, B) of a LoRA module as the matrices B @ A multiplies: A is r × in and B is out × r (embeddings:
+        r × vocab, dim × r; convolutions: r × in·∏kernel, out × r)."""
+        return factor_matrices(self.checkpoint.get(module.keys["A"], device), self.checkpoint.get(module.keys["B"], device))
 
     @property
     def label(self) -> str:

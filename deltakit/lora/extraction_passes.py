@@ -115,7 +115,7 @@ class Extraction:
         else:
             factors = svd_factors(matrix, rank, exact=self.options.exact, seed=self.seed, dtype=self.compute_dtype)
             error = reconstruction_error(matrix.to(self.compute_dtype), factors, dtype)
-        stage.put(target.module, factors.a.to(dtype), factors.b.to(dtype))
+        stage.put(target.module, *target.pair.stored_factors(factors.a.to(dtype), factors.b.to(dtype)))
         # Σ_{i≤r} σ_i² over the exact ‖ΔW‖_F², so that kept ≈ 1 − rel_error² also when the
         # spectrum could not resolve the smallest values (see _spectrum).
         if spectrum is None:  # fixed rank: the factorisation's own singular values

@@ -132,14 +132,15 @@ def one_tensor(step: Step, rows: tuple[int, int] | None, weight: torch.Tensor | 
     assert weight is not None
     if not step.parts:
         return weight.to(step.dtype), None
-    current = adopt(weight).to(device, torch.float32)
+    pair = step.parts[0].pair  # the parts of one tensor are paired with it alike: a convolution as its matrix
+    current = pair.as_matrix(adopt(weight).to(device, torch.float32))
     if sign > 0:
         result = merged(step, rows, current, tensors)
     elif original is not None:
-        result = current - sum_deltas(step, rows, adopt(original).to(device, torch.float32), tensors)
+        result = current - sum_deltas(step, rows, pair.as_matrix(adopt(original).to(device, torch.float32)), tensors)
     else:
         result = unmerged(step, rows, current, tensors)
-    result = result.to(step.dtype)
+    result = pair.as_stored(result).to(step.dtype)
     if result.device.type != "cuda":
         require_finite(step.name, result, "gives")
         return result, None
