@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from deltakit.adapters import Adapter, AdapterModule, adapter_pairs, base_info, open_adapter
+from deltakit.adapters import Adapter, AdapterModule, adapter_pairs, base_info, open_adapter, replacement_pairs
 from deltakit.device.reads import (
     PREFETCH_BYTES, adopt, fetch, prefetched, read_ahead_budget, read_threads, released_pairs,
 )
@@ -277,19 +277,25 @@ def open_delta_source(
     ft: str | os.PathLike,
     selection: Selection = Selection(),
     matrices_only: bool = False,
+    replacements: bool = True,
 ) -> DeltaSource:
     """Open ``base`` and ``ft`` (a model or a PEFT adapter folder) and pair the tensors ``selection`` keeps.
 
-    Raises :class:`DeltakitError` when nothing is left to compare.
+    An adapter's pairs are every tensor it changes: those its modules change, and with ``replacements``
+    those it carries whole (``modules_to_save``, trained biases: ΔW = R − W0; one that is no delta of
+    the base is listed in ``skipped``). Raises :class:`DeltakitError` when nothing is left to compare.
     """
     include, exclude, allow_pickle = selection.include, selection.exclude, selection.allow_pickle
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     keep = (lambda p: p.is_matrix and p.layout != "vector") if matrices_only else (lambda p: True)
     if is_peft_adapter(ft):
         adapter = open_adapter(ft, allow_pickle=allow_pickle, base=base_info(base_ckpt))
-        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt)
+        replaced, skipped = replacement_pairs(adapter, base_ckpt) if replacements else ([], [])
+        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) + replaced
                    if selected(p.name, include, exclude) and keep(p)]
-        source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], [], [], [])
+        skipped = [s for s in skipped if selected(s["name"], include, exclude)]
+        source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], skipped,
+                             [], [])
     else:
         ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
         plan = pair_tensors(base_ckpt.metas(), ft_ckpt.metas(), ft_ckpt.config or base_ckpt.config,

@@ -81,6 +81,11 @@ class AdapterModule:
         tensor is stored as is, its columns when stored transposed."""
         raise NotImplementedError
 
+    def change(self) -> str | None:
+        """How the adapter changes its tensor, where that is not by adding a ΔW it computes (rows or a whole
+        tensor set by the adapter); None for the usual update."""
+        return None
+
     def gain(self, tensors: dict[str, torch.Tensor], transposed: bool, rows: Rows, dtype: torch.dtype,
              device: torch.device) -> torch.Tensor:
         """For ``scaling`` types: g, broadcastable to the stored rows, with ΔW = W0 ⊙ g."""

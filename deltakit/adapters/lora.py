@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from deltakit.adapters.base import AdapterModule, Rows
+from deltakit.adapters.base import AdapterModule, BaseInfo, Rows
 from deltakit.errors import DeltakitError
 from deltakit.io.peft import AdapterFiles, lora_scaling, pattern_value
 
@@ -32,9 +32,10 @@ KINDS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 PEFT_DEFAULT_R = 8  # LoraConfig, LoHaConfig and LoKrConfig: r = 8, lora_alpha / alpha = 8
 PEFT_DEFAULT_ALPHA = 8
 
+BIAS = "lora_B.bias"  # lora_bias: lora_B's own bias b, merged into the layer's bias as scaling · b
+
 # Config switches that change the math in ways deltakit does not apply; refused rather than mis-applied.
 UNSUPPORTED_SWITCHES = {
-    "lora_bias": "LoRA biases (lora_bias)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "layer_replication": "layer replication",
     "use_bdlora": "BD-LoRA (use_bdlora)",
@@ -68,6 +69,63 @@ class LoraModule(AdapterModule):
         if rows is not None:  # rows of B·A are rows of B; columns of B·A are columns of A
             lora_a, lora_b = (lora_a[:, rows[0]:rows[1]], lora_b) if transposed else (lora_a, lora_b[rows[0]:rows[1]])
         return (lora_b @ lora_a) * self.scaling
+
+
+@dataclass(frozen=True)
+class LoraBiasModule(AdapterModule):
+    """PEFT's ``lora_bias``: lora_B carries a bias b, and merging adds scaling · b to the layer's bias
+    (PEFT ``Linear.merge``, ``_ConvNd.merge``); ``out_features`` is its length."""
+
+    scaling: float = 1.0
+
+    def stored_shape(self, transposed: bool) -> tuple[int, ...]:
+        return (self.out_features,)
+
+    def delta(self, tensors: dict[str, torch.Tensor], base: torch.Tensor | None, transposed: bool,
+              rows: Rows = None) -> torch.Tensor:
+        dtype = base.dtype if base is not None else torch.float32
+        bias = tensors["b"].to(base.device if base is not None else tensors["b"].device, dtype) * self.scaling
+        return bias if rows is None else bias[rows[0]:rows[1]]
+
+
+def layer_weight(module: str, base: BaseInfo) -> str:
+    """The tensor the LoRA layer at ``module`` changes: ``<module>.weight``, or an nn.MultiheadAttention's
+    fused q/k/v projection ``in_proj_weight`` (PEFT ``lora.MultiheadAttention``, which saves the LoRA of
+    the attention's ``out_proj`` under ``<module>.base_layer.out_proj``: that one changes ``out_proj.weight``)."""
+    layer = module.replace(".base_layer.", ".")
+    if base.shape(f"{layer}.weight") is None and base.shape(f"{layer}.in_proj_weight") is not None:
+        return f"{layer}.in_proj_weight"
+    return f"{layer}.weight"
+
+
+# PEFT's lora.MultiheadAttention adds its out_proj's ΔW once by hand and once more through the
+# out_proj layer's own merge, in merge() and so in every forward pass: the model an adapter was
+# trained as, and PEFT's merge_and_unload, carry 2·ΔW there (peft#3774, open for PEFT ≤ 0.21).
+MHA_OUT_PROJ_FACTOR = 2.0
+
+
+def attention_out_projection(module: str, base: BaseInfo) -> bool:
+    """Whether ``module`` is the LoRA PEFT puts on an nn.MultiheadAttention's out_proj (``<mha>.base_layer.out_proj``)."""
+    parent, found, leaf = module.rpartition(".base_layer.")
+    return bool(found) and leaf == "out_proj" and base.shape(f"{parent}.in_proj_weight") is not None
+
+
+def bias_modules(files: AdapterFiles, modules: dict[str, dict[str, str]], built: list[AdapterModule]
+                 ) -> list[AdapterModule]:
+    """The ``lora_bias`` of every LoRA module that has one, on its layer's bias."""
+    out: list[AdapterModule] = []
+    for module in built:
+        key = modules[module.module].get(BIAS)
+        if key is None:
+            continue
+        shape = tuple(files.checkpoint.shape(key))
+        if shape != (module.out_features,):
+            raise DeltakitError(f"{files.path}: module {module.module}'s lora_B bias has shape {shape}, expected "
+                                f"({module.out_features},)")
+        out.append(LoraBiasModule(module=module.module, target=f"{module.target.rpartition('.')[0]}.bias",
+                                  keys={"b": key}, out_features=module.out_features, in_features=1,
+                                  scaling=getattr(module, "scaling", 1.0)))
+    return out
 
 
 def factor_matrices(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
