@@ -172,6 +172,8 @@ CASES = [
     Case("conv1D adalora", "EmbConv1D", "AdaLoraConfig", dict(target_modules=["conv1d"], init_r=4, total_step=10)),
     Case("conv2d adalora", "Conv2d", "AdaLoraConfig", dict(target_modules=["conv2d"], init_r=4, total_step=10)),
     Case("conv1D vera", "EmbConv1D", "VeraConfig", dict(target_modules=["conv1d"], r=4)),
+    Case("mlp vera without projections", "MLP", "VeraConfig", dict(target_modules=["lin0", "lin1"], r=4,
+                                                                    save_projection=False, projection_prng_key=7)),
 ]
 
 INIT_FALSE = {"LoraConfig": "init_lora_weights", "LoHaConfig": "init_weights", "LoKrConfig": "init_weights",
@@ -342,3 +344,72 @@ def test_grouped_convolution_is_refused_naming_the_layer(tmp_path, runner, confi
         result = invoke(runner, *command)
         assert_one_line_error(result, "conv2d is a LoRA on a convolution with groups=2")
     assert not (tmp_path / "out").exists()
+
+
+def test_vera_projections_are_regenerated_as_peft_draws_them(built):
+    """The projections PEFT saved equal deltakit's regeneration from the same key."""
+    from deltakit.adapters.vera import regenerated_projections
+
+    case = Case("vera", "MLP", "VeraConfig", dict(target_modules=["lin0", "lin1"], r=4, projection_prng_key=7))
+    _, folder, _, _ = built(case)
+    saved = load_file(folder / "adapter" / "adapter_model.safetensors")
+    vera_a, vera_b = regenerated_projections(7, 4, 20, 20)  # in_max 20 (lin1), out_max 20 (lin0)
+    assert torch.equal(saved["base_model.vera_A"], vera_a) and torch.equal(saved["base_model.vera_B"], vera_b)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_fused_expert_parameters_of_a_per_expert_checkpoint(tmp_path, arch):
+    """transformers saves Mixtral and Qwen3-MoE experts one tensor per expert (block_sparse_moe.experts.<e>.w1,
+    mlp.experts.<e>.gate_proj) but builds them fused; a target_parameters adapter names the fused
+    parameters. Merge equals merge_and_unload once transformers reads the merged folder back; rank gives each
+    stored expert tensor the fp64 rank of PEFT's ΔW rows; unmerge returns the base."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    import deltakit
+    from deltakit.spectral.options import SpectralOptions
+
+    common = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  head_dim=8, num_experts_per_tok=2)
+    if arch == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=24, num_local_experts=3, **common)
+        model_class, gate, up, down = transformers.MixtralForCausalLM, "block_sparse_moe.experts.{}.w1", \
+            "block_sparse_moe.experts.{}.w3", "block_sparse_moe.experts.{}.w2"
+    else:
+        config = transformers.Qwen3MoeConfig(moe_intermediate_size=24, intermediate_size=32, num_experts=3, **common)
+        model_class, gate, up, down = transformers.Qwen3MoeForCausalLM, "mlp.experts.{}.gate_proj", \
+            "mlp.experts.{}.up_proj", "mlp.experts.{}.down_proj"
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.save_pretrained(tmp_path / "base")
+    stored = set(load_file(tmp_path / "base" / "model.safetensors"))
+    assert f"model.layers.0.{gate.format(2)}.weight" in stored and "model.layers.0.mlp.experts.gate_up_proj" not in stored
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=2, lora_alpha=3, target_modules=["q_proj"], init_lora_weights=False,
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reference = peft_merged(model, tmp_path / "adapter", torch.float64)
+    deltakit.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", device="cpu")
+    ours = model_class.from_pretrained(tmp_path / "merged").state_dict()
+    base = model.state_dict()
+    fused = "model.layers.1.mlp.experts.gate_up_proj"
+    assert not torch.equal(reference[fused].float(), base[fused])
+    for name, value in reference.items():
+        assert relative(ours[name], value) <= REL_TOL, name
+
+    report = deltakit.rank(tmp_path / "base", tmp_path / "adapter",
+                           options=SpectralOptions(precision="fp64", exact=True, device="cpu"))
+    ranks = {m.name: m.rank for m in report.matrices}
+    delta = reference[fused] - base[fused].double()  # (E, 2I, H): gate rows over up rows
+    for expert in range(3):
+        for leaf, rows in ((gate, delta[expert, :24]), (up, delta[expert, 24:])):
+            assert ranks[f"model.layers.1.{leaf.format(expert)}.weight"] == int(torch.linalg.matrix_rank(rows))
+        down_delta = reference["model.layers.1.mlp.experts.down_proj"][expert] - \
+            base["model.layers.1.mlp.experts.down_proj"][expert].double()
+        assert ranks[f"model.layers.1.{down.format(expert)}.weight"] == int(torch.linalg.matrix_rank(down_delta))
+    assert len(ranks) == 2 + 2 * 9  # q_proj and 3 experts × (gate, up, down) in each layer
+
+    deltakit.unmerge(tmp_path / "merged", tmp_path / "adapter", tmp_path / "again", device="cpu")
+    again, original = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
+    for name, value in original.items():
+        assert relative(again[name], value) <= REL_TOL, name
