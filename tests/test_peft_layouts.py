@@ -413,3 +413,42 @@ def test_fused_expert_parameters_of_a_per_expert_checkpoint(tmp_path, arch):
     again, original = load_file(tmp_path / "again" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
     for name, value in original.items():
         assert relative(again[name], value) <= REL_TOL, name
+
+
+def test_weighted_ia3_unmerge_keeps_precision_where_gains_cancel(built, tmp_path):
+    """Two IA3 vectors weighted so that a row's factor f = 1 + Σ wᵢ(lᵢ − 1) is 8.5e-4: merge writes W0 ⊙ f
+    and unmerge divides it out, both against an fp64 reference, to fp32's own precision (formed in fp32,
+    f's rounding made the unmerge lose ~5e-5)."""
+    import deltakit
+
+    case = next(c for c in CASES if c.name == "mlp ia3")
+    model, folder, _, _ = built(case)
+    weights = (0.7, 0.3)
+    tensors = load_file(folder / "adapter" / "adapter_model.safetensors")
+    second = {}
+    for key, first in tensors.items():
+        generator = torch.Generator().manual_seed(len(key))
+        target = 1 + 0.5 * torch.rand(first.shape, generator=generator, dtype=torch.float64)
+        target.view(-1)[0] = 8.5e-4  # one cancelling row (or column) per layer
+        second[key] = ((target - 1 - weights[0] * (first.double() - 1)) / weights[1] + 1).float()
+    other = tmp_path / "ia3-b"
+    other.mkdir()
+    (other / "adapter_config.json").write_text((folder / "adapter" / "adapter_config.json").read_text())
+    save_file(second, other / "adapter_model.safetensors")
+
+    deltakit.merge(folder / "base", [folder / "adapter", other], tmp_path / "merged", weights=weights, device="cpu")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    base = {k: v.detach() for k, v in model.state_dict().items()}
+    factor = {"lin0.weight": lambda g: g.reshape(-1, 1), "lin1.weight": lambda g: g.reshape(1, -1),
+              "lin0.bias": lambda g: g.reshape(-1)}
+    for name, shape_gain in factor.items():
+        module = name.rpartition(".")[0]
+        key = f"base_model.model.{module}.ia3_l"
+        gain = 1 + sum(w * (t[key].double() - 1) for w, t in zip(weights, (tensors, second)))
+        assert float(gain.abs().min()) < 1e-3
+        expected = base[name].double() * shape_gain(gain)
+        assert relative(merged[name], expected) <= 1e-7, name
+    deltakit.unmerge(tmp_path / "merged", [folder / "adapter", other], tmp_path / "again", weights=weights, device="cpu")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for name, value in base.items():
+        assert float(((again[name].double() - value.double()) / value.double().abs().clamp_min(1e-3)).abs().max()) <= 1e-6, name
