@@ -176,14 +176,49 @@ CASES = [
                                                                     save_projection=False, projection_prng_key=7)),
 ]
 
-INIT_FALSE = {"LoraConfig": "init_lora_weights", "LoHaConfig": "init_weights", "LoKrConfig": "init_weights",
-              "VeraConfig": "init_weights", "IA3Config": "init_ia3_weights", "AdaLoraConfig": "init_lora_weights"}
-
+# Every other weight-changing type the installed PEFT merges, applied through PEFT's own layer
+# (deltakit.adapters.peft_layer): on linear layers, convolutions, transformers Conv1D and embeddings.
+THROUGH_PEFT = [
+    Case("mlp oft", "MLP", "OFTConfig", dict(target_modules=["lin0"], r=2, oft_block_size=0, use_cayley_neumann=False)),
+    Case("conv2d oft", "Conv2d", "OFTConfig", dict(target_modules=["conv2d"], r=5, oft_block_size=0)),
+    Case("conv1D emb oft", "EmbConv1D", "OFTConfig", dict(target_modules=["emb"], r=1, oft_block_size=0)),
+    Case("mlp boft", "MLP", "BOFTConfig", dict(target_modules=["lin0", "lin1"], boft_block_size=2)),
+    Case("conv2d boft", "Conv2d", "BOFTConfig", dict(target_modules=["conv2d"], boft_block_size=45,
+                                                      boft_block_num=0, boft_n_butterfly_factor=1)),
+    Case("mlp hra", "MLP", "HRAConfig", dict(target_modules=["lin0", "lin1"])),
+    Case("conv2d hra", "Conv2d", "HRAConfig", dict(target_modules=["conv2d"])),
+    Case("mlp fourierft", "MLP", "FourierFTConfig", dict(target_modules=["lin0", "lin1"], n_frequency=20)),
+    Case("mlp waveft", "MLP", "WaveFTConfig", dict(target_modules=["lin0", "lin1"], n_frequency=20)),
+    Case("mlp c3a", "MLP", "C3AConfig", dict(target_modules=["lin0", "lin1"], block_size=2)),
+    Case("mlp miss", "MLP", "MissConfig", dict(target_modules=["lin0", "lin1"], r=2)),
+    Case("mlp shira", "MLP", "ShiraConfig", dict(target_modules=["lin0", "lin1"], r=1)),
+    Case("mlp delora", "MLP", "DeloraConfig", dict(target_modules=["lin0", "lin1"])),
+    Case("mlp gralora", "MLP", "GraloraConfig", dict(target_modules=["lin0", "lin1"])),
+    Case("mlp hira", "MLP", "HiraConfig", dict(target_modules=["lin0", "lin1"])),
+    Case("mlp osf", "MLP", "OSFConfig", dict(target_modules=["lin0", "lin1"])),
+    Case("mlp peanut", "MLP", "PeanutConfig", dict(target_modules=["lin0", "lin1"])),
+    Case("mlp psoft", "MLP", "PsoftConfig", dict(target_modules=["lin0"], r=4)),
+    Case("mlp supertuning", "MLP", "SupertuningConfig", dict(target_modules=["lin0", "lin1"], sparsity=0.5)),
+    Case("conv1D deft", "EmbConv1D", "DeftConfig", dict(target_modules=["conv1d"])),
+    Case("mlp vblora", "MLP", "VBLoRAConfig", dict(target_modules=["lin0", "lin1"], r=2, vector_length=2,
+                                                   num_vectors=16, topk=2)),
+    Case("mlp randlora", "MLP", "RandLoraConfig", dict(target_modules=["lin0", "lin1"])),
+    Case("mlp pvera", "MLP", "PveraConfig", dict(target_modules=["lin0", "lin1"])),
+    Case("conv1D trainable tokens type", "EmbConv1D", "TrainableTokensConfig", dict(target_modules=["emb"],
+                                                                                    token_indices=[0, 3])),
+]
+CASES += THROUGH_PEFT
 
 def peft_config(case: Case):
+    """The case's PEFT config, its adapter initialised away from the identity (``init_*=False``)."""
+    import inspect
+
     import peft
 
-    return getattr(peft, case.config)(**{INIT_FALSE[case.config]: False, **case.kwargs})
+    config_class = getattr(peft, case.config)
+    flags = [f for f in ("init_lora_weights", "init_weights", "init_ia3_weights")
+             if f in inspect.signature(config_class).parameters]
+    return config_class(**{**{f: False for f in flags}, **case.kwargs})
 
 
 def base_model(case: Case) -> nn.Module:
@@ -237,8 +272,12 @@ def built(tmp_path_factory):
             (folder / "base").mkdir(parents=True)
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "base" / "model.safetensors")
             write_adapter(model, case, folder / "adapter")
-            cache[case.name] = (model, folder, peft_merged(model, folder / "adapter", torch.float32),
-                                peft_merged(model, folder / "adapter", torch.float64))
+            merged32 = peft_merged(model, folder / "adapter", torch.float32)
+            try:
+                merged64 = peft_merged(model, folder / "adapter", torch.float64)
+            except TypeError:  # PSOFT initialises in fp32/fp16/bf16 only: its fp32 merge is the reference
+                merged64 = {k: v.double() for k, v in merged32.items()}
+            cache[case.name] = (model, folder, merged32, merged64)
         return cache[case.name]
 
     return get
@@ -261,6 +300,8 @@ def test_merge_rank_unmerge_as_peft(built, tmp_path, case):
         assert relative(merged32[name], reference) <= REL_TOL, (name, "PEFT's own fp32 merge")
         assert relative(ours[name], reference) <= REL_TOL, name
     assert report.lora_modules >= 1
+    assert report.adapter_types == [{"LoraConfig": "DORA" if case.kwargs.get("use_dora") else "LORA"}.get(
+        case.config, peft_config(case).peft_type.value)]
 
     options = SpectralOptions(precision="fp64", exact=True, device="cpu")
     ranked = deltakit.rank(folder / "base", folder / "adapter", options=options)
@@ -275,7 +316,7 @@ def test_merge_rank_unmerge_as_peft(built, tmp_path, case):
     assert set(matrices) | set(vectors) == set(changed)
 
     replaced = "modules_to_save" in case.kwargs
-    needs_base = case.kwargs.get("use_dora") or "trainable_token_indices" in case.kwargs
+    needs_base = case.kwargs.get("use_dora") or "trainable_token_indices" in case.kwargs or case in THROUGH_PEFT
     deltakit.unmerge(tmp_path / "merged", folder / "adapter", tmp_path / "again", device="cpu",
                      base=folder / "base" if needs_base else None, keep_replaced=replaced)
     again = load_file(tmp_path / "again" / "model.safetensors")
@@ -452,3 +493,24 @@ def test_weighted_ia3_unmerge_keeps_precision_where_gains_cancel(built, tmp_path
     again = load_file(tmp_path / "again" / "model.safetensors")
     for name, value in base.items():
         assert float(((again[name].double() - value.double()) / value.double().abs().clamp_min(1e-3)).abs().max()) <= 1e-6, name
+
+
+@pytest.mark.parametrize("config, message", [
+    ("RoadConfig", "the ROAD adapter changes the bias of lin0 as well"),
+    ("TinyLoraConfig", "the TINYLORA adapter keeps tensors shared by all layers"),
+], ids=["road on a biased layer", "tinylora"])
+def test_what_one_layer_of_peft_cannot_reproduce_is_refused(tmp_path, runner, config, message):
+    """PEFT merges these, but not one layer at a time: RoAd rotates the bias too, TinyLoRA ties vectors
+    across the model's layers. Refused with the reason, nothing written."""
+    from conftest import assert_one_line_error, invoke
+
+    kwargs = dict(target_modules=["lin0", "lin1"], **({"group_size": 2} if config == "RoadConfig" else {"r": 2, "u": 4}))
+    case = Case("refused", "MLP", config, kwargs)
+    model = base_model(case)
+    (tmp_path / "base").mkdir()
+    save_file(dict(model.state_dict()), tmp_path / "base" / "model.safetensors")
+    write_adapter(model, case, tmp_path / "adapter")
+    peft_merged(model, tmp_path / "adapter", torch.float32)  # PEFT itself merges it
+    result = invoke(runner, "merge", tmp_path / "base", tmp_path / "adapter", "-o", tmp_path / "out", "--device", "cpu")
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "out").exists()
