@@ -176,11 +176,11 @@ def merged(step: Step, rows: tuple[int, int] | None, base: torch.Tensor,
         part = step.parts[0]
         return part.module.apply(tensors[0], base, part.transposed, rows, part.weight)
     factor = scaling_factor(step, rows, base, tensors)
-    others = [(p, t) for p, t in zip(step.parts, tensors) if p.module.kind != "scaling"]
-    result = base * factor.to(base.dtype) if factor is not None else base.clone()
-    for part, loaded in others:
-        result.add_(part.module.delta(loaded, base, part.transposed, rows), alpha=part.weight)
-    return result
+    if factor is None:
+        return base + sum_deltas(step, rows, base, tensors)
+    others = Step(step.name, step.shape, step.dtype, tuple(p for p in step.parts if p.module.kind != "scaling"))
+    rest = [t for p, t in zip(step.parts, tensors) if p.module.kind != "scaling"]
+    return base * factor.to(base.dtype) + sum_deltas(others, rows, base, rest)
 
 
 def scaling_factor(step: Step, rows: tuple[int, int] | None, weight: torch.Tensor,
