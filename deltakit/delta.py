@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from deltakit.adapters import Adapter, AdapterModule, adapter_pairs, base_info, open_adapter
+from deltakit.adapters import Adapter, AdapterModule, adapter_pairs, base_info, open_adapter, replacement_pairs
 from deltakit.device.reads import (
     PREFETCH_BYTES, adopt, fetch, prefetched, read_ahead_budget, read_threads, released_pairs,
 )
@@ -73,9 +73,10 @@ def pair_bytes(pair: TensorPair) -> int:
 
 
 def fetch_pair(ckpt: Checkpoint, name: str, pair: TensorPair, device: torch.device) -> torch.Tensor:
-    """One side of a pair: the stored tensor ``name``, or its expert's slice (shaped ``pair.shape``)."""
+    """One side of a pair: the stored tensor ``name``, or its expert's slice (shaped ``pair.shape``); a
+    convolution as its analysed matrix."""
     if pair.rows is None:
-        return fetch(ckpt, name, device)
+        return pair.as_matrix(fetch(ckpt, name, device))
     return fetch(ckpt, name, device, pair.rows).reshape(pair.shape)
 
 
@@ -149,7 +150,7 @@ def host_delta(ft: Checkpoint, pair: TensorPair, base_stored: torch.Tensor, dtyp
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         block = delta[start:stop]
-        block.copy_(ft.get_rows(pair.ft_tensor, start, stop))
+        block.copy_(pair.as_matrix(ft.get_rows(pair.ft_tensor, start, stop)))
         block.sub_(base_stored[start:stop].to(dtype))
     return delta
 
@@ -176,7 +177,8 @@ def delta_row_blocks(
 
     def reader(start: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         span = (start, min(rows, start + step))
-        return lambda: (fetch(base, pair.base_name, device, span), fetch(ft, pair.ft_tensor, device, span))
+        return lambda: (pair.as_matrix(fetch(base, pair.base_name, device, span)),
+                        pair.as_matrix(fetch(ft, pair.ft_tensor, device, span)))
 
     loaded_all = prefetched([reader(start) for start in starts], prefetch, 1)
     for start, loaded in released_pairs(starts, loaded_all):
@@ -275,19 +277,25 @@ def open_delta_source(
     ft: str | os.PathLike,
     selection: Selection = Selection(),
     matrices_only: bool = False,
+    replacements: bool = True,
 ) -> DeltaSource:
     """Open ``base`` and ``ft`` (a model or a PEFT adapter folder) and pair the tensors ``selection`` keeps.
 
-    Raises :class:`DeltakitError` when nothing is left to compare.
+    An adapter's pairs are every tensor it changes: those its modules change, and with ``replacements``
+    those it carries whole (``modules_to_save``, trained biases: ΔW = R − W0; one that is no delta of
+    the base is listed in ``skipped``). Raises :class:`DeltakitError` when nothing is left to compare.
     """
     include, exclude, allow_pickle = selection.include, selection.exclude, selection.allow_pickle
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     keep = (lambda p: p.is_matrix and p.layout != "vector") if matrices_only else (lambda p: True)
     if is_peft_adapter(ft):
         adapter = open_adapter(ft, allow_pickle=allow_pickle, base=base_info(base_ckpt))
-        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt)
+        replaced, skipped = replacement_pairs(adapter, base_ckpt) if replacements else ([], [])
+        adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) + replaced
                    if selected(p.name, include, exclude) and keep(p)]
-        source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], [], [], [])
+        skipped = [s for s in skipped if selected(s["name"], include, exclude)]
+        source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], skipped,
+                             [], [])
     else:
         ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
         plan = pair_tensors(base_ckpt.metas(), ft_ckpt.metas(), ft_ckpt.config or base_ckpt.config,

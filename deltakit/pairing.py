@@ -4,8 +4,13 @@ Pure functions of tensor names, shapes and dtypes (plus the model's ``config.jso
 no tensor data is read here. Handles wrapper-prefix differences (``model.`` vs none,
 PEFT's ``base_model.model.``), vocabulary growth in embeddings / lm_head (the shared rows
 are analysed, the added rows reported), GPT-2 Conv1D weights stored [in, out], fused
-projections, tied embeddings (analysed once), and MoE experts: a fused 3-D expert tensor
-(E, a, b) becomes one pair per expert named ``<tensor>[<e>]`` whose slice is read along dim 0.
+projections, tied embeddings (analysed once), convolutions (a ``.weight`` of 3 to 5 dimensions
+that is not a fused expert tensor: its (out, in·∏kernel) matrix), and MoE experts: a fused 3-D
+expert tensor (E, a, b) becomes one pair per expert named ``<tensor>[<e>]`` whose slice is read
+along dim 0.
+
+Longer than ~450 lines: every decision of how a tensor is laid out (Conv1D, experts, embedding
+tables, convolutions, vectors) is made here and nowhere else, so that each command reads it off the pair.
 
 Example::
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
@@ -81,6 +87,12 @@ class TensorPair:
     ``shape`` is the analysed shape: for an embedding that gained vocabulary rows it is the
     base's (the shared rows), and ``added_rows`` counts the new ones.
 
+    A convolution's weight (nn.Conv1d/2d/3d, stored (out, in, *kernel)) is analysed, factored and
+    merged as its (out, in·∏kernel) matrix, the convention of kohya-ss and LyCORIS (an output
+    channel per row, so row blocks are blocks of output channels); ``kernel`` holds the stored
+    trailing dimensions, ``shape`` the matrix's, and :meth:`as_matrix` / :meth:`as_stored` move
+    between the two. Only here is that layout known.
+
     ``transposed`` is the one orientation every command asks: the model stores this weight as the
     transpose of its layer's (out, in) matrix (a transformers Conv1D [in, out], an input-major
     expert slice, an nn.Embedding table [vocab, dim] whose (out, in) matrix is (dim, vocab)). It is
@@ -97,16 +109,45 @@ class TensorPair:
     ft_dtype: torch.dtype
     module_type: str
     layer: int | None
-    layout: str = "linear"  # "linear" [out, in], "conv1d" / "input_major" [in, out], "embedding" [vocab, dim], "vector"
+    layout: str = "linear"  # "linear" [out, in], "conv1d" / "input_major" [in, out], "embedding" [vocab, dim], "vector",
+    # "conv" (nn.ConvNd, stored [out, in, *kernel], analysed as [out, in·∏kernel])
     transposed: bool = False  # stored as the transpose of the layer's (out, in) matrix: see the class docstring
     fused: bool = False
     added_rows: int = 0
     expert: int | None = None  # MoE expert index (a slice of a fused tensor, or a per-expert module)
     expert_slice: bool = False  # True: slice [expert] along dim 0 of the stored tensors; ``name`` ends in [expert]
+    kernel: tuple[int, ...] = ()  # a convolution's kernel (stored dims 2..); () for anything else
 
     @property
     def is_matrix(self) -> bool:
         return len(self.shape) == 2
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape the model stores (a convolution's (out, in, *kernel)); ``shape`` for anything else."""
+        if not self.kernel:
+            return tuple(self.shape)
+        rows, cols = self.shape
+        return (rows, cols // math.prod(self.kernel), *self.kernel)
+
+    def as_matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A stored tensor of this pair (whole, or rows of it) as the analysed matrix's rows: a
+        convolution's (n, in, *kernel) as (n, in·∏kernel) (a view); anything else as it is."""
+        return tensor.reshape(tensor.shape[0], -1) if self.kernel else tensor
+
+    def as_stored(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`as_matrix`: rows of the analysed matrix as the model stores them."""
+        return matrix.reshape(matrix.shape[0], *self.stored_shape[1:]) if self.kernel else matrix
+
+    def stored_factors(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA factors of the (out, in) matrix (A: r × in, B: out × r) shaped as PEFT's layer for this
+        weight holds them: for a convolution A is a convolution with the layer's kernel
+        (r, in, *kernel) and B a 1×1 one (out, r, 1, ...) (PEFT ``lora.layer._ConvNd.update_layer``);
+        otherwise as they are."""
+        if not self.kernel:
+            return lora_a, lora_b
+        ones = (1,) * len(self.kernel)
+        return (lora_a.reshape(lora_a.shape[0], -1, *self.kernel), lora_b.reshape(*lora_b.shape, *ones))
 
     def to_out_in(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (stored like this pair) as its layer's (out, in) matrix, or back (the transpose is its
@@ -419,6 +460,12 @@ def _pair_one(
         return TensorPair(
             name=ft_name, base_name=base_name, shape=shape[1:], base_dtype=base_dtype, ft_dtype=ft_dtype,
             module_type=kind, layer=layer_index(ft_name), layout="vector", expert_slice=True,
+        )
+    if 3 <= len(shape) <= 5 and ft_name.endswith(".weight") and added_rows == 0:  # nn.Conv1d / 2d / 3d
+        return TensorPair(
+            name=ft_name, base_name=base_name, shape=(shape[0], math.prod(shape[1:])), base_dtype=base_dtype,
+            ft_dtype=ft_dtype, module_type=kind, layer=layer_index(ft_name), layout="conv", expert=expert,
+            kernel=tuple(shape[2:]),
         )
     if len(shape) == 1 or (len(shape) == 2 and min(shape) == 1):
         layout = "vector"

@@ -138,7 +138,7 @@ def test_adapters_that_do_not_fit_are_refused_by_name(llama, runner, tmp_path):
     (lora_config(use_dora=True), "DoRA module model.layers.0.self_attn.q_proj has no lora_magnitude_vector"),
     ({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}, "PREFIX_TUNING (prefix tuning) changes activations"),
     ({"peft_type": "NOT_A_TYPE", "target_modules": ["q_proj"]}, "adapter type NOT_A_TYPE is not supported"),
-    (lora_config(lora_bias=True), "LoRA biases (lora_bias) is not supported"),
+    (lora_config(use_qalora=True), "QA-LoRA (use_qalora) is not supported"),
     (lora_config(r=3), "rank 2 but the config says r=3"),
 ])
 def test_adapter_kinds_deltakit_does_not_apply_are_refused(llama, runner, tmp_path, config, message):

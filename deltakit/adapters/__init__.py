@@ -8,8 +8,8 @@ Example::
 """
 
 from deltakit.adapters.base import AdapterModule, BaseInfo
-from deltakit.adapters.pairs import adapter_pairs
+from deltakit.adapters.pairs import adapter_pairs, replacement_pairs
 from deltakit.adapters.registry import ACTIVATION_ONLY, TYPES, Adapter, base_info, open_adapter
 
-__all__ = ["AdapterModule", "BaseInfo", "adapter_pairs", "Adapter", "open_adapter", "base_info", "TYPES",
+__all__ = ["AdapterModule", "BaseInfo", "adapter_pairs", "replacement_pairs", "Adapter", "open_adapter", "base_info", "TYPES",
            "ACTIVATION_ONLY"]

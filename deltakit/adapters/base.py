@@ -2,7 +2,9 @@
 
 A module adapts one tensor of the model (its ``target``, e.g. ``model.layers.0.mlp.down_proj.weight``).
 Its math is written, as in PEFT, for the layer's (out, in) matrix; the tensor may be stored
-transposed (GPT-2 Conv1D, embeddings, input-major experts). That is decided once, on the pair
+transposed (GPT-2 Conv1D, embeddings, input-major experts), and a convolution's (out, in, *kernel)
+weight is its (out, in·∏kernel) matrix (``in_features`` counts its columns; the pair reshapes,
+:meth:`deltakit.pairing.TensorPair.as_matrix`). That is decided once, on the pair
 (:attr:`deltakit.pairing.TensorPair.transposed`), and every type returns ΔW in the stored orientation, for all rows
 or for stored rows ``start:stop`` (merge works on row blocks of large tensors).
 
@@ -41,6 +43,7 @@ class AdapterModule:
     in_features: int
     embedding: bool = False  # an nn.Embedding: stored (vocab, dim), the math matrix is (dim, vocab)
     fan_in_fan_out: bool = False  # the adapter's config says the layer stores (in, out) (PEFT's flag for Conv1D)
+    kernel: tuple[int, ...] = ()  # the convolution kernel the adapter's tensors are shaped for; () if they do not say
 
     kind: ClassVar[str] = "additive"  # "additive" | "scaling" | "base"; see the module docstring
     own_layout: ClassVar[bool] = False  # True: stored_shape ignores ``transposed`` (the type knows its layout)
@@ -77,6 +80,11 @@ class AdapterModule:
         """The (out, in) ΔW restricted to what becomes stored rows ``rows``: its rows when the
         tensor is stored as is, its columns when stored transposed."""
         raise NotImplementedError
+
+    def change(self) -> str | None:
+        """How the adapter changes its tensor, where that is not by adding a ΔW it computes (rows or a whole
+        tensor set by the adapter); None for the usual update."""
+        return None
 
     def gain(self, tensors: dict[str, torch.Tensor], transposed: bool, rows: Rows, dtype: torch.dtype,
              device: torch.device) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 W' = m ⊙ (W0 + s·BA) / ‖W0 + s·BA‖, the norm taken per output unit of the layer's (out, in)
 matrix over its inputs (PEFT ``DoraLinearLayer.get_weight_norm``: ``norm(dim=1)`` after
-un-transposing a fan-in-fan-out weight; embeddings: per embedding dimension), so
+un-transposing a fan-in-fan-out weight; embeddings: per embedding dimension; convolutions: per
+output channel over (in, *kernel), a row of the (out, in·∏kernel) matrix, ``_DoraConvNdLayer``), so
 ΔW = W' − W0. The magnitude m (``lora_magnitude_vector``, length out) is stored in the adapter.
 
 Rows of an nn.Linear weight are output units, so merge can still work on row blocks; a weight
@@ -16,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -73,8 +75,8 @@ def build(files: AdapterFiles, modules: dict[str, dict[str, str]]) -> list[Adapt
         fields = lora_module_fields(files, module, {k: v for k, v in kinds.items() if k != MAGNITUDE})
         if MAGNITUDE not in kinds:
             raise DeltakitError(f"{files.path}: DoRA module {module} has no {MAGNITUDE}")
-        length = files.checkpoint.shape(kinds[MAGNITUDE])
-        if tuple(length) not in ((fields["out_features"],), (1, fields["out_features"]), (fields["out_features"], 1)):
+        length = files.checkpoint.shape(kinds[MAGNITUDE])  # (out,), or with ones around it (a convolution's (1, out, 1, 1))
+        if math.prod(length) != fields["out_features"] or fields["out_features"] not in (*length, 1):
             raise DeltakitError(f"{files.path}: {module}'s magnitude has shape {tuple(length)}, expected "
                                 f"({fields['out_features']},)")
         fields["keys"] = {**fields["keys"], "m": kinds[MAGNITUDE]}

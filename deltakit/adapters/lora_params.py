@@ -6,6 +6,10 @@ expert e's factors are A_e = A.reshape(E, r, in)[e] and B_e = B.reshape(out, r, 
 input-major experts (``is_transposed`` in transformers, e.g. gpt-oss) — PEFT
 ``ParamWrapper.get_delta_weight``. A 2-D parameter is a plain LoRA on it (E = 1).
 
+A fused parameter the base checkpoint keeps one tensor per expert of (Mixtral's
+``block_sparse_moe.experts.<e>.w1``, Qwen2-MoE's ``mlp.experts.<e>.gate_proj``) is adapted tensor by
+tensor (:mod:`deltakit.adapters.expert_layouts`).
+
 Several parameters of one module nest wrappers: the file keys of the inner ones carry
 ``.base_layer`` once per level. Which parameter each level adapts is found from the base's
 shapes; deltakit refuses when the shapes cannot tell (PEFT nests in the order the model class
@@ -24,6 +28,7 @@ from typing import ClassVar
 import torch
 
 from deltakit.adapters.base import AdapterModule, BaseInfo, Rows
+from deltakit.adapters.expert_layouts import ExpertRowsModule, Layout, fused_shape, per_expert_layout
 from deltakit.adapters.lora import lora_factor_keys, lora_hyper
 from deltakit.errors import DeltakitError
 from deltakit.io.peft import AdapterFiles
@@ -78,7 +83,16 @@ def build(files: AdapterFiles, groups: dict[str, dict[str, str]], base: BaseInfo
     """LoRA-on-parameter modules of the key groups that belong to ``target_parameters``."""
     targets = [str(t) for t in files.config.get("target_parameters") or []]
     model_type = str((base.config or {}).get("model_type", ""))
-    shape_of = base.shape
+    split: dict[str, Layout] = {}  # fused parameters the base keeps one tensor per expert of
+
+    def shape_of(name: str) -> tuple[int, ...] | None:
+        found = base.shape(name)
+        if found is None and name not in split:
+            module, _, param = name.rpartition(".")
+            layout = per_expert_layout(module, param, base)
+            if layout is not None:
+                split[name] = layout
+        return fused_shape(split[name], base) if found is None and name in split else found
     by_module: dict[str, list[tuple[int, str, dict[str, str]]]] = {}
     for group, kinds in groups.items():
         module = group.replace(BASE_LAYER, "")
@@ -101,8 +115,24 @@ def build(files: AdapterFiles, groups: dict[str, dict[str, str]], base: BaseInfo
                 if chosen[group] in others:
                     others.remove(chosen[group])
         for _, group, kinds in sorted(levels):
-            built.append(_module(files, module, group, kinds, chosen[group], shape_of, model_type))
+            fused = _module(files, module, group, kinds, chosen[group], shape_of, model_type)
+            layout = split.get(fused.target)
+            built += [fused] if layout is None else _per_expert_modules(fused, layout)
     return built
+
+
+def _per_expert_modules(fused: LoraParamModule, layout: Layout) -> list[AdapterModule]:
+    """The fused parameter's LoRA as one module per stored per-expert tensor (rows of its experts' ΔW)."""
+    out: list[AdapterModule] = []
+    for expert, pieces in enumerate(layout):
+        first_row = 0
+        for name, rows in pieces:
+            out.append(ExpertRowsModule(module=fused.module, target=name, keys=fused.keys, out_features=rows,
+                                        in_features=fused.in_features, rank=fused.rank, alpha=fused.alpha,
+                                        scaling=fused.scaling, experts=fused.experts, expert=expert,
+                                        first_row=first_row))
+            first_row += rows
+    return out
 
 
 def _target_params(module: str, targets: list[str], shape_of) -> list[str]:

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -22,7 +23,10 @@ from deltakit.adapters.base import AdapterModule
 from deltakit.adapters.registry import Adapter
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint
-from deltakit.pairing import TensorPair, adapted_layout, layer_index, match_names, module_type, pair_tensors
+from deltakit.adapters.whole import ReplacedModule
+from deltakit.pairing import (
+    TensorPair, adapted_layout, canonical_name, layer_index, match_names, module_type, pair_tensors,
+)
 
 
 def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, AdapterModule]]:
@@ -51,7 +55,7 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
         raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {first.name}: {first.reason}")
     out: list[tuple[TensorPair, AdapterModule]] = []
     order = {name: index for index, name in enumerate(adapter.modules)}
-    undecided = [p for p in pairs if len(p.shape) == 2 and not adapter.modules[p.name].embedding
+    undecided = [p for p in pairs if len(p.shape) == 2 and not p.kernel and not adapter.modules[p.name].embedding
                   and not adapter.modules[p.name].own_layout]
     shown = frozenset(_shape_layout(p, adapter.modules[p.name]) for p in undecided) - {None}
     for pair in sorted(pairs, key=lambda p: order[p.name]):
@@ -65,12 +69,69 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
         # the module's own kind decides a table (PEFT's embedding LoRA), else the layout just decided
         pair = replace(pair, layout=layout, transposed=module.embedding or layout == "conv1d")
         expected = module.stored_shape(pair.transposed)
+        if pair.kernel:
+            _check_convolution(adapter, pair, module)
         if tuple(pair.shape) != tuple(expected):
             raise DeltakitError(
                 f"adapter {adapter.path} does not fit base {base.path}: {module.module} makes a "
                 f"{'×'.join(map(str, expected))} update, but {pair.base_name} is {'×'.join(map(str, pair.shape))}")
         out.append((pair, module))
     return out
+
+
+def replacement_pairs(adapter: Adapter, base: Checkpoint) -> tuple[list[tuple[TensorPair, AdapterModule]],
+                                                                    list[dict[str, str]]]:
+    """The tensors the adapter carries whole (``modules_to_save``, trained biases), each paired with the base
+    tensor it replaces as ΔW = R − W0, and (name, reason) of those that are no delta of the base.
+
+    A whole tensor of a layer an adapter module also changes is that layer's W0 (PEFT saves the base
+    layer of an embedding LoRA), and is left to the module.
+    """
+    adapted = {canonical_name(name) for name in adapter.modules}
+    names = [name for name in adapter.whole_tensors if canonical_name(name) not in adapted]
+    mapping = match_names(base.keys(), names)
+    metas: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    skipped: list[dict[str, str]] = []
+    for name in names:
+        key = adapter.whole_tensors[name]
+        shape, target = tuple(adapter.checkpoint.shape(key)), mapping.get(name)
+        if target is None:
+            skipped.append({"name": name, "reason": "carried whole by the adapter, but the model has no such tensor "
+                                                    "(PEFT's copy of a tied output layer, say)"})
+        elif shape != tuple(base.shape(target)):
+            skipped.append({"name": name, "reason": f"replaced whole by the adapter with shape {shape} (the model's is "
+                                                    f"{tuple(base.shape(target))}): not a delta of the base"})
+        else:
+            metas[name] = (shape, adapter.checkpoint.dtype(key))
+    if not metas:
+        return [], skipped
+    plan = pair_tensors(base.metas(), metas, base.config)
+    skipped += [{"name": s.name, "reason": s.reason} for s in plan.skipped]
+    out: list[tuple[TensorPair, AdapterModule]] = []
+    for pair in plan.pairs:
+        if pair.expert_slice:  # an experts module carried whole: its slices are no separate tensors of the file
+            skipped.append({"name": pair.name, "reason": "a fused expert tensor replaced whole: not analysed"})
+            continue
+        module = ReplacedModule(module=pair.name.rpartition(".")[0], target=pair.name,
+                                keys={"whole": adapter.whole_tensors[pair.name]}, out_features=pair.shape[0],
+                                in_features=pair.shape[1] if len(pair.shape) > 1 else 1, stored=tuple(pair.shape))
+        out.append((pair, module))
+    return out, skipped
+
+
+def _check_convolution(adapter: Adapter, pair: TensorPair, module: AdapterModule) -> None:
+    """Refuse a module shaped for another kernel, or for a grouped convolution (its layer reads every
+    input channel, the weight only a group's: PEFT cannot merge LoRA there either, peft#2403)."""
+    stored = "×".join(map(str, pair.stored_shape))
+    if module.kernel and tuple(module.kernel) != tuple(pair.kernel):
+        raise DeltakitError(f"adapter {adapter.path}: {module.module} is shaped for a "
+                            f"{'×'.join(map(str, module.kernel))} kernel, but {pair.base_name} is {stored}")
+    rows, cols = module.stored_shape(False)
+    if rows == pair.shape[0] and cols > pair.shape[1] and cols % pair.shape[1] == 0:
+        raise DeltakitError(
+            f"adapter {adapter.path}: {module.module} is a convolution with groups={cols // pair.shape[1]} "
+            f"({pair.base_name} is {stored}, the adapter reads all {cols // math.prod(pair.kernel)} input "
+            "channels): PEFT cannot merge an adapter into a grouped convolution, and deltakit refuses it too")
 
 
 def _shape_layout(pair: TensorPair, module: AdapterModule) -> str | None:

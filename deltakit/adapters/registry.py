@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,8 @@ import torch
 
 from deltakit.adapters import adalora, dora, ia3, loha, lokr, lora, lora_params, peft_layer, vera
 from deltakit.adapters.base import AdapterModule, BaseInfo
+from deltakit.adapters.lora import factor_matrices
+from deltakit.adapters.whole import token_modules
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.peft import AdapterFiles, group_keys, read_adapter_files
@@ -52,6 +54,10 @@ def _lora(files: AdapterFiles, groups: dict[str, dict[str, str]], base: BaseInfo
             raise DeltakitError(f"{files.path}: {stray} has a DoRA magnitude vector but the config does not say "
                                 "use_dora; refusing to guess which the adapter is")
         built = lora.build(files, plain)
+    built = [replace(module, target=lora.layer_weight(module.module, base)) for module in built]
+    built = [replace(module, scaling=module.scaling * lora.MHA_OUT_PROJ_FACTOR)  # type: ignore[attr-defined]
+             if lora.attention_out_projection(module.module, base) else module for module in built]
+    built += lora.bias_modules(files, plain, built)
     return built + (lora_params.build(files, params, base) if params else [])
 
 
@@ -92,8 +98,9 @@ class Adapter:
         return module.load(self.checkpoint, device)
 
     def factors(self, module: AdapterModule, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of a LoRA module as stored: A is r × in and B is out × r (embeddings: r × vocab, dim × r)."""
-        return self.checkpoint.get(module.keys["A"], device), self.checkpoint.get(module.keys["B"], device)
+        """(A, B) of a LoRA module as the matrices B @ A multiplies: A is r × in and B is out × r (embeddings:
+        r × vocab, dim × r; convolutions: r × in·∏kernel, out × r)."""
+        return factor_matrices(self.checkpoint.get(module.keys["A"], device), self.checkpoint.get(module.keys["B"], device))
 
     @property
     def label(self) -> str:
@@ -128,7 +135,13 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: Base
         raise DeltakitError(f"{files.path}: adapter type {kind} is not read natively (deltakit reads "
                             f"{', '.join(sorted(TYPES))} and DoRA); install the optional extra "
                             f"({peft_layer.EXTRA}) to apply it through PEFT, one layer at a time")
-    modules = {m.target: m for m in built}
+    built += token_modules(files, whole, base)
+    modules: dict[str, AdapterModule] = {}
+    for module in built:
+        if module.target in modules:
+            raise DeltakitError(f"{files.path}: {module.target} is changed twice, by {modules[module.target].module} "
+                                f"and by {module.module}; deltakit cannot tell in which order PEFT applies them")
+        modules[module.target] = module
     if not modules and not whole:
         raise DeltakitError(f"{files.path}: no {kind} tensors found (expected keys like {expected})")
     return Adapter(path=files.path, config=files.config, checkpoint=files.checkpoint, peft_type=kind,

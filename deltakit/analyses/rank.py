@@ -305,7 +305,9 @@ def run_rank(base: str | os.PathLike, ft: str | os.PathLike, options: RankOption
                                            lambda mine: (pairs[blocked[i]] for i in mine), analyse_by_blocks,
                                            parallel=parallel, progress=progress, label="ΔW spectra by row blocks")))
     for index in range(len(pairs)):
+        change = source.modules[index].change() if source.is_adapter else None
         for result, kept in found[index]:
+            result.change = change
             if isinstance(result, MatrixResult):
                 report.matrices.append(result)
                 if kept is not None:

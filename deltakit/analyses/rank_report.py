@@ -56,6 +56,7 @@ class MatrixResult:
     expert: int | None = None  # expert index of a MoE expert's matrix
     tensor: str | None = None  # the tensor its experts are summarised under (fused: the stored name)
     amplification: dict[str, Any] | None = None  # {"k": r, "value": ‖ΔW‖_F / ‖U_rᵀ W V_r‖_F} (Hu et al. 2021 §7.3)
+    change: str | None = None  # how an adapter set it (rows of trainable tokens, a whole replacement); JSON only if set
 
     def noise_dominated(self, fraction: float) -> bool:
         """True when rounding may account for more than 1 − ``fraction`` of ‖ΔW‖²: rank@fraction then measures rounding."""
@@ -66,7 +67,7 @@ class MatrixResult:
         out["shape"] = list(self.shape)
         for key in ("rank_at", "random_rank_at", "signal_rank_at"):
             out[key] = {energy_key(k): v for k, v in getattr(self, key).items()}
-        return out
+        return _without_unset_change(out)
 
 
 @dataclass
@@ -84,11 +85,19 @@ class VectorResult:
     rel_delta_reason: str | None = None
     expert: int | None = None
     tensor: str | None = None
+    change: str | None = None  # as MatrixResult.change
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["shape"] = list(self.shape)
-        return out
+        return _without_unset_change(out)
+
+
+def _without_unset_change(out: dict[str, Any]) -> dict[str, Any]:
+    """``change`` is reported only where an adapter set the tensor rather than adding its ΔW."""
+    if out.get("change") is None:
+        out.pop("change", None)
+    return out
 
 
 @dataclass(kw_only=True)

@@ -99,7 +99,9 @@ def group_keys(checkpoint: Checkpoint, kinds: Iterable[str]) -> tuple[dict[str, 
     for key in checkpoint.keys():
         match = pattern.match(strip_prefix(key))
         if match:
-            modules.setdefault(match["module"], {})[match["kind"]] = key
+            # a trained bias of an adapter's own layer (LoRA's lora_bias: lora_B.bias) is a kind of its own
+            kind = f"{match['kind']}.bias" if key.endswith(".bias") else match["kind"]
+            modules.setdefault(match["module"], {})[kind] = key
         elif key.startswith(PEFT_PREFIX):
             name = strip_prefix(key).replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".")
             # PEFT keys a LoRA layer's bias (bias="lora_only" / "all") and a saved embedding

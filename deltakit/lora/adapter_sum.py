@@ -173,7 +173,8 @@ def open_adapter_sum(
     if not paths:
         raise DeltakitError("give at least one adapter")
     values = check_weights(weights, len(paths))
-    sources = [open_delta_source(base, path, Selection(tuple(include), tuple(exclude), allow_pickle)) for path in paths]
+    sources = [open_delta_source(base, path, Selection(tuple(include), tuple(exclude), allow_pickle), replacements=False)
+               for path in paths]
     order = {name: i for i, name in enumerate(sources[0].base.keys())}
     holders: dict[str, list[tuple[int, int]]] = {}
     for k, source in enumerate(sources):

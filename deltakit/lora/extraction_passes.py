@@ -149,7 +149,7 @@ class Extraction:
                 factors = svd_factors(matrix, rank, exact=self.options.exact, seed=self.seed, dtype=self.compute_dtype)
             error = reconstruction_error(matrix.to(self.compute_dtype), factors, dtype)
         a, b = factors.a.to(dtype), factors.b.to(dtype)
-        stage.put(target.module, a, b)
+        stage.put(target.module, *target.pair.stored_factors(a, b))
         # Σ_{i≤r} σ_i² over the exact ‖ΔW‖_F², so that kept ≈ 1 − rel_error² also when the
         # spectrum could not resolve the smallest values (see _spectrum).
         if spectrum is None:  # fixed rank: the factorisation's own singular values

@@ -214,7 +214,7 @@ def _write_stored(writer: ShardedWriter, ft_ckpt: Checkpoint, name: str, tensor:
                   rows: tuple[int, int] | None) -> None:
     """Write ``tensor`` as the stored tensor ``name``, or as its rows ``rows`` (an expert's slice)."""
     if rows is None:
-        writer.write(name, tensor)
+        writer.write(name, tensor.reshape(ft_ckpt.shape(name)))  # a convolution's matrix as stored
     else:
         writer.write(name, tensor.reshape(rows[1] - rows[0], *ft_ckpt.shape(name)[1:]), start_row=rows[0])
 

@@ -238,7 +238,8 @@ def apply_plan(plan: MergePlan, progress: ProgressFn | None = None, parallel: Pa
         if needs_base and plan.original is None:
             raise DeltakitError(
                 f"{'/'.join(needs_base)} cannot be unmerged from the merged weights and the adapter alone (its ΔW "
-                "depends on the original weights through their norms): give the original model with --base")
+                "depends on the original weights: DoRA's norms, rows set by trainable tokens, a layer PEFT applies): "
+                "give the original model with --base")
         if needs_base:
             original_ckpt = open_checkpoint(plan.original, allow_pickle=plan.allow_pickle)
     original_names = _original_names(ckpt, original_ckpt, parts) if original_ckpt is not None else {}

@@ -1,7 +1,9 @@
 """Which changed tensors become LoRA factors, which travel whole, and which cannot be carried.
 
 Pure functions of the pairing plan (names, shapes, layouts) and the model config; no tensor
-data. A matrix ΔW of a Linear or Conv1D layer is LoRA material. An embedding table is too
+data. A matrix ΔW of a Linear or Conv1D layer is LoRA material, and so is a convolution's
+(its (out, in·∏kernel) matrix; PEFT's A is a convolution with the kernel, B a 1×1 one; a grouped
+convolution cannot be told from its weight, and PEFT cannot load LoRA factors for one). An embedding table is too
 when asked for (``embeddings=True``, PEFT's embedding LoRA), except a table tied to the
 output layer, where PEFT cannot add a LoRA consistently to both uses. Everything else that
 changed (norms, biases, 1-D tensors, embeddings that grew rows, embeddings not extracted) can
@@ -38,7 +40,8 @@ class LoraTarget:
 
     pair: TensorPair
     module: str  # for an expert slice: ``<fused parameter>[<expert>]`` (its factors' own name)
-    kind: str  # "linear" (B @ A is the weight), "conv1d", "embedding", "input_major" (B @ A is its transpose)
+    kind: str  # "linear" (B @ A is the weight), "conv1d", "embedding", "input_major" (B @ A is its transpose),
+    # "conv" (B @ A is an nn.ConvNd's (out, in·∏kernel) matrix; A is written as a convolution with its kernel)
     parameter: str | None = None  # a fused expert tensor's base name (PEFT target_parameters); None for modules
 
     @property
@@ -111,7 +114,7 @@ def plan_extraction(plan: PairPlan, config: Mapping[str, Any] | None, embeddings
         reason = _expert_reason(pair) if pair.expert_slice else _not_lora_reason(pair, embeddings, tied)
         if reason is None:
             kind = "embedding" if pair.layout == "embedding" and pair.module_type == "embed" else (
-                "conv1d" if pair.layout == "conv1d" else "linear")
+                pair.layout if pair.layout in ("conv1d", "conv") else "linear")
             targets.lora.append(LoraTarget(pair=pair, module=module_of(pair.base_name), kind=kind))
         else:
             targets.whole.append(pair)

@@ -132,14 +132,15 @@ def one_tensor(step: Step, rows: tuple[int, int] | None, weight: torch.Tensor | 
     assert weight is not None
     if not step.parts:
         return weight.to(step.dtype), None
-    current = adopt(weight).to(device, torch.float32)
+    pair = step.parts[0].pair  # the parts of one tensor are paired with it alike: a convolution as its matrix
+    current = pair.as_matrix(adopt(weight).to(device, torch.float32))
     if sign > 0:
         result = merged(step, rows, current, tensors)
     elif original is not None:
-        result = current - sum_deltas(step, rows, adopt(original).to(device, torch.float32), tensors)
+        result = current - sum_deltas(step, rows, pair.as_matrix(adopt(original).to(device, torch.float32)), tensors)
     else:
         result = unmerged(step, rows, current, tensors)
-    result = result.to(step.dtype)
+    result = pair.as_stored(result).to(step.dtype)
     if result.device.type != "cuda":
         require_finite(step.name, result, "gives")
         return result, None
@@ -169,26 +170,44 @@ def sum_deltas(step: Step, rows: tuple[int, int] | None, base: torch.Tensor,
 
 def merged(step: Step, rows: tuple[int, int] | None, base: torch.Tensor,
             tensors: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """W0 + Σ wᵢ·ΔWᵢ(W0); one part is applied by its type, in place on W0 where it can."""
+    """W0 + Σ wᵢ·ΔWᵢ(W0); one part is applied by its type, in place on W0 where it can. Several scaling
+    parts (IA3) scale W0 once, by their factor :func:`scaling_factor`: W0 ⊙ f + Σ wⱼ·ΔWⱼ(W0)."""
     if len(step.parts) == 1:
         part = step.parts[0]
         return part.module.apply(tensors[0], base, part.transposed, rows, part.weight)
-    return base + sum_deltas(step, rows, base, tensors)
+    factor = scaling_factor(step, rows, base, tensors)
+    if factor is None:
+        return base + sum_deltas(step, rows, base, tensors)
+    others = Step(step.name, step.shape, step.dtype, tuple(p for p in step.parts if p.module.kind != "scaling"))
+    rest = [t for p, t in zip(step.parts, tensors) if p.module.kind != "scaling"]
+    return base * factor.to(base.dtype) + sum_deltas(others, rows, base, rest)
+
+
+def scaling_factor(step: Step, rows: tuple[int, int] | None, weight: torch.Tensor,
+                   tensors: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """f = 1 + Σ wᵢ·gᵢ over the step's scaling parts (IA3: gᵢ = lᵢ − 1), in fp64, or None without any.
+
+    Weighted gains can cancel (f ≪ 1 in some row): formed in fp32, f would carry an absolute error
+    of ~1e-7, relative 1e-7 / f, which dividing by f on unmerge amplifies; in fp64 W0 ⊙ f and W / f
+    keep the storage dtype's own relative precision however small f is (0 is refused as non-finite)."""
+    factor: torch.Tensor | None = None
+    for part, loaded in zip(step.parts, tensors):
+        if part.module.kind == "scaling":
+            gain = part.module.gain(loaded, part.transposed, rows, torch.float64, weight.device) * part.weight
+            factor = 1 + gain if factor is None else factor + gain
+    return factor
 
 
 def unmerged(step: Step, rows: tuple[int, int] | None, merged: torch.Tensor,
               tensors: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """W0 from W = W0 ⊙ (1 + Σ wᵢ·gᵢ) + Σ wⱼ·ΔWⱼ (scaling parts i, additive parts j)."""
+    """W0 from W = W0 ⊙ f + Σ wⱼ·ΔWⱼ (f = 1 + Σ wᵢ·gᵢ over scaling parts i, additive parts j), divided in fp64."""
     result = merged
-    gain: torch.Tensor | None = None
     for part, loaded in zip(step.parts, tensors):
-        if part.module.kind == "scaling":
-            g = part.module.gain(loaded, part.transposed, rows, merged.dtype, merged.device) * part.weight
-            gain = g if gain is None else gain + g
-        else:
+        if part.module.kind != "scaling":
             # additive types read only the dtype and device of the weight they are given
             result = result - part.weight * part.module.delta(loaded, merged, part.transposed, rows)
-    return result if gain is None else result / (1 + gain)
+    factor = scaling_factor(step, rows, merged, tensors)
+    return result if factor is None else (result.double() / factor).to(merged.dtype)
 
 
 NOT_FINITE = ("{name} {verb} non-finite values (inf or nan) after applying the adapter; nothing was written")
