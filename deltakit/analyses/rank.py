@@ -108,7 +108,7 @@ def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = 
         if spectrum is not None:
             return spectrum, None
         fallback = why if why not in SMALL_OR_ZERO else None
-    return compute_spectrum(delta, options, noise, energy), fallback
+    return compute_spectrum(delta, options, noise, energy, resolve=True), fallback
 
 
 def rank_matrix(
@@ -167,7 +167,7 @@ def matrix_result(pair: TensorPair, spectrum: Spectrum, base_fro: float, energy:
         signal_energy=spectrum.signal_energy,
         spectrum_method=spectrum.method, noise_model=noise.model if noise is not None else "exact",
         effective_rank_error=spectrum.effective_rank_error, lower_bounds=spectrum.lower_bounds,
-        spectrum_fallback=fallback,
+        spectrum_fallback=fallback, refined=spectrum.refined,
     )
 
 

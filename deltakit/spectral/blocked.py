@@ -14,6 +14,10 @@ The rounding model's update scale (:class:`~deltakit.spectral.noise.UpdateScale`
 row's and column's mean |ΔW| before any entry's variance, so with a shared grid (same dtype on
 both sides) the pair is read twice: once for G, the norms and the scale, once for the noise.
 
+Where the Gram path's floor lies above the data's (:func:`~deltakit.spectral.spectrum.unresolved_band`),
+the pair is read once more for G in float64, as the whole path refines (no certificate of an empty band:
+that needs ΔW whole).
+
 Limits: tall matrices only (m ≥ n: embeddings and lm_head); a wide one would need ΔWΔWᵀ
 from pairs of row blocks. Quantized pairs, adapters and MoE expert slices take the whole path.
 The amplification factor (it projects W_base on ΔW's singular vectors) is not computed here.
@@ -34,7 +38,7 @@ import torch
 from deltakit.spectral.noise import NoiseSums, ScaleSums
 from deltakit.spectral.options import BLOCK_BYTES
 from deltakit.spectral.norms import dim0_blocks
-from deltakit.spectral.spectrum import Spectrum, build_spectrum, require_finite
+from deltakit.spectral.spectrum import Spectrum, build_spectrum, require_finite, unresolved_band
 
 METHOD = "gram-blocked"  # ``spectrum_method`` of a matrix analysed here
 
@@ -86,4 +90,13 @@ def blocked_spectrum(read_blocks: Callable[[int], Iterable[tuple[int, torch.Tens
             noise.add(start, base_block, delta, update)
             del base_block, delta
     spectrum = build_spectrum(None, (m, n), METHOD, "gram", noise.result(), delta_fro ** 2, dtype, gram=gram)
+    if dtype == torch.float32 and unresolved_band(spectrum, dtype):  # one more read: G in float64 (refined_values)
+        del gram
+        wide = torch.zeros((n, n), dtype=torch.float64, device=device)
+        for _, base_block, delta in read_blocks(rows):
+            block = delta.double()
+            wide.addmm_(block.T, block)
+            del base_block, delta, block
+        spectrum = build_spectrum(None, (m, n), METHOD, "exact", spectrum.noise, delta_fro ** 2, dtype, gram=wide,
+                                  refined=True)
     return spectrum, base_fro
