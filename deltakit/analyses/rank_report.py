@@ -52,6 +52,8 @@ class MatrixResult:
     lower_bounds: dict[str, int] = field(default_factory=dict)  # counts the adaptive path only bounds from below
     spectrum_fallback: str | None = None  # why the full path ran where the adaptive one was asked for
     refined: bool = False  # the Gram path could not resolve the data's floor: the values are a float64 solve's
+    rounding: str | None = None  # which sides were rounded: one-sided, two-sided, between (None: no rounding model)
+    rounding_reason: str | None = None  # why (the test's figures, or the option)
 
     rel_delta_reason: str | None = None
     expert: int | None = None  # expert index of a MoE expert's matrix
