@@ -167,7 +167,7 @@ def matrix_result(pair: TensorPair, spectrum: Spectrum, base_fro: float, energy:
         signal_energy=spectrum.signal_energy,
         spectrum_method=spectrum.method, noise_model=noise.model if noise is not None else "exact",
         effective_rank_error=spectrum.effective_rank_error, lower_bounds=spectrum.lower_bounds,
-        spectrum_fallback=fallback, refined=spectrum.refined,
+        spectrum_fallback=fallback, refined=spectrum.refined, note=pair.note,
         rounding=noise.sides or None if noise is not None else None,
         rounding_reason=noise.sides_reason or None if noise is not None else None,
     )

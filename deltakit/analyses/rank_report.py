@@ -54,6 +54,7 @@ class MatrixResult:
     refined: bool = False  # the Gram path could not resolve the data's floor: the values are a float64 solve's
     rounding: str | None = None  # which sides were rounded: one-sided, two-sided, between (None: no rounding model)
     rounding_reason: str | None = None  # why (the test's figures, or the option)
+    note: str | None = None  # how it was paired where not by name (an untied head against the base's embedding)
 
     rel_delta_reason: str | None = None
     expert: int | None = None  # expert index of a MoE expert's matrix
