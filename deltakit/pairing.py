@@ -4,8 +4,13 @@ Pure functions of tensor names, shapes and dtypes (plus the model's ``config.jso
 no tensor data is read here. Handles wrapper-prefix differences (``model.`` vs none,
 PEFT's ``base_model.model.``), vocabulary growth in embeddings / lm_head (the shared rows
 are analysed, the added rows reported), GPT-2 Conv1D weights stored [in, out], fused
-projections, tied embeddings (analysed once), and MoE experts: a fused 3-D expert tensor
-(E, a, b) becomes one pair per expert named ``<tensor>[<e>]`` whose slice is read along dim 0.
+projections, tied embeddings (analysed once; a head that unties a tied base is paired with the
+base's embedding), and MoE experts: a fused 3-D expert tensor (E, a, b) becomes one pair per
+expert named ``<tensor>[<e>]`` whose slice is read along dim 0.
+
+Longer than ~450 lines: every rule that pairs a fine-tune tensor with a base tensor (names, shapes,
+vocabulary growth, orientation, experts, tied and untied heads) reads the same names and config, and
+one reader should find them in one place.
 
 Example::
 
