@@ -265,11 +265,21 @@ def hub_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_spectral_options(device: str = "auto", exact: bool = False, fp64: bool = False,
-                           spectrum: str | None = None) -> Any:
+                           spectrum: str | None = None, rounding: str = "auto") -> Any:
     """The one :class:`~deltakit.spectral.options.SpectralOptions` of a command, from its flags."""
     from deltakit.spectral.options import SpectralOptions
 
-    return SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact, spectrum=spectrum or "auto")
+    return SpectralOptions(device=device, precision="fp64" if fp64 else "fp32", exact=exact, spectrum=spectrum or "auto",
+                           rounding=rounding)
+
+
+def rounding_option(f):
+    """--rounding: which sides of a same-dtype pair were rounded (the storage-noise model, docs/metrics.md)."""
+    return click.option("--rounding", type=click.Choice(["auto", "one-sided", "two-sided"]), default="auto",
+                        show_default=True,
+                        help="Storage rounding of the pair: one-sided (the fine-tune trained from the stored base and "
+                             "saved once), two-sided (both cast from unrounded weights), or auto (decided per matrix "
+                             "from the data; the JSON says which and why).")(f)
 
 
 def spectral_options(f):

@@ -6,7 +6,7 @@ import click
 
 from deltakit_cli.common import (
     allow_pickle_option, exclude_option, force_option, hub_options, include_option, parallel_workers, progress,
-    build_spectral_options, protect_inputs, spectral_options, user_errors, write_json,
+    build_spectral_options, protect_inputs, rounding_option, spectral_options, user_errors, write_json,
 )
 
 COMPARE_EXAMPLES = """
@@ -87,6 +87,7 @@ def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_
 @include_option
 @exclude_option
 @spectral_options
+@rounding_option
 @click.option("--json", "json_path", metavar="PATH", help="Write the full report as JSON ('-' for stdout).")
 @click.option("--plot", "plot_path", metavar="FIG.png", help="Write each metric vs step, by module type.")
 @click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
@@ -95,7 +96,7 @@ def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_
 @force_option
 @user_errors
 def trajectory_command(base, checkpoints, energy, top, intruder_k, epsilon, include, exclude, device, exact, fp64,
-                       json_path, plot_path, quiet, allow_pickle, force):
+                       rounding, json_path, plot_path, quiet, allow_pickle, force):
     """How did ΔW grow over a training run? One row per checkpoint.
 
     CKPT1 CKPT2 ... are checkpoint folders of one run (or a quoted glob such as
@@ -110,8 +111,9 @@ def trajectory_command(base, checkpoints, energy, top, intruder_k, epsilon, incl
     inputs = protect_inputs(force, (json_path, plot_path),
                             [("base", base), *(("checkpoint", path) for path in paths)])
     with parallel_workers(device) as parallel:
-        report = trajectory(base, paths, energy, top, intruder_k, epsilon, build_spectral_options(device, exact, fp64), include,
-                            exclude, allow_pickle, progress=progress if parallel.is_main else None, parallel=parallel)
+        report = trajectory(base, paths, energy, top, intruder_k, epsilon, build_spectral_options(device, exact, fp64,
+                                                                                        rounding=rounding),
+                            include, exclude, allow_pickle, progress=progress if parallel.is_main else None, parallel=parallel)
     if not parallel.is_main:
         return
     if json_path:

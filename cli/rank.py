@@ -10,7 +10,7 @@ import click
 
 from deltakit_cli.common import (
     allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
-    build_spectral_options, progress, protect_inputs, spectral_options, user_errors, write_json,
+    build_spectral_options, progress, protect_inputs, rounding_option, spectral_options, user_errors, write_json,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str |
 @include_option
 @exclude_option
 @spectral_options
+@rounding_option
 @click.option("--json", "json_path", metavar="PATH", help="Write the full report as JSON ('-' for stdout).")
 @click.option("--csv", "csv_path", metavar="PATH", help="Write one CSV row per matrix.")
 @click.option("--save-spectra", "spectra_path", metavar="PATH",
@@ -70,8 +71,8 @@ def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str |
 @force_option
 @hub_options
 @user_errors
-def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_path, csv_path, spectra_path, spectrum,
-                 quiet, allow_pickle, force):
+def rank_command(base, ft, energy, include, exclude, device, exact, fp64, rounding, json_path, csv_path, spectra_path,
+                 spectrum, quiet, allow_pickle, force):
     """How large and how low-rank is each change ΔW = W_ft − W_base?
 
     BASE and FT are Hub ids (org/name or org/name@revision; what is read is downloaded),
@@ -87,7 +88,7 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, json_p
     from deltakit.analyses.rank import rank
 
     inputs = protect_inputs(force, (json_path, csv_path, spectra_path), [("base", base), ("fine-tune", ft)])
-    options = build_spectral_options(device, exact, fp64, spectrum)
+    options = build_spectral_options(device, exact, fp64, spectrum, rounding)
     with parallel_workers(device) as parallel:
         report = rank(base, ft, energy, options, include, exclude, allow_pickle, keep_spectra=bool(spectra_path),
                       progress=progress if parallel.is_main else None, parallel=parallel)

@@ -33,7 +33,7 @@ from deltakit.device.reads import (
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.peft import is_peft_adapter
-from deltakit.pairing import TensorPair, nothing_left_message, pair_tensors, selected
+from deltakit.pairing import TensorPair, nothing_left_message, pair_tensors, selected, tied_pair
 
 
 @dataclass
@@ -299,7 +299,11 @@ def open_delta_source(
     else:
         ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
         plan = pair_tensors(base_ckpt.metas(), ft_ckpt.metas(), ft_ckpt.config or base_ckpt.config,
-                            include, exclude)
+                            include, exclude, base_config=base_ckpt.config)
+        if plan.tied is not None and not same_tensor(ft_ckpt, *plan.tied):  # "tied", but stored apart: analysed
+            untied = tied_pair(plan, base_ckpt.metas(), ft_ckpt.metas(), ft_ckpt.config or base_ckpt.config)
+            plan.skipped = [s for s in plan.skipped if s.name != plan.tied[0]]
+            (plan.pairs if isinstance(untied, TensorPair) else plan.skipped).append(untied)
         source = DeltaSource(base_ckpt, ft_ckpt, None, [p for p in plan.pairs if keep(p)], [],
                              [{"name": s.name, "reason": s.reason} for s in plan.skipped], plan.only_base, plan.only_ft)
         if not source.pairs:
@@ -309,6 +313,20 @@ def open_delta_source(
         hint = " (check the include / exclude globs)" if include or exclude else ""
         raise DeltakitError(f"no {what} of the adapter left to compare{hint}")
     return source
+
+
+SAME_TENSOR_ROWS = 4096  # rows of each side compared at a time
+
+
+def same_tensor(ckpt: Checkpoint, first: str, second: str) -> bool:
+    """Whether two stored tensors of one checkpoint hold the same values (shape, dtype and every entry),
+    compared a block of rows at a time."""
+    if ckpt.shape(first) != ckpt.shape(second) or ckpt.dtype(first) != ckpt.dtype(second):
+        return False
+    rows = ckpt.shape(first)[0] if ckpt.shape(first) else 0
+    return all(torch.equal(ckpt.get_rows(first, start, min(rows, start + SAME_TENSOR_ROWS)),
+                           ckpt.get_rows(second, start, min(rows, start + SAME_TENSOR_ROWS)))
+               for start in range(0, rows, SAME_TENSOR_ROWS))
 
 
 @dataclass

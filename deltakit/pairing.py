@@ -4,13 +4,14 @@ Pure functions of tensor names, shapes and dtypes (plus the model's ``config.jso
 no tensor data is read here. Handles wrapper-prefix differences (``model.`` vs none,
 PEFT's ``base_model.model.``), vocabulary growth in embeddings / lm_head (the shared rows
 are analysed, the added rows reported), GPT-2 Conv1D weights stored [in, out], fused
-projections, tied embeddings (analysed once), convolutions (a ``.weight`` of 3 to 5 dimensions
-that is not a fused expert tensor: its (out, in·∏kernel) matrix), and MoE experts: a fused 3-D
-expert tensor (E, a, b) becomes one pair per expert named ``<tensor>[<e>]`` whose slice is read
-along dim 0.
+projections, tied embeddings (analysed once; a head that unties a tied base is paired with the
+base's embedding), convolutions (a ``.weight`` of 3 to 5 dimensions that is not a fused expert
+tensor: its (out, in·∏kernel) matrix), and MoE experts: a fused 3-D expert tensor (E, a, b) becomes
+one pair per expert named ``<tensor>[<e>]`` whose slice is read along dim 0.
 
-Longer than ~450 lines: every decision of how a tensor is laid out (Conv1D, experts, embedding
-tables, convolutions, vectors) is made here and nowhere else, so that each command reads it off the pair.
+Longer than ~450 lines: every rule that pairs a fine-tune tensor with a base tensor (names, shapes,
+vocabulary growth, orientation, experts, convolutions, tied and untied heads) is made here and nowhere
+else, so that each command reads it off the pair.
 
 Example::
 
@@ -117,6 +118,7 @@ class TensorPair:
     expert: int | None = None  # MoE expert index (a slice of a fused tensor, or a per-expert module)
     expert_slice: bool = False  # True: slice [expert] along dim 0 of the stored tensors; ``name`` ends in [expert]
     kernel: tuple[int, ...] = ()  # a convolution's kernel (stored dims 2..); () for anything else
+    note: str | None = None  # how the pair was made where it is not by name (an untied head against an embedding)
 
     @property
     def is_matrix(self) -> bool:
@@ -195,6 +197,8 @@ class PairPlan:
     only_base: list[str] = field(default_factory=list)
     only_ft: list[str] = field(default_factory=list)
     filtered: int = 0  # names found on both sides but left out by include / exclude
+    tied: tuple[str, str] | None = None  # (head, embedding) the config ties: skipped unless they differ (untie)
+    tied_base: str | None = None  # the base tensor the tied head pairs with
 
     @property
     def matrices(self) -> list[TensorPair]:
@@ -346,18 +350,53 @@ def _tied_names(names: Iterable[str], config: Mapping[str, Any] | None) -> tuple
     return (heads[0], embeds[0]) if heads and embeds else None
 
 
+def untied_head(base: Mapping[str, TensorMeta], ft: Mapping[str, TensorMeta], mapping: Mapping[str, str],
+                base_config: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """(fine-tune head, base embedding) where the fine-tune stores its own lm_head and the base, tied, stores
+    none (``tie_word_embeddings`` not false, as transformers defaults): the base's head *is* its embedding, so
+    that is what the fine-tune's head changed from."""
+    if base_config is not None and base_config.get("tie_word_embeddings", True) is False:
+        return None
+    if any(module_type(n) == "lm_head" for n in base):
+        return None
+    heads = [n for n in ft if module_type(n) == "lm_head" and n not in mapping]
+    embeds = [n for n in base if re.search(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$", n)]
+    if len(heads) != 1 or len(embeds) != 1 or tuple(ft[heads[0]][0]) != tuple(base[embeds[0]][0]):
+        return None
+    return heads[0], embeds[0]
+
+
+UNTIED_NOTE = "the fine-tune stores its own lm_head; the base ties it to {embed}: analysed against that"
+DIFFERING_TIED_NOTE = "the config ties it to {embed}, but the stored tensors differ: analysed as stored"
+
+
+def tied_pair(plan: PairPlan, base: Mapping[str, TensorMeta], ft: Mapping[str, TensorMeta],
+              config: Mapping[str, Any] | None) -> TensorPair | Skipped:
+    """The pair of a head the config calls tied (``plan.tied``) found to differ from its embedding, with a note."""
+    head, embed = plan.tied  # type: ignore[misc]
+    found = _pair_one(head, plan.tied_base, base[plan.tied_base], ft[head], config, None)  # type: ignore[index]
+    return replace(found, note=DIFFERING_TIED_NOTE.format(embed=embed)) if isinstance(found, TensorPair) else found
+
+
 def pair_tensors(
     base: Mapping[str, TensorMeta],
     ft: Mapping[str, TensorMeta],
     ft_config: Mapping[str, Any] | None = None,
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
+    base_config: Mapping[str, Any] | None = None,
 ) -> PairPlan:
     """Plan the comparison of two checkpoints from their (shape, dtype) headers.
 
+    A fine-tune that stores its own lm_head against a tied base is paired with the base's embedding
+    (:func:`untied_head`); a head the config ties is skipped, and ``plan.tied`` names it so that the
+    caller, who can read the tensors, pairs it after all where it differs (:func:`tied_pair`).
     Raises :class:`DeltakitError` when the two share no tensor at all.
     """
     mapping = match_names(base.keys(), ft.keys())
+    untied = untied_head(base, ft, mapping, base_config) if mapping else None
+    if untied is not None:
+        mapping[untied[0]] = untied[1]
     if not mapping:
         raise DeltakitError(
             "base and fine-tune share no tensor names; first base key: "
@@ -368,11 +407,15 @@ def pair_tensors(
     plan.only_base = [n for n in base if n not in matched_base and selected(n, include, exclude)]
     plan.only_ft = [n for n in ft if n not in mapping and selected(n, include, exclude)]
     tied = _tied_names(ft.keys(), ft_config)
+    plan.tied = tied if tied and tied[0] in mapping and selected(tied[0], include, exclude) else None
+    plan.tied_base = mapping[tied[0]] if plan.tied else None
     for ft_name, base_name in mapping.items():
         if not selected(ft_name, include, exclude):
             plan.filtered += 1
             continue
         pair_or_skip = _pair_one(ft_name, base_name, base[base_name], ft[ft_name], ft_config, tied)
+        if isinstance(pair_or_skip, TensorPair) and untied is not None and ft_name == untied[0]:
+            pair_or_skip = replace(pair_or_skip, note=UNTIED_NOTE.format(embed=untied[1]))
         if isinstance(pair_or_skip, TensorPair):
             expert_slice = pair_or_skip.expert_slice
             plan.pairs += expert_slices(pair_or_skip, base[base_name][0]) if expert_slice else [pair_or_skip]

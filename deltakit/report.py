@@ -149,6 +149,10 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
     adaptive_line = adaptive_note(report)
     if adaptive_line is not None:
         parts.append(adaptive_line)
+    parts += [f"note: {m.name}: {m.note}" for m in report.matrices if m.note]
+    if summary["refined_matrices"]:
+        parts.append(f"{summary['refined_matrices']} of {summary['matrices']} spectra refined (float64) where the "
+                     "fp32 Gram path could not resolve the data's floor: rank is exact there")
     changed = [v for v in report.vectors if v.changed]
     parts.append(
         f"{summary['changed_matrices']} of {summary['matrices']} matrices changed; "

@@ -157,17 +157,60 @@ def rank_at(delta: np.ndarray, energy: float) -> int:
     return int(np.searchsorted(cumulative, energy - 1e-12) + 1)
 
 
+def numerical_rank(delta: np.ndarray) -> int:
+    """Singular values of the float64 ΔW above the fp32 data's floor, max(m, n)·eps₃₂·σ₁ (numpy's matrix_rank)."""
+    s = np.linalg.svd(delta, compute_uv=False)
+    return int(np.count_nonzero(s > max(delta.shape) * float(np.finfo(np.float32).eps) * s[0]))
+
+
+def gram_count(delta: np.ndarray) -> int:
+    """Singular values above the fp32 Gram path's floor, 16·√eps₃₂·σ₁: what it could resolve."""
+    s = np.linalg.svd(delta, compute_uv=False)
+    return int(np.count_nonzero(s > 16 * np.sqrt(np.finfo(np.float32).eps) * s[0]))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FULL_RANK = ("dora", "lokr", "ia3")  # their ΔW is (nearly) full-rank, with small trailing values (LoHa: below)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", TYPES)
-def test_rank_reads_each_types_delta(adapters, runner, tmp_path, name):
+def test_rank_reads_each_types_delta(adapters, runner, tmp_path, name, device):
+    """rank@90% within 1 of PEFT's merged ΔW, and the numerical rank exactly its float64 count on the default path
+    (the full-rank types' small values lie under the fp32 Gram path's floor: refined, and counted)."""
     base_folder, base_model, adapter, reference = adapters[name]
-    result = invoke(runner, "rank", base_folder, adapter, "--device", "cpu", "--json", tmp_path / "rank.json")
+    result = invoke(runner, "rank", base_folder, adapter, "--device", device, "--json", tmp_path / "rank.json")
     assert result.exit_code == 0, result.output
-    matrices = {m["name"]: m for m in json.loads((tmp_path / "rank.json").read_text())["matrices"]}
+    report = json.loads((tmp_path / "rank.json").read_text())
+    matrices = {m["name"]: m for m in report["matrices"]}
     deltas = peft_deltas(base_model, reference)
     assert deltas and set(deltas) <= set(matrices)
     for tensor, delta in deltas.items():
         assert abs(matrices[tensor]["rank_at"]["0.9"] - rank_at(delta, 0.9)) <= 1, tensor
+        assert matrices[tensor]["rank"] == numerical_rank(delta), (tensor, matrices[tensor]["rank"])
+    if name in FULL_RANK:  # values the fp32 Gram path cannot resolve (under 16·√eps₃₂·σ₁) are there, and counted
+        assert any(numerical_rank(d) > gram_count(d) for d in deltas.values())
+        assert report["summary"]["refined_matrices"] >= 1
         assert matrices[tensor]["delta_fro"] == pytest.approx(float(np.linalg.norm(delta)), rel=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_rank_loha_reads_its_rank(bases, runner, tmp_path, device):
+    """LoHa at r = 8 on 64-wide layers: ΔW = (B₁A₁) ⊙ (B₂A₂) has rank up to r² = 64, full, its small values under
+    the fp32 Gram path's floor; the default path counts them (the float64 count of PEFT's merged ΔW)."""
+    from peft import LoHaConfig
+
+    base_folder, base_model = bases["llama"]
+    adapter = write_adapter(base_model, LoHaConfig(r=8, alpha=8, target_modules=["q_proj", "o_proj"]), tmp_path / "a")
+    deltas = peft_deltas(base_model, peft_merged(base_model, adapter))
+    result = invoke(runner, "rank", base_folder, adapter, "--device", device, "--json", tmp_path / "rank.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rank.json").read_text())
+    matrices = {m["name"]: m for m in report["matrices"]}
+    assert len(deltas) == 4 and any(numerical_rank(d) > gram_count(d) for d in deltas.values())
+    for tensor, delta in deltas.items():
+        assert matrices[tensor]["rank"] == numerical_rank(delta), (tensor, matrices[tensor]["rank"])
+    assert report["summary"]["refined_matrices"] >= 1
 
 
 @pytest.mark.parametrize("name", [n for n in TYPES if n != "dora"])

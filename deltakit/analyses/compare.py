@@ -37,7 +37,9 @@ from deltakit.distributed import Parallel, matrix_cost, process_device, reported
 from deltakit.errors import DeltakitError
 from deltakit.pairing import TensorPair
 from deltakit.pipeline import ProgressFn, run
+from deltakit.spectral.noise import storage_noise
 from deltakit.spectral.options import SpectralOptions
+from deltakit.spectral.spectrum import STORAGE_FLOOR_SAFETY
 from deltakit.spectral.subspace import delta_cosine, random_overlap, subspace_overlap, top_directions
 
 DEFAULT_TOP = (1, 8, 64)
@@ -57,6 +59,14 @@ def check_top(top: int | Sequence[int]) -> tuple[int, ...]:
 def _mean(values: Sequence[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return float(np.mean(present)) if present else None
+
+
+def storage_floor(base: torch.Tensor, delta: torch.Tensor, pair: TensorPair, rounding: str) -> float:
+    """The storage rounding's floor in one stored ΔW (``Spectrum.storage_floor``: 2 × its spectral edge)."""
+    if not bool(torch.any(delta != 0)):
+        return 0.0
+    noise = storage_noise(base, delta, pair.base_dtype, pair.ft_dtype, rounding=rounding)
+    return STORAGE_FLOOR_SAFETY * noise.spectral_edge
 
 
 @dataclass
@@ -91,14 +101,17 @@ class PairResult:
 
 def compare_matrix(
     pair: TensorPair, deltas: Sequence[torch.Tensor], top: Sequence[int], exact: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, storage_floors: Sequence[float] | None = None,
 ) -> list[PairResult]:
-    """Every pair (a < b) of the fine-tunes' ΔW of one matrix (``deltas`` as stored, analysed [out, in])."""
+    """Every pair (a < b) of the fine-tunes' ΔW of one matrix (``deltas`` as stored, analysed [out, in]);
+    ``storage_floors``: per ΔW the storage rounding's floor its directions must clear (as `rank` counts)."""
     deltas = [pair.analysed(d) for d in deltas]
     shape = (int(deltas[0].shape[0]), int(deltas[0].shape[1]))
     ks = sorted(top)
     fro = [float(torch.linalg.vector_norm(d, dtype=torch.float64)) for d in deltas]
-    factors = [top_directions(d, ks[-1], exact, dtype) if f > 0 else None for d, f in zip(deltas, fro)]
+    floors = storage_floors or [0.0] * len(deltas)
+    factors = [top_directions(d, ks[-1], exact, dtype, storage_floor=floor) if f > 0 else None
+               for d, f, floor in zip(deltas, fro, floors)]
     results = []
     for a in range(len(deltas)):
         for b in range(a + 1, len(deltas)):
@@ -266,8 +279,12 @@ def run_compare(base: str | os.PathLike, fts: list[str], options: CompareOptions
     def read(mine: list[int]) -> Any:
         return stream_many([rows[i] for i in mine], sources, device, spectral.dtype, spectral.reads_ahead(device))
 
+    stored = [not s.is_adapter for s in sources]  # an adapter's ΔW is exact: no storage rounding in it
+
     def measure(_: int, item: MultiDeltaItem) -> list[PairResult]:
-        return compare_matrix(item.pairs[0], item.deltas, options.top, spectral.exact, spectral.dtype)
+        floors = [storage_floor(item.base, delta, pair, spectral.rounding) if rounded else 0.0
+                  for pair, delta, rounded in zip(item.pairs, item.deltas, stored)]
+        return compare_matrix(item.pairs[0], item.deltas, options.top, spectral.exact, spectral.dtype, floors)
 
     everything = run(costs, read, measure, parallel=parallel, progress=progress, label="ΔW subspaces")
     report.matrices = [result for results in everything for result in results]

@@ -97,8 +97,8 @@ def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = 
     pair, delta = item.pair, item.delta
     delta_fro = frobenius_norm(delta)
     require_finite(pair.name, delta_fro, frobenius_norm(item.base) if base_fro is None else base_fro)
-    noise = (storage_noise(item.base, delta, pair.base_dtype, pair.ft_dtype, steps=steps) if rounding
-             else exact_noise(delta))
+    noise = (storage_noise(item.base, delta, pair.base_dtype, pair.ft_dtype, steps=steps, rounding=options.rounding)
+             if rounding else exact_noise(delta))
     energy = delta_fro ** 2
     if energy == 0.0:
         return zero_spectrum((int(pair.shape[0]), int(pair.shape[1])), method_name(options), noise), None
@@ -108,7 +108,7 @@ def matrix_spectrum(item: DeltaItem, options: SpectralOptions, rounding: bool = 
         if spectrum is not None:
             return spectrum, None
         fallback = why if why not in SMALL_OR_ZERO else None
-    return compute_spectrum(delta, options, noise, energy), fallback
+    return compute_spectrum(delta, options, noise, energy, resolve=True), fallback
 
 
 def rank_matrix(
@@ -167,7 +167,9 @@ def matrix_result(pair: TensorPair, spectrum: Spectrum, base_fro: float, energy:
         signal_energy=spectrum.signal_energy,
         spectrum_method=spectrum.method, noise_model=noise.model if noise is not None else "exact",
         effective_rank_error=spectrum.effective_rank_error, lower_bounds=spectrum.lower_bounds,
-        spectrum_fallback=fallback,
+        spectrum_fallback=fallback, refined=spectrum.refined, note=pair.note,
+        rounding=noise.sides or None if noise is not None else None,
+        rounding_reason=noise.sides_reason or None if noise is not None else None,
     )
 
 
@@ -293,7 +295,7 @@ def run_rank(base: str | os.PathLike, ft: str | os.PathLike, options: RankOption
             return delta_row_blocks(source.base, source.ft, pair, rows, device, spectral.dtype)
 
         spectrum, base_fro = blocked_spectrum(blocks, pair.shape, pair.base_dtype, pair.ft_dtype, device,
-                                              spectral.dtype, pair.name, spectral.block_bytes)
+                                              spectral.dtype, pair.name, spectral.block_bytes, spectral.rounding)
         return [(matrix_result(pair, spectrum, base_fro, energy), kept_values(spectrum) if keep else None)]
 
     with current_device(device), workers:

@@ -51,6 +51,10 @@ class MatrixResult:
     effective_rank_error: float | None = None  # standard error where the effective rank is estimated (adaptive path)
     lower_bounds: dict[str, int] = field(default_factory=dict)  # counts the adaptive path only bounds from below
     spectrum_fallback: str | None = None  # why the full path ran where the adaptive one was asked for
+    refined: bool = False  # the Gram path could not resolve the data's floor: the values are a float64 solve's
+    rounding: str | None = None  # which sides were rounded: one-sided, two-sided, between (None: no rounding model)
+    rounding_reason: str | None = None  # why (the test's figures, or the option)
+    note: str | None = None  # how it was paired where not by name (an untied head against the base's embedding)
 
     rel_delta_reason: str | None = None
     expert: int | None = None  # expert index of a MoE expert's matrix
@@ -121,6 +125,7 @@ class RankReport(PairReportMeta):
             "vectors": len(self.vectors),
             "changed_vectors": sum(1 for v in self.vectors if v.changed),
             "noise_dominated": self._noise_dominated(self.matrices),
+            "refined_matrices": sum(1 for m in self.matrices if m.refined),
             "by_module_type": {name: self._aggregate(items) for name, items in by_module_type(self.matrices).items()},
             "by_layer": {name: self._aggregate(items) for name, items in by_layer(self.matrices).items()},
             "by_tensor": {name: self._aggregate(items) for name, items in by_tensor(self.matrices).items()},

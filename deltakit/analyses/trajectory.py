@@ -141,9 +141,11 @@ class TrajectoryReport(ReportMeta):
 
 def trajectory_matrix(
     item: MultiDeltaItem, energy: Sequence[float], top: Sequence[int], intruder_k: int, epsilon: float,
-    options: SpectralOptions, rounding: bool = True,
+    options: SpectralOptions, rounding: bool | Sequence[bool] = True,
 ) -> MatrixTrajectory:
-    """The trajectory of one matrix over the checkpoints of ``item`` (the last one is the final)."""
+    """The trajectory of one matrix over the checkpoints of ``item`` (the last one is the final); ``rounding``
+    per checkpoint (or for all): its ΔW is of two stored checkpoints, not an adapter's exact one."""
+    rounded = [rounding] * len(item.deltas) if isinstance(rounding, bool) else list(rounding)
     pair = item.pairs[0]
     base = pair.analysed(item.base)
     ks = sorted(top)
@@ -151,7 +153,7 @@ def trajectory_matrix(
     final_u = top_directions(final, ks[-1], options.exact, options.dtype)[0] if final.any() else None
     points = []
     for t, (ckpt_pair, delta) in enumerate(zip(item.pairs, item.deltas)):
-        result, _ = rank_matrix(DeltaItem(ckpt_pair, item.base, delta), energy, options, rounding)
+        result, _ = rank_matrix(DeltaItem(ckpt_pair, item.base, delta), energy, options, rounded[t])
         delta = ckpt_pair.analysed(delta)
         if result.delta_fro > 0:
             directions = find_intruder_directions(base, base + delta, intruder_k, options.method, options.dtype)
@@ -226,7 +228,7 @@ def run_trajectory(base: str | os.PathLike, paths: list[str], options: Trajector
                               steps=[checkpoint_step(p) for p in paths], energy=options.energy, top=options.top,
                               intruder_k=options.intruder_k, epsilon=options.epsilon)
     costs = [len(paths) * matrix_cost(sources[0].pairs[row[0]].shape) for row in rows]
-    rounding = not any(s.is_adapter for s in sources)
+    rounding = [not s.is_adapter for s in sources]  # per checkpoint: an adapter's ΔW is exact
 
     def read(mine: list[int]) -> Any:
         return stream_many([rows[i] for i in mine], sources, device, spectral.dtype, spectral.reads_ahead(device))

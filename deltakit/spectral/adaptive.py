@@ -282,7 +282,9 @@ def _partial(iteration: SubspaceIteration, block: RitzBlock, shape: tuple[int, i
     """A :class:`PartialSpectrum` from a settled block: floors, counts, signal values and the tail's sums."""
     values = block.values.copy()
     sigma_max = float(values[0])
-    method_floor = method_noise_floor(sigma_max, shape, "gram", torch.float32)
+    # Ritz values are singular values of QᵀΔW, formed in fp32 and solved in float64: resolved to the exact
+    # SVD's floor, the data's own (as the full path's refinement), not the Gram path's 16·√eps·σ₁
+    method_floor = method_noise_floor(sigma_max, shape, "exact", torch.float32)
     trusted = block.width - max(8, block.width // 8)
     deflated = deflatable(block, plan.settled_relative, plan.deflation_angle)
     tail_energy = energy - float(np.sum(values[:deflated] ** 2))

@@ -14,6 +14,10 @@ The rounding model's update scale (:class:`~deltakit.spectral.noise.UpdateScale`
 row's and column's mean |ΔW| before any entry's variance, so with a shared grid (same dtype on
 both sides) the pair is read twice: once for G, the norms and the scale, once for the noise.
 
+Where the Gram path's floor lies above the data's (:func:`~deltakit.spectral.spectrum.unresolved_band`),
+the pair is read once more for G in float64, as the whole path refines (no certificate of an empty band:
+that needs ΔW whole).
+
 Limits: tall matrices only (m ≥ n: embeddings and lm_head); a wide one would need ΔWΔWᵀ
 from pairs of row blocks. Quantized pairs, adapters and MoE expert slices take the whole path.
 The amplification factor (it projects W_base on ΔW's singular vectors) is not computed here.
@@ -27,14 +31,16 @@ Example::
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Iterable
 
 import torch
 
-from deltakit.spectral.noise import NoiseSums, ScaleSums
+from deltakit.spectral.noise import NoiseSums, ScaleSums, StorageNoise, declared_sides, rounding_evidence
+from deltakit.spectral.rounding import RoundingSums, between, decide_rounding
 from deltakit.spectral.options import BLOCK_BYTES
 from deltakit.spectral.norms import dim0_blocks
-from deltakit.spectral.spectrum import Spectrum, build_spectrum, require_finite
+from deltakit.spectral.spectrum import Spectrum, build_spectrum, require_finite, unresolved_band
 
 METHOD = "gram-blocked"  # ``spectrum_method`` of a matrix analysed here
 
@@ -53,7 +59,7 @@ def _square_parts(tensor: torch.Tensor) -> torch.Tensor:
 def blocked_spectrum(read_blocks: Callable[[int], Iterable[tuple[int, torch.Tensor, torch.Tensor]]],
                      shape: tuple[int, int], base_dtype: torch.dtype, ft_dtype: torch.dtype, device: torch.device,
                      dtype: torch.dtype = torch.float32, name: str = "ΔW",
-                     block_bytes: int = BLOCK_BYTES) -> tuple[Spectrum, float]:
+                     block_bytes: int = BLOCK_BYTES, rounding: str = "auto") -> tuple[Spectrum, float]:
     """The :class:`Spectrum` of a tall ΔW (m×n) and ‖W_base‖_F, never holding ΔW whole.
 
     ``read_blocks(rows)`` yields (first row, W_base rows as stored, ΔW rows in ``dtype``) on ``device``,
@@ -66,7 +72,8 @@ def blocked_spectrum(read_blocks: Callable[[int], Iterable[tuple[int, torch.Tens
     gram = torch.zeros((n, n), dtype=dtype, device=device)
     delta_squares: list[torch.Tensor] = []
     base_squares: list[torch.Tensor] = []
-    noise = NoiseSums((m, n), base_dtype, ft_dtype, device)
+    noise = NoiseSums((m, n), base_dtype, ft_dtype, device, 
+                      sides=declared_sides(base_dtype, ft_dtype, rounding) or ("two-sided", ""))
     scale = ScaleSums((m, n), dtype, device) if noise.shared else None
     for start, base_block, delta in read_blocks(rows):
         gram.addmm_(delta.T, delta)
@@ -80,10 +87,41 @@ def blocked_spectrum(read_blocks: Callable[[int], Iterable[tuple[int, torch.Tens
     delta_fro = math.sqrt(float(torch.cat(delta_squares).sum())) if delta_squares else 0.0
     base_fro = math.sqrt(float(torch.cat(base_squares).sum())) if base_squares else 0.0
     require_finite(name, delta_fro, base_fro)
-    if scale is not None:  # second read: every entry's variance needs the whole matrix's update scale
+    if scale is not None:  # second read: every entry's variance needs the whole matrix's update scale; with
+        # "auto" rounding both models' sums are gathered beside the evidence that decides between them
         update = scale.result()
+        models = {sides: NoiseSums((m, n), base_dtype, ft_dtype, device, sides=(sides, ""))
+                  for sides in (("one-sided", "two-sided") if rounding == "auto" else (rounding,))}
+        evidence = RoundingSums(device)
         for start, base_block, delta in read_blocks(rows):
-            noise.add(start, base_block, delta, update)
+            for sums in models.values():
+                sums.add(start, base_block, delta, update)
+            if rounding == "auto":
+                rounding_evidence(evidence, start, base_block, delta, base_dtype, update)
             del base_block, delta
-    spectrum = build_spectrum(None, (m, n), METHOD, "gram", noise.result(), delta_fro ** 2, dtype, gram=gram)
+        noise = chosen_noise(models, decide_rounding(evidence, rounding))
+    else:
+        noise = noise.result()
+    spectrum = build_spectrum(None, (m, n), METHOD, "gram", noise, delta_fro ** 2, dtype, gram=gram)
+    if dtype == torch.float32 and unresolved_band(spectrum, dtype):  # one more read: G in float64 (refined_values)
+        del gram
+        wide = torch.zeros((n, n), dtype=torch.float64, device=device)
+        for _, base_block, delta in read_blocks(rows):
+            block = delta.double()
+            wide.addmm_(block.T, block)
+            del base_block, delta, block
+        spectrum = build_spectrum(None, (m, n), METHOD, "exact", spectrum.noise, delta_fro ** 2, dtype, gram=wide,
+                                  refined=True)
     return spectrum, base_fro
+
+
+def chosen_noise(models: dict[str, NoiseSums], decision: tuple[str, str]) -> StorageNoise:
+    """The :class:`StorageNoise` of the model decided, from the sums gathered for each; "between" as the geometric
+    mean of both models' energies and row / column maxima (a bound, by Cauchy–Schwarz, on the per-entry one)."""
+    sides, why = decision
+    if sides in models:
+        return replace(models[sides].result(), sides=sides, sides_reason=why)
+    one, two = models["one-sided"].result(), models["two-sided"].result()
+    return replace(two, energy=between(one.energy, two.energy),
+                   row_energy_max=between(one.row_energy_max, two.row_energy_max),
+                   col_energy_max=between(one.col_energy_max, two.col_energy_max), sides=sides, sides_reason=why)

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from deltakit.spectral.rounding import RoundingSums, decide_rounding
+
 SMALL_SCALE = 0.2  # below it the small-scale series of dither_variance is exact to < 1e-6 relative
 FOURIER_TERMS = 3  # above SMALL_SCALE the terms k > 3 add < 3e-8 (relative 2e-7): one pass each on the GPU
 
@@ -64,6 +66,8 @@ class StorageNoise:
     unchanged_fraction: float
     numel: int
     model: str
+    sides: str = ""  # shared-grid / independent: "one-sided", "two-sided" or "between" (deltakit.spectral.rounding)
+    sides_reason: str = ""  # why that model: the test's figures, or the option that forced it
 
     @property
     def rms(self) -> float:
@@ -140,14 +144,22 @@ def requantization_variance(scale: torch.Tensor, offset: torch.Tensor | None = N
         offset = torch.zeros_like(scale)
     centred = offset - torch.round(offset)
     large = torch.full_like(scale, 1.0 / 12.0)
+    # cos(2πkc) and exp(−2π²k²s²) by recurrences (Chebyshev; q^(k²) = q^((k−1)²)·q^(2k−1)): products, not
+    # a transcendental per term and entry
+    cosine, previous = torch.cos(2.0 * math.pi * centred), torch.ones_like(scale)
+    first = cosine
+    q = torch.exp(-2.0 * math.pi**2 * scale * scale)
+    power, odd = q.clone(), q * q * q  # q^(k²) at k = 1; q^(2k+1) for the next step
     for k in range(1, REQUANTIZATION_TERMS + 1):
-        large += ((-1) ** k * torch.cos(2.0 * math.pi * k * centred)
-                  * torch.exp(-2.0 * math.pi**2 * k * k * scale * scale) / (math.pi**2 * k * k))
+        large += ((-1) ** k / (math.pi**2 * k * k)) * cosine * power
+        cosine, previous = 2.0 * first * cosine - previous, cosine
+        power, odd = power * odd, odd * q * q
     s = scale.clamp_min(1e-30)
     small = centred.square() + scale.square()
     for sign in (1.0, -1.0):
         d = (sign * centred - 0.5) / s
-        small -= 2.0 * (s * torch.exp(-0.5 * d * d) / math.sqrt(2.0 * math.pi) + (sign * centred - 0.5) * torch.special.ndtr(d))
+        normal_cdf = 0.5 * torch.erfc(-d / math.sqrt(2.0))  # Φ(d); torch.special.ndtr is scalar code on the CPU
+        small -= 2.0 * (s * torch.exp(-0.5 * d * d) / math.sqrt(2.0 * math.pi) + (sign * centred - 0.5) * normal_cdf)
     return torch.where(scale < REQUANTIZATION_SMALL, small, large)
 
 
@@ -215,24 +227,33 @@ def update_scale(delta: torch.Tensor) -> UpdateScale:
 
 def rounding_variance(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype,
                       ft_dtype: torch.dtype, scale: torch.Tensor | None = None,
-                      steps: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      steps: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      sides: str = "two-sided") -> torch.Tensor:
     """Expected squared rounding part of each entry of the stored ΔW (same shape and dtype as ``delta``).
 
     ``base`` holds the stored base values and ``delta`` the stored ΔW, both exactly, in a wider
     dtype (float32 or float64); ``scale`` is E|δ| per entry (default: the rank-1 fit of this
     ``delta``). ``steps``: (base, fine-tune) quantization steps per entry, shaped like ``delta``,
-    when both sides are quantized; they replace the dtypes' grids. See the module docstring.
+    when both sides are quantized; they replace the dtypes' grids. ``sides``: "two-sided" (both
+    sides rounded from unrounded weights), "one-sided" (the fine-tune rounded once from the stored
+    base) or "between" (the geometric mean of the two); see the module docstring and
+    :mod:`deltakit.spectral.rounding`.
     """
     if steps is not None:
         return _requantized_variance(base, delta, *(step.to(delta.dtype) for step in steps), scale)
+    if sides == "between":
+        return torch.sqrt(rounding_variance(base, delta, base_dtype, ft_dtype, scale, None, "one-sided")
+                          * rounding_variance(base, delta, base_dtype, ft_dtype, scale, None, "two-sided"))
     ft = base + delta
     base_step, ft_step = grid_step(base, base_dtype), grid_step(ft, ft_dtype)
     if base_dtype != ft_dtype:
-        return (base_step.square() + ft_step.square()) / 12.0
+        return ft_step.square() / 12.0 + (0.0 if sides == "one-sided" else base_step.square() / 12.0)
     if scale is None:
         scale = update_scale(delta).at(slice(None))
     step = torch.maximum(base_step, ft_step)
     spread = math.sqrt(math.pi / 2.0) * scale / step  # Gaussian: E|t| = s·√(2/π)
+    if sides == "one-sided":  # the base, exact, rounded once with its update onto the grid it is stored on
+        return step.square() * requantization_variance(spread, base / step)
     return step.square() * dither_variance(spread)
 
 
@@ -260,10 +281,12 @@ class NoiseSums:
     :meth:`result`: one synchronisation per matrix, not one per block."""
 
     def __init__(self, shape: tuple[int, int], base_dtype: torch.dtype, ft_dtype: torch.dtype,
-                 device: torch.device | str, quantized: bool = False) -> None:
+                 device: torch.device | str, quantized: bool = False, sides: tuple[str, str] = ("two-sided", "")
+                 ) -> None:
         m, n = shape
         self.shape = (m, n)
         self.base_dtype, self.ft_dtype, self.quantized = base_dtype, ft_dtype, quantized
+        self.sides = ("", "") if quantized else sides  # (model, why) of rounding_variance's ``sides``
         self.shared = quantized or base_dtype == ft_dtype
         self.row_energy = torch.empty(m, dtype=torch.float64, device=device)
         self.col_energy = torch.zeros(n, dtype=torch.float64, device=device)
@@ -278,7 +301,8 @@ class NoiseSums:
             # the base may be held as stored (bf16): its values are exact in delta's dtype, converted a block at a time
             variance = rounding_variance(base[block].to(delta.dtype), delta[block], self.base_dtype, self.ft_dtype,
                                          scale.at(rows) if scale is not None else None,
-                                         (steps[0][block], steps[1][block]) if steps is not None else None)
+                                         (steps[0][block], steps[1][block]) if steps is not None else None,
+                                         self.sides[0] or "two-sided")
             self.row_energy[rows] = variance.sum(dim=1, dtype=torch.float64)
             self.col_energy += variance.sum(dim=0, dtype=torch.float64)
             self.unchanged += (delta[block] == 0).sum()
@@ -291,16 +315,20 @@ class NoiseSums:
             energy=energy, row_energy_max=row_max, col_energy_max=col_max,
             unchanged_fraction=unchanged_count / numel, numel=numel,
             model="quantized" if self.quantized else "shared-grid" if self.shared else "independent",
+            sides=self.sides[0], sides_reason=self.sides[1],
         )
 
 
 def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype,
-                  ft_dtype: torch.dtype, steps: tuple[torch.Tensor, torch.Tensor] | None = None) -> StorageNoise:
+                  ft_dtype: torch.dtype, steps: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  rounding: str = "auto") -> StorageNoise:
     """The :class:`StorageNoise` of a stored ΔW (2-D, on any device), computed by row blocks.
 
     ``steps``: the (base, fine-tune) per-entry quantization steps (m×n, e.g.
     ``Checkpoint.quantization_step``) when both sides are stored quantized; model "quantized".
     ``base`` may be held in its stored dtype or in ``delta``'s (the same numbers either way).
+    ``rounding``: which sides were rounded, "one-sided", "two-sided" or "auto" (decided from this ΔW,
+    :func:`rounding_sides`).
     """
     if delta.ndim != 2:
         raise ValueError(f"expected a 2-D ΔW, got shape {tuple(delta.shape)}")
@@ -309,6 +337,48 @@ def storage_noise(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dty
         return StorageNoise(0.0, 0.0, 0.0, 0.0, 0, "exact")
     if steps is not None and any(tuple(step.shape) != (m, n) for step in steps):
         raise ValueError(f"quantization steps {[tuple(s.shape) for s in steps]} do not match ΔW {(m, n)}")
-    sums = NoiseSums((m, n), base_dtype, ft_dtype, delta.device, quantized=steps is not None)
-    sums.add(0, base, delta, update_scale(delta) if sums.shared else None, steps)
+    shared = steps is None and base_dtype == ft_dtype
+    scale = update_scale(delta) if shared or steps is not None else None
+    sides = rounding_sides(base, delta, base_dtype, ft_dtype, scale, rounding) if steps is None else ("", "")
+    sums = NoiseSums((m, n), base_dtype, ft_dtype, delta.device, quantized=steps is not None, sides=sides)
+    sums.add(0, base, delta, scale, steps)
     return sums.result()
+
+
+DETECTION_ENTRIES = 1 << 18  # entries (whole rows, evenly spaced) the rounding test reads of a larger ΔW
+
+
+def rounding_sides(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch.dtype, ft_dtype: torch.dtype,
+                   scale: UpdateScale | None, rounding: str = "auto") -> tuple[str, str]:
+    """(model, why) for ``rounding_variance``'s ``sides`` of one ΔW: as asked, or by
+    :func:`~deltakit.spectral.rounding.decide_rounding` on a grid shared by both sides (evenly spaced rows,
+    up to :data:`DETECTION_ENTRIES` entries); on two grids "auto" keeps both sides' rounding."""
+    declared = declared_sides(base_dtype, ft_dtype, rounding)
+    if declared is not None or scale is None:
+        return declared or ("two-sided", "")
+    sums = RoundingSums(delta.device)
+    rounding_evidence(sums, 0, base, delta, base_dtype, scale, max(1, math.ceil(delta.numel() / DETECTION_ENTRIES)))
+    return decide_rounding(sums)
+
+
+def declared_sides(base_dtype: torch.dtype, ft_dtype: torch.dtype, rounding: str) -> tuple[str, str] | None:
+    """(model, why) where it needs no data: as asked, or both sides' rounding on two grids; None: decide from ΔW."""
+    if rounding != "auto":
+        return rounding, f"--rounding {rounding}"
+    if base_dtype != ft_dtype:
+        return "two-sided", "different dtypes: each side rounded on its own grid"
+    return None
+
+
+def rounding_evidence(sums: RoundingSums, start: int, base: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype,
+                      scale: UpdateScale, stride: int = 1) -> None:
+    """Rows ``start:start + len(delta)`` of a shared-grid ΔW (every ``stride``-th) into ``sums``: each entry's
+    |ΔW|, grid step and update scale."""
+    for block in row_blocks(tuple(delta.shape), block_elements(delta.device)):
+        picked = slice(block.start, block.stop, stride)
+        change = delta[picked]
+        if not change.numel():
+            continue
+        held = base[picked].to(delta.dtype)
+        step = torch.maximum(grid_step(held, dtype), grid_step(held + change, dtype))
+        sums.add(change, step, torch.full_like(change, scale.overall))

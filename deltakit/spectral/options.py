@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deltakit.errors import DeltakitError
+from deltakit.spectral.rounding import ROUNDING_CHOICES
 
 PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
 SPECTRUM_CHOICES = ("auto", "adaptive", "full")
@@ -63,12 +64,15 @@ class SpectralOptions:
     adaptive_plan: AdaptivePlan = field(default_factory=AdaptivePlan)  # how far the adaptive path goes
     blocked_bytes: int = BLOCKED_BYTES  # `rank` reads a tall pair whose ΔW is larger than this by row blocks
     block_bytes: int = BLOCK_BYTES  # ... this much ΔW at a time
+    rounding: str = "auto"  # auto | one-sided | two-sided: which sides of a pair were rounded (spectral.rounding)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise DeltakitError(f"unknown precision {self.precision!r}; use fp32 or fp64")
         if self.spectrum not in SPECTRUM_CHOICES:
             raise DeltakitError(f"unknown spectrum mode {self.spectrum!r}; use one of {', '.join(SPECTRUM_CHOICES)}")
+        if self.rounding not in ROUNDING_CHOICES:
+            raise DeltakitError(f"unknown rounding {self.rounding!r}; use one of {', '.join(ROUNDING_CHOICES)}")
         if self.workers is not None and self.workers < 1:
             raise DeltakitError(f"workers must be at least 1, not {self.workers}")
         if self.prefetch is not None and self.prefetch < 0:

@@ -32,7 +32,7 @@ from deltakit.errors import DeltakitError
 from deltakit.spectral import metrics
 from deltakit.spectral.noise import StorageNoise
 from deltakit.spectral.options import SpectralOptions
-from deltakit.spectral.svd import gram_singular_values, method_noise_floor, singular_values
+from deltakit.spectral.svd import gram_singular_values, method_noise_floor, randomized_svd, singular_values
 
 STORAGE_FLOOR_SAFETY = 2.0  # numerical rank counts values above 2× the rounding's spectral edge
 NEGLIGIBLE_SHARE = 1e-6  # rounding below this share of ‖ΔW‖² cannot move a metric: the signal spectrum is the raw one
@@ -85,6 +85,7 @@ class Spectrum:
     signal_energy: float = 0.0
     total_energy: float = 0.0  # ‖ΔW‖²_F measured directly
     unresolved: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    refined: bool = False  # the fp32 Gram path could not resolve the data's floor: the values are a wider solve's
 
     @property
     def energy(self) -> float:
@@ -206,14 +207,16 @@ def unresolved_values(raw: np.ndarray, floor: float, energy: float, resolved_ene
 
 def build_spectrum(values: np.ndarray | torch.Tensor | None, shape: tuple[int, int], method: str, floor_kind: str,
                    noise: StorageNoise | None = None, delta_energy: float | None = None,
-                   dtype: torch.dtype = torch.float32, gram: torch.Tensor | None = None) -> Spectrum:
+                   dtype: torch.dtype = torch.float32, gram: torch.Tensor | None = None,
+                   refined: bool = False) -> Spectrum:
     """The one way to a :class:`Spectrum`: from computed singular values, or from a Gram matrix G = ΔWᵀΔW
     (``gram``; its eigenvalues are their squares), with the method's floor applied and the signal estimated.
 
     ``method`` names the path in reports ("gram", "exact", "gram-blocked", "factor-space"); ``floor_kind``
     ("gram" or "exact") says how far its values are resolved (:func:`~deltakit.spectral.svd.method_noise_floor`
     in ``dtype``). ``delta_energy`` is ‖ΔW‖²_F measured directly (default: Σσ² of the resolved values); a
-    zero ΔW gives the all-zero spectrum.
+    zero ΔW gives the all-zero spectrum. ``refined``: the values come from :func:`refined_values` (a wider
+    solve than ``method`` names), resolved to the data's floor; ``floor_kind`` is then "exact".
     """
     if gram is not None:
         values = gram_singular_values(gram)
@@ -228,10 +231,11 @@ def build_spectrum(values: np.ndarray | torch.Tensor | None, shape: tuple[int, i
     unresolved = unresolved_values(raw, method_floor, energy, resolved_energy,
                                    unresolved_threshold(shape, float(raw[0]), dtype))
     if not rounding_matters(noise, method_floor, energy):
-        return Spectrum(resolved, shape, method, method_floor, noise, resolved.copy(), energy, energy, unresolved)
+        return Spectrum(resolved, shape, method, method_floor, noise, resolved.copy(), energy, energy, unresolved,
+                        refined)
     signal = debiased_values(resolved, shape, noise.rms, noise.spectral_edge)
     signal_energy = max(energy - noise.energy, float(np.sum(signal * signal)))
-    return Spectrum(resolved, shape, method, method_floor, noise, signal, signal_energy, energy, unresolved)
+    return Spectrum(resolved, shape, method, method_floor, noise, signal, signal_energy, energy, unresolved, refined)
 
 
 def zero_spectrum(shape: tuple[int, int], method: str, noise: StorageNoise | None = None) -> Spectrum:
@@ -241,11 +245,73 @@ def zero_spectrum(shape: tuple[int, int], method: str, noise: StorageNoise | Non
 
 
 def compute_spectrum(matrix: torch.Tensor, options: SpectralOptions, noise: StorageNoise | None = None,
-                     delta_energy: float | None = None) -> Spectrum:
-    """All singular values of ``matrix`` (m×n, on its device) by ``options``, as a :class:`Spectrum`."""
+                     delta_energy: float | None = None, resolve: bool = False) -> Spectrum:
+    """All singular values of ``matrix`` (m×n, on its device) by ``options``, as a :class:`Spectrum`.
+
+    ``resolve``: where the Gram path cannot tell the data's values from its own rounding (its floor lies
+    above :func:`resolution_floor`), refine: the band is certified empty (:func:`tail_below`) or the
+    values are recomputed by :func:`refined_values`, so that the numerical rank is exact at the data's floor.
+    """
     shape = (int(matrix.shape[0]), int(matrix.shape[1]))
     values = singular_values(matrix, options.method, options.dtype)
-    return build_spectrum(values, shape, method_name(options), options.method, noise, delta_energy, options.dtype)
+    spectrum = build_spectrum(values, shape, method_name(options), options.method, noise, delta_energy, options.dtype)
+    if not resolve or not unresolved_band(spectrum, options.dtype):
+        return spectrum
+    floor = resolution_floor(spectrum, options.dtype)
+    count = int(np.count_nonzero(spectrum.values))
+    if not band_shows_values(metrics.as_sorted_spectrum(values), spectrum) and tail_below(matrix, count, floor,
+                                                                                          options.dtype):
+        return spectrum
+    return build_spectrum(refined_values(matrix, options.dtype), shape, method_name(options), "exact", noise,
+                          delta_energy, options.dtype, refined=True)
+
+
+GRAM_NOISE_SHARE = 0.25
+"""The fp32 Gram path's own noise values sit at ≤ 2·√eps·σ₁, an eighth of its floor (tests/test_spectral.py):
+a computed value above this share of the floor is the data's."""
+
+
+def resolution_floor(spectrum: Spectrum, dtype: torch.dtype) -> float:
+    """The data's own floor: below it a value is rounding of ΔW as held in ``dtype`` (the exact SVD's
+    max(m, n)·eps·σ₁) or of the checkpoints (:attr:`Spectrum.storage_floor`)."""
+    sigma_max = float(spectrum.values[0]) if spectrum.values.size else 0.0
+    return max(method_noise_floor(sigma_max, spectrum.shape, "exact", dtype), spectrum.storage_floor)
+
+
+def unresolved_band(spectrum: Spectrum, dtype: torch.dtype) -> bool:
+    """Whether the method's floor lies above the data's: values between the two are not resolved."""
+    return spectrum.total_energy > 0 and not spectrum.refined and spectrum.method_floor > resolution_floor(spectrum,
+                                                                                                           dtype)
+
+
+def band_shows_values(raw: np.ndarray, spectrum: Spectrum) -> bool:
+    """Whether the computed values show the data under the method's floor: measured energy there beyond the
+    method's rounding (:func:`unresolved_values`), or a value above :data:`GRAM_NOISE_SHARE` of the floor."""
+    floor = spectrum.method_floor
+    return spectrum.unresolved.size > 0 or bool(np.any((raw > GRAM_NOISE_SHARE * floor) & (raw <= floor)))
+
+
+def tail_below(matrix: torch.Tensor, count: int, floor: float, dtype: torch.dtype) -> bool:
+    """Whether σ_{count+1}(M) ≤ ``floor``, certified by ‖M(I − VᵀV)‖_F ≤ ``floor`` for V (count×n) the top
+    right singular vectors of a randomized SVD: for any orthonormal V, σ_{count+1}(M) ≤ ‖M(I − VᵀV)‖₂ ≤ that
+    norm (Eckart–Young). Cheap (O(m·n·count)) where ΔW is (nearly) exactly low-rank, as a merged LoRA is;
+    False where ``count`` is too large for the sketch to pay (a quarter of min(m, n)) or the rest is larger.
+    """
+    if count > min(matrix.shape) // 4:
+        return False
+    held = matrix.to(dtype)
+    _, _, vh = randomized_svd(held, count, dtype=dtype)
+    rest = held - (held @ vh.T) @ vh
+    return float(torch.linalg.vector_norm(rest, dtype=torch.float64)) <= floor
+
+
+def refined_values(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The singular values of ``matrix`` resolved to the exact SVD's floor in ``dtype``: from the float64 Gram
+    matrix where ``dtype`` is float32 (its floor, 16·√eps₆₄·σ₁ = 2.4e-7·σ₁, is under max(m, n)·eps₃₂·σ₁), by
+    the float64 SVD otherwise."""
+    if dtype == torch.float32:
+        return singular_values(matrix, "gram", torch.float64)
+    return singular_values(matrix, "exact", torch.float64)
 
 
 def require_finite(name: str, *norms: float) -> None:

@@ -60,15 +60,18 @@ def random_overlap(i: int, j: int, dim: int) -> float:
 
 def top_directions(
     delta: torch.Tensor, k: int, exact: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
-    power_iterations: int = 3,
+    power_iterations: int = 3, storage_floor: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-k singular triplets U (m×k'), S (k',), Vh (k'×n) of ΔW whose σ is above the method's floor.
 
     Randomized SVD (Halko et al. 2011) by default, ``torch.linalg.svd`` with ``exact``. A
     singular vector of a zero (or noise-level) singular value is arbitrary, so such directions
     are dropped and k' ≤ k: a rank-8 LoRA has 8 directions, whatever k asks for. The floor is
-    the exact SVD's max(m, n)·eps·σ₁, or the Gram path's 16·sqrt(eps)·σ₁ for the randomized one
-    (its sketch is formed in ``dtype``).
+    the exact SVD's max(m, n)·eps·σ₁ on both paths, the data's own floor at which `rank` counts
+    (the randomized values are those of QᵀΔW, formed in ``dtype`` and solved in float64, so they
+    are resolved that far; the Gram path's 16·sqrt(eps)·σ₁ would drop a real direction at 1e-3·σ₁),
+    or ``storage_floor`` where it is higher (the storage rounding's, as `rank` counts: a rank-8 LoRA
+    merged into bf16 checkpoints has 8 directions, not 8 and the rounding's).
     """
     delta = delta.to(dtype)
     k = min(k, *delta.shape)
@@ -80,7 +83,7 @@ def top_directions(
     sigma_max = float(s[0]) if s.numel() else 0.0
     if sigma_max == 0.0:
         return u[:, :0], s[:0], vh[:0]
-    floor = method_noise_floor(sigma_max, (delta.shape[0], delta.shape[1]), "exact" if exact else "gram", dtype)
+    floor = max(method_noise_floor(sigma_max, (delta.shape[0], delta.shape[1]), "exact", dtype), storage_floor)
     keep = int((s > floor).sum())
     return u[:, :keep], s[:keep], vh[:keep]
 
