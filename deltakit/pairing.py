@@ -172,6 +172,21 @@ def module_type(name: str) -> str:
     return "other"
 
 
+MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "router",
+                "experts.gate", "experts.up", "experts.gate_up", "experts.down", "lm_head")
+
+
+def model_order(name: str) -> tuple[int, int, int, str]:
+    """Sort key of a tensor in the model's order, whatever order its files list it in: embeddings, then the
+    blocks by index (each in MODULE_ORDER: q, k, v, o, gate, up, down, ...), then the rest (final norm, head).
+    A single file (whose header is alphabetical) and a sharded folder then give the same order."""
+    layer, kind = layer_index(name), module_type(name)
+    place = MODULE_ORDER.index(kind) if kind in MODULE_ORDER else len(MODULE_ORDER)
+    if layer is not None:
+        return (1, layer, place, name)
+    return (0 if kind == "embed" else 2, 0, place, name)
+
+
 def layer_index(name: str) -> int | None:
     """The transformer block a tensor belongs to (``model.layers.7.`` -> 7), or None."""
     match = LAYER_INDEX.search(f".{name}")
@@ -327,7 +342,7 @@ def pair_tensors(
     plan.only_base = [n for n in base if n not in matched_base and selected(n, include, exclude)]
     plan.only_ft = [n for n in ft if n not in mapping and selected(n, include, exclude)]
     tied = _tied_names(ft.keys(), ft_config)
-    for ft_name, base_name in mapping.items():
+    for ft_name, base_name in sorted(mapping.items(), key=lambda item: model_order(item[0])):
         if not selected(ft_name, include, exclude):
             plan.filtered += 1
             continue

@@ -91,7 +91,7 @@ class VectorResult:
         return out
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False)
 class RankReport(PairReportMeta):
     """Everything `deltakit rank` found; ``to_dict()`` is the documented JSON contract.
 
