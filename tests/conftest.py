@@ -18,6 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=UserWarning)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# A thread count of our choosing: the CLI then keeps it (deltakit.device.host.threads_for_free_cores lowers it
+# to the free cores otherwise), so outputs compared to 1e-9 do not depend on what else the machine runs.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture
