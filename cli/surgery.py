@@ -145,8 +145,11 @@ def _warn_not_carried(entries: list[dict[str, str]]) -> None:
         click.echo(f"warning: not carried: {len(entries) - NOT_CARRIED_SHOWN} more (--json lists them all)", err=True)
 
 
+ADAPTER_NAMES = {"LORA": "LoRA", "DORA": "DoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA"}
+
+
 def _merge_summary(report: Any) -> str:
-    kinds = ", ".join(sorted(set(report.adapter_types)))
+    kinds = ", ".join(sorted({ADAPTER_NAMES.get(kind, kind) for kind in report.adapter_types}))
     adapters = f"{len(report.adapters)} adapters ({kinds})" if len(report.adapters) > 1 else f"{kinds} adapter"
     text = (f"{report.operation}d {report.lora_modules} modules of the {adapters} (scale {report.scale:g}); wrote "
             f"{report.tensors} tensors in {report.shards} shard(s) to {report.out}")

@@ -47,7 +47,7 @@ def test_extract_merge_unmerge_from_the_command_line(llama, runner, tmp_path):
 
     result = invoke(runner, "merge", folder / "base", tmp_path / "adapter", "-o", tmp_path / "merged", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "merged 4 modules of the LORA adapter" in result.stdout
+    assert "merged 4 modules of the LoRA adapter" in result.stdout
     result = invoke(runner, "unmerge", tmp_path / "merged", tmp_path / "adapter", "-o", tmp_path / "base-again",
                     "--check", folder / "base", "--json", "-")
     assert result.exit_code == 0, result.output
