@@ -40,8 +40,20 @@ def _warn(message: str) -> None:
     warnings.warn(message, DeltakitWarning, stacklevel=3)
 
 
+def floating(names: Iterable[str], *checkpoints: Checkpoint) -> list[str]:
+    """The ``names`` that hold floating-point values in the checkpoint that has them: weights, not integer
+    buffers such as BERT's ``embeddings.position_ids`` that one side saved and the other did not."""
+    out = []
+    for name in names:
+        holder = next((c for c in checkpoints if name in c), None)
+        if holder is None or holder.infos[name].dtype.is_floating_point:
+            out.append(name)
+    return out
+
+
 def warn_unpaired(skipped: Sequence[Mapping[str, str]], only_base: Sequence[str], only_ft: Sequence[str]) -> None:
-    """One warning when tensors are left out because the two checkpoints do not pair them."""
+    """One warning when tensors are left out because the two checkpoints do not pair them (pass floating-point
+    names only, :func:`floating`)."""
     left = [s for s in skipped if not s["reason"].startswith(("tied to", "not a floating-point"))]
     count = len(left) + len(only_base) + len(only_ft)
     if not count:

@@ -17,7 +17,6 @@ import shutil
 import struct
 import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 

@@ -210,3 +210,15 @@ def test_python_api_energy_float_and_messages_name_keyword_and_flag(pair):
         deltakit.rank(base, ft, energy=1.5)
     with pytest.raises(DeltakitError, match="number or a sequence"):
         deltakit.rank(base, ft, energy="high")
+
+
+def test_an_integer_buffer_on_one_side_is_not_a_missing_weight(runner, tmp_path):
+    """BERT's embeddings.position_ids (int64) is saved by old transformers and not by new ones: not a refusal."""
+    base = _weights(0)
+    with_buffer = {**base, "embeddings.position_ids": torch.arange(8).unsqueeze(0)}
+    base_path, ft_path = _model(tmp_path / "base", with_buffer), _model(tmp_path / "ft", _fine_tune(base))
+    result = invoke(runner, "extract", base_path, ft_path, "-o", tmp_path / "adapter", "--rank", "2", "-q",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    result = invoke(runner, "rank", base_path, ft_path, "-q", "--device", "cpu")
+    assert "warning" not in result.stderr, result.stderr

@@ -55,7 +55,7 @@ from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport, outp
 from deltakit.lora.model_card import model_card
 from deltakit.lora.ranks import RankChoice
 from deltakit.lora.targets import plan_extraction, unpaired, unpaired_message
-from deltakit.pair_checks import warn_suspicious_pair
+from deltakit.pair_checks import floating, warn_suspicious_pair
 from deltakit.pairing import pair_tensors
 from deltakit.pipeline import ProgressFn
 from deltakit.spectral.options import SpectralOptions
@@ -137,7 +137,8 @@ def extract_lora(
         targets = plan_extraction(plan, config, embeddings, experts)
         pairs = plan.pairs
         warn_suspicious_pair(base_ckpt, ft_ckpt, base, ft_path, plan)
-        mismatched = unpaired(targets.not_carried)
+        weights = set(floating([e["name"] for e in targets.not_carried], base_ckpt, ft_ckpt))
+        mismatched = [e for e in unpaired(targets.not_carried) if e["name"] in weights]  # integer buffers aside
         if mismatched and not skip_mismatched:
             raise DeltakitError(unpaired_message(mismatched, "the adapter"))
     factored = factor_space and adapters is not None and adapters.factored
