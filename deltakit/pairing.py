@@ -177,9 +177,8 @@ MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "do
 
 
 def model_order(name: str) -> tuple[int, int, int, str]:
-    """Sort key of a tensor in the model's order, whatever order its files list it in: embeddings, then the
-    blocks by index (each in MODULE_ORDER: q, k, v, o, gate, up, down, ...), then the rest (final norm, head).
-    A single file (whose header is alphabetical) and a sharded folder then give the same order."""
+    """Sort key of a tensor in the model's order, whatever its files' order (a single file's header is
+    alphabetical): embeddings, the blocks by index (each in MODULE_ORDER), then the rest (final norm, head)."""
     layer, kind = layer_index(name), module_type(name)
     place = MODULE_ORDER.index(kind) if kind in MODULE_ORDER else len(MODULE_ORDER)
     if layer is not None:

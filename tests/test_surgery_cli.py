@@ -71,8 +71,8 @@ def test_energy_and_budget_from_the_command_line(llama, runner, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--rank", "0"], "rank must be at least 1, got 0"),
     (["--rank", "-2"], "rank must be at least 1, got -2"),
-    (["--energy", "0"], "energy 0 is outside (0, 1]"),
-    (["--energy", "1.5"], "energy 1.5 is outside (0, 1]"),
+    (["--energy", "0"], "energy fraction 0 is outside (0, 1]"),
+    (["--energy", "1.5"], "energy fraction 1.5 is outside (0, 1]"),
     (["--budget", "0"], "budget must be at least 1"),
     (["--budget", "50"], "budget 50 is too small for rank 1 anywhere"),
     (["--rank", "4", "--max-rank", "0"], "max-rank must be at least 1"),
