@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, force_option, hub_options, progress, protect_inputs, user_errors, write_json,
+    allow_pickle_option, device_option, force_option, progress, protect_inputs, stdout_taken, user_errors, write_json,
 )
+from deltakit_cli.options import hub_options, json_option, quiet_option
 
 CHECK_EXAMPLES = """
 \b
@@ -17,22 +16,6 @@ Examples:
   deltakit check ./base ./ft ./lora-r16 --calibration prompts.txt --json check.json
   deltakit check ./base ./ft-bert ./bert-lora --calibration calib.safetensors --metric hidden
 """
-
-
-def fidelity_line(fidelity: dict[str, Any], mean_output_error: float | None, activation_aware: bool | None = None) -> str:
-    """One line: the adapter's KL (or hidden-state error) beside the base's, and the mean output error."""
-    tokens = fidelity["tokens"]
-    if "kl" in fidelity:
-        text = (f"fidelity on {tokens:,} calibration tokens: KL(ft ‖ base + adapter) {fidelity['kl']:.4g} "
-                f"(KL(ft ‖ base) {fidelity['kl_base']:.4g})")
-    else:
-        text = (f"fidelity on {tokens:,} calibration tokens: final hidden states' relative error "
-                f"{fidelity['hidden_error']:.4g} (base: {fidelity['hidden_error_base']:.4g})")
-    if mean_output_error is not None:
-        text += f"; mean output error {mean_output_error:.4f}"
-    if activation_aware:
-        text += " (activation-aware factors)"
-    return text
 
 
 @click.command("check", epilog=CHECK_EXAMPLES)
@@ -45,8 +28,8 @@ def fidelity_line(fidelity: dict[str, Any], mean_output_error: float | None, act
 @click.option("--metric", type=click.Choice(["auto", "kl", "hidden"]), default="auto", show_default=True,
               help="kl: mean per-token KL of the next-token distributions (causal language models); hidden: "
                    "relative error of the final hidden states; auto: kl where FT is a causal LM.")
-@click.option("--json", "json_path", metavar="PATH", help="Write the report as JSON ('-' for stdout).")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing on stdout.")
+@json_option
+@quiet_option()
 @device_option
 @force_option
 @allow_pickle_option
@@ -69,20 +52,11 @@ def check_command(base, ft, adapter, calibration, metric, json_path, quiet, devi
                            allow_pickle=allow_pickle, progress=progress)
     if json_path:
         write_json(json_path, report.to_dict(), force=force, inputs=inputs)
-    if quiet or json_path == "-":
+    if quiet or stdout_taken(json_path):
         return
-    width = max((len(m.name) for m in report.matrices), default=10)
-    click.echo(f"{'matrix':<{width}}  {'shape':>11}  {'rel. error':>10}  {'output err.':>11}")
-    for m in report.matrices:
-        shape = f"{m.shape[0]}×{m.shape[1]}"
-        click.echo(f"{m.name:<{width}}  {shape:>11}  {format_number(m.rel_error):>10}  {format_number(m.output_error):>11}")
-    click.echo("")
-    click.echo(fidelity_line(report.fidelity, report.mean_output_error))
+    from deltakit.report import render_check
 
-
-def format_number(value: float | None) -> str:
-    """A reported error with four decimals; '-' where there is none."""
-    return "-" if value is None else f"{value:.4f}"
+    click.echo(render_check(report))
 
 
 COMMANDS = [check_command]

@@ -5,15 +5,17 @@ from __future__ import annotations
 import click
 
 from deltakit_cli.common import (
-    allow_pickle_option, exclude_option, force_option, hub_options, include_option, parallel_workers, progress,
-    build_spectral_options, protect_inputs, rounding_option, spectral_options, user_errors, write_json,
+    allow_pickle_option, exclude_option, force_option, include_option, parallel_workers, progress,
+    build_spectral_options, protect_inputs, rounding_option, spectral_options, stdout_taken, user_errors, write_html,
+    write_json,
 )
+from deltakit_cli.options import energy_option, epsilon_option, hub_options, html_option, json_option, quiet_option, top_k_option
 
 COMPARE_EXAMPLES = """
 \b
 Examples:
   deltakit compare ./base ./ft-task-a ./ft-task-b                 # cosine, top-1/8/64 overlaps
-  deltakit compare ./base ./lora-r8 ./lora-r64 --top 8 --json overlap.json
+  deltakit compare ./base ./lora-r8 ./lora-r64 -k 8 --json overlap.json
   deltakit compare ./base ./full-ft ./lora-adapter ./other-ft --plot overlap.png   # all pairs
 """
 
@@ -22,39 +24,41 @@ TRAJECTORY_EXAMPLES = """
 Examples:
   deltakit trajectory ./base 'output/checkpoint-*'                # sorted by step number
   deltakit trajectory ./base run/checkpoint-100 run/checkpoint-200 run/final --json traj.json
-  deltakit trajectory ./base 'output/checkpoint-*' --plot trajectory.png -e 0.5 -e 0.9
+  deltakit trajectory ./base 'output/checkpoint-*' --plot trajectory.png -e 0.5 -e 0.9 --html trajectory.html
 """
 
 
 @click.command("compare", epilog=COMPARE_EXAMPLES)
 @click.argument("base")
 @click.argument("fts", nargs=-1, required=True, metavar="FT_A FT_B [FT_C ...]")
-@click.option("--top", "-k", "top", type=int, multiple=True, default=(1, 8, 64), show_default=True,
-              help="Size k of the top singular subspaces compared (repeatable; capped by each matrix's shape).")
+@top_k_option("top", "Size k of the top singular subspaces compared (repeatable; capped by each matrix's shape).",
+              multiple=True, default=(1, 8, 64))
 @include_option
 @exclude_option
 @spectral_options
-@click.option("--json", "json_path", metavar="PATH", help="Write the full report as JSON ('-' for stdout).")
+@json_option
+@html_option
 @click.option("--plot", "plot_path", metavar="FIG.png", help="Write the overlap heatmap (layer × module type).")
 @click.option("--per-matrix", is_flag=True, help="Also print one row per matrix.")
-@click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
+@quiet_option()
 @allow_pickle_option
 @hub_options
 @force_option
 @user_errors
-def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_path, plot_path, per_matrix, quiet,
-                    allow_pickle, force):
+def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_path, html_path, plot_path, per_matrix,
+                    quiet, allow_pickle, force):
     """Do two or more fine-tunes of BASE change the same directions?
 
     FT_A, FT_B, ... are models or PEFT adapters of BASE (anything `deltakit rank` accepts).
     For every weight matrix present in all of them and every pair: the cosine of vec(ΔW_A)
-    and vec(ΔW_B), the overlap ‖U_Aᵀ U_B‖²_F / k of their top-k left (and right) singular
-    subspaces (Hu et al. 2021, §7) beside that of random subspaces (k/m), and ‖ΔW_A‖/‖ΔW_B‖.
+    and vec(ΔW_B); φ@k, the overlap ‖U_Aᵀ U_B‖²_F / min(i, j) of their top-k left (and right)
+    singular subspaces, i and j the directions each ΔW has within its top k (Hu et al. 2021,
+    §7.2), beside that of random subspaces (max(i, j)/m); and ‖ΔW_A‖/‖ΔW_B‖.
     Top-k vectors come from a randomized SVD (--exact: full SVD).
     """
     from deltakit.analyses.compare import compare
 
-    inputs = protect_inputs(force, (json_path, plot_path),
+    inputs = protect_inputs(force, (json_path, plot_path, html_path),
                             [("base", base), *(("fine-tune", ft) for ft in fts)])
     with parallel_workers(device) as parallel:
         report = compare(base, fts, top, build_spectral_options(device, exact, fp64), include, exclude, allow_pickle,
@@ -67,7 +71,8 @@ def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_
         from deltakit.plot import plot_overlap_heatmap, save_figure
 
         save_figure(plot_overlap_heatmap(report.to_dict()), plot_path, force=force, inputs=inputs)
-    if not quiet and json_path != "-":
+    write_html(html_path, report, force, inputs)
+    if not quiet and not stdout_taken(json_path):
         from deltakit.report import render_compare
 
         click.echo(render_compare(report, per_matrix))
@@ -76,27 +81,26 @@ def compare_command(base, fts, top, include, exclude, device, exact, fp64, json_
 @click.command("trajectory", epilog=TRAJECTORY_EXAMPLES)
 @click.argument("base")
 @click.argument("checkpoints", nargs=-1, required=True, metavar="CKPT1 [CKPT2 ...]")
-@click.option("--energy", "-e", type=float, multiple=True, default=(0.9,), show_default=True,
-              help="Energy fraction for rank@energy (repeatable).")
-@click.option("--top", "-k", "top", type=int, multiple=True, default=(8,), show_default=True,
-              help="Size k of the top left singular subspace compared with the final checkpoint's (repeatable).")
+@energy_option("Energy fraction for rank@energy (repeatable).")
+@top_k_option("top", "Size k of the top left singular subspace compared with the final checkpoint's (repeatable).",
+              multiple=True, default=(8,))
 @click.option("--intruder-k", type=int, default=10, show_default=True,
               help="Top singular vectors of each checkpoint examined for intruder dimensions.")
-@click.option("--epsilon", type=float, default=0.5, show_default=True,
-              help="Intruder threshold: max |cos| with every base singular vector below it.")
+@epsilon_option("Intruder threshold: max |cos| with every base singular vector below it.", multiple=False, default=0.5)
 @include_option
 @exclude_option
 @spectral_options
 @rounding_option
-@click.option("--json", "json_path", metavar="PATH", help="Write the full report as JSON ('-' for stdout).")
+@json_option
+@html_option
 @click.option("--plot", "plot_path", metavar="FIG.png", help="Write each metric vs step, by module type.")
-@click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
+@quiet_option()
 @allow_pickle_option
 @hub_options
 @force_option
 @user_errors
 def trajectory_command(base, checkpoints, energy, top, intruder_k, epsilon, include, exclude, device, exact, fp64,
-                       rounding, json_path, plot_path, quiet, allow_pickle, force):
+                       rounding, json_path, html_path, plot_path, quiet, allow_pickle, force):
     """How did ΔW grow over a training run? One row per checkpoint.
 
     CKPT1 CKPT2 ... are checkpoint folders of one run (or a quoted glob such as
@@ -108,7 +112,7 @@ def trajectory_command(base, checkpoints, energy, top, intruder_k, epsilon, incl
     from deltakit.analyses.trajectory import checkpoint_paths, trajectory
 
     paths = checkpoint_paths(checkpoints)
-    inputs = protect_inputs(force, (json_path, plot_path),
+    inputs = protect_inputs(force, (json_path, plot_path, html_path),
                             [("base", base), *(("checkpoint", path) for path in paths)])
     with parallel_workers(device) as parallel:
         report = trajectory(base, paths, energy, top, intruder_k, epsilon, build_spectral_options(device, exact, fp64,
@@ -122,7 +126,8 @@ def trajectory_command(base, checkpoints, energy, top, intruder_k, epsilon, incl
         from deltakit.plot import plot_trajectory, save_figure
 
         save_figure(plot_trajectory(report.to_dict()), plot_path, force=force, inputs=inputs)
-    if not quiet and json_path != "-":
+    write_html(html_path, report, force, inputs)
+    if not quiet and not stdout_taken(json_path):
         from deltakit.report import render_trajectory
 
         click.echo(render_trajectory(report))

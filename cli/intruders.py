@@ -5,15 +5,18 @@ from __future__ import annotations
 import click
 
 from deltakit_cli.common import (
-    allow_pickle_option, exclude_option, force_option, hub_options, include_option, out_option, parallel_workers, parse_size,
-    build_spectral_options, progress, protect_inputs, spectral_options, user_errors, write_json,
+    allow_pickle_option, exclude_option, force_option, include_option, parallel_workers, parse_size,
+    build_spectral_options, progress, protect_inputs, spectral_options, stdout_taken, user_errors, write_html, write_json,
+)
+from deltakit_cli.options import (
+    aliased, epsilon_check, epsilon_option, hub_options, html_option, json_option, output_option, quiet_option, top_k_option,
 )
 
 EXAMPLES = """
 \b
 Examples:
   deltakit intruders ./base ./lora-merged                      # top-10 vectors, ε = 0.5
-  deltakit intruders ./base ./ft -e 0.5 -e 0.3 -e 0.1 --json r.json   # an ε sweep
+  deltakit intruders ./base ./ft --epsilon 0.5 --epsilon 0.3 --json r.json   # an ε sweep
   deltakit intruders ./base ./my-lora-adapter                  # a PEFT adapter: W_ft = W + (α/r)·B·A
   deltakit intruders ./base ./lora-merged --scale 0.75 -o ./lora-scaled   # λ·σ for each intruder
 """
@@ -21,28 +24,28 @@ Examples:
 @click.command("intruders", epilog=EXAMPLES)
 @click.argument("base")
 @click.argument("ft")
-@click.option("--top-k", "-k", "k", type=int, default=10, show_default=True,
-              help="How many of W_ft's top left singular vectors to examine per matrix.")
-@click.option("--epsilon", "-e", type=float, multiple=True, default=(0.5,), show_default=True,
-              help="Cosine threshold in (0, 1]: a vector is an intruder when its max |cos| with every base "
-                   "singular vector is below it (repeatable for a sweep; --scale uses the first).")
+@top_k_option("k", "How many of W_ft's top left singular vectors to examine per matrix.")
+@epsilon_option("Cosine threshold in (0, 1]: a vector is an intruder when its max |cos| with every base "
+                "singular vector is below it (repeatable for a sweep; --scale uses the first).")
+@aliased("epsilon", ("-e",), multiple=True, type=float, callback=epsilon_check)
 @click.option("--scale", type=float, metavar="λ",
               help="Write a model in which each intruder's singular value is multiplied by λ ≥ 0 "
-                   "(0 removes them, 1 changes nothing) to --out.")
-@out_option("DIR", "Model folder written by --scale.", alias=True)
+                   "(0 removes them, 1 changes nothing) to --output.")
+@output_option("DIR", "Model folder written by --scale.")
 @click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE",
               help="Largest safetensors shard written by --scale (e.g. 5GB, 500MB).")
 @include_option
 @exclude_option
 @spectral_options
-@click.option("--json", "json_path", metavar="PATH", help="Write the full report as JSON ('-' for stdout).")
-@click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
+@json_option
+@html_option
+@quiet_option()
 @allow_pickle_option
 @force_option
 @hub_options
 @user_errors
 def intruders_command(base, ft, k, epsilon, scale, out, max_shard_size, include, exclude, device, exact, fp64,
-                      json_path, quiet, allow_pickle, force):
+                      json_path, html_path, quiet, allow_pickle, force):
     """Intruder dimensions: new top singular vectors of W_ft that no singular vector of W_base resembles.
 
     For every weight matrix, the top-k left singular vectors of the fine-tune are compared with
@@ -58,8 +61,8 @@ def intruders_command(base, ft, k, epsilon, scale, out, max_shard_size, include,
     from deltakit.report import render_intruders
 
     if (scale is None) != (out is None):
-        raise DeltakitError("--scale and -o/--out go together: --scale λ -o DIR writes the scaled model")
-    inputs = protect_inputs(force, (json_path,), [("base", base), ("fine-tune", ft)])
+        raise DeltakitError("--scale and -o/--output go together: --scale λ -o DIR writes the scaled model")
+    inputs = protect_inputs(force, (json_path, html_path), [("base", base), ("fine-tune", ft)])
     options = build_spectral_options(device, exact, fp64)
     shard_bytes = parse_size(max_shard_size) if max_shard_size else DEFAULT_SHARD_BYTES
     with parallel_workers(device) as parallel:
@@ -74,7 +77,8 @@ def intruders_command(base, ft, k, epsilon, scale, out, max_shard_size, include,
         return
     if json_path:
         write_json(json_path, report.to_dict(), force=force, inputs=inputs)
-    if not quiet and json_path != "-":
+    write_html(html_path, report, force, inputs)
+    if not quiet and not stdout_taken(json_path):
         click.echo(render_intruders(report))
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from deltakit_cli.common import device_option, force_option, hub_options, protect_inputs, user_errors
+from deltakit_cli.common import device_option, force_option, protect_inputs, stdout_taken, user_errors, write_json
+from deltakit_cli.options import energy_option, hub_options, json_option, output_option, quiet_option
 
 KINDS = ("overview", "energy", "heatmap", "error", "spectrum")
 
@@ -24,15 +25,13 @@ Examples:
 
 @click.command("plot", epilog=PLOT_EXAMPLES)
 @click.argument("spectra", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--out", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              metavar="FIG.png",
-              help="Figure to write; its suffix picks the format (.png, .pdf, .svg).")
+@output_option("FIG.png", "Figure to write; its suffix picks the format (.png, .pdf, .svg).", required=True,
+               dest="output")
 @click.option("--kind", type=click.Choice(KINDS), default="overview", show_default=True,
               help="overview: the three panels below in one figure; energy: energy captured vs rank k; "
                    "heatmap: rank at --energy by layer and module type; error: best rank-k (LoRA) error vs k; "
                    "spectrum: singular values of W_base, W_ft and ΔW for one --matrix.")
-@click.option("--energy", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.9, show_default=True,
-              help="Energy fraction for the heatmap and the reference lines.")
+@energy_option("Energy fraction for the heatmap and the reference lines.", multiple=False, default=0.9)
 @click.option("--matrix", "matrices", multiple=True, metavar="NAME",
               help="Tensor name. --kind spectrum: the one matrix to show; --kind error: draw these matrices "
                    "(repeatable) instead of one curve per module type.")
@@ -41,11 +40,13 @@ Examples:
 @click.option("--ft", type=click.Path(path_type=Path), metavar="FT",
               help="Fine-tuned checkpoint for --kind spectrum (default: the one recorded in SPECTRA, if it exists).")
 @device_option
+@json_option
+@quiet_option("Print nothing on stdout.")
 @force_option
 @hub_options
 @user_errors
-def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices: tuple[str, ...],
-                 base: Path | None, ft: Path | None, device: str, force: bool) -> None:
+def plot_command(spectra: Path, output: str, kind: str, energy: float, matrices: tuple[str, ...],
+                 base: Path | None, ft: Path | None, device: str, json_path: str | None, quiet: bool, force: bool) -> None:
     """Draw figures of the ΔW spectra saved by `deltakit rank --save-spectra`.
 
     SPECTRA is that file; the figure goes to --out. --kind spectrum also reads the two
@@ -60,8 +61,11 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
     from deltakit.analyses.weights import weight_spectra
     from deltakit.errors import DeltakitError
     from deltakit.io.spectra import load_spectra
+    from deltakit.analyses.meta import check_energies
 
-    inputs = protect_inputs(force, (output,), [("spectra file", spectra), ("base", base), ("fine-tune", ft)])
+    output = Path(output)
+    check_energies((energy,))
+    inputs = protect_inputs(force, (output, json_path), [("spectra file", spectra), ("base", base), ("fine-tune", ft)])
     values, info = load_spectra(spectra)
     if matrices and kind not in ("spectrum", "error"):
         raise DeltakitError("--matrix is used only with --kind spectrum or --kind error")
@@ -79,13 +83,20 @@ def plot_command(spectra: Path, output: Path, kind: str, energy: float, matrices
         name = plot.check_names(values, matrices)[0]
         base_path = _checkpoint_path(base, info.get("base"), "--base")
         ft_path = _checkpoint_path(ft, info.get("ft"), "--ft")
-        inputs = protect_inputs(force, (output,), [("spectra file", spectra), ("base", base_path), ("fine-tune", ft_path)])
+        inputs = protect_inputs(force, (output, json_path),
+                                [("spectra file", spectra), ("base", base_path), ("fine-tune", ft_path)])
         by_label = weight_spectra(base_path, ft_path, name, device=device)
         figure = plot.plot_spectra(by_label, title=f"Singular values of {name}").figure
     try:
         plot.save_figure(figure, output, force=force, inputs=inputs)
     finally:
         plt.close(figure)
+    drawn = list(matrices) if matrices else sorted(values)
+    if json_path:
+        write_json(json_path, {"spectra": str(spectra), "output": str(output), "kind": kind, "energy": energy,
+                               "matrices": drawn}, force=force, inputs=inputs)
+    if not quiet and not stdout_taken(json_path):
+        click.echo(f"{kind} figure of {len(drawn)} matri{'x' if len(drawn) == 1 else 'ces'} written to {output}")
 
 
 def _checkpoint_path(given: Path | None, recorded: str | None, option: str) -> Path:

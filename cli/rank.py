@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Sequence
 import click
 
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, parallel_workers,
-    build_spectral_options, progress, protect_inputs, rounding_option, spectral_options, user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers,
+    build_spectral_options, progress, protect_inputs, rounding_option, spectral_options, stdout_taken, user_errors,
+    write_html, write_json, write_text,
 )
+from deltakit_cli.options import csv_option, energy_option, hub_options, html_option, json_option, quiet_option
 
 if TYPE_CHECKING:
     from deltakit.analyses.rank_report import RankReport
@@ -25,39 +27,46 @@ Examples:
   deltakit rank ./base ./ft --energy 0.5 --energy 0.9 --energy 0.99 --json report.json
   deltakit rank ./base ./my-lora-adapter            # a PEFT adapter: ΔW = (α/r)·B·A
   deltakit rank ./base ./ft --include '*self_attn*' --save-spectra spectra.safetensors
+  deltakit rank ./base ./ft --html report.html     # one page: tables, figures, versions
+
+\b
+Columns: rel ΔW = ‖ΔW‖_F/‖W_base‖_F; σ₁ the largest singular value; rank the numerical rank
+(singular values above the rounding-noise floor); stable = ‖ΔW‖²_F/σ₁²; eff. the effective rank
+(entropy of the spectrum); noise the share of ‖ΔW‖²_F that bf16/fp16 storage rounding can
+explain; r@X the smallest k whose σ₁²..σ_k² hold X of ‖ΔW‖²_F (* where rounding may account for
+more than 1 − X of it); sig@X the same with the rounding taken out; rand@X r@X of a random
+matrix of the same shape. docs/metrics.md has the formulas.
 """
 
 
 def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str | None, spectra_path: str | None,
-                      quiet: bool, force: bool, inputs: Sequence[InputFootprint] = ()) -> None:
+                      quiet: bool, force: bool, inputs: Sequence[InputFootprint] = (), html_path: str | None = None) -> None:
     from deltakit.io.spectra import save_spectra
     from deltakit.report import render_report, report_csv
 
     if json_path:
         write_json(json_path, report.to_dict(), force=force, inputs=inputs)
     if csv_path:
-        from deltakit.io import atomic_file
-
-        with atomic_file(csv_path, force=force, inputs=inputs) as tmp:
-            Path(tmp).write_text(report_csv(report))
+        write_text(csv_path, report_csv(report), force=force, inputs=inputs)
     if spectra_path:
         save_spectra(spectra_path, report.spectra, report.spectra_info(), force=force,
                      signal_spectra=report.signal_spectra, inputs=inputs)
-    if not quiet and json_path != "-":
+    write_html(html_path, report, force, inputs)
+    if not quiet and not stdout_taken(json_path, csv_path):
         click.echo(render_report(report))
 
 
 @click.command("rank", epilog=RANK_EXAMPLES)
 @click.argument("base")
 @click.argument("ft")
-@click.option("--energy", "-e", type=float, multiple=True, default=(0.9,), show_default=True,
-              help="Energy fraction of ||ΔW||_F² to explain; rank@energy per matrix (repeatable).")
+@energy_option("Energy fraction of ||ΔW||_F² to explain; rank@energy per matrix (repeatable).")
 @include_option
 @exclude_option
 @spectral_options
 @rounding_option
-@click.option("--json", "json_path", metavar="PATH", help="Write the full report as JSON ('-' for stdout).")
-@click.option("--csv", "csv_path", metavar="PATH", help="Write one CSV row per matrix.")
+@json_option
+@csv_option
+@html_option
 @click.option("--save-spectra", "spectra_path", metavar="PATH",
               help="Save every singular value of every ΔW (safetensors) for `deltakit plot`; with --adaptive only "
                    "the computed top values, which the plots mark as partial.")
@@ -66,13 +75,13 @@ def emit_rank_outputs(report: RankReport, json_path: str | None, csv_path: str |
                    "settles rank@X and estimates the effective rank; numerical ranks may then read ≥bound).")
 @click.option("--adaptive", "spectrum", flag_value="adaptive",
               help="Compute only the top of each spectrum on the CPU too (the default there is the full one).")
-@click.option("--quiet", "-q", is_flag=True, help="No table on stdout.")
+@quiet_option("No table on stdout (warnings still go to stderr).")
 @allow_pickle_option
 @force_option
 @hub_options
 @user_errors
-def rank_command(base, ft, energy, include, exclude, device, exact, fp64, rounding, json_path, csv_path, spectra_path,
-                 spectrum, quiet, allow_pickle, force):
+def rank_command(base, ft, energy, include, exclude, device, exact, fp64, rounding, json_path, csv_path, html_path,
+                 spectra_path, spectrum, quiet, allow_pickle, force):
     """How large and how low-rank is each change ΔW = W_ft − W_base?
 
     BASE and FT are Hub ids (org/name or org/name@revision; what is read is downloaded),
@@ -87,13 +96,13 @@ def rank_command(base, ft, energy, include, exclude, device, exact, fp64, roundi
     """
     from deltakit.analyses.rank import rank
 
-    inputs = protect_inputs(force, (json_path, csv_path, spectra_path), [("base", base), ("fine-tune", ft)])
+    inputs = protect_inputs(force, (json_path, csv_path, spectra_path, html_path), [("base", base), ("fine-tune", ft)])
     options = build_spectral_options(device, exact, fp64, spectrum, rounding)
     with parallel_workers(device) as parallel:
         report = rank(base, ft, energy, options, include, exclude, allow_pickle, keep_spectra=bool(spectra_path),
                       progress=progress if parallel.is_main else None, parallel=parallel)
         if parallel.is_main:
-            emit_rank_outputs(report, json_path, csv_path, spectra_path, quiet, force, inputs)
+            emit_rank_outputs(report, json_path, csv_path, spectra_path, quiet, force, inputs, html_path)
 
 
 DEMO_EXAMPLES = """
@@ -132,5 +141,5 @@ def demo_command(keep, device, force):
                    "MLP: dense update; rest unchanged", err=True)
         report = rank(base, ft, (0.5, 0.9, 0.99), build_spectral_options(device), progress=progress)
         click.echo(render_report(report))
-        if keep:
-            click.echo(f"\nnext: deltakit rank {base} {ft} --json report.json", err=True)
+        if keep:  # an output name no README example writes, so that following the hint breaks none of them
+            click.echo(f"\nnext: deltakit rank {base} {ft} --html {folder / 'report.html'}", err=True)

@@ -6,11 +6,11 @@ from typing import Any
 
 import click
 
-from deltakit_cli.check import fidelity_line, format_number
 from deltakit_cli.common import (
-    allow_pickle_option, device_option, exclude_option, force_option, hub_options, include_option, out_option, parallel_workers,
-    build_spectral_options, progress, protect_inputs, spectral_options, user_errors, write_json,
+    allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers,
+    build_spectral_options, progress, protect_inputs, spectral_options, stdout_taken, user_errors, write_html, write_json,
 )
+from deltakit_cli.options import energy_option, hub_options, html_option, json_option, output_option, quiet_option
 
 NOT_CARRIED_SHOWN = 5
 
@@ -44,8 +44,14 @@ Examples:
 def _output_options(f: Any) -> Any:
     f = force_option(f)
     f = allow_pickle_option(f)
-    f = click.option("--quiet", "-q", is_flag=True, help="Print nothing on stdout.")(f)
-    return click.option("--json", "json_path", metavar="PATH", help="Write the report as JSON ('-' for stdout).")(f)
+    f = quiet_option("Print nothing on stdout (warnings still go to stderr).")(f)
+    return json_option(f)
+
+
+skip_mismatched_option = click.option(
+    "--skip-mismatched", is_flag=True,
+    help="Write the output without the tensors that cannot be paired (another shape, or on one side only), "
+         "instead of refusing; they are listed on stderr and in --json.")
 
 
 def _weights(text: str | None) -> list[float] | None:
@@ -63,10 +69,10 @@ def _weights(text: str | None) -> list[float] | None:
 @click.command("extract", epilog=EXTRACT_EXAMPLES)
 @click.argument("base")
 @click.argument("ft", nargs=-1, required=True, metavar="FT|ADAPTER [ADAPTER...]")
-@out_option("ADAPTER", "Adapter folder to write (PEFT format).", required=True)
+@output_option("ADAPTER", "Adapter folder to write (PEFT format).", required=True)
 @click.option("--weights", metavar="W1,W2,...", help="With adapters: the weight of each one's ΔW in the sum (default 1 each).")
 @click.option("--rank", "-r", type=int, help="The same rank for every changed matrix.")
-@click.option("--energy", "-e", type=float, help="Per matrix, the smallest rank keeping this fraction of ||ΔW||_F².")
+@energy_option("Per matrix, the smallest rank keeping this fraction of ||ΔW||_F².", multiple=False, default=None)
 @click.option("--budget", type=int, metavar="N",
               help="Total LoRA parameters, Σ r·(m+n), allocated across matrices to minimise the total squared error.")
 @click.option("--ratio", type=float, metavar="P",
@@ -90,12 +96,14 @@ def _weights(text: str | None) -> list[float] | None:
               help="With --calibration: choose B·A to minimise the error of each layer's output on those inputs "
                    "(whitened SVD) instead of the weight error.")
 @spectral_options
+@skip_mismatched_option
+@html_option
 @_output_options
 @hub_options
 @user_errors
 def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_rank, include, exclude, save_modules,
-                    embeddings, experts, dtype, seed, calibration, activation_aware, device, exact, fp64, json_path,
-                    quiet, allow_pickle, force):
+                    embeddings, experts, dtype, seed, calibration, activation_aware, device, exact, fp64,
+                    skip_mismatched, html_path, json_path, quiet, allow_pickle, force):
     """Extract a PEFT LoRA adapter from a fine-tune: truncated SVD of every ΔW = W_ft − W_base.
 
     Each changed matrix gets B = U√S (out×r) and A = √S·Vᵀ (r×in), lora_alpha = r, so that
@@ -112,8 +120,8 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
     """
     from deltakit.lora import extract_lora
 
-    inputs = protect_inputs(force, (json_path,), [("base", base), *(("fine-tune", source) for source in ft),
-                                                  ("calibration", calibration)])
+    inputs = protect_inputs(force, (json_path, html_path), [("base", base), *(("fine-tune", source) for source in ft),
+                                                            ("calibration", calibration)])
     options = build_spectral_options(device, exact, fp64)
     sources = ft[0] if len(ft) == 1 else list(ft)
     with parallel_workers(device) as parallel:
@@ -121,43 +129,37 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
                               include=include, exclude=exclude, save_modules=save_modules, embeddings=embeddings,
                               dtype=dtype, options=options, seed=seed, force=force, allow_pickle=allow_pickle,
                               progress=progress if parallel.is_main else None, parallel=parallel, ratio=ratio,
-                              weights=_weights(weights), experts=experts, calibration=calibration,
-                              activation_aware=activation_aware)
+                              weights=_weights(weights), experts=experts, skip_mismatched=skip_mismatched,
+                              calibration=calibration, activation_aware=activation_aware)
     if parallel.is_main:
         _print_extract(report, out, json_path, quiet, force, inputs)
+        write_html(html_path, report, force, inputs)
 
 
 def _print_extract(report: Any, out: str, json_path: str | None, quiet: bool, force: bool, inputs: Any) -> None:
     if json_path:
         write_json(json_path, report.to_dict(), force=force, inputs=inputs)
-    if quiet or json_path == "-":
+    _warn_not_carried(report.not_carried)
+    if quiet or stdout_taken(json_path):
         return
-    width = max((len(m.name) for m in report.matrices), default=10)
-    calibrated = report.calibration is not None
-    output = f"  {'output err.':>11}" if calibrated else ""
-    click.echo(f"{'matrix':<{width}}  {'shape':>11}  {'rank':>5}  {'kept energy':>11}  {'rel. error':>10}{output}")
-    for m in report.matrices:
-        shape = f"{m.shape[0]}×{m.shape[1]}"
-        output = f"  {format_number(m.output_error):>11}" if calibrated else ""
-        click.echo(f"{m.name:<{width}}  {shape:>11}  {m.rank:>5}  {m.kept_energy:>11.4f}  {m.rel_error:>10.4f}{output}")
-    experts = report.expert_parameters
-    modules = sum(m.rank > 0 and "[" not in m.module for m in report.matrices)  # an expert slice is module[e]
-    parts = f"{modules} LoRA modules" + (f" and {len(experts)} fused expert tensors (target_parameters)" if experts else "")
-    click.echo(f"\nadapter written to {out}: {parts}, "
-               f"{report.parameters:,} parameters, overall relative error {report.relative_error:.4f}; "
-               f"{len(report.unchanged)} unchanged matrices skipped")
-    if calibrated:
-        click.echo(fidelity_line(report.fidelity, report.mean_output_error, report.calibration["activation_aware"]))
-    if report.carried_whole:
-        click.echo(f"carried whole: {len(report.carried_whole)} tensors ({report.whole_parameters:,} parameters)")
-    for entry in report.not_carried[:NOT_CARRIED_SHOWN]:
-        click.echo(f"not carried: {entry['name']}: {entry['reason']}")
-    if len(report.not_carried) > NOT_CARRIED_SHOWN:
-        click.echo(f"not carried: {len(report.not_carried) - NOT_CARRIED_SHOWN} more (--json lists them all)")
+    from deltakit.report import render_extract
+
+    click.echo(render_extract(report))
+
+
+def _warn_not_carried(entries: list[dict[str, str]]) -> None:
+    """What the output lacks, on stderr (with -q too): a script must not ship an incomplete adapter unnoticed."""
+    for entry in entries[:NOT_CARRIED_SHOWN]:
+        click.echo(f"warning: not carried: {entry['name']}: {entry['reason']}", err=True)
+    if len(entries) > NOT_CARRIED_SHOWN:
+        click.echo(f"warning: not carried: {len(entries) - NOT_CARRIED_SHOWN} more (--json lists them all)", err=True)
+
+
+ADAPTER_NAMES = {"LORA": "LoRA", "DORA": "DoRA", "ADALORA": "AdaLoRA", "LOHA": "LoHa", "LOKR": "LoKr", "VERA": "VeRA"}
 
 
 def _merge_summary(report: Any) -> str:
-    kinds = ", ".join(sorted(set(report.adapter_types)))
+    kinds = ", ".join(sorted({ADAPTER_NAMES.get(kind, kind) for kind in report.adapter_types}))
     adapters = f"{len(report.adapters)} adapters ({kinds})" if len(report.adapters) > 1 else f"{kinds} adapter"
     text = (f"{report.operation}d {report.lora_modules} modules of the {adapters} (scale {report.scale:g}); wrote "
             f"{report.tensors} tensors in {report.shards} shard(s) to {report.out}")
@@ -188,16 +190,18 @@ _WEIGHTS_HELP = "One weight per adapter, comma-separated (default 1 each): W0 + 
 @click.command("merge", epilog=MERGE_EXAMPLES)
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
-@out_option("OUT", "Model folder to write.", required=True)
+@output_option("OUT", "Model folder to write.", required=True)
 @click.option("--weights", metavar="W1,W2,...", help=_WEIGHTS_HELP)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every adapter's update by this.")
 @click.option("--dtype", metavar="float32|bfloat16|float16",
               help="Write floating-point tensors in this dtype (default: the model's; bfloat16 for a quantized base).")
 @device_option
+@skip_mismatched_option
 @_output_options
 @hub_options
 @user_errors
-def merge_command(base, adapters, out, weights, scale, dtype, device, json_path, quiet, allow_pickle, force):
+def merge_command(base, adapters, out, weights, scale, dtype, device, skip_mismatched, json_path, quiet, allow_pickle,
+                  force):
     """Merge one or more PEFT adapters into BASE: W0 + scale·Σ wᵢ·ΔWᵢ, written as a complete model folder.
 
     Any weight-changing adapter type: LoRA (rsLoRA, rank_pattern / alpha_pattern, fan_in_fan_out,
@@ -211,19 +215,20 @@ def merge_command(base, adapters, out, weights, scale, dtype, device, json_path,
     with parallel_workers(device) as parallel:
         report = merge(base, list(adapters), out, scale=scale, weights=_parse_weights(weights), device=device,
                        force=force, allow_pickle=allow_pickle, progress=progress if parallel.is_main else None,
-                       parallel=parallel, dtype=dtype)
+                       parallel=parallel, dtype=dtype, skip_mismatched=skip_mismatched)
     if not parallel.is_main:
         return
     if json_path:
         write_json(json_path, report.to_dict(), force=force, inputs=inputs)
-    if not quiet and json_path != "-":
+    _warn_not_carried(report.not_merged)
+    if not quiet and not stdout_taken(json_path):
         click.echo(_merge_summary(report))
 
 
 @click.command("unmerge", epilog=UNMERGE_EXAMPLES)
 @click.argument("merged")
 @click.argument("adapters", nargs=-1, required=True)
-@out_option("OUT", "Model folder to write.", required=True)
+@output_option("OUT", "Model folder to write.", required=True)
 @click.option("--base", "original", metavar="BASE",
               help="The original model the adapters were merged into; needed to unmerge DoRA, whose ΔW depends on "
                    "the original weights.")
@@ -260,7 +265,7 @@ def unmerge_command(merged, adapters, out, original, check, weights, scale, keep
     if report.left_as_merged:
         click.echo(f"warning: {len(report.left_as_merged)} tensors the adapter replaced whole are left as merged "
                    f"(their base values are not in the adapter), first {report.left_as_merged[0]}", err=True)
-    if quiet or json_path == "-":
+    if quiet or stdout_taken(json_path):
         return
     click.echo(_merge_summary(report))
     if check:

@@ -33,6 +33,7 @@ from deltakit.device.reads import (
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.peft import is_peft_adapter
+from deltakit.pair_checks import floating, warn_suspicious_pair, warn_unpaired
 from deltakit.pairing import TensorPair, nothing_left_message, pair_tensors, selected, tied_pair
 
 
@@ -308,6 +309,8 @@ def open_delta_source(
                              [{"name": s.name, "reason": s.reason} for s in plan.skipped], plan.only_base, plan.only_ft)
         if not source.pairs:
             raise DeltakitError(nothing_left_message(plan, matrices_only))
+        warn_suspicious_pair(base_ckpt, ft_ckpt, base, ft, plan)
+        warn_unpaired(source.skipped, floating(source.only_base, base_ckpt), floating(source.only_ft, ft_ckpt))
     if not source.pairs:
         what = "weight matrices" if matrices_only else "tensor pairs"
         hint = " (check the include / exclude globs)" if include or exclude else ""

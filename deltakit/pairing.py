@@ -217,6 +217,20 @@ def module_type(name: str) -> str:
     return "other"
 
 
+MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "router",
+                "experts.gate", "experts.up", "experts.gate_up", "experts.down", "lm_head")
+
+
+def model_order(name: str) -> tuple[int, int, int, str]:
+    """Sort key of a tensor in the model's order, whatever its files' order (a single file's header is
+    alphabetical): embeddings, the blocks by index (each in MODULE_ORDER), then the rest (final norm, head)."""
+    layer, kind = layer_index(name), module_type(name)
+    place = MODULE_ORDER.index(kind) if kind in MODULE_ORDER else len(MODULE_ORDER)
+    if layer is not None:
+        return (1, layer, place, name)
+    return (0 if kind == "embed" else 2, 0, place, name)
+
+
 def layer_index(name: str) -> int | None:
     """The transformer block a tensor belongs to (``model.layers.7.`` -> 7), or None."""
     match = LAYER_INDEX.search(f".{name}")
@@ -409,7 +423,7 @@ def pair_tensors(
     tied = _tied_names(ft.keys(), ft_config)
     plan.tied = tied if tied and tied[0] in mapping and selected(tied[0], include, exclude) else None
     plan.tied_base = mapping[tied[0]] if plan.tied else None
-    for ft_name, base_name in mapping.items():
+    for ft_name, base_name in sorted(mapping.items(), key=lambda item: model_order(item[0])):
         if not selected(ft_name, include, exclude):
             plan.filtered += 1
             continue

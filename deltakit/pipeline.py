@@ -12,7 +12,8 @@ For the plan's units, :func:`run`:
    before it is gone. No caller deletes items; a caller's work function keeps only what it returns;
 5. **fails together**: an error in one process stops every process at its next exchange;
 6. **gathers** every process's results, in plan order, on every process;
-7. reports **progress** through the caller's progress function (a bar, or log lines).
+7. reports **progress** through the caller's progress function (a bar, or log lines); without one, a
+   display in a Jupyter kernel and nothing elsewhere (:func:`deltakit.progress.default_progress`).
 
 A work function may return a pending value that ``finish`` completes ``behind`` units later, so
 the host's part of one unit runs beside the device's part of the next.
@@ -29,6 +30,7 @@ import collections
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 from deltakit.distributed import Parallel, fail_together, gather_in_order
+from deltakit.progress import default_progress
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -66,6 +68,8 @@ def run(
     if arrange is not None:
         mine = arrange(mine)
     complete = finish if finish is not None else _identity
+    if progress is None:
+        progress = default_progress()  # a display in a Jupyter kernel; nothing elsewhere
     local: list[tuple[int, Any]] = []
     pending: collections.deque[tuple[int, Any]] = collections.deque()
     with fail_together(parallel):
@@ -73,19 +77,25 @@ def run(
         if progress is not None:
             items = progress(items, len(mine), label)
         stream = iter(items)
-        for index in mine:
-            try:
-                item = next(stream)
-            except StopIteration:
-                break
-            pending.append((index, work(index, item)))
-            del item  # the only reference left: the next read may use its memory
-            while len(pending) > behind:
+        try:
+            for index in mine:
+                try:
+                    item = next(stream)
+                except StopIteration:
+                    break
+                pending.append((index, work(index, item)))
+                del item  # the only reference left: the next read may use its memory
+                while len(pending) > behind:
+                    done, value = pending.popleft()
+                    local.append((done, complete(value)))
+            while pending:
                 done, value = pending.popleft()
                 local.append((done, complete(value)))
-        while pending:
-            done, value = pending.popleft()
-            local.append((done, complete(value)))
+            if progress is not None:
+                next(stream, None)  # the reader is done: the progress wrapper counts the last unit and closes
+        finally:
+            if progress is not None and hasattr(stream, "close"):
+                stream.close()  # on an error too: a log's closing line says how far the run got
         return gather_in_order(local, parallel)
 
 

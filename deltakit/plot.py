@@ -404,8 +404,15 @@ def plot_overview(spectra: Spectra, info: Mapping[str, Any] | None = None, *, en
     plot_energy_curves(spectra, info, ax=axes["energy"], energy=energy)
     plot_error_vs_rank(spectra, ax=axes["error"], info=info, energy=energy)
     plot_rank_heatmap(spectra, info, energy=energy, ax=axes["heatmap"])
-    # Both curve panels share colours and baselines: one legend, right of the pair, off the data.
+    # Both curve panels share colours and baselines: one legend, right of the pair, off the data, holding the
+    # entries of both (the energy panel's dotted signal curves have none in the error panel).
+    entries: dict[str, Any] = {}
+    for ax in (axes["error"], axes["energy"]):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
     axes["energy"].get_legend().remove()
+    axes["error"].legend(list(entries.values()), list(entries), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                         fontsize="small", frameon=False)
     if info and info.get("base") and info.get("ft"):
         base, ft = Path(str(info["base"])).name, Path(str(info["ft"])).name
         fig.suptitle(f"ΔW = W_ft − W_base    base: {base}    fine-tune: {ft}")
@@ -526,4 +533,44 @@ def plot_trajectory(report: Mapping[str, Any], energy: float | None = None, k: i
         ax.grid(alpha=0.3)
     axes[-1].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=7, ncol=2)
+    return fig
+
+
+def plot_intruder_counts(report: Mapping[str, Any]) -> Figure:
+    """Intruder dimensions per module type, one bar per ε, beside how many matrices of that type hold any.
+
+    ``report`` is :meth:`deltakit.analyses.intruders.IntruderReport.to_dict`.
+    """
+    groups = report["summary"]["by_module_type"]
+    kinds = list(groups)
+    epsilons = [f"{e:g}" for e in report["epsilon"]]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(kinds) + 2.0), 3.2), layout="constrained")
+    width = 0.8 / max(len(epsilons), 1)
+    for i, eps in enumerate(epsilons):
+        xs = np.arange(len(kinds)) + (i - (len(epsilons) - 1) / 2) * width
+        ax.bar(xs, [groups[k]["intruders"][eps] for k in kinds], width, label=f"ε = {eps}")
+    ax.set_xticks(range(len(kinds)), [f"{k}\n({groups[k]['count']})" for k in kinds])
+    ax.set(ylabel="intruder dimensions", title=f"Intruder dimensions among the top {report['k']} vectors, "
+                                               "by module type (matrices in brackets)")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return fig
+
+
+def plot_extraction(report: Mapping[str, Any]) -> Figure:
+    """Rank and relative error of each extracted matrix, in the adapter's order (``ExtractReport.to_dict``)."""
+    matrices = report["matrices"]
+    xs = np.arange(len(matrices))
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(6.0, 0.12 * len(matrices) + 3.0), 4.2),
+                                      layout="constrained")
+    colours = [MODULE_COLOURS.get(module_type(m["name"]), "tab:gray") for m in matrices]
+    top.bar(xs, [m["rank"] for m in matrices], color=colours)
+    top.set(ylabel="rank", title=f"{len(matrices)} changed matrices; overall relative error "
+                                 f"{report['relative_error']:.4f}")
+    top.title.set_fontsize(10)
+    bottom.bar(xs, [m["rel_error"] for m in matrices], color=colours)
+    bottom.set(ylabel=r"$\|\Delta W - BA\|_F / \|\Delta W\|_F$", xlabel="matrix (adapter order)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3, axis="y")
     return fig

@@ -14,9 +14,27 @@ from deltakit.analyses.rank_report import MatrixResult, RankReport
 from deltakit.analyses.compare import CompareReport
 from deltakit.analyses.intruders import Intruder, IntruderReport
 from deltakit.analyses.trajectory import TrajectoryReport
+from deltakit.lora.extraction_report import ExtractReport
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align_left: int = 1) -> str:
+class Table(str):
+    """A plain-text table that keeps its headers and rows (cell values), so that a page can show it as a table."""
+
+    headers: list[str]
+    rows: list[list[Any]]
+    align_left: int
+
+    def __new__(cls, text: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], align_left: int) -> "Table":
+        table = super().__new__(cls, text)
+        table.headers, table.rows, table.align_left = list(headers), [list(r) for r in rows], align_left
+        return table
+
+    def cells(self) -> list[list[str]]:
+        """The rows as the text shows each cell."""
+        return [[_cell(v) for v in row] for row in self.rows]
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align_left: int = 1) -> Table:
     """A plain-text table; the first ``align_left`` columns are left-aligned, the rest right-aligned."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -25,7 +43,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align_le
         return "  ".join(c.ljust(w) if i < align_left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+    return Table("\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]]), headers, rows, align_left)
 
 
 def _cell(value: Any) -> str:
@@ -67,6 +85,11 @@ def _rank_cell(m: MatrixResult, fraction: float) -> str:
 
 def matrix_table(report: RankReport) -> str:
     """One row per matrix: size of the change, its rounding share, its ranks raw and of the signal."""
+    return format_table(*matrix_rows(report))
+
+
+def matrix_rows(report: RankReport) -> tuple[list[str], list[list[Any]]]:
+    """:func:`matrix_table`'s headers and rows (cells as values: numbers, text, None)."""
     energies = report.energy
     headers = ["matrix", "shape", "rel ΔW", "σ₁", "rank", "stable", "eff.", "noise"]
     headers += [f"r@{energy_key(e)}" for e in energies] + [f"sig@{energy_key(e)}" for e in energies]
@@ -78,10 +101,14 @@ def matrix_table(report: RankReport) -> str:
                      _percent(m.noise_share)]
                     + [_rank_cell(m, e) for e in energies] + [m.signal_rank_at.get(e) for e in energies]
                     + [m.random_rank_at[e] for e in energies])
-    return format_table(headers, rows)
+    return headers, rows
 
 
 def group_table(groups: dict[str, Any], label: str, energies: Sequence[float]) -> str:
+    return format_table(*group_rows(groups, label, energies))
+
+
+def group_rows(groups: dict[str, Any], label: str, energies: Sequence[float]) -> tuple[list[str], list[list[Any]]]:
     headers = [label, "matrices", "mean rel ΔW", "mean rank", "noise"]
     headers += [f"mean r@{energy_key(e)}" for e in energies] + [f"med sig@{energy_key(e)}" for e in energies]
     headers += [f"rand@{energy_key(e)}" for e in energies]
@@ -92,7 +119,7 @@ def group_table(groups: dict[str, Any], label: str, energies: Sequence[float]) -
         + [g["mean_random_rank_at"][energy_key(e)] for e in energies]
         for name, g in groups.items()
     ]
-    return format_table(headers, rows)
+    return headers, rows
 
 
 def noise_note(report: RankReport, summary: dict[str, Any]) -> str | None:
@@ -124,15 +151,25 @@ def adaptive_note(report: RankReport) -> str | None:
 
 def expert_table(groups: dict[str, Any], energies: Sequence[float]) -> str:
     """One row per MoE expert tensor: how many of its experts changed, and their mean ranks."""
+    return format_table(*expert_rows(groups, energies))
+
+
+def expert_rows(groups: dict[str, Any], energies: Sequence[float]) -> tuple[list[str], list[list[Any]]]:
     headers = ["tensor", "experts", "changed", "mean rel ΔW", "mean rank"]
     headers += [f"mean r@{energy_key(e)}" for e in energies]
     rows = [[name, g["count"], g["changed"], g["mean_rel_delta"], g["mean_rank"]]
             + [g["mean_rank_at"][energy_key(e)] for e in energies] for name, g in groups.items()]
-    return format_table(headers, rows)
+    return headers, rows
 
 
 def render_report(report: RankReport, per_matrix: bool = True) -> str:
-    """The human-readable output of `deltakit rank`."""
+    """The human-readable output of `deltakit rank`: ``print(render_report(deltakit.rank(base, ft)))`` shows
+    in Python what the command prints."""
+    return "\n".join(rank_blocks(report, per_matrix))
+
+
+def rank_blocks(report: RankReport, per_matrix: bool = True) -> list[str]:
+    """The lines of :func:`render_report`, its tables as :class:`Table`."""
     summary = report.summary()
     parts = report.header_lines("ft")
     if per_matrix and report.matrices:
@@ -160,7 +197,7 @@ def render_report(report: RankReport, per_matrix: bool = True) -> str:
     )
     adaptive = any(m.spectrum_method.startswith("adaptive") for m in report.matrices)
     what = f"adaptive spectra ({report.method} where whole)" if adaptive else f"{report.method} spectra"
-    return "\n".join(parts + report.footer_lines(what))
+    return parts + report.footer_lines(what)
 
 
 CSV_FIELDS = ["name", "shape", "dtype", "module_type", "layer", "layout", "added_rows", "delta_fro", "rel_delta",
@@ -202,6 +239,11 @@ def compare_group_table(groups: dict[str, Any], label: str, top: Sequence[str]) 
 
 def render_compare(report: CompareReport, per_matrix: bool = False) -> str:
     """The human-readable output of `deltakit compare`."""
+    return "\n".join(compare_blocks(report, per_matrix))
+
+
+def compare_blocks(report: CompareReport, per_matrix: bool = False) -> list[str]:
+    """The lines of :func:`render_compare`, its tables as :class:`Table`."""
     parts = report.header_lines("ft")
     summary = report.summary()
     for entry in summary["pairs"]:
@@ -223,13 +265,19 @@ def render_compare(report: CompareReport, per_matrix: bool = False) -> str:
                      + ", ".join(f"φ@{k} {_cell(entry['mean_overlap_at'][k])} (random {_cell(entry['mean_random_overlap_at'][k])})"
                                  for k in top))
         parts.append("")
-    parts.append(f"{summary['matrices']} matrices in every fine-tune; φ@k = ‖U_Aᵀ U_B‖²_F / k of the top-k left singular "
-                 "subspaces (1: the same, rand: random subspaces)")
-    return "\n".join(parts + report.footer_lines(f"{report.method} top-k SVD"))
+    parts.append(f"{summary['matrices']} matrices in every fine-tune; φ@k = ‖U_Aᵀ U_B‖²_F / min(i, j) of the top-k left "
+                 "singular subspaces, i and j ≤ k the directions each ΔW has there (1: one inside the other; "
+                 "rand: random subspaces, max(i, j)/m)")
+    return parts + report.footer_lines(f"{report.method} top-k SVD")
 
 
 def render_trajectory(report: TrajectoryReport) -> str:
     """The human-readable output of `deltakit trajectory`."""
+    return "\n".join(trajectory_blocks(report))
+
+
+def trajectory_blocks(report: TrajectoryReport) -> list[str]:
+    """The lines of :func:`render_trajectory`, its tables as :class:`Table`."""
     parts = report.header_lines("checkpoint", each=False)
     summary = report.summary()
     energies = [f"{e:g}" for e in report.energy]
@@ -246,7 +294,7 @@ def render_trajectory(report: TrajectoryReport) -> str:
     parts += [f"all {len(report.matrices)} matrices (means; intruders summed)", table(summary["overall"]), ""]
     for name, series in summary["by_module_type"].items():
         parts += [f"{name} ({series[0]['count']} matrices)", table(series), ""]
-    return "\n".join(parts + report.footer_lines(f"{report.method} spectra"))
+    return parts + report.footer_lines(f"{report.method} spectra")
 
 
 def _ranks(items: list[Intruder]) -> str:
@@ -255,6 +303,11 @@ def _ranks(items: list[Intruder]) -> str:
 
 def render_intruders(report: IntruderReport) -> str:
     """The human-readable output of `deltakit intruders`: per matrix, per module type, totals."""
+    return "\n".join(intruders_blocks(report))
+
+
+def intruders_blocks(report: IntruderReport) -> list[str]:
+    """The lines of :func:`render_intruders`, its tables as :class:`Table`."""
     eps = report.epsilon
     parts = report.header_lines("ft")
     headers = ["matrix", "shape", "σ₁ ft", "σ₁ base", "min sim"] + [f"intr@{energy_key(e)}" for e in eps]
@@ -291,4 +344,73 @@ def render_intruders(report: IntruderReport) -> str:
     if below:
         parts.append(f"{below} matri{'x' if below == 1 else 'ces'} changed by no more than storage rounding: "
                      "their directions were not judged (below_rounding in --json)")
-    return "\n".join(parts + report.footer_lines(report.method))
+    return parts + report.footer_lines(report.method)
+
+
+def render_extract(report: ExtractReport) -> str:
+    """The human-readable output of `deltakit extract`: per matrix its rank, kept energy and error; totals."""
+    return "\n".join(extract_blocks(report))
+
+
+def extract_blocks(report: ExtractReport) -> list[str]:
+    """The lines of :func:`render_extract`, its table as :class:`Table`; with calibration an output-error column
+    and the fidelity line."""
+    width = max((len(m.name) for m in report.matrices), default=10)
+    calibrated = report.calibration is not None
+    headers = ["matrix", "shape", "rank", "kept energy", "rel. error"] + (["output err."] if calibrated else [])
+    lines = [f"{'matrix':<{width}}  {'shape':>11}  {'rank':>5}  {'kept energy':>11}  {'rel. error':>10}"
+             + (f"  {'output err.':>11}" if calibrated else "")]
+    rows = []
+    for m in report.matrices:
+        shape = f"{m.shape[0]}×{m.shape[1]}"
+        output = [format_number(m.output_error)] if calibrated else []
+        lines.append(f"{m.name:<{width}}  {shape:>11}  {m.rank:>5}  {m.kept_energy:>11.4f}  {m.rel_error:>10.4f}"
+                     + "".join(f"  {value:>11}" for value in output))
+        rows.append([m.name, shape, m.rank, f"{m.kept_energy:.4f}", f"{m.rel_error:.4f}", *output])
+    experts = report.expert_parameters
+    modules = sum(m.rank > 0 and "[" not in m.module for m in report.matrices)  # an expert slice is module[e]
+    parts = f"{modules} LoRA modules" + (f" and {len(experts)} fused expert tensors (target_parameters)" if experts else "")
+    out = [Table("\n".join(lines), headers, rows, 1), "",
+           f"adapter written to {report.adapter}: {parts}, {report.parameters:,} parameters, overall relative error "
+           f"{report.relative_error:.4f}; {len(report.unchanged)} unchanged matrices skipped"]
+    if calibrated:
+        out.append(fidelity_line(report.fidelity, report.mean_output_error, report.calibration["activation_aware"]))
+    rank_zero = sum(1 for m in report.matrices if m.rank == 0)
+    if rank_zero:
+        out.append(f"{rank_zero} changed matri{'x' if rank_zero == 1 else 'ces'} got rank 0 (no LoRA module: "
+                   f"{'the budget went elsewhere' if report.selection.get('mode') == 'budget' else 'below the threshold'})")
+    if report.carried_whole:
+        out.append(f"carried whole: {len(report.carried_whole)} tensors ({report.whole_parameters:,} parameters)")
+    return out
+
+
+def format_number(value: float | None) -> str:
+    """A reported error with four decimals; '-' where there is none."""
+    return "-" if value is None else f"{value:.4f}"
+
+
+def fidelity_line(fidelity: dict[str, Any], mean_output_error: float | None, activation_aware: bool | None = None) -> str:
+    """One line: the adapter's KL (or hidden-state error) beside the base's, and the mean output error."""
+    tokens = fidelity["tokens"]
+    if "kl" in fidelity:
+        text = (f"fidelity on {tokens:,} calibration tokens: KL(ft ‖ base + adapter) {fidelity['kl']:.4g} "
+                f"(KL(ft ‖ base) {fidelity['kl_base']:.4g})")
+    else:
+        text = (f"fidelity on {tokens:,} calibration tokens: final hidden states' relative error "
+                f"{fidelity['hidden_error']:.4g} (base: {fidelity['hidden_error_base']:.4g})")
+    if mean_output_error is not None:
+        text += f"; mean output error {mean_output_error:.4f}"
+    if activation_aware:
+        text += " (activation-aware factors)"
+    return text
+
+
+def render_check(report: Any) -> str:
+    """The human-readable output of `deltakit check`: per matrix its weight and output error; the fidelity line."""
+    width = max((len(m.name) for m in report.matrices), default=10)
+    lines = [f"{'matrix':<{width}}  {'shape':>11}  {'rel. error':>10}  {'output err.':>11}"]
+    for m in report.matrices:
+        shape = f"{m.shape[0]}×{m.shape[1]}"
+        lines.append(f"{m.name:<{width}}  {shape:>11}  {format_number(m.rel_error):>10}  "
+                     f"{format_number(m.output_error):>11}")
+    return "\n".join([*lines, "", fidelity_line(report.fidelity, report.mean_output_error)])

@@ -246,7 +246,7 @@ def test_several_adapters_merge_as_a_weighted_sum_in_one_pass(adapters, runner, 
     result = invoke(runner, "merge", base_folder, dora, loha, "--weights", "0.7,0.3", "-o", tmp_path / "merged",
                     "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "2 adapters (DORA, LOHA)" in result.stdout
+    assert "2 adapters (DoRA, LoHa)" in result.stdout
     assert_same_model(read_model(tmp_path / "merged"), expected)
     result = invoke(runner, "unmerge", tmp_path / "merged", dora, loha, "--weights", "0.7,0.3", "--base", base_folder,
                     "--keep-replaced", "-o", tmp_path / "base-again", "--device", "cpu")

@@ -168,7 +168,7 @@ def test_rank_json_has_amplification_with_the_lora_rank(tmp_path, runner):
     result = invoke(runner, "rank", tmp_path / "base.safetensors", tmp_path / "ft.safetensors", "--json", "-",
                     "--device", "cpu")
     assert result.exit_code == 0, result.output
-    matrices = {m["name"]: m for m in json.loads(result.output)["matrices"]}
+    matrices = {m["name"]: m for m in json.loads(result.stdout)["matrices"]}
     stored_delta = (base + delta).float().double().numpy() - base.float().double().numpy()
     un, _, vtn = np.linalg.svd(stored_delta)
     expected = np.linalg.norm(stored_delta) / np.linalg.norm(un[:, :r].T @ base.float().double().numpy() @ vtn[:r].T)

@@ -47,7 +47,7 @@ def test_extract_merge_unmerge_from_the_command_line(llama, runner, tmp_path):
 
     result = invoke(runner, "merge", folder / "base", tmp_path / "adapter", "-o", tmp_path / "merged", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "merged 4 modules of the LORA adapter" in result.stdout
+    assert "merged 4 modules of the LoRA adapter" in result.stdout
     result = invoke(runner, "unmerge", tmp_path / "merged", tmp_path / "adapter", "-o", tmp_path / "base-again",
                     "--check", folder / "base", "--json", "-")
     assert result.exit_code == 0, result.output
@@ -71,8 +71,8 @@ def test_energy_and_budget_from_the_command_line(llama, runner, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--rank", "0"], "rank must be at least 1, got 0"),
     (["--rank", "-2"], "rank must be at least 1, got -2"),
-    (["--energy", "0"], "energy 0 is outside (0, 1]"),
-    (["--energy", "1.5"], "energy 1.5 is outside (0, 1]"),
+    (["--energy", "0"], "energy fraction 0 is outside (0, 1]"),
+    (["--energy", "1.5"], "energy fraction 1.5 is outside (0, 1]"),
     (["--budget", "0"], "budget must be at least 1"),
     (["--budget", "50"], "budget 50 is too small for rank 1 anywhere"),
     (["--rank", "4", "--max-rank", "0"], "max-rank must be at least 1"),

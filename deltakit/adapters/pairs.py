@@ -25,23 +25,28 @@ from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.adapters.whole import ReplacedModule
 from deltakit.pairing import (
-    TensorPair, adapted_layout, canonical_name, layer_index, match_names, module_type, pair_tensors,
+    TensorPair, adapted_layout, canonical_name, layer_index, match_names, model_order, module_type, pair_tensors,
 )
 
 
-def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, AdapterModule]]:
+def adapter_pairs(adapter: Adapter, base: Checkpoint, left_out: list[dict[str, str]] | None = None
+                  ) -> list[tuple[TensorPair, AdapterModule]]:
     """Pair each adapter module with the base tensor it changes; refuse an adapter that does not fit the base.
 
     Orientation is decided here, once, from the shapes, the model's config and the adapter's
     ``fan_in_fan_out`` (:func:`~deltakit.pairing.adapted_layout`), and carried on the pair's
-    ``layout``; the module's update must have the base tensor's shape in it.
+    ``layout``; the module's update must have the base tensor's shape in it. With ``left_out``
+    (a list), modules that do not fit are appended to it (``{"name", "reason"}``) and left out
+    instead of refused, as long as one fits.
     """
     mapping = match_names(base.keys(), adapter.modules.keys())  # adapter target -> base name
-    missing = [name for name in adapter.modules if name not in mapping]
-    if missing:
-        what = "none of its modules exist there" if len(missing) == len(adapter.modules) else "no such tensor there"
-        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {what} (first: {missing[0]})")
-    ft_like = {name: (base.shape(mapping[name]), torch.float32) for name in adapter.modules}
+    unfit: list[dict[str, str]] = [{"name": name, "reason": "no such tensor in the base"}
+                                   for name in adapter.modules if name not in mapping]
+    if len(unfit) == len(adapter.modules):
+        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: none of its modules exist there "
+                            f"(first: {unfit[0]['name']})")
+    names = [name for name in adapter.modules if name in mapping]
+    ft_like = {name: (base.shape(mapping[name]), torch.float32) for name in names}
     plan = pair_tensors(base.metas(), ft_like, base.config)
     # An adapter changes a fused expert tensor whole: the pairing's per-expert slices become one 3-D pair again.
     fused = list(dict.fromkeys(p.ft_tensor for p in plan.pairs if p.expert_slice))
@@ -49,16 +54,12 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
     pairs += [_nd_pair(name, mapping[name], ft_like[name][0], base) for name in fused]
     pairs += [_nd_pair(s.name, mapping[s.name], ft_like[s.name][0], base)
               for s in plan.skipped if len(ft_like[s.name][0]) > 2]
-    skipped = [s for s in plan.skipped if len(ft_like[s.name][0]) <= 2]
-    if skipped:
-        first = skipped[0]
-        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {first.name}: {first.reason}")
+    unfit += [{"name": s.name, "reason": s.reason} for s in plan.skipped if len(ft_like[s.name][0]) <= 2]
     out: list[tuple[TensorPair, AdapterModule]] = []
-    order = {name: index for index, name in enumerate(adapter.modules)}
     undecided = [p for p in pairs if len(p.shape) == 2 and not p.kernel and not adapter.modules[p.name].embedding
                   and not adapter.modules[p.name].own_layout]
     shown = frozenset(_shape_layout(p, adapter.modules[p.name]) for p in undecided) - {None}
-    for pair in sorted(pairs, key=lambda p: order[p.name]):
+    for pair in sorted(pairs, key=lambda p: model_order(p.name)):  # the model's order, as for two checkpoints
         module = adapter.modules[pair.name]
         layout = pair.layout
         if pair in undecided:
@@ -72,10 +73,19 @@ def adapter_pairs(adapter: Adapter, base: Checkpoint) -> list[tuple[TensorPair, 
         if pair.kernel:
             _check_convolution(adapter, pair, module)
         if tuple(pair.shape) != tuple(expected):
-            raise DeltakitError(
-                f"adapter {adapter.path} does not fit base {base.path}: {module.module} makes a "
-                f"{'×'.join(map(str, expected))} update, but {pair.base_name} is {'×'.join(map(str, pair.shape))}")
+            unfit.append({"name": pair.name, "reason": f"{module.module} makes a {'×'.join(map(str, expected))} "
+                                                       f"update, but {pair.base_name} is {'×'.join(map(str, pair.shape))}"})
+            continue
         out.append((pair, module))
+    if unfit and (left_out is None or not out):
+        shown_names = ", ".join(entry["name"] for entry in unfit[:3]) + (f" and {len(unfit) - 3} more"
+                                                                         if len(unfit) > 3 else "")
+        raise DeltakitError(f"adapter {adapter.path} does not fit base {base.path}: {len(unfit)} module"
+                            f"{'s' if len(unfit) != 1 else ''} cannot be paired ({shown_names}; first: "
+                            f"{unfit[0]['reason']}); pass skip_mismatched=True (--skip-mismatched) to leave "
+                            f"{'them' if len(unfit) != 1 else 'it'} out")
+    if left_out is not None:
+        left_out += unfit
     return out
 
 

@@ -135,7 +135,7 @@ def compare_matrix(
     return results
 
 
-@dataclass
+@dataclass(repr=False)
 class CompareReport(ReportMeta):
     """Everything `deltakit compare` found; ``to_dict()`` is the JSON contract (docs/json.md)."""
 

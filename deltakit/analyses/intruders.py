@@ -166,7 +166,7 @@ class MatrixIntruders:
         }
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False)
 class IntruderReport(PairReportMeta):
     """Everything `deltakit intruders` found; ``to_dict()`` is the JSON contract.
 
@@ -217,8 +217,8 @@ def check_k(k: int) -> int:
 def check_epsilons(epsilon: float | Sequence[float]) -> tuple[float, ...]:
     """Thresholds ε, each in (0, 1]; at least one; order kept (the first is the one --scale uses)."""
     values = (epsilon,) if isinstance(epsilon, (int, float)) else epsilon
-    return check_fractions(values, "epsilon", f"it is a cosine-similarity threshold, e.g. --epsilon {DEFAULT_EPSILON}",
-                           "--epsilon")
+    return check_fractions(values, "epsilon", f"it is a cosine-similarity threshold, e.g. epsilon={DEFAULT_EPSILON} "
+                           f"(--epsilon {DEFAULT_EPSILON})", "epsilon (--epsilon)")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 
 from deltakit.errors import DeltakitError
+from deltakit.pairing import MODULE_ORDER
 
 
 def skipped_line(skipped: list[dict[str, str]], shown: int = 5) -> str:
@@ -37,8 +38,36 @@ def names_line(label: str, names: list[str], shown: int = 5) -> str:
     return f"{label} ({len(names)}): " + ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
 
 
-@dataclass(kw_only=True)
-class ReportMeta:
+_DISPLAY: dict[str, Callable[[Any], str]] = {}
+
+
+def register_display(text: Callable[[Any], str], html: Callable[[Any], str]) -> None:
+    """How reports show themselves: ``text(report)`` for ``str()`` / ``print``, ``html(report)`` in a notebook.
+
+    The renderers live in the layers above (deltakit.report, deltakit.page), which register them
+    when imported (``import deltakit`` does); until then a report shows its short ``repr``.
+    """
+    _DISPLAY.update(text=text, html=html)
+
+
+class Displayed:
+    """A report that a notebook shows as tables (``_repr_html_``) and ``print`` as the command's text."""
+
+    def __repr__(self) -> str:
+        fts = getattr(self, "fts", None) or [getattr(self, "ft", "?")]
+        matrices = getattr(self, "matrices", [])
+        return (f"<{type(self).__name__} {getattr(self, 'base', '?')} -> {', '.join(map(str, fts))}: "
+                f"{len(matrices)} matrices; print() it for the tables, .to_dict() for the JSON>")
+
+    def __str__(self) -> str:
+        return _DISPLAY["text"](self) if "text" in _DISPLAY else repr(self)
+
+    def _repr_html_(self) -> str | None:
+        return _DISPLAY["html"](self) if "html" in _DISPLAY else None
+
+
+@dataclass(kw_only=True, repr=False)
+class ReportMeta(Displayed):
     """Inputs, run and left-out entries of a report with several fine-tunes (compare, trajectory).
 
     ``fts``: the fine-tunes (or checkpoints) in the order given; ``skipped``: ``{"name",
@@ -95,7 +124,7 @@ class ReportMeta:
         return self.left_out_lines() + [f"{what} in {self.precision} on {self.device}, {self.elapsed_s:.2f} s"]
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False)
 class PairReportMeta(ReportMeta):
     """A report on one base / fine-tune pair (rank, intruders): JSON ``ft`` (one path) instead of
     ``fts``, and the names found on one side only (``only_base``, ``only_ft``)."""
@@ -132,9 +161,15 @@ def energy_key(fraction: float) -> str:
     return f"{fraction:g}"
 
 
-def check_fractions(values: Sequence[float], label: str, hint: str, missing: str) -> tuple[float, ...]:
-    """Fractions each in (0, 1], at least one, duplicates dropped, order kept; else a DeltakitError."""
-    fractions = tuple(float(v) for v in values)
+def check_fractions(values: float | Sequence[float], label: str, hint: str, missing: str) -> tuple[float, ...]:
+    """Fractions each in (0, 1], at least one, duplicates dropped, order kept; else a DeltakitError.
+    One number is a sequence of one (``energy=0.9`` as ``energy=(0.9,)``)."""
+    if isinstance(values, (int, float)):
+        values = (values,)
+    try:
+        fractions = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise DeltakitError(f"{label} must be a number or a sequence of numbers, got {values!r}; {hint}") from None
     if not fractions:
         raise DeltakitError(f"give at least one {missing}")
     for value in fractions:
@@ -143,13 +178,9 @@ def check_fractions(values: Sequence[float], label: str, hint: str, missing: str
     return tuple(dict.fromkeys(fractions))
 
 
-def check_energies(energy: Sequence[float]) -> tuple[float, ...]:
-    """Validate energy fractions: each in (0, 1]; at least one."""
-    return check_fractions(energy, "energy fraction", "use e.g. --energy 0.9", "energy fraction")
-
-
-MODULE_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "mlp_in", "mlp_out", "router",
-                "experts.gate", "experts.up", "experts.gate_up", "experts.down", "lm_head")
+def check_energies(energy: float | Sequence[float]) -> tuple[float, ...]:
+    """Validate energy fractions: each in (0, 1]; at least one; a number or a sequence of them."""
+    return check_fractions(energy, "energy fraction", "use e.g. energy=0.9 (--energy 0.9)", "energy fraction")
 
 
 def group_order(group: str) -> tuple[int, int, str]:

@@ -29,6 +29,7 @@ from deltakit.delta import DeltaItem, DeltaSource, Selection, delta_row_blocks, 
 from deltakit.device.placement import current_device
 from deltakit.device.workers import MatrixWorkers
 from deltakit.distributed import Parallel, matrix_cost, process_device, reported_device
+from deltakit.pair_checks import warn_unusual_changes
 from deltakit.pairing import TensorPair
 from deltakit.pipeline import ProgressFn, run
 from deltakit.spectral import metrics
@@ -319,4 +320,8 @@ def run_rank(base: str | os.PathLike, ft: str | os.PathLike, options: RankOption
             else:
                 report.vectors.append(result)
     report.elapsed_s = time.perf_counter() - started
+    if source.ft is not None:  # an adapter's ΔW is what it holds; these checks are about two checkpoints
+        changed = [m for m in report.matrices if m.delta_fro > 0]
+        warn_unusual_changes([m.rel_delta for m in changed], len(changed) + sum(v.changed for v in report.vectors),
+                             len(report.matrices) + len(report.vectors), str(base), str(ft))
     return report

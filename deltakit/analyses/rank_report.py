@@ -104,7 +104,7 @@ def _without_unset_change(out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, repr=False)
 class RankReport(PairReportMeta):
     """Everything `deltakit rank` found; ``to_dict()`` is the documented JSON contract.
 

@@ -101,7 +101,7 @@ class MatrixTrajectory:
                 "layout": self.layout, "points": [p.to_dict() for p in self.points]}
 
 
-@dataclass
+@dataclass(repr=False)
 class TrajectoryReport(ReportMeta):
     """Everything `deltakit trajectory` found; ``fts`` are the checkpoints, in step order."""
 

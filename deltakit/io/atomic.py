@@ -257,8 +257,16 @@ def _appeared(target: Path) -> DeltakitError:
                          "nothing was overwritten; pass --force to overwrite it")
 
 
+def _usual_mode(tmp: Path) -> None:
+    """The output gets the modes of any file the user creates (0666 / 0777 less the umask), not a temporary
+    file's 0600."""
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
+
+
 def rename_new(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` onto ``target``, which must not exist: refused, not overwritten, if it appeared meanwhile."""
+    _usual_mode(tmp)
     try:
         if _renameat2(tmp, target, _RENAME_NOREPLACE):
             return
@@ -276,8 +284,7 @@ def replace_with(tmp: Path, target: Path, trash: Path | None = None) -> None:
     rename: the two are swapped atomically where the system allows it (Linux), else moved aside
     first, so a crash between the two renames leaves the old one at ``trash``.
     """
-    with contextlib.suppress(OSError):  # the output gets the usual umask modes
-        os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
+    _usual_mode(tmp)
     if not (target.exists() or target.is_symlink()):
         os.replace(tmp, target)
         return

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,6 +40,10 @@ from deltakit.io.json_files import read_json, validate_shard_index
 CONFIG_FILES = ("config.json", ADAPTER_CONFIG)
 # Downloads at least this large are announced on stderr (files, bytes, where) before they start.
 LARGE_DOWNLOAD_BYTES = 100 * 10**6
+
+# huggingface_hub imports tqdm.auto, which in a Jupyter kernel without ipywidgets warns "IProgress not found"
+# (deltakit shows its own notebook progress, deltakit.progress, and no tqdm bar): the warning is noise there.
+warnings.filterwarnings("ignore", message="IProgress not found", module="tqdm")
 
 _REPO = r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+"
 _HUB_ID = re.compile(rf"^(?P<repo>{_REPO})(?:@(?P<revision>[^@\s]+))?$")
@@ -59,10 +64,12 @@ class HubId:
 
 @dataclass(frozen=True)
 class HubSettings:
-    """How hub ids resolve: ``offline`` forbids the network; ``progress`` shows bars and the size line."""
+    """How hub ids resolve: ``offline`` forbids the network; ``progress`` shows bars and the size line;
+    ``revision`` is read for every hub id given without ``@revision`` (the CLI's ``--revision``)."""
 
     offline: bool = False
     progress: bool = True
+    revision: str | None = None
 
 
 _settings = HubSettings()
@@ -78,10 +85,10 @@ class _Listing:
 
 
 @contextlib.contextmanager
-def hub_settings(offline: bool = False, progress: bool = True) -> Iterator[HubSettings]:
-    """Resolve hub ids with these settings inside the block (the CLI's --offline and --quiet)."""
+def hub_settings(offline: bool = False, progress: bool = True, revision: str | None = None) -> Iterator[HubSettings]:
+    """Resolve hub ids with these settings inside the block (the CLI's --offline, --quiet and --revision)."""
     global _settings
-    previous, _settings = _settings, HubSettings(offline=offline, progress=progress)
+    previous, _settings = _settings, HubSettings(offline=offline, progress=progress, revision=revision or None)
     try:
         yield _settings
     finally:
@@ -108,17 +115,60 @@ def parse_hub_id(text: str | os.PathLike) -> HubId | None:
 def resolve_path(path: str | os.PathLike, allow_pickle: bool = False, weights: bool = True) -> Path:
     """Turn a local path, or a Hub id ``org/name[@revision]``, into a path on this machine.
 
-    A local file or folder wins over a hub id of the same name. A hub id resolves to its
-    snapshot in the Hugging Face cache, downloading the configs and (with ``weights``) the
-    weight files a command reads; see :mod:`deltakit.io.hub` (offline: the cache only).
+    A local file or folder wins over a hub id of the same name. A path that looks local (it starts
+    with ``.``, ``/`` or ``~``, or its first folder exists here, as ``demo`` of a mistyped
+    ``demo/bse``) and does not exist is "no such file or folder", never a Hub lookup. Anything else
+    of the form ``org/name`` resolves to its snapshot in the Hugging Face cache, downloading the
+    configs and (with ``weights``) the weight files a command reads; see :mod:`deltakit.io.hub`
+    (offline: the cache only). A failure then says that the local path was tried first.
     """
     local = Path(path).expanduser()
     if local.exists():
         return local
-    hub_id = parse_hub_id(path)
-    if hub_id is None:
-        raise DeltakitError(f"{path}: no such file or folder")
-    return resolve_hub_id(hub_id, allow_pickle=allow_pickle, weights=weights)
+    hub_id = hub_id_of(path)
+    if hub_id is None or looks_local(path):
+        raise DeltakitError(f"{path}: no such file or folder{_nearest_hint(local)}")
+    try:
+        return resolve_hub_id(hub_id, allow_pickle=allow_pickle, weights=weights)
+    except DeltakitError as exc:
+        raise DeltakitError(f"{path} is not a local file or folder, so it was read as a Hub id: {exc}") from None
+
+
+def looks_local(path: str | os.PathLike) -> bool:
+    """True for a path that names something on this machine: it starts with ``.``, ``/``, ``~`` or a
+    drive, or its first component is a folder here (``demo/bse`` where ``demo/`` exists)."""
+    text = os.fspath(path)
+    if text.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", text):
+        return True
+    first = Path(text).parts[0] if Path(text).parts else ""
+    return len(Path(text).parts) > 1 and Path(first).is_dir()
+
+
+def _nearest_hint(missing: Path) -> str:
+    """``; demo holds base, ft`` for a mistyped name: what the deepest existing parent folder holds."""
+    parent = missing.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or str(parent) in (".", "/"):
+        return ""
+    try:
+        names = sorted(entry.name for entry in parent.iterdir() if not entry.name.startswith("."))
+    except OSError:
+        return ""
+    if not names:
+        return f" ({parent} is empty)"
+    return f" ({parent} holds {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})"
+
+
+def hub_id_of(text: str | os.PathLike) -> HubId | None:
+    """:func:`parse_hub_id`, with the settings' revision (``--revision``) where the id names none."""
+    return _with_default_revision(parse_hub_id(text))
+
+
+def _with_default_revision(hub_id: HubId | None) -> HubId | None:
+    if hub_id is None or hub_id.revision or not _settings.revision:
+        return hub_id
+    return HubId(hub_id.repo_id, _settings.revision)
 
 
 def base_model_fields(path: str | os.PathLike) -> dict[str, str]:
@@ -126,9 +176,9 @@ def base_model_fields(path: str | os.PathLike) -> dict[str, str]:
 
     Empty for a local path, which then stays as given.
     """
-    if Path(path).expanduser().exists():
+    if Path(path).expanduser().exists() or looks_local(path):
         return {}
-    hub_id = parse_hub_id(path)
+    hub_id = hub_id_of(path)
     if hub_id is None:
         return {}
     fields = {"base_model_name_or_path": hub_id.repo_id}

@@ -68,9 +68,9 @@ def _not_copyable(source: Path, root: Path) -> str | None:
 
 def _fetch_model_files(hub_id: str, only_config: bool) -> None:
     """Download the non-weight files transformers reads (tokenizer, generation config...) beside a Hub checkpoint."""
-    from deltakit.io.hub import fetch_files, parse_hub_id
+    from deltakit.io.hub import fetch_files, hub_id_of
 
-    parsed = parse_hub_id(hub_id)
+    parsed = hub_id_of(hub_id)
     if parsed is not None and not only_config:  # config.json came with the weights
         fetch_files(parsed, lambda name: bool(MODEL_FILE.match(name)) or name.endswith(".py"))
 

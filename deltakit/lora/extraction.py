@@ -57,7 +57,8 @@ from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport, outp
 from deltakit.lora.fidelity import adapter_edits, calibration_entry, fidelity_entry, open_calibration
 from deltakit.lora.model_card import model_card
 from deltakit.lora.ranks import RankChoice
-from deltakit.lora.targets import plan_extraction
+from deltakit.lora.targets import plan_extraction, unpaired, unpaired_message
+from deltakit.pair_checks import floating, warn_suspicious_pair
 from deltakit.pairing import pair_tensors
 from deltakit.pipeline import ProgressFn
 from deltakit.spectral.options import SpectralOptions
@@ -88,6 +89,7 @@ def extract_lora(
     weights: Sequence[float] | None = None,
     factor_space: bool = True,
     experts: bool = True,
+    skip_mismatched: bool = False,
     calibration: str | os.PathLike | None = None,
     activation_aware: bool = False,
     metric: str = "auto",
@@ -106,7 +108,10 @@ def extract_lora(
     layers as ``bias="lora_only"``). ``embeddings`` adds PEFT embedding LoRA for embedding
     tables. Fused MoE expert tensors that changed become LoRA on parameters (PEFT
     ``target_parameters``), one rank per expert; ``experts=False`` leaves them out.
-    ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
+    ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. A tensor the two
+    checkpoints do not pair (another shape, on one side only) is refused, since the adapter would
+    silently lack it; ``skip_mismatched`` writes the adapter without it (``report.not_carried``
+    lists it). With
     ``parallel`` (under torchrun) each process factors its share of the matrices and writes
     them into the adapter file; every process returns the whole report.
 
@@ -145,6 +150,11 @@ def extract_lora(
         plan = pair_tensors(base_ckpt.metas(), ft_ckpt.metas(), config, include, exclude)
         targets = plan_extraction(plan, config, embeddings, experts)
         pairs = plan.pairs
+        warn_suspicious_pair(base_ckpt, ft_ckpt, base, ft_path, plan)
+        weights = set(floating([e["name"] for e in targets.not_carried], base_ckpt, ft_ckpt))
+        mismatched = [e for e in unpaired(targets.not_carried) if e["name"] in weights]  # integer buffers aside
+        if mismatched and not skip_mismatched:
+            raise DeltakitError(unpaired_message(mismatched, "the adapter"))
     factored = factor_space and adapters is not None and adapters.factored
     if not targets.lora and not targets.whole:
         raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")

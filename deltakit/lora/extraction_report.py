@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from deltakit.analyses.meta import Displayed
 from deltakit.errors import DeltakitError
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,8 +45,8 @@ class ExtractedMatrix:
         return out
 
 
-@dataclass
-class ExtractReport:
+@dataclass(repr=False)
+class ExtractReport(Displayed):
     """What `extract` wrote and what it could not; ``to_dict()`` is the JSON report."""
 
     base: str

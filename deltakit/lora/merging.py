@@ -84,6 +84,7 @@ class MergeReport:
     check_worst: str | None = None  # the tensor with the largest max |Δ|
     dtype: str | None = None  # --dtype: floating-point tensors written in it
     dequantized: str | None = None  # the model was quantized: what was written instead (never re-quantized)
+    not_merged: list[dict[str, str]] = field(default_factory=list)  # skip_mismatched: modules left out, and why
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +106,7 @@ def merge(
     progress: ProgressFn | None = None,
     parallel: Parallel = Parallel(),
     dtype: str | torch.dtype | None = None,
+    skip_mismatched: bool = False,
 ) -> MergeReport:
     """Write ``base`` + scale · Σ wᵢ·ΔWᵢ of the adapter(s) as a complete model folder at ``out``.
 
@@ -113,10 +115,13 @@ def merge(
     ``dtype`` (float32 | bfloat16 | float16) writes every floating-point tensor in it. A quantized
     base (fp8, MXFP4) is read dequantized and written in its logical dtype (bfloat16 unless the
     config or ``dtype`` says otherwise), never re-quantized; ``report.dequantized`` says so.
+    An adapter module that does not fit the base (no such tensor, another shape) is refused;
+    ``skip_mismatched`` merges the others and lists it in ``report.not_merged``.
     Example: ``merge("base", "my-lora", "merged", scale=0.5)``.
     """
     plan = MergePlan("merge", str(base), _adapter_paths(adapter), str(out), scale, _tuple(weights), device=device,
-                     force=force, allow_pickle=allow_pickle, prefetch=prefetch, dtype=dtype)
+                     force=force, allow_pickle=allow_pickle, prefetch=prefetch, dtype=dtype,
+                     skip_mismatched=skip_mismatched)
     return apply_plan(plan, progress, parallel)
 
 
@@ -178,6 +183,7 @@ class MergePlan:
     prefetch: int = 2
     dtype: str | torch.dtype | None = None
     piece_bytes: int = PIECE_BYTES  # a larger tensor is merged in row blocks of about this size
+    skip_mismatched: bool = False  # leave out adapter modules that do not fit the model, instead of refusing
 
     def __post_init__(self) -> None:
         if self.operation not in ("merge", "unmerge"):
@@ -221,7 +227,7 @@ def apply_plan(plan: MergePlan, progress: ProgressFn | None = None, parallel: Pa
                          scale=float(plan.scale), device=reported_device(parallel, compute_device),
                          adapters=paths, weights=factors, adapter_types=[a.label for a in adapters],
                          check=plan.check, base=plan.original)
-    parts = _parts(adapters, ckpt, factors)
+    parts = _parts(adapters, ckpt, factors, report.not_merged if plan.skip_mismatched else None)
     whole, new_shapes = _whole_steps(adapters, ckpt, operation, report)
     original_ckpt = None
     if operation == "unmerge":
@@ -325,11 +331,13 @@ def _weights(paths: list[Any], weights: Sequence[float] | None, scale: float) ->
     return factors
 
 
-def _parts(adapters: list[Adapter], ckpt: Checkpoint, factors: list[float]) -> dict[str, list[Part]]:
-    """Model tensor name -> the adapters' modules on it; refuse adapters that do not fit the model."""
+def _parts(adapters: list[Adapter], ckpt: Checkpoint, factors: list[float],
+           left_out: list[dict[str, str]] | None = None) -> dict[str, list[Part]]:
+    """Model tensor name -> the adapters' modules on it; refuse adapters that do not fit the model
+    (with ``left_out``, leave out the modules that do not fit and list them there)."""
     parts: dict[str, list[Part]] = {}
     for index, adapter in enumerate(adapters):
-        for pair, module in adapter_pairs(adapter, ckpt):
+        for pair, module in adapter_pairs(adapter, ckpt, left_out):
             parts.setdefault(pair.base_name, []).append(Part(index, pair, module, factors[index]))
     return parts
 

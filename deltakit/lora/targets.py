@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from deltakit.pairing import PairPlan, TensorPair
+from deltakit.pairing import PairPlan, TensorPair, module_type
 
 WORD_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
 EMBEDDINGS_HINT = "pass --embeddings for a PEFT embedding LoRA, or --save-modules to carry it whole"
@@ -122,11 +122,31 @@ def plan_extraction(plan: PairPlan, config: Mapping[str, Any] | None, embeddings
     for skipped in plan.skipped:
         if not skipped.reason.startswith("tied to"):
             targets.not_carried.append({"name": skipped.name, "reason": skipped.reason})
-    targets.not_carried += [{"name": n, "reason": "only in the fine-tune: not in the base, no adapter can add it"}
-                            for n in plan.only_ft]
-    targets.not_carried += [{"name": n, "reason": "only in the base: removed by the fine-tune, no adapter can remove it"}
-                            for n in plan.only_base]
+    targets.not_carried += [{"name": n, "reason": ONLY_FT} for n in plan.only_ft]
+    targets.not_carried += [{"name": n, "reason": ONLY_BASE} for n in plan.only_base
+                            if not (tied and module_type(n) == "lm_head")]  # a tied head the fine-tune did not store
     return targets
+
+
+ONLY_FT = "only in the fine-tune: not in the base, no adapter can add it"
+ONLY_BASE = "only in the base: removed by the fine-tune, no adapter can remove it"
+UNPAIRED_REASONS = ("shape mismatch", ONLY_FT, ONLY_BASE)
+
+
+def unpaired(entries: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The not-carried entries that are tensors the two checkpoints do not pair (another shape, one side only):
+    an output without them is not the fine-tune, whatever the rank."""
+    return [entry for entry in entries if entry["reason"].startswith(UNPAIRED_REASONS)]
+
+
+def unpaired_message(entries: list[dict[str, str]], what: str, shown: int = 3) -> str:
+    """One line naming the tensors that cannot be paired, and the flag that writes ``what`` without them."""
+    names = ", ".join(entry["name"] for entry in entries[:shown]) + (f" and {len(entries) - shown} more"
+                                                                      if len(entries) > shown else "")
+    return (f"{len(entries)} tensor{'s' if len(entries) != 1 else ''} cannot be paired, so {what} would lack "
+            f"{'them' if len(entries) != 1 else 'it'}: {names} (first: {entries[0]['reason']}); "
+            f"pass skip_mismatched=True (--skip-mismatched) to write {what} without "
+            f"{'them' if len(entries) != 1 else 'it'}")
 
 
 EXPERTS_LEFT_OUT = "fused MoE expert tensor: left out by --no-experts"
