@@ -389,8 +389,13 @@ def test_bad_calibration_input_is_one_error_line(pair, extracted, runner, tmp_pa
     assert_one_line_error(_calibration_error(runner, pair, tmp_path, floats), "must be integers")
     text = tmp_path / "calib.txt"
     text.write_text("some text")
-    result = invoke(runner, "extract", pair / "base", pair / "base", "-o", tmp_path / "out", "--rank", "2",
-                    "--calibration", text, "--device", "cpu")  # the base folder has no tokenizer
+    untokenised = tmp_path / "ft-without-tokenizer"
+    untokenised.mkdir()
+    for file in (pair / "ft").iterdir():
+        if file.is_file() and not file.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            (untokenised / file.name).write_bytes(file.read_bytes())
+    result = invoke(runner, "extract", pair / "base", untokenised, "-o", tmp_path / "out", "--rank", "2",
+                    "--calibration", text, "--device", "cpu")
     assert_one_line_error(result, "no tokenizer")
     assert_one_line_error(invoke(runner, "extract", pair / "base", pair / "ft", "-o", tmp_path / "out", "--rank", "2",
                                  "--activation-aware"), "needs calibration tokens")
