@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -47,10 +48,13 @@ from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.hub import base_model_fields
 from deltakit.io.inputs import footprints
-from deltakit.io.peft import is_peft_adapter
+from deltakit.io.kohya_files import is_adapter as is_adapter_path
 from deltakit.lora.adapter_files import FactorStage, write_adapter
 from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
-from deltakit.lora.extraction_passes import Extraction, check_budget
+from deltakit.lora.extraction_passes import Extraction, Survey, check_budget
+from deltakit.lora.kohya_format import (
+    alpha_tensors, check_format, check_targets, kohya_keys, kohya_metadata, kohya_output, write_kohya,
+)
 from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport, output_dtype
 from deltakit.lora.model_card import model_card
 from deltakit.lora.ranks import RankChoice
@@ -85,6 +89,12 @@ def extract_lora(
     weights: Sequence[float] | None = None,
     factor_space: bool = True,
     experts: bool = True,
+    format: str = "peft",
+    clamp_quantile: float | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    sv_cumulative: float | None = None,
+    quantile: float | None = None,
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
 
@@ -99,14 +109,23 @@ def extract_lora(
     layers as ``bias="lora_only"``). ``embeddings`` adds PEFT embedding LoRA for embedding
     tables. Fused MoE expert tensors that changed become LoRA on parameters (PEFT
     ``target_parameters``), one rank per expert; ``experts=False`` leaves them out.
-    ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. With
+    ``sv_ratio``, ``sv_fro``, ``sv_cumulative`` (kohya-ss sd-scripts) and ``quantile`` (LyCORIS) choose
+    per-matrix ranks by those tools' rules (:func:`deltakit.lora.ranks.kohya_rank`).
+    ``format="kohya"`` writes one kohya-ss ``.safetensors`` file at ``out`` instead of a PEFT folder
+    (:mod:`deltakit.lora.kohya_format`); ``clamp_quantile`` clamps the factors as sd-scripts'
+    ``--clamp_quantile`` does (:func:`deltakit.lora.factors.clamp_quantile`), each matrix reporting its
+    error before the clamp too.
+    ``dtype`` (float32 | bfloat16 | float16, or fp32 | bf16 | fp16) overrides the fine-tune's dtype. With
     ``parallel`` (under torchrun) each process factors its share of the matrices and writes
     them into the adapter file; every process returns the whole report.
 
     Example: ``extract_lora("base", "ft", "adapter", rank=16).relative_error``.
     """
     started = time.perf_counter()
-    choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank, ratio=ratio)
+    choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank, ratio=ratio, sv_ratio=sv_ratio,
+                        sv_fro=sv_fro, sv_cumulative=sv_cumulative, quantile=quantile)
+    check_format(format, str(out), save_modules, embeddings, parallel.active)
+    check_clamp(clamp_quantile)
     out_dtype = output_dtype(dtype)
     device = process_device(parallel, options.device)
     compute_dtype = options.dtype
@@ -134,6 +153,8 @@ def extract_lora(
     factored = factor_space and adapters is not None and adapters.factored
     if not targets.lora and not targets.whole:
         raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")
+    if format == "kohya":
+        check_targets(targets.lora)
     if choice.mode == "budget":
         check_budget(choice.budget, targets.lora, "")  # fail before reading anything
     method = "factor-space" if factored else "exact" if options.exact else "randomized"
@@ -143,24 +164,50 @@ def extract_lora(
         spectrum_method=(method if factored else options.method) if choice.needs_spectra else None,
         device=reported_device(parallel, device), precision=options.precision, passes=2 if choice.needs_spectra else 1,
         adapters=list(adapter_paths or []), weights=list(adapters.weights) if adapters else [],
+        format=format, clamp_quantile=clamp_quantile,
     )
     extraction = Extraction(choice, targets, pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,
-                      seed, progress, parallel, adapters=adapters, factored=factored)
-    with shared_directory(out, force, parallel, inputs) as tmp:
-        stage = FactorStage(Path(tmp) / f".staging-{parallel.rank}")
-        survey = extraction.first_pass(stage, report)
-        if choice.needs_spectra:
-            ranks = extraction.choose_ranks(survey)
-            extraction.second_pass(stage, survey, ranks, report)
-        report.matrices.sort(key=lambda m: extraction.order[m.name])
-        tensors, lora_config = extraction.assemble(stage, survey, report, save_modules, base_name=str(base))
-        lora_config.update(base_model_fields(base))  # the Hub id (and revision) when the base came from the Hub
-        if not tensors:
-            raise DeltakitError(_nothing_to_write(report))
-        write_adapter(Path(tmp), lora_config, tensors, progress, parallel, card=model_card(report, lora_config))
-        stage.remove()
+                      seed, progress, parallel, adapters=adapters, factored=factored, clamp=clamp_quantile)
+    if format == "kohya":
+        with kohya_output(out, force, inputs) as (tmp, file):
+            stage = FactorStage(tmp / ".staging-0")
+            survey = _passes(extraction, choice, stage, report)
+            weights, folder = base_ckpt.keys(), base_ckpt.root.name
+            tensors, _ = extraction.assemble(stage, survey, report, False, str(base), kohya_keys(weights, folder))
+            if not tensors:
+                raise DeltakitError(_nothing_to_write(report))
+            ranks = {m.module: m.rank for m in report.matrices if m.rank > 0}
+            tensors += alpha_tensors(ranks, weights, folder, tensors[0].dtype)
+            write_kohya(file, tensors, kohya_metadata(ranks, report.selection, str(base), report.ft), progress)
+            stage.remove()
+    else:
+        with shared_directory(out, force, parallel, inputs) as tmp:
+            stage = FactorStage(Path(tmp) / f".staging-{parallel.rank}")
+            survey = _passes(extraction, choice, stage, report)
+            tensors, lora_config = extraction.assemble(stage, survey, report, save_modules, base_name=str(base))
+            lora_config.update(base_model_fields(base))  # the Hub id (and revision) when the base came from the Hub
+            if not tensors:
+                raise DeltakitError(_nothing_to_write(report))
+            write_adapter(Path(tmp), lora_config, tensors, progress, parallel, card=model_card(report, lora_config))
+            stage.remove()
     report.elapsed_s = time.perf_counter() - started
     return report
+
+
+def _passes(extraction: Extraction, choice: RankChoice, stage: FactorStage, report: ExtractReport) -> Survey:
+    """Pass 1, and pass 2 where the ranks depend on the spectra; the report's matrices in plan order."""
+    survey = extraction.first_pass(stage, report)
+    if choice.needs_spectra:
+        ranks = extraction.choose_ranks(survey)
+        extraction.second_pass(stage, survey, ranks, report)
+    report.matrices.sort(key=lambda m: extraction.order[m.name])
+    return survey
+
+
+def check_clamp(clamp: float | None) -> None:
+    """A clamp quantile is a fraction in (0, 1]: sd-scripts' default is 0.99."""
+    if clamp is not None and (math.isnan(float(clamp)) or not 0.0 < float(clamp) <= 1.0):
+        raise DeltakitError(f"clamp quantile {clamp:g} is outside (0, 1]; sd-scripts' default is 0.99")
 
 
 def _inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[str | os.PathLike],
@@ -169,10 +216,10 @@ def _inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[str | os.P
     given = [ft] if isinstance(ft, (str, os.PathLike)) else list(ft)
     if not given:
         raise DeltakitError("give a fine-tuned model or at least one adapter to extract from")
-    if is_peft_adapter(base):
+    if is_adapter_path(base):
         raise DeltakitError(f"BASE {base} is a PEFT adapter; extract needs the full base model as BASE "
                             f"(adapters go after it: deltakit extract BASE {base} -o OUT --rank R)")
-    is_adapter = [is_peft_adapter(path) for path in given]
+    is_adapter = [is_adapter_path(path) for path in given]
     if not any(is_adapter):
         if len(given) > 1:
             raise DeltakitError(f"{len(given)} fine-tuned models given; extract compares BASE with one fine-tune, "

@@ -16,6 +16,7 @@ import torch
 from deltakit.errors import DeltakitError
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32"}  # sd-scripts' spellings
 
 
 @dataclass
@@ -31,10 +32,13 @@ class ExtractedMatrix:
     kept_energy: float  # Σ_{i≤r} σ_i² / ‖ΔW‖_F²
     rel_error: float  # ‖ΔW − BA‖_F / ‖ΔW‖_F, with B and A as stored
     parameters: int  # r · (m + n)
+    unclamped_rel_error: float | None = None  # with clamp_quantile: the error before the clamp (None: no clamp)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["shape"] = list(self.shape)
+        if self.unclamped_rel_error is None:
+            del out["unclamped_rel_error"]
         return out
 
 
@@ -64,6 +68,8 @@ class ExtractReport:
     # Fused expert tensors written as LoRA on parameters: name, experts, rank (the largest
     # expert's), the experts with factors, and the parameters in the file (zero-padded to that rank).
     expert_parameters: list[dict[str, Any]] = field(default_factory=list)
+    format: str = "peft"  # peft (a folder) | kohya (one .safetensors file)
+    clamp_quantile: float | None = None  # kohya's clamp of the factors (None: none)
 
     @property
     def parameters(self) -> int:
@@ -96,6 +102,8 @@ class ExtractReport:
             "modules_to_save": list(self.modules_to_save), "lora_bias": self.lora_bias,
             "adapters": list(self.adapters), "weights": list(self.weights),
             "expert_parameters": [dict(entry) for entry in self.expert_parameters],
+            **({"format": self.format} if self.format != "peft" else {}),
+            **({"clamp_quantile": self.clamp_quantile} if self.clamp_quantile is not None else {}),
         }
 
 
@@ -103,6 +111,7 @@ def output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``None`` (follow the fine-tune), or float32 | bfloat16 | float16."""
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in OUTPUT_DTYPES.values():
         return dtype  # type: ignore[return-value]
-    if str(dtype) in OUTPUT_DTYPES:
-        return OUTPUT_DTYPES[str(dtype)]
+    name = SHORT_DTYPES.get(str(dtype), str(dtype))
+    if name in OUTPUT_DTYPES:
+        return OUTPUT_DTYPES[name]
     raise DeltakitError(f"unknown output dtype {dtype!r}; use one of {', '.join(OUTPUT_DTYPES)}")
