@@ -40,7 +40,7 @@ from deltakit.adapters.lokr import LokrModule
 from deltakit.adapters.lora import LoraModule
 from deltakit.errors import DeltakitError
 from deltakit.io.diffusion_names import (
-    LDM_UNET, DIFFUSERS_UNET, UnetBlocks, kohya_part, kohya_spellings, part_of, parts_present, unet_to_ldm,
+    CLIP_TEXT, LDM_UNET, DIFFUSERS_UNET, UnetBlocks, kohya_part, kohya_spellings, part_of, parts_present, unet_to_ldm,
 )
 from deltakit.io.kohya_files import AdapterFile, group_components, group_modules
 from deltakit.io.peft import lora_scaling, pattern_value
@@ -226,8 +226,9 @@ def _diffusers(file: AdapterFile, base: BaseInfo) -> tuple[list[AdapterModule], 
 
 def _diffusers_target(module: str, names: set[str], blocks: UnetBlocks | None) -> str | None:
     """The base weight a diffusers module path means: itself, or its LDM spelling in a single file."""
-    candidates = [f"{module}.weight", f"cond_stage_model.transformer.{module}.weight",
-                  f"conditioner.embedders.0.transformer.{module}.weight"]
+    paths = [module] + ([module.removeprefix("text_model."), f"text_model.{module}"] if CLIP_TEXT.match(module) else [])
+    candidates = [f"{prefix}{path}.weight" for prefix in ("", "cond_stage_model.transformer.",
+                                                         "conditioner.embedders.0.transformer.") for path in paths]
     if blocks is not None and DIFFUSERS_UNET.match(module):
         ldm = unet_to_ldm(module, blocks)
         if ldm is not None:

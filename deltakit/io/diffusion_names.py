@@ -51,6 +51,9 @@ KOHYA_PARTS = ("unet", "te", "te1", "te2", "te3")
 LYCORIS_PREFIX = "lycoris"  # LyCORIS's own wrapper (create_lycoris) names modules lycoris_<path>
 KOHYA_MODULE = re.compile(r"^(?:lora_(?P<part>unet|te\d?)|lycoris)_(?P<rest>.+)$")
 TEXT_MODEL = "text_model."
+# A CLIP text encoder's own names: transformers 4 saves them under ``text_model.``, transformers 5 without it.
+CLIP_TEXT = re.compile(r"^(text_model\.|encoder\.layers\.|embeddings\.(token|position)_embedding|final_layer_norm\.|"
+                       r"text_projection\.)")
 
 # resnet leaves: diffusers -> LDM
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -180,15 +183,17 @@ def _resnet_leaf_back(rest: str) -> str | None:
 def part_of(name: str) -> tuple[str | None, str]:
     """(kohya part, path inside the part) of a stored tensor or module name.
 
-    A single file's prefixes say the part (:data:`LDM_PARTS`); a name starting ``text_model.`` is a
-    text encoder folder's (part None: ``te``, ``te1`` or ``te2``, which only its shapes tell);
-    anything else is a denoiser's (a UNet or transformer folder, or a BFL Flux file).
+    A single file's prefixes say the part (:data:`LDM_PARTS`); a CLIP text encoder folder's names
+    (:data:`CLIP_TEXT`) are part None (``te``, ``te1`` or ``te2``, which only its shapes tell);
+    anything else is a denoiser's (a UNet or transformer folder, or a BFL Flux file). A text
+    encoder's path is given without transformers 4's ``text_model.``, so both spellings meet.
     """
     for prefix, part in LDM_PARTS:
         if name.startswith(prefix):
-            return part, name[len(prefix):]
-    if name.startswith(TEXT_MODEL):
-        return None, name
+            rest = name[len(prefix):]
+            return part, rest.removeprefix(TEXT_MODEL) if part != "unet" else rest
+    if CLIP_TEXT.match(name):
+        return None, name.removeprefix(TEXT_MODEL)
     return "unet", name
 
 
@@ -212,8 +217,11 @@ def kohya_spellings(weights: Iterable[str]) -> dict[str, list[str]]:
         part, path = part_of(weight)
         module = path[: -len(".weight")]
         names = {f"{LYCORIS_PREFIX}_{flatten(module)}"}
-        parts = [part] if part is not None else ["te", "te1", "te2"]
-        names |= {f"lora_{p}_{flatten(module)}" for p in parts}
+        if part == "unet":
+            names.add(f"lora_unet_{flatten(module)}")
+        else:  # kohya spells a text encoder with transformers 4's text_model_, LyCORIS on transformers 5 without
+            for p in [part] if part is not None else ["te", "te1", "te2"]:
+                names |= {f"lora_{p}_{flatten(module)}", f"lora_{p}_text_model_{flatten(module)}"}
         if part == "unet" and blocks is not None:
             other = unet_to_ldm(module, blocks) if DIFFUSERS_UNET.match(module) else (
                 unet_from_ldm(module, blocks) if LDM_UNET_BLOCKS.match(module) else None)
@@ -241,25 +249,31 @@ def parts_present(weights: Iterable[str]) -> set[str]:
     return present | {LYCORIS_PREFIX}
 
 
-def kohya_module_name(module: str, weights: Iterable[str], folder: str = "") -> str:
-    """The kohya name sd-scripts gives a base's module: ``lora_<part>_<path>``.
+class KohyaNamer:
+    """The kohya names sd-scripts gives a base's modules: ``lora_<part>_<path>``.
 
     The UNet of SDXL (it has ``label_emb`` / ``add_embedding``) in LDM names, any other UNet in
-    diffusers names, anything else in its own names; a text encoder folder is ``te`` (``te2``
-    when the folder is named ``text_encoder_2``, as in a diffusers SDXL pipeline).
+    diffusers names, anything else in its own names; a text encoder with transformers 4's
+    ``text_model_``, its part ``te`` (``te2`` when its folder is named ``text_encoder_2``, as in a
+    diffusers SDXL pipeline) or the single file's.
     """
-    part, path = part_of(module)
-    if part is None:
-        return f"lora_{'te2' if folder == 'text_encoder_2' else 'te'}_{flatten(path)}"
-    if part == "unet":
-        paths = [part_of(w)[1] for w in weights if part_of(w)[0] == "unet"]
-        blocks = UnetBlocks.of(paths)
-        sdxl = any(p.startswith(("label_emb.", "add_embedding.")) for p in paths)
-        if blocks is not None and sdxl and DIFFUSERS_UNET.match(path):
-            path = unet_to_ldm(path, blocks) or path
-        elif blocks is not None and not sdxl and LDM_UNET_BLOCKS.match(path):
-            path = unet_from_ldm(path, blocks) or path
-    return f"lora_{part}_{flatten(path)}"
+
+    def __init__(self, weights: Iterable[str], folder: str = "") -> None:
+        paths = [path for part, path in map(part_of, weights) if part == "unet"]
+        self.blocks = UnetBlocks.of(paths)
+        self.sdxl = any(p.startswith(("label_emb.", "add_embedding.")) for p in paths)
+        self.folder = folder
+
+    def __call__(self, module: str) -> str:
+        part, path = part_of(module)
+        if part != "unet":
+            part = part or ("te2" if self.folder == "text_encoder_2" else "te")
+            return f"lora_{part}_text_model_{flatten(path)}"
+        if self.blocks is not None and self.sdxl and DIFFUSERS_UNET.match(path):
+            path = unet_to_ldm(path, self.blocks) or path
+        elif self.blocks is not None and not self.sdxl and LDM_UNET_BLOCKS.match(path):
+            path = unet_from_ldm(path, self.blocks) or path
+        return f"lora_unet_{flatten(path)}"
 
 
 def is_diffusion_file(names: Iterable[str]) -> bool:
@@ -281,5 +295,5 @@ def common_names(names: Iterable[str]) -> dict[str, str]:
         part, path = part_of(name)
         if part == "unet" and blocks is not None and LDM_UNET_BLOCKS.match(path):
             path = unet_from_ldm(path, blocks) or path
-        keys[f"{part or 'te'}:{path}"] = name
+        keys[f"{'te' if part is None or part.startswith('te') else part}:{path}"] = name
     return keys

@@ -84,7 +84,8 @@ def clamp_quantile(factors: LoraFactors, quantile: float) -> LoraFactors:
     0.99 there): with every singular value in the up factor, up = U_r S_r and down = V_rᵀ, h is the
     ``quantile`` (linear interpolation, as ``torch.quantile``) of all entries of up and down together,
     and both are clamped to [−h, h]. Returns (B = clamped up, A = clamped down): B @ A no longer is the
-    truncated SVD, and what that costs is the growth of ‖ΔW − BA‖_F.
+    truncated SVD, and what that costs is the growth of ‖ΔW − BA‖_F. The quantile is of signed entries,
+    so (in sd-scripts too) the result depends on the sign the SVD gives each singular vector pair.
     """
     root = factors.singular_values.clamp_min(0).sqrt().to(factors.b.dtype)
     up = factors.b * root

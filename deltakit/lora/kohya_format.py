@@ -3,7 +3,7 @@ A1111 and ComfyUI load.
 
 Each factored module ``m`` becomes ``<k>.lora_down.weight`` (A, r × in), ``<k>.lora_up.weight`` (B,
 out × r) and ``<k>.alpha`` (r, a 0-D tensor: scaling α / r = 1, so up @ down is the extracted ΔW),
-with ``k`` the kohya name sd-scripts gives the module (:func:`deltakit.io.diffusion_names.kohya_module_name`:
+with ``k`` the kohya name sd-scripts gives the module (:class:`deltakit.io.diffusion_names.KohyaNamer`:
 an SD 1.x/2.x UNet in diffusers names, SDXL's in LDM names, text encoders as ``lora_te*``). The
 metadata carries sd-scripts' ``ss_network_module`` (``networks.lora``), ``ss_network_dim`` and
 ``ss_network_alpha`` (the rank, or ``Dynamic`` when the ranks differ, as ``resize_lora.py`` writes),
@@ -28,7 +28,7 @@ import torch
 
 from deltakit.errors import DeltakitError
 from deltakit.io.atomic import atomic_file
-from deltakit.io.diffusion_names import kohya_module_name
+from deltakit.io.diffusion_names import KohyaNamer
 from deltakit.io.inputs import InputFootprint
 from deltakit.io.writer import ShardedWriter
 from deltakit.lora.adapter_files import AdapterTensor
@@ -74,17 +74,19 @@ def kohya_output(out: str | Path, force: bool, inputs: Iterable[InputFootprint])
 
 def kohya_keys(weights: list[str], folder: str) -> Callable[[str, bool], tuple[str, str]]:
     """The (down, up) keys of a base module, for :meth:`Extraction.assemble`'s ``keys``."""
+    namer = KohyaNamer(weights, folder)
+
     def keys(module: str, embedding: bool = False) -> tuple[str, str]:
-        name = kohya_module_name(module, weights, folder)
+        name = namer(module)
         return f"{name}.lora_down.weight", f"{name}.lora_up.weight"
     return keys
 
 
 def alpha_tensors(ranks: dict[str, int], weights: list[str], folder: str, dtype: torch.dtype) -> list[AdapterTensor]:
     """One 0-D ``alpha`` = r per module: scaling α / r = 1."""
-    out = []
+    out, namer = [], KohyaNamer(weights, folder)
     for module, rank in ranks.items():
-        name = kohya_module_name(module, weights, folder)
+        name = namer(module)
         out.append(AdapterTensor(f"{name}.alpha", (), dtype, lambda r=rank: torch.tensor(float(r))))
     return out
 
