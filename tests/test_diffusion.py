@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_one_line_error, invoke
 
-diffusers = pytest.importorskip("diffusers")
-lycoris = pytest.importorskip("lycoris")
+import diffusers  # noqa: E402,F401
+import lycoris  # noqa: E402,F401
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 from lycoris.wrapper import LycorisNetwork  # noqa: E402
@@ -126,16 +126,19 @@ def test_ldm_names_are_diffusers_conversion_both_ways(config):
 
 
 def test_kohya_names_follow_sd_scripts():
-    """SD 1.x UNets in diffusers names, SDXL's in LDM names (sd-scripts' sdxl_original_unet), text encoders with
-    transformers 4's text_model_ whatever the stored spelling."""
+    """An SD 1.x single file's UNet in diffusers names (sd-scripts converts it), an SDXL single file's in LDM
+    names (sd-scripts' sdxl_original_unet), a diffusers folder's in its own (what LyCORIS finds in the model);
+    text encoders with transformers 4's text_model_ whatever the stored spelling."""
     sd_names = [f"model.diffusion_model.{n}.weight" for n in ("input_blocks.1.1.proj_in", "input_blocks.3.0.op",
                                                               "output_blocks.2.1.conv", "middle_block.1.proj_in")]
     namer = KohyaNamer(sd_names + ["cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight"])
     assert namer("model.diffusion_model.input_blocks.1.1.proj_in") == "lora_unet_down_blocks_0_attentions_0_proj_in"
     assert namer("cond_stage_model.transformer.encoder.layers.0.mlp.fc1") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
     unet = UNet2DConditionModel(**UNET, **SDXL_LIKE)
-    namer = KohyaNamer(unet.state_dict())
-    assert namer("down_blocks.1.attentions.0.proj_in") == "lora_unet_input_blocks_4_1_proj_in"
+    assert KohyaNamer(unet.state_dict())("down_blocks.1.attentions.0.proj_in") == \
+        "lora_unet_down_blocks_1_attentions_0_proj_in"
+    ldm = ldm_state(unet, None)
+    assert KohyaNamer(ldm)("model.diffusion_model.input_blocks.4.1.proj_in") == "lora_unet_input_blocks_4_1_proj_in"
     assert KohyaNamer(["text_model.encoder.layers.0.mlp.fc1.weight"], folder="text_encoder_2")(
         "text_model.encoder.layers.0.mlp.fc1") == "lora_te2_text_model_encoder_layers_0_mlp_fc1"
 

@@ -16,8 +16,8 @@ Pure functions of names: nothing is read here. The layouts:
   underscores behind a part prefix, ``lora_unet_`` (the denoiser), ``lora_te_`` (SD's one text
   encoder), ``lora_te1_`` / ``lora_te2_`` (SDXL's two); LyCORIS's own wrapper uses ``lycoris_``.
   sd-scripts spells an SD 1.x/2.x UNet in diffusers names and an SDXL UNet in LDM names
-  (``sdxl_original_unet``), Flux in BFL names; readers accept either UNet spelling
-  (diffusers ``_maybe_map_sgm_blocks_to_diffusers``, LyCORIS ``convert_diffusers_name_to_compvis``).
+  (``sdxl_original_unet``), Flux in BFL names; LyCORIS spells whatever model it wraps; readers accept
+  either UNet spelling (diffusers ``_maybe_map_sgm_blocks_to_diffusers``, A1111, ComfyUI).
 
 The UNet mapping between diffusers and LDM names is diffusers' ``convert_ldm_unet_checkpoint``
 (``diffusers.loaders.single_file_utils``) written both ways, one module path at a time: block
@@ -250,12 +250,14 @@ def parts_present(weights: Iterable[str]) -> set[str]:
 
 
 class KohyaNamer:
-    """The kohya names sd-scripts gives a base's modules: ``lora_<part>_<path>``.
+    """The kohya names of a base's modules: ``lora_<part>_<path>``, the path in the base's own layout,
+    except an SD 1.x/2.x single file's UNet, which sd-scripts names in diffusers names.
 
-    The UNet of SDXL (it has ``label_emb`` / ``add_embedding``) in LDM names, any other UNet in
-    diffusers names, anything else in its own names; a text encoder with transformers 4's
-    ``text_model_``, its part ``te`` (``te2`` when its folder is named ``text_encoder_2``, as in a
-    diffusers SDXL pipeline) or the single file's.
+    So a diffusers folder gets diffusers names (what LyCORIS's ``create_lycoris_from_weights`` finds in the
+    diffusers model), an SDXL single file LDM names (sd-scripts' ``sdxl_original_unet``), an SD 1.x file
+    diffusers names (sd-scripts converts that UNet on load); diffusers, A1111 and ComfyUI read both UNet
+    spellings. A text encoder is named with transformers 4's ``text_model_``, its part ``te`` (``te2``
+    when its folder is named ``text_encoder_2``, as in a diffusers SDXL pipeline) or the single file's.
     """
 
     def __init__(self, weights: Iterable[str], folder: str = "") -> None:
@@ -269,9 +271,7 @@ class KohyaNamer:
         if part != "unet":
             part = part or ("te2" if self.folder == "text_encoder_2" else "te")
             return f"lora_{part}_text_model_{flatten(path)}"
-        if self.blocks is not None and self.sdxl and DIFFUSERS_UNET.match(path):
-            path = unet_to_ldm(path, self.blocks) or path
-        elif self.blocks is not None and not self.sdxl and LDM_UNET_BLOCKS.match(path):
+        if self.blocks is not None and not self.sdxl and LDM_UNET_BLOCKS.match(path):
             path = unet_from_ldm(path, self.blocks) or path
         return f"lora_unet_{flatten(path)}"
 
