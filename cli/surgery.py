@@ -170,6 +170,9 @@ def _merge_summary(report: Any) -> str:
         text += f"; {len(report.replaced)} replaced whole by the adapter"
     if report.left_as_merged:
         text += f"; {len(report.left_as_merged)} replaced tensors left as merged (cannot be restored)"
+    if report.left_out:
+        text += (f"; {len(report.left_out)} adapter modules left out: they change parts the model does not hold "
+                 f"(first {report.left_out[0]['name']})")
     if report.dequantized:
         text += f"\nnote: {report.dequantized}"
     return text

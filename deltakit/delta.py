@@ -287,7 +287,9 @@ def open_delta_source(
         adapter = open_adapter(ft, allow_pickle=allow_pickle, base=base_info(base_ckpt))
         adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt)
                    if selected(p.name, include, exclude) and keep(p)]
-        source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], [], [], [])
+        left_out = [dict(entry) for entry in adapter.left_out]  # a kohya file's modules of parts the base lacks
+        source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], left_out,
+                             [], [])
     else:
         ft_ckpt = open_checkpoint(ft, allow_pickle=allow_pickle)
         plan = pair_tensors(base_ckpt.metas(), ft_ckpt.metas(), ft_ckpt.config or base_ckpt.config,

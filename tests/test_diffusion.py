@@ -160,6 +160,7 @@ def test_merge_of_lycoris_extraction_equals_lycoris_merge(sd, tmp_path, kohya_pr
     assert set(merged) == set(expected)
     assert max(float((merged[k] - expected[k]).abs().max()) for k in expected) <= 1e-6
     assert report.lora_modules == len(network.loras)
+    assert report.left_out and all(e["name"].startswith("lora_te_") for e in report.to_dict()["left_out"])
     adapter = open_adapter(sd / "lyco.safetensors", base=base_info(open_checkpoint(sd / "unet")))
     assert adapter.format == "kohya" and adapter.left_out and all(e["name"].startswith("lora_te_") for e in adapter.left_out)
     load_unet(tmp_path / "merged")  # diffusers loads the output folder

@@ -86,10 +86,13 @@ class MergeReport:
     dtype: str | None = None  # --dtype: floating-point tensors written in it
     dequantized: str | None = None  # the model was quantized: what was written instead (never re-quantized)
     elapsed_s: float = 0.0
+    left_out: list[dict[str, str]] = field(default_factory=list)  # kohya modules of parts the model does not hold
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["elapsed_s"] = round(self.elapsed_s, 3)
+        if not self.left_out:
+            del out["left_out"]
         return out
 
 
@@ -221,7 +224,8 @@ def apply_plan(plan: MergePlan, progress: ProgressFn | None = None, parallel: Pa
     report = MergeReport(operation=operation, model=plan.model, adapter=", ".join(paths), out=plan.out,
                          scale=float(plan.scale), device=reported_device(parallel, compute_device),
                          adapters=paths, weights=factors, adapter_types=[a.label for a in adapters],
-                         check=plan.check, base=plan.original)
+                         check=plan.check, base=plan.original,
+                         left_out=[{**entry, "adapter": str(a.path)} for a in adapters for entry in a.left_out])
     parts = _parts(adapters, ckpt, factors)
     whole, new_shapes = _whole_steps(adapters, ckpt, operation, report)
     original_ckpt = None
