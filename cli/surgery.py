@@ -65,10 +65,11 @@ def _weights(text: str | None) -> list[float] | None:
 @click.command("extract", epilog=EXTRACT_EXAMPLES)
 @click.argument("base")
 @click.argument("ft", nargs=-1, required=True, metavar="FT|ADAPTER [ADAPTER...]")
-@out_option("ADAPTER", "Adapter to write: a PEFT folder, or with --format kohya one .safetensors file.", required=True)
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True,
+@out_option("ADAPTER", "Adapter to write: a folder, or with --format kohya one .safetensors file.", required=True)
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), default="peft", show_default=True,
               help="peft: a PEFT adapter folder; kohya: one kohya-ss LoRA .safetensors file (lora_unet_* / lora_te*_*, "
-                   "lora_down / lora_up / alpha), read by sd-scripts, LyCORIS, diffusers, A1111 and ComfyUI.")
+                   "lora_down / lora_up / alpha), read by sd-scripts, LyCORIS, diffusers, A1111 and ComfyUI; "
+                   "diffusers: a folder as save_lora_weights writes it (pytorch_lora_weights.safetensors).")
 @click.option("--weights", metavar="W1,W2,...", help="With adapters: the weight of each one's ΔW in the sum (default 1 each).")
 @click.option("--rank", "-r", type=int, help="The same rank for every changed matrix.")
 @click.option("--energy", "-e", type=float, help="Per matrix, the smallest rank keeping this fraction of ||ΔW||_F².")

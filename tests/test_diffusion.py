@@ -276,6 +276,32 @@ def test_kohya_file_from_single_files_with_text_encoder(sd, tmp_path):
                              load_file(sd / "ft.safetensors")) < 1e-3  # fp16 factors
 
 
+def test_diffusers_format_loads_in_diffusers(sd, tmp_path):
+    """extract --format diffusers from SD single files: save_lora_weights' layout (unet. in diffusers names,
+    text_encoder. as stored, lora_adapter_metadata), which diffusers' loaders put on the UNet and the text
+    encoder, both merging to the fine-tune; deltakit merges it back into the single file."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = tmp_path / "lora"
+    extract_lora(sd / "base.safetensors", sd / "ft.safetensors", out, rank=RANK, format="diffusers", dtype="fp32")
+    state, alphas, metadata = Loader.lora_state_dict(str(out), return_lora_metadata=True)
+    assert metadata["unet.r"] == RANK and metadata["unet.lora_alpha"] == RANK
+    unet, te = load_unet(sd / "unet"), CLIPTextModel.from_pretrained(sd / "te")
+    Loader.load_lora_into_unet(state, alphas, unet, metadata=metadata)
+    Loader.load_lora_into_text_encoder(state, alphas, te, prefix="text_encoder", metadata=metadata)
+    unet.fuse_lora()
+    unet.unload_lora()
+    for module in te.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    merged_te = {k.replace(".base_layer", ""): v for k, v in te.state_dict().items() if "lora_" not in k}
+    assert relative_distance(unet.state_dict(), load_unet(sd / "unet_ft").state_dict()) < 1e-4
+    assert relative_distance(merged_te, CLIPTextModel.from_pretrained(sd / "te_ft").state_dict()) < 1e-4
+    merge(sd / "base.safetensors", out, tmp_path / "merged")
+    assert relative_distance(load_file(tmp_path / "merged" / "base.safetensors"), load_file(sd / "ft.safetensors")) < 1e-5
+
+
 def test_resize_and_weighted_sum_of_kohya_files_in_factor_space(sd, tmp_path):
     """A kohya file resized to rank 1 is the best rank-1 approximation of its ΔW, computed from the factors;
     a weighted sum of two files at the sum of their ranks merges to the weighted sum of their updates."""

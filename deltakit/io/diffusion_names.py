@@ -276,6 +276,28 @@ class KohyaNamer:
         return f"lora_unet_{flatten(path)}"
 
 
+class DiffusersNamer:
+    """A base module's (component, module path) in a diffusers LoRA file (``save_lora_weights``): the
+    denoiser as ``unet`` in diffusers names (an LDM single file's converted) or ``transformer`` (a
+    UNet-less model, in its own names), a text encoder as ``text_encoder`` (``text_encoder_2``: SDXL's
+    second, or a folder of that name) in the names it is stored with."""
+
+    def __init__(self, weights: Iterable[str], folder: str = "") -> None:
+        paths = [path for part, path in map(part_of, weights) if part == "unet"]
+        self.blocks = UnetBlocks.of(paths)
+        self.folder = folder
+
+    def __call__(self, module: str) -> tuple[str, str]:
+        part, path = part_of(module)
+        if part == "unet":
+            if self.blocks is None:
+                return "transformer", path
+            return "unet", (unet_from_ldm(path, self.blocks) if LDM_UNET_BLOCKS.match(path) else None) or path
+        stored = next((module[len(prefix):] for prefix, p in LDM_PARTS if module.startswith(prefix)), module)
+        second = part == "te2" or (part is None and self.folder == "text_encoder_2")
+        return ("text_encoder_2" if second else "text_encoder"), stored
+
+
 def is_diffusion_file(names: Iterable[str]) -> bool:
     """Whether a single file's names are a diffusion checkpoint's original ones (an LDM UNet, BFL Flux)."""
     return any(n.startswith((LDM_UNET, "double_blocks.", "single_blocks.")) for n in names)

@@ -52,8 +52,9 @@ from deltakit.io.kohya_files import is_adapter as is_adapter_path
 from deltakit.lora.adapter_files import FactorStage, write_adapter
 from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
 from deltakit.lora.extraction_passes import Extraction, Survey, check_budget
-from deltakit.lora.kohya_format import (
-    alpha_tensors, check_format, check_targets, kohya_keys, kohya_metadata, kohya_output, write_kohya,
+from deltakit.lora.diffusion_files import (
+    alpha_tensors, check_format, check_targets, diffusers_keys, diffusers_metadata, file_output, kohya_keys,
+    kohya_metadata, write_lora_file,
 )
 from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport, output_dtype
 from deltakit.lora.model_card import model_card
@@ -111,8 +112,8 @@ def extract_lora(
     ``target_parameters``), one rank per expert; ``experts=False`` leaves them out.
     ``sv_ratio``, ``sv_fro``, ``sv_cumulative`` (kohya-ss sd-scripts) and ``quantile`` (LyCORIS) choose
     per-matrix ranks by those tools' rules (:func:`deltakit.lora.ranks.kohya_rank`).
-    ``format="kohya"`` writes one kohya-ss ``.safetensors`` file at ``out`` instead of a PEFT folder
-    (:mod:`deltakit.lora.kohya_format`); ``clamp_quantile`` clamps the factors as sd-scripts'
+    ``format="kohya"`` writes one kohya-ss ``.safetensors`` file at ``out`` instead of a PEFT folder,
+    ``format="diffusers"`` a diffusers LoRA folder (:mod:`deltakit.lora.diffusion_files`); ``clamp_quantile`` clamps the factors as sd-scripts'
     ``--clamp_quantile`` does (:func:`deltakit.lora.factors.clamp_quantile`), each matrix reporting its
     error before the clamp too.
     ``dtype`` (float32 | bfloat16 | float16, or fp32 | bf16 | fp16) overrides the fine-tune's dtype. With
@@ -153,8 +154,8 @@ def extract_lora(
     factored = factor_space and adapters is not None and adapters.factored
     if not targets.lora and not targets.whole:
         raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")
-    if format == "kohya":
-        check_targets(targets.lora)
+    if format != "peft":
+        check_targets(targets.lora, format)
     if choice.mode == "budget":
         check_budget(choice.budget, targets.lora, "")  # fail before reading anything
     method = "factor-space" if factored else "exact" if options.exact else "randomized"
@@ -168,17 +169,22 @@ def extract_lora(
     )
     extraction = Extraction(choice, targets, pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,
                       seed, progress, parallel, adapters=adapters, factored=factored, clamp=clamp_quantile)
-    if format == "kohya":
-        with kohya_output(out, force, inputs) as (tmp, file):
+    if format != "peft":
+        with file_output(out, format, force, inputs) as (tmp, file):
             stage = FactorStage(tmp / ".staging-0")
             survey = _passes(extraction, choice, stage, report)
             weights, folder = base_ckpt.keys(), base_ckpt.root.name
-            tensors, _ = extraction.assemble(stage, survey, report, False, str(base), kohya_keys(weights, folder))
+            keys = kohya_keys(weights, folder) if format == "kohya" else diffusers_keys(weights, folder)
+            tensors, _ = extraction.assemble(stage, survey, report, False, str(base), keys)
             if not tensors:
                 raise DeltakitError(_nothing_to_write(report))
             ranks = {m.module: m.rank for m in report.matrices if m.rank > 0}
-            tensors += alpha_tensors(ranks, weights, folder, tensors[0].dtype)
-            write_kohya(file, tensors, kohya_metadata(ranks, report.selection, str(base), report.ft), progress)
+            if format == "kohya":
+                tensors += alpha_tensors(ranks, weights, folder, tensors[0].dtype)
+                metadata = kohya_metadata(ranks, report.selection, str(base), report.ft)
+            else:
+                metadata = diffusers_metadata(ranks, weights, folder)
+            write_lora_file(file, tensors, metadata, progress)
             stage.remove()
     else:
         with shared_directory(out, force, parallel, inputs) as tmp:
