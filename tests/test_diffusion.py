@@ -16,8 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_one_line_error, invoke
 
-import diffusers  # noqa: E402,F401
-import lycoris  # noqa: E402,F401
 
 from diffusers import UNet2DConditionModel  # noqa: E402
 from lycoris.wrapper import LycorisNetwork  # noqa: E402
