@@ -11,6 +11,8 @@
 #   peer-extract extract and mergekit-extract-lora (7B; mergekit from .whl/) (~7 min)
 #   peer-merge  merge and PEFT's merge_and_unload (7B)                    (~4 min)
 #   x2          rank, extract, merge under torchrun on 2 GPUs (7B)        (~4 min)
+#   sdxl        rank, extract --format kohya on the SDXL-UNet pair (2.6B)  (~4 min)
+#   peer-sdxl   extract --format kohya and LyCORIS's extract_linear (SDXL UNet; lycoris from .whl/) (~6 min)
 #   tiny        every target on the tiny pair: a check of the machine    (~1 min)
 #   cuda-tests  the test files that run on every GPU
 #
@@ -28,7 +30,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 # This tree into the image's Python (its dependencies are there already); the runner puts the measured
 # tree first on PYTHONPATH anyway, so a failed install costs only the console script.
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "pip install -e . failed"
-if ls .whl/*.whl >/dev/null 2>&1; then  # mergekit and what it needs beyond the image, as wheels
+if ls .whl/*.whl >/dev/null 2>&1; then  # mergekit, lycoris-lora and what they need beyond the image, as wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/dk-site .whl/*.whl &&
         export PYTHONPATH=/tmp/dk-site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -54,6 +56,8 @@ peer-extract) bench 7b --target extract --peers --timeout 420 ;;
 peer-merge) bench 7b --target merge --peers --timeout 300 ;;
 x2) bench 7b --target rank,extract,merge --processes 2 --timeout 240 ;;
 tiny) bench tiny --peers --timeout 120 ${B[@]+"${B[@]}"} ;;
+sdxl) bench sdxl-unet --target rank,extract-kohya --timeout 240 ${B[@]+"${B[@]}"} ;;
+peer-sdxl) bench sdxl-unet --target extract-kohya --peers --timeout 420 ;;
 cuda-tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_adaptive.py tests/test_workers.py \
         tests/test_noise.py tests/test_memory.py tests/test_quantized_noise.py tests/test_distributed.py \

@@ -1,8 +1,9 @@
 """The synthetic base / fine-tune pair the suite measures, and the truth it is checked against.
 
 Presets are Llama-shaped models (the tensor names, shapes, bf16 dtype, ~5 GB shards with an
-index and config.json of a published checkpoint) or, for ``tall``, single files of tall-thin
-matrices. Base weights are N(0, 0.02) (norm gains are ones); each fine-tuned matrix is W + ΔW:
+index and config.json of a published checkpoint), diffusers UNet folders (``unet``: SDXL's UNet2DConditionModel,
+2.6B parameters, ``diffusion_pytorch_model-*.safetensors``; a convolution's ΔW is that of its
+(out, in·kh·kw) matrix) or, for ``tall``, single files of tall-thin matrices. Base weights are N(0, 0.02) (norm gains are ones); each fine-tuned matrix is W + ΔW:
 
     ΔW = U diag(σ) Vᵀ + N,   σ_i ∝ i^-decay (i ≤ width),   ‖ΔW‖_F = scale·‖W‖_F,
     N dense Gaussian holding ``noise`` of ‖ΔW‖²,  U, V orthonormal (QR of a Gaussian),
@@ -35,6 +36,7 @@ class Preset:
     layers: int = 1
     vocab: int = 0
     tall_rows: int = 0
+    unet: tuple[tuple[int, ...], tuple[int, ...], int, int] = ()  # (channels, attention depths, resnets, cross dim)
     extract_rank: int = 64  # extract --rank, merge's adapter rank
     calibration: tuple[int, int] = (64, 512)  # sequences × tokens of extract --calibration (random ids)
     sample: int = 0         # matrices each check reads against the truth (0: all)
@@ -47,6 +49,11 @@ PRESETS = {
                    calibration=(4, 32), targets=(*Preset.targets, "extract-aware")),
     "7b": Preset(hidden=4096, intermediate=11008, layers=32, vocab=32000, sample=8),  # Llama-2-7B, 13.5 GB
     "tall": Preset(hidden=256, layers=4, tall_rows=524288, targets=("rank",)),  # 2 × 1.07 GB, issue 28
+    # SDXL's UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json): 2.57B parameters, 2 × 5.1 GB
+    "sdxl-unet": Preset(hidden=320, unet=((320, 640, 1280), (0, 2, 10), 2, 2048), sample=16,
+                        targets=("rank", "extract-kohya")),
+    "tiny-unet": Preset(hidden=32, unet=((32, 64), (0, 1), 1, 48), extract_rank=4, shard_bytes=400_000,
+                        targets=("rank", "extract-kohya")),
 }
 
 
@@ -62,6 +69,8 @@ class DeltaSpec:
 def layout(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
     """Tensor names and shapes in the order Hugging Face's Llama checkpoints store them."""
     h, i = preset.hidden, preset.intermediate
+    if preset.unet:
+        return unet_layout(*preset.unet)
     if preset.tall_rows:
         return [(f"tall.{n}.weight", (preset.tall_rows, h)) for n in range(preset.layers)]
     names = [("model.embed_tokens.weight", (preset.vocab, h))]
@@ -71,6 +80,78 @@ def layout(preset: Preset) -> list[tuple[str, tuple[int, ...]]]:
                   (f"{p}.post_attention_layernorm.weight", (h,)), (f"{p}.mlp.gate_proj.weight", (i, h)),
                   (f"{p}.mlp.up_proj.weight", (i, h)), (f"{p}.mlp.down_proj.weight", (h, i))]
     return names + [("model.norm.weight", (h,)), ("lm_head.weight", (preset.vocab, h))]
+
+
+def unet_layout(channels: tuple[int, ...], depths: tuple[int, ...], layers: int,
+                cross: int) -> list[tuple[str, tuple[int, ...]]]:
+    """diffusers UNet2DConditionModel's tensors with SDXL's options (linear projections, GEGLU, text_time
+    added embedding, 4 latent channels): down block b has ``depths[b]`` transformer blocks per attention
+    (0: a DownBlock2D), the mid block ``depths[-1]``, up blocks the reverse."""
+    temb, added = 4 * channels[0], 6 * 256 + 1280 if cross == 2048 else 6 * 8 + cross
+    out: list[tuple[str, tuple[int, ...]]] = [("conv_in.weight", (channels[0], 4, 3, 3)), ("conv_in.bias", (channels[0],))]
+    for name, shape in (("time_embedding.linear_1", (temb, channels[0])), ("time_embedding.linear_2", (temb, temb)),
+                        ("add_embedding.linear_1", (temb, added)), ("add_embedding.linear_2", (temb, temb))):
+        out += [(f"{name}.weight", shape), (f"{name}.bias", (shape[0],))]
+
+    def resnet(p: str, cin: int, cout: int) -> None:
+        out.extend([(f"{p}.norm1.weight", (cin,)), (f"{p}.norm1.bias", (cin,)), (f"{p}.conv1.weight", (cout, cin, 3, 3)),
+                    (f"{p}.conv1.bias", (cout,)), (f"{p}.time_emb_proj.weight", (cout, temb)),
+                    (f"{p}.time_emb_proj.bias", (cout,)), (f"{p}.norm2.weight", (cout,)), (f"{p}.norm2.bias", (cout,)),
+                    (f"{p}.conv2.weight", (cout, cout, 3, 3)), (f"{p}.conv2.bias", (cout,))])
+        if cin != cout:
+            out.extend([(f"{p}.conv_shortcut.weight", (cout, cin, 1, 1)), (f"{p}.conv_shortcut.bias", (cout,))])
+
+    def attention(p: str, c: int, depth: int) -> None:
+        out.extend([(f"{p}.norm.weight", (c,)), (f"{p}.norm.bias", (c,)), (f"{p}.proj_in.weight", (c, c)),
+                    (f"{p}.proj_in.bias", (c,))])
+        for t in range(depth):
+            q = f"{p}.transformer_blocks.{t}"
+            for n, kv in (("attn1", c), ("attn2", cross)):
+                out.extend([(f"{q}.{n}.to_q.weight", (c, c)), (f"{q}.{n}.to_k.weight", (c, kv)),
+                            (f"{q}.{n}.to_v.weight", (c, kv)), (f"{q}.{n}.to_out.0.weight", (c, c)),
+                            (f"{q}.{n}.to_out.0.bias", (c,))])
+            out.extend([(f"{q}.norm{k}.{w}", (c,)) for k in (1, 2, 3) for w in ("weight", "bias")])
+            out.extend([(f"{q}.ff.net.0.proj.weight", (8 * c, c)), (f"{q}.ff.net.0.proj.bias", (8 * c,)),
+                        (f"{q}.ff.net.2.weight", (c, 4 * c)), (f"{q}.ff.net.2.bias", (c,))])
+        out.extend([(f"{p}.proj_out.weight", (c, c)), (f"{p}.proj_out.bias", (c,))])
+
+    last = len(channels) - 1
+    for b, c in enumerate(channels):
+        for n in range(layers):
+            resnet(f"down_blocks.{b}.resnets.{n}", channels[max(b - 1, 0)] if n == 0 else c, c)
+            if depths[b]:
+                attention(f"down_blocks.{b}.attentions.{n}", c, depths[b])
+        if b < last:
+            out.extend([(f"down_blocks.{b}.downsamplers.0.conv.weight", (c, c, 3, 3)),
+                        (f"down_blocks.{b}.downsamplers.0.conv.bias", (c,))])
+    resnet("mid_block.resnets.0", channels[-1], channels[-1])
+    attention("mid_block.attentions.0", channels[-1], depths[-1])
+    resnet("mid_block.resnets.1", channels[-1], channels[-1])
+    reverse, up_depths = channels[::-1], depths[::-1]
+    for b, c in enumerate(reverse):
+        previous, skip = reverse[max(b - 1, 0)], reverse[min(b + 1, last)]
+        for n in range(layers + 1):
+            resnet(f"up_blocks.{b}.resnets.{n}", (previous if n == 0 else c) + (skip if n == layers else c), c)
+            if up_depths[b]:
+                attention(f"up_blocks.{b}.attentions.{n}", c, up_depths[b])
+        if b < last:
+            out.extend([(f"up_blocks.{b}.upsamplers.0.conv.weight", (c, c, 3, 3)),
+                        (f"up_blocks.{b}.upsamplers.0.conv.bias", (c,))])
+    return out + [("conv_norm_out.weight", (channels[0],)), ("conv_norm_out.bias", (channels[0],)),
+                  ("conv_out.weight", (4, channels[0], 3, 3)), ("conv_out.bias", (4,))]
+
+
+def unet_config(preset: Preset) -> dict[str, object]:
+    """The diffusers config.json of a ``unet`` preset (UNet2DConditionModel builds this layout from it)."""
+    channels, depths, layers, cross = preset.unet
+    return {"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4, "sample_size": 128,
+            "block_out_channels": list(channels), "layers_per_block": layers, "cross_attention_dim": cross,
+            "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depths],
+            "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in depths[::-1]],
+            "transformer_layers_per_block": [max(d, 1) for d in depths], "use_linear_projection": True,
+            "attention_head_dim": [max(1, c // 64) for c in channels], "norm_num_groups": min(32, channels[0]),
+            "addition_embed_type": "text_time", "addition_time_embed_dim": 256 if cross == 2048 else 8,
+            "projection_class_embeddings_input_dim": 6 * 256 + 1280 if cross == 2048 else 6 * 8 + cross}
 
 
 def llama_config(preset: Preset) -> dict[str, object]:
@@ -115,19 +196,21 @@ def write_pair(work: Path, preset: Preset, spec: DeltaSpec = DeltaSpec(), device
         writers = {side: _ShardWriter([path], [tensors]) for side, path in sides.items()}
     else:
         shards = _plan_shards(tensors, preset.shard_bytes)
+        prefix = "diffusion_pytorch_model" if preset.unet else "model"
+        config = unet_config(preset) if preset.unet else llama_config(preset)
         for folder in sides.values():
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "config.json").write_text(json.dumps(llama_config(preset), indent=1) + "\n")
-        writers = {side: _ShardWriter([folder / name for name in _shard_names(len(shards))], shards)
+            (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        writers = {side: _ShardWriter([folder / name for name in _shard_names(len(shards), prefix)], shards, prefix)
                    for side, folder in sides.items()}
     for index, (name, shape) in enumerate(tensors):
         gen.manual_seed(spec.seed * 1_000_003 + index)
         if len(shape) == 1:
             weight = torch.ones(shape, device=device)
             tuned = weight + torch.randn(shape, generator=gen, device=device) * (spec.scale * 0.1)
-        else:
+        else:  # a convolution's ΔW is its (out, in·kh·kw) matrix's
             weight = torch.randn(shape, generator=gen, device=device) * 0.02
-            tuned = weight + make_delta(weight, spec, gen)
+            tuned = weight + make_delta(weight.reshape(shape[0], -1), spec, gen).reshape(shape)
         writers["base"].write(weight.bfloat16())
         writers["ft"].write(tuned.bfloat16())
         del weight, tuned
@@ -171,17 +254,18 @@ def _plan_shards(tensors: list[tuple[str, tuple[int, ...]]], limit: int) -> list
     return shards
 
 
-def _shard_names(count: int) -> list[str]:
+def _shard_names(count: int, prefix: str = "model") -> list[str]:
     if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
 class _ShardWriter:
     """Streams bf16 tensors, in plan order, into safetensors files (header first, then the bytes), and
     writes model.safetensors.index.json beside several shards."""
 
-    def __init__(self, paths: list[Path], shards: list[list[tuple[str, tuple[int, ...]]]]) -> None:
+    def __init__(self, paths: list[Path], shards: list[list[tuple[str, tuple[int, ...]]]], prefix: str = "model") -> None:
+        self.prefix = prefix
         self.pending = [(path, shard) for path, shard in zip(paths, shards)]
         self.weight_map = {name: path.name for path, shard in self.pending for name, _ in shard}
         self.total = sum(2 * _numel(shape) for _, shard in self.pending for _, shape in shard)
@@ -214,7 +298,7 @@ class _ShardWriter:
         self.file.close()
         if len(self.weight_map) and len(set(self.weight_map.values())) > 1:
             index = {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+            (self.folder / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
 def weight_files(path: Path) -> list[Path]:

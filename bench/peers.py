@@ -2,6 +2,7 @@
 
     peer svdvals BASE FT --json OUT [--device auto]      # the plain loop: ΔW in fp32, torch.linalg.svdvals
     peer peft-merge BASE ADAPTER -o OUT [--device auto]  # transformers + PEFT: merge_and_unload, save_pretrained
+    peer lycoris-extract BASE FT -o OUT --rank R [--device auto]  # LyCORIS's extract_linear per matrix, a kohya file
 
 ``svdvals`` writes ``{"matrices": [{"name", "shape", "rank_at": {"0.9": k}}]}``, the fields of deltakit
 rank's JSON that the rank check reads. mergekit-extract-lora, the third peer, is its own console script.
@@ -46,17 +47,48 @@ def peft_merge(base: Path, adapter: Path, out: Path, device: torch.device) -> No
     merged.save_pretrained(out, safe_serialization=True, max_shard_size="5GB")
 
 
+def lycoris_extract(base_path: Path, ft_path: Path, out: Path, rank: int, device: torch.device) -> None:
+    """What LyCORIS's extract_diff does per changed nn.Linear, from the files: ΔW = ft − base in fp32 on
+    ``device``, ``lycoris.utils.extract_linear(ΔW, "fixed", rank)`` (a full SVD; up = U·S, down = Vᵀ), the
+    factors in the fine-tune's dtype with alpha = rank, one kohya file. Convolutions are left out while
+    deltakit's row leaves them out (the same matrices on both rows)."""
+    from lycoris.utils import extract_linear
+    from safetensors.torch import save_file
+
+    base, ft = Checkpoint(base_path), Checkpoint(ft_path)
+    tensors = {}
+    for name in base.names():
+        if name not in ft.files or len(base.shape(name)) != 2:
+            continue
+        stored = ft.get(name)
+        delta = stored.to(device, torch.float32) - base.get(name).to(device, torch.float32)
+        if not bool(delta.any()):
+            continue
+        result, mode = extract_linear(delta, "fixed", rank, device)
+        if mode != "low rank":  # LyCORIS stores a module whole from rank ≥ out / 2 on
+            continue
+        down, up, _ = result
+        key = "lora_unet_" + name.removesuffix(".weight").replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = down.to("cpu", stored.dtype).contiguous()
+        tensors[f"{key}.lora_up.weight"] = up.to("cpu", stored.dtype).contiguous()
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank)).to(stored.dtype)
+    save_file(tensors, str(out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/child.py peer", description=__doc__.splitlines()[0])
-    parser.add_argument("peer", choices=("svdvals", "peft-merge"))
+    parser.add_argument("peer", choices=("svdvals", "peft-merge", "lycoris-extract"))
     parser.add_argument("base", type=Path)
     parser.add_argument("other", type=Path, help="FT (svdvals) or ADAPTER (peft-merge)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("-o", "--out", type=Path)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rank", type=int, default=64)
     args = parser.parse_args(sys.argv[1:])
     if args.peer == "svdvals":
         svdvals(args.base, args.other, args.json, _device(args.device))
+    elif args.peer == "lycoris-extract":
+        lycoris_extract(args.base, args.other, args.out, args.rank, _device(args.device))
     else:
         peft_merge(args.base, args.other, args.out, _device(args.device))
 

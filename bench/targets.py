@@ -9,12 +9,13 @@ output and the pair's stored tensors (never deltakit) and says whether the outpu
 | rank-full | ``rank ... --full-spectrum`` | the same; and rank's report against this one (adaptive vs full) |
 | extract | ``extract BASE FT -o A --rank r --json`` | ‖ΔW − s·BA‖/‖ΔW‖ ÷ the truncated SVD's (Eckart–Young) |
 | extract-aware | ``extract ... --calibration C --activation-aware`` | layer 0's q/k/v output errors from its inputs |
+| extract-kohya | ``extract ... -o A.safetensors --format kohya`` | the same, read from the kohya file |
 | merge | ``merge BASE ADAPTER -o MERGED`` | every base tensor there; round(W0 + s·BA) on sampled matrices |
 | compare | ``compare BASE FT ADAPTER --json`` | cos(ΔW, s·BA) computed from the files; top-k overlaps ≈ 1 |
 | intruders | ``intruders BASE FT --json`` | max cosines of W_ft's top-10 left singular vectors from fp64 SVDs |
 
-Peers (``--peers``): the plain svdvals loop (rank), mergekit-extract-lora (extract), PEFT's
-merge_and_unload (merge), each checked like its target. Checks read ``sample`` matrices spread over
+Peers (``--peers``): the plain svdvals loop (rank), mergekit-extract-lora (extract), LyCORIS's
+extract_linear (extract-kohya), PEFT's merge_and_unload (merge), each checked like its target. Checks read ``sample`` matrices spread over
 the model (all on small presets).
 """
 
@@ -89,10 +90,21 @@ class Target:
     missing: Callable[[Run], str | None] = lambda run: None  # why a peer cannot run here, or None
 
 
-def read_adapter(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
+def read_adapter(folder: Path, names: list[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
     """module → (A, B, scaling, transposed) of a PEFT LoRA adapter; scaling = lora_alpha / r (rsLoRA:
-    / √r), per module where rank_pattern / alpha_pattern name it (peft LoraLayer.update_layer)."""
+    / √r), per module where rank_pattern / alpha_pattern name it (peft LoraLayer.update_layer). A file is
+    a kohya one: ``lora_unet_<module with _ for .>`` of the tensors ``names``, scaling = alpha / r."""
     from safetensors import safe_open
+
+    if folder.is_file():
+        modules = {"lora_unet_" + _module(n).replace(".", "_"): _module(n) for n in names}
+        with safe_open(str(folder), framework="pt") as handle:
+            keys = set(handle.keys())
+            return {modules[k]: (handle.get_tensor(f"{k}.lora_down.weight").float(),
+                                 handle.get_tensor(f"{k}.lora_up.weight").float(),
+                                 float(handle.get_tensor(f"{k}.alpha")) / handle.get_slice(f"{k}.lora_down.weight")
+                                 .get_shape()[0], False)
+                    for k in modules if f"{k}.lora_down.weight" in keys}
 
     config = json.loads((folder / "adapter_config.json").read_text())
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -148,7 +160,7 @@ def check_rank(truth: Truth, run: Run, output: Path) -> dict:
 
 def check_adapter(truth: Truth, run: Run, adapter: Path) -> dict:
     """Each sampled projection's relative error against the exact truncated SVD of the same rank (≤ 1 % above it)."""
-    factors = read_adapter(adapter)
+    factors = read_adapter(adapter, truth.base.names())
     names = truth.matrices(projections=True)
     errors, optima, missing = [], [], []
     for name in names:
@@ -321,6 +333,10 @@ TARGETS = {t.name: t for t in (
                       "--json", r.out("extract-aware.json")], lambda r: r.out("adapter-aware"), check_activation_aware,
            # the fine-tune is read again by transformers, the base once more for the fidelity
            lambda r: weight_files(r.ft) + weight_files(r.base) + [r.calibration]),
+    Target("extract-kohya", "deltakit extract --format kohya --rank {rank}",
+           lambda r: ["deltakit", "extract", r.base, r.ft, "-o", r.out("lora.safetensors"), "--format", "kohya",
+                      "--rank", r.rank, "--device", r.device, "--json", r.out("extract-kohya.json")],
+           lambda r: r.out("lora.safetensors"), check_adapter),
     Target("merge", "deltakit merge", lambda r: ["deltakit", "merge", r.base, r.out("adapter"), "-o", r.out("merged"),
                                                  "--device", r.device],
            lambda r: r.out("merged"), check_merge, _adapter_files, needs_adapter=True, reads_ft=False),
@@ -341,6 +357,10 @@ PEERS = {t.name: t for t in (  # keyed by the target they are a peer of
            lambda r: ["mergekit-extract-lora", "--model", r.ft, "--base-model", r.base, "--out-path",
                       r.out("mergekit-adapter"), "--max-rank", r.rank, "--device", r.device],
            lambda r: r.out("mergekit-adapter"), check_adapter, missing=_no_module("mergekit")),
+    Target("extract-kohya", "LyCORIS extract_linear, rank {rank}",
+           lambda r: ["peer", "lycoris-extract", r.base, r.ft, "-o", r.out("lycoris.safetensors"), "--rank", r.rank,
+                      "--device", r.device], lambda r: r.out("lycoris.safetensors"), check_adapter,
+           missing=_no_module("lycoris")),
     Target("merge", "PEFT merge_and_unload + save_pretrained",
            lambda r: ["peer", "peft-merge", r.base, r.out("adapter"), "-o", r.out("peft-merged"), "--device", r.device],
            lambda r: r.out("peft-merged"), check_merge, _adapter_files, needs_adapter=True, reads_ft=False,

@@ -23,6 +23,9 @@ Examples:
   deltakit extract ./base ./ft -o ./ft-lora --rank 16 --calibration calib.safetensors --activation-aware
   deltakit extract ./base ./lora-r64 -o ./lora-r16 --rank 16
   deltakit extract ./base ./lora-a ./lora-b --weights 0.7,0.3 -o ./lora-ab --ratio 0.05 --max-rank 32
+  deltakit extract ./sd15/unet ./ft/unet -o ft-lora.safetensors --format kohya --rank 32 --save-dtype fp16
+  deltakit extract ./sdxl.safetensors ./ft.safetensors -o ft.safetensors --format kohya --sv-fro 0.9 --max-rank 64
+  deltakit extract ./sd15/unet lora-r64.safetensors -o lora-r16.safetensors --format kohya --rank 16
 """
 
 MERGE_EXAMPLES = """
@@ -31,6 +34,7 @@ Examples:
   deltakit merge ./base ./my-lora -o ./merged
   deltakit merge ./base ./my-lora -o ./merged-half --scale 0.5
   deltakit merge ./base ./my-dora ./my-loha -o ./merged --weights 0.7,0.3
+  deltakit merge ./sdxl/unet style.safetensors detail.safetensors -o ./unet-merged --weights 0.8,0.5
 """
 
 UNMERGE_EXAMPLES = """
@@ -69,7 +73,11 @@ def _weights(text: str | None) -> list[float] | None:
 @click.command("extract", epilog=EXTRACT_EXAMPLES)
 @click.argument("base")
 @click.argument("ft", nargs=-1, required=True, metavar="FT|ADAPTER [ADAPTER...]")
-@output_option("ADAPTER", "Adapter folder to write (PEFT format).", required=True)
+@output_option("ADAPTER", "Adapter to write: a folder, or with --format kohya one .safetensors file.", required=True)
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), default="peft", show_default=True,
+              help="peft: a PEFT adapter folder; kohya: one kohya-ss LoRA .safetensors file (lora_unet_* / lora_te*_*, "
+                   "lora_down / lora_up / alpha), read by sd-scripts, LyCORIS, diffusers, A1111 and ComfyUI; "
+                   "diffusers: a folder as save_lora_weights writes it (pytorch_lora_weights.safetensors).")
 @click.option("--weights", metavar="W1,W2,...", help="With adapters: the weight of each one's ΔW in the sum (default 1 each).")
 @click.option("--rank", "-r", type=int, help="The same rank for every changed matrix.")
 @energy_option("Per matrix, the smallest rank keeping this fraction of ||ΔW||_F².", multiple=False, default=None)
@@ -77,7 +85,18 @@ def _weights(text: str | None) -> list[float] | None:
               help="Total LoRA parameters, Σ r·(m+n), allocated across matrices to minimise the total squared error.")
 @click.option("--ratio", type=float, metavar="P",
               help="Per matrix, keep the singular values σ_i ≥ P·σ_1, P in (0, 1] (kohya's sv_ratio T is P = 1/T).")
+@click.option("--sv-ratio", type=float, metavar="T",
+              help="kohya's sv_ratio: per matrix, keep σ_i > σ_1 / T (T ≥ 1).")
+@click.option("--sv-fro", type=float, metavar="T",
+              help="kohya's sv_fro: per matrix, the smallest rank keeping T of ||ΔW||_F (i.e. --energy T²).")
+@click.option("--sv-cumulative", type=float, metavar="T",
+              help="kohya's sv_cumulative: per matrix, the smallest k with Σ_{i≤k} σ_i ≥ T·Σ σ_i (sums of σ, not σ²).")
+@click.option("--quantile", type=float, metavar="Q",
+              help="LyCORIS's quantile: per matrix, the number of k with Σ_{i≤k} σ_i < Q·Σ σ_i (at least 1).")
 @click.option("--max-rank", type=int, help="No matrix gets a higher rank than this.")
+@click.option("--clamp-quantile", type=float, metavar="Q",
+              help="Clamp the factors as kohya's extract_lora_from_models.py does (up = U·S, down = Vᵀ clamped to "
+                   "± their Q-quantile; kohya's default 0.99); the report gives each matrix's error before and after.")
 @include_option
 @exclude_option
 @click.option("--save-modules", is_flag=True,
@@ -87,7 +106,8 @@ def _weights(text: str | None) -> list[float] | None:
 @click.option("--experts/--no-experts", default=True, show_default=True,
               help="Fused MoE expert tensors that changed (gpt-oss mlp.experts.gate_up_proj) become PEFT LoRA on "
                    "parameters (target_parameters), one rank per expert.")
-@click.option("--dtype", metavar="float32|bfloat16|float16", help="Adapter dtype (default: the fine-tune's).")
+@click.option("--dtype", "--save-dtype", "dtype", metavar="fp32|bf16|fp16",
+              help="Adapter dtype, also as float32|bfloat16|float16 (default: the fine-tune's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--calibration", metavar="PATH",
               help="Run the fine-tune on these tokens (a .safetensors file with input_ids [batch, seq], or text) "
@@ -101,9 +121,10 @@ def _weights(text: str | None) -> list[float] | None:
 @_output_options
 @hub_options
 @user_errors
-def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_rank, include, exclude, save_modules,
-                    embeddings, experts, dtype, seed, calibration, activation_aware, device, exact, fp64,
-                    skip_mismatched, html_path, json_path, quiet, allow_pickle, force):
+def extract_command(base, ft, out, fmt, weights, rank, energy, budget, ratio, sv_ratio, sv_fro, sv_cumulative, quantile,
+                    max_rank, clamp_quantile, include, exclude, save_modules, embeddings, experts, dtype, seed,
+                    calibration, activation_aware, device, exact, fp64, skip_mismatched, html_path, json_path, quiet,
+                    allow_pickle, force):
     """Extract a PEFT LoRA adapter from a fine-tune: truncated SVD of every ΔW = W_ft − W_base.
 
     Each changed matrix gets B = U√S (out×r) and A = √S·Vᵀ (r×in), lora_alpha = r, so that
@@ -116,7 +137,8 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
 
     With PEFT adapters of BASE instead of FT, ΔW = Σ w_i·ΔW_i of the adapters: resize a LoRA,
     convert an adapter to a plain LoRA, or merge several into one. LoRA inputs are resized in
-    factor space (exact, without forming ΔW or reading BASE's weights).
+    factor space (exact, without forming ΔW or reading BASE's weights). kohya / LyCORIS and
+    diffusers LoRA files are adapters too; --format kohya writes one.
     """
     from deltakit.lora import extract_lora
 
@@ -130,7 +152,9 @@ def extract_command(base, ft, out, weights, rank, energy, budget, ratio, max_ran
                               dtype=dtype, options=options, seed=seed, force=force, allow_pickle=allow_pickle,
                               progress=progress if parallel.is_main else None, parallel=parallel, ratio=ratio,
                               weights=_weights(weights), experts=experts, skip_mismatched=skip_mismatched,
-                              calibration=calibration, activation_aware=activation_aware)
+                              calibration=calibration, activation_aware=activation_aware, format=fmt,
+                              clamp_quantile=clamp_quantile, sv_ratio=sv_ratio, sv_fro=sv_fro,
+                              sv_cumulative=sv_cumulative, quantile=quantile)
     if parallel.is_main:
         _print_extract(report, out, json_path, quiet, force, inputs)
         write_html(html_path, report, force, inputs)
@@ -167,6 +191,9 @@ def _merge_summary(report: Any) -> str:
         text += f"; {len(report.replaced)} replaced whole by the adapter"
     if report.left_as_merged:
         text += f"; {len(report.left_as_merged)} replaced tensors left as merged (cannot be restored)"
+    if report.left_out:
+        text += (f"; {len(report.left_out)} adapter modules left out: they change parts the model does not hold "
+                 f"(first {report.left_out[0]['name']})")
     if report.dequantized:
         text += f"\nnote: {report.dequantized}"
     return text
@@ -205,7 +232,9 @@ def merge_command(base, adapters, out, weights, scale, dtype, device, skip_misma
     """Merge one or more PEFT adapters into BASE: W0 + scale·Σ wᵢ·ΔWᵢ, written as a complete model folder.
 
     Any weight-changing adapter type: LoRA (rsLoRA, rank_pattern / alpha_pattern, fan_in_fan_out,
-    embeddings, target_parameters), DoRA, AdaLoRA, LoHa, LoKr, VeRA, IA3; each ΔWᵢ is taken at
+    embeddings, target_parameters), DoRA, AdaLoRA, LoHa, LoKr, VeRA, IA3, and kohya / LyCORIS
+    (LoRA, DoRA, LoHa, LoKr) and diffusers LoRA files, into a diffusers folder or a single-file
+    checkpoint (SD / SDXL / Flux names) alike; each ΔWᵢ is taken at
     BASE's weights, and tensors in modules_to_save replace the base's. Applied in fp32, cast back
     to the model's dtype, checked finite, streamed tensor by tensor; shards follow BASE's.
     """

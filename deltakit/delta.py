@@ -32,7 +32,7 @@ from deltakit.device.reads import (
 )
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
-from deltakit.io.peft import is_peft_adapter
+from deltakit.io.kohya_files import is_adapter
 from deltakit.pair_checks import floating, warn_suspicious_pair, warn_unpaired
 from deltakit.pairing import TensorPair, nothing_left_message, pair_tensors, selected, tied_pair
 
@@ -289,12 +289,13 @@ def open_delta_source(
     include, exclude, allow_pickle = selection.include, selection.exclude, selection.allow_pickle
     base_ckpt = open_checkpoint(base, allow_pickle=allow_pickle)
     keep = (lambda p: p.is_matrix and p.layout != "vector") if matrices_only else (lambda p: True)
-    if is_peft_adapter(ft):
+    if is_adapter(ft):
         adapter = open_adapter(ft, allow_pickle=allow_pickle, base=base_info(base_ckpt))
         replaced, skipped = replacement_pairs(adapter, base_ckpt) if replacements else ([], [])
         adapted = [(p, m) for p, m in adapter_pairs(adapter, base_ckpt) + replaced
                    if selected(p.name, include, exclude) and keep(p)]
         skipped = [s for s in skipped if selected(s["name"], include, exclude)]
+        skipped += [dict(entry) for entry in adapter.left_out]  # a kohya file's modules of parts the base lacks
         source = DeltaSource(base_ckpt, None, adapter, [p for p, _ in adapted], [m for _, m in adapted], skipped,
                              [], [])
     else:

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from deltakit.errors import DeltakitError
+from deltakit.io.diffusion_names import common_names, is_diffusion_file
 
 # Wrapper prefixes that differ between saves of the same weights (outermost first).
 WRAPPER_PREFIXES = ("base_model.model.", "module.", "model.", "transformer.", "bert.", "roberta.", "gpt_neox.")
@@ -260,14 +261,20 @@ def _canonical_map(names: Iterable[str]) -> dict[str, str] | None:
 
 
 def match_names(base_names: Iterable[str], ft_names: Iterable[str]) -> dict[str, str]:
-    """Fine-tune name -> base name, exactly when possible, else after dropping wrapper prefixes."""
+    """Fine-tune name -> base name, exactly when possible, else after dropping wrapper prefixes, else
+    across diffusion layouts (an LDM single file and a diffusers folder: :func:`deltakit.io.diffusion_names.common_names`)."""
     base_names, ft_names = list(base_names), list(ft_names)
     exact = {name: name for name in ft_names if name in set(base_names)}
+    best = exact
     base_canon, ft_canon = _canonical_map(base_names), _canonical_map(ft_names)
-    if base_canon is None or ft_canon is None:
-        return exact
-    canonical = {ft_canon[key]: base_canon[key] for key in ft_canon if key in base_canon}
-    return canonical if len(canonical) > len(exact) else exact
+    if base_canon is not None and ft_canon is not None:
+        canonical = {ft_canon[key]: base_canon[key] for key in ft_canon if key in base_canon}
+        best = canonical if len(canonical) > len(best) else best
+    if len(best) < len(ft_names) and is_diffusion_file(base_names) != is_diffusion_file(ft_names):
+        base_common, ft_common = common_names(base_names), common_names(ft_names)
+        across = {ft_common[key]: base_common[key] for key in ft_common if key in base_common}
+        best = across if len(across) > len(best) else best
+    return best
 
 
 def selected(name: str, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:

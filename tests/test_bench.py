@@ -174,3 +174,20 @@ def test_a_failing_command_is_a_failed_row_and_an_unknown_target_an_error(tmp_pa
     assert code == 1 and result["rows"][0]["status"].startswith("failed (rc 1): Error:")
     with pytest.raises(SystemExit):
         run.parse_args(["--target", "rank,ranks"])
+
+
+@pytest.mark.parametrize("preset", ["sdxl-unet", "tiny-unet"])
+def test_unet_presets_are_diffusers_unets(preset):
+    """The UNet presets' tensors are, name for name and shape for shape, what diffusers' UNet2DConditionModel
+    builds from the config.json written beside them (on the meta device: no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    from bench.pair import layout, unet_config
+
+    config = {k: v for k, v in unet_config(PRESETS[preset]).items() if not k.startswith("_")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    expected = {name: tuple(t.shape) for name, t in unet.state_dict().items()}
+    assert dict(layout(PRESETS[preset])) == expected
+    if preset == "sdxl-unet":
+        assert sum(t.numel() for t in unet.state_dict().values()) == 2_567_463_684  # SDXL's UNet

@@ -15,18 +15,19 @@ Example::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from deltakit.adapters import adalora, dora, ia3, loha, lokr, lora, lora_params, peft_layer, vera
+from deltakit.adapters import adalora, dora, ia3, kohya, loha, lokr, lora, lora_params, peft_layer, vera
 from deltakit.adapters.base import AdapterModule, BaseInfo
 from deltakit.adapters.lora import factor_matrices
 from deltakit.adapters.whole import token_modules
 from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint
+from deltakit.io.kohya_files import adapter_file_format, read_adapter_file
 from deltakit.io.peft import AdapterFiles, group_keys, read_adapter_files
 
 Builder = Callable[[AdapterFiles, dict[str, dict[str, str]], BaseInfo, dict[str, str]], list[AdapterModule]]
@@ -84,6 +85,8 @@ class Adapter:
 
     ``modules`` maps each model tensor the adapter changes to its module; ``whole_tensors``
     maps model tensors the adapter replaces (``modules_to_save``, trained biases) to file keys.
+    ``format`` is "peft" (a folder), "kohya" or "diffusers" (one file, :mod:`deltakit.adapters.kohya`);
+    ``left_out`` lists the file's modules for parts of a model the base does not hold.
     """
 
     path: Path
@@ -92,6 +95,8 @@ class Adapter:
     peft_type: str
     modules: dict[str, AdapterModule]
     whole_tensors: dict[str, str]
+    format: str = "peft"
+    left_out: list[dict[str, str]] = field(default_factory=list)
 
     def load(self, module: AdapterModule, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """One module's tensors as stored."""
@@ -114,8 +119,10 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: Base
     ``base`` (the model's tensor shapes and config) is needed by the types whose files do not
     say everything (VeRA, IA3, LoRA on parameters); without it they are read as far as possible.
     """
-    files = read_adapter_files(path, allow_pickle)
     base = base if base is not None else BaseInfo({})
+    if adapter_file_format(path) is not None:
+        return _open_file(path, base)
+    files = read_adapter_files(path, allow_pickle)
     kind = files.peft_type
     if kind in ACTIVATION_ONLY:
         raise DeltakitError(f"{files.path}: adapter type {kind} ({ACTIVATION_ONLY[kind]}) changes activations, "
@@ -146,6 +153,18 @@ def open_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: Base
         raise DeltakitError(f"{files.path}: no {kind} tensors found (expected keys like {expected})")
     return Adapter(path=files.path, config=files.config, checkpoint=files.checkpoint, peft_type=kind,
                    modules=modules, whole_tensors=whole)
+
+
+def _open_file(path: str | os.PathLike, base: BaseInfo) -> Adapter:
+    """A kohya / LyCORIS or diffusers LoRA file, its modules aimed at the base's tensors."""
+    file = read_adapter_file(path)
+    built, left_out, label = kohya.build(file, base)
+    if not built:
+        first = left_out[0] if left_out else {"name": "(none)", "reason": "no modules"}
+        raise DeltakitError(f"{file.path}: none of its modules changes this base (first: {first['name']}: "
+                            f"{first['reason']})")
+    return Adapter(path=file.path, config={"peft_type": label}, checkpoint=file.checkpoint, peft_type=label,
+                   modules={m.target: m for m in built}, whole_tensors={}, format=file.format, left_out=left_out)
 
 
 def base_info(checkpoint: Checkpoint) -> BaseInfo:

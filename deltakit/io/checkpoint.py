@@ -1,7 +1,9 @@
 """Open a checkpoint and read its tensors lazily, one at a time, in their stored dtype.
 
 A checkpoint is a Hugging Face model folder (``model.safetensors`` or shards plus
-``model.safetensors.index.json``), a single ``.safetensors`` file, a PEFT adapter
+``model.safetensors.index.json``), a diffusers component folder (``unet/``, ``transformer/``:
+``diffusion_pytorch_model.safetensors`` or its shards; of a pipeline folder, with
+``model_index.json``, the component is named), a single ``.safetensors`` file, a PEFT adapter
 folder (its raw ``lora_A`` / ``lora_B`` tensors), or, only when asked for, a PyTorch
 pickle (``.bin`` / ``.pt``) loaded with ``torch.load(weights_only=True)``.
 
@@ -25,7 +27,9 @@ from typing import Any
 import torch
 
 from deltakit.errors import DeltakitError
-from deltakit.io.filenames import ALLOW_PICKLE_FLAG, PICKLE_INDEX, PICKLE_SUFFIXES, SAFETENSORS_INDEX
+from deltakit.io.filenames import (
+    ALLOW_PICKLE_FLAG, DIFFUSERS_WEIGHTS_PREFIX, PICKLE_INDEX, PICKLE_SUFFIXES, PIPELINE_INDEX, SAFETENSORS_INDEX,
+)
 from deltakit.io.hub import resolve_path
 from deltakit.io.json_files import read_json, validate_model_config, validate_shard_index
 from deltakit.io.paths import contained_file, open_regular, refuse_escaping_link
@@ -289,9 +293,10 @@ def _weight_files_in_folder(folder: Path, allow_pickle: bool) -> tuple[list[Path
 
 
 def _weight_files_named_in(folder: Path, allow_pickle: bool) -> tuple[list[Path], str]:
-    if (folder / SAFETENSORS_INDEX).is_file():
-        return _files_from_index(folder / SAFETENSORS_INDEX, allow_pickle), "safetensors"
-    for name in ("model.safetensors", "adapter_model.safetensors"):
+    for index in (SAFETENSORS_INDEX, f"{DIFFUSERS_WEIGHTS_PREFIX}.safetensors.index.json"):
+        if (folder / index).is_file():
+            return _files_from_index(folder / index, allow_pickle), "safetensors"
+    for name in ("model.safetensors", "adapter_model.safetensors", f"{DIFFUSERS_WEIGHTS_PREFIX}.safetensors"):
         if (folder / name).is_file():
             return [folder / name], "safetensors"
     loose = sorted(folder.glob("*.safetensors"))
@@ -305,7 +310,22 @@ def _weight_files_named_in(folder: Path, allow_pickle: bool) -> tuple[list[Path]
         if pickles[0].name == PICKLE_INDEX:
             return _files_from_index(pickles[0], allow_pickle), "pickle"
         return pickles, "pickle"
+    if (folder / PIPELINE_INDEX).is_file():
+        raise DeltakitError(_pipeline_refusal(folder))
     raise DeltakitError(f"no weights found in {folder} (looked for {SAFETENSORS_INDEX}, *.safetensors, *.bin)")
+
+
+def _pipeline_refusal(folder: Path) -> str:
+    """A diffusers pipeline folder holds its weights per component: say which components to name."""
+    try:
+        index = read_json(folder / PIPELINE_INDEX)
+    except DeltakitError:
+        index = {}
+    names = sorted(name for name in (index if isinstance(index, dict) else {})
+                   if not name.startswith("_") and (folder / name).is_dir() and any((folder / name).glob("*.safetensors")))
+    shown = ", ".join(str(folder / name) for name in names[:4]) or "its component folders"
+    return (f"{folder} is a diffusers pipeline ({PIPELINE_INDEX}); its weights are per component: name the one "
+            f"to read, e.g. {shown}")
 
 
 def _files_from_index(index_path: Path, allow_pickle: bool) -> list[Path]:

@@ -9,3 +9,5 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 ADAPTER_CONFIG = "adapter_config.json"
 ALLOW_PICKLE_FLAG = "allow_pickle=True (--allow-pickle)"  # Python and CLI spelling; the CLI keeps the flag
+DIFFUSERS_WEIGHTS_PREFIX = "diffusion_pytorch_model"  # a diffusers component's weights: <prefix>.safetensors (+ index)
+PIPELINE_INDEX = "model_index.json"  # a diffusers pipeline folder: one subfolder per component

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from deltakit.errors import DeltakitWarning
 from deltakit.io.checkpoint import Checkpoint, read_model_config
-from deltakit.io.filenames import ADAPTER_CONFIG
+from deltakit.io.diffusion_names import is_diffusion_file
+from deltakit.io.filenames import ADAPTER_CONFIG, DIFFUSERS_WEIGHTS_PREFIX
 from deltakit.io.paths import containment_root, is_inside
 
 # Files of a model folder that are weights (never copied: the output has its own).
@@ -73,6 +74,21 @@ def _fetch_model_files(hub_id: str, only_config: bool) -> None:
     parsed = hub_id_of(hub_id)
     if parsed is not None and not only_config:  # config.json came with the weights
         fetch_files(parsed, lambda name: bool(MODEL_FILE.match(name)) or name.endswith(".py"))
+
+
+def weight_file_prefix(ckpt: Checkpoint) -> tuple[str, bool]:
+    """(file name prefix, whether the weights stay one file) of a model written from ``ckpt``.
+
+    A diffusers component folder keeps diffusers' name (``diffusion_pytorch_model.safetensors``, which
+    ``from_pretrained`` looks for); a single-file diffusion checkpoint (SD / SDXL / Flux original
+    names) is written as one file of its own name, as the tools that read such files expect;
+    anything else as transformers writes it (``model.safetensors``, shards plus an index).
+    """
+    if ckpt.path.is_dir() and all(f.name.startswith(DIFFUSERS_WEIGHTS_PREFIX) for f in ckpt.files):
+        return DIFFUSERS_WEIGHTS_PREFIX, False
+    if ckpt.path.is_file() and ckpt.path.suffix == ".safetensors" and is_diffusion_file(ckpt.keys()):
+        return ckpt.path.name.removesuffix(".safetensors"), True
+    return "model", False
 
 
 def drop_quantization_config(folder: Path) -> None:

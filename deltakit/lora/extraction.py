@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -49,10 +50,14 @@ from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint
 from deltakit.io.hub import base_model_fields
 from deltakit.io.inputs import footprints
-from deltakit.io.peft import is_peft_adapter
+from deltakit.io.kohya_files import is_adapter as is_adapter_path
 from deltakit.lora.adapter_files import FactorStage, write_adapter
 from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
-from deltakit.lora.extraction_passes import Activations, Extraction, check_budget
+from deltakit.lora.extraction_passes import Activations, Extraction, Survey, check_budget
+from deltakit.lora.diffusion_files import (
+    alpha_tensors, check_format, check_targets, diffusers_keys, diffusers_metadata, file_output, kohya_keys,
+    kohya_metadata, write_lora_file,
+)
 from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport, output_dtype
 from deltakit.lora.fidelity import adapter_edits, calibration_entry, fidelity_entry, open_calibration
 from deltakit.lora.model_card import model_card
@@ -94,6 +99,12 @@ def extract_lora(
     activation_aware: bool = False,
     metric: str = "auto",
     covariance_bytes: int = COVARIANCE_BYTES,
+    format: str = "peft",
+    clamp_quantile: float | None = None,
+    sv_ratio: float | None = None,
+    sv_fro: float | None = None,
+    sv_cumulative: float | None = None,
+    quantile: float | None = None,
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
 
@@ -108,10 +119,15 @@ def extract_lora(
     layers as ``bias="lora_only"``). ``embeddings`` adds PEFT embedding LoRA for embedding
     tables. Fused MoE expert tensors that changed become LoRA on parameters (PEFT
     ``target_parameters``), one rank per expert; ``experts=False`` leaves them out.
-    ``dtype`` (float32 | bfloat16 | float16) overrides the fine-tune's dtype. A tensor the two
-    checkpoints do not pair (another shape, on one side only) is refused, since the adapter would
-    silently lack it; ``skip_mismatched`` writes the adapter without it (``report.not_carried``
-    lists it). With
+    ``dtype`` (float32 | bfloat16 | float16, or fp32 | bf16 | fp16) overrides the fine-tune's dtype. A tensor
+    the two checkpoints do not pair (another shape, on one side only) is refused, since the adapter would
+    silently lack it; ``skip_mismatched`` writes the adapter without it (``report.not_carried`` lists it).
+    ``sv_ratio``, ``sv_fro``, ``sv_cumulative`` (kohya-ss sd-scripts) and ``quantile`` (LyCORIS) choose
+    per-matrix ranks by those tools' rules (:func:`deltakit.lora.ranks.kohya_rank`).
+    ``format="kohya"`` writes one kohya-ss ``.safetensors`` file at ``out`` instead of a PEFT folder,
+    ``format="diffusers"`` a diffusers LoRA folder (:mod:`deltakit.lora.diffusion_files`); ``clamp_quantile``
+    clamps the factors as sd-scripts' ``--clamp_quantile`` does (:func:`deltakit.lora.factors.clamp_quantile`),
+    each matrix reporting its error before the clamp too. With
     ``parallel`` (under torchrun) each process factors its share of the matrices and writes
     them into the adapter file; every process returns the whole report.
 
@@ -125,7 +141,10 @@ def extract_lora(
     Example: ``extract_lora("base", "ft", "adapter", rank=16).relative_error``.
     """
     started = time.perf_counter()
-    choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank, ratio=ratio)
+    choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank, ratio=ratio, sv_ratio=sv_ratio,
+                        sv_fro=sv_fro, sv_cumulative=sv_cumulative, quantile=quantile)
+    check_format(format, str(out), save_modules, embeddings, parallel.active)
+    check_clamp(clamp_quantile)
     out_dtype = output_dtype(dtype)
     device = process_device(parallel, options.device)
     compute_dtype = options.dtype
@@ -158,8 +177,13 @@ def extract_lora(
     factored = factor_space and adapters is not None and adapters.factored
     if not targets.lora and not targets.whole:
         raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")
+    if format != "peft":
+        check_targets(targets.lora, format)
     if choice.mode == "budget":
         check_budget(choice.budget, targets.lora, "")  # fail before reading anything
+    if calibration is not None and format != "peft":
+        raise DeltakitError(f"--calibration runs the fine-tune with transformers and measures a PEFT adapter; "
+                            f"it cannot be used with --format {format}")
     tokens, metric = _calibration_inputs(calibration, activation_aware, metric, ft_ckpt, parallel)
     method = "factor-space" if factored else "exact" if options.exact else "randomized"
     report = ExtractReport(
@@ -168,37 +192,68 @@ def extract_lora(
         spectrum_method=(method if factored else options.method) if choice.needs_spectra else None,
         device=reported_device(parallel, device), precision=options.precision, passes=2 if choice.needs_spectra else 1,
         adapters=list(adapter_paths or []), weights=list(adapters.weights) if adapters else [],
+        format=format, clamp_quantile=clamp_quantile,
     )
     extraction = Extraction(choice, targets, pairs, base_ckpt, ft_ckpt, device, compute_dtype, out_dtype, options,
-                      seed, progress, parallel, adapters=adapters, factored=factored)
-    with shared_directory(out, force, parallel, inputs) as tmp:
-        stage = FactorStage(Path(tmp) / f".staging-{parallel.rank}")
-        scratch = Path(tmp) / ".calibration"
-        made = None
-        if tokens is not None:
-            assert ft_ckpt is not None
-            modules = [t.module for t in targets.lora if t.parameter is None and t.kind != "embedding"]
-            made = calibrate(ft_ckpt.root, tokens, modules, device, scratch, metric, covariance_bytes, progress)
-            extraction.activations = Activations(made.covariances, activation_aware)
-            report.calibration = calibration_entry(made, activation_aware)
-        survey = extraction.first_pass(stage, report)
-        if choice.needs_spectra:
-            ranks = extraction.choose_ranks(survey)
-            extraction.second_pass(stage, survey, ranks, report)
-        report.matrices.sort(key=lambda m: extraction.order[m.name])
-        tensors, lora_config = extraction.assemble(stage, survey, report, save_modules, base_name=str(base))
-        lora_config.update(base_model_fields(base))  # the Hub id (and revision) when the base came from the Hub
-        if not tensors:
-            raise DeltakitError(_nothing_to_write(report))
-        write_adapter(Path(tmp), lora_config, tensors, progress, parallel, card=model_card(report, lora_config))
-        stage.remove()
-        if made is not None:
-            before, after = measure_fidelity(base_ckpt.root, made, device,
-                                             lambda: adapter_edits(base_ckpt, tmp, allow_pickle))
-            report.fidelity = fidelity_entry(made, before, after)
-            shutil.rmtree(scratch)
+                      seed, progress, parallel, adapters=adapters, factored=factored, clamp=clamp_quantile)
+    if format != "peft":
+        with file_output(out, format, force, inputs) as (tmp, file):
+            stage = FactorStage(tmp / ".staging-0")
+            survey = _passes(extraction, choice, stage, report)
+            weights, folder = base_ckpt.keys(), base_ckpt.root.name
+            keys = kohya_keys(weights, folder) if format == "kohya" else diffusers_keys(weights, folder)
+            tensors, _ = extraction.assemble(stage, survey, report, False, str(base), keys)
+            if not tensors:
+                raise DeltakitError(_nothing_to_write(report))
+            ranks = {m.module: m.rank for m in report.matrices if m.rank > 0}
+            if format == "kohya":
+                tensors += alpha_tensors(ranks, weights, folder, tensors[0].dtype)
+                metadata = kohya_metadata(ranks, report.selection, str(base), report.ft)
+            else:
+                metadata = diffusers_metadata(ranks, weights, folder)
+            write_lora_file(file, tensors, metadata, progress)
+            stage.remove()
+    else:
+        with shared_directory(out, force, parallel, inputs) as tmp:
+            stage = FactorStage(Path(tmp) / f".staging-{parallel.rank}")
+            scratch = Path(tmp) / ".calibration"
+            made = None
+            if tokens is not None:
+                assert ft_ckpt is not None
+                modules = [t.module for t in targets.lora if t.parameter is None and t.kind != "embedding"]
+                made = calibrate(ft_ckpt.root, tokens, modules, device, scratch, metric, covariance_bytes, progress)
+                extraction.activations = Activations(made.covariances, activation_aware)
+                report.calibration = calibration_entry(made, activation_aware)
+            survey = _passes(extraction, choice, stage, report)
+            tensors, lora_config = extraction.assemble(stage, survey, report, save_modules, base_name=str(base))
+            lora_config.update(base_model_fields(base))  # the Hub id (and revision) when the base came from the Hub
+            if not tensors:
+                raise DeltakitError(_nothing_to_write(report))
+            write_adapter(Path(tmp), lora_config, tensors, progress, parallel, card=model_card(report, lora_config))
+            stage.remove()
+            if made is not None:
+                before, after = measure_fidelity(base_ckpt.root, made, device,
+                                                 lambda: adapter_edits(base_ckpt, tmp, allow_pickle))
+                report.fidelity = fidelity_entry(made, before, after)
+                shutil.rmtree(scratch)
     report.elapsed_s = time.perf_counter() - started
     return report
+
+
+def _passes(extraction: Extraction, choice: RankChoice, stage: FactorStage, report: ExtractReport) -> Survey:
+    """Pass 1, and pass 2 where the ranks depend on the spectra; the report's matrices in plan order."""
+    survey = extraction.first_pass(stage, report)
+    if choice.needs_spectra:
+        ranks = extraction.choose_ranks(survey)
+        extraction.second_pass(stage, survey, ranks, report)
+    report.matrices.sort(key=lambda m: extraction.order[m.name])
+    return survey
+
+
+def check_clamp(clamp: float | None) -> None:
+    """A clamp quantile is a fraction in (0, 1]: sd-scripts' default is 0.99."""
+    if clamp is not None and (math.isnan(float(clamp)) or not 0.0 < float(clamp) <= 1.0):
+        raise DeltakitError(f"clamp quantile {clamp:g} is outside (0, 1]; sd-scripts' default is 0.99")
 
 
 def _inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[str | os.PathLike],
@@ -207,10 +262,10 @@ def _inputs(base: str | os.PathLike, ft: str | os.PathLike | Sequence[str | os.P
     given = [ft] if isinstance(ft, (str, os.PathLike)) else list(ft)
     if not given:
         raise DeltakitError("give a fine-tuned model or at least one adapter to extract from")
-    if is_peft_adapter(base):
+    if is_adapter_path(base):
         raise DeltakitError(f"BASE {base} is a PEFT adapter; extract needs the full base model as BASE "
                             f"(adapters go after it: deltakit extract BASE {base} -o OUT --rank R)")
-    is_adapter = [is_peft_adapter(path) for path in given]
+    is_adapter = [is_adapter_path(path) for path in given]
     if not any(is_adapter):
         if len(given) > 1:
             raise DeltakitError(f"{len(given)} fine-tuned models given; extract compares BASE with one fine-tune, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ from deltakit.lora.adapter_files import AdapterTensor, FactorStage
 from deltakit.lora.adapter_sum import AdapterSum
 from deltakit.lora.expert_params import parameter_keys, stack_factors, with_target_parameters
 from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport
-from deltakit.lora.factors import reconstruction_error, svd_factors
-from deltakit.lora.ranks import RankChoice, allocate_budget, energy_rank, ratio_rank
+from deltakit.lora.factors import LoraFactors, clamp_quantile, reconstruction_error, svd_factors
+from deltakit.lora.ranks import RankChoice, allocate_budget
 from deltakit.lora.resize import LowRankDelta
 from deltakit.lora.targets import WORD_EMBEDDING, ExtractionTargets, LoraTarget, module_of
 from deltakit.lora.whitening import InputCovariance
@@ -83,9 +83,10 @@ class Extraction:
                  ft: Checkpoint | None, device: torch.device, compute_dtype: torch.dtype, out_dtype: torch.dtype | None,
                  options: SpectralOptions, seed: int, progress: ProgressFn | None, parallel: Parallel,
                  adapters: AdapterSum | None = None, factored: bool = False,
-                 activations: Activations | None = None) -> None:
+                 activations: Activations | None = None, clamp: float | None = None) -> None:
         self.choice, self.targets, self.base, self.ft = choice, targets, base, ft
         self.activations = activations
+        self.clamp = clamp  # kohya's clamp_quantile of the factors (None: no clamp)
         self.adapters, self.factored = adapters, factored  # ΔW from adapters (factored: as LowRankDelta)
         self.device, self.compute_dtype, self.out_dtype = device, compute_dtype, out_dtype
         self.options, self.seed, self.progress, self.parallel = options, seed, progress, parallel
@@ -137,7 +138,6 @@ class Extraction:
         norm = delta_fro
         if isinstance(matrix, LowRankDelta):  # exact, from the factors
             factors = matrix.factors(rank)
-            error = matrix.residual_norm(factors, dtype)
         else:
             if inputs is not None and self.activations.aware:  # type: ignore[union-attr]
                 whitened = inputs.whiten(matrix, self.compute_dtype)
@@ -147,7 +147,11 @@ class Extraction:
                 del whitened
             else:
                 factors = svd_factors(matrix, rank, exact=self.options.exact, seed=self.seed, dtype=self.compute_dtype)
-            error = reconstruction_error(matrix.to(self.compute_dtype), factors, dtype)
+        error = self._error(matrix, factors, dtype)
+        unclamped = None
+        if self.clamp is not None:
+            factors, unclamped = clamp_quantile(factors, self.clamp), error / delta_fro
+            error = self._error(matrix, factors, dtype)
         a, b = factors.a.to(dtype), factors.b.to(dtype)
         stage.put(target.module, *target.pair.stored_factors(a, b))
         # Σ_{i≤r} σ_i² over the exact ‖ΔW‖_F², so that kept ≈ 1 − rel_error² also when the
@@ -161,8 +165,14 @@ class Extraction:
         return ExtractedMatrix(
             name=target.pair.name, module=target.module, shape=tuple(target.pair.shape), kind=target.kind,
             rank=factors.rank, delta_fro=delta_fro, kept_energy=min(kept, 1.0), rel_error=error / delta_fro,
-            parameters=factors.rank * target.cost, output_error=output_error,
+            parameters=factors.rank * target.cost, output_error=output_error, unclamped_rel_error=unclamped,
         )
+
+    def _error(self, matrix: torch.Tensor | LowRankDelta, factors: LoraFactors, dtype: torch.dtype) -> float:
+        """‖ΔW − BA‖_F with B and A rounded to ``dtype`` (in factor space for a LowRankDelta)."""
+        if isinstance(matrix, LowRankDelta):
+            return matrix.residual_norm(factors, dtype)
+        return reconstruction_error(matrix.to(self.compute_dtype), factors, dtype)
 
     def _inputs(self, target: LoraTarget) -> InputCovariance | None:
         return self.activations.of(target, self.device) if self.activations is not None else None
@@ -230,15 +240,11 @@ class Extraction:
         return compute_spectrum(matrix, self.options).values
 
     def choose_ranks(self, survey: Survey) -> dict[str, int]:
-        """Energy and ratio: per matrix. Budget: all spectra at once (see :func:`allocate_budget`)."""
+        """Energy, ratio and the kohya / LyCORIS rules: per matrix. Budget: all spectra at once (see :func:`allocate_budget`)."""
         names = list(survey.spectra)
         caps = [self.choice.cap(self.by_name[n].out_in) for n in names]
-        if self.choice.mode == "energy":
-            return {n: energy_rank(survey.spectra[n], self.choice.energy, cap)  # type: ignore[arg-type]
-                    for n, cap in zip(names, caps)}
-        if self.choice.mode == "ratio":
-            return {n: ratio_rank(survey.spectra[n], self.choice.ratio, cap)  # type: ignore[arg-type]
-                    for n, cap in zip(names, caps)}
+        if self.choice.mode != "budget":
+            return {n: self.choice.matrix_rank(survey.spectra[n], cap) for n, cap in zip(names, caps)}
         changed = [self.by_name[n] for n in names]
         check_budget(self.choice.budget, changed, "changed ")  # type: ignore[arg-type]
         cap_of = dict(zip(names, caps))
@@ -301,14 +307,16 @@ class Extraction:
             self.owners[outcome.matrix.module] = outcome.owner
 
     def assemble(self, stage: FactorStage, survey: Survey, report: ExtractReport, save_modules: bool,
-                 base_name: str) -> tuple[list[AdapterTensor], dict[str, Any]]:
-        """The adapter's tensors (LoRA factors, then whole tensors) and its PEFT config."""
+                 base_name: str, keys: Callable[[str, bool], tuple[str, str]] = adapter_keys
+                 ) -> tuple[list[AdapterTensor], dict[str, Any]]:
+        """The adapter's tensors (LoRA factors, then whole tensors) and its PEFT config; ``keys`` names a
+        module's (A, B) in the file (PEFT's keys by default)."""
         factored = [self.by_name[m.name] for m in report.matrices if m.rank > 0]
         lora = [t for t in factored if t.parameter is None]
         tensors: list[AdapterTensor] = []
         for target in lora:
             a_shape, b_shape, dtype = stage.shapes(target.module)
-            a_key, b_key = adapter_keys(target.module, embedding=target.kind == "embedding")
+            a_key, b_key = keys(target.module, target.kind == "embedding")
             owner = self.owners[target.module]
             tensors.append(AdapterTensor(a_key, a_shape, dtype, lambda m=target.module: stage.get(m, "A"), owner))
             tensors.append(AdapterTensor(b_key, b_shape, dtype, lambda m=target.module: stage.get(m, "B"), owner))

@@ -17,6 +17,7 @@ from deltakit.analyses.meta import Displayed
 from deltakit.errors import DeltakitError
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32"}  # sd-scripts' spellings
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ExtractedMatrix:
     # ‖(ΔW − BA)·Xᵀ‖_F / ‖ΔW·Xᵀ‖_F on the calibration's layer inputs X (None: no calibration, or
     # no inputs for this matrix: embeddings, fused experts)
     output_error: float | None = None
+    unclamped_rel_error: float | None = None  # with clamp_quantile: the error before the clamp (None: no clamp)
 
     def to_dict(self, calibrated: bool = False) -> dict[str, Any]:
         """The JSON entry; ``output_error`` is there when the extraction had a calibration."""
@@ -42,6 +44,8 @@ class ExtractedMatrix:
         out["shape"] = list(self.shape)
         if not calibrated:
             del out["output_error"]
+        if self.unclamped_rel_error is None:
+            del out["unclamped_rel_error"]
         return out
 
 
@@ -71,6 +75,8 @@ class ExtractReport(Displayed):
     # Fused expert tensors written as LoRA on parameters: name, experts, rank (the largest
     # expert's), the experts with factors, and the parameters in the file (zero-padded to that rank).
     expert_parameters: list[dict[str, Any]] = field(default_factory=list)
+    format: str = "peft"  # peft (a folder) | kohya (one .safetensors file)
+    clamp_quantile: float | None = None  # kohya's clamp of the factors (None: none)
     # With a calibration (both only then in the JSON): what the model ran on and how the factors were
     # chosen ({"path", "tokens", "sequences", "activation_aware", "ridge", "metric"}), and how far
     # base + adapter is from the fine-tune: {"tokens", "kl", "kl_base"} for a causal language model,
@@ -118,6 +124,8 @@ class ExtractReport(Displayed):
             "modules_to_save": list(self.modules_to_save), "lora_bias": self.lora_bias,
             "adapters": list(self.adapters), "weights": list(self.weights),
             "expert_parameters": [dict(entry) for entry in self.expert_parameters],
+            **({"format": self.format} if self.format != "peft" else {}),
+            **({"clamp_quantile": self.clamp_quantile} if self.clamp_quantile is not None else {}),
         }
 
 
@@ -125,6 +133,7 @@ def output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``None`` (follow the fine-tune), or float32 | bfloat16 | float16."""
     if dtype is None or isinstance(dtype, torch.dtype) and dtype in OUTPUT_DTYPES.values():
         return dtype  # type: ignore[return-value]
-    if str(dtype) in OUTPUT_DTYPES:
-        return OUTPUT_DTYPES[str(dtype)]
+    name = SHORT_DTYPES.get(str(dtype), str(dtype))
+    if name in OUTPUT_DTYPES:
+        return OUTPUT_DTYPES[name]
     raise DeltakitError(f"unknown output dtype {dtype!r}; use one of {', '.join(OUTPUT_DTYPES)}")

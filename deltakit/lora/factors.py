@@ -79,6 +79,31 @@ def svd_factors(
     return split_singular_values(u, s, vh)
 
 
+def clamp_quantile(factors: LoraFactors, quantile: float) -> LoraFactors:
+    """kohya-ss sd-scripts' outlier clamp (``extract_lora_from_models.py``, ``--clamp_quantile``, default
+    0.99 there): with every singular value in the up factor, up = U_r S_r and down = V_rᵀ, h is the
+    ``quantile`` (linear interpolation, as ``torch.quantile``) of all entries of up and down together,
+    and both are clamped to [−h, h]. Returns (B = clamped up, A = clamped down): B @ A no longer is the
+    truncated SVD, and what that costs is the growth of ‖ΔW − BA‖_F. The quantile is of signed entries,
+    so (in sd-scripts too) the result depends on the sign the SVD gives each singular vector pair.
+    """
+    root = factors.singular_values.clamp_min(0).sqrt().to(factors.b.dtype)
+    up = factors.b * root
+    down = factors.a / torch.where(root > 0, root, torch.ones_like(root))[:, None]
+    high = _quantile(torch.cat([up.flatten(), down.flatten()]).float(), quantile).to(up.dtype)
+    return LoraFactors(b=up.clamp(-high, high), a=down.clamp(-high, high), singular_values=factors.singular_values)
+
+
+def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) for any length: kthvalue has no 2^24 limit."""
+    n = values.numel()
+    position = q * (n - 1)
+    low = int(position)
+    lower = torch.kthvalue(values.cpu(), low + 1).values
+    upper = torch.kthvalue(values.cpu(), min(low + 2, n)).values
+    return (lower + (upper - lower) * (position - low)).to(values.device)
+
+
 def reconstruction_error(matrix: torch.Tensor, factors: LoraFactors, dtype: torch.dtype | None = None) -> float:
     """‖M − B A‖_F, with B and A first rounded to ``dtype`` (the dtype they are stored in)."""
     b, a = factors.b, factors.a

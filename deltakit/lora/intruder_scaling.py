@@ -33,7 +33,7 @@ from deltakit.io.atomic import check_output_path
 from deltakit.io.inputs import footprints
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.model_files import copy_model_files, drop_quantization_config
-from deltakit.io.peft import is_peft_adapter
+from deltakit.io.kohya_files import is_adapter
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, rows_to_write
 from deltakit.lora.merging import dequantized_note
 from deltakit.pairing import TensorPair
@@ -130,7 +130,7 @@ def scale_intruders(
     device = process_device(parallel, spectral.device)
     started = time.perf_counter()
     report = new_report(base, ft, options, reported_device(parallel, device))
-    if is_peft_adapter(ft):
+    if is_adapter(ft):
         raise DeltakitError(f"{ft} is a LoRA adapter; scaling intruders writes a full model, so give the "
                             "merged fine-tune (W_base + B·A) as FT")
     source = open_source(base, ft, options.selection, report)

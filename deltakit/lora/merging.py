@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from deltakit.errors import DeltakitError
 from deltakit.io.atomic import check_output_path
 from deltakit.io.checkpoint import Checkpoint, open_checkpoint, read_model_config
 from deltakit.io.inputs import footprints
-from deltakit.io.model_files import copy_model_files, drop_quantization_config
+from deltakit.io.model_files import copy_model_files, drop_quantization_config, weight_file_prefix
 from deltakit.io.writer import DEFAULT_SHARD_BYTES, IO_THREADS, BackgroundWriter, rows_to_write
 from deltakit.lora.extraction import output_dtype
 from deltakit.lora.targets import ties_embeddings
@@ -86,10 +87,13 @@ class MergeReport:
     dequantized: str | None = None  # the model was quantized: what was written instead (never re-quantized)
     not_merged: list[dict[str, str]] = field(default_factory=list)  # skip_mismatched: modules left out, and why
     elapsed_s: float = 0.0
+    left_out: list[dict[str, str]] = field(default_factory=list)  # kohya modules of parts the model does not hold
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["elapsed_s"] = round(self.elapsed_s, 3)
+        if not self.left_out:
+            del out["left_out"]
         return out
 
 
@@ -226,7 +230,8 @@ def apply_plan(plan: MergePlan, progress: ProgressFn | None = None, parallel: Pa
     report = MergeReport(operation=operation, model=plan.model, adapter=", ".join(paths), out=plan.out,
                          scale=float(plan.scale), device=reported_device(parallel, compute_device),
                          adapters=paths, weights=factors, adapter_types=[a.label for a in adapters],
-                         check=plan.check, base=plan.original)
+                         check=plan.check, base=plan.original,
+                         left_out=[{**entry, "adapter": str(a.path)} for a in adapters for entry in a.left_out])
     parts = _parts(adapters, ckpt, factors, report.not_merged if plan.skip_mismatched else None)
     whole, new_shapes = _whole_steps(adapters, ckpt, operation, report)
     original_ckpt = None
@@ -266,13 +271,14 @@ def apply_plan(plan: MergePlan, progress: ProgressFn | None = None, parallel: Pa
         for name in ckpt.keys()
     ]
     report.lora_modules, report.tensors = sum(len(p) for p in parts.values()), len(steps)
-    report.shard_bytes = shard_size_of(ckpt)
+    prefix, one_file = weight_file_prefix(ckpt)
+    report.shard_bytes = sys.maxsize if one_file else shard_size_of(ckpt)
     cut = pieces(steps, plan.piece_bytes)
     # Each process merges and writes its share; the work is reading and writing bytes.
     costs = [piece_bytes(steps[p.step], p.rows) for p in cut]
     with shared_directory(plan.out, plan.force, parallel, inputs) as tmp:
         layout = [(s.name, s.shape, s.dtype) for s in steps]
-        sharded = shared_writer(parallel, tmp, layout, max_shard_bytes=report.shard_bytes)
+        sharded = shared_writer(parallel, tmp, layout, max_shard_bytes=report.shard_bytes, prefix=prefix)
         writer = BackgroundWriter(sharded, depth=IO_THREADS, workers=IO_THREADS)
         reads_ahead = max(plan.prefetch, IO_THREADS) if plan.prefetch > 0 else 0
 

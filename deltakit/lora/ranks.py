@@ -21,7 +21,9 @@ import numpy as np
 from deltakit.errors import DeltakitError
 from deltakit.spectral.metrics import as_sorted_spectrum, rank_at_energy
 
-MODES = ("rank", "energy", "budget", "ratio")
+MODES = ("rank", "energy", "budget", "ratio", "sv_ratio", "sv_fro", "sv_cumulative", "quantile")
+# The dynamic rules of kohya-ss sd-scripts (resize_lora.py) and LyCORIS (extract_locon), beside ours.
+KOHYA_RULES = ("sv_ratio", "sv_fro", "sv_cumulative", "quantile")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class RankChoice:
     budget: a total number of LoRA parameters, Σ r_i·(m_i + n_i), spent where it removes the
         most squared error (see :func:`allocate_budget`).
     ratio: per matrix, keep every σ_i ≥ ratio·σ_1 (in (0, 1]; see :func:`ratio_rank`).
+    sv_ratio, sv_fro, sv_cumulative: kohya-ss sd-scripts' dynamic rules, quantile: LyCORIS's, each per
+        matrix exactly as the tool computes it (see :func:`kohya_rank`).
     max_rank: no matrix gets more than this (≥ 1), whatever the mode.
     """
 
@@ -41,12 +45,21 @@ class RankChoice:
     budget: int | None = None
     max_rank: int | None = None
     ratio: float | None = None
+    sv_ratio: float | None = None
+    sv_fro: float | None = None
+    sv_cumulative: float | None = None
+    quantile: float | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in MODES if getattr(self, name) is not None]
         if len(given) != 1:
-            raise DeltakitError("give exactly one of --rank, --energy, --budget or --ratio"
-                                + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
+            raise DeltakitError("give exactly one of --rank, --energy, --budget or --ratio (or kohya's --sv-ratio, "
+                                "--sv-fro, --sv-cumulative, LyCORIS's --quantile)"
+                                + (f" (got {', '.join('--' + g.replace('_', '-') for g in given)})" if given else ""))
+        for name in KOHYA_RULES:
+            value = getattr(self, name)
+            if value is not None:
+                _check_rule(name, float(value))
         if self.rank is not None:
             _check_positive_int("rank", self.rank)
         if self.budget is not None:
@@ -79,8 +92,60 @@ class RankChoice:
         return cap if self.max_rank is None else min(cap, self.max_rank)
 
     def to_dict(self) -> dict[str, object]:
-        return {"mode": self.mode, "rank": self.rank, "energy": self.energy, "budget": self.budget,
-                "ratio": self.ratio, "max_rank": self.max_rank}
+        out: dict[str, object] = {"mode": self.mode, "rank": self.rank, "energy": self.energy, "budget": self.budget,
+                                  "ratio": self.ratio, "max_rank": self.max_rank}
+        out.update({name: getattr(self, name) for name in KOHYA_RULES if getattr(self, name) is not None})
+        return out
+
+    def matrix_rank(self, spectrum: Sequence[float] | np.ndarray, cap: int) -> int:
+        """The rank a per-matrix mode (energy, ratio, kohya's and LyCORIS's rules) gives one spectrum."""
+        if self.mode == "energy":
+            return energy_rank(spectrum, self.energy, cap)  # type: ignore[arg-type]
+        if self.mode == "ratio":
+            return ratio_rank(spectrum, self.ratio, cap)  # type: ignore[arg-type]
+        return kohya_rank(spectrum, self.mode, float(getattr(self, self.mode)), cap)
+
+
+def _check_rule(name: str, value: float) -> None:
+    if name == "sv_ratio":
+        if math.isnan(value) or value < 1.0:
+            raise DeltakitError(f"sv-ratio {value:g} is below 1; kohya's sv_ratio T keeps σ_i > σ_1 / T (e.g. --sv-ratio 4)")
+    elif math.isnan(value) or not 0.0 < value <= 1.0:
+        raise DeltakitError(f"{name.replace('_', '-')} {value:g} is outside (0, 1]; use e.g. --{name.replace('_', '-')} 0.9")
+
+
+def kohya_rank(spectrum: Sequence[float] | np.ndarray, rule: str, param: float, cap: int) -> int:
+    """The rank kohya-ss sd-scripts or LyCORIS gives a matrix of singular values σ_1 ≥ … ≥ σ_n, clamped to ``cap``.
+
+    With c_k = Σ_{i≤k} σ_i / Σ_i σ_i (the cumulative sum of σ, not of σ²) and e_k = Σ_{i≤k} σ_i² / Σ_i σ_i²:
+
+    * ``sv_ratio`` T (sd-scripts ``resize_lora.py``, ``index_sv_ratio``): #{i : σ_i > σ_1 / T}, at least 1;
+      the same count as ``ratio`` 1/T except for a σ exactly on the boundary.
+    * ``sv_fro`` t (``index_sv_fro``): the smallest k with e_k ≥ t², i.e. ``energy`` t²: kohya's t is a
+      fraction of ‖ΔW‖_F, ours of ‖ΔW‖_F².
+    * ``sv_cumulative`` t (``index_sv_cumulative``): the smallest k with c_k ≥ t.
+    * ``quantile`` q (LyCORIS ``extract_linear`` / ``extract_conv``, mode "quantile"): #{k : c_k < q}, at
+      least 1: one less than sv_cumulative's k at the same parameter (LyCORIS also stores a module whole when
+      this reaches half the output size; deltakit keeps it a LoRA).
+
+    All give n at most, and sd-scripts gives a zero matrix (σ_1 ≤ 1e-6) rank 1: here a zero matrix gets 0
+    (it has nothing to keep; extract leaves unchanged matrices out before any rule).
+    """
+    s = as_sorted_spectrum(spectrum)
+    if s.size == 0 or s[0] <= 0:
+        return 0
+    if rule == "sv_ratio":
+        count = int(np.count_nonzero(s > s[0] / param))
+    elif rule == "sv_fro":
+        energy = np.cumsum(s * s) / float(np.sum(s * s))
+        count = int(np.searchsorted(energy, param * param, side="left")) + 1
+    elif rule == "sv_cumulative":
+        count = int(np.searchsorted(np.cumsum(s) / float(np.sum(s)), param, side="left")) + 1
+    elif rule == "quantile":
+        count = int(np.count_nonzero(np.cumsum(s) < param * float(np.sum(s))))
+    else:
+        raise ValueError(f"unknown rule {rule!r}")
+    return min(max(1, min(count, s.size)), cap)
 
 
 def _check_positive_int(name: str, value: object) -> None:

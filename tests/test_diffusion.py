@@ -1,0 +1,482 @@
+"""Diffusion checkpoints: diffusers folders, single-file (LDM) checkpoints, kohya / LyCORIS and diffusers LoRA files.
+
+Tiny real architectures built from configs (a diffusers UNet2DConditionModel, a transformers CLIP text
+encoder); the references are the outside tools themselves: diffusers' convert_ldm_unet_checkpoint for
+the name mapping, LyCORIS's extraction, loader and merge, diffusers' LoRA loader and save_lora_weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import assert_one_line_error, invoke
+
+
+from diffusers import UNet2DConditionModel  # noqa: E402
+from lycoris.wrapper import LycorisNetwork  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+
+from deltakit.adapters import base_info, open_adapter  # noqa: E402
+from deltakit.errors import DeltakitError  # noqa: E402
+from deltakit.io.checkpoint import open_checkpoint  # noqa: E402
+from deltakit.io.diffusion_names import KohyaNamer, UnetBlocks, unet_from_ldm, unet_to_ldm  # noqa: E402
+from deltakit.lora import extract_lora, merge, unmerge  # noqa: E402
+from deltakit.lora.ranks import RankChoice, kohya_rank  # noqa: E402
+
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=24, attention_head_dim=4,
+            norm_num_groups=8, use_linear_projection=True)
+SD_LIKE = dict(layers_per_block=1, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+SDXL_LIKE = dict(layers_per_block=2, block_out_channels=(16, 32, 32),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=48,
+                 transformer_layers_per_block=(1, 1, 2))
+CLIP = dict(vocab_size=50, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+RANK = 2  # the rank of every fine-tune update below
+
+
+def low_rank_finetune(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """``model`` with every nn.Linear weight moved by a random rank-RANK update (convolutions and norms kept)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                out_features, in_features = module.weight.shape
+                module.weight += 0.05 * torch.randn(out_features, RANK, generator=generator) @ torch.randn(
+                    RANK, in_features, generator=generator)
+    return model
+
+
+def copy_of(model: torch.nn.Module, make) -> torch.nn.Module:
+    other = make()
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def ldm_state(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """An SD 1.x-style single file: the UNet in LDM names, the text encoder under cond_stage_model.transformer."""
+    state = unet.state_dict()
+    blocks = UnetBlocks.of(state)
+    out = {f"model.diffusion_model.{unet_to_ldm(k, blocks)}": v.contiguous() for k, v in state.items()}
+    if text_encoder is not None:
+        out.update({f"cond_stage_model.transformer.{k}": v.contiguous() for k, v in text_encoder.state_dict().items()})
+    return out
+
+
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in b)
+    return (num / sum(float(b[k].double().norm() ** 2) for k in b)) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """A tiny SD-like pair: UNet and text encoder folders, the same as LDM single files, LyCORIS's extraction."""
+    from lycoris.utils import extract_diff
+
+    root = tmp_path_factory.mktemp("sd")
+    torch.manual_seed(0)
+    make_unet = lambda: UNet2DConditionModel(**UNET, **SD_LIKE)  # noqa: E731
+    make_te = lambda: CLIPTextModel(CLIPTextConfig(**CLIP))  # noqa: E731
+    unet, te = make_unet(), make_te()
+    unet_ft, te_ft = low_rank_finetune(copy_of(unet, make_unet), 1), low_rank_finetune(copy_of(te, make_te), 2)
+    for model, name in ((unet, "unet"), (unet_ft, "unet_ft"), (te, "te"), (te_ft, "te_ft")):
+        model.save_pretrained(root / name)
+    save_file(ldm_state(unet, te), root / "base.safetensors")
+    save_file(ldm_state(unet_ft, te_ft), root / "ft.safetensors")
+    save_file(extract_diff([te], [te_ft], unet, unet_ft, mode="fixed", linear_mode_param=RANK), root / "lyco.safetensors")
+    return root
+
+
+@pytest.fixture
+def kohya_prefix(monkeypatch):
+    """LyCORIS names its modules with a class-wide prefix: lora_unet, as kohya files have."""
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
+
+
+def load_unet(folder):
+    return UNet2DConditionModel.from_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("config", [SD_LIKE, SDXL_LIKE], ids=["sd", "sdxl"])
+def test_ldm_names_are_diffusers_conversion_both_ways(config):
+    """unet_to_ldm, read back by diffusers' own convert_ldm_unet_checkpoint, gives every tensor its name again;
+    unet_from_ldm inverts it; the structure reads the same from either layout."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet = UNet2DConditionModel(**UNET, **config)
+    state = unet.state_dict()
+    blocks = UnetBlocks.of(state)
+    ldm = {f"model.diffusion_model.{unet_to_ldm(k, blocks)}": v for k, v in state.items()}
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    assert all(unet_from_ldm(unet_to_ldm(k, blocks), blocks) == k for k in state)
+    assert UnetBlocks.of(k.removeprefix("model.diffusion_model.") for k in ldm) == blocks
+
+
+def test_kohya_names_follow_sd_scripts():
+    """An SD 1.x single file's UNet in diffusers names (sd-scripts converts it), an SDXL single file's in LDM
+    names (sd-scripts' sdxl_original_unet), a diffusers folder's in its own (what LyCORIS finds in the model);
+    text encoders with transformers 4's text_model_ whatever the stored spelling."""
+    sd_names = [f"model.diffusion_model.{n}.weight" for n in ("input_blocks.1.1.proj_in", "input_blocks.3.0.op",
+                                                              "output_blocks.2.1.conv", "middle_block.1.proj_in")]
+    namer = KohyaNamer(sd_names + ["cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight"])
+    assert namer("model.diffusion_model.input_blocks.1.1.proj_in") == "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert namer("cond_stage_model.transformer.encoder.layers.0.mlp.fc1") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    unet = UNet2DConditionModel(**UNET, **SDXL_LIKE)
+    assert KohyaNamer(unet.state_dict())("down_blocks.1.attentions.0.proj_in") == \
+        "lora_unet_down_blocks_1_attentions_0_proj_in"
+    ldm = ldm_state(unet, None)
+    assert KohyaNamer(ldm)("model.diffusion_model.input_blocks.4.1.proj_in") == "lora_unet_input_blocks_4_1_proj_in"
+    assert KohyaNamer(["text_model.encoder.layers.0.mlp.fc1.weight"], folder="text_encoder_2")(
+        "text_model.encoder.layers.0.mlp.fc1") == "lora_te2_text_model_encoder_layers_0_mlp_fc1"
+
+
+# ------------------------------------------------------------------------------- LyCORIS's own files
+
+
+def test_merge_of_lycoris_extraction_equals_lycoris_merge(sd, tmp_path, kohya_prefix):
+    """A kohya file made by LyCORIS's extraction, merged by deltakit into the diffusers UNet folder, is what
+    LyCORIS's loader merges; its text encoder modules are left out of a UNet base and listed."""
+    from lycoris import create_lycoris_from_weights
+
+    report = merge(sd / "unet", sd / "lyco.safetensors", tmp_path / "merged")
+    reference = load_unet(sd / "unet")
+    network, _ = create_lycoris_from_weights(1.0, str(sd / "lyco.safetensors"), reference)
+    network.merge_to()
+    merged = load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")  # diffusers' own file name
+    expected = reference.state_dict()
+    assert set(merged) == set(expected)
+    assert max(float((merged[k] - expected[k]).abs().max()) for k in expected) <= 1e-6
+    assert report.lora_modules == len(network.loras)
+    assert report.left_out and all(e["name"].startswith("lora_te_") for e in report.to_dict()["left_out"])
+    adapter = open_adapter(sd / "lyco.safetensors", base=base_info(open_checkpoint(sd / "unet")))
+    assert adapter.format == "kohya" and adapter.left_out and all(e["name"].startswith("lora_te_") for e in adapter.left_out)
+    load_unet(tmp_path / "merged")  # diffusers loads the output folder
+
+
+def test_merge_into_a_single_file_equals_lycoris_merge(sd, tmp_path):
+    """The same file (diffusers names) into an SD single file (LDM names, text encoder included): LyCORIS's
+    merge of UNet and text encoder, spelled in LDM names; written as one file of the input's name; unmerged back."""
+    from lycoris.utils import merge as lycoris_merge
+
+    merge(sd / "base.safetensors", sd / "lyco.safetensors", tmp_path / "merged")
+    unet, te = load_unet(sd / "unet"), CLIPTextModel.from_pretrained(sd / "te")
+    lycoris_merge([te], unet, load_file(sd / "lyco.safetensors"), 1.0)
+    expected = ldm_state(unet, te)
+    merged = load_file(tmp_path / "merged" / "base.safetensors")
+    assert set(merged) == set(expected)
+    assert max(float((merged[k] - expected[k]).abs().max()) for k in expected) <= 1e-6
+    report = unmerge(tmp_path / "merged" / "base.safetensors", sd / "lyco.safetensors", tmp_path / "back",
+                     check=sd / "base.safetensors")
+    assert report.check_max_abs <= 1e-6
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
+def test_lycoris_loha_lokr_dora_files_merge_as_lycoris_computes(sd, tmp_path, monkeypatch, algo):
+    """LoHa, LoKr (W1 whole, W2 a product: scale α / r) and DoRA (dora_scale, norms per output row) files that
+    LyCORIS saves, merged by deltakit, give every layer the output LyCORIS's own modules compute.
+
+    The reference is the modules' forward: LyCORIS 4.1's merge_to applies α / r twice to LoHa and LoKr
+    (get_diff_weight scales get_weight's already scaled ΔW), unlike its forward, A1111 and ComfyUI.
+    """
+    from lycoris import create_lycoris_from_weights
+
+    monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
+    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_MODULE", ["Linear"])
+    monkeypatch.setattr(LycorisNetwork, "ENABLE_CONV", False)
+    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_NAME", [])
+    unet = load_unet(sd / "unet")
+    options = {"dora": dict(network_module="lora", weight_decompose=True), "loha": dict(network_module="loha"),
+               "lokr": dict(network_module="lokr", factor=2)}[algo]
+    network = LycorisNetwork(unet, lora_dim=2, alpha=3.0, **options)
+    network.apply_to()  # the modules become the network's (its state dict)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if "dora_scale" not in name:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+            else:
+                parameter.mul_(1.0 + 0.1 * torch.rand(parameter.shape, generator=generator))
+    network.save_weights(str(tmp_path / "adapter.safetensors"), torch.float32, None)
+    merge(sd / "unet", tmp_path / "adapter.safetensors", tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")
+    reference = load_unet(sd / "unet")
+    loaded, _ = create_lycoris_from_weights(1.0, str(tmp_path / "adapter.safetensors"), reference)
+    weight_of = {f"lora_unet_{name.replace('.', '_')}": name for name, _ in reference.named_modules()}
+    x = torch.randn(3, 256, generator=generator)
+    with torch.no_grad():
+        for module in loaded.loras:
+            name, layer = weight_of[module.lora_name], module.org_module[0]
+            inputs = x[:, :layer.in_features]
+            expected = module.forward(inputs)
+            got = inputs @ merged[f"{name}.weight"].T + (merged[f"{name}.bias"] if layer.bias is not None else 0)
+            assert torch.allclose(got, expected, atol=2e-6, rtol=1e-5), name
+    adapter = open_adapter(tmp_path / "adapter.safetensors", base=base_info(open_checkpoint(sd / "unet")))
+    assert adapter.label == algo.upper() and len(adapter.modules) == len(loaded.loras) > 0
+
+
+# --------------------------------------------------------------------------- deltakit's kohya files
+
+
+def test_kohya_file_written_by_deltakit_loads_in_lycoris_and_diffusers(sd, tmp_path, kohya_prefix):
+    """extract --format kohya at the rank of the update: LyCORIS and diffusers load it, and both merge it to
+    the fine-tune to 1e-4 relative; the metadata is sd-scripts'."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from lycoris import create_lycoris_from_weights
+
+    out = tmp_path / "lora.safetensors"
+    report = extract_lora(sd / "unet", sd / "unet_ft", out, rank=RANK, format="kohya", dtype="fp32")
+    assert report.format == "kohya" and report.relative_error < 1e-5
+    with safe_open(str(out), framework="pt") as handle:
+        metadata, keys = handle.metadata(), list(handle.keys())
+        alphas = {handle.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == str(RANK)
+    assert alphas == {float(RANK)} and all(k.startswith("lora_unet_") for k in keys)
+    fine_tune = load_unet(sd / "unet_ft").state_dict()
+
+    unet = load_unet(sd / "unet")
+    network, _ = create_lycoris_from_weights(1.0, str(out), unet)
+    assert len(network.loras) == len(report.matrices)
+    network.merge_to()
+    assert relative_distance(unet.state_dict(), fine_tune) < 1e-4
+
+    unet = load_unet(sd / "unet")
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(out))
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet)
+    unet.fuse_lora()
+    unet.unload_lora()
+    assert relative_distance(unet.state_dict(), fine_tune) < 1e-4
+
+
+def test_kohya_file_from_single_files_with_text_encoder(sd, tmp_path):
+    """From SD single files: the UNet in diffusers names (sd-scripts' SD 1.x convention), the text encoder as
+    lora_te_text_model_*, in fp16 as asked; merged back into the single file it is the fine-tune."""
+    out = tmp_path / "lora.safetensors"
+    extract_lora(sd / "base.safetensors", sd / "ft.safetensors", out, rank=RANK, format="kohya", dtype="fp16")
+    with safe_open(str(out), framework="pt") as handle:
+        keys = list(handle.keys())
+        dtypes = {handle.get_tensor(k).dtype for k in keys}
+    assert dtypes == {torch.float16}
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in keys
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    merge(sd / "base.safetensors", out, tmp_path / "merged")
+    assert relative_distance(load_file(tmp_path / "merged" / "base.safetensors"),
+                             load_file(sd / "ft.safetensors")) < 1e-3  # fp16 factors
+
+
+def test_diffusers_format_loads_in_diffusers(sd, tmp_path):
+    """extract --format diffusers from SD single files: save_lora_weights' layout (unet. in diffusers names,
+    text_encoder. as stored, lora_adapter_metadata), which diffusers' loaders put on the UNet and the text
+    encoder, both merging to the fine-tune; deltakit merges it back into the single file."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = tmp_path / "lora"
+    extract_lora(sd / "base.safetensors", sd / "ft.safetensors", out, rank=RANK, format="diffusers", dtype="fp32")
+    state, alphas, metadata = Loader.lora_state_dict(str(out), return_lora_metadata=True)
+    assert metadata["unet.r"] == RANK and metadata["unet.lora_alpha"] == RANK
+    unet, te = load_unet(sd / "unet"), CLIPTextModel.from_pretrained(sd / "te")
+    Loader.load_lora_into_unet(state, alphas, unet, metadata=metadata)
+    Loader.load_lora_into_text_encoder(state, alphas, te, prefix="text_encoder", metadata=metadata)
+    unet.fuse_lora()
+    unet.unload_lora()
+    for module in te.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    merged_te = {k.replace(".base_layer", ""): v for k, v in te.state_dict().items() if "lora_" not in k}
+    assert relative_distance(unet.state_dict(), load_unet(sd / "unet_ft").state_dict()) < 1e-4
+    assert relative_distance(merged_te, CLIPTextModel.from_pretrained(sd / "te_ft").state_dict()) < 1e-4
+    merge(sd / "base.safetensors", out, tmp_path / "merged")
+    assert relative_distance(load_file(tmp_path / "merged" / "base.safetensors"), load_file(sd / "ft.safetensors")) < 1e-5
+
+
+def test_resize_and_weighted_sum_of_kohya_files_in_factor_space(sd, tmp_path):
+    """A kohya file resized to rank 1 is the best rank-1 approximation of its ΔW, computed from the factors;
+    a weighted sum of two files at the sum of their ranks merges to the weighted sum of their updates."""
+    lora = tmp_path / "lora.safetensors"
+    extract_lora(sd / "unet", sd / "unet_ft", lora, rank=RANK, format="kohya", dtype="fp32")
+    resized = extract_lora(sd / "unet", lora, tmp_path / "r1.safetensors", rank=1, format="kohya")
+    assert resized.method == "factor-space"
+    adapter = open_adapter(lora, base=base_info(open_checkpoint(sd / "unet")))
+    module = next(iter(adapter.modules.values()))
+    dense = module.delta(adapter.load(module), None, False).double()
+    best = torch.linalg.svdvals(dense)
+    worst = next(m for m in resized.matrices if m.name == module.target)
+    assert worst.rel_error == pytest.approx(float(best[1:].norm() / best.norm()), rel=1e-5)
+
+    summed = extract_lora(sd / "unet", [lora, sd / "lyco.safetensors"], tmp_path / "sum.safetensors", rank=2 * RANK,
+                          weights=[0.7, -0.2], format="kohya", dtype="fp32")
+    assert summed.relative_error < 1e-5
+    merge(sd / "unet", [lora, sd / "lyco.safetensors"], tmp_path / "two", weights=[0.7, -0.2])
+    merge(sd / "unet", tmp_path / "sum.safetensors", tmp_path / "one")
+    two = load_file(tmp_path / "two" / "diffusion_pytorch_model.safetensors")
+    one = load_file(tmp_path / "one" / "diffusion_pytorch_model.safetensors")
+    assert relative_distance(one, two) < 1e-6
+
+
+def test_clamp_quantile_is_sd_scripts_clamp_and_reports_its_cost(sd, tmp_path):
+    """--clamp-quantile clamps up = U·S and down = Vᵀ at their joint quantile as sd-scripts does; each matrix
+    reports the error of the unclamped truncation and the (larger) error of what was written."""
+    out = tmp_path / "lora.safetensors"
+    report = extract_lora(sd / "unet", sd / "unet_ft", out, rank=1, format="kohya", dtype="fp32", clamp_quantile=0.9)
+    unet, fine_tune = load_unet(sd / "unet").state_dict(), load_unet(sd / "unet_ft").state_dict()
+    matrix = report.matrices[0]
+    delta = (fine_tune[matrix.name] - unet[matrix.name]).double()
+    u, s, vh = torch.linalg.svd(delta)
+    name = KohyaNamer(unet)(matrix.module)
+    with safe_open(str(out), framework="pt") as handle:
+        written_up, written_down = handle.get_tensor(f"{name}.lora_up.weight"), handle.get_tensor(f"{name}.lora_down.weight")
+    # Singular vectors are defined up to sign, and the quantile of signed entries is not: take the written sign.
+    sign = torch.sign((written_down.double() * vh[:1]).sum())
+    up, down = u[:, :1] * s[:1] * sign, vh[:1] * sign
+    high = torch.quantile(torch.cat([up.flatten(), down.flatten()]), 0.9)
+    assert torch.allclose(written_up.double(), up.clamp(-high, high), atol=1e-5)
+    assert torch.allclose(written_down.double(), down.clamp(-high, high), atol=1e-5)
+    assert matrix.unclamped_rel_error == pytest.approx(float(s[1:].norm() / s.norm()), rel=1e-4)
+    assert all(m.rel_error >= m.unclamped_rel_error - 1e-7 for m in report.matrices)
+    assert report.to_dict()["clamp_quantile"] == 0.9 and "unclamped_rel_error" in report.to_dict()["matrices"][0]
+
+
+# ------------------------------------------------------------------------------ rank rules, layouts
+
+
+def test_kohya_and_lycoris_rules_by_their_definitions():
+    """σ = (4, 2, 1, 1): Σσ-fractions 0.5, 0.75, 0.875, 1; σ²-fractions 16/22, 20/22, 21/22, 1."""
+    s = [4.0, 2.0, 1.0, 1.0]
+    assert kohya_rank(s, "sv_cumulative", 0.75, 4) == 2  # the smallest k with c_k ≥ 0.75
+    assert kohya_rank(s, "quantile", 0.75, 4) == 1  # #{k : c_k < 0.75}
+    assert kohya_rank(s, "quantile", 0.1, 4) == 1  # at least 1
+    assert kohya_rank(s, "sv_fro", 0.9, 4) == 2  # e_k ≥ 0.81
+    assert kohya_rank(s, "sv_fro", 0.96, 4) == 3  # e_k ≥ 0.9216
+    assert kohya_rank(s, "sv_ratio", 3.0, 4) == 2  # σ > 4/3
+    assert kohya_rank(s, "sv_ratio", 4.0, 4) == 2  # σ > 1, strictly
+    assert kohya_rank(s, "sv_cumulative", 1.0, 3) == 3  # clamped
+    assert RankChoice(sv_fro=0.9).matrix_rank(s, 4) == RankChoice(energy=0.81).matrix_rank(s, 4)
+    with pytest.raises(DeltakitError, match="sv-ratio"):
+        RankChoice(sv_ratio=0.5)
+
+
+@pytest.mark.parametrize("q", [0.3, 0.6, 0.8])
+def test_quantile_rule_is_lycoris_extract_linear(q):
+    """LyCORIS's own extract_linear keeps the rank kohya_rank(…, "quantile") gives."""
+    from lycoris.utils import extract_linear
+
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(64, 48, generator=generator) @ torch.diag(torch.linspace(3, 0.01, 48) ** 2) @ torch.randn(
+        48, 48, generator=generator)
+    (down, _, _), mode = extract_linear(weight, "quantile", q)
+    assert mode == "low rank"
+    assert down.shape[0] == kohya_rank(torch.linalg.svdvals(weight).numpy(), "quantile", q, 48)
+
+
+def test_rank_pairs_a_single_file_with_a_diffusers_folder(sd, tmp_path, runner):
+    """An LDM single file against a diffusers UNet folder: the UNet's matrices pair across layouts and read
+    as they do folder against folder (the text encoder, only in the file, is listed)."""
+    from deltakit import rank
+
+    across = rank(sd / "base.safetensors", sd / "unet_ft", energy=(0.9,))
+    same = rank(sd / "unet", sd / "unet_ft", energy=(0.9,))
+    by_name = {m.name: m for m in same.matrices}
+    assert len(across.matrices) == len(same.matrices) > 0
+    for m in across.matrices:
+        assert m.rank_at[0.9] == by_name[m.name].rank_at[0.9] == RANK
+    assert any(n.startswith("cond_stage_model.") for n in across.only_base)
+
+
+# ---------------------------------------------------------------------------------- diffusers files
+
+
+def test_diffusers_lora_file_merges_as_diffusers_fuses(sd, tmp_path):
+    """A LoRA saved by diffusers (save_lora_weights, lora_alpha in lora_adapter_metadata) merges into the UNet
+    folder and into the single file as diffusers' fuse_lora changes the weights."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = load_unet(sd / "unet")
+    config = LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "to_v", "proj_in"])
+    unet.add_adapter(config)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet),
+                                              unet_lora_adapter_metadata=config.to_dict())
+    unet.fuse_lora()
+    unet.unload_lora()
+    expected = unet.state_dict()
+    merge(sd / "unet", tmp_path / "lora", tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")
+    assert max(float((merged[k] - expected[k]).abs().max()) for k in expected) <= 1e-6
+    merge(sd / "base.safetensors", tmp_path / "lora" / "pytorch_lora_weights.safetensors", tmp_path / "ldm")
+    blocks = UnetBlocks.of(expected)
+    single = load_file(tmp_path / "ldm" / "base.safetensors")
+    assert all(torch.allclose(single[f"model.diffusion_model.{unet_to_ldm(k, blocks)}"], v, atol=1e-6)
+               for k, v in expected.items())
+
+
+# ------------------------------------------------------------------------------------ text encoders
+
+
+def test_text_encoder_parts_are_told_apart_by_shape(sd, tmp_path):
+    """An SDXL-style file with te1 (this encoder's width) and te2 (another's) modules: on this text encoder folder
+    te1 applies and te2 is left out; the UNet modules too."""
+    te = open_checkpoint(sd / "te")
+    generator = torch.Generator().manual_seed(5)
+    tensors = {}
+    for part, width in (("te1", 24), ("te2", 40)):
+        for layer in range(2):
+            name = f"lora_{part}_text_model_encoder_layers_{layer}_self_attn_q_proj"
+            tensors[f"{name}.lora_down.weight"] = torch.randn(2, width, generator=generator)
+            tensors[f"{name}.lora_up.weight"] = torch.randn(width, 2, generator=generator)
+            tensors[f"{name}.alpha"] = torch.tensor(1.0)
+    tensors["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"] = torch.randn(2, 32, generator=generator)
+    tensors["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"] = torch.randn(32, 2, generator=generator)
+    save_file(tensors, tmp_path / "sdxl.safetensors")
+    adapter = open_adapter(tmp_path / "sdxl.safetensors", base=base_info(te))
+    assert sorted(adapter.modules) == [f"encoder.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+    assert sorted(e["name"].split("_text")[0].split("_mid")[0] for e in adapter.left_out) == [
+        "lora_te2", "lora_te2", "lora_unet"]
+    module = adapter.modules["encoder.layers.0.self_attn.q_proj.weight"]
+    assert module.scaling == pytest.approx(0.5)  # alpha 1 over rank 2
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+def test_refusals_are_one_line(sd, tmp_path, runner):
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                           "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (pipeline / "unet").symlink_to(sd / "unet")
+    assert_one_line_error(invoke(runner, "rank", pipeline, sd / "unet_ft"), f"{pipeline / 'unet'}")
+    conv = {"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
+            "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 2, 1, 1)}
+    save_file(conv, tmp_path / "locon.safetensors")
+    assert_one_line_error(invoke(runner, "merge", sd / "unet", tmp_path / "locon.safetensors", "-o", tmp_path / "m"),
+                          "convolution")
+    stray = {"lora_unet_no_such_module.lora_down.weight": torch.zeros(2, 4),
+             "lora_unet_no_such_module.lora_up.weight": torch.zeros(4, 2)}
+    save_file(stray, tmp_path / "stray.safetensors")
+    assert_one_line_error(invoke(runner, "merge", sd / "unet", tmp_path / "stray.safetensors", "-o", tmp_path / "m"),
+                          "names no weight of the base")
+    result = invoke(runner, "extract", sd / "unet", sd / "unet_ft", "-o", tmp_path / "out", "--format", "kohya",
+                    "--rank", "2")
+    assert_one_line_error(result, ".safetensors")
+    result = invoke(runner, "extract", sd / "unet", sd / "unet_ft", "-o", tmp_path / "o.safetensors", "--format",
+                    "kohya", "--rank", "2", "--save-modules")
+    assert_one_line_error(result, "modules_to_save")
+    result = invoke(runner, "extract", sd / "unet", sd / "unet_ft", "-o", tmp_path / "o.safetensors", "--sv-fro", "1.5")
+    assert_one_line_error(result, "outside (0, 1]")
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "m").exists()
