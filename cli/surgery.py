@@ -24,6 +24,7 @@ Examples:
   deltakit extract ./base ./lora-r64 -o ./lora-r16 --rank 16
   deltakit extract ./base ./lora-a ./lora-b --weights 0.7,0.3 -o ./lora-ab --ratio 0.05 --max-rank 32
   deltakit extract ./sd15/unet ./ft/unet -o ft-lora.safetensors --format kohya --rank 32 --save-dtype fp16
+  deltakit extract ./sd15/unet ./ft/unet -o ft-locon.safetensors --format kohya --rank 32 --conv-rank 8
   deltakit extract ./sdxl.safetensors ./ft.safetensors -o ft.safetensors --format kohya --sv-fro 0.9 --max-rank 64
   deltakit extract ./sd15/unet lora-r64.safetensors -o lora-r16.safetensors --format kohya --rank 16
 """
@@ -94,6 +95,13 @@ def _weights(text: str | None) -> list[float] | None:
 @click.option("--quantile", type=float, metavar="Q",
               help="LyCORIS's quantile: per matrix, the number of k with Σ_{i≤k} σ_i < Q·Σ σ_i (at least 1).")
 @click.option("--max-rank", type=int, help="No matrix gets a higher rank than this.")
+@click.option("--conv-rank", type=int, metavar="N",
+              help="A fixed rank for convolutions with a kernel larger than 1×1 (kohya's conv_dim, LyCORIS's conv "
+                   "rank). Without it or --conv-energy they follow the rule given for the linear layers; 1×1 "
+                   "convolutions always do. A convolution is factored as its (out, in·kh·kw) matrix (LoCon).")
+@click.option("--conv-energy", type=float, metavar="F",
+              help="Per convolution with a kernel larger than 1×1, the smallest rank keeping this fraction of "
+                   "||ΔW||_F² (instead of --conv-rank).")
 @click.option("--clamp-quantile", type=float, metavar="Q",
               help="Clamp the factors as kohya's extract_lora_from_models.py does (up = U·S, down = Vᵀ clamped to "
                    "± their Q-quantile; kohya's default 0.99); the report gives each matrix's error before and after.")
@@ -122,9 +130,9 @@ def _weights(text: str | None) -> list[float] | None:
 @hub_options
 @user_errors
 def extract_command(base, ft, out, fmt, weights, rank, energy, budget, ratio, sv_ratio, sv_fro, sv_cumulative, quantile,
-                    max_rank, clamp_quantile, include, exclude, save_modules, embeddings, experts, dtype, seed,
-                    calibration, activation_aware, device, exact, fp64, skip_mismatched, html_path, json_path, quiet,
-                    allow_pickle, force):
+                    max_rank, conv_rank, conv_energy, clamp_quantile, include, exclude, save_modules, embeddings,
+                    experts, dtype, seed, calibration, activation_aware, device, exact, fp64, skip_mismatched, html_path,
+                    json_path, quiet, allow_pickle, force):
     """Extract a PEFT LoRA adapter from a fine-tune: truncated SVD of every ΔW = W_ft − W_base.
 
     Each changed matrix gets B = U√S (out×r) and A = √S·Vᵀ (r×in), lora_alpha = r, so that
@@ -138,7 +146,8 @@ def extract_command(base, ft, out, fmt, weights, rank, energy, budget, ratio, sv
     With PEFT adapters of BASE instead of FT, ΔW = Σ w_i·ΔW_i of the adapters: resize a LoRA,
     convert an adapter to a plain LoRA, or merge several into one. LoRA inputs are resized in
     factor space (exact, without forming ΔW or reading BASE's weights). kohya / LyCORIS and
-    diffusers LoRA files are adapters too; --format kohya writes one.
+    diffusers LoRA files are adapters too; --format kohya writes one (convolutions as LoCon:
+    lora_down with the layer's kernel, a 1×1 lora_up).
     """
     from deltakit.lora import extract_lora
 
@@ -154,7 +163,8 @@ def extract_command(base, ft, out, fmt, weights, rank, energy, budget, ratio, sv
                               weights=_weights(weights), experts=experts, skip_mismatched=skip_mismatched,
                               calibration=calibration, activation_aware=activation_aware, format=fmt,
                               clamp_quantile=clamp_quantile, sv_ratio=sv_ratio, sv_fro=sv_fro,
-                              sv_cumulative=sv_cumulative, quantile=quantile)
+                              sv_cumulative=sv_cumulative, quantile=quantile, conv_rank=conv_rank,
+                              conv_energy=conv_energy)
     if parallel.is_main:
         _print_extract(report, out, json_path, quiet, force, inputs)
         write_html(html_path, report, force, inputs)

@@ -43,15 +43,23 @@ RANK = 2  # the rank of every fine-tune update below
 
 
 def low_rank_finetune(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """``model`` with every nn.Linear weight moved by a random rank-RANK update (convolutions and norms kept)."""
+    """``model`` with every nn.Linear and nn.Conv2d weight moved by a random rank-RANK update of its (out, in·kh·kw)
+    matrix (norms kept), except a convolution of at most 2·RANK output channels (the UNet's conv_out): LyCORIS's
+    extraction stores an update of rank ≥ out / 2 whole (``diff``), which deltakit does not read."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                out_features, in_features = module.weight.shape
-                module.weight += 0.05 * torch.randn(out_features, RANK, generator=generator) @ torch.randn(
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.weight.shape[0] > 2 * RANK:
+                out_features, in_features = module.weight.shape[0], module.weight[0].numel()
+                update = torch.randn(out_features, RANK, generator=generator) @ torch.randn(
                     RANK, in_features, generator=generator)
+                module.weight += 0.05 * update.reshape(module.weight.shape)
     return model
+
+
+def matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """A weight as the (out, in·∏kernel) matrix kohya, LyCORIS and deltakit factor."""
+    return tensor.reshape(tensor.shape[0], -1)
 
 
 def copy_of(model: torch.nn.Module, make) -> torch.nn.Module:
@@ -90,7 +98,12 @@ def sd(tmp_path_factory):
         model.save_pretrained(root / name)
     save_file(ldm_state(unet, te), root / "base.safetensors")
     save_file(ldm_state(unet_ft, te_ft), root / "ft.safetensors")
-    save_file(extract_diff([te], [te_ft], unet, unet_ft, mode="fixed", linear_mode_param=RANK), root / "lyco.safetensors")
+    # LyCORIS's extraction, convolutions included: 3×3 ones as Tucker LoCon (lora_mid; its default small_conv),
+    # or as plain LoCon (small_conv=False, extract_locon.py --disable_cp)
+    save_file(extract_diff([te], [te_ft], unet, unet_ft, mode="fixed", linear_mode_param=RANK, conv_mode_param=RANK),
+              root / "lyco.safetensors")
+    save_file(extract_diff([te], [te_ft], unet, unet_ft, mode="fixed", linear_mode_param=RANK, conv_mode_param=RANK,
+                           small_conv=False), root / "lyco-locon.safetensors")
     return root
 
 
@@ -144,14 +157,21 @@ def test_kohya_names_follow_sd_scripts():
 # ------------------------------------------------------------------------------- LyCORIS's own files
 
 
-def test_merge_of_lycoris_extraction_equals_lycoris_merge(sd, tmp_path, kohya_prefix):
-    """A kohya file made by LyCORIS's extraction, merged by deltakit into the diffusers UNet folder, is what
-    LyCORIS's loader merges; its text encoder modules are left out of a UNet base and listed."""
+@pytest.mark.parametrize("file", ["lyco.safetensors", "lyco-locon.safetensors"], ids=["tucker", "locon"])
+def test_merge_of_lycoris_extraction_equals_lycoris_merge(sd, tmp_path, kohya_prefix, file):
+    """A kohya file made by LyCORIS's extraction, convolutions included (Tucker LoCon with lora_mid, or plain
+    LoCon), merged by deltakit into the diffusers UNet folder, is what LyCORIS's loader merges; its text encoder
+    modules are left out of a UNet base and listed."""
     from lycoris import create_lycoris_from_weights
 
-    report = merge(sd / "unet", sd / "lyco.safetensors", tmp_path / "merged")
+    with safe_open(str(sd / file), framework="pt") as handle:
+        keys = list(handle.keys())
+    assert ("lora_unet_down_blocks_0_resnets_0_conv1.lora_mid.weight" in keys) == (file == "lyco.safetensors")
+    assert "lora_unet_conv_in.lora_down.weight" in keys and "lora_unet_down_blocks_0_downsamplers_0_conv.alpha" in keys
+    report = merge(sd / "unet", sd / file, tmp_path / "merged")
     reference = load_unet(sd / "unet")
-    network, _ = create_lycoris_from_weights(1.0, str(sd / "lyco.safetensors"), reference)
+    network, _ = create_lycoris_from_weights(1.0, str(sd / file), reference)
+    assert any(isinstance(m.org_module[0], torch.nn.Conv2d) for m in network.loras)
     network.merge_to()
     merged = load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")  # diffusers' own file name
     expected = reference.state_dict()
@@ -159,7 +179,7 @@ def test_merge_of_lycoris_extraction_equals_lycoris_merge(sd, tmp_path, kohya_pr
     assert max(float((merged[k] - expected[k]).abs().max()) for k in expected) <= 1e-6
     assert report.lora_modules == len(network.loras)
     assert report.left_out and all(e["name"].startswith("lora_te_") for e in report.to_dict()["left_out"])
-    adapter = open_adapter(sd / "lyco.safetensors", base=base_info(open_checkpoint(sd / "unet")))
+    adapter = open_adapter(sd / file, base=base_info(open_checkpoint(sd / "unet")))
     assert adapter.format == "kohya" and adapter.left_out and all(e["name"].startswith("lora_te_") for e in adapter.left_out)
     load_unet(tmp_path / "merged")  # diffusers loads the output folder
 
@@ -181,24 +201,28 @@ def test_merge_into_a_single_file_equals_lycoris_merge(sd, tmp_path):
     assert report.check_max_abs <= 1e-6
 
 
-@pytest.mark.parametrize("algo", ["loha", "lokr", "dora"])
-def test_lycoris_loha_lokr_dora_files_merge_as_lycoris_computes(sd, tmp_path, monkeypatch, algo):
-    """LoHa, LoKr (W1 whole, W2 a product: scale α / r) and DoRA (dora_scale, norms per output row) files that
-    LyCORIS saves, merged by deltakit, give every layer the output LyCORIS's own modules compute.
+@pytest.mark.parametrize("algo,tucker", [("loha", False), ("loha", True), ("lokr", False), ("lokr", True),
+                                         ("dora", False), ("locon", True)])
+def test_lycoris_files_merge_as_lycoris_computes(sd, tmp_path, monkeypatch, algo, tucker):
+    """LoHa, LoKr (W1 whole, W2 a product: scale α / r), DoRA (dora_scale, norms per output channel) and LoCon
+    files that LyCORIS saves, on linear layers and convolutions (their factors as the (out, in·kh·kw) matrix's,
+    or with use_tucker as CP / Tucker products with cores lora_mid, hada_t1 / hada_t2, lokr_t2), merged by
+    deltakit, give every layer the output LyCORIS's own modules compute; `rank` reads each ΔW's rank as
+    LyCORIS's ΔW in fp64 has it.
 
     The reference is the modules' forward: LyCORIS 4.1's merge_to applies α / r twice to LoHa and LoKr
-    (get_diff_weight scales get_weight's already scaled ΔW), unlike its forward, A1111 and ComfyUI.
+    (get_diff_weight scales get_weight's already scaled ΔW), unlike its forward, A1111 and ComfyUI; and its
+    loader cannot rebuild a Tucker LoKr module from its own file (LokrModule has no lokr_w2_a then).
     """
-    from lycoris import create_lycoris_from_weights
+    import torch.nn.functional as F
 
     monkeypatch.setattr(LycorisNetwork, "LORA_PREFIX", "lora_unet")
-    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_MODULE", ["Linear"])
-    monkeypatch.setattr(LycorisNetwork, "ENABLE_CONV", False)
+    monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_MODULE", ["Linear", "Conv2d"])
     monkeypatch.setattr(LycorisNetwork, "TARGET_REPLACE_NAME", [])
     unet = load_unet(sd / "unet")
     options = {"dora": dict(network_module="lora", weight_decompose=True), "loha": dict(network_module="loha"),
-               "lokr": dict(network_module="lokr", factor=2)}[algo]
-    network = LycorisNetwork(unet, lora_dim=2, alpha=3.0, **options)
+               "lokr": dict(network_module="lokr", factor=2), "locon": dict(network_module="locon")}[algo]
+    network = LycorisNetwork(unet, lora_dim=2, alpha=3.0, conv_lora_dim=2, conv_alpha=3.0, use_tucker=tucker, **options)
     network.apply_to()  # the modules become the network's (its state dict)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -208,47 +232,80 @@ def test_lycoris_loha_lokr_dora_files_merge_as_lycoris_computes(sd, tmp_path, mo
             else:
                 parameter.mul_(1.0 + 0.1 * torch.rand(parameter.shape, generator=generator))
     network.save_weights(str(tmp_path / "adapter.safetensors"), torch.float32, None)
+    with safe_open(str(tmp_path / "adapter.safetensors"), framework="pt") as handle:
+        kinds = {key.split(".", 1)[1] for key in handle.keys()}
+    cores = {"lora_mid.weight", "hada_t1", "lokr_t2"} & kinds
+    assert bool(cores) == tucker
     merge(sd / "unet", tmp_path / "adapter.safetensors", tmp_path / "merged")
     merged = load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors")
-    reference = load_unet(sd / "unet")
-    loaded, _ = create_lycoris_from_weights(1.0, str(tmp_path / "adapter.safetensors"), reference)
-    weight_of = {f"lora_unet_{name.replace('.', '_')}": name for name, _ in reference.named_modules()}
-    x = torch.randn(3, 256, generator=generator)
+    weight_of = {f"lora_unet_{name.replace('.', '_')}": name for name, _ in unet.named_modules()}
+    convolutions = 0
     with torch.no_grad():
-        for module in loaded.loras:
+        for module in network.loras:
             name, layer = weight_of[module.lora_name], module.org_module[0]
-            inputs = x[:, :layer.in_features]
-            expected = module.forward(inputs)
-            got = inputs @ merged[f"{name}.weight"].T + (merged[f"{name}.bias"] if layer.bias is not None else 0)
-            assert torch.allclose(got, expected, atol=2e-6, rtol=1e-5), name
+            bias = merged[f"{name}.bias"] if layer.bias is not None else None
+            if isinstance(layer, torch.nn.Conv2d):
+                inputs = torch.randn(2, layer.in_channels, 6, 6, generator=generator)
+                got = F.conv2d(inputs, merged[f"{name}.weight"], bias, layer.stride, layer.padding)
+                convolutions += 1
+            else:
+                inputs = torch.randn(3, layer.in_features, generator=generator)
+                got = F.linear(inputs, merged[f"{name}.weight"], bias)
+            assert torch.allclose(got, module.forward(inputs), atol=2e-5, rtol=1e-5), name
+    assert convolutions > 0
     adapter = open_adapter(tmp_path / "adapter.safetensors", base=base_info(open_checkpoint(sd / "unet")))
-    assert adapter.label == algo.upper() and len(adapter.modules) == len(loaded.loras) > 0
+    label = {"locon": "LORA"}.get(algo, algo.upper())
+    assert adapter.label == label and len(adapter.modules) == len(network.loras)
+    if algo == "dora":  # DoRA's ΔW rescales whole rows of W0 + ΔW: no low rank to read
+        return
+    from deltakit import rank
+
+    ranks = {m.name: m.rank for m in rank(sd / "unet", tmp_path / "adapter.safetensors").matrices}
+    network.double()
+    with torch.no_grad():
+        for module in network.loras:  # the rank of LyCORIS's own ΔW, formed in fp64
+            shape = module.org_module[0].weight.shape
+            delta = module.get_diff_weight()[0] if algo == "locon" else module.get_weight(shape)
+            assert ranks[f"{weight_of[module.lora_name]}.weight"] == int(torch.linalg.matrix_rank(matrix(delta)))
 
 
 # --------------------------------------------------------------------------- deltakit's kohya files
 
 
 def test_kohya_file_written_by_deltakit_loads_in_lycoris_and_diffusers(sd, tmp_path, kohya_prefix):
-    """extract --format kohya at the rank of the update: LyCORIS and diffusers load it, and both merge it to
-    the fine-tune to 1e-4 relative; the metadata is sd-scripts'."""
+    """extract --format kohya at the rank of the update, convolutions as LoCon (lora_down with the layer's
+    kernel, a 1×1 lora_up): LyCORIS and diffusers load it, and both merge it to the fine-tune to 1e-4
+    relative, convolutions included; the metadata is sd-scripts'."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from lycoris import create_lycoris_from_weights
 
     out = tmp_path / "lora.safetensors"
     report = extract_lora(sd / "unet", sd / "unet_ft", out, rank=RANK, format="kohya", dtype="fp32")
     assert report.format == "kohya" and report.relative_error < 1e-5
+    assert report.unchanged == ["conv_out.weight"]
     with safe_open(str(out), framework="pt") as handle:
         metadata, keys = handle.metadata(), list(handle.keys())
         alphas = {handle.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
     assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dim"] == str(RANK)
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": str(RANK), "conv_alpha": str(RANK)}
     assert alphas == {float(RANK)} and all(k.startswith("lora_unet_") for k in keys)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert shapes[f"{conv}.lora_down.weight"] == (RANK, 16, 3, 3)
+    assert shapes[f"{conv}.lora_up.weight"] == (16, RANK, 1, 1)
+    assert shapes["lora_unet_up_blocks_0_resnets_0_conv_shortcut.lora_down.weight"] == (RANK, 64, 1, 1)
+    assert sum(m.kind == "conv" for m in report.matrices) > 5
     fine_tune = load_unet(sd / "unet_ft").state_dict()
 
     unet = load_unet(sd / "unet")
     network, _ = create_lycoris_from_weights(1.0, str(out), unet)
     assert len(network.loras) == len(report.matrices)
+    assert sum(isinstance(m.org_module[0], torch.nn.Conv2d) for m in network.loras) == sum(
+        m.kind == "conv" for m in report.matrices)
     network.merge_to()
     assert relative_distance(unet.state_dict(), fine_tune) < 1e-4
+    convolutions = {k: v for k, v in unet.state_dict().items() if v.dim() == 4}
+    assert relative_distance(convolutions, {k: fine_tune[k] for k in convolutions}) < 1e-4
 
     unet = load_unet(sd / "unet")
     state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(out))
@@ -256,6 +313,8 @@ def test_kohya_file_written_by_deltakit_loads_in_lycoris_and_diffusers(sd, tmp_p
     unet.fuse_lora()
     unet.unload_lora()
     assert relative_distance(unet.state_dict(), fine_tune) < 1e-4
+    assert relative_distance({k: unet.state_dict()[k] for k in convolutions},
+                             {k: fine_tune[k] for k in convolutions}) < 1e-4
 
 
 def test_kohya_file_from_single_files_with_text_encoder(sd, tmp_path):
@@ -269,6 +328,7 @@ def test_kohya_file_from_single_files_with_text_encoder(sd, tmp_path):
     assert dtypes == {torch.float16}
     assert "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight" in keys
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in keys
+    assert "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight" in keys  # LoCon, in diffusers names
     merge(sd / "base.safetensors", out, tmp_path / "merged")
     assert relative_distance(load_file(tmp_path / "merged" / "base.safetensors"),
                              load_file(sd / "ft.safetensors")) < 1e-3  # fp16 factors
@@ -285,6 +345,7 @@ def test_diffusers_format_loads_in_diffusers(sd, tmp_path):
     extract_lora(sd / "base.safetensors", sd / "ft.safetensors", out, rank=RANK, format="diffusers", dtype="fp32")
     state, alphas, metadata = Loader.lora_state_dict(str(out), return_lora_metadata=True)
     assert metadata["unet.r"] == RANK and metadata["unet.lora_alpha"] == RANK
+    assert state["unet.down_blocks.0.resnets.0.conv1.lora_A.weight"].shape == (RANK, 16, 3, 3)  # PEFT's conv LoRA
     unet, te = load_unet(sd / "unet"), CLIPTextModel.from_pretrained(sd / "te")
     Loader.load_lora_into_unet(state, alphas, unet, metadata=metadata)
     Loader.load_lora_into_text_encoder(state, alphas, te, prefix="text_encoder", metadata=metadata)
@@ -324,25 +385,65 @@ def test_resize_and_weighted_sum_of_kohya_files_in_factor_space(sd, tmp_path):
     assert relative_distance(one, two) < 1e-6
 
 
+def test_conv_rank_and_conv_energy_rank_the_larger_kernels(sd, tmp_path, runner):
+    """--conv-rank gives the convolutions with a kernel larger than 1×1 their own fixed rank (kohya's conv_dim,
+    in ss_network_args), each the best approximation of its (out, in·kh·kw) matrix at that rank; 1×1
+    convolutions and linear layers follow --rank. --conv-energy: the smallest rank keeping that fraction of
+    each such ΔW's energy, from the fp64 spectrum."""
+    out = tmp_path / "locon.safetensors"
+    result = invoke(runner, "extract", sd / "unet", sd / "unet_ft", "-o", out, "--format", "kohya", "--rank", RANK,
+                    "--conv-rank", 1, "--save-dtype", "fp32", "--json", tmp_path / "report.json")
+    assert result.exit_code == 0, result.output
+    matrices = json.loads((tmp_path / "report.json").read_text())["matrices"]
+    base, ft = load_unet(sd / "unet").state_dict(), load_unet(sd / "unet_ft").state_dict()
+    spectra = {m["name"]: torch.linalg.svdvals(matrix(ft[m["name"]].double() - base[m["name"]].double()))
+               for m in matrices}
+    spatial = {m["name"] for m in matrices if base[m["name"]].dim() == 4 and base[m["name"]][0, 0].numel() > 1}
+    pointwise = {m["name"] for m in matrices if base[m["name"]].dim() == 4} - spatial
+    assert len(spatial) > 5 and pointwise
+    for m in matrices:
+        expected = 1 if m["name"] in spatial else RANK
+        assert m["rank"] == expected, m["name"]
+        s = spectra[m["name"]]
+        assert m["rel_error"] == pytest.approx(float(s[expected:].norm() / s.norm()), rel=1e-3, abs=1e-6), m["name"]
+    with safe_open(str(out), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["ss_network_dim"] == str(RANK)
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "1", "conv_alpha": "1"}
+
+    fraction = 0.999
+    report = extract_lora(sd / "unet", sd / "unet_ft", tmp_path / "energy.safetensors", rank=1, conv_energy=fraction,
+                          format="kohya", dtype="fp32")
+    for m in report.matrices:
+        if m.name in spatial:  # the fine-tune's update has rank RANK: its top values are the signal
+            energy = spectra[m.name][:RANK] ** 2
+            assert m.rank == int((energy.cumsum(0) < fraction * energy.sum()).sum()) + 1, m.name
+        else:
+            assert m.rank == 1, m.name
+    assert {m.rank for m in report.matrices if m.name in spatial} == {RANK}
+    assert report.selection["conv_energy"] == fraction
+
+
 def test_clamp_quantile_is_sd_scripts_clamp_and_reports_its_cost(sd, tmp_path):
     """--clamp-quantile clamps up = U·S and down = Vᵀ at their joint quantile as sd-scripts does; each matrix
     reports the error of the unclamped truncation and the (larger) error of what was written."""
     out = tmp_path / "lora.safetensors"
     report = extract_lora(sd / "unet", sd / "unet_ft", out, rank=1, format="kohya", dtype="fp32", clamp_quantile=0.9)
     unet, fine_tune = load_unet(sd / "unet").state_dict(), load_unet(sd / "unet_ft").state_dict()
-    matrix = report.matrices[0]
-    delta = (fine_tune[matrix.name] - unet[matrix.name]).double()
+    chosen = next(m for m in report.matrices if m.name == "down_blocks.0.resnets.0.conv1.weight")  # a 3×3 LoCon
+    delta = matrix(fine_tune[chosen.name] - unet[chosen.name]).double()
     u, s, vh = torch.linalg.svd(delta)
-    name = KohyaNamer(unet)(matrix.module)
+    name = KohyaNamer(unet)(chosen.module)
     with safe_open(str(out), framework="pt") as handle:
-        written_up, written_down = handle.get_tensor(f"{name}.lora_up.weight"), handle.get_tensor(f"{name}.lora_down.weight")
+        written_up = matrix(handle.get_tensor(f"{name}.lora_up.weight"))
+        written_down = matrix(handle.get_tensor(f"{name}.lora_down.weight"))
     # Singular vectors are defined up to sign, and the quantile of signed entries is not: take the written sign.
     sign = torch.sign((written_down.double() * vh[:1]).sum())
     up, down = u[:, :1] * s[:1] * sign, vh[:1] * sign
     high = torch.quantile(torch.cat([up.flatten(), down.flatten()]), 0.9)
     assert torch.allclose(written_up.double(), up.clamp(-high, high), atol=1e-5)
     assert torch.allclose(written_down.double(), down.clamp(-high, high), atol=1e-5)
-    assert matrix.unclamped_rel_error == pytest.approx(float(s[1:].norm() / s.norm()), rel=1e-4)
+    assert chosen.unclamped_rel_error == pytest.approx(float(s[1:].norm() / s.norm()), rel=1e-4)
     assert all(m.rel_error >= m.unclamped_rel_error - 1e-7 for m in report.matrices)
     assert report.to_dict()["clamp_quantile"] == 0.9 and "unclamped_rel_error" in report.to_dict()["matrices"][0]
 
@@ -388,9 +489,27 @@ def test_rank_pairs_a_single_file_with_a_diffusers_folder(sd, tmp_path, runner):
     same = rank(sd / "unet", sd / "unet_ft", energy=(0.9,))
     by_name = {m.name: m for m in same.matrices}
     assert len(across.matrices) == len(same.matrices) > 0
-    for m in across.matrices:
-        assert m.rank_at[0.9] == by_name[m.name].rank_at[0.9] == RANK
+    for m in across.matrices:  # conv_out is the one weight the fine-tune keeps
+        assert m.rank_at[0.9] == by_name[m.name].rank_at[0.9] == (0 if m.name == "conv_out.weight" else RANK)
     assert any(n.startswith("cond_stage_model.") for n in across.only_base)
+
+
+def test_conv_and_linear_ranks_read_right_on_a_unet_pair(sd):
+    """rank on the UNet pair: every weight's rank, a convolution's of its (out, in·kh·kw) matrix, is the rank the
+    fine-tune was built with (RANK, or 0 for the weights :func:`low_rank_finetune` keeps), above the fp32 storage
+    rounding of the files; the convolutions are there with their matrix shapes."""
+    from deltakit import rank
+
+    report = rank(sd / "unet", sd / "unet_ft", energy=(0.9,))
+    base, ft = load_unet(sd / "unet").state_dict(), load_unet(sd / "unet_ft").state_dict()
+    weights = {k for k, v in base.items() if v.dim() >= 2}
+    assert {m.name for m in report.matrices} == weights
+    for m in report.matrices:
+        delta = matrix(ft[m.name].double() - base[m.name].double())
+        assert tuple(m.shape) == tuple(delta.shape)
+        assert m.rank == (RANK if delta.shape[0] > 2 * RANK else 0), m.name
+    convolutions = [m for m in report.matrices if base[m.name].dim() == 4]
+    assert len(convolutions) > 5 and {m.rank for m in convolutions} == {0, RANK}
 
 
 # ---------------------------------------------------------------------------------- diffusers files
@@ -461,11 +580,23 @@ def test_refusals_are_one_line(sd, tmp_path, runner):
                                                            "unet": ["diffusers", "UNet2DConditionModel"]}))
     (pipeline / "unet").symlink_to(sd / "unet")
     assert_one_line_error(invoke(runner, "rank", pipeline, sd / "unet_ft"), f"{pipeline / 'unet'}")
-    conv = {"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3),
+    conv = {"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 5, 5),
             "lora_unet_conv_in.lora_up.weight": torch.zeros(16, 2, 1, 1)}
     save_file(conv, tmp_path / "locon.safetensors")
     assert_one_line_error(invoke(runner, "merge", sd / "unet", tmp_path / "locon.safetensors", "-o", tmp_path / "m"),
-                          "convolution")
+                          "makes a 16×100 (kernel 5×5) update, but it names conv_in.weight (16, 4, 3, 3)")
+    full = {"lora_unet_conv_out.diff": torch.zeros(4, 16, 3, 3)}
+    save_file(full, tmp_path / "full.safetensors")
+    assert_one_line_error(invoke(runner, "merge", sd / "unet", tmp_path / "full.safetensors", "-o", tmp_path / "m"),
+                          "full (a stored ΔW)")
+    extra = {**conv, "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3), "lora_unet_conv_in.hada_t1":
+             torch.zeros(2, 2, 3, 3)}
+    save_file(extra, tmp_path / "extra.safetensors")
+    assert_one_line_error(invoke(runner, "merge", sd / "unet", tmp_path / "extra.safetensors", "-o", tmp_path / "m"),
+                          "LORA module with hada_t1 too")
+    result = invoke(runner, "extract", sd / "unet", sd / "unet_ft", "-o", tmp_path / "o.safetensors", "--format",
+                    "kohya", "--rank", "2", "--conv-rank", "1", "--conv-energy", "0.9")
+    assert_one_line_error(result, "at most one of --conv-rank and --conv-energy")
     stray = {"lora_unet_no_such_module.lora_down.weight": torch.zeros(2, 4),
              "lora_unet_no_such_module.lora_up.weight": torch.zeros(4, 2)}
     save_file(stray, tmp_path / "stray.safetensors")

@@ -11,13 +11,22 @@ hold (the text encoders when the base is a UNet) are left out and listed.
 The formulas are LyCORIS's (``lycoris.modules``), which sd-scripts shares for LoRA:
 
 * LoRA / LoCon: ΔW = (α / r) · up @ down, r = down's rows, α the module's ``alpha`` (absent or 0:
-  α = r, scaling 1; ``LoConModule.__init__``).
+  α = r, scaling 1; ``LoConModule.__init__``). On a convolution down is (r, in, *kernel) and up (out, r, 1, ...),
+  their product the (out, in·∏kernel) matrix of ΔW; with ``use_tucker`` LyCORIS puts a core ``lora_mid``
+  (r, r, *kernel) between a 1×1 down and up (:func:`deltakit.adapters.lora.factor_matrices`).
 * DoRA (``dora_scale``, LyCORIS ``wd_on_out``): W' = dora_scale ⊙ (W0 + ΔW) / ‖W0 + ΔW‖ per output
   row (``weight_decompose``; LyCORIS adds fp32's eps to the norm, a relative 1e-7).
-* LoHa: ΔW = (α / r) · (w1a @ w1b) ⊙ (w2a @ w2b), r = w1a's columns.
-* LoKr: ΔW = s · W1 ⊗ W2, W1 and W2 whole or products; s = α / r with r the inner dimension of
-  the first product stored (w1a's, else w2a's), and s = 1 when both are whole
-  (``LokrModule.__init__``: "use scale = 1").
+* LoHa: ΔW = (α / r) · (w1a @ w1b) ⊙ (w2a @ w2b), r = w1b's rows; on a convolution w1b is (r, in·∏kernel),
+  or with ``use_tucker`` each product is a CP product with a core ``hada_t1`` / ``hada_t2`` (r, r, *kernel).
+* LoKr: ΔW = s · W1 ⊗ W2 (W1 ⊗ the matrix of a convolution's W2, ``make_kron``), W1 and W2 whole or
+  products, W2 a CP product with a core ``lokr_t2`` under ``use_tucker``; s = α / r with r the core's size,
+  else the inner dimension of the first product stored (w1a's, else w2a's), and s = 1 when both are whole
+  (``LokrModule.__init__``: "use scale = 1"; LyCORIS 4.1.3 cannot load its own Tucker LoKr files, whose
+  modules compute with r the core's size).
+
+Convolutions are matched by their (out, in·∏kernel) matrix and, where the tensors say, their kernel.
+Refused: LyCORIS's other algorithms (full ΔW, norms, OFT, GLoRA, IA3, sparse bias), DoRA on LoHa / LoKr,
+LoKr with a whole 3-D W2 (a Conv1d, whose product LyCORIS and PEFT form differently).
 
 A diffusers file is PEFT's LoRA per component (``unet.``, ``transformer.``, ``text_encoder.``…),
 scaled as its ``lora_adapter_metadata`` says, else with α = r (diffusers' ``get_peft_kwargs``).
@@ -29,6 +38,8 @@ Example::
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,11 +59,22 @@ from deltakit.io.peft import lora_scaling, pattern_value
 LORA = ("lora_down.weight", "lora_up.weight")
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-CONVOLUTION_ONLY = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2")  # Tucker cores of LoCon / LoHa / LoKr
+TUCKER = {"LORA": ("lora_mid.weight",), "LOHA": ("hada_t1", "hada_t2"), "LOKR": ("lokr_t2",)}  # convolutions' cores
 KNOWN_EXTRAS = {"alpha", "dora_scale"}
 # LyCORIS algorithms with no counterpart among deltakit's adapter types, named by a key of theirs.
 OTHER_ALGORITHMS = {"diff": "full (a stored ΔW)", "w_norm": "norm", "b_norm": "norm", "oft_blocks": "OFT",
                     "oft_diag": "diagonal OFT", "a1.weight": "GLoRA", "weight": "IA3", "bias_indices": "sparse bias"}
+
+
+@dataclass(frozen=True)
+class Update:
+    """What a kohya module changes: its type (LORA, LOHA, LOKR), the (out, in·∏kernel) matrix of its update,
+    and the convolution kernel its tensors are shaped for (() where they do not say: linear layers, and
+    LyCORIS's LoHa / LoKr on a convolution without a Tucker core, whose factors are the matrix's)."""
+
+    kind: str
+    shape: tuple[int, int]
+    kernel: tuple[int, ...] = ()
 
 
 def build(file: AdapterFile, base: BaseInfo) -> tuple[list[AdapterModule], list[dict[str, str]], str]:
@@ -66,26 +88,24 @@ def _kohya(file: AdapterFile, base: BaseInfo) -> tuple[list[AdapterModule], list
     spellings = kohya_spellings(base.shapes)
     present = parts_present(base.shapes)
     left_out: list[dict[str, str]] = []
-    found: dict[str, list[tuple[str, str, dict[str, str], tuple[int, int]]]] = {}  # part -> its modules
+    found: dict[str, list[tuple[str, dict[str, str], Update]]] = {}  # part -> its modules
     for name, kinds in sorted(group_modules(file.checkpoint).items()):
         part = kohya_part(name) or ""
         if part not in present and not spellings.get(name):
             left_out.append({"name": name, "reason": f"changes the {_part_label(part)}, which the base does not hold "
                              "(in names deltakit maps)"})
             continue
-        kind, update = _update_of(file, name, kinds)
-        found.setdefault(part, []).append((name, kind, kinds, update))
+        found.setdefault(part, []).append((name, kinds, _update_of(file, name, kinds)))
     built: list[AdapterModule] = []
     for part, modules in found.items():
         # A text encoder folder is every text encoder part by name: the part none of whose modules fit
         # its shapes was made for the other encoder (SDXL's te1 and te2 in one file).
-        if part.startswith("te") and not any(_fitting(spellings.get(m[0], []), m[3], base) for m in modules):
+        if part.startswith("te") and not any(_fitting(spellings.get(m[0], []), m[2], base) for m in modules):
             left_out += [{"name": m[0], "reason": f"changes the {_part_label(part)}: no module fits the base's "
                           "shapes"} for m in modules]
             continue
-        for name, kind, kinds, update in modules:
-            built.append(_module(file, name, kind, kinds, _target(file, name, update, spellings.get(name, []), base),
-                                 update))
+        for name, kinds, update in modules:
+            built.append(_module(file, name, kinds, _target(file, name, update, spellings.get(name, []), base), update))
     return built, left_out, _label(built)
 
 
@@ -96,8 +116,15 @@ def _label(built: list[AdapterModule]) -> str:
     return kinds.pop() if len(kinds) == 1 else "LYCORIS"
 
 
-def _fitting(candidates: list[str], update: tuple[int, int], base: BaseInfo) -> list[str]:
-    return [c for c in candidates if base.shape(c) == update]
+def _fitting(candidates: list[str], update: Update, base: BaseInfo) -> list[str]:
+    """The weights among ``candidates`` whose (out, in·∏kernel) matrix, and kernel where it says, are the update's."""
+    fitting = []
+    for candidate in candidates:
+        shape = base.shape(candidate)
+        if shape and len(shape) >= 2 and (shape[0], math.prod(shape[1:])) == update.shape and (
+                not update.kernel or tuple(shape[2:]) == update.kernel):
+            fitting.append(candidate)
+    return fitting
 
 
 def _part_label(part: str) -> str:
@@ -109,46 +136,97 @@ def _shape(file: AdapterFile, key: str) -> tuple[int, ...]:
     return tuple(file.checkpoint.shape(key))
 
 
-def _update_of(file: AdapterFile, name: str, kinds: dict[str, str]) -> tuple[str, tuple[int, int]]:
-    """The module's type (LORA, LOHA, LOKR) and the (out, in) shape of its update; refuse what is not applied."""
-    cores = [k for k in CONVOLUTION_ONLY if k in kinds]
-    if cores or any(len(_shape(file, key)) > 2 for kind, key in kinds.items() if kind not in KNOWN_EXTRAS):
-        raise DeltakitError(f"{file.path}: {name} adapts a convolution (LoCon / conv LoHa or LoKr"
-                            f"{', Tucker core ' + cores[0] if cores else ''}); deltakit reads kohya modules of "
-                            "linear layers only so far")
+def _update_of(file: AdapterFile, name: str, kinds: dict[str, str]) -> Update:
+    """The module's type and update (:class:`Update`); refuse what does not make one update, or is not applied."""
+    cores = {core for kind in TUCKER.values() for core in kind}
+    unknown = sorted(set(kinds) - set(LORA) - set(LOHA) - set(LOKR) - KNOWN_EXTRAS - cores)
     if all(k in kinds for k in LORA):
-        (rank, in_features), (out_features, rank_up) = _shape(file, kinds[LORA[0]]), _shape(file, kinds[LORA[1]])
-        if rank != rank_up:
-            raise DeltakitError(f"{file.path}: {name} has lora_down {(rank, in_features)} and lora_up "
-                                f"{(out_features, rank_up)}, which do not multiply")
-        return "LORA", (out_features, in_features)
-    if all(k in kinds for k in LOHA):
-        shapes = [_shape(file, kinds[k]) for k in LOHA]
-        if shapes[0] != shapes[2] or shapes[1] != shapes[3] or shapes[0][1] != shapes[1][0]:
-            raise DeltakitError(f"{file.path}: {name} has LoHa factors of shapes {shapes}, which do not make one update")
-        return "LOHA", (shapes[0][0], shapes[1][1])
-    if any(k in kinds for k in LOKR):
-        first, second = _kron_factor(file, name, kinds, "lokr_w1"), _kron_factor(file, name, kinds, "lokr_w2")
-        return "LOKR", (first[0] * second[0], first[1] * second[1])
-    other = next((label for key, label in OTHER_ALGORITHMS.items() if key in kinds), None)
-    what = f"LyCORIS's {other} algorithm, which deltakit does not apply" if other else (
-        f"no LoRA, LoHa or LoKr tensors (it has {', '.join(sorted(kinds))})")
-    raise DeltakitError(f"{file.path}: {name} is {what}")
+        update = _lora_update(file, name, kinds)
+    elif all(k in kinds for k in LOHA):
+        update = _loha_update(file, name, kinds)
+    elif any(k in kinds for k in LOKR):
+        update = _lokr_update(file, name, kinds)
+    else:
+        other = next((label for key, label in OTHER_ALGORITHMS.items() if key in kinds), None)
+        what = f"LyCORIS's {other} algorithm, which deltakit does not apply" if other else (
+            f"no LoRA, LoHa or LoKr tensors (it has {', '.join(sorted(kinds))})")
+        raise DeltakitError(f"{file.path}: {name} is {what}")
+    stray = [k for t, cores in TUCKER.items() if t != update.kind for k in cores if k in kinds]
+    if unknown or stray:
+        raise DeltakitError(f"{file.path}: {name} is a {update.kind} module with {', '.join(unknown + stray)} too, "
+                            "which deltakit does not apply")
+    return update
 
 
-def _kron_factor(file: AdapterFile, name: str, kinds: dict[str, str], factor: str) -> tuple[int, int]:
+def _lora_update(file: AdapterFile, name: str, kinds: dict[str, str]) -> Update:
+    """LoRA / LoCon: down (r, in[, *kernel]), up (out, r[, 1, ...]); LyCORIS's Tucker LoCon: down (r, in, 1, ...),
+    mid (r, r, *kernel), up (out, r, 1, ...)."""
+    down, up = _shape(file, kinds[LORA[0]]), _shape(file, kinds[LORA[1]])
+    mid = _shape(file, kinds["lora_mid.weight"]) if "lora_mid.weight" in kinds else None
+    kernel = mid[2:] if mid is not None else down[2:]
+    fits = (len(down) >= 2 and len(up) == len(down) and up[1] == down[0] and set(up[2:]) <= {1}
+            and (mid is None or (len(mid) == len(down) and mid[:2] == (down[0], down[0]) and set(down[2:]) <= {1})))
+    if not fits:
+        described = f"lora_down {down}, lora_up {up}" + (f", lora_mid {mid}" if mid is not None else "")
+        raise DeltakitError(f"{file.path}: {name} has {described}, which do not multiply")
+    return Update("LORA", (up[0], down[1] * math.prod(kernel)), kernel)
+
+
+def _loha_update(file: AdapterFile, name: str, kinds: dict[str, str]) -> Update:
+    """LoHa: w_a (out, r), w_b (r, in·∏kernel); with Tucker cores t (r, r, *kernel): w_a (r, out), w_b (r, in)."""
+    shapes = [_shape(file, kinds[k]) for k in LOHA]
+    tucker = "hada_t1" in kinds or "hada_t2" in kinds
+    if tucker:
+        cores = [_shape(file, kinds[k]) if k in kinds else None for k in TUCKER["LOHA"]]
+        (rank, out_features), (rank_b, in_features) = shapes[0], shapes[1]
+        fits = (cores[0] is not None and cores[0] == cores[1] and len(cores[0]) >= 3
+                and cores[0][:2] == (rank, rank) and rank == rank_b and shapes[2:] == shapes[:2])
+        kernel = tuple(cores[0][2:]) if fits else ()  # type: ignore[index]
+    else:
+        (out_features, rank), (rank_b, in_features) = shapes[0], shapes[1]
+        fits, kernel = rank == rank_b and shapes[2:] == shapes[:2] and all(len(s) == 2 for s in shapes), ()
+    if not fits:
+        raise DeltakitError(f"{file.path}: {name} has LoHa factors of shapes {shapes}"
+                            f"{' and Tucker cores' if tucker else ''}, which do not make one update")
+    return Update("LOHA", (out_features, in_features * math.prod(kernel)), kernel)
+
+
+def _lokr_update(file: AdapterFile, name: str, kinds: dict[str, str]) -> Update:
+    """LoKr: W1 ⊗ W2 with W1 (a, c) and W2 (b, d·∏kernel): whole (b, d, *kernel), a product
+    (b, r)(r, d·∏kernel), or with a Tucker core t2 (r, r, *kernel): w2_a (r, b), w2_b (r, d)."""
+    first, _ = _kron_factor(file, name, kinds, "lokr_w1")
+    second, kernel = _kron_factor(file, name, kinds, "lokr_w2")
+    if len(kernel) == 1 and "lokr_w2" in kinds:
+        raise DeltakitError(f"{file.path}: LoKr module {name} has a whole 3-D lokr_w2 (a Conv1d); deltakit applies "
+                            "LyCORIS's LoKr to linear layers and 2-D / 3-D convolutions only")
+    return Update("LOKR", (first[0] * second[0], first[1] * second[1]), kernel)
+
+
+def _kron_factor(file: AdapterFile, name: str, kinds: dict[str, str],
+                 factor: str) -> tuple[tuple[int, int], tuple[int, ...]]:
+    """(the factor's matrix shape, the kernel its tensors say)."""
     if factor in kinds:
         shape = _shape(file, kinds[factor])
-        return shape[0], shape[1]
+        if len(shape) < 2 or (factor == "lokr_w1" and len(shape) != 2):
+            raise DeltakitError(f"{file.path}: LoKr module {name} has a {len(shape)}-D {factor}")
+        return (shape[0], math.prod(shape[1:])), tuple(shape[2:])
     if f"{factor}_a" not in kinds or f"{factor}_b" not in kinds:
         raise DeltakitError(f"{file.path}: LoKr module {name} has neither {factor} nor {factor}_a and {factor}_b")
-    (out_features, rank), (rank_b, in_features) = _shape(file, kinds[f"{factor}_a"]), _shape(file, kinds[f"{factor}_b"])
-    if rank != rank_b:
-        raise DeltakitError(f"{file.path}: LoKr module {name} has {factor}_a and {factor}_b that do not multiply")
-    return out_features, in_features
+    a_shape, b_shape = _shape(file, kinds[f"{factor}_a"]), _shape(file, kinds[f"{factor}_b"])
+    if factor == "lokr_w2" and "lokr_t2" in kinds:
+        core = _shape(file, kinds["lokr_t2"])
+        if len(core) < 3 or core[0] != core[1] or len(a_shape) != 2 or len(b_shape) != 2 or \
+                a_shape[0] != core[0] or b_shape[0] != core[0]:
+            raise DeltakitError(f"{file.path}: LoKr module {name} has lokr_t2 {core}, {factor}_a {a_shape} and "
+                                f"{factor}_b {b_shape}, which do not make one factor")
+        return (a_shape[1], b_shape[1] * math.prod(core[2:])), tuple(core[2:])
+    if len(a_shape) != 2 or len(b_shape) < 2 or a_shape[1] != b_shape[0] or (factor == "lokr_w1" and len(b_shape) != 2):
+        raise DeltakitError(f"{file.path}: LoKr module {name} has {factor}_a {a_shape} and {factor}_b {b_shape}, "
+                            "which do not multiply")
+    return (a_shape[0], math.prod(b_shape[1:])), tuple(b_shape[2:])
 
 
-def _target(file: AdapterFile, name: str, update: tuple[int, int], candidates: list[str], base: BaseInfo) -> str:
+def _target(file: AdapterFile, name: str, update: Update, candidates: list[str], base: BaseInfo) -> str:
     """The base tensor a module changes: among the weights its name can mean, the one of the update's shape."""
     fitting = _fitting(candidates, update, base)
     if len(fitting) == 1:
@@ -158,7 +236,9 @@ def _target(file: AdapterFile, name: str, update: tuple[int, int], candidates: l
                             "its dots made underscores, in diffusers or LDM names)")
     if not fitting:
         shapes = ", ".join(f"{c} {base.shape(c)}" for c in candidates[:2])
-        raise DeltakitError(f"{file.path}: {name} makes a {update[0]}×{update[1]} update, but it names {shapes}")
+        made = "×".join(map(str, update.shape)) + (f" (kernel {'×'.join(map(str, update.kernel))})"
+                                                    if update.kernel else "")
+        raise DeltakitError(f"{file.path}: {name} makes a {made} update, but it names {shapes}")
     raise DeltakitError(f"{file.path}: {name} could change {fitting[0]} or {fitting[1]} (same name and shape)")
 
 
@@ -172,31 +252,35 @@ def _alpha(file: AdapterFile, kinds: dict[str, str], rank: int) -> float:
     return float(value[0]) or float(rank)
 
 
-def _module(file: AdapterFile, name: str, kind: str, kinds: dict[str, str], target: str,
-            update: tuple[int, int]) -> AdapterModule:
-    fields: dict[str, Any] = dict(module=target.removesuffix(".weight"), target=target,
-                                  out_features=update[0], in_features=update[1])
-    if kind == "LORA":
+def _module(file: AdapterFile, name: str, kinds: dict[str, str], target: str, update: Update) -> AdapterModule:
+    fields: dict[str, Any] = dict(module=target.removesuffix(".weight"), target=target, out_features=update.shape[0],
+                                  in_features=update.shape[1], kernel=update.kernel)
+    if update.kind == "LORA":
         rank = _shape(file, kinds[LORA[0]])[0]
         alpha = _alpha(file, kinds, rank)
         keys = {"A": kinds[LORA[0]], "B": kinds[LORA[1]]}
+        if "lora_mid.weight" in kinds:
+            keys["mid"] = kinds["lora_mid.weight"]
         lora = dict(fields, rank=rank, alpha=alpha, scaling=alpha / rank)
         if "dora_scale" not in kinds:
             return LoraModule(keys=keys, **lora)
         scale = _shape(file, kinds["dora_scale"])
-        if scale not in ((update[0], 1), (update[0],)):
+        if not scale or scale[0] != update.shape[0] or set(scale[1:]) - {1}:
             raise DeltakitError(f"{file.path}: {name}'s dora_scale has shape {scale}; deltakit applies LyCORIS's "
-                                f"DoRA with the norm per output row (wd_on_out), dora_scale ({update[0]}, 1)")
+                                f"DoRA with the norm per output channel (wd_on_out), dora_scale "
+                                f"({update.shape[0]}, 1, ...)")
         return DoraModule(keys={**keys, "m": kinds["dora_scale"]}, **lora)
     if "dora_scale" in kinds:
-        raise DeltakitError(f"{file.path}: {name} is a {kind} with weight decomposition (dora_scale); deltakit "
+        raise DeltakitError(f"{file.path}: {name} is a {update.kind} with weight decomposition (dora_scale); deltakit "
                             "applies DoRA to LoRA modules only")
     factors = {k: v for k, v in kinds.items() if k != "alpha"}
-    if kind == "LOHA":
-        rank = _shape(file, kinds["hada_w1_a"])[1]
+    if update.kind == "LOHA":
+        rank = _shape(file, kinds["hada_w1_b"])[0]  # LyCORIS's lora_dim: w1_b is (r, in·∏kernel) or (r, in)
         alpha = _alpha(file, kinds, rank)
-        return LohaModule(keys=factors, rank=rank, alpha=alpha, scaling=alpha / rank, **fields)
-    inner = next((_shape(file, kinds[k])[1] for k in ("lokr_w1_a", "lokr_w2_a") if k in kinds), None)
+        return LohaModule(keys=factors, rank=rank, alpha=alpha, scaling=alpha / rank, cp="hada_t1" in kinds, **fields)
+    # LyCORIS's lora_dim: the Tucker core's, else the inner dimension of the first product stored
+    inner = _shape(file, kinds["lokr_t2"])[0] if "lokr_t2" in kinds else next(
+        (_shape(file, kinds[k])[1] for k in ("lokr_w1_a", "lokr_w2_a") if k in kinds), None)
     if inner is None:  # both factors whole: LyCORIS uses scale 1 whatever alpha says
         return LokrModule(keys=factors, rank=1, alpha=1.0, scaling=1.0, **fields)
     alpha = _alpha(file, kinds, inner)
@@ -241,14 +325,16 @@ def _peft_module(file: AdapterFile, component: str, module: str, kinds: dict[str
     if "lora_A" not in kinds or "lora_B" not in kinds:
         raise DeltakitError(f"{file.path}: {component}.{module} has only one of its LoRA factors")
     a_shape, b_shape = _shape(file, kinds["lora_A"]), _shape(file, kinds["lora_B"])
-    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-        raise DeltakitError(f"{file.path}: {component}.{module} has factors of shapes {a_shape} and {b_shape}; "
-                            "deltakit reads diffusers LoRA files of linear layers only so far")
+    # PEFT's LoRA: A (r, in) and B (out, r), or on a convolution A (r, in, *kernel) and B (out, r, 1, ...)
+    if len(a_shape) < 2 or len(b_shape) != len(a_shape) or a_shape[0] != b_shape[1] or set(b_shape[2:]) - {1}:
+        raise DeltakitError(f"{file.path}: {component}.{module} has factors of shapes {a_shape} and {b_shape}, "
+                            "which do not multiply")
     rank = a_shape[0]
     alpha = float(pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
     scaling = lora_scaling(alpha, rank, bool(config.get("use_rslora", False)))
     fields = dict(module=target.removesuffix(".weight"), target=target, keys={"A": kinds["lora_A"], "B": kinds["lora_B"]},
-                  out_features=b_shape[0], in_features=a_shape[1], rank=rank, alpha=alpha, scaling=scaling)
+                  out_features=b_shape[0], in_features=math.prod(a_shape[1:]), kernel=tuple(a_shape[2:]), rank=rank,
+                  alpha=alpha, scaling=scaling)
     if "lora_magnitude_vector" in kinds:
         fields["keys"] = {**fields["keys"], "m": kinds["lora_magnitude_vector"]}
         return DoraModule(**fields)

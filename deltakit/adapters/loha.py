@@ -43,8 +43,8 @@ class LohaModule(AdapterModule):
         if self.cp:  # W_a is r × out: its columns are the output rows
             if rows is not None:
                 w1a, w2a = w1a[:, rows[0]:rows[1]], w2a[:, rows[0]:rows[1]]
-            first = torch.einsum("ijkl,jr,ip->prkl", tensors["hada_t1"], w1b, w1a)
-            second = torch.einsum("ijkl,jr,ip->prkl", tensors["hada_t2"], w2b, w2a)
+            first = torch.einsum("ij...,jr,ip->pr...", tensors["hada_t1"], w1b, w1a)
+            second = torch.einsum("ij...,jr,ip->pr...", tensors["hada_t2"], w2b, w2a)
             return (first * second * self.scaling).reshape(first.shape[0], -1)
         if rows is not None:
             if transposed:

@@ -66,8 +66,9 @@ def _second_factor(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     if "lokr_w2" in tensors:
         return tensors["lokr_w2"]
     if "lokr_t2" in tensors:
-        return torch.einsum("ijkl,ip,jr->prkl", tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"])
-    return tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
+        return torch.einsum("ij...,ip,jr->pr...", tensors["lokr_t2"], tensors["lokr_w2_a"], tensors["lokr_w2_b"])
+    w2b = tensors["lokr_w2_b"]  # LyCORIS may store a convolution's as (r, in_n, *kernel): its matrix
+    return tensors["lokr_w2_a"] @ w2b.reshape(w2b.shape[0], -1)
 
 
 def _factor_shape(files: AdapterFiles, module: str, kinds: dict[str, str],

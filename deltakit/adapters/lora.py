@@ -6,8 +6,10 @@ an nn.Embedding PEFT stores A as r × vocab and B as dim × r under ``lora_embed
 ``lora_embedding_B``; the weight is vocab × dim, so ΔW is stored transposed (PEFT
 ``Embedding.get_delta_weight``). On a convolution A is itself a convolution with the layer's
 kernel, (r, in, *kernel), and B a 1×1 one, (out, r, 1, ...): ΔW is B @ A of their matrices,
-(out, in·∏kernel) (PEFT ``_ConvNd.get_delta_weight``); PEFT cannot merge a grouped convolution
-(B is then (out, r/groups, 1, ...)), and neither does deltakit. DoRA and LoRA on parameters build on this module
+(out, in·∏kernel) (PEFT ``_ConvNd.get_delta_weight``; kohya's LoCon stores the same factors as
+``lora_down`` / ``lora_up``, LyCORIS's Tucker LoCon a core ``mid`` between them: :func:`factor_matrices`);
+PEFT cannot merge a grouped convolution (B is then (out, r/groups, 1, ...)), and neither does deltakit.
+DoRA and LoRA on parameters build on this module
 (:mod:`deltakit.adapters.dora`, :mod:`deltakit.adapters.lora_params`).
 
 Example::
@@ -65,7 +67,8 @@ class LoraModule(AdapterModule):
         return self.target
 
     def math_delta(self, tensors: dict[str, torch.Tensor], transposed: bool, rows: Rows) -> torch.Tensor:
-        lora_a, lora_b = factor_matrices(tensors["A"], tensors["B"])
+        lora_a, lora_b = factor_matrices(tensors["A"], tensors["B"], tensors.get("mid"))
+        lora_a = lora_a.to(lora_b.dtype)
         if rows is not None:  # rows of B·A are rows of B; columns of B·A are columns of A
             lora_a, lora_b = (lora_a[:, rows[0]:rows[1]], lora_b) if transposed else (lora_a, lora_b[rows[0]:rows[1]])
         return (lora_b @ lora_a) * self.scaling
@@ -128,9 +131,19 @@ def bias_modules(files: AdapterFiles, modules: dict[str, dict[str, str]], built:
     return out
 
 
-def factor_matrices(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def factor_matrices(lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    mid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) as the matrices B @ A multiplies: a convolution's factors (r, in, *kernel) and (out, r, 1, ...)
-    as r × (in·∏kernel) and out × r; a matrix as it is."""
+    as r × (in·∏kernel) and out × r; a matrix as it is.
+
+    ``mid`` is the Tucker core (r, r, *kernel) of LyCORIS's LoCon with ``use_tucker`` (``lora_mid``; A is
+    then a 1×1 convolution (r, in, 1, ...)): ΔW[p, q, k] = Σ_ij mid[i, j, k]·up[p, i]·down[j, q]
+    (``lycoris.functional.general.rebuild_tucker``), so B @ A with A[i, q, k] = Σ_j mid[i, j, k]·down[j, q],
+    formed in at least fp32.
+    """
+    if mid is not None:
+        dtype = torch.promote_types(mid.dtype, torch.float32)
+        lora_a = torch.einsum("ij...,jq->iq...", mid.to(dtype), lora_a.reshape(lora_a.shape[0], -1).to(dtype))
     return lora_a.reshape(lora_a.shape[0], -1), lora_b.reshape(lora_b.shape[0], -1)
 
 

@@ -2,16 +2,21 @@
 sd-scripts, LyCORIS, diffusers, A1111 and ComfyUI load, or a diffusers LoRA folder.
 
 Each factored module ``m`` becomes ``<k>.lora_down.weight`` (A, r × in), ``<k>.lora_up.weight`` (B,
-out × r) and ``<k>.alpha`` (r, a 0-D tensor: scaling α / r = 1, so up @ down is the extracted ΔW),
+out × r) and ``<k>.alpha`` (r, a 0-D tensor: scaling α / r = 1, so up @ down is the extracted ΔW); a
+convolution becomes a LoCon module, down a convolution with the layer's kernel (r, in, kh, kw) and up a
+1×1 one (out, r, 1, 1), as sd-scripts' ``networks/lora.py`` and LyCORIS's LoCon store them (LyCORIS's
+Tucker variant, a core between a 1×1 down and up, is not written: diffusers cannot load it),
 with ``k`` the kohya name sd-scripts gives the module (:class:`deltakit.io.diffusion_names.KohyaNamer`:
 an SD 1.x/2.x UNet in diffusers names, SDXL's in LDM names, text encoders as ``lora_te*``). The
 metadata carries sd-scripts' ``ss_network_module`` (``networks.lora``), ``ss_network_dim`` and
 ``ss_network_alpha`` (the rank, or ``Dynamic`` when the ranks differ, as ``resize_lora.py`` writes),
-and deltakit's own record of the selection. The file is written atomically (a temporary folder
-beside it, renamed into place), and the factors are parked in that folder between passes.
+``ss_network_args`` with the ``conv_dim`` / ``conv_alpha`` of the convolutions larger than 1×1, and deltakit's
+own record of the selection. The file is written atomically (a temporary folder beside it, renamed into
+place), and the factors are parked in that folder between passes.
 
 The diffusers format is what ``save_lora_weights`` writes: a folder with
-``pytorch_lora_weights.safetensors``, PEFT's keys behind the component (``unet.<module>.lora_A.weight``,
+``pytorch_lora_weights.safetensors``, PEFT's keys behind the component (``unet.<module>.lora_A.weight``;
+a convolution's A (r, in, kh, kw) and B (out, r, 1, 1), PEFT's conv LoRA, which diffusers' loaders inject),
 :class:`deltakit.io.diffusion_names.DiffusersNamer`) and each component's LoraConfig, with its
 rank_pattern / alpha_pattern, as JSON in the metadata key ``lora_adapter_metadata`` (``"unet.r"`` …),
 which diffusers' loaders read.
@@ -65,9 +70,10 @@ def check_format(fmt: str, out: str, save_modules: bool, embeddings: bool, paral
 
 
 def check_targets(targets: Iterable[LoraTarget], fmt: str) -> None:
-    """Every target must be an (out, in) weight that up @ down is: no Conv1D, tables or fused experts."""
+    """Every target must be an (out, in) weight that up @ down is, or a convolution's (LoCon; PEFT's conv LoRA in
+    a diffusers file): no Conv1D, tables or fused experts."""
     for target in targets:
-        if target.kind != "linear" or target.parameter is not None:
+        if target.kind not in ("linear", "conv") or target.parameter is not None:
             what = "a fused expert tensor" if target.parameter else f"a {target.kind} weight"
             raise DeltakitError(f"{target.pair.name} is {what}, which a {fmt} LoRA file cannot hold; use --format peft "
                                 "or leave it out with --exclude")
@@ -104,13 +110,29 @@ def alpha_tensors(ranks: dict[str, int], weights: list[str], folder: str, dtype:
     return out
 
 
-def kohya_metadata(ranks: dict[str, int], selection: dict[str, Any], base: str, ft: str) -> dict[str, str]:
-    """sd-scripts' ss_* fields a loader reads, and deltakit's record of what was extracted."""
-    distinct = set(ranks.values())
-    dim = str(distinct.pop()) if len(distinct) == 1 else "Dynamic"
-    return {"ss_network_module": NETWORK_MODULE, "ss_network_dim": dim, "ss_network_alpha": dim,
-            "deltakit_version": __version__, "deltakit_selection": json.dumps(selection, sort_keys=True),
+def kohya_metadata(ranks: dict[str, int], spatial: set[str], selection: dict[str, Any], base: str,
+                   ft: str) -> dict[str, str]:
+    """sd-scripts' ss_* fields a loader reads, and deltakit's record of what was extracted.
+
+    ``ss_network_dim`` / ``ss_network_alpha`` are the rank of the linear layers and 1×1 convolutions
+    (``Dynamic`` when it differs), and ``ss_network_args`` holds that of the convolutions with a larger
+    kernel (``spatial``: those modules) as ``conv_dim`` / ``conv_alpha`` when the file has any, as sd-scripts'
+    ``extract_lora_from_models.py`` writes them (its conv_dim ranks only those; ``networks/lora.py``).
+    """
+    linear = [r for m, r in ranks.items() if m not in spatial] or list(ranks.values())
+    conv = [r for m, r in ranks.items() if m in spatial]
+    dim = _dim(linear)
+    metadata = {"ss_network_module": NETWORK_MODULE, "ss_network_dim": dim, "ss_network_alpha": dim}
+    if conv:
+        metadata["ss_network_args"] = json.dumps({"conv_dim": _dim(conv), "conv_alpha": _dim(conv)})
+    return {**metadata, "deltakit_version": __version__, "deltakit_selection": json.dumps(selection, sort_keys=True),
             "deltakit_base": base, "deltakit_ft": ft}
+
+
+def _dim(ranks: list[int]) -> str:
+    """One rank as sd-scripts writes it, or ``Dynamic`` when they differ (``resize_lora.py``)."""
+    distinct = set(ranks)
+    return str(distinct.pop()) if len(distinct) == 1 else "Dynamic"
 
 
 def diffusers_keys(weights: list[str], folder: str) -> Callable[[str, bool], tuple[str, str]]:

@@ -53,7 +53,7 @@ from deltakit.io.inputs import footprints
 from deltakit.io.kohya_files import is_adapter as is_adapter_path
 from deltakit.lora.adapter_files import FactorStage, write_adapter
 from deltakit.lora.adapter_sum import AdapterSum, open_adapter_sum
-from deltakit.lora.extraction_passes import Activations, Extraction, Survey, check_budget
+from deltakit.lora.extraction_passes import Activations, Extraction, Survey
 from deltakit.lora.diffusion_files import (
     alpha_tensors, check_format, check_targets, diffusers_keys, diffusers_metadata, file_output, kohya_keys,
     kohya_metadata, write_lora_file,
@@ -62,7 +62,7 @@ from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport, outp
 from deltakit.lora.fidelity import adapter_edits, calibration_entry, fidelity_entry, open_calibration
 from deltakit.lora.model_card import model_card
 from deltakit.lora.ranks import RankChoice
-from deltakit.lora.targets import plan_extraction, unpaired, unpaired_message
+from deltakit.lora.targets import check_budget, plan_extraction, unpaired, unpaired_message
 from deltakit.pair_checks import floating, warn_suspicious_pair
 from deltakit.pairing import pair_tensors
 from deltakit.pipeline import ProgressFn
@@ -105,6 +105,8 @@ def extract_lora(
     sv_fro: float | None = None,
     sv_cumulative: float | None = None,
     quantile: float | None = None,
+    conv_rank: int | None = None,
+    conv_energy: float | None = None,
 ) -> ExtractReport:
     """Write a PEFT LoRA adapter at ``out`` that turns ``base`` into (a rank-limited) ``ft``.
 
@@ -123,7 +125,9 @@ def extract_lora(
     the two checkpoints do not pair (another shape, on one side only) is refused, since the adapter would
     silently lack it; ``skip_mismatched`` writes the adapter without it (``report.not_carried`` lists it).
     ``sv_ratio``, ``sv_fro``, ``sv_cumulative`` (kohya-ss sd-scripts) and ``quantile`` (LyCORIS) choose
-    per-matrix ranks by those tools' rules (:func:`deltakit.lora.ranks.kohya_rank`).
+    per-matrix ranks by those tools' rules (:func:`deltakit.lora.ranks.kohya_rank`). Convolutions are factored
+    as their (out, in·∏kernel) matrix (LoCon) by the same rule, unless ``conv_rank`` (a fixed rank, kohya's
+    conv_dim) or ``conv_energy`` gives those with a kernel larger than 1×1 their own; 1×1 ones follow the linear rule.
     ``format="kohya"`` writes one kohya-ss ``.safetensors`` file at ``out`` instead of a PEFT folder,
     ``format="diffusers"`` a diffusers LoRA folder (:mod:`deltakit.lora.diffusion_files`); ``clamp_quantile``
     clamps the factors as sd-scripts' ``--clamp_quantile`` does (:func:`deltakit.lora.factors.clamp_quantile`),
@@ -142,7 +146,8 @@ def extract_lora(
     """
     started = time.perf_counter()
     choice = RankChoice(rank=rank, energy=energy, budget=budget, max_rank=max_rank, ratio=ratio, sv_ratio=sv_ratio,
-                        sv_fro=sv_fro, sv_cumulative=sv_cumulative, quantile=quantile)
+                        sv_fro=sv_fro, sv_cumulative=sv_cumulative, quantile=quantile, conv_rank=conv_rank,
+                        conv_energy=conv_energy)
     check_format(format, str(out), save_modules, embeddings, parallel.active)
     check_clamp(clamp_quantile)
     out_dtype = output_dtype(dtype)
@@ -179,8 +184,8 @@ def extract_lora(
         raise DeltakitError("no tensor pairs left to extract (check --include / --exclude)")
     if format != "peft":
         check_targets(targets.lora, format)
-    if choice.mode == "budget":
-        check_budget(choice.budget, targets.lora, "")  # fail before reading anything
+    if choice.mode == "budget":  # fail before reading anything
+        check_budget(choice.budget, [t for t in targets.lora if choice.of(t.spatial).mode == "budget"], "")
     if calibration is not None and format != "peft":
         raise DeltakitError(f"--calibration runs the fine-tune with transformers and measures a PEFT adapter; "
                             f"it cannot be used with --format {format}")
@@ -208,7 +213,8 @@ def extract_lora(
             ranks = {m.module: m.rank for m in report.matrices if m.rank > 0}
             if format == "kohya":
                 tensors += alpha_tensors(ranks, weights, folder, tensors[0].dtype)
-                metadata = kohya_metadata(ranks, report.selection, str(base), report.ft)
+                spatial = {t.module for t in targets.lora if t.spatial}  # what kohya's conv_dim ranks
+                metadata = kohya_metadata(ranks, spatial, report.selection, str(base), report.ft)
             else:
                 metadata = diffusers_metadata(ranks, weights, folder)
             write_lora_file(file, tensors, metadata, progress)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from deltakit.distributed import Parallel, matrix_cost
-from deltakit.errors import DeltakitError
 from deltakit.io.checkpoint import Checkpoint
 from deltakit.io.peft import adapter_config, adapter_keys, whole_tensor_key
 from deltakit.lora.adapter_files import AdapterTensor, FactorStage
@@ -27,7 +26,7 @@ from deltakit.lora.extraction_report import ExtractedMatrix, ExtractReport
 from deltakit.lora.factors import LoraFactors, clamp_quantile, reconstruction_error, svd_factors
 from deltakit.lora.ranks import RankChoice, allocate_budget
 from deltakit.lora.resize import LowRankDelta
-from deltakit.lora.targets import WORD_EMBEDDING, ExtractionTargets, LoraTarget, module_of
+from deltakit.lora.targets import WORD_EMBEDDING, ExtractionTargets, LoraTarget, check_budget, module_of
 from deltakit.lora.whitening import InputCovariance
 from deltakit.calibration import Covariances
 from deltakit.delta import stream_deltas
@@ -215,9 +214,10 @@ class Extraction:
         if delta_fro == 0.0:
             return Outcome(unchanged=True)
         matrix = target.pair.to_out_in(delta)
-        if self.choice.needs_spectra:
+        choice = self.choice.of(target.spatial)
+        if choice.needs_spectra:
             return Outcome(delta_fro=delta_fro, spectrum=self._spectrum(matrix, target))
-        rank = min(self.choice.rank, self.choice.cap(target.out_in))  # type: ignore[type-var]
+        rank = min(choice.rank, choice.cap(target.out_in))  # type: ignore[type-var]
         return replace(self._factored(stage, self._factor(stage, target, matrix, rank, delta_fro, None)),
                        delta_fro=delta_fro)
 
@@ -240,11 +240,18 @@ class Extraction:
         return compute_spectrum(matrix, self.options).values
 
     def choose_ranks(self, survey: Survey) -> dict[str, int]:
-        """Energy, ratio and the kohya / LyCORIS rules: per matrix. Budget: all spectra at once (see :func:`allocate_budget`)."""
-        names = list(survey.spectra)
+        """Energy, ratio and the kohya / LyCORIS rules: per matrix, by the rule of its kind (convolutions may have
+        their own, :meth:`RankChoice.of`). Budget: the spectra it governs at once (see :func:`allocate_budget`)."""
+        rules = {name: self.choice.of(self.by_name[name].spatial) for name in survey.spectra}
+        budgeted = [name for name, rule in rules.items() if rule.mode == "budget"]
+        ranks = self._budget_ranks(budgeted, survey) if budgeted else {}
+        return {name: ranks[name] if name in ranks else rule.matrix_rank(survey.spectra[name],
+                                                                          rule.cap(self.by_name[name].out_in))
+                for name, rule in rules.items()}
+
+    def _budget_ranks(self, names: list[str], survey: Survey) -> dict[str, int]:
+        """The ranks of the matrices ``names`` under the global budget."""
         caps = [self.choice.cap(self.by_name[n].out_in) for n in names]
-        if self.choice.mode != "budget":
-            return {n: self.choice.matrix_rank(survey.spectra[n], cap) for n, cap in zip(names, caps)}
         changed = [self.by_name[n] for n in names]
         check_budget(self.choice.budget, changed, "changed ")  # type: ignore[arg-type]
         cap_of = dict(zip(names, caps))
@@ -425,18 +432,6 @@ class Extraction:
     def _whole(self, ft_name: str, key: str) -> AdapterTensor:
         dtype = self.out_dtype if self.out_dtype and self.ft.dtype(ft_name).is_floating_point else self.ft.dtype(ft_name)
         return AdapterTensor(key, self.ft.shape(ft_name), dtype, lambda: self.ft.get(ft_name))
-
-
-def check_budget(budget: int | None, targets: Sequence[LoraTarget], which: str) -> None:
-    """Refuse a budget that cannot pay for rank 1 of any matrix."""
-    if budget is None or not targets:
-        return
-    cheapest = min(targets, key=lambda t: t.cost)
-    if budget < cheapest.cost:
-        rows, cols = cheapest.pair.shape
-        raise DeltakitError(
-            f"budget {budget} is too small for rank 1 anywhere: the cheapest {which}matrix, {cheapest.pair.name} "
-            f"({rows}×{cols}), needs {cheapest.cost} parameters per rank")
 
 
 def with_hint(reason: str) -> str:

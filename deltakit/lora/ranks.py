@@ -38,6 +38,9 @@ class RankChoice:
     sv_ratio, sv_fro, sv_cumulative: kohya-ss sd-scripts' dynamic rules, quantile: LyCORIS's, each per
         matrix exactly as the tool computes it (see :func:`kohya_rank`).
     max_rank: no matrix gets more than this (≥ 1), whatever the mode.
+    conv_rank, conv_energy: at most one; a fixed rank or an energy fraction for convolutions with a kernel
+        larger than 1×1 (kohya-ss's conv_dim, LyCORIS's conv rank), which otherwise follow the rule of
+        the linear layers; 1×1 convolutions always do, as in both tools (:meth:`of`).
     """
 
     rank: int | None = None
@@ -49,6 +52,8 @@ class RankChoice:
     sv_fro: float | None = None
     sv_cumulative: float | None = None
     quantile: float | None = None
+    conv_rank: int | None = None
+    conv_energy: float | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in MODES if getattr(self, name) is not None]
@@ -60,6 +65,12 @@ class RankChoice:
             value = getattr(self, name)
             if value is not None:
                 _check_rule(name, float(value))
+        if self.conv_rank is not None and self.conv_energy is not None:
+            raise DeltakitError("give at most one of --conv-rank and --conv-energy")
+        if self.conv_rank is not None:
+            _check_positive_int("conv-rank", self.conv_rank)
+        if self.conv_energy is not None:
+            _check_fraction("conv-energy", self.conv_energy)
         if self.rank is not None:
             _check_positive_int("rank", self.rank)
         if self.budget is not None:
@@ -67,9 +78,7 @@ class RankChoice:
         if self.max_rank is not None:
             _check_positive_int("max-rank", self.max_rank)
         if self.energy is not None:
-            energy = float(self.energy)
-            if math.isnan(energy) or not 0.0 < energy <= 1.0:
-                raise DeltakitError(f"energy {self.energy:g} is outside (0, 1]; use e.g. --energy 0.9")
+            _check_fraction("energy", self.energy)
         if self.ratio is not None:
             ratio = float(self.ratio)
             if math.isnan(ratio) or not 0.0 < ratio <= 1.0:
@@ -83,8 +92,18 @@ class RankChoice:
 
     @property
     def needs_spectra(self) -> bool:
-        """Energy, budget and ratio choose ranks from every singular value, so they need a first pass."""
-        return self.mode != "rank"
+        """Energy, budget and ratio choose ranks from every singular value, so they need a first pass
+        (for some matrices at least: the convolutions' rule may differ)."""
+        return self.mode != "rank" or self.conv_energy is not None
+
+    def of(self, convolution: bool) -> "RankChoice":
+        """The rule of one matrix: the convolutions' (``conv_rank`` / ``conv_energy``) for a convolution with a
+        kernel larger than 1×1 when one is given, else this choice's own; ``max_rank`` clamps both."""
+        if convolution and (self.conv_rank is not None or self.conv_energy is not None):
+            return RankChoice(rank=self.conv_rank, energy=self.conv_energy, max_rank=self.max_rank)
+        if self.conv_rank is None and self.conv_energy is None:
+            return self
+        return RankChoice(**{name: getattr(self, name) for name in (*MODES, "max_rank")})
 
     def cap(self, shape: tuple[int, int]) -> int:
         """The largest rank a matrix of ``shape`` may get: min(m, n), clamped by max_rank."""
@@ -94,7 +113,8 @@ class RankChoice:
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"mode": self.mode, "rank": self.rank, "energy": self.energy, "budget": self.budget,
                                   "ratio": self.ratio, "max_rank": self.max_rank}
-        out.update({name: getattr(self, name) for name in KOHYA_RULES if getattr(self, name) is not None})
+        out.update({name: getattr(self, name) for name in (*KOHYA_RULES, "conv_rank", "conv_energy")
+                    if getattr(self, name) is not None})
         return out
 
     def matrix_rank(self, spectrum: Sequence[float] | np.ndarray, cap: int) -> int:
@@ -104,6 +124,11 @@ class RankChoice:
         if self.mode == "ratio":
             return ratio_rank(spectrum, self.ratio, cap)  # type: ignore[arg-type]
         return kohya_rank(spectrum, self.mode, float(getattr(self, self.mode)), cap)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if math.isnan(float(value)) or not 0.0 < float(value) <= 1.0:
+        raise DeltakitError(f"{name} {value:g} is outside (0, 1]; use e.g. --{name} 0.9")
 
 
 def _check_rule(name: str, value: float) -> None:

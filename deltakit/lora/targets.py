@@ -24,10 +24,12 @@ Example::
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from deltakit.errors import DeltakitError
 from deltakit.pairing import PairPlan, TensorPair, module_type
 
 WORD_EMBEDDING = re.compile(r"(embed_tokens|wte|word_embeddings|embed_in)\.weight$")
@@ -49,6 +51,12 @@ class LoraTarget:
         """Shape of B @ A: the layer's (out, in), the stored shape transposed where the pair is stored transposed."""
         rows, cols = self.pair.shape
         return (cols, rows) if self.pair.transposed else (rows, cols)
+
+    @property
+    def spatial(self) -> bool:
+        """A convolution with a kernel larger than 1×1: what kohya-ss's conv_dim and LyCORIS's conv rank rank
+        (a 1×1 convolution is ranked as a linear layer by both)."""
+        return self.kind == "conv" and math.prod(self.pair.kernel) > 1
 
     @property
     def cost(self) -> int:
@@ -170,3 +178,15 @@ def _not_lora_reason(pair: TensorPair, embeddings: bool, tied: bool) -> str | No
         if tied and WORD_EMBEDDING.search(pair.name):
             return "embedding tied to the output layer: PEFT cannot apply one LoRA to both uses; use --save-modules"
     return None
+
+
+def check_budget(budget: int | None, targets: Sequence[LoraTarget], which: str) -> None:
+    """Refuse a budget that cannot pay for rank 1 of any matrix."""
+    if budget is None or not targets:
+        return
+    cheapest = min(targets, key=lambda t: t.cost)
+    if budget < cheapest.cost:
+        rows, cols = cheapest.pair.shape
+        raise DeltakitError(
+            f"budget {budget} is too small for rank 1 anywhere: the cheapest {which}matrix, {cheapest.pair.name} "
+            f"({rows}×{cols}), needs {cheapest.cost} parameters per rank")
