@@ -11,8 +11,9 @@
 #   peer-extract extract and mergekit-extract-lora (7B; mergekit from .whl/) (~7 min)
 #   peer-merge  merge and PEFT's merge_and_unload (7B)                    (~4 min)
 #   x2          rank, extract, merge under torchrun on 2 GPUs (7B)        (~4 min)
-#   sdxl        rank, extract --format kohya on the SDXL-UNet pair (2.6B)  (~4 min)
-#   peer-sdxl   extract --format kohya and LyCORIS's extract_linear (SDXL UNet; lycoris from .whl/) (~6 min)
+#   sdxl        rank, extract --format kohya on the SDXL-UNet pair (2.6B), convolutions included (~4 min)
+#   peer-sdxl   extract --format kohya and LyCORIS's extract_linear / extract_conv, convolutions included
+#               (SDXL UNet; lycoris from .whl/; run after sdxl on the same machine, which leaves the pair) (~7 min)
 #   tiny        every target on the tiny pair: a check of the machine    (~1 min)
 #   cuda-tests  the test files that run on every GPU
 #

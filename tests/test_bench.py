@@ -126,6 +126,26 @@ def test_surgery_targets_and_peers_run_and_checks_catch_wrong_outputs(tmp_path):
     assert not check_merge(truth, the_run, merged)["ok"]
 
 
+def test_unet_kohya_extract_and_the_lycoris_peer_include_convolutions(tmp_path):
+    """tiny-unet: deltakit's kohya file and LyCORIS's extract_linear / extract_conv peer both hold every
+    convolution (LoCon, or whole where LyCORIS stores it so: conv_out, 4 outputs at rank 4), checked as
+    (out, in·kh·kw) matrices against the exact truncated SVD; the check catches a wrong LoCon factor."""
+    code, result, work = run_suite(tmp_path, "--preset", "tiny-unet", "--target", "extract-kohya", "--peers")
+    rows = rows_by_name(result)
+    assert code == 0 and set(rows) == {("extract-kohya", False), ("extract-kohya", True)}
+    for row in rows.values():
+        assert row["status"] == "ok" and row["check"]["ok"], row
+        assert row["check"]["convolutions"] > 10 and row["check"]["covered"] == 1
+    truth, the_run = truth_and_run(work, "tiny-unet")
+    with safe_open(str(the_run.out("lycoris.safetensors")), framework="pt") as handle:
+        assert "lora_unet_conv_out.diff" in handle.keys()
+        assert handle.get_slice("lora_unet_conv_in.lora_down.weight").get_shape() == [4, 4, 3, 3]
+    wrong = tmp_path / "wrong.safetensors"
+    shutil.copy(the_run.out("lora.safetensors"), wrong)
+    rewrite(wrong, lambda t: t.update({k: v * 1.2 for k, v in t.items() if "resnets_0_conv1.lora_up" in k}))
+    assert not check_adapter(truth, the_run, wrong)["ok"]
+
+
 def test_activation_aware_extract_runs_and_its_check_catches_a_wrong_output_error(tmp_path):
     pytest.importorskip("transformers")
     code, result, work = run_suite(tmp_path, "--preset", "tiny", "--target", "extract,extract-aware")
