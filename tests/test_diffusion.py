@@ -317,6 +317,35 @@ def test_kohya_file_written_by_deltakit_loads_in_lycoris_and_diffusers(sd, tmp_p
                              {k: fine_tune[k] for k in convolutions}) < 1e-4
 
 
+def test_sdxl_kohya_file_in_ldm_names_loads_in_diffusers(tmp_path):
+    """From SDXL single files: LoCon modules in sd-scripts' LDM names (input_blocks_0_0, in_layers_2,
+    out_layers_3, skip_connection, op), which diffusers' SDXL loader maps to the UNet and fuses to the
+    fine-tune, convolutions included."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    torch.manual_seed(0)
+    make_unet = lambda: UNet2DConditionModel(**UNET, **SDXL_LIKE)  # noqa: E731
+    unet = make_unet()
+    fine_tune = low_rank_finetune(copy_of(unet, make_unet), 1)
+    save_file(ldm_state(unet, None), tmp_path / "base.safetensors")
+    save_file(ldm_state(fine_tune, None), tmp_path / "ft.safetensors")
+    out = tmp_path / "lora.safetensors"
+    extract_lora(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", out, rank=RANK, format="kohya", dtype="fp32")
+    with safe_open(str(out), framework="pt") as handle:
+        keys = set(handle.keys())
+    for module in ("input_blocks_0_0", "input_blocks_1_0_in_layers_2", "input_blocks_4_0_skip_connection",
+                   "input_blocks_3_0_op", "output_blocks_0_0_out_layers_3"):
+        assert f"lora_unet_{module}.lora_down.weight" in keys, module
+    state, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(out), unet_config=unet.config)
+    StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(state, alphas, unet)
+    unet.fuse_lora()
+    unet.unload_lora()
+    merged, expected = unet.state_dict(), fine_tune.state_dict()
+    convolutions = [k for k, v in expected.items() if v.dim() == 4]
+    assert relative_distance(merged, expected) < 1e-4
+    assert relative_distance({k: merged[k] for k in convolutions}, {k: expected[k] for k in convolutions}) < 1e-4
+
+
 def test_kohya_file_from_single_files_with_text_encoder(sd, tmp_path):
     """From SD single files: the UNet in diffusers names (sd-scripts' SD 1.x convention), the text encoder as
     lora_te_text_model_*, in fp16 as asked; merged back into the single file it is the fine-tune."""
