@@ -105,7 +105,6 @@ class Adapter:
     def factors(self, module: AdapterModule, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of a LoRA module as the matrices B @ A multiplies: A is r × in and B is out × r (embeddings:
         r × vocab, dim × r; convolutions: r × in·∏kernel, out × r)."""
-        mid = self.checkpoint.get(module.keys["mid"], device) if "mid" in module.keys else None
         tensors = {key: self.checkpoint.get(module.keys[key], device) for key in ("A", "B", "mid") if key in module.keys}
         return factor_matrices(tensors["A"], tensors["B"], tensors.get("mid"))
 
