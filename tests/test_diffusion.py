@@ -45,7 +45,7 @@ RANK = 2  # the rank of every fine-tune update below
 def low_rank_finetune(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """``model`` with every nn.Linear and nn.Conv2d weight moved by a random rank-RANK update of its (out, in·kh·kw)
     matrix (norms kept), except a convolution of at most 2·RANK output channels (the UNet's conv_out): LyCORIS's
-    extraction stores an update of rank ≥ out / 2 whole (``diff``), which deltakit does not read."""
+    extraction would store that update whole (``diff``, rank ≥ out / 2), which has a test of its own."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -182,6 +182,33 @@ def test_merge_of_lycoris_extraction_equals_lycoris_merge(sd, tmp_path, kohya_pr
     adapter = open_adapter(sd / file, base=base_info(open_checkpoint(sd / "unet")))
     assert adapter.format == "kohya" and adapter.left_out and all(e["name"].startswith("lora_te_") for e in adapter.left_out)
     load_unet(tmp_path / "merged")  # diffusers loads the output folder
+
+
+def test_modules_lycoris_extraction_stores_whole_merge_as_lycoris_merges(sd, tmp_path, kohya_prefix):
+    """Where the rank asked for is at least half a layer's outputs, LyCORIS's extraction stores its ΔW whole
+    (``diff`` and the bias's ``diff_b``: conv_out, 4 outputs, at conv rank RANK); deltakit merges such a file as
+    LyCORIS's loader does."""
+    from lycoris import create_lycoris_from_weights
+    from lycoris.utils import extract_diff
+
+    base, fine_tune = load_unet(sd / "unet"), load_unet(sd / "unet_ft")
+    with torch.no_grad():
+        fine_tune.conv_out.weight += 0.05 * torch.randn(fine_tune.conv_out.weight.shape,
+                                                       generator=torch.Generator().manual_seed(4))
+    fine_tune.save_pretrained(tmp_path / "ft")
+    file = tmp_path / "lyco.safetensors"
+    save_file(extract_diff([], [], base, fine_tune, mode="fixed", linear_mode_param=RANK, conv_mode_param=RANK,
+                           small_conv=False), file)
+    assert "lora_unet_conv_out.diff" in load_file(file)
+    report = merge(sd / "unet", file, tmp_path / "merged")
+    reference = load_unet(sd / "unet")
+    network, _ = create_lycoris_from_weights(1.0, str(file), reference)
+    network.merge_to()
+    merged, expected = load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors"), reference.state_dict()
+    assert max(float((merged[k] - expected[k]).abs().max()) for k in expected) <= 1e-6
+    assert report.lora_modules == len(network.loras) + 1  # conv_out's diff_b: its bias, a tensor of its own
+    # conv_out is the fine-tune's up to the fp16 the diff is stored in
+    assert relative_distance({"w": merged["conv_out.weight"]}, {"w": fine_tune.conv_out.weight.detach()}) < 1e-3
 
 
 def test_merge_into_a_single_file_equals_lycoris_merge(sd, tmp_path):
@@ -614,10 +641,10 @@ def test_refusals_are_one_line(sd, tmp_path, runner):
     save_file(conv, tmp_path / "locon.safetensors")
     assert_one_line_error(invoke(runner, "merge", sd / "unet", tmp_path / "locon.safetensors", "-o", tmp_path / "m"),
                           "makes a 16×100 (kernel 5×5) update, but it names conv_in.weight (16, 4, 3, 3)")
-    full = {"lora_unet_conv_out.diff": torch.zeros(4, 16, 3, 3)}
-    save_file(full, tmp_path / "full.safetensors")
-    assert_one_line_error(invoke(runner, "merge", sd / "unet", tmp_path / "full.safetensors", "-o", tmp_path / "m"),
-                          "full (a stored ΔW)")
+    norm = {"lora_unet_conv_norm_out.w_norm": torch.zeros(16), "lora_unet_conv_norm_out.b_norm": torch.zeros(16)}
+    save_file(norm, tmp_path / "norm.safetensors")
+    assert_one_line_error(invoke(runner, "merge", sd / "unet", tmp_path / "norm.safetensors", "-o", tmp_path / "m"),
+                          "LyCORIS's norm algorithm")
     extra = {**conv, "lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3), "lora_unet_conv_in.hada_t1":
              torch.zeros(2, 2, 3, 3)}
     save_file(extra, tmp_path / "extra.safetensors")

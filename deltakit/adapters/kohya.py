@@ -24,9 +24,12 @@ The formulas are LyCORIS's (``lycoris.modules``), which sd-scripts shares for Lo
   (``LokrModule.__init__``: "use scale = 1"; LyCORIS 4.1.3 cannot load its own Tucker LoKr files, whose
   modules compute with r the core's size).
 
+* Full: ΔW stored whole as ``diff`` (what LyCORIS's extraction writes where the rank asked for is at least half
+  the output channels; :mod:`deltakit.adapters.full`); its ``diff_b``, the bias's ΔW, is added to the layer's bias.
+
 Convolutions are matched by their (out, in·∏kernel) matrix and, where the tensors say, their kernel.
-Refused: LyCORIS's other algorithms (full ΔW, norms, OFT, GLoRA, IA3, sparse bias), DoRA on LoHa / LoKr,
-LoKr with a whole 3-D W2 (a Conv1d, whose product LyCORIS and PEFT form differently).
+Refused: LyCORIS's other algorithms (norms, OFT, GLoRA, IA3, sparse bias),
+DoRA on LoHa / LoKr, LoKr with a whole 3-D W2 (a Conv1d, whose product LyCORIS and PEFT form differently).
 
 A diffusers file is PEFT's LoRA per component (``unet.``, ``transformer.``, ``text_encoder.``…),
 scaled as its ``lora_adapter_metadata`` says, else with α = r (diffusers' ``get_peft_kwargs``).
@@ -46,9 +49,10 @@ import torch
 
 from deltakit.adapters.base import AdapterModule, BaseInfo
 from deltakit.adapters.dora import DoraModule
+from deltakit.adapters.full import FullModule
 from deltakit.adapters.loha import LohaModule
 from deltakit.adapters.lokr import LokrModule
-from deltakit.adapters.lora import LoraModule
+from deltakit.adapters.lora import LoraBiasModule, LoraModule
 from deltakit.errors import DeltakitError
 from deltakit.io.diffusion_names import (
     CLIP_TEXT, LDM_UNET, DIFFUSERS_UNET, UnetBlocks, kohya_part, kohya_spellings, part_of, parts_present, unet_to_ldm,
@@ -62,7 +66,7 @@ LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"
 TUCKER = {"LORA": ("lora_mid.weight",), "LOHA": ("hada_t1", "hada_t2"), "LOKR": ("lokr_t2",)}  # convolutions' cores
 KNOWN_EXTRAS = {"alpha", "dora_scale"}
 # LyCORIS algorithms with no counterpart among deltakit's adapter types, named by a key of theirs.
-OTHER_ALGORITHMS = {"diff": "full (a stored ΔW)", "w_norm": "norm", "b_norm": "norm", "oft_blocks": "OFT",
+OTHER_ALGORITHMS = {"w_norm": "norm", "b_norm": "norm", "oft_blocks": "OFT",
                     "oft_diag": "diagonal OFT", "a1.weight": "GLoRA", "weight": "IA3", "bias_indices": "sparse bias"}
 
 
@@ -105,14 +109,29 @@ def _kohya(file: AdapterFile, base: BaseInfo) -> tuple[list[AdapterModule], list
                           "shapes"} for m in modules]
             continue
         for name, kinds, update in modules:
-            built.append(_module(file, name, kinds, _target(file, name, update, spellings.get(name, []), base), update))
+            target = _target(file, name, update, spellings.get(name, []), base)
+            built.append(_module(file, name, kinds, target, update))
+            if "diff_b" in kinds:
+                built.append(_bias(file, name, kinds["diff_b"], target, update, base))
     return built, left_out, _label(built)
+
+
+def _bias(file: AdapterFile, name: str, key: str, target: str, update: Update, base: BaseInfo) -> AdapterModule:
+    """A full module's ``diff_b``: ΔW of its layer's bias, added as it is (``FullModule``)."""
+    bias = f"{target.rpartition('.')[0]}.bias"
+    shape = _shape(file, key)
+    if shape != (update.shape[0],) or base.shape(bias) != shape:
+        raise DeltakitError(f"{file.path}: {name}'s diff_b has shape {shape}, but the layer's bias {bias} is "
+                            f"{base.shape(bias)}")
+    return LoraBiasModule(module=target.removesuffix(".weight"), target=bias, keys={"b": key},
+                          out_features=update.shape[0], in_features=1)
 
 
 def _label(built: list[AdapterModule]) -> str:
     """LORA, DORA, LOHA or LOKR when one type is used throughout, LYCORIS for a mixture."""
     kinds = {"DORA" if isinstance(m, DoraModule) else "LOHA" if isinstance(m, LohaModule) else
-             "LOKR" if isinstance(m, LokrModule) else "LORA" for m in built}
+             "LOKR" if isinstance(m, LokrModule) else "FULL" if isinstance(m, (FullModule, LoraBiasModule)) else
+             "LORA" for m in built}
     return kinds.pop() if len(kinds) == 1 else "LYCORIS"
 
 
@@ -146,6 +165,12 @@ def _update_of(file: AdapterFile, name: str, kinds: dict[str, str]) -> Update:
         update = _loha_update(file, name, kinds)
     elif any(k in kinds for k in LOKR):
         update = _lokr_update(file, name, kinds)
+    elif "diff" in kinds and set(kinds) <= {"diff", "diff_b", "alpha"}:
+        shape = _shape(file, kinds["diff"])
+        if len(shape) < 2:
+            raise DeltakitError(f"{file.path}: {name} stores a {len(shape)}-D diff; deltakit applies stored ΔWs of "
+                                "weights (2-D or a convolution's)")
+        return Update("FULL", (shape[0], math.prod(shape[1:])), tuple(shape[2:]))
     else:
         other = next((label for key, label in OTHER_ALGORITHMS.items() if key in kinds), None)
         what = f"LyCORIS's {other} algorithm, which deltakit does not apply" if other else (
@@ -270,6 +295,8 @@ def _module(file: AdapterFile, name: str, kinds: dict[str, str], target: str, up
                                 f"DoRA with the norm per output channel (wd_on_out), dora_scale "
                                 f"({update.shape[0]}, 1, ...)")
         return DoraModule(keys={**keys, "m": kinds["dora_scale"]}, **lora)
+    if update.kind == "FULL":
+        return FullModule(keys={"diff": kinds["diff"]}, **fields)
     if "dora_scale" in kinds:
         raise DeltakitError(f"{file.path}: {name} is a {update.kind} with weight decomposition (dora_scale); deltakit "
                             "applies DoRA to LoRA modules only")
