@@ -418,18 +418,24 @@ def test_diffusers_format_loads_in_diffusers(sd, tmp_path):
 
 
 def test_resize_and_weighted_sum_of_kohya_files_in_factor_space(sd, tmp_path):
-    """A kohya file resized to rank 1 is the best rank-1 approximation of its ΔW, computed from the factors;
+    """A kohya file resized to rank 1 is the best rank-1 approximation of its ΔW, computed from the factors, for
+    a linear layer and a LoCon module alike (written back as LoCon);
     a weighted sum of two files at the sum of their ranks merges to the weighted sum of their updates."""
     lora = tmp_path / "lora.safetensors"
     extract_lora(sd / "unet", sd / "unet_ft", lora, rank=RANK, format="kohya", dtype="fp32")
     resized = extract_lora(sd / "unet", lora, tmp_path / "r1.safetensors", rank=1, format="kohya")
     assert resized.method == "factor-space"
     adapter = open_adapter(lora, base=base_info(open_checkpoint(sd / "unet")))
-    module = next(iter(adapter.modules.values()))
-    dense = module.delta(adapter.load(module), None, False).double()
-    best = torch.linalg.svdvals(dense)
-    worst = next(m for m in resized.matrices if m.name == module.target)
-    assert worst.rel_error == pytest.approx(float(best[1:].norm() / best.norm()), rel=1e-5)
+    linear = next(m for m in adapter.modules.values() if not m.kernel)
+    conv = next(m for m in adapter.modules.values() if m.kernel == (3, 3))  # a LoCon module
+    for module in (linear, conv):
+        dense = module.delta(adapter.load(module), None, False).double()
+        best = torch.linalg.svdvals(dense)
+        worst = next(m for m in resized.matrices if m.name == module.target)
+        assert worst.rank == 1 and worst.rel_error == pytest.approx(float(best[1:].norm() / best.norm()), rel=1e-5)
+    with safe_open(str(tmp_path / "r1.safetensors"), framework="pt") as handle:
+        down = handle.get_tensor(f"{KohyaNamer(open_checkpoint(sd / 'unet').keys())(conv.module)}.lora_down.weight")
+    assert down.shape[0] == 1 and down.shape[2:] == (3, 3)
 
     summed = extract_lora(sd / "unet", [lora, sd / "lyco.safetensors"], tmp_path / "sum.safetensors", rank=2 * RANK,
                           weights=[0.7, -0.2], format="kohya", dtype="fp32")
