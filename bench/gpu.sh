@@ -61,7 +61,7 @@ peer-sdxl) bench sdxl-unet --target extract-kohya --peers --timeout 420 ;;
 cuda-tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_adaptive.py tests/test_workers.py \
         tests/test_noise.py tests/test_memory.py tests/test_quantized_noise.py tests/test_distributed.py \
-        tests/test_calibration.py 2>&1 |
+        tests/test_calibration.py tests/test_numerical_rank.py tests/test_adapters.py 2>&1 |
         tee "$OUT/pytest.txt" | tail -15 ;;
 *) echo "unknown part $PART (see the top of bench/gpu.sh)"; exit 2 ;;
 esac
