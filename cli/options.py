@@ -2,14 +2,15 @@
 
 ``-e/--energy`` (energy fractions), ``--epsilon`` (intruder threshold), ``-k/--top-k`` (top-k
 vectors or subspaces), ``-o/--output`` (the file or folder a command writes), ``--json``,
-``--csv``, ``--html`` (reports; ``-`` is stdout for the first two), ``-q/--quiet``, and for
+``--csv``, ``--html`` (reports; ``-`` is stdout for the first two), ``-q/--quiet``, ``--dtype``
+(the floating-point dtype a command writes), and for
 commands that read checkpoints ``--offline``, ``--revision``, ``--token``, ``--cache-dir``
 (spelled as the ``hf`` CLI spells them). A command that grows one of these uses the decorator
 here, so a flag means one thing everywhere.
 
 Spellings a command had before stay accepted as hidden aliases (:func:`aliased`): ``--out`` for
-``--output``, ``--top`` for ``--top-k``, intruders' ``-e`` for ``--epsilon``. They do not show in
-``--help``.
+``--output``, ``--top`` for ``--top-k``, intruders' ``-e`` for ``--epsilon``, extract's ``--save-dtype``
+for ``--dtype``. They do not show in ``--help``.
 
 Nothing here imports the library: ``deltakit --help`` must answer at once.
 """
@@ -120,6 +121,17 @@ def _required(dest: str, shown: str) -> Callable[[F], F]:
             return command(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def dtype_option(help: str, old: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """``--dtype fp32|bf16|fp16`` (or float32|bfloat16|float16); ``old`` are hidden old spellings."""
+
+    def decorate(command: F) -> F:
+        if old:
+            command = aliased("dtype", old)(command)
+        return click.option("--dtype", "dtype", metavar="fp32|bf16|fp16", help=help)(command)
 
     return decorate
 

@@ -49,7 +49,7 @@ def plot_command(spectra: Path, output: str, kind: str, energy: float, matrices:
                  base: Path | None, ft: Path | None, device: str, json_path: str | None, quiet: bool, force: bool) -> None:
     """Draw figures of the ΔW spectra saved by `deltakit rank --save-spectra`.
 
-    SPECTRA is that file; the figure goes to --out. --kind spectrum also reads the two
+    SPECTRA is that file; the figure goes to -o/--output. --kind spectrum also reads the two
     checkpoints (--base, --ft) to show W_base and W_ft next to ΔW.
     """
     import matplotlib

@@ -10,7 +10,9 @@ from deltakit_cli.common import (
     allow_pickle_option, device_option, exclude_option, force_option, include_option, parallel_workers,
     build_spectral_options, progress, protect_inputs, spectral_options, stdout_taken, user_errors, write_html, write_json,
 )
-from deltakit_cli.options import energy_option, hub_options, html_option, json_option, output_option, quiet_option
+from deltakit_cli.options import (
+    dtype_option, energy_option, hub_options, html_option, json_option, output_option, quiet_option,
+)
 
 NOT_CARRIED_SHOWN = 5
 
@@ -23,7 +25,7 @@ Examples:
   deltakit extract ./base ./ft -o ./ft-lora --rank 16 --calibration calib.safetensors --activation-aware
   deltakit extract ./base ./lora-r64 -o ./lora-r16 --rank 16
   deltakit extract ./base ./lora-a ./lora-b --weights 0.7,0.3 -o ./lora-ab --ratio 0.05 --max-rank 32
-  deltakit extract ./sd15/unet ./ft/unet -o ft-lora.safetensors --format kohya --rank 32 --save-dtype fp16
+  deltakit extract ./sd15/unet ./ft/unet -o ft-lora.safetensors --format kohya --rank 32 --dtype fp16
   deltakit extract ./sd15/unet ./ft/unet -o ft-locon.safetensors --format kohya --rank 32 --conv-rank 8
   deltakit extract ./sdxl.safetensors ./ft.safetensors -o ft.safetensors --format kohya --sv-fro 0.9 --max-rank 64
   deltakit extract ./sd15/unet lora-r64.safetensors -o lora-r16.safetensors --format kohya --rank 16
@@ -114,8 +116,7 @@ def _weights(text: str | None) -> list[float] | None:
 @click.option("--experts/--no-experts", default=True, show_default=True,
               help="Fused MoE expert tensors that changed (gpt-oss mlp.experts.gate_up_proj) become PEFT LoRA on "
                    "parameters (target_parameters), one rank per expert.")
-@click.option("--dtype", "--save-dtype", "dtype", metavar="fp32|bf16|fp16",
-              help="Adapter dtype, also as float32|bfloat16|float16 (default: the fine-tune's).")
+@dtype_option("Adapter dtype, also as float32|bfloat16|float16 (default: the fine-tune's).", old=("--save-dtype",))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--calibration", metavar="PATH",
               help="Run the fine-tune on these tokens (a .safetensors file with input_ids [batch, seq], or text) "
@@ -230,8 +231,8 @@ _WEIGHTS_HELP = "One weight per adapter, comma-separated (default 1 each): W0 + 
 @output_option("OUT", "Model folder to write.", required=True)
 @click.option("--weights", metavar="W1,W2,...", help=_WEIGHTS_HELP)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply every adapter's update by this.")
-@click.option("--dtype", metavar="float32|bfloat16|float16",
-              help="Write floating-point tensors in this dtype (default: the model's; bfloat16 for a quantized base).")
+@dtype_option("Write floating-point tensors in this dtype, also as float32|bfloat16|float16 (default: the model's; "
+              "bfloat16 for a quantized base).")
 @device_option
 @skip_mismatched_option
 @_output_options

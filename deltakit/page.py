@@ -1,6 +1,6 @@
 """A report as one self-contained HTML page: its tables, its figures, the command line and the versions.
 
-:func:`report_page` takes any report of `rank`, `intruders`, `compare`, `trajectory` or `extract`
+:func:`report_page` takes any report of `rank`, `intruders`, `compare`, `trajectory`, `extract` or `check`
 and returns the page as a string. The page loads nothing: figures are PNG files embedded as
 ``data:`` URIs, the style sheet is inline, there is no script. Its tables are the ones the
 command prints (:mod:`deltakit.report`), as HTML tables whose numeric columns align right, so
@@ -30,8 +30,9 @@ from deltakit.analyses.meta import register_display
 from deltakit.analyses.rank_report import RankReport
 from deltakit.analyses.trajectory import TrajectoryReport
 from deltakit.lora.extraction_report import ExtractReport
+from deltakit.lora.fidelity import CheckReport
 from deltakit.report import (
-    Table, compare_blocks, extract_blocks, intruders_blocks, rank_blocks, trajectory_blocks,
+    Table, check_blocks, compare_blocks, extract_blocks, intruders_blocks, rank_blocks, trajectory_blocks,
 )
 from deltakit.version import __version__
 
@@ -47,7 +48,7 @@ tr:hover td{background:#fafae8}figure{margin:1em 0}figure img{max-width:100%;hei
 """
 
 TITLES = {RankReport: "rank", IntruderReport: "intruders", CompareReport: "compare", TrajectoryReport: "trajectory",
-          ExtractReport: "extract"}
+          ExtractReport: "extract", CheckReport: "check"}
 
 
 def report_page(report: Any, command: Sequence[str] | None = None, figures: bool = True) -> str:
@@ -83,6 +84,8 @@ def blocks_of(report: Any) -> list[str]:
         return trajectory_blocks(report)
     if isinstance(report, ExtractReport):
         return extract_blocks(report)
+    if isinstance(report, CheckReport):
+        return check_blocks(report)
     raise TypeError(f"no page for {type(report).__name__}")
 
 

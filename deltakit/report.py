@@ -407,10 +407,18 @@ def fidelity_line(fidelity: dict[str, Any], mean_output_error: float | None, act
 
 def render_check(report: Any) -> str:
     """The human-readable output of `deltakit check`: per matrix its weight and output error; the fidelity line."""
+    return "\n".join(check_blocks(report))
+
+
+def check_blocks(report: Any) -> list[str]:
+    """The lines of :func:`render_check`, its table as :class:`Table`."""
     width = max((len(m.name) for m in report.matrices), default=10)
     lines = [f"{'matrix':<{width}}  {'shape':>11}  {'rel. error':>10}  {'output err.':>11}"]
+    rows = []
     for m in report.matrices:
         shape = f"{m.shape[0]}×{m.shape[1]}"
         lines.append(f"{m.name:<{width}}  {shape:>11}  {format_number(m.rel_error):>10}  "
                      f"{format_number(m.output_error):>11}")
-    return "\n".join([*lines, "", fidelity_line(report.fidelity, report.mean_output_error)])
+        rows.append([m.name, shape, format_number(m.rel_error), format_number(m.output_error)])
+    return [Table("\n".join(lines), ["matrix", "shape", "rel. error", "output err."], rows, 1), "",
+            fidelity_line(report.fidelity, report.mean_output_error)]

@@ -302,6 +302,12 @@ def test_check_of_a_trained_ia3_adapter_equals_peft(pair, tmp_path):
                 param.copy_(1 + 0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
     model.save_pretrained(tmp_path / "ia3")
     report = check_adapter(pair / "base", pair / "ft", tmp_path / "ia3", pair / "calib.safetensors")
+    from deltakit.report import render_check
+
+    assert str(report) == render_check(report) and len(repr(report)) < 300  # print(): `check`'s text, not a dump
+    html = report._repr_html_()  # in a notebook: the same table
+    assert html.count("<tr>") == 1 + len(report.matrices) and "KL(ft ‖ base + adapter)" in html
+    assert all(f"<td>{m.name}</td>" in html for m in report.matrices)
     with safe_open(str(pair / "calib.safetensors"), framework="pt") as handle:
         ids = handle.get_tensor("input_ids")
     ft_model = _load(pair / "ft")

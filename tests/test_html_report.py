@@ -1,4 +1,5 @@
-"""`--html PATH`: one self-contained page per report (rank, intruders, compare, trajectory, extract).
+"""`--html PATH`: one self-contained page per report (rank, intruders, compare, trajectory, extract, and extract
+with calibration tokens).
 
 Two checks. The first always runs: the page parsed with Python's HTML parser holds the command's
 tables (as many rows as the report has entries), PNG figures embedded as data URIs, the versions
@@ -17,10 +18,13 @@ import shutil
 import struct
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from conftest import invoke
+from conftest import invoke, save, tiny_llama
 
 import deltakit
 from deltakit.demo import write_demo_pair
@@ -69,34 +73,56 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+def _calibrated_pair(root: Path) -> tuple[Path, Path, Path]:
+    """A tiny Llama base, a dense fine-tune of it and 4 × 16 calibration token ids: what `extract
+    --calibration` runs the fine-tune on (transformers)."""
+    base_model = tiny_llama()
+    save(base_model, root / "llama-base")
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in base_model.named_parameters():
+            if parameter.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    save(base_model, root / "llama-ft")
+    ids = torch.randint(0, base_model.config.vocab_size, (4, 16), generator=generator)
+    save_file({"input_ids": ids}, str(root / "calib.safetensors"))
+    return root / "llama-base", root / "llama-ft", root / "calib.safetensors"
+
+
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
-    """Every command's page on layer 0 of the demo pair, and what each report holds."""
+    """Every command's page on layer 0 of the demo pair (extract also with calibration tokens, on a tiny
+    Llama), and what each report holds: label -> (page, JSON report, command line)."""
     from click.testing import CliRunner
 
     root = tmp_path_factory.mktemp("html")
     base, ft = write_demo_pair(root / "demo")
+    llama_base, llama_ft, calibration = _calibrated_pair(root)
     runner = CliRunner()
     adapter = root / "adapter"
     commands = {
         "extract": ["extract", base, ft, "-o", adapter, "--rank", "4"],
+        "extract --calibration": ["extract", llama_base, llama_ft, "-o", root / "calibrated", "--rank", "2",
+                                  "--calibration", calibration],
         "rank": ["rank", base, ft],
         "intruders": ["intruders", base, ft],
         "compare": ["compare", base, ft, adapter, "-k", "4"],
         "trajectory": ["trajectory", base, adapter, ft],
     }
     found = {}
-    for name, args in commands.items():
-        page = root / f"{name}.html"
-        result = invoke(runner, *args, "--include", LAYER0, "--html", page, "--json", root / f"{name}.json", "-q",
+    for label, args in commands.items():
+        stem = label.replace(" --", "-")
+        page = root / f"{stem}.html"
+        result = invoke(runner, *args, "--include", LAYER0, "--html", page, "--json", root / f"{stem}.json", "-q",
                         "--device", "cpu")
         assert result.exit_code == 0, result.output
-        found[name] = (page, json.loads((root / f"{name}.json").read_text()), [str(a) for a in args])
+        found[label] = (page, json.loads((root / f"{stem}.json").read_text()), [str(a) for a in args])
     return found
 
 
 def test_each_page_is_self_contained_with_its_tables_figures_versions_and_command(pages):
-    for name, (page, report, args) in pages.items():
+    for label, (page, report, args) in pages.items():
+        name = args[0]
         text = page.read_text()
         parsed = PageParser()
         parsed.feed(text)
@@ -116,6 +142,25 @@ def test_each_page_is_self_contained_with_its_tables_figures_versions_and_comman
             assert len(first) == 1 + len(report["matrices"]), name
             assert [row[0] for row in first[1:]] == [m["name"] for m in report["matrices"]], name
         assert all(len(row) == len(table[0]) for table in parsed.tables for row in table), name
+
+
+def test_extract_page_with_calibration_shows_each_output_error_and_the_fidelity(pages):
+    """The calibrated extract page: the output-error column holds each matrix's value from the JSON report, and
+    the fidelity line (KL of base + adapter beside the base's) is on the page."""
+    page, report, _ = pages["extract --calibration"]
+    parsed = PageParser()
+    parsed.feed(page.read_text())
+    header, *rows = parsed.tables[0]
+    assert header[-1] == "output err." and len(rows) == len(report["matrices"]) == 2  # q and v of layer 0
+    assert [row[-1] for row in rows] == [f"{m['output_error']:.4f}" for m in report["matrices"]]
+    assert all(0.0 < m["output_error"] < 1.0 for m in report["matrices"])
+    words = re.sub(r"\s+", " ", " ".join(parsed.text))
+    fidelity = report["fidelity"]
+    assert (f"fidelity on {fidelity['tokens']:,} calibration tokens: KL(ft ‖ base + adapter) {fidelity['kl']:.4g} "
+            f"(KL(ft ‖ base) {fidelity['kl_base']:.4g})") in words
+    plain = PageParser()
+    plain.feed(pages["extract"][0].read_text())
+    assert "output err." not in plain.tables[0][0] and "fidelity on" not in " ".join(plain.text)
 
 
 def test_rank_page_cells_are_the_report_values(pages):
@@ -151,7 +196,7 @@ def test_pages_render_in_a_headless_browser(pages, tmp_path):
     import matplotlib.image
 
     for name, (page, report, _) in pages.items():
-        probe = tmp_path / f"{name}-probe.html"  # the page plus a script that reports what the browser rendered
+        probe = tmp_path / f"{name.replace(' --', '-')}-probe.html"  # the page plus a script that reports what the browser rendered
         probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
         done = _chromium("--virtual-time-budget=5000", "--dump-dom", probe.as_uri())
         assert done.returncode == 0, done.stderr[-2000:]
@@ -162,9 +207,12 @@ def test_pages_render_in_a_headless_browser(pages, tmp_path):
         assert seen["tables"] == len(parsed.tables) > 0, (name, seen)
         assert seen["rows"] == sum(len(t) for t in parsed.tables), (name, seen)
         assert seen["images"] == seen["decoded"] == len(parsed.images) > 0, (name, seen)
-    for name in ("rank", "compare"):  # a screenshot of two of them: seconds each
+        assert all(cell in done.stdout for cell in parsed.tables[0][0]), (name, parsed.tables[0][0])  # the headers
+    rendered = _chromium("--dump-dom", pages["extract --calibration"][0].as_uri()).stdout
+    assert "output err." in rendered and "KL(ft ‖ base + adapter)" in rendered
+    for name in ("rank", "compare", "extract --calibration"):  # screenshots of three of them: seconds each
         page = pages[name][0]
-        shot = tmp_path / f"{name}.png"
+        shot = tmp_path / f"{name.replace(' --', '-')}.png"
         done = _chromium(f"--screenshot={shot}", "--window-size=1280,1600", page.as_uri())
         assert shot.is_file(), done.stderr[-2000:]
         pixels = matplotlib.image.imread(str(shot))

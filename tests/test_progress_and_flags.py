@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import PROGRESS_LINE, invoke
+from conftest import PROGRESS_LINE, assert_one_line_error, invoke
 
 import deltakit
 from deltakit.demo import write_demo_pair
@@ -77,6 +78,26 @@ def test_the_cli_logs_progress_when_stderr_is_not_a_terminal(demo, tmp_path):
     assert re.fullmatch(r"ΔW spectra 39/39 in \d+\.\d s\n", log.read_text()), log.read_text()
 
 
+def test_surgery_and_comparison_commands_log_their_progress_too(demo, tmp_path):
+    """Each long command, stderr a file: its closing summary line (with -q, nothing on stdout)."""
+    base, ft = demo
+    commands = {
+        "extract": ([str(base), str(ft), "-o", "adapter", "-r", "4"], r"writing adapter (\d+)/\1 in \d+\.\d s"),
+        "merge": ([str(base), "adapter", "-o", "merged"], r"merge (\d+)/\1 in \d+\.\d s"),
+        "compare": ([str(base), str(ft), "adapter"], r"ΔW subspaces (\d+)/\1 in \d+\.\d s"),
+    }
+    for command, (args, summary) in commands.items():
+        log = tmp_path / f"{command}.txt"
+        with log.open("w") as stderr:
+            done = subprocess.run([sys.executable, "-m", "deltakit", command, *args, "-q", "--device", "cpu"],
+                                  stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=300, cwd=tmp_path,
+                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+        lines = log.read_text().splitlines()
+        assert done.returncode == 0 and done.stdout == "", (command, lines)
+        assert lines and all(PROGRESS_LINE.match(line) for line in lines), (command, lines)
+        assert re.fullmatch(summary, lines[-1]), (command, lines)
+
+
 def test_the_pipeline_shows_progress_in_a_notebook_kernel(demo, monkeypatch):
     """In a Jupyter kernel the library shows a display without being asked; elsewhere it stays silent."""
     import deltakit.progress as progress
@@ -135,18 +156,185 @@ def test_old_spellings_are_hidden_aliases_with_the_same_meaning(runner, demo, tm
 
 
 @pytest.mark.parametrize("command", ["rank", "extract", "merge", "unmerge", "intruders", "compare", "trajectory",
-                                     "plot"])
+                                     "plot", "check"])
 def test_every_command_speaks_the_same_vocabulary(runner, command):
     text = invoke(runner, command, "--help").stdout
     assert "-q, --quiet" in text and "--json PATH" in text
-    if command not in ("plot",):
-        assert all(flag in text for flag in ("--revision REV", "--token TOKEN", "--cache-dir DIR", "--offline"))
+    assert not re.search(r"--out\b|--top\b(?!-)|--save-dtype", text), command  # old spellings, options or prose
+    assert all(flag in text for flag in ("--revision REV", "--token TOKEN", "--cache-dir DIR", "--offline"))
     if command in ("rank", "extract", "trajectory", "plot"):
         assert "-e, --energy X" in text
     if command in ("extract", "merge", "unmerge", "intruders", "plot"):
         assert "-o, --output" in text
     if command in ("rank", "intruders", "compare", "trajectory", "extract"):
         assert "--html PATH" in text
+
+
+def _options(command) -> tuple[set[str], set[str]]:
+    """(visible, hidden) option spellings of a click command."""
+    visible, hidden = set(), set()
+    for parameter in command.params:
+        if getattr(parameter, "opts", None) and parameter.param_type_name == "option":
+            (hidden if parameter.hidden else visible).update(parameter.opts + parameter.secondary_opts)
+    return visible, hidden
+
+
+# Each concept several commands share: its visible spellings and its metavar (None: the metavar says what the
+# command writes, or the option is a flag).
+VOCABULARY = {
+    "energy": ({"-e", "--energy"}, "X"),
+    "epsilon": ({"--epsilon"}, "ε"),
+    "top-k": ({"-k", "--top-k"}, "K"),
+    "output": ({"-o", "--output"}, None),
+    "json": ({"--json"}, "PATH"),
+    "csv": ({"--csv"}, "PATH"),
+    "html": ({"--html"}, "PATH"),
+    "quiet": ({"-q", "--quiet"}, None),
+    "revision": ({"--revision"}, "REV"),
+    "token": ({"--token"}, "TOKEN"),
+    "cache-dir": ({"--cache-dir"}, "DIR"),
+    "offline": ({"--offline"}, None),
+    "device": ({"--device"}, "auto|cpu|cuda|cuda:N"),
+    "include": ({"--include"}, "GLOB"),
+    "exclude": ({"--exclude"}, "GLOB"),
+    "dtype": ({"--dtype"}, "fp32|bf16|fp16"),
+    "force": ({"--force"}, None),
+    "allow-pickle": ({"--allow-pickle"}, None),
+}
+OLD_SPELLINGS = {"--out": "output", "--top": "top-k", "-e": "epsilon", "--save-dtype": "dtype"}
+READS_NOTHING = {"demo"}  # writes the built-in pair; no report, no checkpoint to fetch
+
+
+def _option_parameters(command):
+    return [p for p in command.params if p.param_type_name == "option"]
+
+
+def test_every_click_command_spells_each_shared_concept_one_way():
+    """Walks every command of the group (new ones included): a shared concept has one spelling and metavar
+    everywhere, a visible spelling means one thing in every command, old spellings are hidden aliases of an
+    option the same command shows, and every command but `demo` takes --json, -q and the Hub options."""
+    from deltakit_cli.main import cli
+
+    concept_of = {spelling: name for name, (spellings, _) in VOCABULARY.items() for spelling in spellings}
+    companions: dict[str, set[tuple[str, ...]]] = {}
+    found: dict[str, set[str]] = {}
+    assert {"rank", "extract", "merge", "unmerge", "plot", "intruders", "compare", "trajectory", "check"} <= set(
+        cli.commands)
+    for name, command in cli.commands.items():
+        parameters = _option_parameters(command)
+        visible_dests = {p.name for p in parameters if not p.hidden}
+        for parameter in parameters:
+            spellings = set(parameter.opts + parameter.secondary_opts)
+            if parameter.hidden:  # an old spelling: an alias of an option this command shows
+                assert spellings <= set(OLD_SPELLINGS), (name, spellings)
+                assert parameter.name.removesuffix("__old_spelling") in visible_dests, (name, parameter.name)
+                for spelling in spellings:
+                    wanted = VOCABULARY[OLD_SPELLINGS[spelling]][0]
+                    assert any(set(p.opts + p.secondary_opts) == wanted for p in parameters if not p.hidden), (
+                        name, spelling)
+                continue
+            for spelling in spellings:
+                companions.setdefault(spelling, set()).add(tuple(sorted(spellings)))
+            concepts = {concept_of[s] for s in spellings if s in concept_of}
+            assert len(concepts) <= 1, (name, spellings)
+            if concepts:
+                concept = concepts.pop()
+                wanted, metavar = VOCABULARY[concept]
+                assert spellings == wanted, (name, concept, spellings)
+                if metavar is not None:
+                    assert parameter.metavar == metavar, (name, concept, parameter.metavar)
+                found.setdefault(name, set()).add(concept)
+        if name not in READS_NOTHING:
+            assert {"json", "quiet", "revision", "token", "cache-dir", "offline"} <= found[name], (name, found[name])
+    drifting = {spelling: sets for spelling, sets in companions.items() if len(sets) > 1}
+    assert not drifting, drifting  # e.g. `--dtype` beside `--save-dtype` in one command and alone in another
+    assert {"extract", "merge", "unmerge", "intruders", "plot"} <= {n for n, c in found.items() if "output" in c}
+    assert {"rank", "extract", "trajectory", "plot"} <= {n for n, c in found.items() if "energy" in c}
+    assert {"intruders", "compare", "trajectory"} <= {n for n, c in found.items() if "top-k" in c}
+
+
+def _flags(words: list[str]) -> list[str]:
+    """The option spellings among a command line's words (not '-' nor a negative number; `--x=v` as `--x`)."""
+    found = [word.split("=", 1)[0] for word in words]
+    return [flag for flag in found if flag.startswith("-") and flag != "-" and not re.fullmatch(r"-[\d.]+(e-?\d+)?", flag)]
+
+
+def test_every_help_example_uses_flags_its_command_shows():
+    """The examples under each command's --help (its epilog) spell every flag as the options list does."""
+    from deltakit_cli.main import cli
+
+    wrong, seen = [], 0
+    for name, command in cli.commands.items():
+        text = (command.epilog or "").replace("\\\n", " ")
+        for line in text.splitlines():
+            words = shlex.split(line.strip(), comments=True)
+            if words[:1] != ["deltakit"] or len(words) < 2 or words[1] not in cli.commands:
+                continue
+            flags = _flags(words[2:])
+            seen += len(flags)
+            wrong += [f"{name}: {line.strip()}: {flag}" for flag in flags if flag not in _options(cli.commands[words[1]])[0]]
+    assert seen > 40 and not wrong, wrong
+
+
+def test_old_spellings_fill_the_new_option_and_clash_beside_it(runner, demo, tmp_path):
+    base, ft = demo
+    one = ["--include", "*layers.0.self_attn.q*", "-q", "--rank", "2"]
+    old = invoke(runner, "extract", base, ft, "--out", tmp_path / "a", "--save-dtype", "fp32", *one)
+    assert old.exit_code == 0, old.output
+    written = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert written and {t.dtype for t in written.values()} == {torch.float32}  # the demo pair is bfloat16
+    clash = invoke(runner, "extract", base, ft, "-o", tmp_path / "b", "--out", tmp_path / "c", *one)
+    assert_one_line_error(clash, "--out is an old spelling of the option given beside it")
+    assert not (tmp_path / "b").exists()
+
+
+def _doc_commands():
+    """(doc, line, words) of every `deltakit ...` command in a fenced block of README.md and docs/*.md, the blocks
+    the docs test does not run included."""
+    from test_docs import FENCE, _joined, doc_paths
+
+    for path in doc_paths():
+        lines = path.read_text().splitlines()
+        inside = False
+        block: list[str] = []
+        first = 0
+        for number, line in enumerate(lines):
+            if FENCE.match(line):
+                if inside:
+                    for index, text in _joined(block, first):
+                        text = text.strip()
+                        text = text[2:] if text.startswith("$ ") else text
+                        if text.startswith("deltakit "):
+                            yield path.name, index + 1, shlex.split(text, comments=True)[1:]
+                inside, block, first = not inside, [], number + 1
+            elif inside:
+                block.append(line)
+
+
+def test_the_docs_spell_every_flag_as_help_shows_it():
+    """No example uses a hidden old spelling (intruders' -e, --top, --out) or a flag its command lacks; no prose
+    names an old spelling."""
+    from deltakit_cli.main import cli
+
+    wrong, seen = [], 0
+    for doc, line, words in _doc_commands():
+        command = cli.commands.get(words[0]) if words else None
+        if command is None:
+            continue
+        flags = _flags(words[1:])
+        seen += len(flags)
+        wrong += [f"{doc}:{line}: deltakit {words[0]} {flag}" for flag in flags if flag not in _options(command)[0]]
+    assert seen > 100 and not wrong, wrong
+    hidden = set().union(*(_options(c)[1] for c in cli.commands.values()))
+    shown = set().union(*(_options(c)[0] for c in cli.commands.values()))
+    old = {flag for flag in hidden - shown if flag.startswith("--")}
+    assert old >= {"--top", "--out"}
+    from test_docs import doc_paths
+
+    for path in doc_paths():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for flag in re.findall(r"`(--[a-z][a-z-]*)", line):
+                assert flag not in old, f"{path.name}:{number}: {flag}"
 
 
 def test_csv_dash_goes_to_stdout(runner, demo, tmp_path, monkeypatch):

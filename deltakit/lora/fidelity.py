@@ -33,6 +33,7 @@ import torch
 
 from deltakit.adapters import Adapter, AdapterModule, adapter_pairs, base_info, open_adapter
 from deltakit.analyses.compare import open_sources
+from deltakit.analyses.meta import Displayed
 from deltakit.calibration import (
     COVARIANCE_BYTES, Calibration, Edit, calibrate, choose_metric, measure_fidelity, read_calibration,
 )
@@ -117,9 +118,10 @@ class CheckedMatrix:
         return out
 
 
-@dataclass
-class CheckReport:
-    """What `check` measured; ``to_dict()`` is the JSON report."""
+@dataclass(repr=False)
+class CheckReport(Displayed):
+    """What `check` measured; ``to_dict()`` is the JSON report; ``print`` shows `check`'s text, a notebook its
+    table (``_repr_html_``)."""
 
     base: str
     ft: str
