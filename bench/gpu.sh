@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu.sh PART [BASELINE]
 #
-#   7b          rank, rank-full, extract, merge on the 7B pair             (~4 min; ~6 with BASELINE)
+#   7b          rank, rank-full, extract, merge on the 7B pair (DK_TARGETS=... for fewer) (~4 min; ~6 with BASELINE)
 #   7b-more     compare, intruders on the 7B pair                         (~4 min; ~6 with BASELINE)
 #   aware       extract and extract --calibration --activation-aware (64 × 512 tokens) on the 7B pair
 #   tall        rank on the tall-thin pair: peak RSS against one tensor's fp32 size (~1 min)
@@ -47,7 +47,7 @@ bench() {  # bench PRESET ARGS...: one run of the suite, the table printed at th
 B=()
 [ -n "$BASELINE" ] && B=(--baseline "$BASELINE")
 case "$PART" in
-7b) bench 7b --target rank,rank-full,extract,merge --timeout 240 ${B[@]+"${B[@]}"} ;;
+7b) bench 7b --target "${DK_TARGETS:-rank,rank-full,extract,merge}" --timeout 240 ${B[@]+"${B[@]}"} ;;
 7b-more) bench 7b --target compare,intruders --timeout 240 ${B[@]+"${B[@]}"} ;;
 tall) bench tall --target rank --timeout 240 ${B[@]+"${B[@]}"} ;;
 aware) bench 7b --target extract,extract-aware --timeout 420 ;;
@@ -61,7 +61,7 @@ peer-sdxl) bench sdxl-unet --target extract-kohya --peers --timeout 420 ;;
 cuda-tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_adaptive.py tests/test_workers.py \
         tests/test_noise.py tests/test_memory.py tests/test_quantized_noise.py tests/test_distributed.py \
-        tests/test_calibration.py 2>&1 |
+        tests/test_calibration.py tests/test_numerical_rank.py tests/test_adapters.py 2>&1 |
         tee "$OUT/pytest.txt" | tail -15 ;;
 *) echo "unknown part $PART (see the top of bench/gpu.sh)"; exit 2 ;;
 esac

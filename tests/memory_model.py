@@ -35,7 +35,10 @@ MEMORY_PRESETS = {
     "405b": LlamaShapes(hidden=16384, intermediate=53248, kv=1024, vocab=128256, layers=126),  # Llama 3.1 405B
 }
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
-NOISE_BLOCKS = 13  # block-sized temporaries alive at once in spectral.noise.storage_noise (tests/test_memory.py)
+NOISE_BLOCKS = 15  # block-sized temporaries alive at once in spectral.noise.storage_noise: the one-sided
+                  # (and "between") model's; the two-sided one holds 10 (tests/test_memory.py)
+DETECTION_BLOCKS = 18  # the same for the rounding test's pass (spectral.noise.rounding_sides: int64 bins), over
+                       # the entries it samples of each block
 AMPLIFICATION_OVERSAMPLE = 16  # randomized_svd's default oversampling, used by spectral.subspace.top_directions
 TARGET_BYTES = 8 * 10**9  # issue 14: rank / extract under 8 GB of GPU memory
 
@@ -57,7 +60,7 @@ def memory_layout(shapes: LlamaShapes, layers: int | None = None) -> list[tuple[
 def matrix_workspace(command: str, shape: tuple[int, ...], stored: int, compute: int, rank: int) -> dict[str, int]:
     """Bytes each step of ``command`` holds for one tensor beyond the pair and ΔW (see :func:`memory_model`)."""
     from deltakit.lora.factors import oversample
-    from deltakit.spectral import noise, norms
+    from deltakit.spectral import norms
 
     entries = math.prod(shape)
     if len(shape) != 2:
@@ -68,7 +71,7 @@ def matrix_workspace(command: str, shape: tuple[int, ...], stored: int, compute:
     steps = {"norm": block * 8}
     gram = 2 * k * k * compute + 4 * k * compute  # G = MᵀM (or MMᵀ), the eigensolver's copy of it, the values
     if command in ("rank", "intruders"):
-        steps["noise"] = NOISE_BLOCKS * min(noise.BLOCK_ELEMENTS, entries) * compute + (m + n) * (compute + 8) + 64
+        steps["noise"] = noise_workspace(m, n, entries, compute)
         steps["spectrum"] = gram
         width = min(64 + AMPLIFICATION_OVERSAMPLE, k)  # amplification: top-64 directions, one power iteration
         steps["amplification"] = _randomized(m, n, width, compute) + block * compute + 64 * n * compute
@@ -78,6 +81,17 @@ def matrix_workspace(command: str, shape: tuple[int, ...], stored: int, compute:
         steps["factors"] = _randomized(m, n, min(rank + oversample(rank), k), compute)
         steps["error"] = block * (2 * compute + 8)  # a block of B@A, of the residual, and its float64 copy
     return steps
+
+
+def noise_workspace(m: int, n: int, block: int, compute: int) -> int:
+    """Bytes the storage-noise model holds for an m×n ΔW worked on ``block`` entries at a time: the larger of
+    its variance pass and the rounding test's sampled pass (its bins counted in), with the row / column sums."""
+    from deltakit.spectral import noise
+
+    per_block = min(noise.BLOCK_ELEMENTS, block)
+    sampled = math.ceil(per_block / math.ceil(m * n / noise.DETECTION_ENTRIES))  # every stride-th row
+    held = max(NOISE_BLOCKS * per_block, DETECTION_BLOCKS * sampled) * compute
+    return held + (m + n) * (compute + 8) + 64
 
 
 def is_blocked(shape: tuple[int, ...], compute: int) -> bool:
@@ -95,14 +109,14 @@ def blocked_workspace(shape: tuple[int, int], stored: int, compute: int) -> dict
     (G, the eigensolver's copy of it, the values), once the blocks are gone.
     """
     from deltakit.spectral.blocked import block_rows
-    from deltakit.spectral import noise, norms
+    from deltakit.spectral import norms
 
     m, n = shape
     dtype = {4: torch.float32, 8: torch.float64}[compute]
     block = min(block_rows((m, n), dtype), m) * n
     return {"gram": n * n * compute,
             "blocks": 2 * block * 2 * stored + block * compute + min(norms.BLOCK_ELEMENTS, block) * 8,  # + a norm block in float64
-            "noise": NOISE_BLOCKS * min(noise.BLOCK_ELEMENTS, block) * compute + (m + n) * (compute + 8) + 64,
+            "noise": noise_workspace(m, n, block, compute),
             "spectrum": 2 * n * n * compute + 4 * n * compute}
 
 

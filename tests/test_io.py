@@ -236,8 +236,6 @@ def test_prefetched_keeps_order_and_raises_at_the_failing_position():
 
 def test_hub_id_resolves_from_local_cache_only(tmp_path, monkeypatch):
     """A hub id already in the Hugging Face cache opens offline (HF_HUB_OFFLINE=1); an absent one is one error."""
-    import huggingface_hub  # noqa: F401  (comes with transformers, a test dependency)
-
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--some-org--tiny-model"
     snapshot = repo / "snapshots" / commit

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import logging
 import os
 import re
@@ -204,10 +205,8 @@ def resolve_hub_id(hub_id: HubId, allow_pickle: bool = False, weights: bool = Tr
     Downloads what is missing, unless offline (--offline or HF_HUB_OFFLINE=1), in which case
     the cache must already hold it. Raises DeltakitError with one actionable line.
     """
-    try:
-        import huggingface_hub  # noqa: F401
-    except ImportError:
-        raise DeltakitError(f"{hub_id}: no such file or folder (install huggingface_hub to read hub ids)") from None
+    if importlib.util.find_spec("huggingface_hub") is None:
+        raise DeltakitError(f"{hub_id}: no such file or folder (install huggingface_hub to read hub ids)")
     if _offline():
         return _from_cache(hub_id, allow_pickle, weights, reason="offline mode forbids downloading")
     try:

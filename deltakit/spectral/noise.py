@@ -145,21 +145,26 @@ def requantization_variance(scale: torch.Tensor, offset: torch.Tensor | None = N
     centred = offset - torch.round(offset)
     large = torch.full_like(scale, 1.0 / 12.0)
     # cos(2πkc) and exp(−2π²k²s²) by recurrences (Chebyshev; q^(k²) = q^((k−1)²)·q^(2k−1)): products, not
-    # a transcendental per term and entry
-    cosine, previous = torch.cos(2.0 * math.pi * centred), torch.ones_like(scale)
-    first = cosine
-    q = torch.exp(-2.0 * math.pi**2 * scale * scale)
-    power, odd = q.clone(), q * q * q  # q^(k²) at k = 1; q^(2k+1) for the next step
+    # a transcendental per term and entry; in place, so a block holds few temporaries (tests/memory_model.py)
+    first = torch.cos(2.0 * math.pi * centred)
+    cosine, previous = first, torch.ones_like(scale)
+    q = torch.exp(scale.square().mul_(-2.0 * math.pi**2))
+    power, odd = q.clone(), q.square().mul_(q)  # q^(k²) at k = 1; q^(2k+1) for the next step
     for k in range(1, REQUANTIZATION_TERMS + 1):
-        large += ((-1) ** k / (math.pi**2 * k * k)) * cosine * power
-        cosine, previous = 2.0 * first * cosine - previous, cosine
-        power, odd = power * odd, odd * q * q
+        large.addcmul_(cosine, power, value=(-1) ** k / (math.pi**2 * k * k))
+        cosine, previous = torch.mul(first, cosine).mul_(2.0).sub_(previous), cosine
+        power.mul_(odd)
+        odd.mul_(q).mul_(q)
+    del first, cosine, previous, q, power, odd
     s = scale.clamp_min(1e-30)
-    small = centred.square() + scale.square()
+    small = centred.square().add_(scale.square())
     for sign in (1.0, -1.0):
-        d = (sign * centred - 0.5) / s
-        normal_cdf = 0.5 * torch.erfc(-d / math.sqrt(2.0))  # Φ(d); torch.special.ndtr is scalar code on the CPU
-        small -= 2.0 * (s * torch.exp(-0.5 * d * d) / math.sqrt(2.0 * math.pi) + (sign * centred - 0.5) * normal_cdf)
+        shifted = torch.mul(centred, sign).sub_(0.5)  # ±c′ − ½
+        d = shifted / s
+        normal_cdf = torch.erfc(d * (-1.0 / math.sqrt(2.0))).mul_(0.5)  # Φ(d); torch.special.ndtr is scalar on the CPU
+        density = torch.exp(d.square_().mul_(-0.5)).mul_(s).mul_(1.0 / math.sqrt(2.0 * math.pi))  # s·φ(d)
+        small.sub_(density.addcmul_(shifted, normal_cdf).mul_(2.0))
+        del shifted, d, normal_cdf, density
     return torch.where(scale < REQUANTIZATION_SMALL, small, large)
 
 
@@ -244,17 +249,20 @@ def rounding_variance(base: torch.Tensor, delta: torch.Tensor, base_dtype: torch
     if sides == "between":
         return torch.sqrt(rounding_variance(base, delta, base_dtype, ft_dtype, scale, None, "one-sided")
                           * rounding_variance(base, delta, base_dtype, ft_dtype, scale, None, "two-sided"))
-    ft = base + delta
-    base_step, ft_step = grid_step(base, base_dtype), grid_step(ft, ft_dtype)
+    ft_step = grid_step(base + delta, ft_dtype)
+    base_step = grid_step(base, base_dtype)
     if base_dtype != ft_dtype:
-        return ft_step.square() / 12.0 + (0.0 if sides == "one-sided" else base_step.square() / 12.0)
+        return ft_step.square_().div_(12.0) + (0.0 if sides == "one-sided" else base_step.square_().div_(12.0))
     if scale is None:
         scale = update_scale(delta).at(slice(None))
     step = torch.maximum(base_step, ft_step)
-    spread = math.sqrt(math.pi / 2.0) * scale / step  # Gaussian: E|t| = s·√(2/π)
+    del base_step, ft_step
+    spread = (scale / step).mul_(math.sqrt(math.pi / 2.0))  # Gaussian: E|t| = s·√(2/π)
     if sides == "one-sided":  # the base, exact, rounded once with its update onto the grid it is stored on
-        return step.square() * requantization_variance(spread, base / step)
-    return step.square() * dither_variance(spread)
+        variance = requantization_variance(spread, base / step)
+    else:
+        variance = dither_variance(spread)
+    return variance.mul_(step.square_())
 
 
 def _requantized_variance(base: torch.Tensor, delta: torch.Tensor, base_step: torch.Tensor, ft_step: torch.Tensor,
