@@ -283,12 +283,11 @@ def constructed_paired(full_code: np.ndarray, lora_code: np.ndarray, forget_shif
     queries = full_code.shape[1]
 
     def run(mode, lr, seed, code):
-        prose = rng.uniform(0.2, 0.8, size=queries)
-        # LoRA forgets less by forget_shift: higher next-sentence RR, lower deviation and drift.
+        # LoRA forgets less by forget_shift: higher next-sentence RR and Spearman, lower drift.
         sign = 1.0 if mode == "lora" else 0.0
         per_query = {"val_code_rr": list(rng.uniform(0, 1, 5)), "code_rr": list(code),
                      "prose_next_rr": list(np.full(queries, 0.5) + sign * forget_shift + 0.01 * rng.standard_normal(queries)),
-                     "prose_spearman": list(np.full(queries, 0.8) + sign * forget_shift + 0 * prose),
+                     "prose_spearman": list(np.full(queries, 0.8) + sign * forget_shift + 0.01 * rng.standard_normal(queries)),
                      "prose_drift": list(np.full(queries, 0.1) - sign * forget_shift + 0.01 * rng.standard_normal(queries))}
         return {"mode": mode, "lr": lr, "seed": seed, "reused": False, "train_seconds": 1.0,
                 "means": {k: float(np.mean(v)) for k, v in per_query.items()}, "per_query": per_query}
@@ -318,6 +317,16 @@ def test_paired_claims_follow_the_rule_on_constructed_runs() -> None:
     assert claims["learns_less"]["tests"][0]["wilcoxon_p"] is None  # every difference exactly 0
     text = "\n".join(lora_findings.paired_findings({"paired": worse}))
     assert "Claim 1, LoRA learns less: contradicted" in text and "Claim 2, LoRA forgets less: contradicted" in text
+    # One forgetting measure turned the other way: the measures disagree, so claim 2 is not established.
+    for run in better["runs"]:
+        if run["mode"] == "lora":
+            run["per_query"]["prose_drift"] = list(np.asarray(run["per_query"]["prose_drift"]) + 0.1)
+    claims = lora_findings.paired_claims(better)
+    assert [t["verdict"] for t in claims["forgets_less"]["tests"]] == ["established", "established", "contradicted"]
+    assert claims["forgets_less"]["verdict"] == "not established"
+    text = "\n".join(lora_findings.paired_findings({"paired": better}))
+    assert "Claim 2, LoRA forgets less: not established.** Its measures disagree (1 contradicted, 2 established)" in text
+    assert "LoRA's is its grid's lowest" in text  # 5e-4 of (5e-4, 1e-3); full fine-tuning's grid has one rate
 
 
 def test_noise_table_says_how_many_values_a_median_skips() -> None:
