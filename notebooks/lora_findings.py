@@ -2,9 +2,10 @@
 
 Every number in the text comes from the notebook's results store (``results.json``: ``config``,
 ``data``, ``train_full``/``train_lora``, ``evaluation``, ``spectral``) and, for the learning-rate
-comparison, from the sweep file the notebook shows; every verdict ("learned less", "below the
-paper's range") is decided here from those numbers, so a re-run rewrites it. Pure functions of
-dicts: no torch, no files.
+comparison, from the sweep file the notebook shows; every verdict is decided here from those numbers,
+so a re-run rewrites it: claims 1 and 2 by the paired tests of ``paired_stats`` on the ``paired``
+step's per-query scores (one rule: established / contradicted / not established by a confidence
+interval), claim 3 by the paper's stated range. Pure functions of dicts: no torch, no files.
 
 Example::
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+
+import paired_stats
 
 MODULE_TYPES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 TYPE_NAMES = {"query": "query", "key": "key", "value": "value", "attn_out": "attention output",
@@ -182,64 +185,115 @@ def deltakit_findings(results: dict[str, Any]) -> list[str]:
     return bullets
 
 
-def learning_findings(results: dict[str, Any], runs: list[tuple[str, dict[str, Any]]]) -> str:
-    """Claim 1 (LoRA learns less): one paragraph with its verdict."""
+# The measures of each claim, as (label, per-query field of ``per_query_scores``, which arm is subtracted
+# from which): every difference is oriented so that the claim predicts d > 0.
+CLAIMS = {
+    "learns_less": ("Claim 1, LoRA learns less", [
+        ("held-out code reciprocal rank, full − LoRA", "code_rr", "full_minus_lora"),
+    ]),
+    "forgets_less": ("Claim 2, LoRA forgets less", [
+        ("prose next-sentence reciprocal rank, LoRA − full", "prose_next_rr", "lora_minus_full"),
+        ("prose similarity structure kept (per-sentence Spearman vs the base), LoRA − full", "prose_spearman", "lora_minus_full"),
+        ("prose embedding drift from the base, full − LoRA", "prose_drift", "full_minus_lora"),
+    ]),
+}
+
+
+def chosen_runs(paired: dict[str, Any], mode: str) -> list[dict[str, Any]]:
+    """The runs of one arm at its chosen rate, one per seed, in the plan's seed order."""
+    by_seed = {run["seed"]: run for run in paired["runs"] if run["mode"] == mode and run["lr"] == paired["chosen"][mode]}
+    return [by_seed[seed] for seed in paired["plan"]["seeds"]]
+
+
+def paired_claims(paired: dict[str, Any]) -> dict[str, Any]:
+    """Every paired test and verdict of claims 1 and 2, from ``paired_experiment``'s result.
+
+    Per measure: the (seeds, queries) matrix of differences between the chosen full and LoRA runs of
+    the same seed, oriented as ``CLAIMS`` says, and ``paired_stats.paired_test`` of it; per claim:
+    ``paired_stats.combined_verdict`` of its measures.
+    """
+    full, lora = chosen_runs(paired, "full"), chosen_runs(paired, "lora")
+    level, resamples = paired["plan"]["level"], paired["plan"]["resamples"]
+    claims = {}
+    for key, (title, measures) in CLAIMS.items():
+        tests = []
+        for label, field, orientation in measures:
+            a = np.array([run["per_query"][field] for run in full])
+            b = np.array([run["per_query"][field] for run in lora])
+            differences = a - b if orientation == "full_minus_lora" else b - a
+            tests.append({"label": label, "field": field, **paired_stats.paired_test(differences, level, resamples)})
+        claims[key] = {"title": title, "tests": tests,
+                       "verdict": paired_stats.combined_verdict([t["verdict"] for t in tests])}
+    return claims
+
+
+def test_line(test: dict[str, Any]) -> str:
+    """One measure's paired test as a sentence fragment."""
+    low, high = test["ci"]
+    p = "n/a (every difference 0)" if test["wilcoxon_p"] is None else f"{test['wilcoxon_p']:.2g}"
+    seeds = ", ".join(f"{m:+.4f}" for m in test["per_seed"])
+    return (f"{test['label']}: mean {test['mean']:+.4f}, {100 * test['level']:.0f}% CI [{low:+.4f}, {high:+.4f}] "
+            f"({test['queries']} queries × {test['seeds']} seeds; per seed {seeds}; {test['positive']} queries favour the claim, "
+            f"{test['negative']} oppose it; Wilcoxon p {p}) → **{test['verdict']}**")
+
+
+def edge_note(plan: dict[str, Any], chosen: dict[str, float]) -> str:
+    """A sentence naming each arm whose chosen rate lies at an end of its grid (a wider grid might
+    choose another rate), or "" when every choice is inside its grid or the grid has one rate."""
+    ends = [f"{name}'s is its grid's {'highest' if chosen[mode] == max(grid) else 'lowest'}"
+            for mode, name, grid in (("full", "full fine-tuning", plan["full_lrs"]), ("lora", "LoRA", plan["lora_lrs"]))
+            if len(grid) > 1 and chosen[mode] in (min(grid), max(grid))]
+    return f" Of the chosen rates, {' and '.join(ends)}: a wider grid might choose another." if ends else ""
+
+
+def paired_findings(results: dict[str, Any]) -> list[str]:
+    """Claims 1 and 2 from the paired experiment: how the rates were chosen, each test, each verdict."""
+    paired = results.get("paired") or {}
+    if "runs" not in paired:
+        return [f"**Claims 1 and 2:** no paired experiment in this run ({paired.get('error', 'not computed')}); "
+                "no verdict on learning or forgetting."]
+    plan, chosen = paired["plan"], paired["chosen"]
+
+    def grid(mode: str) -> str:
+        tuned = sorted((run for run in paired["runs"] if run["mode"] == mode and run["seed"] == plan["seeds"][0]),
+                       key=lambda run: run["lr"])
+        return ", ".join(f"{run['lr']:g} ({run['means']['val_code_rr']:.3f})" for run in tuned)
+
+    claims = paired_claims(paired)
+    base = paired["base"]["means"]
+    full, lora = chosen_runs(paired, "full"), chosen_runs(paired, "lora")
+    mean = lambda runs, field: float(np.mean([run["means"][field] for run in runs]))  # noqa: E731
+    parts = [
+        f"**Claims 1 and 2 on paired statistics.** Both arms had the same tuning budget: {len(plan['full_lrs'])} learning "
+        f"rates each, chosen by the same rule ({plan['selection']}) on {plan['validation_queries']} validation queries, "
+        f"never on the test queries. Full fine-tuning, rate (validation code MRR): {grid('full')} → **{chosen['full']:g}**; "
+        f"LoRA: {grid('lora')} → **{chosen['lora']:g}**.{edge_note(plan, chosen)} Each chosen rate was then trained with seeds "
+        f"{', '.join(str(s) for s in plan['seeds'])}. Test code MRR, mean over seeds: base {base['code_rr']:.3f}, "
+        f"full {mean(full, 'code_rr'):.3f}, LoRA {mean(lora, 'code_rr'):.3f}; prose next-sentence MRR: base "
+        f"{base['prose_next_rr']:.3f}, full {mean(full, 'prose_next_rr'):.3f}, LoRA {mean(lora, 'prose_next_rr'):.3f}. "
+        f"The rule of section 6b, the same for claims 1 and 2: a claim is *established* when the {100 * plan['level']:.0f}% bootstrap "
+        f"interval of its per-query difference (queries and seeds resampled, pairs kept) lies wholly on the claimed "
+        f"side of 0, *contradicted* when it lies wholly on the other side, else *not established*; a claim with several "
+        f"measures needs them all to agree.",
+    ]
+    for claim in claims.values():
+        lines = "\n".join(f"  * {test_line(test)}" for test in claim["tests"])
+        verdicts = [test["verdict"] for test in claim["tests"]]
+        split = ("" if len(set(verdicts)) == 1 else " Its measures disagree ("
+                 + ", ".join(f"{verdicts.count(v)} {v}" for v in sorted(set(verdicts))) + "), so the claim as a whole is not established.")
+        parts.append(f"**{claim['title']}: {claim['verdict']}.**{split}\n\n{lines}")
+    return parts
+
+
+def main_run_line(results: dict[str, Any]) -> str:
+    """The main run's scores (section 3, the configured rates, one seed): context, not a verdict."""
     evaluation = results["evaluation"]
     base, full, lora = evaluation["base"], evaluation["full"], evaluation["lora"]
-    se = full.get("code_mrr_se")
-    lora_runs = [run for label, run in runs if run["mode"] == "lora"]
-    lora_mrrs = [run["scores"]["code_mrr"] for run in lora_runs] or [lora["code_mrr"]]
-    best_lora = max(lora_mrrs)
-    gap = full["code_mrr"] - best_lora
-    rates = ", ".join(f"{run['lr']:g}" for run in sorted(lora_runs, key=lambda run: run["lr"])) or f"{results['train_lora']['lr']:g}"
-    if se:
-        verdict = ("*yes*: full fine-tuning's code MRR is more than two standard errors above every LoRA run" if gap > 2 * se
-                   else "*not established*: the gap to the best LoRA run is within two standard errors" if gap > -2 * se
-                   else "*no*: a LoRA run learned more than full fine-tuning, by more than two standard errors")
-        se_text = f" The standard error of one MRR on this pool is {se:.3f}, so the gap of {gap:+.3f} is {gap / se:+.1f} standard errors."
-    else:
-        verdict = "*yes*" if gap > 0 else "*no*"
-        se_text = ""
-    return (
-        f"**Claim 1, LoRA learns less:** {verdict}. Held-out code MRR rises from {base['code_mrr']:.3f} (base) to "
-        f"**{full['code_mrr']:.3f} with full fine-tuning** and **{span(lora_mrrs, 3)} with LoRA** at the learning "
-        f"rates shown in section 6 ({rates}); acc@1 {base['code_acc@1']:.3f} → {full['code_acc@1']:.3f} (full) vs "
-        f"{span([run['scores']['code_acc@1'] for run in lora_runs] or [lora['code_acc@1']], 3)} (LoRA).{se_text} One seed."
-    )
-
-
-def forgetting_findings(results: dict[str, Any], runs: list[tuple[str, dict[str, Any]]]) -> str:
-    """Claim 2 (LoRA forgets less): one paragraph with its verdict per learning rate."""
-    evaluation = results["evaluation"]
-    full = evaluation["full"]
-    lora_runs = sorted((run for _, run in runs if run["mode"] == "lora"), key=lambda run: run["lr"])
-    if not lora_runs:
-        lora_runs = [{"lr": results["train_lora"]["lr"], "scores": evaluation["lora"], "rel_delta_median": None}]
-    less = [run for run in lora_runs if run["scores"]["prose_spearman"] > full["prose_spearman"]]
-    less_rates = ", ".join(f"lr {run['lr']:g}" for run in less)
-    verdict = ("*yes, at every learning rate shown*" if len(less) == len(lora_runs)
-               else "*no, at no learning rate shown*" if not less
-               else f"*only at {less_rates}* of the rates shown")
-    per_rate = "; ".join(
-        f"lr {run['lr']:g}: Spearman {run['scores']['prose_spearman']:.3f}, drift {run['scores']['prose_drift']:.3f}, "
-        f"next-sentence MRR {run['scores']['prose_next_mrr']:.3f}" for run in lora_runs
-    )
-    sizes = [run for run in lora_runs if run.get("rel_delta_median") is not None]
-    full_size = results["spectral"]["summary"]["all"]["rel_delta_full_median"]
-    size_text = ""
-    if sizes:
-        values = [run["rel_delta_median"] for run in sizes]
-        trend = ("grows with the rate" if len(values) > 1 and all(a < b for a, b in zip(values, values[1:]))
-                 else "by rate")
-        size_text = (f" LoRA's size of change {trend}: median ‖ΔW‖/‖W‖ of the adapted matrices "
-                     + ", ".join(f"{100 * run['rel_delta_median']:.1f}% (LoRA {run['lr']:g})" for run in sizes)
-                     + f", against {100 * full_size:.1f}% for the full fine-tune.")
-    return (
-        f"**Claim 2, LoRA forgets less:** {verdict}, judged by the prose similarity structure kept (Spearman vs the "
-        f"base model; higher = less forgetting). Full fine-tuning: Spearman {full['prose_spearman']:.3f}, drift {full['prose_drift']:.3f}, "
-        f"next-sentence MRR {full['prose_next_mrr']:.3f} (base {evaluation['base']['prose_next_mrr']:.3f}). LoRA — {per_rate}."
-        + size_text
-    )
+    return (f"*The main run of sections 2–5 (configured rates full {results['train_full']['lr']:g}, LoRA "
+            f"{results['train_lora']['lr']:g}, one seed) is context for the spectra, not evidence for claims 1–2:* code MRR "
+            f"base {base['code_mrr']:.3f}, full {full['code_mrr']:.3f}, LoRA {lora['code_mrr']:.3f}; prose Spearman "
+            f"full {full['prose_spearman']:.3f}, LoRA {lora['prose_spearman']:.3f}. Section 6's LoRA-only sweep is "
+            f"likewise descriptive.")
 
 
 def scale_caveats(results: dict[str, Any]) -> str:
@@ -247,11 +301,17 @@ def scale_caveats(results: dict[str, Any]) -> str:
     config, data = results["config"], results["data"]
     epochs = config["steps"] * config["batch_size"] / max(1, data["train_pairs"])
     params = results["train_full"]["trainable_params"]
+    plan = (results.get("paired") or {}).get("plan")
+    paired = ("no paired step" if plan is None else
+              f"claims 1–2 on {len(plan['seeds'])} seeds, {len(plan['full_lrs'])} learning rates per arm, "
+              f"{plan['validation_queries']:,} validation and {plan['test_queries']:,} test code queries")
     return (
         f"**Scale.** A {params / 1e6:.1f} M-parameter sentence encoder, not a 7 B decoder; a contrastive embedding task whose "
         f"forgetting measures are geometric, not benchmark accuracy; a target domain the base model had largely seen; "
-        f"{config['steps']} steps of {config['batch_size']} pairs on {data['train_pairs']:,} training pairs "
-        f"(~{epochs:.2g} epochs); one seed; no learning-rate sweep for full fine-tuning."
+        f"{config['steps']} steps of {config['batch_size']} pairs per training on {data['train_pairs']:,} training pairs "
+        f"(~{epochs:.2g} epochs), at most {config['max_code_tokens']} code tokens; {paired}; one seed for the spectra. "
+        f"A verdict of *not established* at this scale says that these runs cannot tell the arms apart, not that "
+        f"they are equal."
     )
 
 
@@ -273,8 +333,8 @@ def findings_markdown(results: dict[str, Any], runs: list[tuple[str, dict[str, A
         f"section 6's runs: {sweep_note}.*",
         f"**Claim 3, spectra: {headline}.**",
         "\n".join(f"* {b}" for b in spectra),
-        learning_findings(results, runs),
-        forgetting_findings(results, runs),
+        *paired_findings(results),
+        main_run_line(results),
         scale_caveats(results),
     ]
     return "\n\n".join(parts)

@@ -91,7 +91,8 @@ class ExperimentConfig:
     max_code_tokens: int = 256
     max_prose_tokens: int = 64
     heldout_fraction: float = 0.2  # share of top-level stdlib modules held out
-    n_eval_code: int = 1000  # held-out docstring->code retrieval pool size
+    n_eval_code: int = 1000  # held-out docstring->code retrieval pool size (the test queries)
+    n_val_code: int = 500  # other held-out pairs: the validation queries that choose each arm's learning rate
     n_prose_pairs: int = 2000  # man-page (sentence, next sentence) retrieval pool size
     n_prose_sentences: int = 1000  # sentences whose pairwise similarity structure is compared
     pages_per_family: int = 40  # at most this many man pages per name family (gcloud_*, git-*)
@@ -102,6 +103,13 @@ class ExperimentConfig:
     max_man_pages: int | None = None  # None: every page
     eval_batch_size: int = 256
     seed: int = 0
+    # The paired comparison (section 6b): each arm tries the same grid of learning rates relative to
+    # its customary rate (x0.5, x1, x2), picks one by validation code MRR at seeds[0], then runs every seed.
+    full_lrs: tuple[float, ...] = (1e-5, 2e-5, 4e-5)
+    lora_lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ci_level: float = 0.95  # two-sided level of the paired bootstrap intervals
+    bootstrap_resamples: int = 4000
     device: str = "auto"
     fast: bool = False
 
@@ -110,9 +118,9 @@ class ExperimentConfig:
         """A CPU smoke run of the whole pipeline: a few steps on tiny batches and small data."""
         return cls(
             steps=6, batch_size=8, max_doc_tokens=32, max_code_tokens=64, max_prose_tokens=32,
-            n_eval_code=48, n_prose_pairs=48, n_prose_sentences=48, track_points=1, track_ranks=False,
+            n_eval_code=48, n_val_code=24, n_prose_pairs=48, n_prose_sentences=48, track_points=1, track_ranks=False,
             track_eval_size=24, max_stdlib_files=40, max_man_pages=300, eval_batch_size=64,
-            device="cpu", fast=True,
+            full_lrs=(2e-5,), lora_lrs=(5e-4,), bootstrap_resamples=1000, device="cpu", fast=True,
         )
 
     @classmethod
@@ -126,7 +134,8 @@ class ExperimentConfig:
         if os.environ.get("DELTAKIT_NB_DEVICE"):
             cfg = dataclasses.replace(cfg, device=os.environ["DELTAKIT_NB_DEVICE"])
         if os.environ.get("DELTAKIT_NB_CONFIG"):
-            cfg = dataclasses.replace(cfg, **json.loads(os.environ["DELTAKIT_NB_CONFIG"]))
+            fields = json.loads(os.environ["DELTAKIT_NB_CONFIG"])
+            cfg = dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         return cfg
 
     def resolved_device(self) -> torch.device:
@@ -439,8 +448,10 @@ def read_json_gz(path: Path) -> Any:
 def prepare_data(cfg: ExperimentConfig, paths: Paths) -> dict[str, Any]:
     """Code pairs (split by module) and the prose sets: read from ``paths.data`` if given, else extracted now.
 
-    Returns ``{"train", "heldout_eval", "prose": {"pairs", "sentences"}, "summary"}``; the held-out
-    pool is a fixed random subset of ``cfg.n_eval_code`` held-out pairs.
+    Returns ``{"train", "heldout_eval", "validation_eval", "prose": {"pairs", "sentences"}, "summary"}``;
+    the held-out (test) pool is a fixed random subset of ``cfg.n_eval_code`` held-out pairs, the
+    validation pool the next ``cfg.n_val_code`` of them (disjoint queries from the same held-out
+    modules; they choose learning rates, the test queries never do).
     """
     t0 = time.perf_counter()
     if paths.data is not None:
@@ -456,6 +467,7 @@ def prepare_data(cfg: ExperimentConfig, paths: Paths) -> dict[str, Any]:
     heldout = list(split["heldout"])
     random.Random(cfg.seed).shuffle(heldout)
     heldout_eval = heldout[: cfg.n_eval_code]
+    validation_eval = heldout[cfg.n_eval_code : cfg.n_eval_code + cfg.n_val_code]
     modules = lambda ps: len({p["module"].split(".")[0] for p in ps})  # noqa: E731
     summary = {
         "code_source": source_note,
@@ -465,14 +477,17 @@ def prepare_data(cfg: ExperimentConfig, paths: Paths) -> dict[str, Any]:
         "heldout_pairs": len(heldout),
         "heldout_top_modules": modules(heldout),
         "heldout_eval_pool": len(heldout_eval),
+        "validation_pool": len(validation_eval),
         "prose_pages": prose.get("n_pages"),
         "prose_pairs": len(prose["pairs"]),
         "prose_sentences": len(prose["sentences"]),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    if not split["train"] or len(heldout_eval) < 2 or len(prose["pairs"]) < 2 or len(prose["sentences"]) < 3:
+    if (not split["train"] or len(heldout_eval) < 2 or len(validation_eval) < 2 or len(prose["pairs"]) < 2
+            or len(prose["sentences"]) < 3):
         raise RuntimeError(f"too little data to run the experiment: {summary}")
-    return {"train": split["train"], "heldout_eval": heldout_eval, "prose": prose, "summary": summary}
+    return {"train": split["train"], "heldout_eval": heldout_eval, "validation_eval": validation_eval, "prose": prose,
+            "summary": summary}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,15 +550,19 @@ def encode(
 # ----------------------------------------------------------------------------------------------
 
 
-def retrieval_scores(queries: torch.Tensor, documents: torch.Tensor) -> dict[str, float]:
-    """Query i's correct document is document i among all N: accuracy@1, recall@10 and MRR.
+def retrieval_ranks(queries: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """Rank (1-based, float64) of query i's correct document i among all N documents: (N,).
 
     Ties count against the query (a document scoring equal to the correct one ranks above it).
     """
     scores = queries @ documents.T
     correct = scores.diagonal().unsqueeze(1)
-    rank = (scores > correct).sum(1) + (scores == correct).sum(1)  # 1-based, pessimistic on ties
-    rank = rank.double()
+    return ((scores > correct).sum(1) + (scores == correct).sum(1)).double()
+
+
+def retrieval_scores(queries: torch.Tensor, documents: torch.Tensor) -> dict[str, float]:
+    """Query i's correct document is document i among all N: accuracy@1, recall@10 and MRR."""
+    rank = retrieval_ranks(queries, documents)
     reciprocal = 1.0 / rank
     return {
         "acc@1": float((rank == 1).double().mean()),
@@ -569,6 +588,59 @@ def similarity_structure_spearman(reference: torch.Tensor, candidate: torch.Tens
 def embedding_drift(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     """1 - mean cosine between the reference's and the candidate's embedding of the same sentence."""
     return float(1.0 - (reference * candidate).sum(1).mean())
+
+
+def per_sentence_spearman(reference: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Per sentence i: Spearman correlation of its cosine similarities to the other N-1 sentences
+    under the reference and under the candidate: (N,), float64.
+
+    The per-sentence form of ``similarity_structure_spearman`` (1.0 = sentence i orders every other
+    sentence as the reference does), so two models can be compared sentence by sentence. Ties get
+    average ranks, as ``scipy.stats.spearmanr`` gives them; a row that is constant under either
+    model (undefined correlation) reads 0.
+    """
+    from scipy.stats import rankdata
+
+    n = reference.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    rows = lambda e: (e @ e.T).double()[off].reshape(n, n - 1).numpy()  # noqa: E731 (the diagonal left out)
+    ranks = [rankdata(rows(e), axis=1) for e in (reference, candidate)]
+    centred = [r - r.mean(1, keepdims=True) for r in ranks]
+    norms = np.sqrt((centred[0] ** 2).sum(1) * (centred[1] ** 2).sum(1))
+    rho = np.divide((centred[0] * centred[1]).sum(1), norms, out=np.zeros(n), where=norms > 0)
+    return torch.from_numpy(rho)
+
+
+def per_query_scores(
+    model: torch.nn.Module, tokenizer: Any, data: dict[str, Any], cfg: ExperimentConfig,
+    base_sentence_embeddings: torch.Tensor | None = None,
+) -> tuple[dict[str, list[float]], torch.Tensor]:
+    """Every measure of one model per query, for paired comparisons; returns (scores, prose sentence embeddings).
+
+    * ``val_code_rr`` / ``code_rr``: reciprocal rank of each validation / test docstring's code;
+    * ``prose_next_rr``: reciprocal rank of each man-page sentence's next sentence;
+    * ``prose_spearman``: ``per_sentence_spearman`` of each prose sentence vs the base (1 = unchanged);
+    * ``prose_drift``: 1 - cosine between the base's and this model's embedding of each sentence.
+    """
+    bs = cfg.eval_batch_size
+
+    def reciprocal(pairs: Sequence[Any], first: Callable[[Any], str], second: Callable[[Any], str], tokens: tuple[int, int]) -> list[float]:
+        queries = encode(model, tokenizer, [first(p) for p in pairs], tokens[0], bs)
+        documents = encode(model, tokenizer, [second(p) for p in pairs], tokens[1], bs)
+        return (1.0 / retrieval_ranks(queries, documents)).tolist()
+
+    code_tokens = (cfg.max_doc_tokens, cfg.max_code_tokens)
+    prose_tokens = (cfg.max_prose_tokens, cfg.max_prose_tokens)
+    scores = {
+        "val_code_rr": reciprocal(data["validation_eval"], lambda p: p["doc"], lambda p: p["code"], code_tokens),
+        "code_rr": reciprocal(data["heldout_eval"], lambda p: p["doc"], lambda p: p["code"], code_tokens),
+        "prose_next_rr": reciprocal(data["prose"]["pairs"], lambda p: p[0], lambda p: p[1], prose_tokens),
+    }
+    sentences = encode(model, tokenizer, data["prose"]["sentences"], cfg.max_prose_tokens, bs)
+    reference = sentences if base_sentence_embeddings is None else base_sentence_embeddings
+    scores["prose_spearman"] = per_sentence_spearman(reference, sentences).tolist()
+    scores["prose_drift"] = (1.0 - (reference * sentences).sum(1).double()).tolist()
+    return scores, sentences
 
 
 def evaluate_encoder(
@@ -942,9 +1014,10 @@ def train_contrastive(
 
 def track_line(mode: str, point: dict[str, Any]) -> str:
     """One measurement during training as the log prints it (also used to re-print a stored run)."""
-    rank90 = np.median(list(point["rank90"].values())) if point.get("rank90") else 0
+    rank90 = (f"median rank@90 {np.median(list(point['rank90'].values())):.0f}" if point.get("rank90")
+              else "median rank@90 0" if point["step"] == 0 else "rank@90 not tracked")
     return (f"[{mode}] step {point['step']:5d}  code MRR {point['code_mrr']:.3f}  prose-next MRR "
-            f"{point['prose_next_mrr']:.3f}  prose Spearman {point['prose_spearman']:.3f}  median rank@90 {rank90:.0f}")
+            f"{point['prose_next_mrr']:.3f}  prose Spearman {point['prose_spearman']:.3f}  {rank90}")
 
 
 def _targeted_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -968,6 +1041,78 @@ def final_evaluation(data: dict[str, Any], cfg: ExperimentConfig, paths: Paths) 
         table[label] = scores
         del model
     return table
+
+
+PER_QUERY_MEASURES = ("val_code_rr", "code_rr", "prose_next_rr", "prose_spearman", "prose_drift")
+
+
+def paired_experiment(
+    data: dict[str, Any], cfg: ExperimentConfig, paths: Paths, reuse: dict[tuple[str, float, int], Path] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Both arms with the same tuning budget, over several seeds, scored per query (section 6b).
+
+    Each arm trains at every rate of its grid (``cfg.full_lrs``, ``cfg.lora_lrs``: the same
+    multiples of each arm's customary rate) with seed ``cfg.seeds[0]``; the rate with the highest
+    validation code MRR is chosen (ties: the lower rate), by the same rule for both arms, and
+    trained with the other seeds. The data (split, pools) stay those of ``cfg.seed``; a run's
+    seed sets its initialisation, batch order and dropout. Every model is scored per query
+    (``per_query_scores``) on the validation and test pools; checkpoints are deleted once scored.
+    ``reuse`` maps (mode, lr, seed) to a merged-model folder already trained that way (the
+    main run's), which is scored instead of trained again.
+    """
+    import shutil
+
+    t0 = time.perf_counter()
+    device = cfg.resolved_device()
+    reuse = reuse or {}
+    model, tokenizer = load_encoder(paths.model, device)
+    base_scores, base_sentences = per_query_scores(model, tokenizer, data, cfg)
+    del model
+    runs: list[dict[str, Any]] = []
+
+    def score(mode: str, lr: float, seed: int) -> dict[str, Any]:
+        key = (mode, float(lr), int(seed))
+        folder, history = reuse.get(key), None
+        if folder is None or not Path(folder).exists():
+            run_paths = dataclasses.replace(paths, out=paths.out / "paired" / f"{mode}_lr{lr:g}_seed{seed}")
+            run_cfg = dataclasses.replace(cfg, seed=int(seed), track_points=1, track_ranks=False,
+                                          **({"full_lr": float(lr)} if mode == "full" else {"lora_lr": float(lr)}))
+            history = train_contrastive(mode, data, run_cfg, run_paths, log)
+            folder = run_paths.out / ("full_ft" if mode == "full" else "lora_merged")
+        model, tokenizer = load_encoder(folder, device)
+        per_query, _ = per_query_scores(model, tokenizer, data, cfg, base_sentences)
+        del model
+        if history is not None:
+            shutil.rmtree(Path(folder).parent, ignore_errors=True)
+        run = {"mode": mode, "lr": float(lr), "seed": int(seed), "reused": history is None,
+               "train_seconds": None if history is None else history["train_seconds"],
+               "means": {k: float(np.mean(v)) for k, v in per_query.items()}, "per_query": per_query}
+        log(f"[paired] {mode} lr {lr:g} seed {seed}: validation code MRR {run['means']['val_code_rr']:.3f}, "
+            f"test code MRR {run['means']['code_rr']:.3f}" + (" (the main run's model)" if history is None else ""))
+        runs.append(run)
+        return run
+
+    chosen: dict[str, float] = {}
+    for mode, grid in (("full", cfg.full_lrs), ("lora", cfg.lora_lrs)):
+        tuned = [score(mode, lr, cfg.seeds[0]) for lr in sorted(grid)]
+        chosen[mode] = max(tuned, key=lambda run: (run["means"]["val_code_rr"], -run["lr"]))["lr"]
+        for seed in cfg.seeds[1:]:
+            score(mode, chosen[mode], seed)
+    return {
+        "plan": {"full_lrs": list(cfg.full_lrs), "lora_lrs": list(cfg.lora_lrs), "seeds": list(cfg.seeds),
+                 "selection": f"highest validation code MRR at seed {cfg.seeds[0]} (ties: the lower rate)",
+                 "validation_queries": len(data["validation_eval"]), "test_queries": len(data["heldout_eval"]),
+                 "level": cfg.ci_level, "resamples": cfg.bootstrap_resamples},
+        "base": {"means": {k: float(np.mean(v)) for k, v in base_scores.items()}, "per_query": base_scores},
+        "runs": runs, "chosen": chosen, "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def main_run_reuse(cfg: ExperimentConfig, paths: Paths) -> dict[tuple[str, float, int], Path]:
+    """The main run's models as ``paired_experiment``'s ``reuse``: (mode, its rate, cfg.seed) -> merged folder."""
+    return {("full", float(cfg.full_lr), int(cfg.seed)): paths.out / "full_ft",
+            ("lora", float(cfg.lora_lr), int(cfg.seed)): paths.out / "lora_merged"}
 
 
 def spectral_analysis(cfg: ExperimentConfig, paths: Paths) -> dict[str, Any]:
@@ -1066,7 +1211,12 @@ def median_or_none(values: Iterable[Any]) -> float | None:
 
 
 def noise_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
-    """Table rows (module type, then "all"): medians of ``noise_aware_rows``' numbers, the methods used."""
+    """Table rows (module type, then "all"): medians of ``noise_aware_rows``' numbers, the methods used.
+
+    A median is over the matrices that have the value; where some have none (None, e.g. a signal
+    rank@90% that the rounding buries) the cell says how many it skipped: ``"7 (2 n/a)"``, or
+    ``"n/a (all 6)"`` when no matrix of the group has one.
+    """
     numeric = ("rank90", "signal_rank90", "noise_share", "unchanged_fraction", "rank", "signal_rank", "stable_rank",
                "effective_rank", "signal_effective_rank")
     groups = {t: [r for r in rows if r["module_type"] == t] for t in MODULE_TYPES}
@@ -1074,9 +1224,12 @@ def noise_table(rows: list[dict[str, Any]]) -> list[list[Any]]:
     table = []
     for name, group in groups.items():
         medians = [median_or_none(r[k] for r in group) for k in numeric]
+        skipped = [sum(r[k] is None for r in group) for k in numeric]
         methods = sorted({str(r["spectrum_method"]) for r in group if r["spectrum_method"] is not None})
-        cells = ["n/a" if v is None else v if k in ("noise_share", "unchanged_fraction") else f"{v:.1f}".removesuffix(".0")
+        cells = ["n/a" if v is None else f"{v:.3f}" if k in ("noise_share", "unchanged_fraction") else f"{v:.1f}".removesuffix(".0")
                  for k, v in zip(numeric, medians)]
+        cells = [cell if not n else f"{cell} ({n} n/a)" if v is not None else f"n/a (all {n})"
+                 for cell, v, n in zip(cells, medians, skipped)]
         table.append([name, len(group), *cells, "/".join(methods) or "n/a"])
     return table
 
@@ -1389,6 +1542,7 @@ def run_all(cfg: ExperimentConfig, paths: Paths, log: Callable[[str], None] = pr
     store.get("train_lora", lambda: train_contrastive("lora", data, cfg, paths, log))
     store.get("evaluation", lambda: final_evaluation(data, cfg, paths))
     store.get("spectral", lambda: spectral_analysis(cfg, paths))
+    store.get("paired", lambda: paired_experiment(data, cfg, paths, main_run_reuse(cfg, paths), log))
     return store.values
 
 
@@ -1503,8 +1657,9 @@ def sweep_comparable(sweep: dict[str, Any], config: dict[str, Any], base_scores:
     """Can the sweep's runs stand beside this run's? Same config (but the rate and tracking), the
     same data and the same base-model scores (same model, data and evaluation; equal to 1e-6, as
     another thread count may reorder a float sum)."""
+    plain = lambda value: json.loads(json.dumps(value))  # noqa: E731 (a tuple in memory is a list in the file)
     differing = sorted(k for k in set(config) | set(sweep.get("config", {}))
-                       if k not in SWEEP_FREE_FIELDS and config.get(k) != sweep.get("config", {}).get(k))
+                       if k not in SWEEP_FREE_FIELDS and plain(config.get(k)) != plain(sweep.get("config", {}).get(k)))
     data_keys = [k for k in sweep.get("data", {}) if k in data_summary and sweep["data"][k] != data_summary[k]]
     base_equal = all(k in sweep["base"] and abs(sweep["base"][k] - v) <= 1e-6 for k, v in base_scores.items()
                      if isinstance(v, float) and math.isfinite(v) and not k.endswith("_se"))
