@@ -454,7 +454,7 @@ def test_conv_rank_and_conv_energy_rank_the_larger_kernels(sd, tmp_path, runner)
     each such ΔW's energy, from the fp64 spectrum."""
     out = tmp_path / "locon.safetensors"
     result = invoke(runner, "extract", sd / "unet", sd / "unet_ft", "-o", out, "--format", "kohya", "--rank", RANK,
-                    "--conv-rank", 1, "--save-dtype", "fp32", "--json", tmp_path / "report.json")
+                    "--conv-rank", 1, "--dtype", "fp32", "--json", tmp_path / "report.json")
     assert result.exit_code == 0, result.output
     matrices = json.loads((tmp_path / "report.json").read_text())["matrices"]
     base, ft = load_unet(sd / "unet").state_dict(), load_unet(sd / "unet_ft").state_dict()
