@@ -55,6 +55,26 @@ def test_exact_low_rank_reads_the_same_on_both_paths(sigma, seed, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_count_the_next_ritz_estimate_cannot_settle_is_certified_by_the_rest_of_the_matrix(device, monkeypatch):
+    """Where the (n+1)-th Ritz value's upper estimate is too loose (a GPU's residuals at the rounding level), the
+    count of an exactly low-rank ΔW is settled by ‖ΔW(I − VVᵀ)‖_F; a ΔW with more above the floor is not."""
+    sigma = 1.0 / np.arange(1, 17)
+    low_rank = spectrum_matrix(768, 512, sigma, seed=3).to(device)
+    iteration = SubspaceIteration(low_rank, 32, seed=0, warmup=2)
+    values = iteration.round().values
+    floor = 1e-4  # far above fp32 rounding (≈ 1e-7), far below σ₁₆ = 0.0625
+    assert adaptive.certified_count(iteration, values, floor) == sigma.size
+    noise = torch.randn(768, 512, generator=torch.Generator().manual_seed(4)).to(device) * (3 * floor / np.sqrt(512))
+    noisy = SubspaceIteration(low_rank + noise, 32, seed=0, warmup=2)
+    # dense noise with its top singular value ≈ (√768 + √512)·3·floor/√512 ≈ 6.7·floor: nothing to certify
+    assert adaptive.certified_count(noisy, noisy.round().values, floor) is None
+    # the path as a GPU takes it: no Ritz estimate settles the count, the certificate does
+    monkeypatch.setattr(adaptive, "count_above", lambda *_: None)
+    full, part = both_paths(low_rank, exact_noise(low_rank))
+    assert part.method.startswith("adaptive") and part.rank == full.rank == sigma.size
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_noisy_bf16_delta_agrees_with_the_full_path_and_fp64_truth(device):
     delta, noise = noisy_bf16_pair()
     full, part = both_paths(delta.to(device), noise, (0.5, 0.9))

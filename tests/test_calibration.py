@@ -273,12 +273,13 @@ def test_covariances_are_shared_by_modules_reading_one_input_and_independent_of_
 
 def test_check_reports_the_same_fidelity_for_any_adapter(pair, extracted, runner, tmp_path):
     plain = extracted[0]
+    # on the extraction's device: a CPU's fp32 forward and a GPU's differ by ~1e-7 in the logits, 2e-6 in a KL of 1.6e-3
     result = invoke(runner, "check", pair / "base", pair / "ft", pair / "plain", "--calibration",
-                    pair / "calib.safetensors", "--device", "cpu", "--json", tmp_path / "check.json")
+                    pair / "calib.safetensors", "--device", "auto", "--json", tmp_path / "check.json")
     assert result.exit_code == 0, result.output
     checked = json.loads((tmp_path / "check.json").read_text())
-    assert checked["fidelity"]["kl"] == pytest.approx(plain.fidelity["kl"], rel=1e-6)
-    assert checked["fidelity"]["kl_base"] == pytest.approx(plain.fidelity["kl_base"], rel=1e-6)
+    assert checked["fidelity"]["kl"] == pytest.approx(plain.fidelity["kl"], rel=1e-5)
+    assert checked["fidelity"]["kl_base"] == pytest.approx(plain.fidelity["kl_base"], rel=1e-5)
     by_name = {m["name"]: m for m in checked["matrices"]}
     for m in plain.matrices:
         assert by_name[m.name]["output_error"] == pytest.approx(m.output_error, rel=1e-5)

@@ -35,7 +35,7 @@ from deltakit.spectral.partial import (
     effective_rank_estimate, quadrature_sums, rademacher, radau_tridiagonals,
 )
 from deltakit.spectral.spectrum import (
-    STORAGE_FLOOR_SAFETY, Spectrum, debiased_values, rounding_matters, unresolved_threshold,
+    STORAGE_FLOOR_SAFETY, Spectrum, debiased_values, outside_norm, rounding_matters, unresolved_threshold,
 )
 from deltakit.spectral.svd import method_noise_floor
 
@@ -198,6 +198,17 @@ def count_above(block: RitzBlock, threshold: float, trusted: int) -> int | None:
     return lower if block.upper[lower] <= threshold else None
 
 
+def certified_count(iteration: SubspaceIteration, values: np.ndarray, threshold: float) -> int | None:
+    """Values above ``threshold`` when ΔW outside the top right Ritz vectors is below it: Ritz values are lower
+    bounds of the singular values and ‖ΔW(I − VVᵀ)‖_F bounds the next one (:func:`outside_norm`). For an
+    exactly low-rank ΔW whose next Ritz value's upper estimate is too loose to settle the count (a GPU's
+    products, with larger residuals at the rounding level, than the CPU's); O(m·n·count)."""
+    count = int(np.count_nonzero(values > threshold))
+    if count == 0 or count > min(iteration.matrix.shape) // 4:
+        return None
+    return count if outside_norm(iteration.matrix, iteration.right_vectors()[:, :count]) <= threshold else None
+
+
 def signal_threshold(noise: StorageNoise, shape: tuple[int, int]) -> float:
     """The smallest observed value :func:`debiased_values` keeps: above the rounding's edge and its bulk edge."""
     small, large = sorted(shape)
@@ -300,6 +311,8 @@ def _partial(iteration: SubspaceIteration, block: RitzBlock, shape: tuple[int, i
     storage = STORAGE_FLOOR_SAFETY * noise.spectral_edge if noise is not None else 0.0
     bounds: dict[str, int] = {}
     rank_count = count_above(block, max(method_floor, storage), trusted)
+    if rank_count is None and tail is None:
+        rank_count = certified_count(iteration, values, max(method_floor, storage))
     if rank_count is None:
         bounds["rank"] = int(np.count_nonzero(values > max(method_floor, storage)))
     signal_count, signal, signal_energy = rank_count, values, energy

@@ -301,8 +301,14 @@ def tail_below(matrix: torch.Tensor, count: int, floor: float, dtype: torch.dtyp
         return False
     held = matrix.to(dtype)
     _, _, vh = randomized_svd(held, count, dtype=dtype)
-    rest = held - (held @ vh.T) @ vh
-    return float(torch.linalg.vector_norm(rest, dtype=torch.float64)) <= floor
+    return outside_norm(held, vh.T) <= floor
+
+
+def outside_norm(matrix: torch.Tensor, right: torch.Tensor) -> float:
+    """‖M(I − VVᵀ)‖_F for V (n×k) with orthonormal columns, in ``matrix``'s dtype summed in float64: for any such
+    V it bounds σ_{k+1}(M) from above (Eckart–Young), so a small value certifies a count of k."""
+    rest = matrix - (matrix @ right) @ right.T
+    return float(torch.linalg.vector_norm(rest, dtype=torch.float64))
 
 
 def refined_values(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
