@@ -62,7 +62,8 @@ skip_mismatched_option = click.option(
 
 
 def _weights(text: str | None) -> list[float] | None:
-    """'0.7,0.3' -> [0.7, 0.3]."""
+    """``--weights 0.7,0.3`` -> [0.7, 0.3] (extract, merge, unmerge); the count is checked against the adapters by
+    the library."""
     from deltakit.errors import DeltakitError
 
     if text is None:
@@ -210,18 +211,6 @@ def _merge_summary(report: Any) -> str:
     return text
 
 
-def _parse_weights(text: str | None) -> list[float] | None:
-    """``--weights 0.7,0.3`` -> [0.7, 0.3]; the count is checked against the adapters by the library."""
-    from deltakit.errors import DeltakitError
-
-    if text is None:
-        return None
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise DeltakitError(f"--weights takes numbers separated by commas, e.g. 0.7,0.3; got {text!r}") from None
-
-
 _WEIGHTS_HELP = "One weight per adapter, comma-separated (default 1 each): W0 + Σ wᵢ·ΔWᵢ."
 
 
@@ -253,7 +242,7 @@ def merge_command(base, adapters, out, weights, scale, dtype, device, skip_misma
 
     inputs = protect_inputs(force, (json_path,), [("base", base), *(("adapter", a) for a in adapters)])
     with parallel_workers(device) as parallel:
-        report = merge(base, list(adapters), out, scale=scale, weights=_parse_weights(weights), device=device,
+        report = merge(base, list(adapters), out, scale=scale, weights=_weights(weights), device=device,
                        force=force, allow_pickle=allow_pickle, progress=progress if parallel.is_main else None,
                        parallel=parallel, dtype=dtype, skip_mismatched=skip_mismatched)
     if not parallel.is_main:
@@ -294,7 +283,7 @@ def unmerge_command(merged, adapters, out, original, check, weights, scale, keep
     inputs = protect_inputs(force, (json_path,), [("merged model", merged), *(("adapter", a) for a in adapters),
                                                   ("base", original), ("check", check)])
     with parallel_workers(device) as parallel:
-        report = unmerge(merged, list(adapters), out, scale=scale, weights=_parse_weights(weights), base=original,
+        report = unmerge(merged, list(adapters), out, scale=scale, weights=_weights(weights), base=original,
                          check=check, keep_replaced=keep_replaced, device=device, force=force,
                          allow_pickle=allow_pickle, progress=progress if parallel.is_main else None,
                          parallel=parallel)

@@ -371,6 +371,10 @@ def test_bad_adapter_inputs_are_one_line_errors_and_nothing_is_written(llama, ru
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
     result = invoke(runner, "extract", r8, r4, "--rank", "2", "-o", tmp_path / "out")
     assert_one_line_error(result, f"BASE {r8} is a PEFT adapter")
+    for command in ("merge", "unmerge"):  # one reading of --weights on every command that takes it
+        result = invoke(runner, command, base, r8, r4, "--weights", "a,b", "-o", tmp_path / "out")
+        assert_one_line_error(result, "cannot read --weights 'a,b'; give numbers separated by commas")
+        assert not (tmp_path / "out").exists()
 
 
 # --- several processes -------------------------------------------------------------------------
