@@ -107,6 +107,20 @@ def sd(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """A tiny SDXL-like UNet pair (add_embedding: text_time): diffusers folders, and the same as LDM single files."""
+    root = tmp_path_factory.mktemp("sdxl")
+    torch.manual_seed(0)
+    make_unet = lambda: UNet2DConditionModel(**UNET, **SDXL_LIKE)  # noqa: E731
+    unet = make_unet()
+    fine_tune = low_rank_finetune(copy_of(unet, make_unet), 1)
+    for model, name in ((unet, "unet"), (fine_tune, "unet_ft")):
+        model.save_pretrained(root / name)
+        save_file(ldm_state(model, None), root / f"{name}.safetensors")
+    return root
+
+
 @pytest.fixture
 def kohya_prefix(monkeypatch):
     """LyCORIS names its modules with a class-wide prefix: lora_unet, as kohya files have."""
@@ -137,17 +151,17 @@ def test_ldm_names_are_diffusers_conversion_both_ways(config):
 
 
 def test_kohya_names_follow_sd_scripts():
-    """An SD 1.x single file's UNet in diffusers names (sd-scripts converts it), an SDXL single file's in LDM
-    names (sd-scripts' sdxl_original_unet), a diffusers folder's in its own (what LyCORIS finds in the model);
-    text encoders with transformers 4's text_model_ whatever the stored spelling."""
+    """An SD 1.x UNet in diffusers names (sd-scripts converts a single file's), an SDXL UNet in LDM names
+    (sd-scripts' sdxl_original_unet), a diffusers folder's converted; text encoders with transformers 4's
+    text_model_ whatever the stored spelling."""
     sd_names = [f"model.diffusion_model.{n}.weight" for n in ("input_blocks.1.1.proj_in", "input_blocks.3.0.op",
                                                               "output_blocks.2.1.conv", "middle_block.1.proj_in")]
     namer = KohyaNamer(sd_names + ["cond_stage_model.transformer.encoder.layers.0.mlp.fc1.weight"])
     assert namer("model.diffusion_model.input_blocks.1.1.proj_in") == "lora_unet_down_blocks_0_attentions_0_proj_in"
     assert namer("cond_stage_model.transformer.encoder.layers.0.mlp.fc1") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
     unet = UNet2DConditionModel(**UNET, **SDXL_LIKE)
-    assert KohyaNamer(unet.state_dict())("down_blocks.1.attentions.0.proj_in") == \
-        "lora_unet_down_blocks_1_attentions_0_proj_in"
+    assert KohyaNamer(unet.state_dict())("down_blocks.1.attentions.0.proj_in") == "lora_unet_input_blocks_4_1_proj_in"
+    assert KohyaNamer(unet.state_dict())("add_embedding.linear_2") == "lora_unet_label_emb_0_2"
     ldm = ldm_state(unet, None)
     assert KohyaNamer(ldm)("model.diffusion_model.input_blocks.4.1.proj_in") == "lora_unet_input_blocks_4_1_proj_in"
     assert KohyaNamer(["text_model.encoder.layers.0.mlp.fc1.weight"], folder="text_encoder_2")(
@@ -344,33 +358,60 @@ def test_kohya_file_written_by_deltakit_loads_in_lycoris_and_diffusers(sd, tmp_p
                              {k: fine_tune[k] for k in convolutions}) < 1e-4
 
 
-def test_sdxl_kohya_file_in_ldm_names_loads_in_diffusers(tmp_path):
+def test_sdxl_kohya_file_in_ldm_names_loads_in_diffusers(sdxl, tmp_path):
     """From SDXL single files: LoCon modules in sd-scripts' LDM names (input_blocks_0_0, in_layers_2,
     out_layers_3, skip_connection, op), which diffusers' SDXL loader maps to the UNet and fuses to the
     fine-tune, convolutions included."""
     from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 
-    torch.manual_seed(0)
-    make_unet = lambda: UNet2DConditionModel(**UNET, **SDXL_LIKE)  # noqa: E731
-    unet = make_unet()
-    fine_tune = low_rank_finetune(copy_of(unet, make_unet), 1)
-    save_file(ldm_state(unet, None), tmp_path / "base.safetensors")
-    save_file(ldm_state(fine_tune, None), tmp_path / "ft.safetensors")
     out = tmp_path / "lora.safetensors"
-    extract_lora(tmp_path / "base.safetensors", tmp_path / "ft.safetensors", out, rank=RANK, format="kohya", dtype="fp32")
+    extract_lora(sdxl / "unet.safetensors", sdxl / "unet_ft.safetensors", out, rank=RANK, format="kohya", dtype="fp32")
     with safe_open(str(out), framework="pt") as handle:
         keys = set(handle.keys())
     for module in ("input_blocks_0_0", "input_blocks_1_0_in_layers_2", "input_blocks_4_0_skip_connection",
                    "input_blocks_3_0_op", "output_blocks_0_0_out_layers_3"):
         assert f"lora_unet_{module}.lora_down.weight" in keys, module
+    unet = load_unet(sdxl / "unet")
     state, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(out), unet_config=unet.config)
     StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(state, alphas, unet)
     unet.fuse_lora()
     unet.unload_lora()
-    merged, expected = unet.state_dict(), fine_tune.state_dict()
+    merged, expected = unet.state_dict(), load_unet(sdxl / "unet_ft").state_dict()
     convolutions = [k for k, v in expected.items() if v.dim() == 4]
     assert relative_distance(merged, expected) < 1e-4
     assert relative_distance({k: merged[k] for k in convolutions}, {k: expected[k] for k in convolutions}) < 1e-4
+
+
+def test_sdxl_kohya_file_from_diffusers_folders_is_in_ldm_names(sdxl, tmp_path):
+    """From SDXL diffusers folders: the kohya names are sd-scripts' LDM ones (label_emb_0_0 for
+    add_embedding.linear_1), which diffusers' SDXL loader puts on every module, add_embedding included, and
+    fuses to the fine-tune; deltakit reads it on the diffusers folder, merges it there as the fine-tune and
+    unmerges it back to the base."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = tmp_path / "lora.safetensors"
+    report = extract_lora(sdxl / "unet", sdxl / "unet_ft", out, rank=RANK, format="kohya", dtype="fp32")
+    with safe_open(str(out), framework="pt") as handle:
+        modules = {k.removesuffix(".lora_down.weight") for k in handle.keys() if k.endswith(".lora_down.weight")}
+    assert len(modules) == len(report.matrices)
+    assert {"lora_unet_label_emb_0_0", "lora_unet_label_emb_0_2", "lora_unet_time_embed_0",
+            "lora_unet_input_blocks_4_1_proj_in", "lora_unet_input_blocks_3_0_op"} <= modules
+    assert not any(m.startswith(("lora_unet_down_blocks", "lora_unet_add_embedding")) for m in modules)
+    unet = load_unet(sdxl / "unet")
+    state, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(str(out), unet_config=unet.config)
+    StableDiffusionXLLoraLoaderMixin.load_lora_into_unet(state, alphas, unet)
+    adapted = {name for name, module in unet.named_modules() if isinstance(module, BaseTunerLayer)}
+    assert len(adapted) == len(modules)
+    assert {"add_embedding.linear_1", "add_embedding.linear_2"} <= adapted
+    unet.fuse_lora()
+    unet.unload_lora()
+    expected = load_unet(sdxl / "unet_ft").state_dict()
+    assert relative_distance(unet.state_dict(), expected) < 1e-4
+    assert not open_adapter(out, base=base_info(open_checkpoint(sdxl / "unet"))).left_out
+    merge(sdxl / "unet", out, tmp_path / "merged")
+    assert relative_distance(load_file(tmp_path / "merged" / "diffusion_pytorch_model.safetensors"), expected) < 1e-4
+    assert unmerge(tmp_path / "merged", out, tmp_path / "back", check=sdxl / "unet").check_max_abs <= 1e-5
 
 
 def test_kohya_file_from_single_files_with_text_encoder(sd, tmp_path):

@@ -250,14 +250,14 @@ def parts_present(weights: Iterable[str]) -> set[str]:
 
 
 class KohyaNamer:
-    """The kohya names of a base's modules: ``lora_<part>_<path>``, the path in the base's own layout,
-    except an SD 1.x/2.x single file's UNet, which sd-scripts names in diffusers names.
-
-    So a diffusers folder gets diffusers names (what LyCORIS's ``create_lycoris_from_weights`` finds in the
-    diffusers model), an SDXL single file LDM names (sd-scripts' ``sdxl_original_unet``), an SD 1.x file
-    diffusers names (sd-scripts converts that UNet on load); diffusers, A1111 and ComfyUI read both UNet
-    spellings. A text encoder is named with transformers 4's ``text_model_``, its part ``te`` (``te2``
-    when its folder is named ``text_encoder_2``, as in a diffusers SDXL pipeline) or the single file's.
+    """The kohya names of a base's modules: ``lora_<part>_<path>``, a UNet's path in the layout sd-scripts
+    names it in whatever layout the base stores: an SD 1.x/2.x UNet in diffusers names (sd-scripts converts it
+    on load; what LyCORIS's ``create_lycoris_from_weights`` finds in the diffusers model), an SDXL UNet (one
+    with ``add_embedding`` / ``label_emb``) in LDM names (sd-scripts' ``sdxl_original_unet``), which diffusers'
+    SDXL loader expects: given diffusers names it mangles ``add_embedding.linear_1`` / ``linear_2`` and drops
+    them. A denoiser that is no UNet keeps its own names. A text encoder is named with transformers 4's
+    ``text_model_``, its part ``te`` (``te2`` when its folder is named ``text_encoder_2``, as in a diffusers
+    SDXL pipeline) or the single file's.
     """
 
     def __init__(self, weights: Iterable[str], folder: str = "") -> None:
@@ -273,6 +273,8 @@ class KohyaNamer:
             return f"lora_{part}_text_model_{flatten(path)}"
         if self.blocks is not None and not self.sdxl and LDM_UNET_BLOCKS.match(path):
             path = unet_from_ldm(path, self.blocks) or path
+        elif self.blocks is not None and self.sdxl and DIFFUSERS_UNET.match(path):
+            path = unet_to_ldm(path, self.blocks) or path
         return f"lora_unet_{flatten(path)}"
 
 

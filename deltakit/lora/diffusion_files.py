@@ -7,8 +7,8 @@ convolution becomes a LoCon module, down a convolution with the layer's kernel (
 1×1 one (out, r, 1, 1), as sd-scripts' ``networks/lora.py`` and LyCORIS's LoCon store them (LyCORIS's
 Tucker variant, a core between a 1×1 down and up, is not written: diffusers cannot load it),
 with ``k`` the kohya name sd-scripts gives the module (:class:`deltakit.io.diffusion_names.KohyaNamer`:
-an SD 1.x/2.x UNet in diffusers names, SDXL's in LDM names, text encoders as ``lora_te*``). The
-metadata carries sd-scripts' ``ss_network_module`` (``networks.lora``), ``ss_network_dim`` and
+an SD 1.x/2.x UNet in diffusers names, SDXL's in LDM names whichever layout the base stores, text encoders
+as ``lora_te*``). The metadata carries sd-scripts' ``ss_network_module`` (``networks.lora``), ``ss_network_dim`` and
 ``ss_network_alpha`` (the rank, or ``Dynamic`` when the ranks differ, as ``resize_lora.py`` writes),
 ``ss_network_args`` with the ``conv_dim`` / ``conv_alpha`` of the convolutions larger than 1×1, and deltakit's
 own record of the selection. The file is written atomically (a temporary folder beside it, renamed into
