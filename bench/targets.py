@@ -96,7 +96,7 @@ class Target:
 def read_adapter(folder: Path, names: list[str] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]]:
     """module → (A, B, scaling, transposed) of a PEFT LoRA adapter; scaling = lora_alpha / r (rsLoRA:
     / √r), per module where rank_pattern / alpha_pattern name it (peft LoraLayer.update_layer). A file is
-    a kohya one: ``lora_unet_<module with _ for .>`` of the tensors ``names``, scaling = alpha / r; a LoCon
+    a kohya one: ``lora_unet_<module>`` in diffusers or LDM names of the tensors ``names``, scaling = alpha / r; a LoCon
     module's down (r, in, kh, kw) and up (out, r, 1, 1) as the matrices of its (out, in·kh·kw) ΔW, and a module
     LyCORIS stores whole (``diff``, from rank ≥ out / 2 on) as A = I, B = ΔW. Convolutions in a PEFT folder
     likewise: A (r, in, *kernel), B (out, r, 1, ...) as matrices."""
@@ -106,7 +106,11 @@ def read_adapter(folder: Path, names: list[str] = ()) -> dict[str, tuple[torch.T
         return tensor.float().reshape(tensor.shape[0], -1)
 
     if folder.is_file():
-        modules = {"lora_unet_" + _module(n).replace(".", "_"): _module(n) for n in names}
+        from deltakit.io.diffusion_names import kohya_spellings  # diffusers and LDM spellings (SDXL is written in
+        # LDM names, as sd-scripts writes it); the mapping is checked against diffusers' converter in tests/test_diffusion.py
+
+        modules = {k: _module(weights[0]) for k, weights in kohya_spellings(names).items()
+                   if k.startswith("lora_unet_") and len(weights) == 1}
         factors = {}
         with safe_open(str(folder), framework="pt") as handle:
             keys = set(handle.keys())

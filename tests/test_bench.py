@@ -142,7 +142,14 @@ def test_unet_kohya_extract_and_the_lycoris_peer_include_convolutions(tmp_path):
         assert handle.get_slice("lora_unet_conv_in.lora_down.weight").get_shape() == [4, 4, 3, 3]
     wrong = tmp_path / "wrong.safetensors"
     shutil.copy(the_run.out("lora.safetensors"), wrong)
-    rewrite(wrong, lambda t: t.update({k: v * 1.2 for k, v in t.items() if "resnets_0_conv1.lora_up" in k}))
+    scaled = []
+
+    def scale_first_conv1(tensors: dict) -> None:  # each block's first resnet conv1, in LDM names (SDXL-shaped)
+        scaled.extend(k for k in tensors if "_0_in_layers_2.lora_up" in k)
+        tensors.update({k: tensors[k] * 1.2 for k in scaled})
+
+    rewrite(wrong, scale_first_conv1)
+    assert scaled
     assert not check_adapter(truth, the_run, wrong)["ok"]
 
 
