@@ -52,7 +52,7 @@ from deltakit.adapters.dora import DoraModule
 from deltakit.adapters.full import FullModule
 from deltakit.adapters.loha import LohaModule
 from deltakit.adapters.lokr import LokrModule
-from deltakit.adapters.lora import LoraBiasModule, LoraModule
+from deltakit.adapters.lora import LoraBiasModule, LoraModule, factors_multiply
 from deltakit.errors import DeltakitError
 from deltakit.io.diffusion_names import (
     CLIP_TEXT, LDM_UNET, DIFFUSERS_UNET, UnetBlocks, kohya_part, kohya_spellings, part_of, parts_present, unet_to_ldm,
@@ -189,8 +189,8 @@ def _lora_update(file: AdapterFile, name: str, kinds: dict[str, str]) -> Update:
     down, up = _shape(file, kinds[LORA[0]]), _shape(file, kinds[LORA[1]])
     mid = _shape(file, kinds["lora_mid.weight"]) if "lora_mid.weight" in kinds else None
     kernel = mid[2:] if mid is not None else down[2:]
-    fits = (len(down) >= 2 and len(up) == len(down) and up[1] == down[0] and set(up[2:]) <= {1}
-            and (mid is None or (len(mid) == len(down) and mid[:2] == (down[0], down[0]) and set(down[2:]) <= {1})))
+    fits = factors_multiply(down, up) and (
+        mid is None or (len(mid) == len(down) and mid[:2] == (down[0], down[0]) and set(down[2:]) <= {1}))
     if not fits:
         described = f"lora_down {down}, lora_up {up}" + (f", lora_mid {mid}" if mid is not None else "")
         raise DeltakitError(f"{file.path}: {name} has {described}, which do not multiply")
@@ -353,7 +353,7 @@ def _peft_module(file: AdapterFile, component: str, module: str, kinds: dict[str
         raise DeltakitError(f"{file.path}: {component}.{module} has only one of its LoRA factors")
     a_shape, b_shape = _shape(file, kinds["lora_A"]), _shape(file, kinds["lora_B"])
     # PEFT's LoRA: A (r, in) and B (out, r), or on a convolution A (r, in, *kernel) and B (out, r, 1, ...)
-    if len(a_shape) < 2 or len(b_shape) != len(a_shape) or a_shape[0] != b_shape[1] or set(b_shape[2:]) - {1}:
+    if not factors_multiply(a_shape, b_shape):
         raise DeltakitError(f"{file.path}: {component}.{module} has factors of shapes {a_shape} and {b_shape}, "
                             "which do not multiply")
     rank = a_shape[0]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -131,6 +131,13 @@ def bias_modules(files: AdapterFiles, modules: dict[str, dict[str, str]], built:
     return out
 
 
+def factors_multiply(a_shape: Sequence[int], b_shape: Sequence[int]) -> bool:
+    """Whether A (r, in) and B (out, r), or a convolution's A (r, in, *kernel) and B (out, r, 1, ...), make B @ A
+    (PEFT's lora_A / lora_B, kohya's lora_down / lora_up)."""
+    return (len(a_shape) >= 2 and len(b_shape) == len(a_shape) and a_shape[0] == b_shape[1]
+            and set(b_shape[2:]) <= {1})
+
+
 def factor_matrices(lora_a: torch.Tensor, lora_b: torch.Tensor,
                     mid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) as the matrices B @ A multiplies: a convolution's factors (r, in, *kernel) and (out, r, 1, ...)
@@ -165,7 +172,7 @@ def lora_factor_keys(files: AdapterFiles, module: str, kinds: dict[str, str]) ->
         raise DeltakitError(f"{files.path}: module {module} is a LoRA on a convolution with groups="
                             f"{a_shape[0] // b_shape[1]} (A {tuple(a_shape)}, B {tuple(b_shape)}); PEFT cannot merge "
                             "an adapter into a grouped convolution, and deltakit refuses it too")
-    if not (convolution or (len(a_shape) == 2 and len(b_shape) == 2)) or a_shape[0] != b_shape[1]:
+    if len(a_shape) > 5 or not factors_multiply(a_shape, b_shape):
         raise DeltakitError(f"{files.path}: module {module} has factors of shapes {a_shape} and {b_shape}, "
                             "which do not multiply")
     return {"A": kinds[a_kind], "B": kinds[b_kind]}, embedding
