@@ -71,8 +71,7 @@ class Truth:
 
     def delta(self, name: str) -> torch.Tensor:
         """ΔW as the (out, in·∏kernel) matrix every LoRA tool factors, float64."""
-        change = delta(self.base, self.ft, name, self.device)
-        return change.reshape(change.shape[0], -1)
+        return _matrix(delta(self.base, self.ft, name, self.device))
 
     def energies(self, name: str) -> torch.Tensor:
         if name not in self.cache:
@@ -102,9 +101,6 @@ def read_adapter(folder: Path, names: list[str] = ()) -> dict[str, tuple[torch.T
     likewise: A (r, in, *kernel), B (out, r, 1, ...) as matrices."""
     from safetensors import safe_open
 
-    def matrix(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.float().reshape(tensor.shape[0], -1)
-
     if folder.is_file():
         from deltakit.io.diffusion_names import kohya_spellings  # diffusers and LDM spellings (SDXL is written in
         # LDM names, as sd-scripts writes it); the mapping is checked against diffusers' converter in tests/test_diffusion.py
@@ -116,11 +112,11 @@ def read_adapter(folder: Path, names: list[str] = ()) -> dict[str, tuple[torch.T
             keys = set(handle.keys())
             for k, module in modules.items():
                 if f"{k}.diff" in keys:
-                    whole = matrix(handle.get_tensor(f"{k}.diff"))
+                    whole = _matrix(handle.get_tensor(f"{k}.diff")).float()
                     factors[module] = (torch.eye(whole.shape[1]), whole, 1.0, False)
                 elif f"{k}.lora_down.weight" in keys:
-                    down = matrix(handle.get_tensor(f"{k}.lora_down.weight"))
-                    factors[module] = (down, matrix(handle.get_tensor(f"{k}.lora_up.weight")),
+                    down = _matrix(handle.get_tensor(f"{k}.lora_down.weight")).float()
+                    factors[module] = (down, _matrix(handle.get_tensor(f"{k}.lora_up.weight")).float(),
                                        float(handle.get_tensor(f"{k}.alpha")) / down.shape[0], False)
         return factors
 
@@ -144,8 +140,7 @@ def read_adapter(folder: Path, names: list[str] = ()) -> dict[str, tuple[torch.T
         if "lora_embedding_A" in found:  # peft's Embedding stores the factors of ΔWᵀ
             factors[module] = (found["lora_embedding_A"], found["lora_embedding_B"], scaling, True)
         else:
-            a, b = found["lora_A"], found["lora_B"]
-            factors[module] = (a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), scaling,
+            factors[module] = (_matrix(found["lora_A"]), _matrix(found["lora_B"]), scaling,
                                bool(config.get("fan_in_fan_out")))
     return factors
 

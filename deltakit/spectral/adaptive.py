@@ -36,6 +36,7 @@ from deltakit.spectral.partial import (
 )
 from deltakit.spectral.spectrum import (
     STORAGE_FLOOR_SAFETY, Spectrum, debiased_values, outside_norm, rounding_matters, unresolved_threshold,
+    worth_certifying,
 )
 from deltakit.spectral.svd import method_noise_floor
 
@@ -204,7 +205,7 @@ def certified_count(iteration: SubspaceIteration, values: np.ndarray, threshold:
     exactly low-rank ΔW whose next Ritz value's upper estimate is too loose to settle the count (a GPU's
     products, with larger residuals at the rounding level, than the CPU's); O(m·n·count)."""
     count = int(np.count_nonzero(values > threshold))
-    if count == 0 or count > min(iteration.matrix.shape) // 4:
+    if count == 0 or not worth_certifying(count, iteration.matrix.shape):
         return None
     return count if outside_norm(iteration.matrix, iteration.right_vectors()[:, :count]) <= threshold else None
 
@@ -310,11 +311,12 @@ def _partial(iteration: SubspaceIteration, block: RitzBlock, shape: tuple[int, i
     matters = rounding_matters(noise, method_floor, energy)
     storage = STORAGE_FLOOR_SAFETY * noise.spectral_edge if noise is not None else 0.0
     bounds: dict[str, int] = {}
-    rank_count = count_above(block, max(method_floor, storage), trusted)
+    floor = max(method_floor, storage)
+    rank_count = count_above(block, floor, trusted)
     if rank_count is None and tail is None:
-        rank_count = certified_count(iteration, values, max(method_floor, storage))
+        rank_count = certified_count(iteration, values, floor)
     if rank_count is None:
-        bounds["rank"] = int(np.count_nonzero(values > max(method_floor, storage)))
+        bounds["rank"] = int(np.count_nonzero(values > floor))
     signal_count, signal, signal_energy = rank_count, values, energy
     if matters:
         signal_count = count_above(block, signal_threshold(noise, shape), trusted)

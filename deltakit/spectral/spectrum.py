@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -297,11 +298,17 @@ def tail_below(matrix: torch.Tensor, count: int, floor: float, dtype: torch.dtyp
     norm (Eckart–Young). Cheap (O(m·n·count)) where ΔW is (nearly) exactly low-rank, as a merged LoRA is;
     False where ``count`` is too large for the sketch to pay (a quarter of min(m, n)) or the rest is larger.
     """
-    if count > min(matrix.shape) // 4:
+    if not worth_certifying(count, matrix.shape):
         return False
     held = matrix.to(dtype)
     _, _, vh = randomized_svd(held, count, dtype=dtype)
     return outside_norm(held, vh.T) <= floor
+
+
+def worth_certifying(count: int, shape: Sequence[int]) -> bool:
+    """Whether a count is small enough for :func:`outside_norm`'s O(m·n·count) certificate to pay: a quarter of
+    min(m, n) at most (:func:`tail_below`, the adaptive path's ``certified_count``)."""
+    return count <= min(shape) // 4
 
 
 def outside_norm(matrix: torch.Tensor, right: torch.Tensor) -> float:
